@@ -1,0 +1,75 @@
+"""``DataConfig``: which corpus, which tokenizer, how to split, where to cache."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from outlierlab.errors import ConfigError
+
+TOKENIZER_KINDS = ("bytes", "bpe")
+
+
+@dataclass
+class DataConfig:
+    """The data section of a run config (validated on construction)."""
+
+    source: str = "stdlib"
+    """``stdlib`` (this interpreter's standard library .py files), a file, a folder, a glob,
+    a ``.jsonl`` (one document per line) or a local Hugging Face ``datasets`` folder."""
+    tokenizer: str = "bytes"
+    """``bytes`` (vocab 257), ``bpe`` (byte-level BPE trained on the train split) or a path to a
+    ``tokenizer.json``."""
+    vocab_size: int = 8192
+    """Vocabulary size of the trained BPE (ignored for ``bytes`` and user tokenizers)."""
+    val_fraction: float = 0.05
+    """Share of documents (by a stable hash of their name) held out for validation."""
+    include_tests: bool = False
+    """For ``stdlib``: also take the test packages (``test/``, ``tests/``, ``idle_test/`` ...)."""
+    text_field: str = "text"
+    """For ``.jsonl`` and ``datasets`` sources: the field holding each document's text."""
+    cache_dir: str | None = None
+    """Token cache root; default ``$OUTLIERLAB_CACHE`` or ``~/.cache/outlierlab``."""
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.source, str) or not self.source:
+            raise ConfigError("data.source must be 'stdlib', a file, a folder, a glob or a .jsonl")
+        if not isinstance(self.tokenizer, str) or not self.tokenizer:
+            raise ConfigError("data.tokenizer must be 'bytes', 'bpe' or a path to a tokenizer.json")
+        if isinstance(self.vocab_size, bool) or not isinstance(self.vocab_size, int):
+            raise ConfigError(f"data.vocab_size must be an integer, got {self.vocab_size!r}")
+        if not 258 <= self.vocab_size <= 2**32:
+            raise ConfigError(f"data.vocab_size must be in 258..2**32, got {self.vocab_size}")
+        if not isinstance(self.val_fraction, (int, float)) or not 0 < self.val_fraction < 1:
+            raise ConfigError(f"data.val_fraction must be in (0, 1), got {self.val_fraction!r}")
+        self.val_fraction = float(self.val_fraction)
+        if not isinstance(self.include_tests, bool):
+            raise ConfigError(
+                f"data.include_tests must be true or false, got {self.include_tests!r}"
+            )
+        if not isinstance(self.text_field, str) or not self.text_field:
+            raise ConfigError("data.text_field must be a non-empty string")
+        if self.cache_dir is not None and not isinstance(self.cache_dir, (str, os.PathLike)):
+            raise ConfigError(f"data.cache_dir must be a path, got {self.cache_dir!r}")
+        if self.cache_dir is not None:
+            self.cache_dir = str(self.cache_dir)
+
+    def cache_root(self) -> Path:
+        """``cache_dir``, else ``$OUTLIERLAB_CACHE``, else ``~/.cache/outlierlab``."""
+        if self.cache_dir:
+            return Path(self.cache_dir).expanduser()
+        env = os.environ.get("OUTLIERLAB_CACHE")
+        return Path(env).expanduser() if env else Path.home() / ".cache" / "outlierlab"
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> DataConfig:
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ConfigError(f"unknown data field(s) {unknown}; allowed: {sorted(names)}")
+        return cls(**d)
