@@ -14,9 +14,9 @@ __all__ = ["OutlierMonitor", "__version__", "metrics"]
 
 def __getattr__(name: str):  # lazy, so `import outlierlab` stays cheap
     if name == "metrics":
-        from outlierlab import metrics
+        import importlib
 
-        return metrics
+        return importlib.import_module("outlierlab.metrics")
     if name == "OutlierMonitor":
         from outlierlab.monitor import OutlierMonitor
 

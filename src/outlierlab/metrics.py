@@ -1,0 +1,292 @@
+"""Every outlier-feature formula (SPEC §1), one-shot and streaming.
+
+All functions take activations ``x`` of shape ``(..., d)``: every leading index is one input
+(token), the last axis the d neurons. Any float dtype; sums are taken in float64.
+
+Notation (SPEC §1): n tokens, d neurons, neuron RMS ``s_j = sqrt(mean_α x_{α,j}²)``.
+
+- :func:`kurtosis` — paper Eq. 1, ``mean_j s_j⁴ / (mean_j s_j²)²``, *not* centred over neurons;
+  ``1 ≤ Kurt ≤ d``.
+- :func:`kurtosis_centred` — the authors' code variant: centre every token across the width,
+  then ``var_j(s_j² / mean s²)`` (population variance), i.e. Kurt − 1 of the centred x.
+- :func:`max_median_ratio` — Eq. 2, ``mean_α max_j |x_αj| / median_j |x_αj|`` (≥ 1); the median
+  of an even count is the mean of the two middle values (as numpy).
+- :func:`token_cosine_similarity`, :func:`feature_correlation_rms` — signal propagation.
+- :func:`token_excess_kurtosis` — the Outlier-Safe Pre-Training paper's "kurtosis" (per token,
+  over the width, minus 3, clipped at 0, averaged over tokens). Not Eq. 1.
+- :func:`outlier_neurons`, :func:`share_above` — which neurons, and how many large values.
+- :class:`StatsAccumulator` — the streaming form: O(d) memory, batches one at a time, merge,
+  ``torch.distributed`` all-reduce; equal to the one-shot values on the union of the batches
+  (up to float64 rounding of the summation order).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+OUTLIER_K = 6.0
+"""Default k of :func:`outlier_neurons`: a neuron is an outlier when its RMS exceeds k × the
+median neuron RMS. At initialisation all s_j agree within a few per cent, so 6× is far beyond
+noise; one such neuron adds about k⁴/d to Kurt (≈ +1.7 at d = 768), i.e. it is exactly the kind of
+neuron that moves Eq. 1; and 6 matches the LLM.int8 magnitude threshold of :func:`share_above`."""
+
+LLM_INT8_THRESHOLD = 6.0
+"""|x| above which LLM.int8 treats a value as an outlier (Dettmers et al. 2022)."""
+
+
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    """(..., d) → (n, d) float64."""
+    if x.dim() == 0:
+        raise ValueError("activations must have shape (..., d), got a scalar")
+    return x.detach().reshape(-1, x.shape[-1]).to(torch.float64)
+
+
+def neuron_rms(x: torch.Tensor) -> torch.Tensor:
+    """s_j = sqrt(mean_α x_{α,j}²), shape (d,), float64 (SPEC §1)."""
+    return _rows(x).square().mean(0).sqrt()
+
+
+def _kurt_from_sq(sq: torch.Tensor) -> float:
+    """Eq. 1 from s_j² (any positive scale of it)."""
+    m2 = sq.mean()
+    if m2 <= 0:
+        return math.nan
+    return float(sq.square().mean() / m2.square())
+
+
+def kurtosis(x: torch.Tensor) -> float:
+    """Kurtosis of neuron RMS, paper Eq. 1: ``mean_j s_j⁴ / (mean_j s_j²)²`` (not centred).
+
+    1 when every neuron has the same RMS, d when one neuron carries everything; NaN for all-zero x.
+    """
+    return _kurt_from_sq(_rows(x).square().mean(0))
+
+
+def kurtosis_centred(x: torch.Tensor) -> float:
+    """Authors'-code variant [SPEC §1, code]: centre each token over the width, then
+    ``var_j(s_j² / mean_j s_j²)`` with the population variance, which equals Kurt − 1 of the
+    centred activations. ≈ 0 at initialisation (Eq. 1 is ≈ 1)."""
+    r = _rows(x)
+    return _kurt_from_sq((r - r.mean(1, keepdim=True)).square().mean(0)) - 1.0
+
+
+def _median_abs(a: torch.Tensor) -> torch.Tensor:
+    """Row medians of a non-negative (n, d) tensor; even d → mean of the two middle values."""
+    d = a.shape[-1]
+    lo, hi = (d - 1) // 2, d // 2
+    if a.device.type == "cpu":  # numpy's partition is several times faster than torch.sort here
+        p = np.partition(a.numpy(), (lo, hi), axis=-1)
+        med = (torch.from_numpy(p[:, lo]).double() + torch.from_numpy(p[:, hi]).double()) / 2
+        return med
+    s = a.sort(-1).values
+    return (s[:, lo].double() + s[:, hi].double()) / 2
+
+
+def token_mmr(x: torch.Tensor) -> torch.Tensor:
+    """Per-token ``max_j |x_αj| / median_j |x_αj|``, shape (n,), float64 (inf where median is 0)."""
+    a = x.detach().reshape(-1, x.shape[-1]).abs()
+    if a.dtype not in (torch.float32, torch.float64):
+        a = a.float()
+    return a.amax(-1).double() / _median_abs(a)
+
+
+def max_median_ratio(x: torch.Tensor) -> float:
+    """Max-median ratio, paper Eq. 2: ``mean_α max_j |x_αj| / median_j |x_αj|`` (≥ 1)."""
+    r = token_mmr(x)
+    return float(r.mean()) if r.numel() else math.nan
+
+
+def _subsample(r: torch.Tensor, max_tokens: int | None, seed: int) -> torch.Tensor:
+    """A seeded random subset of at most ``max_tokens`` rows (all rows when fewer)."""
+    n = r.shape[0]
+    if max_tokens is None or n <= max_tokens:
+        return r
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randperm(n, generator=g)[:max_tokens].to(r.device)
+    return r.index_select(0, idx)
+
+
+def _mean_offdiag_cos(r: torch.Tensor) -> float:
+    """Mean of cos(x_α, x_β) over α ≠ β, in O(n d): with unit rows u_α,
+    ``Σ_{α≠β} u_α·u_β = |Σ_α u_α|² − Σ_α |u_α|²`` (zero rows count as cosine 0)."""
+    n = r.shape[0]
+    if n < 2:
+        return math.nan
+    u = torch.nn.functional.normalize(r.double(), dim=1)
+    off = u.sum(0).square().sum() - u.square().sum()
+    return float(off / (n * (n - 1)))
+
+
+def token_cosine_similarity(x: torch.Tensor, max_tokens: int | None = 1024, seed: int = 0) -> float:
+    """Mean off-diagonal cosine similarity between token representations (SPEC §1 signal
+    propagation: the normalised input-wise Gram X Xᵀ/d), on a seeded subsample of at most
+    ``max_tokens`` tokens. High means near rank collapse."""
+    return _mean_offdiag_cos(_subsample(_rows(x), max_tokens, seed))
+
+
+def feature_correlation_rms(x: torch.Tensor, max_tokens: int | None = 1024, seed: int = 0) -> float:
+    """RMS of the off-diagonal entries of the feature Gram Σ_F = XᵀX/n normalised to unit
+    diagonal (uncentred correlations; SPEC §1), on a seeded subsample of ≤ ``max_tokens`` tokens."""
+    r = _subsample(_rows(x), max_tokens, seed)
+    d = r.shape[1]
+    if d < 2:
+        return math.nan
+    g = r.T @ r / r.shape[0]
+    s = g.diagonal().clamp_min(torch.finfo(torch.float64).tiny).sqrt()
+    c = g / s[:, None] / s[None, :]
+    off = c.square().sum() - c.diagonal().square().sum()
+    return float((off / (d * (d - 1))).sqrt())
+
+
+def token_excess_kurtosis(x: torch.Tensor) -> float:
+    """Per-token excess kurtosis over the width, clipped at 0, averaged over tokens:
+    ``mean_α max(0, m4_α / m2_α² − 3)`` with centred moments over j (Outlier-Safe Pre-Training's
+    "kurtosis"; not paper Eq. 1)."""
+    return float(_token_excess_kurtosis(_rows(x)).mean())
+
+
+def _token_excess_kurtosis(r: torch.Tensor) -> torch.Tensor:
+    c = r - r.mean(1, keepdim=True)
+    m2 = c.square().mean(1)
+    m4 = c.square().square().mean(1)
+    k = m4 / m2.square().clamp_min(torch.finfo(torch.float64).tiny) - 3.0
+    return k.clamp_min(0.0)
+
+
+def outlier_neurons(x: torch.Tensor, k: float = OUTLIER_K) -> list[int]:
+    """Indices of neurons whose RMS exceeds ``k ×`` the median neuron RMS, largest RMS first.
+    See :data:`OUTLIER_K` for the choice of k = 6."""
+    return _outliers_from_sq(_rows(x).square().sum(0), k)
+
+
+def _outliers_from_sq(sq: torch.Tensor, k: float) -> list[int]:
+    """Same, from per-neuron sums of squares (RMS order = sum-of-squares order)."""
+    s = sq.sort().values
+    med = (s[(sq.numel() - 1) // 2] + s[sq.numel() // 2]) / 2
+    flagged = torch.nonzero(sq > (k * k) * med).flatten()
+    order = torch.argsort(sq[flagged], descending=True, stable=True)
+    return [int(i) for i in flagged[order]]
+
+
+def share_above(x: torch.Tensor, threshold: float = LLM_INT8_THRESHOLD) -> float:
+    """Fraction of all entries with ``|x| > threshold`` (6 = the LLM.int8 threshold)."""
+    x = x.detach()
+    return float((x.abs() > threshold).sum().double() / max(x.numel(), 1))
+
+
+class StatsAccumulator:
+    """Streaming Eq. 1, Eq. 2 and friends for one layer of width d, O(d) memory.
+
+    Keeps, in float64: per-neuron Σ x² (→ s_j²), per-neuron Σ x²-of-token-centred-x (centred
+    kurtosis), the token count, Σ of per-token MMR and excess kurtosis, the count of |x| > 6, and
+    a running sum/count of cosine-similarity values (:meth:`add_cos`, one value per measured
+    forward, averaged). ``update`` never calls ``.item()`` so it does not synchronise a GPU.
+    Results equal the one-shot functions on the union of all batches.
+    """
+
+    def __init__(self, d: int, device: torch.device | str = "cpu", threshold: float = 6.0):
+        if d < 1:
+            raise ValueError(f"width d must be ≥ 1, got {d}")
+        self.d, self.threshold = d, threshold
+        # layout of the single float64 state vector (one all_reduce moves everything):
+        # [0:d) Σx², [d:2d) Σ(x-μ)², then tokens, Σmmr, mmr tokens, Σexkurt, n>|t|, Σcos, n cos
+        self.state = torch.zeros(2 * d + 7, dtype=torch.float64, device=device)
+
+    # views into the state
+    @property
+    def sum_sq(self) -> torch.Tensor:
+        return self.state[: self.d]
+
+    @property
+    def sum_sq_centred(self) -> torch.Tensor:
+        return self.state[self.d : 2 * self.d]
+
+    @property
+    def _scalars(self) -> torch.Tensor:
+        return self.state[2 * self.d :]
+
+    @property
+    def tokens(self) -> int:
+        return int(self._scalars[0])
+
+    def update(
+        self,
+        x: torch.Tensor,
+        mask: torch.Tensor | None = None,
+        mmr_max_tokens: int | None = None,
+        seed: int = 0,
+    ) -> StatsAccumulator:
+        """Add a batch ``x`` (..., d); ``mask`` (same leading shape, true = keep) drops padding.
+        ``mmr_max_tokens`` limits Eq. 2 to a seeded subsample of tokens (None: all tokens)."""
+        if x.shape[-1] != self.d:
+            raise ValueError(f"expected width {self.d}, got shape {tuple(x.shape)}")
+        r = x.detach().reshape(-1, self.d)
+        if mask is not None:
+            r = r[mask.detach().reshape(-1).to(device=r.device, dtype=torch.bool)]
+        r64 = r.to(torch.float64)
+        sc = self._scalars
+        self.sum_sq.add_(r64.square().sum(0))
+        mu = r64.mean(1, keepdim=True)
+        self.sum_sq_centred.add_((r64 - mu).square().sum(0))
+        sc[0] += r.shape[0]
+        if r.shape[0]:
+            rm = _subsample(r, mmr_max_tokens, seed)
+            sc[1] += token_mmr(rm).sum()
+            sc[2] += rm.shape[0]
+            sc[3] += _token_excess_kurtosis(r64).sum()
+            sc[4] += (r.abs() > self.threshold).sum()
+        return self
+
+    def add_cos(self, value: float | torch.Tensor) -> None:
+        """Record one cosine-similarity value (e.g. one per measured forward); NaN is ignored."""
+        v = torch.as_tensor(value, dtype=torch.float64, device=self.state.device)
+        ok = ~torch.isnan(v)
+        self._scalars[5] += torch.where(ok, v, 0.0)
+        self._scalars[6] += ok.double()
+
+    def merge(self, other: StatsAccumulator) -> StatsAccumulator:
+        """Add another accumulator's statistics (same d) into this one."""
+        if other.d != self.d:
+            raise ValueError(f"cannot merge width {other.d} into width {self.d}")
+        self.state += other.state.to(self.state.device)
+        return self
+
+    def all_reduce(self, group=None) -> StatsAccumulator:
+        """Sum the statistics over all ``torch.distributed`` ranks (in place; no-op when not
+        initialised)."""
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(self.state, op=dist.ReduceOp.SUM, group=group)
+        return self
+
+    def copy(self) -> StatsAccumulator:
+        new = StatsAccumulator(self.d, self.state.device, self.threshold)
+        new.state.copy_(self.state)
+        return new
+
+    def reset(self) -> None:
+        self.state.zero_()
+
+    def result(self, k: float = OUTLIER_K) -> dict:
+        """``kurtosis`` (Eq. 1), ``kurtosis_centred``, ``mmr`` (Eq. 2), ``cos_sim``,
+        ``token_excess_kurtosis``, ``share_above_6``, ``outlier_neurons`` (indices, largest RMS
+        first), ``tokens``. NaN where no data."""
+        st = self.state.cpu()
+        d = self.d
+        n, s_mmr, n_mmr, s_ek, n_big, s_cos, n_cos = st[2 * d :].tolist()
+        sq = st[:d]
+        nan = math.nan
+        return {
+            "kurtosis": _kurt_from_sq(sq) if n else nan,
+            "kurtosis_centred": (_kurt_from_sq(st[d : 2 * d]) - 1.0) if n else nan,
+            "mmr": s_mmr / n_mmr if n_mmr else nan,
+            "cos_sim": s_cos / n_cos if n_cos else nan,
+            "token_excess_kurtosis": s_ek / n if n else nan,
+            f"share_above_{self.threshold:g}": n_big / (n * d) if n else nan,
+            "outlier_neurons": _outliers_from_sq(sq, k) if n else [],
+            "tokens": int(n),
+        }
