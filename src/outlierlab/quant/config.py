@@ -1,0 +1,134 @@
+"""Quantisation config: one validated dataclass and the named schemes (SPEC §4)."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from outlierlab.errors import ConfigError
+
+MIN_BITS, MAX_BITS = 2, 16
+W_GRANULARITIES = ("tensor", "channel")
+A_GRANULARITIES = ("tensor", "token")
+W_RANGES = ("minmax", "mse")
+A_RANGES = ("minmax", "percentile")
+
+
+@dataclass
+class QuantConfig:
+    """Simulated post-training quantisation of every linear layer (round to nearest)."""
+
+    w_bits: int = 8
+    """Weight bits, 2..16."""
+    a_bits: int = 8
+    """Bits of each linear layer's input activations, 2..16."""
+    w_symmetric: bool = True
+    """Symmetric weight grid (restricted range ±(2^(b-1)-1)); False: asymmetric 0..2^b-1."""
+    w_granularity: str = "tensor"
+    """``tensor``: one scale per weight matrix; ``channel``: one per output channel."""
+    w_range: str = "mse"
+    """``minmax`` or ``mse`` (search over clipping ratios minimising the weight's squared error)."""
+    a_symmetric: bool = False
+    """Symmetric activation grid; False: asymmetric with a zero point."""
+    a_granularity: str = "tensor"
+    """``tensor``: one static range per layer from calibration; ``token``: dynamic per token."""
+    a_range: str = "minmax"
+    """Static ranges: ``minmax`` (min and max over all calibration batches) or ``percentile``."""
+    a_percentile: float = 99.999
+    """Percentile for ``a_range=percentile``: range = [P(100-p), P(p)]."""
+    quantize_head: bool = False
+    """Quantise the LM head too (left in full precision by default, as the paper's setting)."""
+    quantize_residual: bool = False
+    """Also quantise the residual stream: the embedding output and every block output."""
+    smooth_alpha: float | None = None
+    """SmoothQuant migration strength α in [0, 1]; None: no smoothing."""
+    name: str = field(default="custom", compare=False)
+    """Scheme name, for reports."""
+
+    def __post_init__(self) -> None:
+        for key in ("w_bits", "a_bits"):
+            bits = getattr(self, key)
+            if isinstance(bits, bool) or not isinstance(bits, int):
+                raise ConfigError(
+                    f"{key} must be an integer in {MIN_BITS}..{MAX_BITS}, got {bits!r}"
+                )
+            if not MIN_BITS <= bits <= MAX_BITS:
+                raise ConfigError(f"{key} must be in {MIN_BITS}..{MAX_BITS}, got {bits}")
+        _choice("w_granularity", self.w_granularity, W_GRANULARITIES)
+        _choice("a_granularity", self.a_granularity, A_GRANULARITIES)
+        _choice("w_range", self.w_range, W_RANGES)
+        _choice("a_range", self.a_range, A_RANGES)
+        if not 50.0 < float(self.a_percentile) <= 100.0:
+            raise ConfigError(f"a_percentile must be in (50, 100], got {self.a_percentile}")
+        if self.smooth_alpha is not None and not 0.0 <= float(self.smooth_alpha) <= 1.0:
+            raise ConfigError(f"smooth alpha must be in [0, 1], got {self.smooth_alpha}")
+
+    @property
+    def static_activations(self) -> bool:
+        """True when activation ranges come from calibration (per-tensor static)."""
+        return self.a_granularity == "tensor"
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def replace(self, **changes: Any) -> QuantConfig:
+        """A copy with some fields changed (validated); unknown field → ConfigError."""
+        unknown = set(changes) - {f.name for f in dataclasses.fields(self)}
+        if unknown:
+            raise ConfigError(f"unknown quantisation option(s) {sorted(unknown)}")
+        return dataclasses.replace(self, **changes)
+
+
+SCHEMES: dict[str, dict[str, Any]] = {
+    # SPEC §4, the paper's likely setting (Bondarenko et al.): per-tensor symmetric weights with
+    # MSE range search, asymmetric per-tensor activations with static min-max calibration.
+    "w8a8-tensor": dict(w_bits=8, a_bits=8),
+    # SmoothQuant / torchao: per-output-channel weights, symmetric per-token dynamic activations.
+    "w8a8-dynamic": dict(
+        w_bits=8,
+        a_bits=8,
+        w_granularity="channel",
+        w_range="minmax",
+        a_symmetric=True,
+        a_granularity="token",
+    ),
+    # Weight-only-ish low bit: 4-bit per-channel MSE weights, 8-bit per-token activations.
+    "w4a8": dict(
+        w_bits=4,
+        a_bits=8,
+        w_granularity="channel",
+        w_range="mse",
+        a_symmetric=True,
+        a_granularity="token",
+    ),
+    # Low-bit activations: 8-bit per-channel weights, 4-bit per-token dynamic activations.
+    "w8a4": dict(
+        w_bits=8,
+        a_bits=4,
+        w_granularity="channel",
+        w_range="minmax",
+        a_symmetric=True,
+        a_granularity="token",
+    ),
+}
+
+
+def scheme(name: str, **overrides: Any) -> QuantConfig:
+    """The named scheme (``w8a8-tensor``, ``w8a8-dynamic``, ``w4a8``, ``w8a4``) with overrides;
+    other widths by overriding bits (``scheme("w8a8-tensor", w_bits=16, a_bits=16)``)."""
+    if name not in SCHEMES:
+        raise ConfigError(f"unknown scheme {name!r}; allowed: {', '.join(SCHEMES)}")
+    fields = {**SCHEMES[name], **overrides}
+    bits_changed = any(fields[k] != SCHEMES[name][k] for k in ("w_bits", "a_bits"))
+    base = QuantConfig(name=name)
+    cfg = base.replace(**fields)
+    if bits_changed:  # the name then says the real widths and the activation family
+        family = "tensor" if cfg.a_granularity == "tensor" else "dynamic"
+        cfg = cfg.replace(name=f"w{cfg.w_bits}a{cfg.a_bits}-{family}")
+    return cfg
+
+
+def _choice(key: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{key} must be one of {', '.join(allowed)}, got {value!r}")

@@ -1,0 +1,221 @@
+"""Perplexity of a full-precision and a fake-quantised model on fixed validation windows, and
+the per-layer damage report: activation and weight SQNR (dB), activation range and the layer
+input's Kurt (SPEC §1 Eq. 1 via :mod:`outlierlab.metrics`), so kurtosis and damage line up.
+
+Perplexity = exp( Σ_tokens CE(logits, next token) / number of tokens ), all windows pooled.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from outlierlab.errors import DataError
+from outlierlab.quant.calibrate import calibrate
+from outlierlab.quant.config import QuantConfig
+from outlierlab.quant.quantizers import sqnr_db
+from outlierlab.quant.wrap import ActStats, quant_linears, residual_quantizers, wrap
+
+
+def logits_of(model: nn.Module, idx: torch.Tensor) -> torch.Tensor:
+    """Logits (B, T, vocab) of an outlierlab GPT (tensor), a tuple-returning model, or an HF
+    causal LM (``.logits``)."""
+    out = model(idx)
+    if isinstance(out, torch.Tensor):
+        return out
+    if isinstance(out, tuple):
+        return out[0]
+    return out.logits
+
+
+@torch.no_grad()
+def perplexity(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 8
+) -> tuple[float, float]:
+    """(perplexity, mean cross-entropy in nats) over all windows x, targets y (N, T)."""
+    total, count = 0.0, 0
+    device = _device(model)
+    for i in range(0, x.shape[0], batch_size):
+        xb, yb = x[i : i + batch_size].to(device), y[i : i + batch_size].to(device)
+        logits = logits_of(model, xb)
+        total += float(
+            F.cross_entropy(
+                logits.reshape(-1, logits.shape[-1]).float(), yb.reshape(-1), reduction="sum"
+            )
+        )
+        count += yb.numel()
+    loss = total / count
+    return math.exp(loss), loss
+
+
+def calibration_batches(
+    train_tokens: Any, seq_len: int, batch_size: int, n_batches: int, seed: int = 0
+) -> list[torch.Tensor]:
+    """``n_batches`` input batches (B, T) from the TRAIN split, drawn by the data module's
+    :class:`~outlierlab.data.BatchSampler`; DataError if the split holds fewer tokens than
+    ``n_batches · batch_size · seq_len`` (the batches could not be distinct)."""
+    from outlierlab.data import BatchSampler
+
+    need = n_batches * batch_size * seq_len + 1
+    if len(train_tokens) < need:
+        raise DataError(
+            f"{n_batches} calibration batches of {batch_size}×{seq_len} need {need} training "
+            f"tokens, the train split has {len(train_tokens)}; "
+            "lower --calib-batches or --batch-size"
+        )
+    sampler = BatchSampler(train_tokens, seq_len, batch_size, seed)
+    return [sampler.next()[0] for _ in range(n_batches)]
+
+
+def _device(model: nn.Module) -> torch.device:
+    p = next(model.parameters(), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
+def _kurt_accumulator(d: int) -> Any:
+    from outlierlab.metrics import StatsAccumulator
+
+    return StatsAccumulator(d)
+
+
+def _finite(v: float | None) -> float | None:
+    return None if v is None or not math.isfinite(v) else v
+
+
+@torch.no_grad()
+def layer_report(qmodel: nn.Module, x: torch.Tensor, batch_size: int = 8) -> list[dict[str, Any]]:
+    """Per quantised layer: activation SQNR and range over the windows x, weight SQNR, the
+    calibrated static range, and Kurt of the layer's (unquantised) input."""
+    layers = quant_linears(qmodel)
+    resid = residual_quantizers(qmodel)
+    for m in layers.values():
+        m.act.stats = ActStats()
+        m.kurt_acc = _kurt_accumulator(m.in_features)
+    for aq in resid.values():
+        aq.stats = ActStats()
+    device = _device(qmodel)
+    try:
+        for i in range(0, x.shape[0], batch_size):
+            logits_of(qmodel, x[i : i + batch_size].to(device))
+        rows = [
+            {
+                "name": name,
+                "kind": "linear",
+                "shape": [m.out_features, m.in_features],
+                "act_sqnr_db": _finite(sqnr_db(m.act.stats.signal, m.act.stats.noise)),
+                "weight_sqnr_db": _finite(sqnr_db(m.weight_signal, m.weight_noise)),
+                "act_min": m.act.stats.lo,
+                "act_max": m.act.stats.hi,
+                "calib_min": m.act.calib_lo,
+                "calib_max": m.act.calib_hi,
+                "kurtosis": float(m.kurt_acc.result()["kurtosis"]),
+            }
+            for name, m in layers.items()
+        ]
+        rows += [
+            {
+                "name": name,
+                "kind": "residual",
+                "act_sqnr_db": _finite(sqnr_db(aq.stats.signal, aq.stats.noise)),
+                "weight_sqnr_db": None,
+                "act_min": aq.stats.lo,
+                "act_max": aq.stats.hi,
+                "calib_min": aq.calib_lo,
+                "calib_max": aq.calib_hi,
+                "kurtosis": None,
+            }
+            for name, aq in resid.items()
+        ]
+    finally:
+        for m in layers.values():
+            m.act.stats = None
+            m.kurt_acc = None
+        for aq in resid.values():
+            aq.stats = None
+    return rows
+
+
+@torch.no_grad()
+def residual_kurtosis(model: nn.Module, x: torch.Tensor, batch_size: int = 8) -> dict[str, Any]:
+    """Residual-stream Kurt of the full-precision model (the monitor's ``auto`` points) on x:
+    ``{"points": {name: kurt}, "kurtosis_mean": ..., "kurtosis_max": ...}``."""
+    from outlierlab.monitor import OutlierMonitor
+
+    device = _device(model)
+    with OutlierMonitor(model) as mon:
+        for i in range(0, x.shape[0], batch_size):
+            logits_of(model, x[i : i + batch_size].to(device))
+        results = mon.results()
+        summary = mon.summary()
+    return {
+        "points": {k: float(v["kurtosis"]) for k, v in results.items()},
+        "kurtosis_mean": float(summary["kurtosis_mean"]),
+        "kurtosis_max": float(summary["kurtosis_max"]),
+    }
+
+
+def quantize_and_evaluate(
+    model: nn.Module,
+    cfg: QuantConfig,
+    calib: Sequence[torch.Tensor],
+    val_x: torch.Tensor,
+    val_y: torch.Tensor,
+    batch_size: int = 8,
+    stats_windows: int = 16,
+    fp: dict[str, float] | None = None,
+) -> dict[str, Any]:
+    """The whole pipeline on ``model`` (never modified): FP perplexity, a wrapped copy calibrated
+    on ``calib`` (train batches), quantised perplexity on the same windows, the per-layer report
+    on the first ``stats_windows`` windows, and the FP residual-stream Kurt.
+
+    ``fp`` (``{"ppl", "loss", "seconds"}``) reuses an FP evaluation of the same windows.
+    Returns the JSON-able result (top-level ``fp_ppl``, ``quant_ppl``, ``scheme``, ``config``,
+    ``layers``).
+    """
+    if val_x.shape[0] == 0:
+        raise DataError("no validation windows to evaluate")
+    model.eval()
+    if fp is None:
+        t0 = time.perf_counter()
+        fp_ppl, fp_loss = perplexity(model, val_x, val_y, batch_size)
+        fp = {"ppl": fp_ppl, "loss": fp_loss, "seconds": time.perf_counter() - t0}
+    t0 = time.perf_counter()
+    qmodel = wrap(model, cfg)
+    calibrate(qmodel, cfg, calib, logits_of)
+    calib_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    q_ppl, q_loss = perplexity(qmodel, val_x, val_y, batch_size)
+    q_s = time.perf_counter() - t0
+    sx = val_x[: max(1, min(stats_windows, val_x.shape[0]))]
+    layers = layer_report(qmodel, sx, batch_size)
+    resid = residual_kurtosis(model, sx, batch_size)
+    return {
+        "scheme": cfg.name,
+        "config": cfg.to_dict(),
+        "fp_ppl": fp["ppl"],
+        "quant_ppl": q_ppl,
+        "ppl_increase": q_ppl - fp["ppl"],
+        "ppl_ratio": q_ppl / fp["ppl"],
+        "fp_loss": fp["loss"],
+        "quant_loss": q_loss,
+        "eval_windows": int(val_x.shape[0]),
+        "seq_len": int(val_x.shape[1]),
+        "eval_tokens": int(val_y.numel()),
+        "calib_batches": len(calib),
+        "calib_tokens": int(sum(b.numel() for b in calib)),
+        "stats_windows": int(sx.shape[0]),
+        "fp_eval_s": fp["seconds"],
+        "quant_eval_s": q_s,
+        "eval_time_ratio": q_s / fp["seconds"] if fp["seconds"] > 0 else None,
+        "calib_s": calib_s,
+        "kurtosis_mean": resid["kurtosis_mean"],
+        "kurtosis_max": resid["kurtosis_max"],
+        "residual_kurtosis": resid["points"],
+        "layers": layers,
+    }

@@ -1,0 +1,320 @@
+"""Fake-quantised copies of a model: every ``nn.Linear`` (and Hugging Face GPT-2's ``Conv1D``,
+a linear with a transposed weight) becomes a :class:`QuantLinear` on a deep copy, so the
+caller's model and the files on disk are never modified (SPEC §4).
+
+A :class:`QuantLinear` computes ``F.linear(A(x / s), Q(W · s), b)``: ``A`` the activation
+quantiser of its input, ``Q`` the weight quantiser (applied once and cached), ``s`` the optional
+SmoothQuant per-input-channel scale (1 without ``--smooth``). The LM head stays in full
+precision unless asked for. Optionally the residual stream (embedding output and every block
+output) passes through an activation quantiser too, via forward hooks on the copy.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from outlierlab.errors import ConfigError, ModelLoadError
+from outlierlab.quant.config import QuantConfig
+from outlierlab.quant.quantizers import (
+    fake_quant,
+    percentile_range,
+    quantize_dynamic,
+    quantize_weight,
+    scale_zero_point,
+)
+
+HEAD_NAMES = ("lm_head", "head", "unembed")
+RESERVOIR_PER_BATCH = 1 << 18  # values kept per calibration batch for percentile ranges
+
+
+def is_conv1d(module: nn.Module) -> bool:
+    """HF GPT-2's ``Conv1D``: y = x @ W + b with W of shape (in, out) (no transformers import)."""
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and hasattr(module, "weight")
+
+
+def is_linear(module: nn.Module) -> bool:
+    return isinstance(module, nn.Linear) or is_conv1d(module)
+
+
+class ActStats:
+    """Running sums for one quantiser's SQNR and range over the evaluated tokens."""
+
+    def __init__(self) -> None:
+        self.signal = 0.0  # Σ x²
+        self.noise = 0.0  # Σ (x - q(x))²
+        self.lo = float("inf")
+        self.hi = float("-inf")
+
+    def update(self, x: torch.Tensor, q: torch.Tensor) -> None:
+        xf = x.detach().float()
+        self.signal += float(xf.pow(2).sum())
+        self.noise += float((xf - q.detach().float()).pow(2).sum())
+        self.lo = min(self.lo, float(xf.min()))
+        self.hi = max(self.hi, float(xf.max()))
+
+
+class ActQuant(nn.Module):
+    """Activation fake-quantiser. ``mode``: ``off`` (identity), ``observe`` (identity, records
+    the calibration range) or ``quant``. Per-tensor static ranges come from :meth:`finalize`;
+    per-token ranges are computed from each input (dynamic)."""
+
+    def __init__(self, cfg: QuantConfig) -> None:
+        super().__init__()
+        self.bits = cfg.a_bits
+        self.symmetric = cfg.a_symmetric
+        self.granularity = cfg.a_granularity
+        self.range_method = cfg.a_range
+        self.percentile = cfg.a_percentile
+        self.mode = "off"
+        self.register_buffer("scale", None)
+        self.register_buffer("zero", None)
+        self.calib_lo: float | None = None
+        self.calib_hi: float | None = None
+        self._samples: list[torch.Tensor] = []
+        self._batches = 0
+        self.stats: ActStats | None = None
+
+    def observe(self, x: torch.Tensor) -> None:
+        """Widen the running [min, max] (``minmax``) or keep a subsample (``percentile``)."""
+        xd = x.detach()
+        if self.range_method == "percentile":
+            flat = xd.reshape(-1).float()
+            if flat.numel() > RESERVOIR_PER_BATCH:
+                g = torch.Generator().manual_seed(self._batches)
+                idx = torch.randperm(flat.numel(), generator=g)[:RESERVOIR_PER_BATCH]
+                flat = flat[idx.to(flat.device)]
+            self._samples.append(flat.cpu())
+        else:
+            lo, hi = float(xd.min()), float(xd.max())
+            self.calib_lo = lo if self.calib_lo is None else min(self.calib_lo, lo)
+            self.calib_hi = hi if self.calib_hi is None else max(self.calib_hi, hi)
+        self._batches += 1
+
+    def finalize(self) -> None:
+        """Fix the static range from what :meth:`observe` saw."""
+        if self.range_method == "percentile" and self._samples:
+            lo, hi = percentile_range(torch.cat(self._samples), self.percentile)
+            self.calib_lo, self.calib_hi = float(lo), float(hi)
+            self._samples = []
+        if self.calib_lo is None or self.calib_hi is None:
+            raise RuntimeError("activation quantiser saw no calibration data")
+        lo = torch.tensor(self.calib_lo, dtype=torch.float32)
+        hi = torch.tensor(self.calib_hi, dtype=torch.float32)
+        self.scale, self.zero = scale_zero_point(lo, hi, self.bits, self.symmetric)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.mode == "off":
+            return x
+        if self.mode == "observe":
+            self.observe(x)
+            return x
+        if self.granularity == "token":
+            q = quantize_dynamic(x, self.bits, self.symmetric, "token")
+        else:
+            if self.scale is None:
+                raise RuntimeError("static activation quantiser used before calibration")
+            q = fake_quant(
+                x, self.scale.to(x.dtype), self.zero.to(x.dtype), self.bits, self.symmetric
+            )
+        if self.stats is not None:
+            self.stats.update(x, q)
+        return q
+
+
+class QuantLinear(nn.Module):
+    """y = F.linear(A(x / s), Q(W · s), b); weight (out, in), quantised once by
+    :meth:`quantize_weight` and cached. Built from ``nn.Linear`` or HF ``Conv1D``."""
+
+    def __init__(
+        self, weight: torch.Tensor, bias: torch.Tensor | None, cfg: QuantConfig, source: str
+    ) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.source = source  # "Linear" or "Conv1D"
+        self.weight = nn.Parameter(weight.detach().clone(), requires_grad=False)
+        self.bias = (
+            None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
+        )
+        self.register_buffer("weight_q", None)
+        self.register_buffer("inv_smooth", None)  # 1 / s, shape (in,)
+        self.act = ActQuant(cfg)
+        self.weight_signal = 0.0
+        self.weight_noise = 0.0
+        self.smooth_observe = False
+        self._xmax: torch.Tensor | None = None  # per input channel max|X_j| for SmoothQuant
+        self.kurt_acc: Any = None  # a metrics.StatsAccumulator while per-layer stats are on
+
+    @classmethod
+    def from_module(cls, module: nn.Module, cfg: QuantConfig) -> QuantLinear:
+        if isinstance(module, nn.Linear):
+            return cls(module.weight, module.bias, cfg, "Linear")
+        return cls(module.weight.t(), module.bias, cfg, "Conv1D")  # Conv1D stores (in, out)
+
+    @property
+    def in_features(self) -> int:
+        return self.weight.shape[1]
+
+    @property
+    def out_features(self) -> int:
+        return self.weight.shape[0]
+
+    def set_smoothing(self, alpha: float) -> None:
+        """SmoothQuant: s_j = max|X_j|^α / max_i |W_ij|^(1-α); then x → x / s, W → W · s.
+
+        Channels never seen active (max|X_j| = 0) or with an all-zero weight column keep s_j = 1.
+        """
+        if self._xmax is None:
+            raise RuntimeError("smoothing needs a calibration pass first")
+        xmax = self._xmax.float()
+        wmax = self.weight.detach().abs().amax(0).float()
+        s = xmax.pow(alpha) / wmax.pow(1.0 - alpha)
+        ok = (xmax > 0) & (wmax > 0) & torch.isfinite(s)
+        s = torch.where(ok, s, torch.ones_like(s)).clamp(1e-5, 1e5)
+        self.weight.data.mul_(s.to(self.weight.dtype))
+        self.inv_smooth = (1.0 / s).to(self.weight.dtype)
+        self._xmax = None
+
+    def quantize_weight(self) -> None:
+        """Q(W) once, cached in ``weight_q``; records the weight's signal and noise power."""
+        w = self.weight.detach()
+        c = self.cfg
+        wq = quantize_weight(w.float(), c.w_bits, c.w_symmetric, c.w_granularity, c.w_range)
+        self.weight_signal = float(w.float().pow(2).sum())
+        self.weight_noise = float((w.float() - wq).pow(2).sum())
+        self.weight_q = wq.to(w.dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.smooth_observe:
+            m = x.detach().abs().reshape(-1, x.shape[-1]).amax(0)
+            self._xmax = m if self._xmax is None else torch.maximum(self._xmax, m)
+        if self.kurt_acc is not None:
+            self.kurt_acc.update(x.detach().reshape(-1, x.shape[-1]).float())
+        if self.inv_smooth is not None:
+            x = x * self.inv_smooth
+        x = self.act(x)
+        w = self.weight if self.weight_q is None else self.weight_q
+        return F.linear(x, w, self.bias)
+
+    def extra_repr(self) -> str:
+        c = self.cfg
+        return (
+            f"in={self.in_features}, out={self.out_features}, source={self.source}, "
+            f"w{c.w_bits}-{c.w_granularity}, a{c.a_bits}-{c.a_granularity}"
+        )
+
+
+def head_names(model: nn.Module) -> set[str]:
+    """Names of the module(s) producing logits: HF ``get_output_embeddings()``, a linear whose
+    weight is tied to an embedding, or a linear named ``lm_head``/``head``/``unembed``."""
+    out_emb = None
+    getter = getattr(model, "get_output_embeddings", None)
+    if callable(getter):
+        try:
+            out_emb = getter()
+        except (NotImplementedError, AttributeError):
+            out_emb = None
+    emb_ptrs = {m.weight.data_ptr() for m in model.modules() if isinstance(m, nn.Embedding)}
+    heads = set()
+    for name, m in model.named_modules():
+        if not is_linear(m):
+            continue
+        if m is out_emb or name.rsplit(".", 1)[-1] in HEAD_NAMES or m.weight.data_ptr() in emb_ptrs:
+            heads.add(name)
+    return heads
+
+
+def linear_names(model: nn.Module, include_head: bool = False) -> list[str]:
+    """Names of every linear layer to quantise, in model order (the head only if asked)."""
+    heads = set() if include_head else head_names(model)
+    return [n for n, m in model.named_modules() if is_linear(m) and n and n not in heads]
+
+
+def wrap(model: nn.Module, cfg: QuantConfig) -> nn.Module:
+    """A deep copy of ``model`` in eval mode with every selected linear replaced by a
+    :class:`QuantLinear` (quantisers off until calibrated). The original is untouched."""
+    names = linear_names(model, cfg.quantize_head)
+    if not names:
+        raise ModelLoadError(
+            f"{type(model).__name__} has no linear layers to quantise "
+            "(nn.Linear or HF Conv1D, LM head excluded unless quantize_head)"
+        )
+    qmodel = copy.deepcopy(model).eval()
+    for p in qmodel.parameters():
+        p.requires_grad_(False)
+    for name in names:
+        parent_name, _, child = name.rpartition(".")
+        parent = qmodel.get_submodule(parent_name) if parent_name else qmodel
+        setattr(parent, child, QuantLinear.from_module(getattr(parent, child), cfg))
+    if cfg.quantize_residual:
+        _attach_residual(qmodel, cfg)
+    return qmodel
+
+
+def residual_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """The residual-stream points (``embed.resid_post``, ``blocks.{i}.resid_post``) of a model
+    that advertises them (``model.residual_points()``, ARCHITECTURE.md) or that
+    :mod:`outlierlab.hf` knows."""
+    points = getattr(model, "residual_points", None)
+    if callable(points):
+        return dict(points())
+    try:
+        from outlierlab import hf
+
+        finder = getattr(hf, "residual_points", None)
+    except ImportError:
+        finder = None
+    if finder is not None:
+        found = finder(model)
+        if found:
+            return dict(found)
+    raise ConfigError(
+        f"residual-stream quantisation needs a model with residual_points(); "
+        f"{type(model).__name__} has none"
+    )
+
+
+def _residual_hook(module: nn.Module, args: Any, out: Any) -> Any:
+    quant = module.outlierlab_output_quant
+    if isinstance(out, torch.Tensor):
+        return quant(out)
+    if isinstance(out, tuple) and out and isinstance(out[0], torch.Tensor):
+        return (quant(out[0]), *out[1:])
+    raise TypeError(f"cannot quantise the output of {type(module).__name__}: {type(out).__name__}")
+
+
+def _attach_residual(qmodel: nn.Module, cfg: QuantConfig) -> None:
+    for name, module in residual_modules(qmodel).items():
+        aq = ActQuant(cfg)
+        aq.point_name = name
+        module.outlierlab_output_quant = aq  # registered as a child of the hooked module
+        module.register_forward_hook(_residual_hook)
+
+
+def quant_linears(qmodel: nn.Module) -> dict[str, QuantLinear]:
+    """Every :class:`QuantLinear` of a wrapped model, by module name, in model order."""
+    return {n: m for n, m in qmodel.named_modules() if isinstance(m, QuantLinear)}
+
+
+def residual_quantizers(qmodel: nn.Module) -> dict[str, ActQuant]:
+    """Residual-stream quantisers by point name (empty without ``quantize_residual``)."""
+    return {
+        m.point_name: m
+        for m in qmodel.modules()
+        if isinstance(m, ActQuant) and hasattr(m, "point_name")
+    }
+
+
+def act_quantizers(qmodel: nn.Module) -> Iterator[ActQuant]:
+    yield from (m for m in qmodel.modules() if isinstance(m, ActQuant))
+
+
+def set_act_mode(qmodel: nn.Module, mode: str) -> None:
+    """Set every activation quantiser to ``off``, ``observe`` or ``quant``."""
+    for aq in act_quantizers(qmodel):
+        aq.mode = mode
