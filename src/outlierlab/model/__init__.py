@@ -1,0 +1,8 @@
+"""The GPT of SPEC §2: ``GPTConfig`` (validated dataclass + presets) and ``GPT``."""
+
+from __future__ import annotations
+
+from outlierlab.model.config import PRESETS, GPTConfig
+from outlierlab.model.gpt import GPT
+
+__all__ = ["GPT", "PRESETS", "GPTConfig"]

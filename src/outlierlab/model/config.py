@@ -1,0 +1,242 @@
+"""``GPTConfig``: the validated model config and the named presets of SPEC §2.
+
+Every architecture the paper compares is one config of the same GPT; presets are plain
+dictionaries of field overrides, so a preset printed with :meth:`GPTConfig.to_dict` *is* the
+config. Derived values (``mlp_width``, ``beta_value``, ``d_head``) are properties; the stored
+fields keep what the user wrote (``d_mlp=None``, ``beta="auto"``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from outlierlab.errors import ConfigError
+
+BLOCKS = ("pre", "post", "op")
+NORMS = ("layernorm", "rmsnorm", "srmsnorm", "none")
+ACTIVATIONS = ("relu", "gelu", "gelu_tanh", "silu")
+POS_ENCODINGS = ("learned", "rotary")
+
+# SPEC §2. Each preset overrides the defaults below (the defaults are `pre-ln`).
+PRESETS: dict[str, dict[str, Any]] = {
+    "pre-ln": {},
+    # the block output is already normalised, so no final norm (original Transformer / BERT).
+    "post-ln": {"block": "post", "final_norm": False},
+    "pre-rms": {"norm": "rmsnorm"},
+    "pre-srms": {"norm": "srmsnorm", "norm_affine": False},
+    # as the authors ran it (simplified_transformers, config/model/op.yaml).
+    "op": {
+        "block": "op",
+        "norm": "layernorm",
+        "first_attn_norm": True,
+        "final_norm": True,
+        "activation": "relu",
+        "qk_norm": True,
+        "beta": 0.2,
+    },
+    # the paper's 1.2B runs: a final LN worsens OFs and signal propagation.
+    "op-nofinal": {
+        "block": "op",
+        "norm": "layernorm",
+        "first_attn_norm": True,
+        "final_norm": False,
+        "activation": "relu",
+        "qk_norm": True,
+        "beta": 0.2,
+    },
+}
+
+
+def _choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ConfigError(f"model.{name}={value!r} is not allowed; allowed: {', '.join(allowed)}")
+
+
+@dataclass
+class GPTConfig:
+    """A decoder-only GPT whose block switches between the architectures of SPEC §2.
+
+    The defaults are the ``pre-ln`` preset at a CPU-friendly size (6 × 192, byte vocabulary).
+    """
+
+    vocab_size: int = 260
+    """Token vocabulary size (256 bytes + specials by default; set it from the tokenizer)."""
+    n_layer: int = 6
+    """Number of blocks L."""
+    d_model: int = 192
+    """Residual-stream width d."""
+    n_head: int = 6
+    """Attention heads; ``d_model`` must be divisible by it (d_head = d_model / n_head)."""
+    d_mlp: int | None = None
+    """MLP hidden width; ``None`` means 4 · d_model."""
+    seq_len: int = 128
+    """Maximum context length T (size of the learned position table)."""
+    block: str = "pre"
+    """``pre``: x + β·Attn(Norm(x)); ``post``: Norm(x + β·Attn(x)); ``op``: x + β·Attn(x),
+    no norms in the block (SPEC §2). The MLP half follows the same pattern."""
+    norm: str = "layernorm"
+    """Norm for pre/post blocks, the first-block attention-input norm and the final norm:
+    ``layernorm``, ``rmsnorm``, ``srmsnorm`` (RMS normalisation, no weights) or ``none``."""
+    norm_affine: bool = True
+    """Trainable gain (and bias if ``bias``) in layernorm/rmsnorm; srmsnorm never has one."""
+    qk_norm: bool = False
+    """RMSNorm each head's queries and keys before the dot product (gain of size d_head shared
+    across heads): entropy regulation of SPEC §2."""
+    logit_softcap: float | None = None
+    """Attention-logit tanh soft-cap c: logits ← c·tanh(logits/c) (SPEC §2 uses 30)."""
+    beta: float | str = 1.0
+    """Residual-branch gain β: a positive number or ``"auto"`` = 1/√(2·n_layer)
+    (0.20 at 12 layers, 0.17 at 18, the authors' 0.2; O(1/√depth), SPEC §2)."""
+    beta_trainable: bool = False
+    """Make each block's two β scalars trainable parameters (never weight-decayed)."""
+    first_attn_norm: bool = False
+    """``op`` only: a norm on the first block's attention input (the authors' code)."""
+    final_norm: bool = True
+    """A norm on the residual stream before the unembedding."""
+    activation: str = "gelu"
+    """MLP non-linearity: relu, gelu, gelu_tanh, silu."""
+    tie_embeddings: bool = True
+    """Share the token embedding and the unembedding (lm head) matrix."""
+    init_std: float = 0.02
+    """Every weight matrix and embedding is initialised N(0, init_std²) (SPEC §2); biases 0."""
+    pos_encoding: str = "learned"
+    """``learned`` absolute position embeddings, or ``rotary`` (RoPE on queries and keys)."""
+    dropout: float = 0.0
+    """Dropout on embeddings, attention probabilities and branch outputs; in [0, 1)."""
+    bias: bool = False
+    """Biases in linear layers (and layernorm, if affine)."""
+    allow_unregulated: bool = False
+    """Allow an ``op`` block with neither qk_norm nor logit_softcap (the paper: it fails)."""
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "n_layer", "d_model", "n_head", "seq_len"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"model.{name}={value!r} is not allowed; allowed: an integer ≥ 1")
+        if self.d_mlp is not None and (
+            isinstance(self.d_mlp, bool) or not isinstance(self.d_mlp, int) or self.d_mlp < 1
+        ):
+            raise ConfigError(
+                f"model.d_mlp={self.d_mlp!r} is not allowed; allowed: an integer ≥ 1 or null"
+            )
+        if self.d_model % self.n_head:
+            raise ConfigError(
+                f"model.d_model={self.d_model} is not divisible by model.n_head={self.n_head}; "
+                "allowed: d_model a multiple of n_head"
+            )
+        _choice("block", self.block, BLOCKS)
+        _choice("norm", self.norm, NORMS)
+        _choice("activation", self.activation, ACTIVATIONS)
+        _choice("pos_encoding", self.pos_encoding, POS_ENCODINGS)
+        if self.pos_encoding == "rotary" and self.d_head % 2:
+            raise ConfigError(
+                f"model.pos_encoding='rotary' needs an even d_head, got {self.d_head}; "
+                "allowed: d_model / n_head even"
+            )
+        self.beta = self._check_beta(self.beta)
+        if self.logit_softcap is not None:
+            cap = self.logit_softcap
+            if isinstance(cap, bool) or not isinstance(cap, (int, float)) or not cap > 0:
+                raise ConfigError(
+                    f"model.logit_softcap={cap!r} is not allowed; allowed: null or a number > 0"
+                )
+            self.logit_softcap = float(cap)
+        if (
+            isinstance(self.init_std, bool)
+            or not isinstance(self.init_std, (int, float))
+            or not (self.init_std > 0 and math.isfinite(self.init_std))
+        ):
+            raise ConfigError(
+                f"model.init_std={self.init_std!r} is not allowed; allowed: a number > 0"
+            )
+        self.init_std = float(self.init_std)
+        if (
+            isinstance(self.dropout, bool)
+            or not isinstance(self.dropout, (int, float))
+            or not (0.0 <= self.dropout < 1.0)
+        ):
+            raise ConfigError(f"model.dropout={self.dropout!r} is not allowed; allowed: [0, 1)")
+        self.dropout = float(self.dropout)
+        for name in (
+            "norm_affine", "qk_norm", "beta_trainable", "first_attn_norm", "final_norm",
+            "tie_embeddings", "bias", "allow_unregulated",
+        ):  # fmt: skip
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(
+                    f"model.{name}={getattr(self, name)!r} is not allowed; allowed: true, false"
+                )
+        if (
+            self.block == "op"
+            and not self.qk_norm
+            and self.logit_softcap is None
+            and not self.allow_unregulated
+        ):
+            raise ConfigError(
+                "model.block='op' needs entropy regulation (SPEC §2: OP fails to train without "
+                "it); allowed: qk_norm=true, logit_softcap=<number>, or allow_unregulated=true"
+            )
+
+    @staticmethod
+    def _check_beta(beta: Any) -> float | str:
+        if isinstance(beta, str):
+            if beta == "auto":
+                return beta
+            try:
+                beta = float(beta)
+            except ValueError:
+                beta = None
+        if (
+            isinstance(beta, bool)
+            or not isinstance(beta, (int, float))
+            or not (beta > 0 and math.isfinite(beta))
+        ):
+            raise ConfigError(
+                f"model.beta={beta!r} is not allowed; allowed: a number > 0 or 'auto'"
+            )
+        return float(beta)
+
+    # -- derived values ------------------------------------------------------------------------
+
+    @property
+    def d_head(self) -> int:
+        return self.d_model // self.n_head
+
+    @property
+    def mlp_width(self) -> int:
+        return self.d_mlp if self.d_mlp is not None else 4 * self.d_model
+
+    @property
+    def beta_value(self) -> float:
+        """β as a number: ``"auto"`` resolves to 1/√(2·n_layer)."""
+        if self.beta == "auto":
+            return 1.0 / math.sqrt(2 * self.n_layer)
+        return float(self.beta)
+
+    # -- presets and (de)serialisation ---------------------------------------------------------
+
+    @staticmethod
+    def presets() -> list[str]:
+        return list(PRESETS)
+
+    @classmethod
+    def preset(cls, name: str, **overrides: Any) -> GPTConfig:
+        """The named preset of SPEC §2 with ``overrides`` applied (both validated)."""
+        if name not in PRESETS:
+            raise ConfigError(f"unknown model preset {name!r}; allowed: {', '.join(PRESETS)}")
+        return cls.from_dict({**PRESETS[name], **overrides})
+
+    def to_dict(self) -> dict[str, Any]:
+        """Every field, JSON-able, in declaration order."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> GPTConfig:
+        """Build and validate; an unknown key raises ``ConfigError`` naming it."""
+        allowed = [f.name for f in dataclasses.fields(cls)]
+        for key in d:
+            if key not in allowed:
+                raise ConfigError(f"unknown model field {key!r}; allowed: {', '.join(allowed)}")
+        return cls(**d)

@@ -1,0 +1,372 @@
+"""A nanoGPT-style decoder whose block is every architecture of SPEC §2.
+
+Module names are stable and are what the monitor measures (ARCHITECTURE.md):
+``tok_emb``, ``pos_emb``, ``drop``, ``embed_out`` (point ``embed.resid_post``),
+``blocks.{i}`` (point ``blocks.{i}.resid_post``) with ``attn_norm``, ``attn`` (``q_norm``,
+``k_norm``), ``mlp_norm``, ``mlp``; then ``final_norm`` and ``lm_head``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from outlierlab.errors import ModelLoadError
+from outlierlab.model.config import GPTConfig
+
+WEIGHTS_FILE = "model.safetensors"
+CONFIG_FILE = "model_config.json"
+FORMAT = "outlierlab.gpt"
+LN_EPS = 1e-5
+RMS_EPS = 1e-6
+
+# -- norms --------------------------------------------------------------------------------------
+
+
+class SRMSNorm(nn.RMSNorm):
+    """Simple RMSNorm (SPEC §2): x / rms(x), no trainable weights."""
+
+    def __init__(self, dim: int, eps: float = RMS_EPS) -> None:
+        super().__init__(dim, eps=eps, elementwise_affine=False)
+
+
+def make_norm(kind: str, dim: int, affine: bool = True, bias: bool = False) -> nn.Module:
+    """The norm ``kind`` of width ``dim``; ``"none"`` gives ``nn.Identity`` (no parameters)."""
+    if kind == "layernorm":
+        return nn.LayerNorm(dim, eps=LN_EPS, elementwise_affine=affine, bias=affine and bias)
+    if kind == "rmsnorm":
+        return nn.RMSNorm(dim, eps=RMS_EPS, elementwise_affine=affine)
+    if kind == "srmsnorm":
+        return SRMSNorm(dim)
+    if kind == "none":
+        return nn.Identity()
+    raise ValueError(f"unknown norm {kind!r}")
+
+
+NORM_TYPES = (nn.LayerNorm, nn.RMSNorm)  # SRMSNorm is an nn.RMSNorm
+
+ACTIVATIONS = {
+    "relu": nn.ReLU,
+    "gelu": nn.GELU,
+    "gelu_tanh": lambda: nn.GELU(approximate="tanh"),
+    "silu": nn.SiLU,
+}
+
+# -- rotary position encoding -------------------------------------------------------------------
+
+
+class Rotary(nn.Module):
+    """RoPE (Su et al.): rotate (even, odd) halves of q and k by position-dependent angles."""
+
+    def __init__(self, d_head: int, base: float = 10000.0) -> None:
+        super().__init__()
+        inv_freq = base ** (-torch.arange(0, d_head, 2, dtype=torch.float32) / d_head)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (B, nh, T, hs)
+        t = torch.arange(x.size(-2), device=x.device, dtype=torch.float32)
+        angles = torch.outer(t, self.inv_freq)  # (T, hs/2)
+        cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
+        x1, x2 = x[..., : x.size(-1) // 2], x[..., x.size(-1) // 2 :]
+        return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
+
+
+# -- the sublayers ------------------------------------------------------------------------------
+
+
+class CausalSelfAttention(nn.Module):
+    """Multi-head causal self-attention with optional QK-Norm and tanh soft-cap (SPEC §2).
+
+    QK-Norm: q̂ = g_q ⊙ q / rms(q) and k̂ = g_k ⊙ k / rms(k) per head (gains of size d_head,
+    shared across heads), so |q̂·k̂| / √d_head ≤ √d_head · max|g_q| · max|g_k|.
+    Soft-cap c: logits ← c · tanh(logits / c), so |logits| < c.
+    """
+
+    def __init__(self, cfg: GPTConfig) -> None:
+        super().__init__()
+        self.n_head, self.d_head = cfg.n_head, cfg.d_head
+        self.softcap = cfg.logit_softcap
+        self.dropout = cfg.dropout
+        self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=cfg.bias)
+        self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=cfg.bias)
+        self.resid_drop = nn.Dropout(cfg.dropout)
+        if cfg.qk_norm:
+            self.q_norm = nn.RMSNorm(cfg.d_head, eps=RMS_EPS)
+            self.k_norm = nn.RMSNorm(cfg.d_head, eps=RMS_EPS)
+        else:
+            self.q_norm = self.k_norm = None
+        self.rotary = Rotary(cfg.d_head) if cfg.pos_encoding == "rotary" else None
+
+    def _qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        B, T, C = x.shape
+        q, k, v = self.qkv(x).split(C, dim=2)
+        q = q.view(B, T, self.n_head, self.d_head).transpose(1, 2)  # (B, nh, T, hs)
+        k = k.view(B, T, self.n_head, self.d_head).transpose(1, 2)  # (B, nh, T, hs)
+        v = v.view(B, T, self.n_head, self.d_head).transpose(1, 2)  # (B, nh, T, hs)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        if self.rotary is not None:
+            q, k = self.rotary(q), self.rotary(k)
+        return q, k, v
+
+    def _logits(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        att = (q @ k.transpose(-2, -1)) / math.sqrt(self.d_head)  # (B, nh, T, T)
+        if self.softcap is not None:
+            att = self.softcap * torch.tanh(att / self.softcap)
+        return att
+
+    def attention_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Pre-softmax logits (B, nh, T, T) after scaling and soft-cap, before the causal mask."""
+        q, k, _ = self._qkv(x)
+        return self._logits(q, k)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, C = x.shape
+        q, k, v = self._qkv(x)
+        p = self.dropout if self.training else 0.0
+        if self.softcap is None:
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)
+        else:  # the soft-cap acts on the logits, which SDPA does not expose
+            att = self._logits(q, k)
+            mask = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
+            att = att.masked_fill(~mask, float("-inf")).softmax(dim=-1)
+            y = F.dropout(att, p, self.training) @ v  # (B, nh, T, hs)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)
+        return self.resid_drop(self.proj(y))
+
+
+class MLP(nn.Module):
+    """d → d_mlp → activation → d."""
+
+    def __init__(self, cfg: GPTConfig) -> None:
+        super().__init__()
+        self.fc = nn.Linear(cfg.d_model, cfg.mlp_width, bias=cfg.bias)
+        self.act = ACTIVATIONS[cfg.activation]()
+        self.proj = nn.Linear(cfg.mlp_width, cfg.d_model, bias=cfg.bias)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.drop(self.proj(self.act(self.fc(x))))
+
+
+class Block(nn.Module):
+    """One block, three architectures (SPEC §2), β the residual-branch gain:
+
+    - ``pre``:  h = x + β·Attn(N₁(x));   out = h + β·MLP(N₂(h))
+    - ``post``: h = N₁(x + β·Attn(x));   out = N₂(h + β·MLP(h))
+    - ``op``:   h = x + β·Attn(N₁(x));   out = h + β·MLP(h), N₁ = identity except in the first
+      block when ``first_attn_norm``.
+    """
+
+    def __init__(self, cfg: GPTConfig, index: int) -> None:
+        super().__init__()
+        self.kind = cfg.block
+        d, aff, bias = cfg.d_model, cfg.norm_affine, cfg.bias
+        if cfg.block in ("pre", "post"):
+            self.attn_norm = make_norm(cfg.norm, d, aff, bias)
+            self.mlp_norm = make_norm(cfg.norm, d, aff, bias)
+        else:
+            first = index == 0 and cfg.first_attn_norm
+            self.attn_norm = make_norm(cfg.norm if first else "none", d, aff, bias)
+            self.mlp_norm = nn.Identity()
+        self.attn = CausalSelfAttention(cfg)
+        self.mlp = MLP(cfg)
+        if cfg.beta_trainable:
+            self.beta_attn = nn.Parameter(torch.tensor(cfg.beta_value))
+            self.beta_mlp = nn.Parameter(torch.tensor(cfg.beta_value))
+        else:
+            self.beta_attn = self.beta_mlp = cfg.beta_value
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, T, d) -> (B, T, d)
+        if self.kind == "post":
+            h = self.attn_norm(x + self.beta_attn * self.attn(x))
+            return self.mlp_norm(h + self.beta_mlp * self.mlp(h))
+        h = x + self.beta_attn * self.attn(self.attn_norm(x))
+        return h + self.beta_mlp * self.mlp(self.mlp_norm(h))
+
+    def extra_repr(self) -> str:
+        beta = self.beta_attn
+        return f"kind={self.kind!r}" + ("" if isinstance(beta, nn.Parameter) else f", beta={beta}")
+
+
+# -- the model ----------------------------------------------------------------------------------
+
+
+class GPT(nn.Module):
+    """Decoder-only language model: embeddings → blocks → final norm → (tied) unembedding."""
+
+    def __init__(self, cfg: GPTConfig) -> None:
+        super().__init__()
+        self.config = cfg
+        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.pos_emb = (
+            nn.Embedding(cfg.seq_len, cfg.d_model) if cfg.pos_encoding == "learned" else None
+        )
+        self.drop = nn.Dropout(cfg.dropout)
+        self.embed_out = nn.Identity()  # measurement point `embed.resid_post`
+        self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
+        self.final_norm = (
+            make_norm(cfg.norm, cfg.d_model, cfg.norm_affine, cfg.bias)
+            if cfg.final_norm
+            else nn.Identity()
+        )
+        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.apply(self._init_weights)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.tok_emb.weight
+
+    def _init_weights(self, module: nn.Module) -> None:
+        """SPEC §2: every weight matrix and embedding N(0, init_std²); biases zero."""
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=self.config.init_std)
+            if getattr(module, "bias", None) is not None:
+                nn.init.zeros_(module.bias)
+
+    def forward(
+        self, idx: torch.Tensor, targets: torch.Tensor | None = None
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """``idx`` (B, T) int64 → logits (B, T, vocab); with ``targets`` (B, T) also the mean
+        cross-entropy loss (positions with target -100 are ignored)."""
+        T = idx.size(1)
+        if self.pos_emb is not None and idx.size(1) > self.config.seq_len:
+            raise ValueError(f"sequence length {T} exceeds model.seq_len={self.config.seq_len}")
+        x = self.tok_emb(idx)  # (B, T, d)
+        if self.pos_emb is not None:
+            x = x + self.pos_emb(torch.arange(T, device=idx.device))  # (T, d) broadcast
+        x = self.embed_out(self.drop(x))
+        for block in self.blocks:
+            x = block(x)
+        logits = self.lm_head(self.final_norm(x))  # (B, T, vocab)
+        if targets is None:
+            return logits
+        loss = F.cross_entropy(
+            logits.float().view(-1, logits.size(-1)), targets.view(-1), ignore_index=-100
+        )
+        return logits, loss
+
+    # -- measurement ---------------------------------------------------------------------------
+
+    def residual_points(self) -> dict[str, nn.Module]:
+        """SPEC §1 "Where": the residual stream after the embeddings (positions and dropout
+        included) and after each block (before the final norm), in model order."""
+        points: dict[str, nn.Module] = OrderedDict([("embed.resid_post", self.embed_out)])
+        for i, block in enumerate(self.blocks):
+            points[f"blocks.{i}.resid_post"] = block
+        return points
+
+    # -- accounting ----------------------------------------------------------------------------
+
+    def num_params(self, non_embedding: bool = True) -> int:
+        """Parameters, each shared tensor counted once. ``non_embedding`` (nanoGPT's
+        convention) leaves out the position table and, when untied, the input token table: what
+        remains is every parameter used in a matmul (the tied table counts as the lm head)."""
+        n = sum(p.numel() for p in self.parameters())
+        if non_embedding:
+            if self.pos_emb is not None:
+                n -= self.pos_emb.weight.numel()
+            if not self.config.tie_embeddings:
+                n -= self.tok_emb.weight.numel()
+        return n
+
+    def flops_per_token(self, seq_len: int | None = None) -> int:
+        """Training FLOPs per token, forward + backward: 6·N + 12·L·d·T with N the
+        non-embedding parameters and T the context (PaLM appendix B, nanoGPT's MFU)."""
+        c = self.config
+        T = seq_len if seq_len is not None else c.seq_len
+        return 6 * self.num_params(non_embedding=True) + 12 * c.n_layer * c.d_model * T
+
+    def param_groups(self, weight_decay: float) -> list[dict[str, Any]]:
+        """Two optimizer groups: weight decay on the ≥2-D matmul weights only; none on norms,
+        biases, QK gains, β and embeddings (the tied lm head is the token embedding)."""
+        embeddings = {id(self.tok_emb.weight)}
+        if self.pos_emb is not None:
+            embeddings.add(id(self.pos_emb.weight))
+        decay, no_decay = [], []
+        for p in self.parameters():  # shared tensors appear once
+            if p.dim() >= 2 and id(p) not in embeddings:
+                decay.append(p)
+            else:
+                no_decay.append(p)
+        return [
+            {"params": decay, "weight_decay": weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ]
+
+    # -- save / load ---------------------------------------------------------------------------
+
+    def save(self, directory: str | os.PathLike) -> Path:
+        """Write ``model.safetensors`` and ``model_config.json`` (``{"format", "config",
+        "weights_sha256"}``) into ``directory``, each atomically (temp file + os.replace)."""
+        from safetensors.torch import save_model
+
+        out = Path(directory)
+        out.mkdir(parents=True, exist_ok=True)
+        tmp = out / f".{WEIGHTS_FILE}.tmp-{os.getpid()}"
+        save_model(self, str(tmp), metadata={"format": "pt"})
+        digest = _sha256(tmp)
+        os.replace(tmp, out / WEIGHTS_FILE)
+        meta = {"format": FORMAT, "config": self.config.to_dict(), "weights_sha256": digest}
+        tmp = out / f".{CONFIG_FILE}.tmp-{os.getpid()}"
+        tmp.write_text(json.dumps(meta, indent=2) + "\n")
+        os.replace(tmp, out / CONFIG_FILE)
+        return out
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike, map_location: str | torch.device = "cpu") -> GPT:
+        """Load a folder written by :meth:`save`; in eval mode. Raises ``ModelLoadError`` (one
+        line) on a missing file, a checksum mismatch, a corrupt file, missing or unexpected
+        tensors, or wrong shapes."""
+        from safetensors.torch import load_model
+
+        folder = Path(directory)
+        cfg_path, weights = folder / CONFIG_FILE, folder / WEIGHTS_FILE
+        for path in (cfg_path, weights):
+            if not path.is_file():
+                raise ModelLoadError(
+                    f"{path}: missing; a saved GPT folder has {CONFIG_FILE} and {WEIGHTS_FILE}"
+                )
+        try:
+            meta = json.loads(cfg_path.read_text())
+        except (OSError, ValueError) as exc:
+            raise ModelLoadError(f"{cfg_path}: not valid JSON ({_one_line(exc)})") from exc
+        if not isinstance(meta, dict) or meta.get("format") != FORMAT or "config" not in meta:
+            raise ModelLoadError(f"{cfg_path}: not an outlierlab GPT config (format {FORMAT!r})")
+        cfg = GPTConfig.from_dict(meta["config"])
+        expected = meta.get("weights_sha256")
+        if expected is not None and _sha256(weights) != expected:
+            raise ModelLoadError(f"{weights}: checksum does not match {CONFIG_FILE} (tampered?)")
+        model = cls(cfg)
+        try:
+            missing, unexpected = load_model(
+                model, str(weights), strict=False, device=str(map_location)
+            )
+        except Exception as exc:  # safetensors raises several types for corrupt files
+            raise ModelLoadError(f"{weights}: cannot load ({_one_line(exc)})") from exc
+        if missing or unexpected:
+            raise ModelLoadError(
+                f"{weights}: tensors do not match the config; missing {sorted(missing)[:5]}, "
+                f"unexpected {sorted(unexpected)[:5]}"
+            )
+        return model.to(map_location).eval()
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return text[:300] + ("…" if len(text) > 300 else "")
