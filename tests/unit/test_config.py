@@ -1,0 +1,102 @@
+"""RunConfig: presets, TOML files, dotted overrides, round trips, resume checks."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from outlierlab import config as C
+from outlierlab.errors import ConfigError
+
+
+def test_presets_load_and_validate():
+    assert {"tiny", "default", "gpt2-130m"} <= set(C.preset_names())
+    tiny = C.load("tiny")
+    assert (tiny.model.n_layer, tiny.model.d_model) == (2, 32)
+    big = C.load("gpt2-130m")
+    assert (big.model.n_layer, big.model.d_model, big.train.batch_size) == (12, 768, 128)
+    assert big.optim.betas == (0.9, 0.999) and big.optim.schedule == "linear"
+    assert C.load().model.d_model == 192  # `default` unless named
+
+
+def test_overrides_parse_by_field_type():
+    cfg = C.load("tiny", overrides=[
+        "model.n_layer=4", "optim.lr=1e-2", "optim.betas=0.8,0.9", "train.compile=true",
+        "model.logit_softcap=30", "model.d_mlp=none", "out=runs/x",
+    ])  # fmt: skip
+    assert cfg.model.n_layer == 4 and isinstance(cfg.model.n_layer, int)
+    assert cfg.optim.lr == 1e-2 and cfg.optim.betas == (0.8, 0.9)
+    assert cfg.train.compile is True and cfg.model.logit_softcap == 30.0
+    assert cfg.model.d_mlp is None and cfg.out == "runs/x"
+
+
+def test_model_preset_keeps_training_preset_sizes():
+    cfg = C.load("tiny", overrides=["model=op"])
+    assert cfg.model.block == "op" and cfg.model.qk_norm
+    assert (cfg.model.n_layer, cfg.model.d_model) == (2, 32)
+
+
+def test_switching_optimiser_takes_its_defaults():
+    soap = C.load("default", overrides=["optim.name=soap"]).optim
+    assert (soap.lr, soap.betas, soap.weight_decay, soap.precondition_frequency) == (
+        3e-3, (0.95, 0.95), 0.01, 10,
+    )  # fmt: skip  (SPEC §3 SOAP defaults, not the preset's AdamW betas)
+    assert C.load("default", overrides=["optim.name=soap", "optim.lr=1e-2"]).optim.lr == 1e-2
+    sgd = C.load("default", overrides=["optim.name=sgd"]).optim
+    assert sgd.betas is None and sgd.eps is None and sgd.momentum == 0.9  # unused → unset
+
+
+@pytest.mark.parametrize(
+    ("override", "needle"),
+    [
+        ("optim.name=foo", "adafactor, adamw, muon, sgd, shampoo, soap"),
+        ("model.n_head=7", "n_head"),
+        ("train.steps=-1", "train.steps"),
+        ("model.heads=7", "did you mean model.n_head"),
+        ("optimizer.lr=1", "did you mean"),
+        ("optim.lr=fast", "optim.lr"),
+        ("train.steps=2.5", "integer"),
+        ("optim.schedule=sawtooth", "cosine, linear, wsd, constant"),
+        ("noequals", "field=value"),
+    ],
+)
+def test_bad_overrides_raise_one_line(override, needle):
+    with pytest.raises(ConfigError) as exc:
+        C.load("tiny", overrides=[override])
+    msg = str(exc.value)
+    assert needle in msg and "\n" not in msg
+
+
+def test_toml_file_on_top_of_preset(tmp_path):
+    f = tmp_path / "run.toml"
+    f.write_text('preset = "tiny"\nout = "runs/t"\n[model]\npreset = "op"\nn_layer = 3\n'
+                 '[optim]\nname = "muon"\n')
+    cfg = C.load(config_file=f)
+    assert cfg.model.block == "op" and cfg.model.n_layer == 3 and cfg.model.d_model == 32
+    assert cfg.optim.name == "muon" and cfg.optim.aux_lr == 3e-4 and cfg.out == "runs/t"
+    f.write_text("[train]\nstepz = 3\n")
+    with pytest.raises(ConfigError, match=r"did you mean train\.steps"):
+        C.load(config_file=f)
+
+
+def test_round_trip_and_toml_dump(tmp_path):
+    cfg = C.load("tiny", overrides=["model=op", "optim.name=soap"])
+    d = json.loads(json.dumps(cfg.to_dict()))
+    assert C.RunConfig.from_dict(d) == cfg
+    f = tmp_path / "dump.toml"
+    f.write_text(cfg.to_toml())
+    assert C.load(config_file=f) == cfg
+
+
+def test_maths_fields_and_resume_config(tmp_path):
+    a = C.load("tiny")
+    ok = C.load("tiny", overrides=["train.steps=999", "train.log_every=3", "out=elsewhere"])
+    assert C.changed_maths_fields(a, ok) == []
+    bad = C.load("tiny", overrides=["optim.eps=1e-6", "train.steps=999"])
+    assert C.changed_maths_fields(a, bad) == ["optim.eps"]
+    (tmp_path / "config.json").write_text(json.dumps(a.to_dict()))
+    r = C.resume_config(tmp_path, ["train.steps=500"])
+    assert r.train.steps == 500 and r.out == str(tmp_path) and r.model == a.model
+    with pytest.raises(ConfigError, match="model= cannot change"):
+        C.resume_config(tmp_path, ["model=op"])
