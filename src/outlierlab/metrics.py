@@ -99,7 +99,7 @@ def max_median_ratio(x: torch.Tensor) -> float:
     return float(r.mean()) if r.numel() else math.nan
 
 
-def _subsample(r: torch.Tensor, max_tokens: int | None, seed: int) -> torch.Tensor:
+def subsample_tokens(r: torch.Tensor, max_tokens: int | None, seed: int) -> torch.Tensor:
     """A seeded random subset of at most ``max_tokens`` rows (all rows when fewer)."""
     n = r.shape[0]
     if max_tokens is None or n <= max_tokens:
@@ -109,28 +109,29 @@ def _subsample(r: torch.Tensor, max_tokens: int | None, seed: int) -> torch.Tens
     return r.index_select(0, idx)
 
 
-def _mean_offdiag_cos(r: torch.Tensor) -> float:
-    """Mean of cos(x_α, x_β) over α ≠ β, in O(n d): with unit rows u_α,
-    ``Σ_{α≠β} u_α·u_β = |Σ_α u_α|² − Σ_α |u_α|²`` (zero rows count as cosine 0)."""
+def offdiag_cosine(r: torch.Tensor) -> torch.Tensor:
+    """Mean of cos(x_α, x_β) over α ≠ β of the rows of ``r`` (n, d), as a float64 0-d tensor
+    (no host sync), in O(n d): with unit rows u_α, ``Σ_{α≠β} u_α·u_β = |Σ_α u_α|² − Σ_α |u_α|²``
+    (zero rows count as cosine 0). NaN for fewer than 2 rows."""
     n = r.shape[0]
     if n < 2:
-        return math.nan
+        return torch.tensor(math.nan, dtype=torch.float64, device=r.device)
     u = torch.nn.functional.normalize(r.double(), dim=1)
     off = u.sum(0).square().sum() - u.square().sum()
-    return float(off / (n * (n - 1)))
+    return off / (n * (n - 1))
 
 
 def token_cosine_similarity(x: torch.Tensor, max_tokens: int | None = 1024, seed: int = 0) -> float:
     """Mean off-diagonal cosine similarity between token representations (SPEC §1 signal
     propagation: the normalised input-wise Gram X Xᵀ/d), on a seeded subsample of at most
     ``max_tokens`` tokens. High means near rank collapse."""
-    return _mean_offdiag_cos(_subsample(_rows(x), max_tokens, seed))
+    return float(offdiag_cosine(subsample_tokens(_rows(x), max_tokens, seed)))
 
 
 def feature_correlation_rms(x: torch.Tensor, max_tokens: int | None = 1024, seed: int = 0) -> float:
     """RMS of the off-diagonal entries of the feature Gram Σ_F = XᵀX/n normalised to unit
     diagonal (uncentred correlations; SPEC §1), on a seeded subsample of ≤ ``max_tokens`` tokens."""
-    r = _subsample(_rows(x), max_tokens, seed)
+    r = subsample_tokens(_rows(x), max_tokens, seed)
     d = r.shape[1]
     if d < 2:
         return math.nan
@@ -233,7 +234,7 @@ class StatsAccumulator:
         self.sum_sq_centred.add_((r64 - mu).square().sum(0))
         sc[0] += r.shape[0]
         if r.shape[0]:
-            rm = _subsample(r, mmr_max_tokens, seed)
+            rm = subsample_tokens(r, mmr_max_tokens, seed)
             sc[1] += token_mmr(rm).sum()
             sc[2] += rm.shape[0]
             sc[3] += _token_excess_kurtosis(r64).sum()

@@ -1,0 +1,320 @@
+"""``OutlierMonitor``: outlier-feature metrics (SPEC §1) of any ``nn.Module`` via forward hooks.
+
+    with OutlierMonitor(model) as mon:          # residual stream, found automatically
+        model(batch)
+    mon.results()   # {"embed.resid_post": {"kurtosis": ..., "mmr": ..., ...}, ...}
+
+Points: ``"auto"`` uses ``model.residual_points()`` (outlierlab's GPT, or any model that defines
+it) or the Hugging Face families :mod:`outlierlab.hf` knows; otherwise glob patterns over point
+names and module names (``["blocks.*.resid_post"]``, ``["transformer.h.*.mlp"]``).
+
+Per measured forward and point the hook (under ``no_grad``, on a detached tensor, no ``.item()``)
+adds to a :class:`~outlierlab.metrics.StatsAccumulator`: per-neuron Σx² over all non-padding
+tokens (Eq. 1, exact for any number of forwards), Eq. 2 on a seeded subsample of at most
+``mmr_max_tokens`` tokens (``None``: all, exact), and the mean off-diagonal token cosine
+similarity on a seeded subsample of at most ``cos_max_tokens`` tokens; ``cos_sim`` is the mean
+of that value over measured forwards. Nothing else is kept: no activations, no graphs.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import inspect
+import json
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from outlierlab import metrics as M
+from outlierlab.errors import ConfigError
+
+
+class _Point:
+    __slots__ = ("kind", "module", "name")
+
+    def __init__(self, name: str, module: nn.Module, kind: str = "output"):
+        self.name, self.module, self.kind = name, module, kind
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    """The model inside DDP / FSDP (``.module``) or ``torch.compile`` (``._orig_mod``)."""
+    for attr in ("_orig_mod", "module"):
+        inner = getattr(model, attr, None)
+        if isinstance(inner, nn.Module):
+            return _unwrap(inner)
+    return model
+
+
+def auto_points(model: nn.Module) -> list[_Point] | None:
+    """Residual-stream points of ``model``: its ``residual_points()``, else a known HF family."""
+    inner = _unwrap(model)
+    rp = getattr(inner, "residual_points", None)
+    if callable(rp):
+        return [_Point(n, m) for n, m in rp().items()]
+    if any(c.__module__.startswith("transformers.") for c in type(inner).__mro__):
+        from outlierlab import hf
+
+        found = hf.points(inner)
+        if found:
+            return [_Point(p.name, p.module, p.kind) for p in found]
+    return None
+
+
+def resolve_points(model: nn.Module, points: str | Sequence[str] = "auto") -> list[_Point]:
+    """``"auto"`` or glob patterns → ordered measurement points (see the module docstring)."""
+    auto = auto_points(model)
+    if isinstance(points, str) and points == "auto":
+        if auto is None:
+            names = [n for n, _ in model.named_modules() if n][:3]
+            raise ConfigError(
+                f"no residual points known for {type(_unwrap(model)).__name__}; pass module-name "
+                f"globs as points (e.g. {', '.join(names) or 'layers.*'})"
+            )
+        return auto
+    globs = [points] if isinstance(points, str) else list(points)
+    if not globs or not all(isinstance(g, str) and g for g in globs):
+        raise ConfigError(f"points must be 'auto' or a list of glob patterns, got {points!r}")
+
+    def hit(name: str) -> bool:
+        return any(fnmatch.fnmatchcase(name, g) for g in globs)
+
+    chosen = [p for p in auto or [] if hit(p.name)]
+    chosen += [_Point(n, m) for n, m in model.named_modules() if n and hit(n)]
+    if not chosen:
+        names = [p.name for p in auto or []][:2] + [n for n, _ in model.named_modules() if n][:3]
+        raise ConfigError(
+            f"points {' '.join(globs)} match nothing in {type(_unwrap(model)).__name__}; "
+            f"names look like {', '.join(names)}"
+        )
+    return chosen
+
+
+def _first_tensor(out: Any) -> torch.Tensor | None:
+    """The hidden states in a module output: a tensor, element 0 of a tuple/list, the first
+    tensor of a mapping (HF ``ModelOutput``) or of a dataclass."""
+    if isinstance(out, torch.Tensor):
+        return out
+    if isinstance(out, (tuple, list)):
+        return _first_tensor(out[0]) if out else None
+    if isinstance(out, dict):
+        return next((v for v in out.values() if isinstance(v, torch.Tensor)), None)
+    fields = getattr(out, "__dataclass_fields__", None)
+    if fields:
+        return next(
+            (v for f in fields if isinstance(v := getattr(out, f, None), torch.Tensor)), None
+        )
+    return None
+
+
+class OutlierMonitor:
+    """Forward hooks that stream SPEC §1 metrics of chosen points (ARCHITECTURE.md contract).
+
+    ``every=k`` measures forward calls 0, k, 2k, … of the root module (the rest cost an integer
+    check); ``enabled`` switches measuring off altogether. Padding is excluded with
+    :meth:`set_mask` or the root's ``attention_mask`` argument (1 = keep).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        points: str | Sequence[str] = "auto",
+        every: int = 1,
+        cos_max_tokens: int | None = 1024,
+        seed: int = 0,
+        mmr_max_tokens: int | None = 256,
+        k: float = M.OUTLIER_K,
+    ):
+        if not isinstance(every, int) or every < 1:
+            raise ConfigError(f"every={every!r} is not allowed; allowed: an integer ≥ 1")
+        for key, v in (("cos_max_tokens", cos_max_tokens), ("mmr_max_tokens", mmr_max_tokens)):
+            if v is not None and (not isinstance(v, int) or v < 2):
+                raise ConfigError(f"{key}={v!r} is not allowed; allowed: an integer ≥ 2 or None")
+        self.model, self.every, self.seed, self.k = model, every, seed, k
+        self.cos_max_tokens, self.mmr_max_tokens = cos_max_tokens, mmr_max_tokens
+        self.points = resolve_points(model, points)
+        self.enabled = True
+        self._acc: dict[str, M.StatsAccumulator] = {}
+        self._handles: list[Any] = []
+        self._calls = 0  # forward calls of the root
+        self._measured = 0  # measured forward calls (seeds the subsamples)
+        self._active = False
+        self._mask: torch.Tensor | None = None
+        self._fwd_mask: torch.Tensor | None = None
+        self._mask_pos = self._attention_mask_position(model)
+
+    @staticmethod
+    def _attention_mask_position(model: nn.Module) -> int | None:
+        try:
+            params = list(inspect.signature(model.forward).parameters)
+        except (TypeError, ValueError):
+            return None
+        return params.index("attention_mask") if "attention_mask" in params else None
+
+    # -- context manager ----------------------------------------------------------------------
+
+    def __enter__(self) -> OutlierMonitor:
+        if self._handles:
+            return self
+        try:
+            self._handles.append(
+                self.model.register_forward_pre_hook(self._root_pre, with_kwargs=True)
+            )
+            self._handles.append(
+                self.model.register_forward_hook(self._root_post, always_call=True)
+            )
+            for p in self.points:
+                if p.kind == "input":
+                    h = p.module.register_forward_pre_hook(
+                        self._input_hook(p.name), with_kwargs=True
+                    )
+                else:
+                    h = p.module.register_forward_hook(self._output_hook(p.name))
+                self._handles.append(h)
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Remove every hook this monitor added (statistics are kept)."""
+        while self._handles:
+            self._handles.pop().remove()
+        self._active = False
+        self._fwd_mask = None
+
+    # -- hooks --------------------------------------------------------------------------------
+
+    def _root_pre(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        if self._active:  # re-entrant call of the root: part of the measured forward
+            return
+        call, self._calls = self._calls, self._calls + 1
+        if not self.enabled or call % self.every:
+            return
+        self._active = True
+        mask = kwargs.get("attention_mask")
+        if mask is None and self._mask_pos is not None and len(args) > self._mask_pos:
+            mask = args[self._mask_pos]
+        self._fwd_mask = mask if isinstance(mask, torch.Tensor) else None
+
+    def _root_post(self, module: nn.Module, args: tuple, out: Any) -> None:
+        if self._active:
+            self._measured += 1
+        self._active = False
+        self._fwd_mask = None
+
+    def _output_hook(self, name: str):
+        def hook(module: nn.Module, args: tuple, out: Any) -> None:
+            if self._active:
+                self._record(name, _first_tensor(out))
+
+        return hook
+
+    def _input_hook(self, name: str):
+        def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            if self._active:
+                x = args[0] if args else kwargs.get("hidden_states")
+                self._record(name, _first_tensor(x))
+
+        return hook
+
+    def _record(self, name: str, x: torch.Tensor | None) -> None:
+        if x is None or not x.is_floating_point() or x.dim() < 2:
+            return
+        with torch.no_grad():
+            x = x.detach()
+            d = x.shape[-1]
+            rows = x.reshape(-1, d)
+            mask = self._fwd_mask if self._fwd_mask is not None else self._mask
+            if mask is not None:
+                if tuple(mask.shape) != tuple(x.shape[:-1]):
+                    raise ConfigError(
+                        f"mask of shape {tuple(mask.shape)} does not fit point {name} with "
+                        f"activations {tuple(x.shape)}; allowed: shape {tuple(x.shape[:-1])}"
+                    )
+                rows = rows[mask.reshape(-1).to(device=rows.device, dtype=torch.bool)]
+            acc = self._acc.get(name)
+            if acc is None:
+                acc = self._acc[name] = M.StatsAccumulator(d, device=x.device)
+            seed = self.seed + self._measured
+            acc.update(rows, mmr_max_tokens=self.mmr_max_tokens, seed=seed)
+            acc.add_cos(M.offdiag_cosine(M.subsample_tokens(rows, self.cos_max_tokens, seed)))
+
+    # -- control ------------------------------------------------------------------------------
+
+    def set_mask(self, mask: torch.Tensor | None) -> None:
+        """Use ``mask`` (leading shape of the activations, true/1 = real token) for the next
+        forwards until changed; ``None`` removes it. An ``attention_mask`` argument of the
+        root's forward takes precedence for its own call."""
+        self._mask = mask
+
+    def reset(self) -> None:
+        """Forget all statistics (hooks stay)."""
+        self._acc.clear()
+
+    # -- results ------------------------------------------------------------------------------
+
+    def results(self, all_reduce: bool = False) -> dict[str, dict]:
+        """Point name → metrics (``kurtosis``, ``kurtosis_centred``, ``mmr``, ``cos_sim``,
+        ``token_excess_kurtosis``, ``share_above_6``, ``outlier_neurons``, ``tokens``), in model
+        order; only points measured so far. ``all_reduce`` sums over ``torch.distributed`` ranks
+        (every rank must call it)."""
+        out: dict[str, dict] = {}
+        for p in self.points:
+            acc = self._acc.get(p.name)
+            if acc is None:
+                continue
+            if all_reduce:
+                acc = acc.copy().all_reduce()
+            out[p.name] = acc.result(self.k)
+        return out
+
+    def summary(self, results: dict[str, dict] | None = None) -> dict[str, float]:
+        """``kurtosis_mean``, ``kurtosis_max``, ``mmr_mean``, ``cos_sim_mean`` over the points
+        (NaN values skipped; NaN when nothing was measured)."""
+        res = self.results() if results is None else results
+
+        def vals(key: str) -> list[float]:
+            return [v[key] for v in res.values() if math.isfinite(v[key])]
+
+        def mean(xs: list[float]) -> float:
+            return sum(xs) / len(xs) if xs else math.nan
+
+        kurt = vals("kurtosis")
+        return {
+            "kurtosis_mean": mean(kurt),
+            "kurtosis_max": max(kurt) if kurt else math.nan,
+            "mmr_mean": mean(vals("mmr")),
+            "cos_sim_mean": mean(vals("cos_sim")),
+        }
+
+    def to_dict(self) -> dict:
+        """``{"tokens", "points": [{"name", ...metrics}], "summary"}``, JSON-safe (NaN → None)."""
+        res = self.results()
+        tokens = max((v["tokens"] for v in res.values()), default=0)
+        return _json_safe(
+            {
+                "tokens": tokens,
+                "points": [{"name": n, **v} for n, v in res.items()],
+                "summary": self.summary(res),
+            }
+        )
+
+    def to_json(self, indent: int | None = 2) -> str:
+        """:meth:`to_dict` as a JSON string."""
+        return json.dumps(self.to_dict(), indent=indent)
+
+
+def _json_safe(obj: Any) -> Any:
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_json_safe(v) for v in obj]
+    return obj
