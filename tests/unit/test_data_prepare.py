@@ -107,3 +107,47 @@ def test_stdlib_bytes(cache_dir):
     assert len(data.val) == fp["val_bytes"] + fp["val_files"]
     assert 0.01 < fp["val_bytes"] / fp["bytes"] < 0.15
     assert not prepare(DataConfig()).built
+
+
+def _docs(tok, arr):
+    arr = np.asarray(arr)
+    cuts = np.flatnonzero(arr == tok.eot_id)
+    starts = np.concatenate([[0], cuts[:-1] + 1])
+    return [tok.decode(arr[s:e]) for s, e in zip(starts, cuts)]
+
+
+def test_bpe_trained_on_train_split_saved_and_reused(tmp_path, cache_dir):
+    src = make_corpus(tmp_path / "src", n=60)
+    cfg = DataConfig(source=str(src), tokenizer="bpe", vocab_size=300, val_fraction=0.2)
+    data = prepare(cfg)
+    assert data.built and data.tokenizer.vocab_size == 300 and data.tokenizer.name == "bpe-300"
+    assert data.fingerprint["tokenizer"] == "bpe-300-v1"
+    tok_file = data.path / "tokenizer.json"
+    assert tok_file.is_file()
+    mtime = tok_file.stat().st_mtime_ns
+    texts = {p.read_text() for p in src.iterdir()}
+    train, val = _docs(data.tokenizer, data.train), _docs(data.tokenizer, data.val)
+    assert set(train) | set(val) == texts and not set(train) & set(val)
+    assert len(data.train) < 0.7 * data.fingerprint["train_bytes"]
+    again = prepare(cfg)
+    assert not again.built and tok_file.stat().st_mtime_ns == mtime
+    assert np.array_equal(again.train, data.train)
+    assert again.tokenizer.encode("def f1(x):") == data.tokenizer.encode("def f1(x):")
+    # other vocab size → other cache folder, other tokenizer
+    other = prepare(DataConfig(source=str(src), tokenizer="bpe", vocab_size=280))
+    assert other.key != data.key and other.tokenizer.vocab_size == 280
+
+
+def test_user_tokenizer_json(tmp_path, cache_dir):
+    src = make_corpus(tmp_path / "src")
+    trained = prepare(DataConfig(source=str(src), tokenizer="bpe", vocab_size=290))
+    user_file = trained.tokenizer.save(tmp_path / "mine")
+    data = prepare(DataConfig(source=str(src), tokenizer=str(user_file)))
+    assert data.built and data.key != trained.key
+    assert data.fingerprint["tokenizer"].startswith("file-")
+    assert np.array_equal(data.train, trained.train)  # the same tokenizer gives the same tokens
+    assert (data.path / "tokenizer.json").read_text() == user_file.read_text()
+    bad = tmp_path / "bad.json"
+    bad.write_text("[]")
+    with pytest.raises(DataError, match=r"bad\.json does not parse"):
+        prepare(DataConfig(source=str(src), tokenizer=str(bad)))

@@ -144,9 +144,13 @@ def _get_tokenizer(cfg: DataConfig, folder: Path, train: list[Document], progres
         path = folder / TOKENIZER_FILE
         name = f"bpe-{cfg.vocab_size}"
         if path.is_file():
-            tok = load_tokenizer_file(path)
-            tok.name = name
-            return tok
+            try:
+                tok = load_tokenizer_file(path)
+            except DataError:  # a damaged cache file: train again
+                pass
+            else:
+                tok.name = name
+                return tok
         task = progress.add_task(f"training BPE (vocab {cfg.vocab_size})", total=None)
         tok = train_bpe((d.text for d in train), cfg.vocab_size, length=len(train))
         progress.remove_task(task)
