@@ -151,3 +151,23 @@ def test_user_tokenizer_json(tmp_path, cache_dir):
     bad.write_text("[]")
     with pytest.raises(DataError, match=r"bad\.json does not parse"):
         prepare(DataConfig(source=str(src), tokenizer=str(bad)))
+
+
+def test_concurrent_prepares_build_once(tmp_path, cache_dir):
+    from concurrent.futures import ThreadPoolExecutor
+
+    src = make_corpus(tmp_path / "src")
+    cfg = DataConfig(source=str(src))
+    with ThreadPoolExecutor(3) as pool:
+        results = list(pool.map(lambda _: prepare(cfg, progress=False), range(3)))
+    assert sorted(r.built for r in results) == [False, False, True]
+    assert all(np.array_equal(r.train, results[0].train) for r in results)
+
+
+def test_reading_data_config_does_not_import_torch():
+    import subprocess
+    import sys
+
+    code = "import sys; from outlierlab.data import DataConfig; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.stdout.strip() == "False", out.stderr
