@@ -1,0 +1,36 @@
+"""``outlierlab report RUN_DIRS... --out DIR``: figures, the results table and the paper's
+claims (SPEC §5) as one self-contained HTML page and Markdown."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "report", help="HTML + Markdown report (figures, table, claims) of run folders",
+        description=__doc__.splitlines()[0])
+    p.add_argument("runs", nargs="+", metavar="RUN_DIR",
+                   help="run folders, or a sweep folder holding them")
+    p.add_argument("--out", required=True, metavar="DIR", help="where the report goes")
+    p.add_argument("--title", default="", help="page title")
+    p.add_argument("--loss-tol", type=float, default=0.05,
+                   help="relative val-loss gap still counted as 'matched loss' (default 0.05)")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from outlierlab.experiments.report import write_report
+    from outlierlab.experiments.results import find_runs
+
+    runs = find_runs(args.runs)
+    rep = write_report(runs, args.out, title=args.title, loss_tol=args.loss_tol,
+                       command="outlierlab report " + " ".join(args.runs))
+    print_claims(rep)
+    return 0
+
+
+def print_claims(rep) -> None:
+    for c in rep.claims:
+        print(f"{c.verdict:>12}  {c.statement}  {c.summary}")
+    print(f"report: {rep.html}\n        {rep.markdown}")

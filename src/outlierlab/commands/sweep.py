@@ -1,0 +1,52 @@
+"""``outlierlab sweep GRID.toml|PRESET [--workers N] [--dry-run] [--out DIR]``: train every
+point of a grid (each an ordinary ``outlierlab train`` run), then quantise the finished ones."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "sweep", help="train and quantise every point of a grid (a .toml file or a preset)",
+        description=__doc__.splitlines()[0])
+    add_sweep_args(p)
+    p.add_argument("grid", metavar="GRID", help="a grid .toml file, or a preset: quick, cpu, "
+                   "gpu-130m (outlierlab/presets/sweeps)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the exact commands (one line per run) and run nothing")
+    p.set_defaults(func=run)
+
+
+def add_sweep_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", metavar="DIR", help="sweep folder (default: runs/<grid name>)")
+    p.add_argument("--workers", type=int, default=1, metavar="N",
+                   help="runs at once on this machine; each gets cores/N threads (default 1)")
+    p.add_argument("--no-quantize", action="store_true", help="train only")
+
+
+def run(args: argparse.Namespace) -> int:
+    from outlierlab.experiments.grid import load_grid
+    from outlierlab.experiments.sweep import dry_run_lines, run_sweep
+
+    grid = load_grid(args.grid)
+    out = Path(args.out or Path("runs") / grid.name)
+    if args.dry_run:
+        for line in dry_run_lines(grid, out, "python", quantize=not args.no_quantize):
+            print(line)
+        return 0
+    print(f"sweep {grid.name}: {len(grid.points)} runs into {out}, {args.workers} worker(s)")
+    summary = run_sweep(grid, out, workers=args.workers, quantize=not args.no_quantize)
+    return report_summary(summary)
+
+
+def report_summary(summary) -> int:
+    """Print the sweep's outcome; exit 1 if a run crashed or a quantisation failed."""
+    print(f"sweep done in {summary.wall_s:.0f} s: {len(summary.trained)} trained, "
+          f"{len(summary.outcomes) - len(summary.trained)} already there; "
+          f"manifest {summary.out / 'sweep.json'}")
+    for o in summary.failed:
+        what = o.message or f"quantize failed: {', '.join(o.quant_failed)}"
+        print(f"  {o.name}: {o.status}: {what}")
+    return 0 if summary.ok else 1

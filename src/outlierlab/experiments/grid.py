@@ -1,0 +1,263 @@
+"""Sweep grids: a TOML file that expands to a list of ``outlierlab train`` runs.
+
+```toml
+name = "quick"                   # default output folder name (runs/<name>)
+preset = "tiny"                  # optional training preset: `outlierlab train --preset tiny`
+[base]                           # overrides every run gets
+"train.steps" = 400
+[grid]                           # cartesian product; a list holds the alternatives
+model = ["pre-ln", "op"]
+"optim.name" = ["adamw", "soap"]
+[[include]]                      # extra points (a sub-grid: lists are alternatives again)
+model = "post-ln"
+[[exclude]]                      # drop every point matching all of these
+model = "op"
+"optim.name" = "adamw"
+[quant]
+schemes = ["w8a8-tensor", "w8a8-dynamic"]
+```
+
+Keys are the dotted override names of ``outlierlab train``; quote them (``"optim.lr"``) or
+nest tables, both work. A list-valued field is given as a list of lists in ``[grid]``.
+Points with the same effective overrides are trained once. Each point's run folder is named
+from the values of the *declared* keys (those in ``[grid]`` and ``[[include]]``), in the order
+they first appear (seeds last), e.g. ``op-soap-lr1e-2-seed0``; the name does not depend on
+which other points exist, so adding values to an axis never renames finished runs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import re
+import sys
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from outlierlab.errors import ConfigError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+DEFAULT_SCHEMES: tuple[str, ...] = ("w8a8-tensor", "w8a8-dynamic")
+TOP_KEYS = {"name", "description", "preset", "base", "grid", "include", "exclude", "quant"}
+# Name parts: the value alone for these keys (their values are self-describing names) ...
+VALUE_ONLY = {"model", "optim.name", "model.block", "model.norm", "model.activation",
+              "data.tokenizer", "data.source", "optim.schedule"}
+# ... and a short prefix for these (the last dotted component otherwise).
+ABBREV = {"n_layer": "L", "d_model": "d", "n_head": "h", "weight_decay": "wd",
+          "batch_size": "bs", "seq_len": "T", "steps": "steps", "warmup": "wu"}
+MAX_NAME = 96
+
+
+@dataclass(frozen=True)
+class GridPoint:
+    """One run of a sweep: its folder name and its ``field=value`` overrides."""
+
+    name: str
+    overrides: dict[str, Any]
+
+    def args(self) -> list[str]:
+        """The overrides as ``outlierlab train`` arguments, e.g. ``["optim.lr=0.01"]``."""
+        return [f"{k}={format_value(v)}" for k, v in self.overrides.items()]
+
+
+@dataclass
+class Grid:
+    """A parsed sweep file (see the module docstring)."""
+
+    name: str
+    points: list[GridPoint]
+    preset: str | None = None
+    schemes: tuple[str, ...] = DEFAULT_SCHEMES
+    description: str = ""
+    base: dict[str, Any] = field(default_factory=dict)
+    source: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "description": self.description, "preset": self.preset,
+                "schemes": list(self.schemes), "base": self.base, "source": self.source,
+                "points": [{"name": p.name, "overrides": p.overrides} for p in self.points]}
+
+
+def format_value(v: Any) -> str:
+    """A value as the train CLI reads it: true/false, numbers as Python prints them, lists
+    as JSON."""
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (list, tuple, dict)):
+        return json.dumps(v, separators=(",", ":"))
+    return str(v)
+
+
+def short_number(v: float | int) -> str:
+    """Compact, exact-enough number for a folder name: 0.01 → 1e-2, 3e-4 → 3e-4, 0.5 → 0.5."""
+    if isinstance(v, int):
+        return str(v)
+    g = f"{v:.6g}"
+    if "e" not in g and (v == 0 or abs(v) >= 0.1):
+        return g
+    mant, exp = f"{v:.6e}".split("e")
+    mant = mant.rstrip("0").rstrip(".")
+    return f"{mant}e{int(exp)}"
+
+
+def _part(key: str, value: Any) -> str:
+    if isinstance(value, bool):
+        last = key.rsplit(".", 1)[-1]
+        return last if value else f"no-{last}"
+    if isinstance(value, str) and key in VALUE_ONLY:
+        return value
+    last = key.rsplit(".", 1)[-1]
+    prefix = ABBREV.get(last, last)
+    if isinstance(value, (int, float)):
+        return f"{prefix}{short_number(value)}"
+    if isinstance(value, (list, tuple)):
+        return prefix + "_".join(short_number(x) if isinstance(x, (int, float)) and
+                                 not isinstance(x, bool) else str(x) for x in value)
+    return f"{prefix}{value}"
+
+
+def _safe(name: str) -> str:
+    name = re.sub(r"[^A-Za-z0-9._+-]+", "_", name).strip("._-")
+    return name or "run"
+
+
+def point_name(overrides: dict[str, Any], keys: list[str]) -> str:
+    """Folder name of a point: the values of ``keys`` it sets, joined by ``-``."""
+    parts = [_part(k, overrides[k]) for k in keys if k in overrides]
+    return _safe("-".join(parts)) if parts else "base"
+
+
+def _digest(overrides: dict[str, Any]) -> str:
+    blob = json.dumps(overrides, sort_keys=True, default=str).encode()
+    return hashlib.sha1(blob).hexdigest()[:6]
+
+
+def _flatten(table: dict[str, Any], where: str, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in table.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flatten(v, where, key + "."))
+        else:
+            if key in out:
+                raise ConfigError(f"{where}: key {key!r} given twice; allowed: each key once")
+            out[key] = v
+    return out
+
+
+def _alternatives(table: dict[str, Any], where: str) -> dict[str, list[Any]]:
+    out = {}
+    for k, v in _flatten(table, where).items():
+        vals = list(v) if isinstance(v, list) else [v]
+        if not vals:
+            raise ConfigError(f"{where}.{k} is an empty list; allowed: at least one value")
+        out[k] = vals
+    return out
+
+
+def _product(axes: dict[str, list[Any]]) -> list[dict[str, Any]]:
+    keys = list(axes)
+    return [dict(zip(keys, combo)) for combo in itertools.product(*(axes[k] for k in keys))]
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)) and not (
+        isinstance(a, bool) or isinstance(b, bool)
+    ):
+        return float(a) == float(b)
+    return a == b
+
+
+def parse_grid(data: dict[str, Any], *, default_name: str = "sweep", source: str = "") -> Grid:
+    """Expand a parsed TOML document into a :class:`Grid` (see the module docstring)."""
+    unknown = set(data) - TOP_KEYS
+    if unknown:
+        raise ConfigError(f"{source or 'grid'}: unknown key {sorted(unknown)[0]!r}; "
+                          f"allowed: {', '.join(sorted(TOP_KEYS))}")
+    for key in ("base", "grid", "quant"):
+        if key in data and not isinstance(data[key], dict):
+            raise ConfigError(f"{source or 'grid'}: [{key}] must be a table")
+    for key in ("include", "exclude"):
+        if key in data and not (isinstance(data[key], list)
+                                and all(isinstance(t, dict) for t in data[key])):
+            raise ConfigError(f"{source or 'grid'}: {key} must be an array of tables [[{key}]]")
+    base = _flatten(data.get("base", {}), "base")
+    axes = _alternatives(data.get("grid", {}), "grid")
+    includes = [_alternatives(t, f"include[{i}]") for i, t in enumerate(data.get("include", []))]
+    excludes = [_alternatives(t, f"exclude[{i}]") for i, t in enumerate(data.get("exclude", []))]
+    if "out" in base or "out" in axes or any("out" in t for t in includes):
+        raise ConfigError("grid: 'out' is set by the sweep for each run; remove it")
+
+    keys: list[str] = []
+    for table in [axes, *includes]:
+        keys += [k for k in table if k not in keys]
+    keys.sort(key=lambda k: k.rsplit(".", 1)[-1] == "seed")  # seeds last, else as declared
+
+    raw = (_product(axes) if axes or not includes else []) + [
+        p for t in includes for p in _product(t)]
+    points: list[GridPoint] = []
+    seen: dict[str, str] = {}
+    used: set[str] = set()
+    for specific in raw:
+        eff = {**base, **specific}
+        if any(all(any(_same(eff.get(k, object()), v) for v in vals) for k, vals in ex.items())
+               for ex in excludes):
+            continue
+        ident = json.dumps(eff, sort_keys=True, default=str)
+        if ident in seen:
+            continue
+        name = point_name(eff, keys)
+        if len(name) > MAX_NAME or name in used:
+            name = f"{name[:MAX_NAME - 7]}-{_digest(eff)}"
+        seen[ident] = name
+        used.add(name)
+        points.append(GridPoint(name=name, overrides=eff))
+    if not points:
+        raise ConfigError(f"{source or 'grid'}: no runs left after [[exclude]]; allowed: ≥ 1 run")
+
+    quant = dict(data.get("quant", {}))
+    schemes = quant.pop("schemes", list(DEFAULT_SCHEMES))
+    if quant:
+        raise ConfigError(f"grid: unknown key quant.{sorted(quant)[0]}; allowed: quant.schemes")
+    if not isinstance(schemes, list) or not all(isinstance(s, str) for s in schemes):
+        raise ConfigError("grid: quant.schemes must be a list of scheme names (may be empty)")
+    preset = data.get("preset")
+    if preset is not None and not isinstance(preset, str):
+        raise ConfigError("grid: preset must be a training preset name (a string)")
+    return Grid(name=_safe(str(data.get("name", default_name))), points=points, preset=preset,
+                schemes=tuple(schemes), description=str(data.get("description", "")),
+                base=base, source=source)
+
+
+def sweep_presets() -> list[str]:
+    """Names of the sweep presets shipped in ``outlierlab/presets/sweeps``."""
+    folder = resources.files("outlierlab").joinpath("presets/sweeps")
+    return sorted(p.name[:-5] for p in folder.iterdir() if p.name.endswith(".toml"))
+
+
+def load_grid(spec: str | Path) -> Grid:
+    """Load a grid from a ``.toml`` path or a preset name (``quick``, ``cpu``, ``gpu-130m``)."""
+    path = Path(spec)
+    if path.suffix == ".toml" or path.exists():
+        if not path.is_file():
+            raise ConfigError(f"grid file {str(path)!r} not found; allowed: a .toml file or a "
+                              f"preset ({', '.join(sweep_presets())})")
+        text, default_name, source = path.read_text(), path.stem, str(path)
+    else:
+        res = resources.files("outlierlab").joinpath(f"presets/sweeps/{spec}.toml")
+        if not res.is_file():
+            raise ConfigError(f"unknown sweep preset {str(spec)!r}; allowed: a .toml file or "
+                              f"{', '.join(sweep_presets())}")
+        text, default_name, source = res.read_text(), str(spec), f"preset:{spec}"
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{source}: not valid TOML ({exc})") from None
+    return parse_grid(data, default_name=default_name, source=source)

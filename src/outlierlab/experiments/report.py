@@ -1,0 +1,168 @@
+"""The report: one self-contained HTML page (figures embedded as base64 PNG, opens offline)
+and the same content as Markdown (figures beside it as PNG files), plus ``results.json``.
+
+Sections: the claims of SPEC §5 with computed verdicts, the results table (config, val loss,
+FP and quantised perplexity per scheme, increase, mean/max Kurt), then the figures.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import html
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from outlierlab.experiments.claims import HELD, NOT_HELD, Claim, evaluate_claims
+from outlierlab.experiments.figures import make_figures
+from outlierlab.experiments.results import RunResult
+
+VERDICT_MARK = {HELD: "✅ held", NOT_HELD: "❌ did not hold"}
+CSS = """body{font-family:system-ui,sans-serif;max-width:1200px;margin:2em auto;padding:0 1em;
+color:#222}table{border-collapse:collapse;font-size:13px;margin:1em 0}
+td,th{border:1px solid #ccc;padding:3px 7px;text-align:right}td:first-child,th:first-child{
+text-align:left}th{background:#f3f3f3}.held{color:#176617;font-weight:bold}
+.notheld{color:#a01010;font-weight:bold}.nottested{color:#777;font-weight:bold}
+img{max-width:100%;border:1px solid #eee}details{margin:.3em 0 1em 1em;font-size:13px}
+code{background:#f4f4f4;padding:1px 4px}"""
+
+
+@dataclass
+class Report:
+    """Paths of a written report, and what went into it."""
+
+    html: Path
+    markdown: Path
+    json: Path
+    claims: list[Claim]
+    runs: list[RunResult]
+
+
+def _fmt(x: Any, digits: int = 2) -> str:
+    if isinstance(x, float):
+        if not math.isfinite(x):
+            return "–"
+        return f"{x:.{digits}f}"
+    return "–" if x is None else str(x)
+
+
+def results_table(runs: Sequence[RunResult]) -> tuple[list[str], list[list[str]]]:
+    """Header and rows of the results table, one row per run."""
+    schemes = sorted({s for r in runs for s in r.quant})
+    header = ["run", "block", "optimiser", "lr", "ε", "seed", "status", "steps", "val loss",
+              "FP ppl"]
+    for s in schemes:
+        header += [f"{s} ppl", f"{s} increase"]
+    header += ["final mean Kurt", "final max Kurt", "peak max Kurt", "tokens/s"]
+    rows = []
+    for r in runs:
+        fp = next((q.fp_ppl for q in r.quant.values()), math.nan)
+        row = [r.name, r.arch, r.optimizer, f"{r.lr:g}", f"{r.eps:g}", _fmt(r.seed), r.status,
+               str(r.step), _fmt(r.final_val_loss, 3), _fmt(fp)]
+        for s in schemes:
+            q = r.quant.get(s)
+            row += [_fmt(q.quant_ppl), f"{q.rel_increase:+.1%}"] if q else ["–", "–"]
+        row += [_fmt(r.final_kurt_mean), _fmt(r.final_kurt_max), _fmt(r.peak_kurt_max),
+                _fmt(r.tokens_per_s, 0)]
+        rows.append(row)
+    return header, rows
+
+
+def _md_table(header: list[str], rows: list[list[str]]) -> str:
+    esc = [[c.replace("|", "\\|") for c in row] for row in [header, *rows]]
+    lines = ["| " + " | ".join(esc[0]) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(row) + " |" for row in esc[1:]]
+    return "\n".join(lines)
+
+
+def _html_table(header: list[str], rows: list[list[str]], raw: bool = False) -> str:
+    e = (lambda s: s) if raw else html.escape
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{e(c)}</td>" for c in row) + "</tr>" for row in rows)
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def _verdict_html(v: str) -> str:
+    cls = {HELD: "held", NOT_HELD: "notheld"}.get(v, "nottested")
+    return f'<span class="{cls}">{html.escape(v)}</span>'
+
+
+def write_report(runs: Sequence[RunResult], out_dir: str | Path, *, title: str = "",
+                 command: str = "", loss_tol: float = 0.05) -> Report:
+    """Evaluate the claims, draw the figures and write ``report.html``, ``report.md``,
+    ``results.json`` and ``figures/*.png`` into ``out_dir``."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    runs = list(runs)
+    claims = evaluate_claims(runs, loss_tol=loss_tol)
+    figures = make_figures(runs, out / "figures")
+    header, rows = results_table(runs)
+    title = title or "outlierlab report: outlier features in these runs"
+    n_fin = sum(r.finished for r in runs)
+    n_div = sum(r.diverged for r in runs)
+    when = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    intro = (f"{len(runs)} runs ({n_fin} finished, {n_div} diverged, "
+             f"{len(runs) - n_fin - n_div} other), written {when}."
+             + (f" Made by `{command}`." if command else ""))
+    about = ("Kurtosis is Kurt = mean_j(s_j⁴)/mean_j(s_j²)² of the neuron RMS s_j over tokens "
+             "(He et al. 2024, Eq. 1): 1 when every neuron has the same scale, up to the width "
+             "when one neuron carries everything. *Mean*/*max* are over the measured layers "
+             "(embedding and block outputs) at the last logged step; *peak* is the largest over "
+             "training. Each claim compares runs that differ only in the field it is about; a "
+             "configuration's value is its seeds' mean, with their range. Verdicts are computed "
+             f"from these runs; loss is matched within {loss_tol:.0%}.")
+
+    claim_rows = [[c.statement, c.verdict, c.summary] for c in claims]
+    md = [f"# {title}", "", intro, "", about, "", "## Claims (SPEC §5)", "",
+          _md_table(["claim", "verdict", "numbers"],
+                    [[s, VERDICT_MARK.get(v, v), n] for s, v, n in claim_rows]), ""]
+    for c in claims:
+        md += [f"**{c.statement}** — {c.verdict}. {c.summary}", ""]
+        md += [f"- {d}" for d in c.details] + [""]
+    md += ["## Results", "", _md_table(header, rows), "", "## Figures", ""]
+    for _key, ftitle, caption, path in figures:
+        md += [f"### {ftitle}", "", caption, "", f"![{ftitle}](figures/{path.name})", ""]
+    (out / "report.md").write_text("\n".join(md))
+
+    h = [f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>"
+         f"{html.escape(title)}</title><style>{CSS}</style></head><body>",
+         f"<h1>{html.escape(title)}</h1><p>{html.escape(intro)}</p>"
+         f"<p>{html.escape(about)}</p>", "<h2>Claims (SPEC §5)</h2>",
+         _html_table(["claim", "verdict", "numbers"],
+                     [[html.escape(s), _verdict_html(v), html.escape(n)]
+                      for s, v, n in claim_rows], raw=True)]
+    for c in claims:
+        items = "".join(f"<li>{html.escape(d)}</li>" for d in c.details)
+        h.append(f"<details><summary>{html.escape(c.statement)} — {_verdict_html(c.verdict)}"
+                 f"</summary><ul>{items}</ul></details>")
+    h += ["<h2>Results</h2>", _html_table(header, rows), "<h2>Figures</h2>"]
+    for _key, ftitle, caption, path in figures:
+        data = base64.b64encode(path.read_bytes()).decode()
+        h.append(f"<h3>{html.escape(ftitle)}</h3><p>{html.escape(caption)}</p>"
+                 f"<img alt='{html.escape(ftitle)}' src='data:image/png;base64,{data}'>")
+    h.append("</body></html>")
+    (out / "report.html").write_text("\n".join(h))
+
+    summary = {"title": title, "written": when, "command": command,
+               "claims": [c.to_dict() for c in claims],
+               "runs": [{"name": r.name, "path": str(r.path), "status": r.status,
+                         "step": r.step, "arch": r.arch, "optimizer": r.optimizer,
+                         "lr": r.lr, "eps": r.eps, "seed": r.seed,
+                         "val_loss": r.final_val_loss, "final_kurt_mean": r.final_kurt_mean,
+                         "final_kurt_max": r.final_kurt_max, "peak_kurt_max": r.peak_kurt_max,
+                         "final_cos_sim": r.final_cos_sim, "tokens_per_s": r.tokens_per_s,
+                         "quant": {s: {"fp_ppl": q.fp_ppl, "quant_ppl": q.quant_ppl}
+                                   for s, q in r.quant.items()}} for r in runs]}
+    (out / "results.json").write_text(json.dumps(summary, indent=1, default=_json_default))
+    return Report(out / "report.html", out / "report.md", out / "results.json", claims, runs)
+
+
+def _json_default(x: Any) -> Any:
+    try:
+        return float(x)
+    except (TypeError, ValueError):
+        return str(x)

@@ -1,0 +1,220 @@
+"""Run a :class:`~outlierlab.experiments.grid.Grid`: each point an ordinary
+``python -m outlierlab train`` subprocess in its own folder, then ``outlierlab quantize`` for
+each of the grid's schemes.
+
+State is read from each run folder (docs/ARCHITECTURE.md), so a sweep can be re-run at any
+time: finished runs are skipped, interrupted or crashed ones resumed (``--resume``), diverged
+ones kept as results; quantisation results newer than the final weights are kept. Nothing is
+shared between runs but the output folder, so ``--dry-run``'s commands can go to any scheduler.
+``workers`` runs that many points at once, each with ``OMP_NUM_THREADS = cores // workers``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from outlierlab.errors import ConfigError
+from outlierlab.experiments.grid import Grid, GridPoint
+
+LOG_NAME = "sweep.log"
+MANIFEST = "sweep.json"
+
+
+def run_state(run_dir: Path) -> str:
+    """``new``, ``finished``, ``diverged`` or ``resume`` (interrupted, crashed or stale)."""
+    if not (run_dir / "config.json").is_file():
+        return "new"
+    try:
+        status = json.loads((run_dir / "status.json").read_text()).get("status")
+    except (OSError, ValueError):
+        status = None
+    if status == "finished" and (run_dir / "model.safetensors").is_file():
+        return "finished"
+    if status == "diverged":
+        return "diverged"
+    return "resume"
+
+
+def train_command(grid: Grid, point: GridPoint, run_dir: Path, python: str,
+                  resume: bool = False) -> list[str]:
+    """The exact ``outlierlab train`` command of one point; a resumed run takes its config
+    from its own ``config.json``."""
+    cmd = [python, "-m", "outlierlab", "train"]
+    if resume:
+        return [*cmd, "--resume", str(run_dir)]
+    if grid.preset:
+        cmd += ["--preset", grid.preset]
+    return cmd + point.args() + [f"out={run_dir}"]
+
+
+def quant_path(run_dir: Path, scheme: str) -> Path:
+    return run_dir / "quant" / f"{scheme}.json"
+
+
+def quant_command(run_dir: Path, scheme: str, python: str) -> list[str]:
+    """The exact ``outlierlab quantize`` command writing ``RUN_DIR/quant/<scheme>.json``."""
+    return [python, "-m", "outlierlab", "quantize", str(run_dir), "--scheme", scheme,
+            "--json", str(quant_path(run_dir, scheme))]
+
+
+def quant_done(run_dir: Path, scheme: str) -> bool:
+    """A result newer than the final weights exists."""
+    q, w = quant_path(run_dir, scheme), run_dir / "model.safetensors"
+    return q.is_file() and (not w.is_file() or q.stat().st_mtime >= w.stat().st_mtime)
+
+
+@dataclass
+class Outcome:
+    """What the sweep did with one point."""
+
+    name: str
+    run_dir: str
+    before: str
+    """State found: new, finished, diverged, resume."""
+    trained: bool = False
+    status: str = ""
+    """status.json after the sweep."""
+    train_s: float = 0.0
+    quantized: list[str] = field(default_factory=list)
+    quant_failed: list[str] = field(default_factory=list)
+    quant_s: float = 0.0
+    message: str = ""
+
+
+@dataclass
+class SweepSummary:
+    out: Path
+    outcomes: list[Outcome]
+    wall_s: float
+
+    @property
+    def trained(self) -> list[str]:
+        return [o.name for o in self.outcomes if o.trained]
+
+    @property
+    def failed(self) -> list[Outcome]:
+        return [o for o in self.outcomes
+                if o.status not in ("finished", "diverged") or o.quant_failed]
+
+    @property
+    def ok(self) -> bool:
+        return not self.failed
+
+
+def default_workers_env(workers: int) -> dict[str, str]:
+    """Thread settings for one of ``workers`` concurrent runs: cores split evenly."""
+    n = str(max(1, (os.cpu_count() or 1) // max(1, workers)))
+    return {"OMP_NUM_THREADS": n, "MKL_NUM_THREADS": n}
+
+
+def _status(run_dir: Path) -> str:
+    try:
+        return str(json.loads((run_dir / "status.json").read_text()).get("status", "unknown"))
+    except (OSError, ValueError):
+        return "missing"
+
+
+def _run(cmd: list[str], log: Path, env: dict[str, str]) -> int:
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "a") as f:
+        f.write(f"\n$ {shlex.join(cmd)}\n")
+        f.flush()
+        return subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env,
+                              stdin=subprocess.DEVNULL).returncode
+
+
+def dry_run_lines(grid: Grid, out: Path, python: str, quantize: bool = True) -> list[str]:
+    """One line per pending run: its train command, then ``&&`` its quantize commands; runs
+    with nothing left to do appear as ``# skip`` comments."""
+    lines = []
+    for p in grid.points:
+        d = out / p.name
+        state = run_state(d)
+        cmds = []
+        if state in ("new", "resume"):
+            cmds.append(train_command(grid, p, d, python, resume=state == "resume"))
+        if quantize and state != "diverged":
+            cmds += [quant_command(d, s, python) for s in grid.schemes if not quant_done(d, s)]
+        if cmds:
+            lines.append(" && ".join(shlex.join(c) for c in cmds))
+        else:
+            lines.append(f"# skip {p.name} ({state})")
+    return lines
+
+
+def run_sweep(grid: Grid, out: str | Path, *, workers: int = 1, quantize: bool = True,
+              python: str | None = None, echo: Callable[[str], None] = print) -> SweepSummary:
+    """Train (or resume) every pending point, then quantise every finished one; writes
+    ``OUT/sweep.json`` and each run's output to ``RUN_DIR/sweep.log``."""
+    if workers < 1:
+        raise ConfigError(f"--workers {workers} is not allowed; allowed: an integer ≥ 1")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    python = python or sys.executable
+    env = {**os.environ, **default_workers_env(workers)}
+    n = len(grid.points)
+    lock = threading.Lock()
+    t0 = time.perf_counter()
+
+    def say(msg: str) -> None:
+        with lock:
+            echo(msg)
+
+    def job(i: int, p: GridPoint) -> Outcome:
+        d = out / p.name
+        state = run_state(d)
+        o = Outcome(p.name, str(d), state)
+        tag = f"[{i + 1}/{n}] {p.name}"
+        if state in ("new", "resume"):
+            say(f"{tag}: {'resuming' if state == 'resume' else 'training'} "
+                f"(log: {d / LOG_NAME})")
+            d.mkdir(parents=True, exist_ok=True)
+            t = time.perf_counter()
+            rc = _run(train_command(grid, p, d, python, resume=state == "resume"),
+                      d / LOG_NAME, env)
+            o.trained, o.train_s = True, time.perf_counter() - t
+            o.status = _status(d)
+            if rc not in (0, 3) and o.status in ("finished", "diverged"):
+                o.status = "crashed"
+            if o.status not in ("finished", "diverged"):
+                o.message = f"train exited {rc}; see {d / LOG_NAME}"
+            say(f"{tag}: {o.status} in {o.train_s:.0f} s")
+        else:
+            o.status = _status(d)
+            say(f"{tag}: {state}, not retrained")
+        if quantize and o.status == "finished":
+            t = time.perf_counter()
+            for s in grid.schemes:
+                if quant_done(d, s):
+                    continue
+                rc = _run(quant_command(d, s, python), d / LOG_NAME, env)
+                (o.quantized if rc == 0 and quant_path(d, s).is_file()
+                 else o.quant_failed).append(s)
+            o.quant_s = time.perf_counter() - t
+            if o.quantized or o.quant_failed:
+                bad = f", failed: {', '.join(o.quant_failed)}" if o.quant_failed else ""
+                say(f"{tag}: quantised {', '.join(o.quantized) or 'nothing'}{bad} "
+                    f"in {o.quant_s:.0f} s")
+        return o
+
+    if workers == 1:
+        outcomes = [job(i, p) for i, p in enumerate(grid.points)]
+    else:
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            outcomes = list(pool.map(lambda ip: job(*ip), enumerate(grid.points)))
+    summary = SweepSummary(out, outcomes, time.perf_counter() - t0)
+    manifest = {"grid": grid.to_dict(), "workers": workers, "wall_s": summary.wall_s,
+                "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                "outcomes": [asdict(o) for o in outcomes]}
+    (out / MANIFEST).write_text(json.dumps(manifest, indent=1))
+    return summary

@@ -1,0 +1,76 @@
+"""Synthetic run folders that follow the run-folder contract (docs/ARCHITECTURE.md) without
+training: for tests of the claims and report code, and to try ``outlierlab report``.
+
+Per-layer kurtosis rises from 1 towards ``kurt`` along a smooth curve, loss falls towards
+``val_loss``; everything is deterministic in the arguments.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+# The block switches of each model preset (outlierlab.model.config.PRESETS, SPEC §2).
+PRESETS: dict[str, dict[str, Any]] = {
+    "pre-ln": {},
+    "post-ln": {"block": "post", "final_norm": False},
+    "pre-rms": {"norm": "rmsnorm"},
+    "pre-srms": {"norm": "srmsnorm"},
+    "op": {"block": "op", "qk_norm": True, "beta": 0.2, "activation": "relu"},
+}
+
+
+def write_run(path: str | Path, *, arch: str = "pre-ln", optimizer: str = "adamw",
+              lr: float = 1e-2, eps: float = 1e-12, seed: int = 0, kurt: float = 3.0,
+              val_loss: float = 1.7, quant: dict[str, tuple[float, float]] | None = None,
+              status: str = "finished", steps: int = 100, every: int = 20, n_layer: int = 4,
+              cos_sim: float | None = None, extra: dict[str, Any] | None = None) -> Path:
+    """Write a run folder; ``quant`` maps scheme → (fp_ppl, quant_ppl)."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    model = {"n_layer": n_layer, "d_model": 64, "n_head": 4, "vocab_size": 260, "seq_len": 64,
+             "block": "pre", "norm": "layernorm", "final_norm": True, "qk_norm": False,
+             "beta": 1.0, "activation": "gelu", **PRESETS[arch]}
+    config = {"model": model, "data": {"source": "stdlib", "tokenizer": "bytes"},
+              "optim": {"name": optimizer, "lr": lr, "eps": eps, "weight_decay": 0.1},
+              "train": {"steps": steps, "seed": seed, "batch_size": 16},
+              "log": {"every": every}, "out": str(path)}
+    for k, v in (extra or {}).items():
+        section, _, name = k.partition(".")
+        config[section][name] = v
+    (path / "config.json").write_text(json.dumps(config, indent=1))
+    last = steps if status == "finished" else steps // 2
+    (path / "status.json").write_text(json.dumps(
+        {"status": status, "step": last, "message": "" if status == "finished" else status}))
+    rng = np.random.default_rng(seed)
+    points = ["embed.resid_post"] + [f"blocks.{i}.resid_post" for i in range(n_layer)]
+    layer_scale = np.linspace(0.6, 1.4, len(points))
+    lines = []
+    for step in range(every, last + 1, every):
+        t = step / steps
+        rec: dict[str, Any] = {"step": step, "tokens": step * 1024,
+                               "loss": val_loss + 2.0 * (1 - t) ** 2, "lr": lr,
+                               "grad_norm": 1.0, "tokens_per_s": 8000.0}
+        ks = {p: float(1 + (kurt - 1) * s * t + 0.01 * rng.random())
+              for p, s in zip(points, layer_scale)}
+        mean_k = float(np.mean(list(ks.values())))
+        cs = cos_sim if cos_sim is not None else 0.1 + 0.05 * mean_k
+        rec.update({"kurtosis": ks, "mmr": {p: 3.0 for p in points},
+                    "cos_sim": {p: cs for p in points}, "kurtosis_mean": mean_k,
+                    "kurtosis_max": max(ks.values())})
+        if step % (2 * every) == 0 or step == last:
+            rec["val_loss"] = val_loss + 2.0 * (1 - t) ** 2 + 0.02
+            rec["val_ppl"] = float(np.exp(rec["val_loss"]))
+        lines.append(json.dumps(rec))
+    if status == "diverged":
+        lines.append(json.dumps({"step": last + 1, "loss": "nan"}))
+    (path / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    if quant:
+        (path / "quant").mkdir(exist_ok=True)
+        for scheme, (fp, q) in quant.items():
+            (path / "quant" / f"{scheme}.json").write_text(
+                json.dumps({"scheme": scheme, "fp_ppl": fp, "quant_ppl": q, "layers": []}))
+    return path

@@ -1,0 +1,96 @@
+"""The report: HTML parses, is self-contained, names every run; Markdown has the same claims
+and table; figures are real PNGs."""
+
+import base64
+import json
+from html.parser import HTMLParser
+
+from outlierlab.cli import main
+from outlierlab.experiments.synthetic import write_run
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+class _Collect(HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.text, self.imgs, self.tags, self.stack = [], [], [], []
+
+    def handle_starttag(self, tag, attrs):
+        self.tags.append(tag)
+        if tag == "img":
+            self.imgs.append(dict(attrs)["src"])
+        elif tag not in ("meta", "br"):
+            self.stack.append(tag)
+
+    def handle_endtag(self, tag):
+        assert self.stack and self.stack[-1] == tag, (self.stack[-3:], tag)
+        self.stack.pop()
+
+    def handle_data(self, data):
+        self.text.append(data)
+
+
+def _sweep(tmp_path):
+    d = tmp_path / "sweep"
+    for s in (0, 1):
+        write_run(d / f"pre-ln-adamw-seed{s}", kurt=4 + s, seed=s,
+                  quant={"w8a8-tensor": (5.0, 8.0 + s), "w8a8-dynamic": (5.0, 5.2)})
+        write_run(d / f"op-adamw-seed{s}", arch="op", kurt=2, seed=s,
+                  quant={"w8a8-tensor": (5.1, 5.5), "w8a8-dynamic": (5.1, 5.15)})
+        write_run(d / f"op-soap-seed{s}", arch="op", optimizer="soap", kurt=1.2, seed=s,
+                  quant={"w8a8-tensor": (5.1, 5.2), "w8a8-dynamic": (5.1, 5.1)})
+    write_run(d / "pre-ln-lr1e-3-seed0", lr=1e-3, kurt=1.5)
+    write_run(d / "post-ln-adamw-seed0", arch="post-ln", status="diverged")
+    return d
+
+
+def test_report_command_writes_html_markdown_json(tmp_path, capsys):
+    d = _sweep(tmp_path)
+    out = tmp_path / "report"
+    assert main(["report", str(d), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert str(out / "report.html") in printed and "held" in printed
+
+    page = (out / "report.html").read_text()
+    p = _Collect()
+    p.feed(page)
+    p.close()
+    assert not p.stack, "unclosed tags"
+    text = " ".join(p.text)
+    names = sorted(x.name for x in d.iterdir())
+    for name in names:
+        assert name in text, name
+    # self-contained: every image is inline PNG data, nothing fetched
+    assert len(p.imgs) >= 5
+    for src in p.imgs:
+        assert src.startswith("data:image/png;base64,")
+        assert base64.b64decode(src.split(",", 1)[1])[:8] == PNG
+    assert "http://" not in page and "https://" not in page and "<script" not in page
+
+    md = (out / "report.md").read_text()
+    data = json.loads((out / "results.json").read_text())
+    verdicts = {c["key"]: c["verdict"] for c in data["claims"]}
+    assert verdicts == {"op_vs_prenorm": "held", "lower_lr": "held", "larger_eps": "not tested",
+                        "soap_vs_adamw": "held", "kurt_vs_quant": "held"}
+    for c in data["claims"]:
+        assert c["statement"] in md and c["statement"] in text
+        assert c["summary"] in md
+    for name in names:
+        assert f"| {name} |" in md
+    assert "diverged" in md
+    for fig in (out / "figures").glob("*.png"):
+        assert fig.read_bytes()[:8] == PNG
+        assert f"figures/{fig.name}" in md
+    assert {f.stem for f in (out / "figures").glob("*.png")} == {
+        "kurtosis_vs_step", "kurtosis_vs_lr", "kurtosis_by_optimizer", "cos_sim_vs_kurtosis",
+        "quant_vs_kurtosis"}
+    # the table row of a run holds its numbers
+    row = next(line for line in md.splitlines() if line.startswith("| op-soap-seed0 |"))
+    assert "+2.0%" in row and "soap" in row
+
+
+def test_report_of_nothing_is_a_one_line_error(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    assert main(["report", str(tmp_path / "empty"), "--out", str(tmp_path / "r")]) == 2
+    assert "no run folders" in capsys.readouterr().err
