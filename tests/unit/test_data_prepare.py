@@ -139,14 +139,20 @@ def test_bpe_trained_on_train_split_saved_and_reused(tmp_path, cache_dir):
 
 
 def test_user_tokenizer_json(tmp_path, cache_dir):
+    from outlierlab.data import train_bpe
+
     src = make_corpus(tmp_path / "src")
-    trained = prepare(DataConfig(source=str(src), tokenizer="bpe", vocab_size=290))
-    user_file = trained.tokenizer.save(tmp_path / "mine")
+    mine = train_bpe(["x = [i ** 2 for i in range(10)]\n" * 50, "print('hello')\n"], 270)
+    user_file = mine.save(tmp_path / "mine")
     data = prepare(DataConfig(source=str(src), tokenizer=str(user_file)))
-    assert data.built and data.key != trained.key
+    assert data.built and data.tokenizer.vocab_size == 270
     assert data.fingerprint["tokenizer"].startswith("file-")
-    assert np.array_equal(data.train, trained.train)  # the same tokenizer gives the same tokens
+    assert data.tokenizer.encode("print(x)") == mine.encode("print(x)")
+    assert set(_docs(data.tokenizer, data.train)) | set(_docs(data.tokenizer, data.val)) == {
+        p.read_text() for p in src.iterdir()
+    }
     assert (data.path / "tokenizer.json").read_text() == user_file.read_text()
+    assert not prepare(DataConfig(source=str(src), tokenizer=str(user_file))).built
     bad = tmp_path / "bad.json"
     bad.write_text("[]")
     with pytest.raises(DataError, match=r"bad\.json does not parse"):
@@ -171,3 +177,13 @@ def test_reading_data_config_does_not_import_torch():
     code = "import sys; from outlierlab.data import DataConfig; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.stdout.strip() == "False", out.stderr
+
+
+def test_run_copy_of_trained_bpe_reuses_its_cache(tmp_path, cache_dir):
+    src = make_corpus(tmp_path / "src")
+    trained = prepare(DataConfig(source=str(src), tokenizer="bpe", vocab_size=290))
+    copy = trained.tokenizer.save(tmp_path / "run")  # what the trainer writes to a run folder
+    again = prepare(DataConfig(source=str(src), tokenizer=str(copy)))
+    assert not again.built and again.path == trained.path
+    assert again.fingerprint == trained.fingerprint
+    assert again.tokenizer.encode("class C1:") == trained.tokenizer.encode("class C1:")

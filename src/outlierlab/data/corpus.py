@@ -206,6 +206,8 @@ def collect(source: str, *, include_tests: bool = False, text_field: str = "text
         corpus = _stdlib(include_tests)
     else:
         path = Path(source).expanduser()
+        if path.exists():
+            path = path.resolve()  # one cache key however the path is spelled
         if path.is_dir():
             corpus = _datasets(path, text_field) if _is_datasets_folder(path) else _folder(path)
         elif path.is_file():

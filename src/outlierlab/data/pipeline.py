@@ -6,6 +6,7 @@ same corpus and tokenizer find the cache folder by fingerprint and only memory-m
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import platform
 import sys
@@ -192,6 +193,24 @@ def _load(folder: Path, fp: dict, tok: Tokenizer, built: bool) -> PreparedData |
     return PreparedData(train, val, tok, fp, folder, built, meta)
 
 
+def _trained_twin(
+    cfg: DataConfig, corpus: Corpus, train: list[Document], val: list[Document]
+) -> PreparedData | None:
+    """The cache built by ``tokenizer="bpe"`` on this corpus when the user's tokenizer.json is
+    exactly the BPE trained there (e.g. a run folder's copy): reuse it instead of re-encoding."""
+    user = load_tokenizer_file(cfg.tokenizer)
+    if user.vocab_size < 258:
+        return None
+    bpe_cfg = dataclasses.replace(cfg, tokenizer="bpe", vocab_size=user.vocab_size)
+    fp = fingerprint(bpe_cfg, corpus, train, val)
+    folder = cfg.cache_root() / "tokens" / cache.cache_key(fp)
+    try:
+        same = (folder / TOKENIZER_FILE).read_text(encoding="utf-8") == user.to_json()
+    except OSError:
+        return None
+    return _load(folder, fp, user, built=False) if same else None
+
+
 def prepare(cfg: DataConfig | None = None, *, progress: bool = True) -> PreparedData:
     """Collect, split, tokenise and cache the corpus of ``cfg``; reuse the cache when present.
 
@@ -203,6 +222,11 @@ def prepare(cfg: DataConfig | None = None, *, progress: bool = True) -> Prepared
     train_docs, val_docs = split_documents(corpus.documents, cfg.val_fraction)
     fp = fingerprint(cfg, corpus, train_docs, val_docs)
     folder = cfg.cache_root() / "tokens" / cache.cache_key(fp)
+
+    if cfg.tokenizer not in ("bytes", "bpe"):
+        twin = _trained_twin(cfg, corpus, train_docs, val_docs)
+        if twin is not None:
+            return twin
 
     with cache.build_lock(folder), _progress(progress) as bar:
         start = time.perf_counter()
