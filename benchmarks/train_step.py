@@ -9,8 +9,9 @@ B: the plain loop below (~100 lines: model, get_batch, AdamW, clipping, cosine l
 Interleaving: the benchmark wraps the loop's batch sampler. Every ``block`` outlierlab steps,
 the wrapper records the time those steps took (from one ``sampler.next()`` to the next: the
 whole step body), then runs ``block`` plain-loop steps and times them, then hands the batch back.
-So A and B alternate block by block inside one run, warm, on the same machine state. The headline
-is the median over blocks of tokens/s(A) / tokens/s(B), taken over the sizes (the worst size).
+So A and B alternate block by block inside one run (``_common.step_hooks``), warm, on the same
+machine state. The headline is the median over blocks of tokens/s(A) / tokens/s(B), taken over
+the sizes (the worst size).
 
 Before timing, a maths check: the plain model loaded with outlierlab's initial weights gives the
 same loss and gradient norm on the same batch.
@@ -20,11 +21,11 @@ same loss and gradient norm on the same batch.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import statistics
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -201,26 +202,6 @@ def check_same_maths(cfg, data: np.ndarray) -> str:
     return f"|Δloss|={dl:.1e} rel|Δgrad_norm|={dn:.1e}"
 
 
-@contextlib.contextmanager
-def interleaved_sampler(on_step):
-    """Patch ``outlierlab.data.BatchSampler`` so ``on_step()`` runs at each ``next()`` call
-    (the start of each outlierlab step); restored on exit."""
-    import outlierlab.data as od
-
-    base = od.BatchSampler
-
-    class Timed(base):  # type: ignore[misc, valid-type]
-        def next(self):
-            on_step()
-            return super().next()
-
-    od.BatchSampler = Timed
-    try:
-        yield
-    finally:
-        od.BatchSampler = base
-
-
 def measure_size(size: str, rounds: int, block: int, warmup: int, tmp: Path) -> dict:
     """Tokens/s of outlierlab and the plain loop, alternating ``block`` steps each."""
     from outlierlab.data import prepare
@@ -258,7 +239,8 @@ def measure_size(size: str, rounds: int, block: int, warmup: int, tmp: Path) -> 
             t_plain.append(time.perf_counter() - t1)
         state["t0"] = time.perf_counter()
 
-    with interleaved_sampler(on_step):
+    with _common.step_hooks() as hooks:
+        hooks[threading.get_ident()] = on_step
         res = train(cfg, progress=False)
     log.close()
     assert res.status == "finished", res
@@ -292,7 +274,8 @@ def profile(size: str, tmp: Path, steps: int = 6) -> None:
         if calls["n"] == 3 + steps:
             prof.__exit__(None, None, None)
 
-    with interleaved_sampler(on_step):
+    with _common.step_hooks() as hooks:
+        hooks[threading.get_ident()] = on_step
         train(cfg, progress=False)
     print(f"--- outlierlab, {steps} steps, size {size}")
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25))

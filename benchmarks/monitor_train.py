@@ -1,0 +1,157 @@
+"""Cost of the outlier monitor: time and memory.
+
+Time: three ``outlierlab.train.train(cfg)`` loops in this process, identical but for
+``log.kurtosis_every`` = 1 (every step), 10 and 0 (off), alternating blocks of 10 steps
+(``_common.LoopInterleaver``; rounds ABC, CBA, ...). A block of the every-10 loop holds exactly
+one measured step. Slowdown = median over rounds of time(every k) / time(off) − 1.
+Goals: ≤ 5 % (every step), ≤ 1 % (every 10 steps).
+
+Memory: an ``OutlierMonitor`` on a small GPT measuring 10 k and then 1 M tokens (in batches, no
+grad): the growth of resident memory (peak RSS, VmHWM, reset through /proc/self/clear_refs)
+and of tensor memory tracked by the monitor's state must not depend on the token count
+(streaming statistics, O(d) per point). Each count runs in a fresh child process.
+
+    python benchmarks/monitor_train.py [--quick] [--size L] [--skip-memory]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import _common
+
+TIME_SIZES = {  # name: (n_layer, d_model, n_head, seq_len, batch_size)
+    "M": (4, 128, 4, 128, 16),
+    "L": (6, 192, 6, 128, 16),  # the default preset (SPEC §6)
+}
+
+
+def run_config(size: str, every: int, out: Path):
+    from outlierlab import config
+
+    L, d, h, T, B = TIME_SIZES[size]
+    return config.load("default", overrides=[
+        f"model.n_layer={L}", f"model.d_model={d}", f"model.n_head={h}", f"model.seq_len={T}",
+        f"train.batch_size={B}", "train.eval_every=0", "train.ckpt_every=0",
+        "train.eval_windows=4", "train.log_every=10", f"log.kurtosis_every={every}",
+        "train.device=cpu", f"out={out}",
+    ])  # fmt: skip
+
+
+def time_monitor(size: str, rounds: int, tmp: Path) -> dict[str, list[float]]:
+    cfgs = {f"every={k}": run_config(size, k, tmp / f"{size}-{k}") for k in (1, 10, 0)}
+    t = _common.LoopInterleaver(cfgs, block=10, rounds=rounds).run()
+    return {"every=1": t.ratios("every=1", "every=0"), "every=10": t.ratios("every=10", "every=0"),
+            "off_s": t.seconds["every=0"]}  # fmt: skip
+
+
+# ---------------------------------------------------------------- memory (child process)
+def _vm(field: str) -> int:
+    """A field of /proc/self/status in bytes (VmRSS, VmHWM)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    raise KeyError(field)
+
+
+def memory_child(tokens: int) -> None:
+    """Measure ``tokens`` tokens through a 4 × 128 GPT with the monitor on; print growths."""
+    import torch
+
+    from outlierlab.model import GPT, GPTConfig
+    from outlierlab.monitor import OutlierMonitor
+
+    torch.manual_seed(0)
+    cfg = GPTConfig(n_layer=4, d_model=128, n_head=4, seq_len=128)
+    model = GPT(cfg).eval()
+    B, T = 16, cfg.seq_len
+    x = torch.randint(0, cfg.vocab_size, (B, T))
+    with OutlierMonitor(model) as mon, torch.no_grad():
+        model(x)  # warm-up: allocator pools, accumulators created
+        mon.reset()
+        model(x)
+        mon.reset()
+        state0 = sum(a.state.numel() * a.state.element_size() for a in mon._acc.values())
+        Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
+        rss0 = _vm("VmRSS")
+        done = 0
+        while done < tokens:
+            n = min(B, -(-(tokens - done) // T))
+            model(torch.randint(0, cfg.vocab_size, (n, T)))
+            done += n * T
+        peak = _vm("VmHWM")
+        res = mon.results()
+    state1 = sum(a.state.numel() * a.state.element_size() for a in mon._acc.values())
+    seen = max(v["tokens"] for v in res.values())
+    print(f"MEM tokens={seen} peak_growth={peak - rss0} state0={state0} state1={state1}")
+
+
+def measure_memory(counts: list[int]) -> dict[int, dict[str, int]]:
+    out = {}
+    for n in counts:
+        proc = subprocess.run(
+            [sys.executable, __file__, "--memory-child", str(n), "--threads", "1"],
+            capture_output=True, text=True, check=True,
+        )  # fmt: skip
+        line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("MEM "))
+        out[n] = {k: int(v) for k, v in (kv.split("=") for kv in line.split()[1:])}
+    return out
+
+
+def main(argv=None) -> float:
+    def add(p):
+        p.add_argument("--size", default=None, choices=sorted(TIME_SIZES),
+                       help="model size for the time benchmark (default L; --quick: M)")
+        p.add_argument("--skip-memory", action="store_true")
+        p.add_argument("--skip-time", action="store_true")
+        p.add_argument("--memory-child", type=int, default=None, help=argparse.SUPPRESS)
+
+    args = _common.parse_args(__doc__.splitlines()[0], argv, add, rounds=6, quick_rounds=2)
+    if args.memory_child is not None:
+        memory_child(args.memory_child)
+        return 0.0
+    _common.print_machine()
+    size = args.size or ("M" if args.quick else "L")
+    headline = float("nan")
+    if not args.skip_time:
+        with tempfile.TemporaryDirectory(prefix="bench-monitor-") as tmp:
+            r = time_monitor(size, args.rounds, Path(tmp))
+        L, d, _, T, B = TIME_SIZES[size]
+        off_tps = 10 * B * T / sorted(r["off_s"])[len(r["off_s"]) // 2]
+        print(f"size {size} ({L}×{d}, T={T}, B={B}); monitor off: {off_tps:,.0f} tok/s")
+        for k in ("every=1", "every=10"):
+            print(f"{k}: per-round time ratios " + " ".join(f"{x:.3f}" for x in r[k]))
+        s1 = statistics.median(r["every=1"]) - 1
+        s10 = statistics.median(r["every=10"]) - 1
+        _common.print_table(
+            ["monitor", "time / off, median [min–max]", "slowdown", "goal", "met"],
+            [["every step", _common.spread(r["every=1"]), f"{s1:+.1%}", "≤ 5 %",
+              "yes" if s1 <= 0.05 else "NO"],
+             ["every 10 steps", _common.spread(r["every=10"]), f"{s10:+.1%}", "≤ 1 %",
+              "yes" if s10 <= 0.01 else "NO"]],
+        )  # fmt: skip
+        headline = 1 + s10
+    if not args.skip_memory:
+        counts = [10_000, 200_000 if args.quick else 1_000_000]
+        mem = measure_memory(counts)
+        rows = [[f"{m['tokens']:,}", f"{m['peak_growth'] / 2**20:.2f} MiB",
+                 f"{m['state1']:,} B"] for m in mem.values()]  # fmt: skip
+        _common.print_table(["tokens measured", "peak RSS growth", "monitor state"], rows)
+        a, b = mem[counts[0]], mem[counts[1]]
+        same_state = a["state1"] == b["state1"]
+        slack = 2 * 2**20  # allocator noise: 2 MiB
+        ok = same_state and b["peak_growth"] <= a["peak_growth"] + slack
+        print(f"memory independent of tokens: {'yes' if ok else 'NO'} (state equal: "
+              f"{same_state}; peak growth {b['peak_growth'] / 2**20:.2f} vs "
+              f"{a['peak_growth'] / 2**20:.2f} MiB, slack 2 MiB)")
+    _common.print_headline(headline, "headline: time(every 10 steps) / time(off)")
+    return headline
+
+
+if __name__ == "__main__":
+    main()
