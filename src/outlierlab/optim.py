@@ -68,7 +68,9 @@ def _adamw(model, groups, hp):
     return torch.optim.AdamW(groups, lr=hp["lr"], betas=hp["betas"], eps=hp["eps"])
 
 
-@register("adafactor", lr=1e-2, beta2_decay=-0.8, eps=None, weight_decay=0.0)
+# torch's Adafactor scales each update by max(1e-3, RMS(param)) (≈ 0.02 at init), so its lr is
+# relative: 0.05 gives steps of ≈ 1e-3, like AdamW's.
+@register("adafactor", lr=0.05, beta2_decay=-0.8, eps=None, weight_decay=0.0)
 def _adafactor(model, groups, hp):
     return torch.optim.Adafactor(
         groups, lr=hp["lr"], beta2_decay=hp["beta2_decay"], eps=(hp["eps"], 1e-3)
@@ -90,8 +92,10 @@ def _soap(model, groups, hp):
     )
 
 
+# pytorch_optimizer's Shampoo sums its statistics (AdaGrad-like, steps shrink as 1/√t): it
+# needs a large lr; its own default 1e-3 barely moves a small GPT.
 @register(
-    "shampoo", lr=1e-3, momentum=0.9, eps=1e-6, weight_decay=0.0, precondition_frequency=1
+    "shampoo", lr=0.1, momentum=0.0, eps=1e-6, weight_decay=0.0, precondition_frequency=1
 )
 def _shampoo(model, groups, hp):
     from pytorch_optimizer import Shampoo
@@ -110,8 +114,10 @@ def _sgd(model, groups, hp):
     return torch.optim.SGD(groups, lr=hp["lr"], momentum=hp["momentum"])
 
 
+# Muon's authors: lr 0.02, momentum 0.95 (Nesterov) on hidden matrices; embeddings and head
+# want a larger AdamW lr than their 3e-4 at small scale.
 @register(
-    "muon", lr=0.02, momentum=0.95, weight_decay=0.01, aux_lr=3e-4, betas=(0.9, 0.95), eps=1e-8
+    "muon", lr=0.02, momentum=0.95, weight_decay=0.01, aux_lr=3e-3, betas=(0.9, 0.95), eps=1e-8
 )
 def _muon(model, groups, hp):
     hidden = muon_params(model)

@@ -74,7 +74,7 @@ def test_toml_file_on_top_of_preset(tmp_path):
                  '[optim]\nname = "muon"\n')
     cfg = C.load(config_file=f)
     assert cfg.model.block == "op" and cfg.model.n_layer == 3 and cfg.model.d_model == 32
-    assert cfg.optim.name == "muon" and cfg.optim.aux_lr == 3e-4 and cfg.out == "runs/t"
+    assert cfg.optim.name == "muon" and cfg.optim.aux_lr == 3e-3 and cfg.out == "runs/t"
     f.write_text("[train]\nstepz = 3\n")
     with pytest.raises(ConfigError, match=r"did you mean train\.steps"):
         C.load(config_file=f)

@@ -53,7 +53,7 @@ def test_muon_takes_hidden_matrices_only(model):
     in_muon = {id(p) for g in muon.param_groups for p in g["params"]}
     assert id(model.tok_emb.weight) not in in_muon  # embedding (= tied head) → AdamW
     assert all(p.ndim == 2 for g in muon.param_groups for p in g["params"])
-    assert {g["lr"] for g in aux.param_groups} == {3e-4}
+    assert {g["lr"] for g in aux.param_groups} == {3e-3}
     n_all = len(list(model.parameters()))
     assert len(in_muon) + sum(len(g["params"]) for g in aux.param_groups) == n_all
 

@@ -273,7 +273,7 @@ def train(cfg: RunConfig, resume: bool = False, *, progress: bool = True) -> Run
                     xb = x[i : i + micro].to(d.device, non_blocking=True)
                     yb = y[i : i + micro].to(d.device, non_blocking=True)
                     if monitor is not None:
-                        monitor.enabled = measure and a == 0
+                        monitor.enabled = measure  # every micro-batch of the global batch
                     sync = a == accum - 1 or not d.enabled
                     with (contextlib.nullcontext() if sync else model.no_sync()), amp():
                         _, loss = model(xb, yb)
@@ -307,8 +307,7 @@ def train(cfg: RunConfig, resume: bool = False, *, progress: bool = True) -> Run
 
                 row: dict[str, Any] = {}
                 if measure:
-                    mine = x[d.rank * micro : (d.rank + 1) * micro]  # micro-batch a = 0
-                    res = _measure(monitor, raw, mine, amp, d, d.device)
+                    res = _measure(monitor, raw, x, micro, amp, d)
                     row.update(res)
                 is_last = step == tc.steps
                 if (tc.eval_every and step % tc.eval_every == 0) or is_last:
@@ -352,7 +351,7 @@ def train(cfg: RunConfig, resume: bool = False, *, progress: bool = True) -> Run
             run.set_status(status, step, message)
             writer.close()
             sinks.close()
-        if show:
+        if show and status == "finished":
             print(f"{status}: {message}", flush=True)
         return _result(run, status, step, message, t_start, last)
     except BaseException as exc:
@@ -367,26 +366,30 @@ def train(cfg: RunConfig, resume: bool = False, *, progress: bool = True) -> Run
         distributed.close(d)
 
 
-def _measure(monitor, raw, x0, amp, d, device) -> dict[str, Any]:
-    """Per-point Kurt/MMR/cos-sim of the residual stream on this step's first micro-batch
-    (all-reduced over ranks). With ``compile`` the monitor is attached only for an extra eager
-    forward, so the compiled graph never sees its hooks."""
+def _measure(monitor, raw, x, micro: int, amp, d: distributed.Dist) -> dict[str, Any]:
+    """Per-point Kurt/MMR/cos-sim of the residual stream on this step's global batch ``x``
+    (each rank measured its own micro-batches; statistics all-reduced). With ``compile`` the
+    monitor is attached only for extra eager forwards of this rank's micro-batches, so the
+    compiled graph never sees its hooks."""
     if monitor is None:
         from outlierlab.monitor import OutlierMonitor
 
+        # rank r trained on micro-batches a·W + r: view (accum, W, micro, T), take column r
+        mine = x.view(-1, d.world_size, micro, x.shape[-1])[:, d.rank]
         with OutlierMonitor(raw) as mon, torch.no_grad(), amp():
-            raw(x0.to(device))
-        res = mon.results(all_reduce=d.enabled)
+            for xb in mine:
+                raw(xb.to(d.device))
     else:
-        res = monitor.results(all_reduce=d.enabled)
-        monitor.reset()
-    kurt = {k: float(v["kurtosis"]) for k, v in res.items()}
+        mon = monitor
+    res = mon.results(all_reduce=d.enabled)
+    summary = mon.summary(res)
+    mon.reset()
     return {
-        "kurtosis": kurt,
+        "kurtosis": {k: float(v["kurtosis"]) for k, v in res.items()},
         "mmr": {k: float(v["mmr"]) for k, v in res.items()},
         "cos_sim": {k: float(v["cos_sim"]) for k, v in res.items()},
-        "kurtosis_mean": float(np.mean(list(kurt.values()))),
-        "kurtosis_max": float(np.max(list(kurt.values()))),
+        "kurtosis_mean": summary["kurtosis_mean"],
+        "kurtosis_max": summary["kurtosis_max"],
     }
 
 

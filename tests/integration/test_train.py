@@ -1,0 +1,172 @@
+"""End-to-end training: every optimiser learns, metrics cadence, run folder contract,
+divergence, bad overrides (in-process where possible, to keep the test budget)."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from outlierlab import config as C
+from outlierlab.cli import main
+from outlierlab.train import train
+from outlierlab.train.run_dir import read_metrics
+
+TINY = [
+    "model.n_layer=2", "model.d_model=32", "model.n_head=2", "model.seq_len=32",
+    "train.batch_size=8", "train.eval_windows=8", "train.ckpt_every=0", "train.eval_every=0",
+    "log.kurtosis_every=0",
+]  # fmt: skip
+
+
+def make_corpus(folder):
+    """~80 kB of small, learnable Python-like files."""
+    folder.mkdir(parents=True, exist_ok=True)
+    r = random.Random(0)
+    for k in range(40):
+        lines = [f"def add_{r.randint(0, 99)}(x):\n    return x + {r.randint(0, 9)}\n"
+                 for _ in range(60)]
+        (folder / f"m{k}.py").write_text("\n".join(lines))
+    return folder
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models gain nothing from intra-op threads, and 2 threads on a busy 2-core machine
+    can be 50× slower (spinning workers); restore the suite's setting afterwards."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="session")
+def corpus(tmp_path_factory):
+    return make_corpus(tmp_path_factory.mktemp("corpus"))
+
+
+def tiny_cfg(corpus, out, *extra):
+    return C.load("tiny", overrides=[*TINY, f"data.source={corpus}", f"out={out}", *extra])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["adamw", "adafactor", "soap", "shampoo", "muon", "sgd"])
+def test_loss_falls_with_each_optimiser(corpus, cache_dir, tmp_path, name):
+    cfg = tiny_cfg(corpus, tmp_path / name, f"optim.name={name}", "train.steps=50",
+                   "train.log_every=1")
+    res = train(cfg, progress=False)
+    assert res.status == "finished" and res.step == 50
+    losses = [r["loss"] for r in read_metrics(tmp_path / name / "metrics.jsonl")]
+    assert len(losses) == 50
+    first, last = sum(losses[:3]) / 3, sum(losses[-3:]) / 3
+    assert first > math.log(257) - 0.5  # starts near uniform over the byte vocabulary
+    assert last < 0.8 * first, (name, first, last)
+
+
+def test_run_folder_and_metrics_cadence(corpus, cache_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    cfg = tiny_cfg(corpus, out, "train.steps=20", "train.log_every=5", "log.kurtosis_every=4",
+                   "train.eval_every=10", "train.ckpt_every=8", "train.keep_ckpts=2")
+    res = train(cfg)
+    printed = capsys.readouterr().out
+    assert "[model]" in printed and "step 20/20" in printed  # resolved config + plain lines
+    rows = read_metrics(out / "metrics.jsonl")
+    steps = [r["step"] for r in rows]
+    assert steps == sorted(set(steps))
+    assert {4, 5, 8, 10, 12, 15, 16, 20} <= set(steps)
+    for r in rows:
+        assert {"step", "tokens", "loss", "lr", "grad_norm", "tokens_per_s"} <= set(r)
+        assert r["tokens"] == r["step"] * 8 * 32
+    kurt = {r["step"]: r for r in rows if "kurtosis" in r}
+    assert sorted(kurt) == [4, 8, 12, 16, 20]
+    points = ["embed.resid_post", "blocks.0.resid_post", "blocks.1.resid_post"]
+    for r in kurt.values():
+        assert list(r["kurtosis"]) == points and list(r["mmr"]) == points
+        assert all(1.0 <= v <= 32 for v in r["kurtosis"].values())  # 1 ≤ Kurt ≤ d (SPEC §1)
+        assert r["kurtosis_max"] == max(r["kurtosis"].values())
+        assert math.isclose(r["kurtosis_mean"], sum(r["kurtosis"].values()) / 3)
+    vals = {r["step"]: r for r in rows if "val_loss" in r}
+    assert sorted(vals) == [10, 20]
+    assert math.isclose(vals[20]["val_ppl"], math.exp(vals[20]["val_loss"]), rel_tol=1e-6)
+    assert res.val_loss == vals[20]["val_loss"] and res.kurtosis_mean == kurt[20]["kurtosis_mean"]
+
+    status = json.loads((out / "status.json").read_text())
+    assert status["status"] == "finished" and status["step"] == 20
+    assert status["data_fingerprint"]["files"] == 40
+    saved = json.loads((out / "config.json").read_text())
+    assert saved["model"]["vocab_size"] == 257  # set from the tokenizer
+    assert C.RunConfig.from_dict(saved).train.steps == 20
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-16", "step-20"]
+    ck = out / "checkpoints" / "step-20"
+    assert {"model.safetensors", "optim.pt", "state.json"} <= {p.name for p in ck.iterdir()}
+    torch.load(ck / "optim.pt", weights_only=True)
+    from outlierlab.model import GPT
+
+    model = GPT.load(out)  # final weights at the run folder's root
+    assert model.config.vocab_size == 257
+
+    assert main(["runs", str(tmp_path)]) == 0
+    table = capsys.readouterr().out
+    assert "run" in table and "finished" in table and "20/20" in table
+
+
+def test_divergence_stops_and_keeps_good_checkpoint(corpus, cache_dir, tmp_path, capsys):
+    out = tmp_path / "div"
+    args = ["train", "--preset", "tiny", *TINY, f"data.source={corpus}", f"out={out}",
+            "optim.lr=1e6", "train.ckpt_every=1", "train.steps=30", "optim.warmup=0"]
+    assert main(args) == 3
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "diverged" in err[0] and "at step" in err[0]
+    status = json.loads((out / "status.json").read_text())
+    assert status["status"] == "diverged"
+    bad_step = int(status["message"].split("at step ")[1].split(";")[0])
+    ckpts = sorted(int(p.name[5:]) for p in (out / "checkpoints").glob("step-*"))
+    assert ckpts and max(ckpts) == bad_step - 1 == status["step"]
+    from outlierlab.model import GPT
+
+    good = GPT.load(out / "checkpoints" / f"step-{max(ckpts)}")  # checksum intact
+    assert all(torch.isfinite(p).all() for p in good.parameters())
+    assert not (out / "model.safetensors").exists()
+
+
+@pytest.mark.parametrize(
+    ("override", "needle"),
+    [
+        ("optim.name=foo", "allowed: adafactor, adamw, muon, sgd, shampoo, soap"),
+        ("model.n_head=7", "model.n_head=7"),
+        ("train.steps=-1", "train.steps=-1"),
+        ("model.heads=7", "did you mean model.n_head"),
+    ],
+)
+def test_bad_overrides_exit_2_in_one_line(override, needle, capsys, tmp_path):
+    assert main(["train", "--preset", "tiny", override, f"out={tmp_path}/x"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("outlierlab train: error:") and needle in err[0]
+    assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.slow
+def test_bad_override_real_process_exit_2():
+    proc = subprocess.run(
+        [sys.executable, "-m", "outlierlab", "train", "model.n_head=7", "model.d_model=64"],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 2
+    assert proc.stderr.strip().count("\n") == 0 and "n_head" in proc.stderr
+
+
+def test_existing_run_is_not_overwritten_and_maths_change_refused(corpus, cache_dir, tmp_path):
+    out = tmp_path / "r"
+    assert train(tiny_cfg(corpus, out, "train.steps=3"), progress=False).status == "finished"
+    with pytest.raises(C.ConfigError, match="already holds a run"):
+        train(tiny_cfg(corpus, out, "train.steps=3"), progress=False)
+    with pytest.raises(C.ConfigError, match=r"optim\.lr differs"):
+        train(C.resume_config(out, ["optim.lr=1e-2"]), resume=True, progress=False)
+    res = train(C.resume_config(out, ["train.steps=5"]), resume=True, progress=False)
+    assert res.status == "finished" and res.step == 5
+    assert [r["step"] for r in read_metrics(out / "metrics.jsonl")][-1] == 5
