@@ -97,7 +97,7 @@ class HFTokenizer:
         self.eot_id: int | None = next((i for i in ids if i is not None), None)
 
     def encode(self, text: str) -> list[int]:
-        return list(self.tok.encode(text, add_special_tokens=False))
+        return list(self.tok.encode(text, add_special_tokens=False, verbose=False))
 
     def decode(self, ids) -> str:
         return self.tok.decode(list(ids))
@@ -137,6 +137,18 @@ def load(path: str | Path, device: str | torch.device = "cpu"):
         raise ModelLoadError(
             "loading a Hugging Face folder needs transformers: pip install 'outlierlab[hf]'"
         ) from exc
+    from transformers.utils import logging as hf_logging
+
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # the CLI's stderr is for one-line errors
+    try:
+        return _load(transformers, path, device)
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
+def _load(transformers: Any, path: Path, device: str | torch.device):
     opts = {"local_files_only": True, "trust_remote_code": False}
     try:
         cfg = transformers.AutoConfig.from_pretrained(path, **opts)

@@ -297,7 +297,7 @@ class OutlierMonitor:
         """``{"tokens", "points": [{"name", ...metrics}], "summary"}``, JSON-safe (NaN → None)."""
         res = self.results()
         tokens = max((v["tokens"] for v in res.values()), default=0)
-        return _json_safe(
+        return json_safe(
             {
                 "tokens": tokens,
                 "points": [{"name": n, **v} for n, v in res.items()],
@@ -310,11 +310,11 @@ class OutlierMonitor:
         return json.dumps(self.to_dict(), indent=indent)
 
 
-def _json_safe(obj: Any) -> Any:
+def json_safe(obj: Any) -> Any:
     if isinstance(obj, float) and not math.isfinite(obj):
         return None
     if isinstance(obj, dict):
-        return {k: _json_safe(v) for k, v in obj.items()}
+        return {k: json_safe(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return [_json_safe(v) for v in obj]
+        return [json_safe(v) for v in obj]
     return obj

@@ -1,0 +1,223 @@
+"""``outlierlab measure MODEL_DIR``: per-layer outlier-feature metrics of a model on text.
+
+Loads an outlierlab run/model folder or a local Hugging Face folder (offline), tokenises the
+text with the model's own tokenizer into windows of ``--seq-len`` tokens, runs the
+:class:`~outlierlab.monitor.OutlierMonitor` over them and prints Kurt (Eq. 1), MMR (Eq. 2),
+token cosine similarity and the top outlier neurons per point. See docs/measure.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+from outlierlab.errors import ConfigError, DataError
+
+DEFAULT_SEQ_LEN = 128
+DEFAULT_MAX_TOKENS = 16384
+
+
+def add_parser(subparsers: Any) -> None:
+    p = subparsers.add_parser(
+        "measure",
+        help="outlier-feature metrics per layer of a model on text",
+        description=__doc__.splitlines()[0],
+    )
+    p.add_argument("model_dir", metavar="MODEL_DIR", help="run folder, saved GPT or HF folder")
+    p.add_argument(
+        "--data",
+        metavar="TEXTFILE_OR_DIR",
+        help="text to measure on (a file, or a folder of text files); default for a run folder: "
+        "its validation split",
+    )
+    p.add_argument(
+        "--seq-len",
+        type=int,
+        default=None,
+        help=f"tokens per window (default {DEFAULT_SEQ_LEN}, or the model's context if shorter)",
+    )
+    p.add_argument(
+        "--max-tokens",
+        type=int,
+        default=DEFAULT_MAX_TOKENS,
+        help=f"measure at most this many tokens (default {DEFAULT_MAX_TOKENS})",
+    )
+    p.add_argument("--batch-size", type=int, default=8, help="windows per forward (default 8)")
+    p.add_argument("--json", metavar="OUT", help="also write the results as JSON to OUT")
+    p.add_argument(
+        "--points",
+        nargs="+",
+        metavar="GLOB",
+        help="measure these module names (glob patterns) instead of the residual stream",
+    )
+    p.add_argument("--top", type=int, default=5, help="outlier neurons shown per row (default 5)")
+    p.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    p.set_defaults(func=run)
+
+
+def _positive(flag: str, value: int) -> None:
+    if value is None or value <= 0:
+        raise ConfigError(f"{flag} {value} is not allowed; allowed: a positive integer")
+
+
+def read_text(path: Path) -> list[str]:
+    """The documents under ``path``: the file itself, or every non-hidden text file below a
+    folder (sorted; files that are not UTF-8 text are skipped)."""
+    if not path.exists():
+        raise DataError(f"--data {path} does not exist")
+    files = [path] if path.is_file() else sorted(
+        f for f in path.rglob("*")
+        if f.is_file() and not any(part.startswith(".") for part in f.relative_to(path).parts)
+    )  # fmt: skip
+    docs = []
+    for f in files:
+        try:
+            text = f.read_bytes().decode("utf-8")
+        except (OSError, UnicodeDecodeError):
+            continue
+        if "\x00" not in text and text.strip():
+            docs.append(text)
+    if not docs:
+        raise DataError(f"--data {path} holds no text")
+    return docs
+
+
+def windows(tokenizer: Any, docs: list[str], seq_len: int, max_tokens: int):
+    """Documents → int64 (n, T) windows: the token stream (documents joined by the tokenizer's
+    end-of-text id when it has one) cut into consecutive windows of ``seq_len``, at most
+    ``max_tokens // seq_len`` of them; a stream shorter than one window gives one short window."""
+    import torch
+
+    stream: list[int] = []
+    for i, doc in enumerate(docs):
+        if i and tokenizer.eot_id is not None:
+            stream.append(tokenizer.eot_id)
+        stream.extend(tokenizer.encode(doc))
+    if len(stream) < 2:
+        raise DataError(f"the text gives {len(stream)} token(s); need at least 2")
+    if len(stream) < seq_len:
+        return torch.tensor([stream], dtype=torch.long)
+    n = max(1, min(len(stream) // seq_len, max_tokens // seq_len))
+    return torch.tensor(stream[: n * seq_len], dtype=torch.long).view(n, seq_len)
+
+
+def _run_windows(path: Path, seq_len: int, max_tokens: int):
+    """Validation windows of an outlierlab run folder (its own data config)."""
+    import warnings
+
+    from outlierlab.data import DataConfig, prepare, validation_windows
+
+    cfg = json.loads((path / "config.json").read_text())
+    data_cfg = DataConfig.from_dict(cfg["data"])
+    if data_cfg.tokenizer != "bytes" and (path / "tokenizer.json").is_file():
+        data_cfg.tokenizer = str(path / "tokenizer.json")
+    data = prepare(data_cfg, progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # fewer windows than asked: the token count says so
+        x, _ = validation_windows(data.val, seq_len, max(1, max_tokens // seq_len))
+    return x
+
+
+def measure(
+    loaded: Any,
+    x: Any,
+    batch_size: int,
+    points: list[str] | None = None,
+) -> dict[str, dict]:
+    """Monitor results of ``loaded`` over the windows ``x`` (exact Eq. 2: all tokens)."""
+    import torch
+
+    from outlierlab.monitor import OutlierMonitor
+
+    try:
+        mon = OutlierMonitor(loaded.model, points=points or "auto", mmr_max_tokens=None)
+    except ConfigError as exc:
+        if points:
+            raise
+        names = [n for n, _ in loaded.model.named_modules() if n][:3]
+        raise ConfigError(
+            f"{type(loaded.model).__name__} is not a supported architecture; pass "
+            f"--points GLOB [GLOB ...] with module names (e.g. {', '.join(names)})"
+        ) from exc
+    device = next(iter(loaded.model.parameters())).device
+    with mon, torch.no_grad():
+        for i in range(0, len(x), batch_size):
+            loaded(x[i : i + batch_size].to(device))
+    return mon.results()
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.seq_len is not None:
+        _positive("--seq-len", args.seq_len)
+    _positive("--max-tokens", args.max_tokens)
+    _positive("--batch-size", args.batch_size)
+    _positive("--top", args.top)
+    path = Path(args.model_dir)
+
+    from outlierlab.loading import load_model
+
+    loaded = load_model(path, device=args.device)
+    if args.seq_len is None:
+        args.seq_len = min(DEFAULT_SEQ_LEN, loaded.seq_len or DEFAULT_SEQ_LEN)
+    elif loaded.seq_len is not None and args.seq_len > loaded.seq_len:
+        raise ConfigError(f"--seq-len {args.seq_len} exceeds the model's context {loaded.seq_len}")
+    if args.data is not None:
+        docs = read_text(Path(args.data))
+        x = windows(loaded.tokenizer, docs, args.seq_len, args.max_tokens)
+    elif loaded.kind == "outlierlab" and (loaded.path / "config.json").is_file():
+        x = _run_windows(loaded.path, args.seq_len, args.max_tokens)
+    else:
+        raise DataError(f"--data TEXTFILE_OR_DIR is needed for {path} (it is not a run folder)")
+
+    res = measure(loaded, x, args.batch_size, args.points)
+    tokens = max((r["tokens"] for r in res.values()), default=0)
+    report = {
+        "model": str(path),
+        "tokens": tokens,
+        "points": [
+            {
+                "name": name,
+                "kurtosis": r["kurtosis"],
+                "mmr": r["mmr"],
+                "cos_sim": r["cos_sim"],
+                "outlier_neurons": r["outlier_neurons"],
+            }
+            for name, r in res.items()
+        ],
+    }
+    _print(report, tuple(x.shape), args.top)
+    if args.json:
+        _write_json(Path(args.json), report)
+    return 0
+
+
+def _print(report: dict, shape: tuple[int, ...], top: int) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    def num(v: float) -> str:
+        return "nan" if v is None or v != v else f"{v:.3f}"
+
+    table = Table(
+        title=f"{report['model']}: {report['tokens']} tokens ({shape[0]} × {shape[1]})",
+        title_justify="left",
+    )
+    for col in ("point", "Kurt", "MMR", "cos-sim"):
+        table.add_column(col, justify="left" if col == "point" else "right")
+    table.add_column("outlier neurons (RMS > 6× median)")
+    for p in report["points"]:
+        idx = p["outlier_neurons"]
+        shown = ", ".join(map(str, idx[:top])) + (
+            f", … (+{len(idx) - top})" if len(idx) > top else ""
+        )
+        table.add_row(p["name"], num(p["kurtosis"]), num(p["mmr"]), num(p["cos_sim"]), shown or "-")
+    Console(width=max(100, Console().width)).print(table)
+
+
+def _write_json(path: Path, obj: dict) -> None:
+    from outlierlab.monitor import json_safe
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(json_safe(obj), indent=2) + "\n")
