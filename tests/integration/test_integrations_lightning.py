@@ -12,7 +12,7 @@ import pytest
 import torch
 
 pytest.importorskip("lightning")
-pytestmark = pytest.mark.filterwarnings("ignore:.*LeafSpec.*:DeprecationWarning")
+pytestmark = pytest.mark.filterwarnings("ignore:.*LeafSpec")
 pytest.importorskip("transformers")
 
 import lightning as L  # noqa: E402

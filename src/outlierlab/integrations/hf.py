@@ -117,7 +117,7 @@ class OutlierCallback(TrainerCallback):
         self.monitor.enabled = False
         self._measuring_step = None
         results = self.monitor.results(all_reduce=_distributed())
-        summary = self.monitor.summary()
+        summary = self.monitor.summary(results)
         self.monitor.reset()
         if not results:
             return
@@ -158,7 +158,7 @@ class OutlierCallback(TrainerCallback):
         """Remove the monitor's hooks (idempotent; call it if training raised)."""
         if self.monitor is not None:
             monitor, self.monitor = self.monitor, None
-            monitor.__exit__(None, None, None)
+            monitor.close()
         self._measuring_step = None
 
 

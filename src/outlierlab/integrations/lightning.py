@@ -117,7 +117,7 @@ class OutlierCallback(Callback):
         step, self._measuring_step = self._measuring_step, None
         self.monitor.enabled = False
         results = self.monitor.results(all_reduce=trainer.world_size > 1)
-        summary = self.monitor.summary()
+        summary = self.monitor.summary(results)
         self.monitor.reset()
         if not results:
             return
@@ -140,5 +140,5 @@ class OutlierCallback(Callback):
         """Remove the monitor's hooks (idempotent)."""
         if self.monitor is not None:
             monitor, self.monitor = self.monitor, None
-            monitor.__exit__(None, None, None)
+            monitor.close()
         self._measuring_step = None
