@@ -266,7 +266,7 @@ def _rewrite_config(folder, **changes):
 
     path = folder / "model_config.json"
     meta = json.loads(path.read_text())
-    meta.pop("weights_sha256")
+    meta.pop("weights_sha256", None)
     meta["config"].update(changes)
     path.write_text(json.dumps(meta))
 
@@ -301,6 +301,9 @@ def test_load_errors(tmp_path):
     tiny("pre-ln").save(folder)
     _rewrite_config(folder, final_norm=False, norm="rmsnorm")
     _one_line_error(folder, "missing|unexpected")
+
+    _rewrite_config(folder, n_layers=3)
+    _one_line_error(folder, "model_config.json: unknown model field 'n_layers'")
 
     weights.unlink()
     _one_line_error(folder, "model.safetensors: missing")

@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from outlierlab.errors import ModelLoadError
+from outlierlab.errors import ConfigError, ModelLoadError
 from outlierlab.model.config import GPTConfig
 
 WEIGHTS_FILE = "model.safetensors"
@@ -340,7 +340,10 @@ class GPT(nn.Module):
             raise ModelLoadError(f"{cfg_path}: not valid JSON ({_one_line(exc)})") from exc
         if not isinstance(meta, dict) or meta.get("format") != FORMAT or "config" not in meta:
             raise ModelLoadError(f"{cfg_path}: not an outlierlab GPT config (format {FORMAT!r})")
-        cfg = GPTConfig.from_dict(meta["config"])
+        try:
+            cfg = GPTConfig.from_dict(meta["config"])
+        except ConfigError as exc:
+            raise ModelLoadError(f"{cfg_path}: {exc}") from exc
         expected = meta.get("weights_sha256")
         if expected is not None and _sha256(weights) != expected:
             raise ModelLoadError(f"{weights}: checksum does not match {CONFIG_FILE} (tampered?)")
