@@ -143,6 +143,12 @@ def test_alert_fires_once_on_planted_outlier_and_never_on_clean(tmp_path, caplog
     assert clean.alert_fired is None
 
 
+def test_auto_finds_the_wrapped_network(tmp_path):
+    cb = OutlierCallback(every=1)  # no model_attr: the one known child, module.model
+    fit(tmp_path, TinyLM(), cb, steps=1)
+    assert list(cb.last_results) == POINTS
+
+
 def test_unknown_model_attr_is_a_config_error(tmp_path):
     from outlierlab.errors import ConfigError
 

@@ -40,9 +40,12 @@ class OutlierCallback(Callback):
 
     ``model_attr`` names the attribute of the LightningModule that holds the network to
     measure (e.g. ``"model"`` for ``self.model = GPT2LMHeadModel(...)``); None measures the
-    LightningModule itself. Optimiser step s (1-based: ``trainer.global_step`` once it is
-    done) is measured when ``s % every == 0`` and written to the loggers at logger step s − 1,
-    where Lightning writes that step's own metrics (its loss), so the curves line up.
+    LightningModule itself or, with ``points="auto"``, the one child network whose residual
+    stream outlierlab knows (an outlierlab ``GPT`` or a Hugging Face family).
+
+    Optimiser step s (1-based: ``trainer.global_step`` once it is done) is measured when
+    ``s % every == 0`` and written to the loggers at logger step s − 1, where Lightning writes
+    that step's own metrics (its loss), so the curves line up.
     """
 
     def __init__(
@@ -83,13 +86,7 @@ class OutlierCallback(Callback):
     def on_train_start(self, trainer, pl_module) -> None:
         from outlierlab.monitor import OutlierMonitor
 
-        target = pl_module
-        if self.model_attr is not None:
-            target = getattr(pl_module, self.model_attr, None)
-            if target is None:
-                raise ConfigError(
-                    f"model_attr={self.model_attr!r}: the LightningModule has no such attribute"
-                )
+        target = self._target(pl_module)
         self.close()
         self.monitor = OutlierMonitor(
             target, points=self.points, every=1, cos_max_tokens=self.cos_max_tokens, seed=self.seed
@@ -99,6 +96,23 @@ class OutlierCallback(Callback):
         self.history = []
         if self.alert is not None:
             self.alert.reset()
+
+    def _target(self, pl_module: Any) -> Any:
+        """The module to measure: ``model_attr``, else the LightningModule itself, else (with
+        ``points="auto"``) its only child whose residual points are known."""
+        from outlierlab.monitor import auto_points
+
+        if self.model_attr is not None:
+            target = getattr(pl_module, self.model_attr, None)
+            if target is None:
+                raise ConfigError(
+                    f"model_attr={self.model_attr!r}: the LightningModule has no such attribute"
+                )
+            return target
+        if self.points != "auto" or auto_points(pl_module) is not None:
+            return pl_module
+        known = [c for c in pl_module.children() if auto_points(c) is not None]
+        return known[0] if len(known) == 1 else pl_module  # else the monitor says what is wrong
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         # Every micro-batch of one optimiser step sees the same global_step; the first one of
