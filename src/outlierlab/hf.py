@@ -168,7 +168,7 @@ def _load(transformers: Any, path: Path, device: str | torch.device):
                 model = transformers.AutoModel.from_pretrained(path, **opts)
         else:
             model = model_cls.from_pretrained(path, **opts)
-    except (OSError, RuntimeError, ValueError) as exc:
+    except Exception as exc:  # safetensors and torch raise several types for bad files
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelLoadError(f"cannot load the weights in {path}: {first}") from exc
     try:
