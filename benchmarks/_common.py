@@ -220,6 +220,7 @@ class LoopInterleaver:
         self.error: BaseException | None = None
         self.timings = Timings(names, {n: [] for n in names})
         self.results: dict[str, object] = {}
+        self.warmup_seconds: dict[str, list[float]] = {n: [] for n in names}
 
     def _wait(self, pred: Callable[[], bool]) -> None:
         with self.cond:
@@ -246,6 +247,8 @@ class LoopInterleaver:
                 st["blocks"] += 1
                 if st["blocks"] > self.warmup:
                     self.timings.seconds[name].append(now - st["t0"])
+                else:
+                    self.warmup_seconds[name].append(now - st["t0"])
                 self._advance()
                 if st["blocks"] == total:  # done: wait for everyone, then finish untimed
                     self._wait(lambda: self.pos == len(self.schedule))

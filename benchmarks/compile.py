@@ -1,0 +1,82 @@
+"""``train.compile=true`` (torch.compile, inductor) vs eager on CPU.
+
+Two ``outlierlab.train.train(cfg)`` loops in this process, identical but for ``train.compile``,
+alternating blocks of steps (``_common.LoopInterleaver``). The first block of each (compilation
+and warm-up) is untimed; compile time is reported separately from that block. Headline: the
+median over rounds of tokens/s(compiled) / tokens/s(eager) at the largest size run.
+Goal ≥ 1.2×.
+
+    python benchmarks/compile.py [--quick] [--sizes S,L]
+"""
+
+from __future__ import annotations
+
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import _common
+
+SIZES = {  # name: (n_layer, d_model, n_head, seq_len, batch_size)
+    "S": (2, 64, 2, 64, 8),
+    "M": (4, 128, 4, 128, 16),
+    "L": (6, 192, 6, 128, 16),  # the default preset (SPEC §6)
+}
+
+
+def run_config(size: str, compile_: bool, out: Path):
+    from outlierlab import config
+
+    L, d, h, T, B = SIZES[size]
+    return config.load("default", overrides=[
+        f"model.n_layer={L}", f"model.d_model={d}", f"model.n_head={h}", f"model.seq_len={T}",
+        f"train.batch_size={B}", "train.eval_every=0", "train.ckpt_every=0",
+        "train.eval_windows=4", "train.log_every=10", "log.kurtosis_every=0",
+        f"train.compile={str(compile_).lower()}", "train.device=cpu", f"out={out}",
+    ])  # fmt: skip
+
+
+def main(argv=None) -> float:
+    def add(p):
+        p.add_argument("--sizes", default=None, help="comma list of S,M,L (default M,L; "
+                       "--quick: S)")
+        p.add_argument("--block", type=int, default=10)
+
+    args = _common.parse_args(__doc__.splitlines()[0], argv, add, rounds=6, quick_rounds=3)
+    sizes = (args.sizes or ("S" if args.quick else "M,L")).split(",")
+    _common.print_machine()
+    import torch
+
+    rows, ratios = [], []
+    for size in sizes:
+        with tempfile.TemporaryDirectory(prefix="bench-compile-") as tmp:
+            cfgs = {"compiled": run_config(size, True, Path(tmp) / "c"),
+                    "eager": run_config(size, False, Path(tmp) / "e")}  # fmt: skip
+            torch._dynamo.reset()
+            t0 = time.perf_counter()
+            inter = _common.LoopInterleaver(cfgs, block=args.block, rounds=args.rounds)
+            t = inter.run()
+            wall = time.perf_counter() - t0
+        L, d, _, T, B = SIZES[size]
+        tok = args.block * B * T
+        speed = [e / c for c, e in zip(t.seconds["compiled"], t.seconds["eager"])]
+        first = inter.warmup_seconds["compiled"][0] - inter.warmup_seconds["eager"][0]
+        print(f"size {size}: per-round speed-ups " + " ".join(f"{x:.3f}" for x in speed)
+              + f"; compilation ≈ {first:.0f} s (first block, compiled − eager); "
+              f"benchmark wall {wall:.0f} s", flush=True)
+        rows.append([size, f"{L}×{d}, T={T}, B={B}", tok / statistics.median(t.seconds["eager"]),
+                     tok / statistics.median(t.seconds["compiled"]), _common.spread(speed)])
+        ratios.append(statistics.median(speed))
+    _common.print_table(
+        ["size", "shape", "eager tok/s", "compiled tok/s", "compiled / eager, median [min–max]"],
+        rows,
+    )
+    head = ratios[-1]
+    _common.print_headline(head, f"goal ≥ 1.2× at size {sizes[-1]}: "
+                           f"{'met' if head >= 1.2 else 'NOT met'}")
+    return head
+
+
+if __name__ == "__main__":
+    main()
