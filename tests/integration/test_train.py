@@ -170,3 +170,25 @@ def test_existing_run_is_not_overwritten_and_maths_change_refused(corpus, cache_
     res = train(C.resume_config(out, ["train.steps=5"]), resume=True, progress=False)
     assert res.status == "finished" and res.step == 5
     assert [r["step"] for r in read_metrics(out / "metrics.jsonl")][-1] == 5
+
+
+def test_tensorboard_events_and_missing_wandb(corpus, cache_dir, tmp_path, capsys):
+    out = tmp_path / "tb"
+    train(tiny_cfg(corpus, out, "train.steps=4", "train.log_every=2", "log.tensorboard=true",
+                   "log.kurtosis_every=4"), progress=False)
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    ev = EventAccumulator(str(out / "tb"))
+    ev.Reload()
+    tags = ev.Tags()["scalars"]
+    assert "loss" in tags and "kurtosis/blocks.1.resid_post" in tags
+    assert [e.step for e in ev.Scalars("loss")] == [2, 4]
+    try:
+        import wandb  # noqa: F401
+    except ImportError:
+        args = ["train", "--preset", "tiny", *TINY, f"data.source={corpus}", "log.wandb=true",
+                f"out={tmp_path / 'wb'}"]
+        assert main(args) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "pip install" in err[0] and "wandb" in err[0]
+        assert not (tmp_path / "wb").exists()

@@ -202,6 +202,7 @@ def train(cfg: RunConfig, resume: bool = False, *, progress: bool = True) -> Run
             print(cfg.to_toml(), flush=True)
         writer = sinks = None
         if d.is_main:
+            sinks = Sinks(cfg.log, run.path, cfg.to_dict())  # fails early if wandb is missing
             run.create()
             write_json(run.config, cfg.to_dict())
             if cfg.data.tokenizer != "bytes":
@@ -210,7 +211,6 @@ def train(cfg: RunConfig, resume: bool = False, *, progress: bool = True) -> Run
             run.set_status("running", step, "", data_fingerprint=data.fingerprint,
                            started=run.read_status().get("started", utc_now()))
             writer = MetricsWriter(run.metrics)
-            sinks = Sinks(cfg.log, run.path, cfg.to_dict())
 
         # ---- wrappers: DDP, compile, autocast, monitor
         model = raw
