@@ -326,3 +326,13 @@ def test_a_few_adamw_steps_reduce_the_loss(preset, overrides):
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < 0.75 * losses[0], losses
+
+
+@pytest.mark.parametrize("overrides", [{}, {"logit_softcap": 30.0}])
+def test_dropout_only_in_training(overrides):
+    model = tiny("op", dropout=0.2, **overrides)
+    idx = torch.randint(0, 64, (2, 16))
+    with torch.no_grad():
+        assert torch.equal(model(idx), model(idx))  # eval: deterministic
+        model.train()
+        assert not torch.equal(model(idx), model(idx))
