@@ -31,7 +31,8 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out or Path("runs") / grid.name)
     print(f"reproduce {grid.name}: {len(grid.points)} runs into {out}, "
           f"{args.workers} worker(s)")
-    summary = run_sweep(grid, out, workers=args.workers, quantize=not args.no_quantize)
+    summary = run_sweep(grid, out, workers=args.workers, threads=args.threads,
+                        quantize=not args.no_quantize)
     rc = report_summary(summary)
     runs = [load_run(out / p.name) for p in grid.points if (out / p.name / "config.json").is_file()]
     if not runs:

@@ -23,6 +23,8 @@ def add_sweep_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", metavar="DIR", help="sweep folder (default: runs/<grid name>)")
     p.add_argument("--workers", type=int, default=1, metavar="N",
                    help="runs at once on this machine; each gets cores/N threads (default 1)")
+    p.add_argument("--threads", type=int, metavar="T",
+                   help="torch threads per run (default: cores / workers)")
     p.add_argument("--no-quantize", action="store_true", help="train only")
 
 
@@ -37,7 +39,8 @@ def run(args: argparse.Namespace) -> int:
             print(line)
         return 0
     print(f"sweep {grid.name}: {len(grid.points)} runs into {out}, {args.workers} worker(s)")
-    summary = run_sweep(grid, out, workers=args.workers, quantize=not args.no_quantize)
+    summary = run_sweep(grid, out, workers=args.workers, threads=args.threads,
+                        quantize=not args.no_quantize)
     return report_summary(summary)
 
 

@@ -15,6 +15,7 @@ model = "op"
 "optim.name" = "adamw"
 [quant]
 schemes = ["w8a8-tensor", "w8a8-dynamic"]
+args = ["--calib-batches", "8"]  # optional: more `outlierlab quantize` options for every run
 ```
 
 Keys are the dotted override names of ``outlierlab train``; quote them (``"optim.lr"``) or
@@ -75,13 +76,16 @@ class Grid:
     points: list[GridPoint]
     preset: str | None = None
     schemes: tuple[str, ...] = DEFAULT_SCHEMES
+    quant_args: tuple[str, ...] = ()
+    """Extra ``outlierlab quantize`` options for every run (``quant.args``)."""
     description: str = ""
     base: dict[str, Any] = field(default_factory=dict)
     source: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "description": self.description, "preset": self.preset,
-                "schemes": list(self.schemes), "base": self.base, "source": self.source,
+                "schemes": list(self.schemes), "quant_args": list(self.quant_args),
+                "base": self.base, "source": self.source,
                 "points": [{"name": p.name, "overrides": p.overrides} for p in self.points]}
 
 
@@ -224,15 +228,20 @@ def parse_grid(data: dict[str, Any], *, default_name: str = "sweep", source: str
 
     quant = dict(data.get("quant", {}))
     schemes = quant.pop("schemes", list(DEFAULT_SCHEMES))
+    qargs = quant.pop("args", [])
     if quant:
-        raise ConfigError(f"grid: unknown key quant.{sorted(quant)[0]}; allowed: quant.schemes")
+        raise ConfigError(f"grid: unknown key quant.{sorted(quant)[0]}; allowed: quant.schemes, "
+                          "quant.args")
     if not isinstance(schemes, list) or not all(isinstance(s, str) for s in schemes):
         raise ConfigError("grid: quant.schemes must be a list of scheme names (may be empty)")
+    if not isinstance(qargs, list):
+        raise ConfigError("grid: quant.args must be a list of `outlierlab quantize` options")
     preset = data.get("preset")
     if preset is not None and not isinstance(preset, str):
         raise ConfigError("grid: preset must be a training preset name (a string)")
     return Grid(name=_safe(str(data.get("name", default_name))), points=points, preset=preset,
-                schemes=tuple(schemes), description=str(data.get("description", "")),
+                schemes=tuple(schemes), quant_args=tuple(str(a) for a in qargs),
+                description=str(data.get("description", "")),
                 base=base, source=source)
 
 

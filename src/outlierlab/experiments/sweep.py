@@ -6,7 +6,8 @@ State is read from each run folder (docs/ARCHITECTURE.md), so a sweep can be re-
 time: finished runs are skipped, interrupted or crashed ones resumed (``--resume``), diverged
 ones kept as results; quantisation results newer than the final weights are kept. Nothing is
 shared between runs but the output folder, so ``--dry-run``'s commands can go to any scheduler.
-``workers`` runs that many points at once, each with ``OMP_NUM_THREADS = cores // workers``.
+``workers`` runs that many points at once, each with ``OMP_NUM_THREADS = cores // workers``
+(or ``threads``).
 """
 
 from __future__ import annotations
@@ -61,10 +62,11 @@ def quant_path(run_dir: Path, scheme: str) -> Path:
     return run_dir / "quant" / f"{scheme}.json"
 
 
-def quant_command(run_dir: Path, scheme: str, python: str) -> list[str]:
+def quant_command(run_dir: Path, scheme: str, python: str,
+                  extra: tuple[str, ...] = ()) -> list[str]:
     """The exact ``outlierlab quantize`` command writing ``RUN_DIR/quant/<scheme>.json``."""
     return [python, "-m", "outlierlab", "quantize", str(run_dir), "--scheme", scheme,
-            "--json", str(quant_path(run_dir, scheme))]
+            *extra, "--json", str(quant_path(run_dir, scheme))]
 
 
 def quant_done(run_dir: Path, scheme: str) -> bool:
@@ -111,9 +113,10 @@ class SweepSummary:
         return not self.failed
 
 
-def default_workers_env(workers: int) -> dict[str, str]:
-    """Thread settings for one of ``workers`` concurrent runs: cores split evenly."""
-    n = str(max(1, (os.cpu_count() or 1) // max(1, workers)))
+def threads_env(workers: int, threads: int | None = None) -> dict[str, str]:
+    """Thread settings for one of ``workers`` concurrent runs: ``threads``, or the cores split
+    evenly."""
+    n = str(threads or max(1, (os.cpu_count() or 1) // max(1, workers)))
     return {"OMP_NUM_THREADS": n, "MKL_NUM_THREADS": n}
 
 
@@ -144,7 +147,8 @@ def dry_run_lines(grid: Grid, out: Path, python: str, quantize: bool = True) -> 
         if state in ("new", "resume"):
             cmds.append(train_command(grid, p, d, python, resume=state == "resume"))
         if quantize and state != "diverged":
-            cmds += [quant_command(d, s, python) for s in grid.schemes if not quant_done(d, s)]
+            cmds += [quant_command(d, s, python, grid.quant_args) for s in grid.schemes
+                     if not quant_done(d, s)]
         if cmds:
             lines.append(" && ".join(shlex.join(c) for c in cmds))
         else:
@@ -152,16 +156,19 @@ def dry_run_lines(grid: Grid, out: Path, python: str, quantize: bool = True) -> 
     return lines
 
 
-def run_sweep(grid: Grid, out: str | Path, *, workers: int = 1, quantize: bool = True,
-              python: str | None = None, echo: Callable[[str], None] = print) -> SweepSummary:
+def run_sweep(grid: Grid, out: str | Path, *, workers: int = 1, threads: int | None = None,
+              quantize: bool = True, python: str | None = None,
+              echo: Callable[[str], None] = print) -> SweepSummary:
     """Train (or resume) every pending point, then quantise every finished one; writes
     ``OUT/sweep.json`` and each run's output to ``RUN_DIR/sweep.log``."""
     if workers < 1:
         raise ConfigError(f"--workers {workers} is not allowed; allowed: an integer ≥ 1")
+    if threads is not None and threads < 1:
+        raise ConfigError(f"--threads {threads} is not allowed; allowed: an integer ≥ 1")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     python = python or sys.executable
-    env = {**os.environ, **default_workers_env(workers)}
+    env = {**os.environ, **threads_env(workers, threads)}
     n = len(grid.points)
     lock = threading.Lock()
     t0 = time.perf_counter()
@@ -197,7 +204,7 @@ def run_sweep(grid: Grid, out: str | Path, *, workers: int = 1, quantize: bool =
             for s in grid.schemes:
                 if quant_done(d, s):
                     continue
-                rc = _run(quant_command(d, s, python), d / LOG_NAME, env)
+                rc = _run(quant_command(d, s, python, grid.quant_args), d / LOG_NAME, env)
                 (o.quantized if rc == 0 and quant_path(d, s).is_file()
                  else o.quant_failed).append(s)
             o.quant_s = time.perf_counter() - t
@@ -213,7 +220,8 @@ def run_sweep(grid: Grid, out: str | Path, *, workers: int = 1, quantize: bool =
         with ThreadPoolExecutor(max_workers=workers) as pool:
             outcomes = list(pool.map(lambda ip: job(*ip), enumerate(grid.points)))
     summary = SweepSummary(out, outcomes, time.perf_counter() - t0)
-    manifest = {"grid": grid.to_dict(), "workers": workers, "wall_s": summary.wall_s,
+    manifest = {"grid": grid.to_dict(), "workers": workers,
+                "threads": int(env["OMP_NUM_THREADS"]), "wall_s": summary.wall_s,
                 "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                 "outcomes": [asdict(o) for o in outcomes]}
     (out / MANIFEST).write_text(json.dumps(manifest, indent=1))
