@@ -336,3 +336,14 @@ def test_dropout_only_in_training(overrides):
         assert torch.equal(model(idx), model(idx))  # eval: deterministic
         model.train()
         assert not torch.equal(model(idx), model(idx))
+
+
+def test_rotary_logits_depend_on_relative_position_only():
+    attn = tiny("op", pos_encoding="rotary").blocks[1].attn
+    x = torch.randn(1, 1, TINY["d_model"]).expand(1, 16, -1)  # the same input everywhere
+    with torch.no_grad():
+        logits = attn.attention_logits(x)[0, 0]  # (T, T)
+    for offset in (0, -3, 5):
+        diag = logits.diagonal(offset)
+        torch.testing.assert_close(diag, diag[:1].expand_as(diag), rtol=1e-4, atol=1e-5)
+    assert (logits.diagonal(0)[0] - logits.diagonal(-3)[0]).abs() > 1e-4  # positions matter

@@ -65,7 +65,8 @@ ACTIVATIONS = {
 
 
 class Rotary(nn.Module):
-    """RoPE (Su et al.): rotate (even, odd) halves of q and k by position-dependent angles."""
+    """RoPE (Su et al. 2021), GPT-NeoX layout: pairs (x_i, x_{i+hs/2}) rotate by angle
+    t·base^(-2i/hs) at position t, so q_s·k_t depends on s − t only."""
 
     def __init__(self, d_head: int, base: float = 10000.0) -> None:
         super().__init__()
@@ -74,7 +75,7 @@ class Rotary(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (B, nh, T, hs)
         t = torch.arange(x.size(-2), device=x.device, dtype=torch.float32)
-        angles = torch.outer(t, self.inv_freq)  # (T, hs/2)
+        angles = torch.outer(t, self.inv_freq.float())  # (T, hs/2), float32 under bf16
         cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
         x1, x2 = x[..., : x.size(-1) // 2], x[..., x.size(-1) // 2 :]
         return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
