@@ -96,7 +96,7 @@ def layer_report(qmodel: nn.Module, x: torch.Tensor, batch_size: int = 8) -> lis
     resid = residual_quantizers(qmodel)
     for m in layers.values():
         m.act.stats = ActStats()
-        m.kurt_acc = _kurt_accumulator(m.in_features)
+        m.kurt_acc = _kurt_accumulator(m.in_features)  # Kurt of the layer input, SPEC §1 Eq. 1
     for aq in resid.values():
         aq.stats = ActStats()
     device = _device(qmodel)
@@ -195,6 +195,9 @@ def quantize_and_evaluate(
     sx = val_x[: max(1, min(stats_windows, val_x.shape[0]))]
     layers = layer_report(qmodel, sx, batch_size)
     resid = residual_kurtosis(model, sx, batch_size)
+    for row in layers:
+        if row["kind"] == "residual":
+            row["kurtosis"] = resid["points"].get(row["name"])
     return {
         "scheme": cfg.name,
         "config": cfg.to_dict(),

@@ -194,7 +194,7 @@ class QuantLinear(nn.Module):
             m = x.detach().abs().reshape(-1, x.shape[-1]).amax(0)
             self._xmax = m if self._xmax is None else torch.maximum(self._xmax, m)
         if self.kurt_acc is not None:
-            self.kurt_acc.update(x.detach().reshape(-1, x.shape[-1]).float())
+            self.kurt_acc.update(x.detach(), mmr_max_tokens=256)
         if self.inv_smooth is not None:
             x = x * self.inv_smooth
         x = self.act(x)

@@ -1,0 +1,280 @@
+"""``outlierlab quantize``: FP vs fake-quantised perplexity and the per-layer damage (SPEC §4).
+
+Calibration batches come from the TRAIN split, perplexity from the first validation windows:
+for a run folder, the run's own data config; for a Hugging Face folder (or a bare model folder),
+``--data`` (default: the stdlib corpus) split by document and tokenised with the model's own
+tokenizer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+from outlierlab.errors import ConfigError, DataError, ModelLoadError
+
+DEFAULT_SCHEME = "w8a8-tensor"
+HF_DEFAULT_SEQ_LEN = 256
+
+
+def add_parser(subparsers: Any) -> None:
+    p = subparsers.add_parser(
+        "quantize",
+        help="perplexity of a run or HF model after simulated W8A8 (or other) quantisation",
+        description=__doc__.splitlines()[0],
+    )
+    p.add_argument(
+        "path", metavar="RUN_DIR_OR_HF_DIR", help="run folder, model folder or HF folder"
+    )
+    p.add_argument(
+        "--scheme",
+        default=DEFAULT_SCHEME,
+        help="w8a8-tensor (default), w8a8-dynamic, w4a8, w8a4; the options below override it",
+    )
+    p.add_argument("--w-bits", type=int, help="weight bits, 2..16 (16 ≈ full precision)")
+    p.add_argument("--a-bits", type=int, help="activation bits, 2..16")
+    p.add_argument("--w-granularity", choices=["tensor", "channel"])
+    p.add_argument("--w-range", choices=["minmax", "mse"])
+    p.add_argument(
+        "--w-symmetric", action=argparse.BooleanOptionalAction, default=None, help="weight grid"
+    )
+    p.add_argument("--a-granularity", choices=["tensor", "token"], help="static or per-token")
+    p.add_argument("--a-range", choices=["minmax", "percentile"], help="static range method")
+    p.add_argument("--a-percentile", type=float, help="e.g. 99.999 (with --a-range percentile)")
+    p.add_argument(
+        "--a-symmetric", action=argparse.BooleanOptionalAction, default=None, help="act. grid"
+    )
+    p.add_argument("--quantize-head", action="store_true", help="quantise the LM head too")
+    p.add_argument(
+        "--quantize-residual",
+        action="store_true",
+        help="also quantise the residual stream (embedding output and every block output)",
+    )
+    p.add_argument("--smooth", type=float, metavar="ALPHA", help="SmoothQuant migration, 0..1")
+    p.add_argument("--calib-batches", type=int, default=16, help="training batches (default 16)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--seq-len", type=int, help="window length (default: the model's context)")
+    p.add_argument("--data", help="text source for HF/model folders (default: stdlib)")
+    p.add_argument("--eval-windows", type=int, default=64, help="validation windows (default 64)")
+    p.add_argument("--stats-windows", type=int, default=16, help="windows for the layer table")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--seed", type=int, default=0, help="seed of the calibration batch sampler")
+    p.add_argument("--json", metavar="OUT", help="write the result as JSON here")
+    p.add_argument(
+        "--save",
+        metavar="PATH",
+        help="result JSON (default for run folders: RUN_DIR/quant/<scheme>.json)",
+    )
+    p.add_argument("--no-save", action="store_true", help="do not write RUN_DIR/quant/")
+    p.add_argument("--quiet", action="store_true", help="no per-layer table")
+    p.set_defaults(func=run)
+
+
+def build_config(args: argparse.Namespace):
+    """The QuantConfig of ``--scheme`` with every given option applied."""
+    from outlierlab.quant.config import scheme
+
+    overrides = {
+        "w_bits": args.w_bits,
+        "a_bits": args.a_bits,
+        "w_granularity": args.w_granularity,
+        "w_range": args.w_range,
+        "w_symmetric": args.w_symmetric,
+        "a_granularity": args.a_granularity,
+        "a_range": args.a_range,
+        "a_percentile": args.a_percentile,
+        "a_symmetric": args.a_symmetric,
+        "smooth_alpha": args.smooth,
+    }
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    if args.quantize_head:
+        overrides["quantize_head"] = True
+    if args.quantize_residual:
+        overrides["quantize_residual"] = True
+    return scheme(args.scheme, **overrides)
+
+
+def _positive(name: str, value: int) -> None:
+    if value < 1:
+        raise ConfigError(f"{name} must be ≥ 1, got {value}")
+
+
+def _run_data_config(path: Path):
+    """The run's own DataConfig (config.json ``data``), or None for HF / bare model folders."""
+    from outlierlab.data import DataConfig
+
+    run_cfg = path / "config.json"
+    if not run_cfg.is_file():
+        return None
+    try:
+        section = json.loads(run_cfg.read_text()).get("data")
+    except (ValueError, OSError):
+        return None
+    if not isinstance(section, dict):
+        return None
+    cfg = DataConfig.from_dict(section)
+    if cfg.tokenizer != "bytes" and (path / "tokenizer.json").is_file():
+        cfg.tokenizer = str(path / "tokenizer.json")  # the exact tokenizer the run trained with
+    return cfg
+
+
+def split_tokens(
+    source: str, tokenizer: Any, need_train: int, need_val: int, val_fraction: float = 0.05
+) -> tuple[Any, Any]:
+    """Train and validation token arrays for a model that brings its own tokenizer.
+
+    The corpus is split by document as the data module does (:func:`split_documents`); each
+    side is tokenised with the model's tokenizer (documents joined by its end-of-text id, if
+    any) only until it holds ``need`` tokens (4 × for train, so calibration batches vary).
+    """
+    import numpy as np
+
+    from outlierlab.data import collect, split_documents
+
+    train_docs, val_docs = split_documents(collect(source).documents, val_fraction)
+
+    def encode(docs, need: int) -> np.ndarray:
+        ids: list[int] = []
+        for doc in docs:
+            ids += tokenizer.encode(doc.text)
+            if tokenizer.eot_id is not None:
+                ids.append(tokenizer.eot_id)
+            if len(ids) >= need:
+                break
+        return np.asarray(ids, dtype=np.int64)
+
+    return encode(train_docs, 4 * need_train), encode(val_docs, need_val)
+
+
+def _is_run_folder(path: Path) -> bool:
+    cfg = path / "config.json"
+    if not cfg.is_file():
+        return False
+    try:
+        return isinstance(json.loads(cfg.read_text()).get("data"), dict)
+    except (ValueError, OSError):
+        return False
+
+
+def run(args: argparse.Namespace) -> int:
+    cfg = build_config(args)  # user mistakes in options fail before anything loads
+    for name in ("calib_batches", "batch_size", "eval_windows", "stats_windows"):
+        _positive("--" + name.replace("_", "-"), getattr(args, name))
+    path = Path(args.path)
+    if not path.is_dir():
+        raise ModelLoadError(f"{path} is not a folder; expected a run folder or an HF model folder")
+
+    import warnings
+
+    import torch
+
+    from outlierlab.data import prepare, validation_windows
+    from outlierlab.loading import load_model
+    from outlierlab.quant.evaluate import calibration_batches, quantize_and_evaluate
+
+    loaded = load_model(path, device=args.device)
+    seq_len = args.seq_len
+    if seq_len is None:
+        seq_len = loaded.seq_len or HF_DEFAULT_SEQ_LEN
+        if loaded.kind == "hf":
+            seq_len = min(seq_len, HF_DEFAULT_SEQ_LEN)
+    _positive("--seq-len", seq_len)
+    if loaded.seq_len is not None and seq_len > loaded.seq_len:
+        raise ConfigError(f"--seq-len {seq_len} exceeds the model's context {loaded.seq_len}")
+
+    data_cfg = None if args.data is not None else _run_data_config(path)
+    if data_cfg is not None:  # a run folder: its own corpus, split and tokenizer
+        data = prepare(data_cfg, progress=False)
+        train, val = data.train, data.val
+    else:  # HF or bare model folder: --data (default stdlib) with the model's tokenizer
+        need_train = args.calib_batches * args.batch_size * seq_len + 1
+        train, val = split_tokens(
+            args.data or "stdlib", loaded.tokenizer, need_train, args.eval_windows * seq_len + 1
+        )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # fewer windows than asked: reported in the result
+        val_x, val_y = validation_windows(val, seq_len, args.eval_windows)
+    calib = calibration_batches(train, seq_len, args.batch_size, args.calib_batches, args.seed)
+    vocab = int(max(val_x.max(), max(int(b.max()) for b in calib))) + 1
+    out_vocab = loaded.logits(val_x[:1, :2].to(args.device)).shape[-1]
+    if vocab > out_vocab:
+        raise DataError(
+            f"the data holds token id {vocab - 1} but the model's vocabulary is {out_vocab}"
+        )
+
+    with torch.no_grad():
+        result = quantize_and_evaluate(
+            loaded.model, cfg, calib, val_x, val_y, args.batch_size, args.stats_windows
+        )
+    result = {"model": str(path), "kind": loaded.kind, **result}
+    _print(result, quiet=args.quiet)
+
+    save = args.save
+    if save is None and not args.no_save and loaded.kind == "outlierlab" and _is_run_folder(path):
+        save = str(path / "quant" / f"{result['scheme']}.json")
+    for out in {p for p in (args.json, save) if p}:
+        _write_json(Path(out), result)
+    return 0
+
+
+def _write_json(path: Path, obj: dict[str, Any]) -> None:
+    import math
+    import os
+
+    def clean(v: Any) -> Any:
+        if isinstance(v, float) and not math.isfinite(v):
+            return None
+        if isinstance(v, dict):
+            return {k: clean(x) for k, x in v.items()}
+        if isinstance(v, list):
+            return [clean(x) for x in v]
+        return v
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(clean(obj), indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def _fmt(v: float | None, spec: str = ".1f") -> str:
+    return "—" if v is None else format(v, spec)
+
+
+def _print(result: dict[str, Any], quiet: bool = False) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    fp, q = result["fp_ppl"], result["quant_ppl"]
+    if not quiet:
+        table = Table(
+            title=f"{result['scheme']}: per-layer damage ({result['stats_windows']} windows)"
+        )
+        for col in ("layer", "Kurt", "act range", "act SQNR dB", "w SQNR dB"):
+            table.add_column(col, justify="left" if col == "layer" else "right")
+        for row in result["layers"]:
+            table.add_row(
+                row["name"],
+                _fmt(row["kurtosis"], ".2f"),
+                f"[{row['act_min']:.3g}, {row['act_max']:.3g}]",
+                _fmt(row["act_sqnr_db"]),
+                _fmt(row["weight_sqnr_db"]),
+            )
+        console.print(table)
+    console.print(
+        f"scheme {result['scheme']}  windows {result['eval_windows']}×{result['seq_len']}  "
+        f"calib {result['calib_batches']} train batches"
+    )
+    console.print(f"FP perplexity     {fp:.3f}")
+    console.print(f"quant perplexity  {q:.3f}")
+    console.print(f"increase          {q - fp:+.3f} ({100 * (q / fp - 1):+.2f}%)")
+    console.print(
+        f"residual Kurt     mean {result['kurtosis_mean']:.2f}  max {result['kurtosis_max']:.2f}"
+    )
+    ratio = result["eval_time_ratio"]
+    console.print(
+        f"eval time         FP {result['fp_eval_s']:.2f}s  quant {result['quant_eval_s']:.2f}s"
+        + ("" if ratio is None else f"  (×{ratio:.2f})")
+    )
