@@ -102,3 +102,7 @@ def test_tokenizer_without_eot_is_rejected(tmp_path):
     tok.save(str(path))
     with pytest.raises(DataError, match=r"has no <\|endoftext\|> token"):
         load_tokenizer(path)
+
+
+def test_bpe_training_is_deterministic(bpe):
+    assert train_bpe(SOURCES * 2, vocab_size=300).to_json() == bpe.to_json()

@@ -152,6 +152,7 @@ def _get_tokenizer(cfg: DataConfig, folder: Path, train: list[Document], progres
             else:
                 tok.name = name
                 return tok
+        (folder / cache.META_FILE).unlink(missing_ok=True)  # tokens of an older BPE are stale
         task = progress.add_task(f"training BPE (vocab {cfg.vocab_size})", total=None)
         tok = train_bpe((d.text for d in train), cfg.vocab_size, length=len(train))
         progress.remove_task(task)
