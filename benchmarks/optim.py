@@ -1,0 +1,119 @@
+"""Step time of SOAP, Shampoo and Muon relative to AdamW (the numbers people ask before switching).
+
+Two measurements at two sizes, each optimiser with its registry defaults (``outlierlab.optim``,
+SPEC §3; SOAP and Shampoo precondition every 10 and every 1 step(s) by default):
+
+1. whole training step: four ``outlierlab.train.train(cfg)`` loops in this process, identical
+   but for ``optim.name``, alternating blocks of steps (``_common.LoopInterleaver``); a block
+   is a multiple of the preconditioning period, so its cost is included at its real rate;
+2. ``optimizer.step()`` alone on the same model with fixed random gradients, ``block`` steps
+   per timing, interleaved (``_common.interleave``).
+
+Headline: whole-step time of SOAP / AdamW at the larger size.
+
+    python benchmarks/optim.py [--quick] [--sizes M,L] [--skip-loop]
+"""
+
+from __future__ import annotations
+
+import statistics
+import tempfile
+from pathlib import Path
+
+import _common
+
+OPTIMS = ("adamw", "soap", "shampoo", "muon")
+SIZES = {  # name: (n_layer, d_model, n_head, seq_len, batch_size)
+    "S": (2, 64, 2, 64, 8),
+    "M": (4, 128, 4, 128, 16),
+    "L": (6, 192, 6, 128, 16),  # the default preset (SPEC §6)
+}
+
+
+def run_config(size: str, optim: str, out: Path | str = ""):
+    from outlierlab import config
+
+    L, d, h, T, B = SIZES[size]
+    return config.load("default", overrides=[
+        f"optim.name={optim}",
+        f"model.n_layer={L}", f"model.d_model={d}", f"model.n_head={h}", f"model.seq_len={T}",
+        f"train.batch_size={B}", "train.eval_every=0", "train.ckpt_every=0",
+        "train.eval_windows=4", "train.log_every=10", "log.kurtosis_every=0",
+        "train.device=cpu", f"out={out}",
+    ])  # fmt: skip
+
+
+def loop_times(size: str, rounds: int, block: int, tmp: Path) -> _common.Timings:
+    cfgs = {o: run_config(size, o, tmp / f"{size}-{o}") for o in OPTIMS}
+    return _common.LoopInterleaver(cfgs, block=block, rounds=rounds).run()
+
+
+def step_times(size: str, rounds: int, block: int) -> _common.Timings:
+    """``optimizer.step()`` alone, ``block`` calls per timing, fixed random gradients."""
+    import torch
+
+    from outlierlab.data import DataConfig, prepare
+    from outlierlab.model import GPT
+    from outlierlab.optim import build_optimizer
+
+    vocab = prepare(DataConfig(), progress=False).tokenizer.vocab_size
+    variants = {}
+    for o in OPTIMS:
+        cfg = run_config(size, o)
+        cfg.model.vocab_size = vocab
+        torch.manual_seed(0)
+        model = GPT(cfg.model)
+        for p in model.parameters():
+            p.grad = torch.randn_like(p) * 1e-3
+        opt = build_optimizer(model, cfg.optim)
+
+        def run(opt=opt):
+            for _ in range(block):
+                opt.step()
+
+        variants[o] = run
+    return _common.interleave(variants, rounds, warmup=1)
+
+
+def main(argv=None) -> float:
+    def add(p):
+        p.add_argument("--sizes", default=None, help="two of S,M,L (default M,L; --quick S,M)")
+        p.add_argument("--block", type=int, default=None,
+                       help="steps per timing (default 10; --quick 10 for the loop)")
+        p.add_argument("--skip-loop", action="store_true", help="only optimizer.step() alone")
+
+    args = _common.parse_args(__doc__.splitlines()[0], argv, add, rounds=5, quick_rounds=2)
+    sizes = (args.sizes or ("S,M" if args.quick else "M,L")).split(",")
+    block = args.block or 10
+    _common.print_machine()
+    rows, head = [], float("nan")
+    for size in sizes:
+        L, d, _, T, B = SIZES[size]
+        shape = f"{L}×{d}, T={T}, B={B}"
+        st = step_times(size, args.rounds, block)
+        lt = None
+        if not args.skip_loop:
+            with tempfile.TemporaryDirectory(prefix="bench-optim-") as tmp:
+                lt = loop_times(size, args.rounds, block, Path(tmp))
+        for o in OPTIMS:
+            row = [size, shape, o, 1e3 * st.median(o) / block,
+                   _common.spread(st.ratios(o, "adamw"))]  # fmt: skip
+            if lt is not None:
+                row += [1e3 * lt.median(o) / block, _common.spread(lt.ratios(o, "adamw"))]
+            rows.append(row)
+        print(f"size {size} done", flush=True)
+        if lt is not None:
+            head = statistics.median(lt.ratios("soap", "adamw"))
+        else:
+            head = statistics.median(st.ratios("soap", "adamw"))
+    header = ["size", "shape", "optimiser", "opt.step ms", "opt.step / AdamW"]
+    if not args.skip_loop:
+        header += ["train step ms", "train step / AdamW"]
+    _common.print_table(header, rows)
+    what = "optimizer.step()" if args.skip_loop else "whole training step"
+    _common.print_headline(head, f"headline: {what} time SOAP / AdamW at size {sizes[-1]}")
+    return head
+
+
+if __name__ == "__main__":
+    main()
