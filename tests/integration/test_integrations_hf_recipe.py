@@ -14,6 +14,8 @@ pytest.importorskip("transformers")
 
 from transformers import GPT2Config, GPT2LMHeadModel
 
+pytestmark = pytest.mark.hf
+
 DOC = Path(__file__).resolve().parents[2] / "docs" / "integrations.md"
 
 

@@ -11,6 +11,7 @@ Requires ``transformers`` (``pip install 'outlierlab[hf]'``).
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 try:
@@ -144,8 +145,6 @@ class OutlierCallback(TrainerCallback):
             last.update(metrics)
         if not self._attached and not self._warned_order and _reports(args):
             self._warned_order = True
-            import logging
-
             logging.getLogger("outlierlab").warning(
                 "OutlierCallback runs after the report_to callbacks, which did not receive its "
                 "metrics; add it with OutlierCallback(...).attach(trainer)"
