@@ -88,6 +88,10 @@ def test_unmatched_loss_is_not_tested_and_diverged_runs_are_left_out(tmp_path):
     assert c.verdict == C.NOT_TESTED and "matched loss" in c.summary
     assert any("diverged: post" in d for d in c.details)
     assert C.claim_op_vs_prenorm(runs, loss_tol=1.0).verdict == C.HELD
+    # an OP model that is better (lower loss) counts: its low Kurt is not bought with loss
+    better = _runs(tmp_path / "b", {"pre": dict(arch="pre-ln", kurt=4.0, val_loss=2.5),
+                                    "op": dict(arch="op", kurt=1.5, val_loss=1.5)})
+    assert C.claim_op_vs_prenorm(better).verdict == C.HELD
 
 
 def test_soap_pairs_across_optimiser_defaults(tmp_path):

@@ -97,6 +97,8 @@ def test_short_number(v, s):
     '[grid]\nout = ["a"]',
     '[quant]\nschemes = "w8a8"',
     '[quant]\nbits = 8',
+    'workers = 0',
+    'threads = "2"',
     '[grid]\nmodel = ["op"]\n[[exclude]]\nmodel = "op"',
 ])
 def test_bad_grids_raise_one_line(text):
@@ -122,6 +124,7 @@ def test_quick_preset_compares_the_paper_configurations():
     pairs = {(p.overrides.get("model"), p.overrides.get("optim.name")) for p in g.points}
     assert {("pre-ln", "adamw"), ("op", "adamw"), ("op", "soap")} <= pairs
     assert set(g.schemes) == {"w8a8-tensor", "w8a8-dynamic"}
+    assert g.workers == 2 and g.threads == 1
 
 
 def test_dry_run_prints_exact_commands(tmp_path):

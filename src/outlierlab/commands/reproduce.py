@@ -29,9 +29,11 @@ def run(args: argparse.Namespace) -> int:
 
     grid = load_grid(args.preset)
     out = Path(args.out or Path("runs") / grid.name)
+    workers = args.workers or grid.workers or 1
+    threads = args.threads or grid.threads
     print(f"reproduce {grid.name}: {len(grid.points)} runs into {out}, "
-          f"{args.workers} worker(s)")
-    summary = run_sweep(grid, out, workers=args.workers, threads=args.threads,
+          f"{workers} worker(s)")
+    summary = run_sweep(grid, out, workers=workers, threads=threads,
                         quantize=not args.no_quantize)
     rc = report_summary(summary)
     runs = [load_run(out / p.name) for p in grid.points if (out / p.name / "config.json").is_file()]

@@ -21,10 +21,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 def add_sweep_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", metavar="DIR", help="sweep folder (default: runs/<grid name>)")
-    p.add_argument("--workers", type=int, default=1, metavar="N",
-                   help="runs at once on this machine; each gets cores/N threads (default 1)")
+    p.add_argument("--workers", type=int, metavar="N",
+                   help="runs at once on this machine (default: the grid's, else 1)")
     p.add_argument("--threads", type=int, metavar="T",
-                   help="torch threads per run (default: cores / workers)")
+                   help="torch threads per run (default: the grid's, else cores / workers)")
     p.add_argument("--no-quantize", action="store_true", help="train only")
 
 
@@ -34,12 +34,14 @@ def run(args: argparse.Namespace) -> int:
 
     grid = load_grid(args.grid)
     out = Path(args.out or Path("runs") / grid.name)
+    workers = args.workers or grid.workers or 1
+    threads = args.threads or grid.threads
     if args.dry_run:
         for line in dry_run_lines(grid, out, "python", quantize=not args.no_quantize):
             print(line)
         return 0
-    print(f"sweep {grid.name}: {len(grid.points)} runs into {out}, {args.workers} worker(s)")
-    summary = run_sweep(grid, out, workers=args.workers, threads=args.threads,
+    print(f"sweep {grid.name}: {len(grid.points)} runs into {out}, {workers} worker(s)")
+    summary = run_sweep(grid, out, workers=workers, threads=threads,
                         quantize=not args.no_quantize)
     return report_summary(summary)
 

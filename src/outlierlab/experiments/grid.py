@@ -3,6 +3,8 @@
 ```toml
 name = "quick"                   # default output folder name (runs/<name>)
 preset = "tiny"                  # optional training preset: `outlierlab train --preset tiny`
+workers = 2                      # optional defaults of --workers and --threads
+threads = 1
 [base]                           # overrides every run gets
 "train.steps" = 400
 [grid]                           # cartesian product; a list holds the alternatives
@@ -46,7 +48,8 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 DEFAULT_SCHEMES: tuple[str, ...] = ("w8a8-tensor", "w8a8-dynamic")
-TOP_KEYS = {"name", "description", "preset", "base", "grid", "include", "exclude", "quant"}
+TOP_KEYS = {"name", "description", "preset", "workers", "threads", "base", "grid", "include",
+            "exclude", "quant"}
 # Name parts: the value alone for these keys (their values are self-describing names) ...
 VALUE_ONLY = {"model", "optim.name", "model.block", "model.norm", "model.activation",
               "data.tokenizer", "data.source", "optim.schedule"}
@@ -78,6 +81,10 @@ class Grid:
     schemes: tuple[str, ...] = DEFAULT_SCHEMES
     quant_args: tuple[str, ...] = ()
     """Extra ``outlierlab quantize`` options for every run (``quant.args``)."""
+    workers: int | None = None
+    """Default of ``--workers`` (runs at once)."""
+    threads: int | None = None
+    """Default of ``--threads`` (torch threads per run)."""
     description: str = ""
     base: dict[str, Any] = field(default_factory=dict)
     source: str = ""
@@ -239,8 +246,13 @@ def parse_grid(data: dict[str, Any], *, default_name: str = "sweep", source: str
     preset = data.get("preset")
     if preset is not None and not isinstance(preset, str):
         raise ConfigError("grid: preset must be a training preset name (a string)")
+    for key in ("workers", "threads"):
+        v = data.get(key)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+            raise ConfigError(f"grid: {key} = {v!r}; allowed: an integer ≥ 1")
     return Grid(name=_safe(str(data.get("name", default_name))), points=points, preset=preset,
                 schemes=tuple(schemes), quant_args=tuple(str(a) for a in qargs),
+                workers=data.get("workers"), threads=data.get("threads"),
                 description=str(data.get("description", "")),
                 base=base, source=source)
 

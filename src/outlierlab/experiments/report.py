@@ -114,7 +114,8 @@ def write_report(runs: Sequence[RunResult], out_dir: str | Path, *, title: str =
              "(embedding and block outputs) at the last logged step; *peak* is the largest over "
              "training. Each claim compares runs that differ only in the field it is about; a "
              "configuration's value is its seeds' mean, with their range. Verdicts are computed "
-             f"from these runs; loss is matched within {loss_tol:.0%}.")
+             f"from these runs; OP and Pre-Norm count as at matched loss when OP's validation loss "
+             f"is at most {loss_tol:.0%} above Pre-Norm's (or below it).")
 
     claim_rows = [[c.statement, c.verdict, c.summary] for c in claims]
     md = [f"# {title}", "", intro, "", about, "", "## Claims (SPEC §5)", "",
