@@ -114,7 +114,11 @@ class OutlierMonitor:
 
     ``every=k`` measures forward calls 0, k, 2k, … of the root module (the rest cost an integer
     check); ``enabled`` switches measuring off altogether. Padding is excluded with
-    :meth:`set_mask` or the root's ``attention_mask`` argument (1 = keep).
+    :meth:`set_mask` or the root's ``attention_mask`` argument (1 = keep). ``mmr_max_tokens`` and
+    ``cos_max_tokens`` bound the tokens Eq. 2 and cos-sim see per forward (one seeded
+    permutation per forward; ``None``: all). ``extras=True`` adds ``kurtosis_centred``,
+    ``token_excess_kurtosis`` and ``share_above_6`` (about 2× the hook's cost). ``k``: outlier
+    neurons are those with RMS above k × the median.
     """
 
     def __init__(
@@ -126,6 +130,7 @@ class OutlierMonitor:
         seed: int = 0,
         mmr_max_tokens: int | None = 256,
         k: float = M.OUTLIER_K,
+        extras: bool = False,
     ):
         if not isinstance(every, int) or every < 1:
             raise ConfigError(f"every={every!r} is not allowed; allowed: an integer ≥ 1")
@@ -134,6 +139,7 @@ class OutlierMonitor:
                 raise ConfigError(f"{key}={v!r} is not allowed; allowed: an integer ≥ 2 or None")
         self.model, self.every, self.seed, self.k = model, every, seed, k
         self.cos_max_tokens, self.mmr_max_tokens = cos_max_tokens, mmr_max_tokens
+        self.extras = extras
         self.points = resolve_points(model, points)
         self.enabled = True
         self._acc: dict[str, M.StatsAccumulator] = {}
@@ -143,6 +149,7 @@ class OutlierMonitor:
         self._active = False
         self._mask: torch.Tensor | None = None
         self._fwd_mask: torch.Tensor | None = None
+        self._perms: dict[tuple, torch.Tensor] = {}
         self._mask_pos = self._attention_mask_position(model)
 
     @staticmethod
@@ -197,6 +204,7 @@ class OutlierMonitor:
         if not self.enabled or call % self.every:
             return
         self._active = True
+        self._perms.clear()
         mask = kwargs.get("attention_mask")
         if mask is None and self._mask_pos is not None and len(args) > self._mask_pos:
             mask = args[self._mask_pos]
@@ -240,10 +248,21 @@ class OutlierMonitor:
                 rows = rows[mask.reshape(-1).to(device=rows.device, dtype=torch.bool)]
             acc = self._acc.get(name)
             if acc is None:
-                acc = self._acc[name] = M.StatsAccumulator(d, device=x.device)
-            seed = self.seed + self._measured
-            acc.update(rows, mmr_max_tokens=self.mmr_max_tokens, seed=seed)
-            acc.add_cos(M.offdiag_cosine(M.subsample_tokens(rows, self.cos_max_tokens, seed)))
+                acc = M.StatsAccumulator(d, device=x.device, extras=self.extras)
+                self._acc[name] = acc
+            n = rows.shape[0]
+            perm = self._perms.get((n, rows.device))
+            if perm is None:  # one seeded permutation per forward and token count
+                g = torch.Generator().manual_seed(self.seed + self._measured)
+                perm = torch.randperm(n, generator=g).to(rows.device)
+                self._perms[(n, rows.device)] = perm
+            mmr_n, cos_n = self.mmr_max_tokens, self.cos_max_tokens
+            mmr_idx = perm[:mmr_n] if mmr_n is not None and n > mmr_n else None
+            acc.update(rows, mmr_index=mmr_idx)
+            cos_rows = (
+                rows.index_select(0, perm[:cos_n]) if cos_n is not None and n > cos_n else rows
+            )
+            acc.add_cos(M.offdiag_cosine(cos_rows, acc.scratch()))
 
     # -- control ------------------------------------------------------------------------------
 
@@ -260,10 +279,10 @@ class OutlierMonitor:
     # -- results ------------------------------------------------------------------------------
 
     def results(self, all_reduce: bool = False) -> dict[str, dict]:
-        """Point name → metrics (``kurtosis``, ``kurtosis_centred``, ``mmr``, ``cos_sim``,
-        ``token_excess_kurtosis``, ``share_above_6``, ``outlier_neurons``, ``tokens``), in model
-        order; only points measured so far. ``all_reduce`` sums over ``torch.distributed`` ranks
-        (every rank must call it)."""
+        """Point name → metrics (``kurtosis``, ``mmr``, ``cos_sim``, ``outlier_neurons``,
+        ``tokens``; with ``extras`` also ``kurtosis_centred``, ``token_excess_kurtosis``,
+        ``share_above_6``), in model order; only points measured so far. ``all_reduce`` sums over
+        ``torch.distributed`` ranks (every rank must call it)."""
         out: dict[str, dict] = {}
         for p in self.points:
             acc = self._acc.get(p.name)

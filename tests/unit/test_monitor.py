@@ -224,3 +224,21 @@ def test_summary_and_json():
     empty = OutlierMonitor(model)
     assert math.isnan(empty.summary()["kurtosis_mean"])
     assert json.loads(empty.to_json())["summary"]["kurtosis_max"] is None
+
+
+def test_extras_and_bounded_subsamples():
+    model = Tiny(plant=2)
+    x = ids(b=8, t=40)  # 320 tokens
+    with OutlierMonitor(model, extras=True, mmr_max_tokens=None, cos_max_tokens=None) as mon:
+        model(x)
+    r, act = mon.results()["blocks.0.resid_post"], model.seen[1]
+    assert r["kurtosis_centred"] == pytest.approx(M.kurtosis_centred(act), rel=1e-9)
+    assert r["token_excess_kurtosis"] == pytest.approx(M.token_excess_kurtosis(act), rel=1e-9)
+    assert r["share_above_6"] == pytest.approx(M.share_above(act), rel=1e-12)
+    with OutlierMonitor(model, mmr_max_tokens=50, cos_max_tokens=100, seed=1) as mon2:
+        model(x)
+    r2 = mon2.results()["blocks.0.resid_post"]
+    assert "kurtosis_centred" not in r2
+    assert r2["kurtosis"] == pytest.approx(r["kurtosis"], rel=1e-10)  # always all tokens
+    assert r2["mmr"] != r["mmr"] and r2["mmr"] == pytest.approx(r["mmr"], rel=0.2)
+    assert r2["cos_sim"] != r["cos_sim"] and abs(r2["cos_sim"] - r["cos_sim"]) < 0.1
