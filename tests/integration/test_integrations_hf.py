@@ -62,7 +62,17 @@ def dataset(n: int) -> list[dict[str, torch.Tensor]]:
 
 
 def make_trainer(
-    tmp_path, model, cb, *, steps, accum=1, lr=1e-3, logging_steps=1, report_to=(), attach=True
+    tmp_path,
+    model,
+    cb,
+    *,
+    steps,
+    accum=1,
+    lr=1e-3,
+    logging_steps=1,
+    report_to=(),
+    attach=True,
+    checkpointing=False,
 ):
     args = TrainingArguments(
         output_dir=str(tmp_path / "out"),
@@ -77,6 +87,7 @@ def make_trainer(
         train_sampling_strategy="sequential",
         disable_tqdm=True,
         seed=0,
+        activation_checkpointing=checkpointing,
     )
     data = dataset(steps * accum * BATCH)
     if attach:
@@ -171,6 +182,30 @@ def test_gradient_accumulation_measures_every_micro_batch_of_the_step(tmp_path):
     assert kurt64(alone["blocks.1.resid_post"]) != pytest.approx(
         entry["outliers/kurtosis/blocks.1.resid_post"], rel=1e-4
     )
+
+
+def test_gradient_checkpointing_recompute_is_not_measured_twice(tmp_path):
+    # HF checkpoints a block's forward (not __call__), so the block's own hooks fire once but
+    # those of modules inside it fire again in backward: measure one of those too.
+    model = tiny_gpt2()
+    attn = model.transformer.h[0].attn
+    cb = OutlierCallback(every=1, points=["blocks.*.resid_post", "transformer.h.0.attn"])
+    trainer, data = make_trainer(tmp_path, model, cb, steps=1, lr=0.0, checkpointing=True)
+    calls, seen = [], {}
+    h = attn.register_forward_hook(lambda *a: calls.append(1))
+    trainer.train()
+    h.remove()
+    assert len(calls) == 2  # forward, then the recompute in backward
+    res = cb.last_results
+    assert list(res) == [*POINTS[1:], "transformer.h.0.attn"]
+    assert all(r["tokens"] == BATCH * SEQ for r in res.values())
+    h = attn.register_forward_hook(lambda m, a, o: seen.__setitem__("attn", o[0]))
+    model.eval()
+    ref = residuals(model, torch.stack([d["input_ids"] for d in data[:BATCH]]))
+    h.remove()
+    ref["transformer.h.0.attn"] = seen["attn"].double().numpy()
+    for p, r in res.items():
+        assert r["kurtosis"] == pytest.approx(kurt64(ref[p]), rel=1e-4), p
 
 
 def test_alert_fires_once_on_a_planted_outlier(tmp_path, caplog):
