@@ -6,7 +6,8 @@
 
 Points: ``"auto"`` uses ``model.residual_points()`` (outlierlab's GPT, or any model that defines
 it) or the Hugging Face families :mod:`outlierlab.hf` knows; otherwise glob patterns over point
-names and module names (``["blocks.*.resid_post"]``, ``["transformer.h.*.mlp"]``).
+names and module names (``["blocks.*.resid_post"]``, ``["transformer.h.*.mlp"]``); ``*`` stays
+within one dotted component, ``**`` crosses them (:func:`glob_regex`).
 
 Per measured forward and point the hook (under ``no_grad``, on a detached tensor, no ``.item()``)
 adds to a :class:`~outlierlab.metrics.StatsAccumulator`: per-neuron Σx² over all non-padding
@@ -18,10 +19,10 @@ of that value over measured forwards. Nothing else is kept: no activations, no g
 
 from __future__ import annotations
 
-import fnmatch
 import inspect
 import json
 import math
+import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -68,18 +69,23 @@ def resolve_points(model: nn.Module, points: str | Sequence[str] = "auto") -> li
     auto = auto_points(model)
     if isinstance(points, str) and points == "auto":
         if auto is None:
-            names = [n for n, _ in model.named_modules() if n][:3]
+            blocks = block_list_name(model)
+            example = (
+                f"{blocks}.*" if blocks else next((n for n, _ in model.named_modules() if n), "*")
+            )
             raise ConfigError(
                 f"no residual points known for {type(_unwrap(model)).__name__}; pass module-name "
-                f"globs as points (e.g. {', '.join(names) or 'layers.*'})"
+                f"globs as points (e.g. '{example}')"
             )
         return auto
     globs = [points] if isinstance(points, str) else list(points)
     if not globs or not all(isinstance(g, str) and g for g in globs):
         raise ConfigError(f"points must be 'auto' or a list of glob patterns, got {points!r}")
 
+    pats = [glob_regex(g) for g in globs]
+
     def hit(name: str) -> bool:
-        return any(fnmatch.fnmatchcase(name, g) for g in globs)
+        return any(p.fullmatch(name) for p in pats)
 
     chosen = [p for p in auto or [] if hit(p.name)]
     chosen += [_Point(n, m) for n, m in model.named_modules() if n and hit(n)]
@@ -90,6 +96,37 @@ def resolve_points(model: nn.Module, points: str | Sequence[str] = "auto") -> li
             f"names look like {', '.join(names)}"
         )
     return chosen
+
+
+def glob_regex(glob: str) -> re.Pattern:
+    """A module-name glob as a regex: ``*`` matches within one dotted component, ``**`` across
+    components, ``?`` one character other than a dot, ``[...]`` a character class."""
+    out, i = [], 0
+    while i < len(glob):
+        c = glob[i]
+        if glob.startswith("**", i):
+            out.append(".*")
+            i += 2
+            continue
+        if c == "*":
+            out.append("[^.]*")
+        elif c == "?":
+            out.append("[^.]")
+        elif c == "[" and "]" in glob[i + 1 :]:
+            j = glob.index("]", i + 1)
+            body = glob[i + 1 : j]
+            out.append("[" + ("^" + body[1:] if body.startswith("!") else body) + "]")
+            i = j
+        else:
+            out.append(re.escape(c))
+        i += 1
+    return re.compile("".join(out))
+
+
+def block_list_name(model: nn.Module) -> str | None:
+    """The name of the longest ``nn.ModuleList`` in ``model`` (most likely its blocks)."""
+    lists = [(len(m), n) for n, m in model.named_modules() if n and isinstance(m, nn.ModuleList)]
+    return max(lists)[1] if lists else None
 
 
 def _first_tensor(out: Any) -> torch.Tensor | None:

@@ -242,3 +242,27 @@ def test_extras_and_bounded_subsamples():
     assert r2["kurtosis"] == pytest.approx(r["kurtosis"], rel=1e-10)  # always all tokens
     assert r2["mmr"] != r["mmr"] and r2["mmr"] == pytest.approx(r["mmr"], rel=0.2)
     assert r2["cos_sim"] != r["cos_sim"] and abs(r2["cos_sim"] - r["cos_sim"]) < 0.1
+
+
+def test_glob_semantics():
+    from outlierlab.monitor import glob_regex
+
+    names = ["blocks.0", "blocks.0.mlp", "blocks.12", "blocks.12.mlp", "head"]
+
+    def match(g):
+        return [n for n in names if glob_regex(g).fullmatch(n)]
+
+    assert match("blocks.*") == ["blocks.0", "blocks.12"]
+    assert match("blocks.**") == ["blocks.0", "blocks.0.mlp", "blocks.12", "blocks.12.mlp"]
+    assert match("**.mlp") == ["blocks.0.mlp", "blocks.12.mlp"]
+    assert match("blocks.?") == ["blocks.0"]
+    assert match("blocks.[!0]*") == ["blocks.12"]
+    assert match("h?ad") == ["head"]
+    with pytest.raises(ConfigError, match=r"'1\.blocks\.\*'"):
+        OutlierMonitor(nn.Sequential(nn.Linear(2, 2), Holder()))
+
+
+class Holder(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.blocks = nn.ModuleList(nn.Linear(2, 2) for _ in range(3))

@@ -50,7 +50,8 @@ def add_parser(subparsers: Any) -> None:
         "--points",
         nargs="+",
         metavar="GLOB",
-        help="measure these module names (glob patterns) instead of the residual stream",
+        help="measure these modules instead of the residual stream: glob patterns over module "
+        "names ('*' within one dotted part, '**' across parts)",
     )
     p.add_argument("--top", type=int, default=5, help="outlier neurons shown per row (default 5)")
     p.add_argument("--device", default="cpu", help="torch device (default cpu)")
@@ -136,10 +137,13 @@ def measure(
     except ConfigError as exc:
         if points:
             raise
-        names = [n for n, _ in loaded.model.named_modules() if n][:3]
+        from outlierlab.monitor import block_list_name
+
+        blocks = block_list_name(loaded.model)
+        example = f" (e.g. --points '{blocks}.*')" if blocks else ""
         raise ConfigError(
-            f"{type(loaded.model).__name__} is not a supported architecture; pass "
-            f"--points GLOB [GLOB ...] with module names (e.g. {', '.join(names)})"
+            f"{type(loaded.model).__name__} is not a supported architecture for automatic points; "
+            f"pass --points GLOB [GLOB ...] with module names{example}"
         ) from exc
     device = next(iter(loaded.model.parameters())).device
     with mon, torch.no_grad():
