@@ -45,6 +45,7 @@ RESUMABLE = frozenset(
         "train.keep_ckpts",
         "train.device",
         "train.compile",
+        "train.threads",
         "data.cache_dir",
     }
     | {f"log.{k}" for k in ("kurtosis_every", "tensorboard", "wandb", "wandb_project")}
@@ -171,11 +172,15 @@ class TrainConfig:
     """auto (fp32 on CPU, bf16 autocast on CUDA), fp32, bf16."""
     compile: bool = False
     """torch.compile the model."""
+    threads: int = 0
+    """CPU threads for torch (``torch.set_num_threads``) during the run; 0 = leave as is. Tiny
+    models run fastest on 1, and 2+ threads on an oversubscribed machine can be many times
+    slower."""
 
     def __post_init__(self) -> None:
         for k in ("steps", "batch_size", "grad_accum", "log_every", "eval_windows", "keep_ckpts"):
             _positive("train", k, getattr(self, k))
-        for k in ("seed", "eval_every", "ckpt_every"):
+        for k in ("seed", "eval_every", "ckpt_every", "threads"):
             _positive("train", k, getattr(self, k), 0)
         if self.precision not in ("auto", "fp32", "bf16"):
             raise ConfigError(f"train.precision={self.precision!r}; allowed: auto, fp32, bf16")

@@ -141,6 +141,9 @@ def train(cfg: RunConfig, resume: bool = False, *, progress: bool = True) -> Run
     from outlierlab.model import GPT
 
     t_start = time.perf_counter()
+    threads = torch.get_num_threads()
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
     d = distributed.init(cfg.train.device)
     try:
         cfg = dataclasses.replace(cfg)
@@ -364,6 +367,7 @@ def train(cfg: RunConfig, resume: bool = False, *, progress: bool = True) -> Run
         raise
     finally:
         distributed.close(d)
+        torch.set_num_threads(threads)
 
 
 def _measure(monitor, raw, x, micro: int, amp, d: distributed.Dist) -> dict[str, Any]:
