@@ -22,7 +22,6 @@ def add_parser(subparsers) -> None:
             "train.steps=2000 out=runs/op-soap`. Exit codes: 0 finished, 2 bad input, "
             "3 diverged, 130 interrupted (resume with --resume RUN_DIR)."
         ),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("--preset", help=f"training preset ({', '.join(_presets())}); default: default")
     p.add_argument("--config", metavar="FILE.toml", help="TOML file on top of the preset")
