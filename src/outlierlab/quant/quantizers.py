@@ -155,7 +155,7 @@ def quantize_weight(
 
 
 def percentile_range(
-    x: torch.Tensor, percentile: float, max_samples: int = 1 << 20, seed: int = 0
+    x: torch.Tensor, percentile: float, max_samples: int = 1 << 18, seed: int = 0
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(lo, hi) = the (100 - p)-th and p-th percentiles of x (p = 99.999, say), computed with
     ``torch.quantile`` on at most ``max_samples`` values drawn uniformly without replacement."""

@@ -30,7 +30,7 @@ from outlierlab.quant.quantizers import (
 )
 
 HEAD_NAMES = ("lm_head", "head", "unembed")
-RESERVOIR_PER_BATCH = 1 << 18  # values kept per calibration batch for percentile ranges
+RESERVOIR_PER_BATCH = 1 << 16  # values kept per calibration batch for percentile ranges
 
 
 def is_conv1d(module: nn.Module) -> bool:
