@@ -113,7 +113,7 @@ def evaluate(model, x, y, batch_size: int, device, amp, d: distributed.Dist) -> 
     return float(tot[0] / tot[1])
 
 
-def _prepare_run_dir(cfg: RunConfig, run: RunDir, resume: bool, is_main: bool) -> None:
+def _prepare_run_dir(cfg: RunConfig, run: RunDir, resume: bool) -> None:
     if resume:
         if not run.is_run():
             raise CheckpointError(f"{run.path} is not a run folder (no config.json) to resume")
@@ -161,7 +161,17 @@ def train(cfg: RunConfig, resume: bool = False, *, progress: bool = True) -> Run
         if not d.is_main:
             data = prepare(cfg.data, progress=False)
         cfg.model = dataclasses.replace(cfg.model, vocab_size=data.tokenizer.vocab_size)
-        _prepare_run_dir(cfg, run, resume, d.is_main)
+        error = None
+        if d.is_main:  # decide once: rank 0 writes config.json soon after
+            try:
+                _prepare_run_dir(cfg, run, resume)
+            except (ConfigError, CheckpointError) as exc:
+                error = (type(exc).__name__, str(exc))
+        error = distributed.broadcast_object(error, d)
+        if error:
+            raise {"ConfigError": ConfigError, "CheckpointError": CheckpointError}[error[0]](
+                error[1]
+            )
 
         # ---- model, optimiser, sampler (seeded identically on every rank)
         random.seed(tc.seed)
