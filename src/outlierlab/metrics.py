@@ -221,6 +221,7 @@ class StatsAccumulator:
         # [0:d) Σx², [d:2d) Σ(x-μ)², then tokens, Σmmr, mmr tokens, Σexkurt, n>|t|, Σcos, n cos
         self.state = torch.zeros(2 * d + 7, dtype=torch.float64, device=device)
         self._buf: torch.Tensor | None = None  # scratch for _sum_sq64 (not state)
+        self._counts = [0, 0, 0]  # tokens, MMR tokens, cos values not yet in ``state``
 
     # views into the state
     @property
@@ -237,7 +238,17 @@ class StatsAccumulator:
 
     @property
     def tokens(self) -> int:
-        return int(self._scalars[0])
+        return int(self._scalars[0]) + self._counts[0]
+
+    def _flush(self) -> None:
+        """Move the host-side counts (kept as Python ints so ``update`` adds no tiny tensor ops)
+        into the state vector."""
+        if any(self._counts):
+            idx = (0, 2, 6)
+            for i, c in zip(idx, self._counts):
+                if c:
+                    self._scalars[i] += c
+            self._counts = [0, 0, 0]
 
     def update(
         self,
@@ -258,7 +269,7 @@ class StatsAccumulator:
             r = r[mask.detach().reshape(-1).to(device=r.device, dtype=torch.bool)]
         n = r.shape[0]
         sc = self._scalars
-        sc[0] += n
+        self._counts[0] += n
         if not n:
             return self
         if not self.extras:
@@ -271,7 +282,7 @@ class StatsAccumulator:
         rm = r.index_select(0, mmr_index) if mmr_index is not None else None
         rm = subsample_tokens(r, mmr_max_tokens, seed) if rm is None else rm
         sc[1] += token_mmr(rm).sum()
-        sc[2] += rm.shape[0]
+        self._counts[1] += rm.shape[0]
         if self.extras:
             # centred moments from raw ones with matrix-vector products (one pass each):
             # Σ_α (x_αj − μ_α)² = Σ_α x_αj² − 2 Σ_α x_αj μ_α + Σ_α μ_α²
@@ -302,8 +313,13 @@ class StatsAccumulator:
             out += b.square_().sum(0)
         return out
 
-    def add_cos(self, value: float | torch.Tensor) -> None:
-        """Record one cosine-similarity value (e.g. one per measured forward); NaN is ignored."""
+    def add_cos(self, value: float | torch.Tensor, valid: bool | None = None) -> None:
+        """Record one cosine-similarity value (e.g. one per measured forward); NaN is ignored.
+        ``valid=True`` promises a non-NaN value (no check, no extra tensor ops)."""
+        if valid:
+            self._scalars[5] += value
+            self._counts[2] += 1
+            return
         v = torch.as_tensor(value, dtype=torch.float64, device=self.state.device)
         ok = ~torch.isnan(v)
         self._scalars[5] += torch.where(ok, v, 0.0)
@@ -313,6 +329,8 @@ class StatsAccumulator:
         """Add another accumulator's statistics (same d) into this one."""
         if other.d != self.d:
             raise ValueError(f"cannot merge width {other.d} into width {self.d}")
+        self._flush()
+        other._flush()
         self.state += other.state.to(self.state.device)
         return self
 
@@ -321,22 +339,26 @@ class StatsAccumulator:
         initialised)."""
         import torch.distributed as dist
 
+        self._flush()
         if dist.is_available() and dist.is_initialized():
             dist.all_reduce(self.state, op=dist.ReduceOp.SUM, group=group)
         return self
 
     def copy(self) -> StatsAccumulator:
         new = StatsAccumulator(self.d, self.state.device, self.threshold, self.extras)
+        self._flush()
         new.state.copy_(self.state)
         return new
 
     def reset(self) -> None:
         self.state.zero_()
+        self._counts = [0, 0, 0]
 
     def result(self, k: float = OUTLIER_K) -> dict:
         """``kurtosis`` (Eq. 1), ``mmr`` (Eq. 2), ``cos_sim``, ``outlier_neurons`` (indices,
         largest RMS first), ``tokens``; with ``extras`` also ``kurtosis_centred``,
         ``token_excess_kurtosis`` and ``share_above_6``. NaN where no data."""
+        self._flush()
         st = self.state.cpu()
         d = self.d
         n, s_mmr, n_mmr, s_ek, n_big, s_cos, n_cos = st[2 * d :].tolist()

@@ -288,18 +288,18 @@ class OutlierMonitor:
                 acc = M.StatsAccumulator(d, device=x.device, extras=self.extras)
                 self._acc[name] = acc
             n = rows.shape[0]
-            perm = self._perms.get((n, rows.device))
-            if perm is None:  # one seeded permutation per forward and token count
+            mmr_n, cos_n = self.mmr_max_tokens, self.cos_max_tokens
+            sub_mmr = mmr_n is not None and n > mmr_n
+            sub_cos = cos_n is not None and n > cos_n
+            perm = self._perms.get((n, rows.device)) if sub_mmr or sub_cos else None
+            if perm is None and (sub_mmr or sub_cos):  # one seeded permutation per forward
                 g = torch.Generator().manual_seed(self.seed + self._measured)
                 perm = torch.randperm(n, generator=g).to(rows.device)
                 self._perms[(n, rows.device)] = perm
-            mmr_n, cos_n = self.mmr_max_tokens, self.cos_max_tokens
-            mmr_idx = perm[:mmr_n] if mmr_n is not None and n > mmr_n else None
-            acc.update(rows, mmr_index=mmr_idx)
-            cos_rows = (
-                rows.index_select(0, perm[:cos_n]) if cos_n is not None and n > cos_n else rows
-            )
-            acc.add_cos(M.offdiag_cosine(cos_rows, acc.scratch()))
+            acc.update(rows, mmr_index=perm[:mmr_n] if sub_mmr else None)
+            cos_rows = rows.index_select(0, perm[:cos_n]) if sub_cos else rows
+            if cos_rows.shape[0] >= 2:
+                acc.add_cos(M.offdiag_cosine(cos_rows, acc.scratch()), valid=True)
 
     # -- control ------------------------------------------------------------------------------
 
