@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import shutil
 import subprocess
 import sys
 
@@ -192,3 +193,25 @@ def test_tensorboard_events_and_missing_wandb(corpus, cache_dir, tmp_path, capsy
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and "pip install" in err[0] and "wandb" in err[0]
         assert not (tmp_path / "wb").exists()
+
+
+@pytest.mark.slow
+def test_bpe_run_folder_loads_for_measure(corpus, cache_dir, tmp_path):
+    out = tmp_path / "bpe"
+    res = train(tiny_cfg(corpus, out, "data.tokenizer=bpe", "data.vocab_size=300",
+                         "train.steps=3", "train.ckpt_every=2"), progress=False)
+    assert res.status == "finished"
+    assert (out / "tokenizer.json").is_file()
+    assert json.loads((out / "config.json").read_text())["model"]["vocab_size"] == 300
+    from outlierlab.loading import load_model
+
+    unfinished = tmp_path / "unfinished"  # the same run before its final save
+    shutil.copytree(out, unfinished)
+    (unfinished / "model.safetensors").unlink()
+    (unfinished / "model_config.json").unlink()
+    shutil.rmtree(unfinished / "checkpoints" / "step-3")
+    for path in (out, unfinished):  # finished: root weights; unfinished: checkpoints/step-2
+        loaded = load_model(path)
+        assert loaded.kind == "outlierlab" and loaded.tokenizer.vocab_size == 300
+        ids = loaded.tokenizer.encode("def add_1(x):")
+        assert loaded.logits(torch.tensor([ids])).shape == (1, len(ids), 300)
