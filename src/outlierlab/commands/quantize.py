@@ -23,7 +23,7 @@ def add_parser(subparsers: Any) -> None:
     p = subparsers.add_parser(
         "quantize",
         help="perplexity of a run or HF model after simulated W8A8 (or other) quantisation",
-        description=__doc__.splitlines()[0],
+        description="FP vs fake-quantised perplexity and the per-layer damage (SPEC §4).",
     )
     p.add_argument(
         "path", metavar="RUN_DIR_OR_HF_DIR", help="run folder, model folder or HF folder"

@@ -53,17 +53,25 @@ def scale_zero_point(
 
 
 def fake_quant(
-    x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int, symmetric: bool
+    x: torch.Tensor,
+    scale: torch.Tensor | float,
+    zero: torch.Tensor | float,
+    bits: int,
+    symmetric: bool,
 ) -> torch.Tensor:
     """q(x) = (clamp(round(x/scale) + z, qmin, qmax) - z) · scale, broadcasting scale and z.
 
-    Vectorised; allocates one new tensor and works in place on it.
+    Computed as clamp(round(x/scale), qmin - z, qmax - z) · scale (identical, z being an
+    integer): three element-wise passes on one new tensor, in place.
     """
     qmin, qmax = qrange(bits, symmetric)
     q = x.div(scale).round_()
     if symmetric:
         return q.clamp_(qmin, qmax).mul_(scale)
-    return q.add_(zero).clamp_(qmin, qmax).sub_(zero).mul_(scale)
+    if isinstance(zero, torch.Tensor) and zero.dim() > 0:
+        return q.clamp_(qmin - zero, qmax - zero).mul_(scale)
+    z = float(zero)
+    return q.clamp_(qmin - z, qmax - z).mul_(scale)
 
 
 def minmax_range(x: torch.Tensor, granularity: str) -> tuple[torch.Tensor, torch.Tensor]:

@@ -76,6 +76,7 @@ class ActQuant(nn.Module):
         self.register_buffer("zero", None)
         self.calib_lo: float | None = None
         self.calib_hi: float | None = None
+        self._static: tuple[float, float] | None = None  # (scale, zero) once calibrated
         self._samples: list[torch.Tensor] = []
         self._batches = 0
         self.stats: ActStats | None = None
@@ -107,6 +108,7 @@ class ActQuant(nn.Module):
         lo = torch.tensor(self.calib_lo, dtype=torch.float32)
         hi = torch.tensor(self.calib_hi, dtype=torch.float32)
         self.scale, self.zero = scale_zero_point(lo, hi, self.bits, self.symmetric)
+        self._static = (float(self.scale), float(self.zero))  # python scalars: cheapest ops
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.mode == "off":
@@ -117,11 +119,9 @@ class ActQuant(nn.Module):
         if self.granularity == "token":
             q = quantize_dynamic(x, self.bits, self.symmetric, "token")
         else:
-            if self.scale is None:
+            if self._static is None:
                 raise RuntimeError("static activation quantiser used before calibration")
-            q = fake_quant(
-                x, self.scale.to(x.dtype), self.zero.to(x.dtype), self.bits, self.symmetric
-            )
+            q = fake_quant(x, *self._static, self.bits, self.symmetric)
         if self.stats is not None:
             self.stats.update(x, q)
         return q
