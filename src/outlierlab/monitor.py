@@ -13,8 +13,9 @@ Per measured forward and point the hook (under ``no_grad``, on a detached tensor
 adds to a :class:`~outlierlab.metrics.StatsAccumulator`: per-neuron Σx² over all non-padding
 tokens (Eq. 1, exact for any number of forwards), Eq. 2 on a seeded subsample of at most
 ``mmr_max_tokens`` tokens (``None``: all, exact), and the mean off-diagonal token cosine
-similarity on a seeded subsample of at most ``cos_max_tokens`` tokens; ``cos_sim`` is the mean
-of that value over measured forwards. Nothing else is kept: no activations, no graphs.
+similarity on a seeded subsample of at most ``cos_max_tokens`` tokens (unit rows summed in
+float32); ``cos_sim`` is the mean of that value over measured forwards. Nothing else is kept:
+no activations, no graphs.
 """
 
 from __future__ import annotations
@@ -299,7 +300,7 @@ class OutlierMonitor:
             acc.update(rows, mmr_index=perm[:mmr_n] if sub_mmr else None)
             cos_rows = rows.index_select(0, perm[:cos_n]) if sub_cos else rows
             if cos_rows.shape[0] >= 2:
-                acc.add_cos(M.offdiag_cosine(cos_rows, acc.scratch()), valid=True)
+                acc.add_cos(M.offdiag_cosine(cos_rows, fast=True), valid=True)
 
     # -- control ------------------------------------------------------------------------------
 

@@ -108,7 +108,7 @@ def test_points_equal_direct_metrics(family):
         assert r["tokens"] == 20
         assert r["kurtosis"] == pytest.approx(M.kurtosis(x), rel=1e-9), name
         assert r["mmr"] == pytest.approx(M.max_median_ratio(x), rel=1e-9), name
-        assert r["cos_sim"] == pytest.approx(M.token_cosine_similarity(x, None), rel=1e-7)
+        assert r["cos_sim"] == pytest.approx(M.token_cosine_similarity(x, None), rel=1e-5, abs=1e-7)
         assert r["outlier_neurons"] == M.outlier_neurons(x)
     if family == "gpt2":  # HF's last hidden state is after ln_f, the monitor's is not
         assert not torch.allclose(hidden[-1], outs[-1])

@@ -35,7 +35,7 @@ def test_gpt_points_equal_direct_metrics(preset):
         assert r["tokens"] == 48
         assert r["kurtosis"] == pytest.approx(M.kurtosis(x), rel=1e-10)
         assert r["mmr"] == pytest.approx(M.max_median_ratio(x), rel=1e-10)
-        assert r["cos_sim"] == pytest.approx(M.token_cosine_similarity(x, None), rel=1e-9)
+        assert r["cos_sim"] == pytest.approx(M.token_cosine_similarity(x, None), rel=1e-5, abs=1e-7)
     assert 1 <= mon.summary()["kurtosis_max"] < 3  # random init: no outlier features
 
 
