@@ -33,7 +33,7 @@ median neuron RMS. At initialisation all s_j agree within a few per cent, so 6×
 noise; one such neuron adds about k⁴/d to Kurt (≈ +1.7 at d = 768), i.e. it is exactly the kind of
 neuron that moves Eq. 1; and 6 matches the LLM.int8 magnitude threshold of :func:`share_above`."""
 
-_CHUNK = 1 << 17  # float64 elements per chunk of the CPU scratch buffer (1 MiB)
+_CHUNK = 1 << 15  # float64 elements per CPU scratch chunk (256 KiB): under ATen's parallel grain
 
 LLM_INT8_THRESHOLD = 6.0
 """|x| above which LLM.int8 treats a value as an outlier (Dettmers et al. 2022)."""
@@ -86,12 +86,29 @@ def _median_abs(a: torch.Tensor) -> torch.Tensor:
     return (s[:, lo].double() + s[:, hi].double()) / 2
 
 
-def token_mmr(x: torch.Tensor) -> torch.Tensor:
-    """Per-token ``max_j |x_αj| / median_j |x_αj|``, shape (n,), float64 (inf where median is 0)."""
-    a = x.detach().reshape(-1, x.shape[-1]).abs()
-    if a.dtype not in (torch.float32, torch.float64):
-        a = a.float()
-    return a.amax(-1).double() / _median_abs(a)
+def _cpu_chunks(r: torch.Tensor, index: torch.Tensor | None = None):
+    """Row chunks of ``r`` (n, d) — or of its rows ``index`` — of at most ``_CHUNK`` elements on
+    CPU (below ATen's parallel grain, so a hook's small ops never wait on a busy second core);
+    elsewhere all rows at once."""
+    if r.device.type != "cpu":
+        return (r if index is None else r.index_select(0, index),)
+    step = max(1, _CHUNK // max(1, r.shape[-1]))
+    if index is None:
+        return (r,) if r.numel() <= _CHUNK else r.split(step)
+    return (r.index_select(0, i) for i in index.split(step))
+
+
+def token_mmr(x: torch.Tensor, index: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-token ``max_j |x_αj| / median_j |x_αj|``, shape (n,), float64 (inf where median is 0);
+    only the token rows ``index`` when given."""
+    r = x.detach().reshape(-1, x.shape[-1])
+    out = []
+    for c in _cpu_chunks(r, index):
+        a = c.abs()
+        if a.dtype not in (torch.float32, torch.float64):
+            a = a.float()
+        out.append(a.amax(-1).double() / _median_abs(a))
+    return out[0] if len(out) == 1 else torch.cat(out)
 
 
 def max_median_ratio(x: torch.Tensor) -> float:
@@ -111,20 +128,28 @@ def subsample_tokens(r: torch.Tensor, max_tokens: int | None, seed: int) -> torc
 
 
 def offdiag_cosine(
-    r: torch.Tensor, buf: torch.Tensor | None = None, fast: bool = False
+    r: torch.Tensor,
+    buf: torch.Tensor | None = None,
+    fast: bool = False,
+    index: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Mean of cos(x_α, x_β) over α ≠ β of the rows of ``r`` (n, d), as a float64 0-d tensor
     (no host sync), in O(n d): with unit rows u_α, ``Σ_{α≠β} u_α·u_β = |Σ_α u_α|² − Σ_α |u_α|²``
     (zero rows count as cosine 0). NaN for fewer than 2 rows. ``buf``: optional float64
     scratch (rows, d) on CPU, used chunk by chunk. ``fast``: normalise and sum the unit rows in
-    float32 (3× cheaper; relative error ~1e-7, used by the monitor's hook)."""
-    n = r.shape[0]
+    float32 (3× cheaper; relative error ~1e-7, used by the monitor's hook); ``index``: only
+    these rows (with ``fast``)."""
+    n = r.shape[0] if index is None or not fast else index.shape[0]
     if n < 2:
         return torch.tensor(math.nan, dtype=torch.float64, device=r.device)
     if fast:
-        u = torch.nn.functional.normalize(r if r.dtype == torch.float32 else r.float(), dim=1)
-        off = u.sum(0).double().square().sum() - u.square().sum().double()
-        return off / (n * (n - 1))
+        total = torch.zeros(r.shape[1], dtype=torch.float32, device=r.device)
+        norm2 = torch.zeros((), dtype=torch.float32, device=r.device)
+        for c in _cpu_chunks(r, index):
+            u = torch.nn.functional.normalize(c if c.dtype == torch.float32 else c.float(), dim=1)
+            total += u.sum(0)
+            norm2 += u.square().sum()
+        return (total.double().square().sum() - norm2.double()) / (n * (n - 1))
     total = torch.zeros(r.shape[1], dtype=torch.float64, device=r.device)
     norm2 = torch.zeros((), dtype=torch.float64, device=r.device)
     for u in _chunks64(r, buf):
@@ -286,10 +311,13 @@ class StatsAccumulator:
             sq = r64.square()
             col_sq = sq.sum(0)
             self.sum_sq.add_(col_sq)
-        rm = r.index_select(0, mmr_index) if mmr_index is not None else None
-        rm = subsample_tokens(r, mmr_max_tokens, seed) if rm is None else rm
-        sc[1] += token_mmr(rm).sum()
-        self._counts[1] += rm.shape[0]
+        if mmr_index is not None:
+            sc[1] += token_mmr(r, mmr_index).sum()
+            self._counts[1] += mmr_index.shape[0]
+        else:
+            rm = subsample_tokens(r, mmr_max_tokens, seed)
+            sc[1] += token_mmr(rm).sum()
+            self._counts[1] += rm.shape[0]
         if self.extras:
             # centred moments from raw ones with matrix-vector products (one pass each):
             # Σ_α (x_αj − μ_α)² = Σ_α x_αj² − 2 Σ_α x_αj μ_α + Σ_α μ_α²

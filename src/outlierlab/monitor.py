@@ -298,9 +298,9 @@ class OutlierMonitor:
                 perm = torch.randperm(n, generator=g).to(rows.device)
                 self._perms[(n, rows.device)] = perm
             acc.update(rows, mmr_index=perm[:mmr_n] if sub_mmr else None)
-            cos_rows = rows.index_select(0, perm[:cos_n]) if sub_cos else rows
-            if cos_rows.shape[0] >= 2:
-                acc.add_cos(M.offdiag_cosine(cos_rows, fast=True), valid=True)
+            if n >= 2:
+                cos = M.offdiag_cosine(rows, fast=True, index=perm[:cos_n] if sub_cos else None)
+                acc.add_cos(cos, valid=True)
 
     # -- control ------------------------------------------------------------------------------
 
