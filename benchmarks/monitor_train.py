@@ -59,6 +59,14 @@ def _vm(field: str) -> int:
     raise KeyError(field)
 
 
+def _state_bytes(mon) -> int:
+    """Bytes of the monitor's per-point accumulator state (-1 if its layout is unknown)."""
+    accs = getattr(mon, "_acc", None)
+    if not isinstance(accs, dict):
+        return -1
+    return sum(a.state.numel() * a.state.element_size() for a in accs.values())
+
+
 def memory_child(tokens: int) -> None:
     """Measure ``tokens`` tokens through a 4 × 128 GPT with the monitor on; print growths."""
     import torch
@@ -76,7 +84,7 @@ def memory_child(tokens: int) -> None:
         mon.reset()
         model(x)
         mon.reset()
-        state0 = sum(a.state.numel() * a.state.element_size() for a in mon._acc.values())
+        state0 = _state_bytes(mon)
         Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
         rss0 = _vm("VmRSS")
         done = 0
@@ -86,7 +94,7 @@ def memory_child(tokens: int) -> None:
             done += n * T
         peak = _vm("VmHWM")
         res = mon.results()
-    state1 = sum(a.state.numel() * a.state.element_size() for a in mon._acc.values())
+    state1 = _state_bytes(mon)
     seen = max(v["tokens"] for v in res.values())
     print(f"MEM tokens={seen} peak_growth={peak - rss0} state0={state0} state1={state1}")
 
