@@ -94,6 +94,15 @@ def test_unmatched_loss_is_not_tested_and_diverged_runs_are_left_out(tmp_path):
     assert C.claim_op_vs_prenorm(better).verdict == C.HELD
 
 
+def test_quant_claim_needs_measurable_damage(tmp_path):
+    specs = {f"r{i}": dict(arch="pre-ln", kurt=1.0 + i, lr=10.0**-i,
+                           quant={"w8a8-tensor": (10.0, 10.0 + 0.001 * (-1) ** i),
+                                  "w8a4": (10.0, 10.0 + i)}) for i in range(4)}
+    c = C.claim_quant(_runs(tmp_path, specs))
+    assert c.verdict == C.NOT_TESTED and "nothing to rank" in c.summary
+    assert any(d.startswith("w8a4: ρ(Kurt, ppl increase) = +1.00") for d in c.details)
+
+
 def test_soap_pairs_across_optimiser_defaults(tmp_path):
     """SOAP and AdamW runs differ in betas/weight decay (each optimiser's defaults): still a
     pair, as long as lr and ε match."""
