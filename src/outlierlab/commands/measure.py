@@ -23,7 +23,8 @@ def add_parser(subparsers: Any) -> None:
     p = subparsers.add_parser(
         "measure",
         help="outlier-feature metrics per layer of a model on text",
-        description=__doc__.splitlines()[0],
+        description="Per-layer outlier-feature metrics (Kurt, MMR, cos-sim, outlier neurons) of a "
+        "model on text.",
     )
     p.add_argument("model_dir", metavar="MODEL_DIR", help="run folder, saved GPT or HF folder")
     p.add_argument(
