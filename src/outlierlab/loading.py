@@ -72,7 +72,12 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> LoadedMo
         raise ModelLoadError(f"{path} is not a folder; expected a model folder")
     cfg = _read_json(path / "config.json")
     if (path / "model_config.json").is_file():
-        return _load_outlierlab(path, path, cfg, device)
+        run = path
+        if path.parent.name == "checkpoints" and cfg is None:  # RUN/checkpoints/step-N
+            parent_cfg = _read_json(path.parent.parent / "config.json")
+            if _is_run_config(parent_cfg):
+                run, cfg = path.parent.parent, parent_cfg
+        return _load_outlierlab(path, run, cfg, device)
     if _is_run_config(cfg):
         from outlierlab.train.checkpoint import latest_checkpoint
 

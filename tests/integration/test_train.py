@@ -210,7 +210,8 @@ def test_bpe_run_folder_loads_for_measure(corpus, cache_dir, tmp_path):
     (unfinished / "model.safetensors").unlink()
     (unfinished / "model_config.json").unlink()
     shutil.rmtree(unfinished / "checkpoints" / "step-3")
-    for path in (out, unfinished):  # finished: root weights; unfinished: checkpoints/step-2
+    step2 = unfinished / "checkpoints" / "step-2"  # a checkpoint passed directly
+    for path in (out, unfinished, step2):  # finished: root weights; else checkpoints/step-2
         loaded = load_model(path)
         assert loaded.kind == "outlierlab" and loaded.tokenizer.vocab_size == 300
         ids = loaded.tokenizer.encode("def add_1(x):")
