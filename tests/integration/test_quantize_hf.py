@@ -60,7 +60,6 @@ def hf_dir(tmp_path_factory):
     return _hf_folder(tmp / "gpt2-tiny", corpus), corpus
 
 
-@pytest.mark.slow
 def test_hf_gpt2_quantises_end_to_end(hf_dir, tmp_path, monkeypatch, capsys):
     folder, corpus = hf_dir
     monkeypatch.setenv("OUTLIERLAB_CACHE", str(tmp_path / "cache"))

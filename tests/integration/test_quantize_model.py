@@ -128,12 +128,10 @@ def plant_outlier_neuron(model: GPT, block: int = 0, neuron: int = 7, c: float =
     return planted
 
 
-@pytest.mark.slow
 def test_model_trained(trained):
     assert trained["fp"]["ppl"] < 20.0  # far below the 257 of a uniform byte model
 
 
-@pytest.mark.slow
 def test_w16a16_equals_fp_and_w8a8_is_close(trained, w8a8):
     model = trained["model"]
     before = {k: v.clone() for k, v in model.state_dict().items()}
@@ -158,7 +156,6 @@ def test_w16a16_equals_fp_and_w8a8_is_close(trained, w8a8):
         torch.testing.assert_close(v, before[k], rtol=0, atol=0)
 
 
-@pytest.mark.slow
 def test_planted_outlier_neuron_hurts_per_tensor_w8a8(trained, w8a8, planted):
     fp = trained["fp"]["ppl"]
     base, hurt = w8a8, planted[1]
@@ -171,7 +168,6 @@ def test_planted_outlier_neuron_hurts_per_tensor_w8a8(trained, w8a8, planted):
     assert row["act_max"] > 50 * row0["act_max"]
 
 
-@pytest.mark.slow
 def test_smoothquant_recovers_planted_outlier(trained, planted):
     fp = trained["fp"]["ppl"]
     plain = planted[1]
@@ -181,7 +177,6 @@ def test_smoothquant_recovers_planted_outlier(trained, planted):
     assert smooth["config"]["smooth_alpha"] == 0.5
 
 
-@pytest.mark.slow
 def test_residual_quantisation_and_percentile(trained, w8a8):
     r = _quant(trained, trained["model"], scheme("w8a8-tensor", quantize_residual=True))
     resid = [row for row in r["layers"] if row["kind"] == "residual"]
@@ -227,7 +222,6 @@ def _hashes(folder: Path) -> dict[str, str]:
 SMALL = ["--calib-batches", "2", "--batch-size", "4", "--eval-windows", "8", "--stats-windows", "2"]
 
 
-@pytest.mark.slow
 def test_cli_on_run_folder_saves_result_and_never_touches_the_model(trained, tmp_path, capsys):
     from outlierlab.cli import main
 
@@ -245,7 +239,6 @@ def test_cli_on_run_folder_saves_result_and_never_touches_the_model(trained, tmp
     assert _hashes(run) == before
 
 
-@pytest.mark.slow
 def test_cli_calibration_larger_than_data_is_one_line_exit_2(trained, capsys):
     from outlierlab.cli import main
 
