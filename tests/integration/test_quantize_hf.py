@@ -67,7 +67,8 @@ def test_hf_gpt2_quantises_end_to_end(hf_dir, tmp_path, monkeypatch, capsys):
     out = tmp_path / "q.json"
     argv = ["quantize", str(folder), "--data", str(corpus), "--seq-len", "32"]
     argv += ["--eval-windows", "8", "--calib-batches", "2", "--batch-size", "4"]
-    argv += ["--stats-windows", "4", "--scheme", "w8a8-dynamic", "--json", str(out)]
+    argv += ["--stats-windows", "4", "--scheme", "w8a8-dynamic", "--quantize-residual"]
+    argv += ["--json", str(out)]
     assert main(argv) == 0
     printed = capsys.readouterr().out
     assert "FP perplexity" in printed and "quant perplexity" in printed
@@ -79,6 +80,9 @@ def test_hf_gpt2_quantises_end_to_end(hf_dir, tmp_path, monkeypatch, capsys):
         f"transformer.h.0.{m}" for m in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
     ]
     assert "lm_head" not in names
+    # HF GPT-2's residual stream (embedding output, every block) is quantised too
+    resid = [row["name"] for row in result["layers"] if row["kind"] == "residual"]
+    assert resid == ["embed.resid_post", "blocks.0.resid_post", "blocks.1.resid_post"]
     # a random model is near-uniform over the vocabulary, and 8 bits barely move it
     assert 0.5 * result["fp_ppl"] < result["quant_ppl"] < 1.5 * result["fp_ppl"]
     assert _hashes(folder) == before  # nothing written into the HF folder
