@@ -250,7 +250,7 @@ class GPT(nn.Module):
         if targets is None:
             return logits
         loss = F.cross_entropy(
-            logits.float().view(-1, logits.size(-1)), targets.view(-1), ignore_index=-100
+            logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100
         )
         return logits, loss
 
