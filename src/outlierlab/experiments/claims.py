@@ -139,7 +139,7 @@ def _varying(groups: Sequence[Group]) -> list[str]:
     """Config keys (other than block and optimiser name) that differ between groups."""
     flats = [dict(g.first.identity()) for g in groups]
     keys = list(dict.fromkeys(k for f in flats for k in f))
-    return [k for k in keys if k != "optim.name" and not k.startswith("model.")
+    return [k for k in keys if k not in OPTIMISER_SPECIFIC and not k.startswith("model.")
             and any(f.get(k) != flats[0].get(k) for f in flats)]
 
 
