@@ -19,11 +19,18 @@ pytestmark = pytest.mark.hf
 DOC = Path(__file__).resolve().parents[2] / "docs" / "integrations.md"
 
 
-def recipe() -> str:
-    text = DOC.read_text()
+README = DOC.parents[1] / "README.md"
+
+
+def recipe(path: Path = DOC) -> str:
+    text = path.read_text()
     m = re.search(r"<!-- recipe: plain loop.*?-->\s*```python\n(.*?)```", text, re.S)
-    assert m, "recipe block missing from docs/integrations.md"
+    assert m, f"recipe block missing from {path.name}"
     return m.group(1)
+
+
+def test_readme_shows_the_tested_recipe():
+    assert recipe(README) == recipe(DOC)
 
 
 def kurt64(x: torch.Tensor) -> float:
