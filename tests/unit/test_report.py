@@ -87,7 +87,7 @@ def test_report_command_writes_html_markdown_json(tmp_path, capsys):
         "quant_vs_kurtosis"}
     # the table row of a run holds its numbers
     row = next(line for line in md.splitlines() if line.startswith("| op-soap-seed0 |"))
-    assert "+2.0%" in row and "soap" in row
+    assert "+1.96%" in row and "soap" in row
 
 
 def test_report_of_nothing_is_a_one_line_error(tmp_path, capsys):

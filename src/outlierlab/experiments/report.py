@@ -65,7 +65,7 @@ def results_table(runs: Sequence[RunResult]) -> tuple[list[str], list[list[str]]
                str(r.step), _fmt(r.final_val_loss, 3), _fmt(fp)]
         for s in schemes:
             q = r.quant.get(s)
-            row += [_fmt(q.quant_ppl), f"{q.rel_increase:+.1%}"] if q else ["–", "–"]
+            row += [_fmt(q.quant_ppl), f"{q.rel_increase:+.2%}"] if q else ["–", "–"]
         row += [_fmt(r.final_kurt_mean), _fmt(r.final_kurt_max), _fmt(r.peak_kurt_max),
                 _fmt(r.tokens_per_s, 0)]
         rows.append(row)

@@ -128,12 +128,22 @@ def _status(run_dir: Path) -> str:
 
 
 def _run(cmd: list[str], log: Path, env: dict[str, str]) -> int:
+    """Run ``cmd`` with its output appended to ``log``. On Ctrl-C the child (same process
+    group, so it got the SIGINT too) is given a minute to checkpoint and exit."""
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "a") as f:
         f.write(f"\n$ {shlex.join(cmd)}\n")
         f.flush()
-        return subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env,
-                              stdin=subprocess.DEVNULL).returncode
+        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env,
+                                stdin=subprocess.DEVNULL)
+        try:
+            return proc.wait()
+        except KeyboardInterrupt:
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+            raise
 
 
 def dry_run_lines(grid: Grid, out: Path, python: str, quantize: bool = True) -> list[str]:
@@ -171,6 +181,7 @@ def run_sweep(grid: Grid, out: str | Path, *, workers: int = 1, threads: int | N
     env = {**os.environ, **threads_env(workers, threads)}
     n = len(grid.points)
     lock = threading.Lock()
+    stop = threading.Event()  # set on Ctrl-C: start nothing new
     t0 = time.perf_counter()
 
     def say(msg: str) -> None:
@@ -182,6 +193,9 @@ def run_sweep(grid: Grid, out: str | Path, *, workers: int = 1, threads: int | N
         state = run_state(d)
         o = Outcome(p.name, str(d), state)
         tag = f"[{i + 1}/{n}] {p.name}"
+        if stop.is_set():
+            o.status, o.message = _status(d), "not started: sweep interrupted"
+            return o
         if state in ("new", "resume"):
             say(f"{tag}: {'resuming' if state == 'resume' else 'training'} "
                 f"(log: {d / LOG_NAME})")
@@ -199,7 +213,7 @@ def run_sweep(grid: Grid, out: str | Path, *, workers: int = 1, threads: int | N
         else:
             o.status = _status(d)
             say(f"{tag}: {state}, not retrained")
-        if quantize and o.status == "finished":
+        if quantize and o.status == "finished" and not stop.is_set():
             t = time.perf_counter()
             for s in grid.schemes:
                 if quant_done(d, s):
@@ -214,11 +228,15 @@ def run_sweep(grid: Grid, out: str | Path, *, workers: int = 1, threads: int | N
                     f"in {o.quant_s:.0f} s")
         return o
 
-    if workers == 1:
-        outcomes = [job(i, p) for i, p in enumerate(grid.points)]
-    else:
-        with ThreadPoolExecutor(max_workers=workers) as pool:
-            outcomes = list(pool.map(lambda ip: job(*ip), enumerate(grid.points)))
+    pool = ThreadPoolExecutor(max_workers=workers)
+    try:
+        outcomes = list(pool.map(lambda ip: job(*ip), enumerate(grid.points)))
+    except KeyboardInterrupt:
+        stop.set()
+        say("interrupted: waiting for running runs to checkpoint; resume with the same command")
+        raise
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
     summary = SweepSummary(out, outcomes, time.perf_counter() - t0)
     manifest = {"grid": grid.to_dict(), "workers": workers,
                 "threads": int(env["OMP_NUM_THREADS"]), "wall_s": summary.wall_s,
