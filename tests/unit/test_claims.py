@@ -129,3 +129,19 @@ def test_find_runs_expands_a_sweep_folder_and_skips_other_folders(tmp_path):
     assert r.peak_kurt_max >= r.final_kurt_max >= r.final_kurt_mean
     with pytest.raises(Exception, match="no run folders"):
         find_runs([tmp_path / "sweep" / "report"])
+
+
+def test_comparisons_without_outlier_features_are_left_out(tmp_path):
+    """Near Kurt 1 there is nothing to lower: such pairs and series do not decide a claim."""
+    runs = _runs(tmp_path, {
+        "pre": dict(arch="pre-ln", kurt=1.12, lr=3e-3), "op": dict(arch="op", kurt=1.13, lr=3e-3),
+        "pre-hi": dict(arch="pre-ln", kurt=5.0), "op-hi": dict(arch="op", kurt=2.0),
+        "pre-soap": dict(arch="pre-ln", optimizer="soap", kurt=1.2, lr=3e-3),
+    })
+    c = C.claim_op_vs_prenorm(runs)
+    assert c.verdict == C.HELD and "1 of 1" in c.summary
+    assert any("no OFs in Pre-Norm" in d for d in c.details)
+    low = [r for r in runs if r.lr == 3e-3]
+    assert C.claim_op_vs_prenorm(low).verdict == C.NOT_TESTED
+    assert C.claim_soap(low).verdict == C.NOT_TESTED
+    assert C.claim_lr(runs).verdict == C.HELD

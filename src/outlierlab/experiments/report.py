@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from outlierlab.experiments.claims import HELD, NOT_HELD, Claim, evaluate_claims
+from outlierlab.experiments.claims import HELD, MIN_KURT, NOT_HELD, Claim, evaluate_claims
 from outlierlab.experiments.figures import make_figures
 from outlierlab.experiments.results import RunResult
 
@@ -115,7 +115,8 @@ def write_report(runs: Sequence[RunResult], out_dir: str | Path, *, title: str =
              "training. Each claim compares runs that differ only in the field it is about; a "
              "configuration's value is its seeds' mean, with their range. Verdicts are computed "
              f"from these runs; OP and Pre-Norm count as at matched loss when OP's validation loss "
-             f"is at most {loss_tol:.0%} above Pre-Norm's (or below it).")
+             f"is at most {loss_tol:.0%} above Pre-Norm's (or below it). Claims about lowering "
+             f"OFs are tested only where the reference run has some (Kurt ≥ {MIN_KURT}).")
 
     claim_rows = [[c.statement, c.verdict, c.summary] for c in claims]
     md = [f"# {title}", "", intro, "", about, "", "## Claims (SPEC §5)", "",
