@@ -50,7 +50,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    # `field=value` overrides may stand on either side of options (argparse stops a positional
+    # list at the first option); anything else left over is an error as usual.
+    overrides = getattr(args, "overrides", None)
+    if extra and isinstance(overrides, list) and all("=" in t and t[0] != "-" for t in extra):
+        overrides.extend(extra)
+        extra = []
+    if extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if getattr(args, "func", None) is None:
         parser.print_help()
         return 2

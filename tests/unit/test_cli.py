@@ -1,6 +1,8 @@
 import subprocess
 import sys
 
+import pytest
+
 from outlierlab.cli import main
 
 
@@ -22,3 +24,23 @@ def test_import_does_not_pull_transformers():
     code = "import outlierlab, sys; outlierlab.metrics; print('transformers' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.stdout.strip() == "False", out.stderr
+
+
+def test_overrides_may_follow_options(monkeypatch):
+    import outlierlab.commands.train as train_cmd
+
+    seen = {}
+    monkeypatch.setattr(train_cmd, "run", lambda args: seen.update(vars(args)) or 0)
+    from outlierlab.cli import build_parser  # rebuilt so the patched run is registered
+
+    _, extra = build_parser().parse_known_args(["train", "a.b=1", "--quiet", "out=x"])
+    assert extra == ["out=x"]  # what argparse alone leaves over
+    assert main(["train", "a.b=1", "--quiet", "out=x"]) == 0
+    assert seen["overrides"] == ["a.b=1", "out=x"] and seen["quiet"] is True
+
+
+def test_stray_argument_after_overrides_exits_2(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["train", "a.b=1", "--quiet", "stray"])
+    assert exc.value.code == 2
+    assert "unrecognized arguments: stray" in capsys.readouterr().err
