@@ -13,14 +13,7 @@ from typing import Any
 
 import numpy as np
 
-# The block switches of each model preset (outlierlab.model.config.PRESETS, SPEC §2).
-PRESETS: dict[str, dict[str, Any]] = {
-    "pre-ln": {},
-    "post-ln": {"block": "post", "final_norm": False},
-    "pre-rms": {"norm": "rmsnorm"},
-    "pre-srms": {"norm": "srmsnorm"},
-    "op": {"block": "op", "qk_norm": True, "beta": 0.2, "activation": "relu"},
-}
+from outlierlab.model.config import GPTConfig
 
 
 def write_run(path: str | Path, *, arch: str = "pre-ln", optimizer: str = "adamw",
@@ -31,9 +24,9 @@ def write_run(path: str | Path, *, arch: str = "pre-ln", optimizer: str = "adamw
     """Write a run folder; ``quant`` maps scheme → (fp_ppl, quant_ppl)."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    model = {"n_layer": n_layer, "d_model": 64, "n_head": 4, "vocab_size": 260, "seq_len": 64,
-             "block": "pre", "norm": "layernorm", "final_norm": True, "qk_norm": False,
-             "beta": 1.0, "activation": "gelu", **PRESETS[arch]}
+    model = GPTConfig.preset(
+        arch, n_layer=n_layer, d_model=64, n_head=4, vocab_size=260, seq_len=64
+    ).to_dict()
     config = {"model": model, "data": {"source": "stdlib", "tokenizer": "bytes"},
               "optim": {"name": optimizer, "lr": lr, "eps": eps, "weight_decay": 0.1},
               "train": {"steps": steps, "seed": seed, "batch_size": 16},
