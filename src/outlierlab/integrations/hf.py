@@ -22,13 +22,12 @@ except ImportError as exc:  # pragma: no cover - exercised only without transfor
     ) from exc
 
 from outlierlab.errors import ConfigError
-from outlierlab.integrations import flatten_results
-from outlierlab.integrations.alert import Alert, OutlierAlert
+from outlierlab.integrations.core import MeasuringCallback
 
 __all__ = ["OutlierCallback"]
 
 
-class OutlierCallback(TrainerCallback):
+class OutlierCallback(TrainerCallback, MeasuringCallback):
     """Log outlier-feature metrics every ``every`` optimiser steps of a ``Trainer``.
 
     Add it with ``OutlierCallback(...).attach(trainer)``: that puts it first among the
@@ -42,39 +41,13 @@ class OutlierCallback(TrainerCallback):
     ``logging_steps`` grid.
     """
 
-    def __init__(
-        self,
-        every: int = 100,
-        points: str | list[str] = "auto",
-        alert_kurtosis: float | None = None,
-        prefix: str = "outliers/",
-        per_layer: bool = True,
-        cos_max_tokens: int = 1024,
-        seed: int = 0,
-    ) -> None:
-        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
-            raise ConfigError(f"every must be an integer ≥ 1 (optimiser steps), got {every!r}")
-        if not isinstance(prefix, str):
-            raise ConfigError(f"prefix must be a string such as 'outliers/', got {prefix!r}")
-        self.every = every
-        self.points = points
-        self.prefix = prefix
-        self.per_layer = per_layer
-        self.cos_max_tokens = cos_max_tokens
-        self.seed = seed
-        self.alert = None if alert_kurtosis is None else OutlierAlert(alert_kurtosis)
-        self.monitor = None
-        self.last_results: dict[str, dict[str, Any]] = {}
-        """Monitor results of the last measured step (``{point: {...}}``)."""
+    def __init__(self, every: int = 100, **kwargs: Any) -> None:
+        """Arguments of `MeasuringCallback`: ``every``, ``points``, ``alert_kurtosis``,
+        ``prefix``, ``per_layer``, ``cos_max_tokens``, ``seed``."""
+        MeasuringCallback.__init__(self, every, **kwargs)
         self._attached = False
-        self._measuring_step: int | None = None  # the step whose micro-batches are measured
         self._pending: tuple[int, dict[str, float]] | None = None  # (step, logs) to add
         self._warned_order = False
-
-    @property
-    def alert_fired(self) -> Alert | None:
-        """The alert that fired this run, if any."""
-        return None if self.alert is None else self.alert.fired
 
     def attach(self, trainer: Any) -> OutlierCallback:
         """Register with ``trainer`` ahead of its reporting callbacks; returns self."""
@@ -88,48 +61,21 @@ class OutlierCallback(TrainerCallback):
     # -- Trainer events -------------------------------------------------------------------
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
-        from outlierlab.monitor import OutlierMonitor
-
         if model is None:
             raise ConfigError("OutlierCallback needs the model: use it inside transformers.Trainer")
-        self.close()
-        self.monitor = OutlierMonitor(
-            model, points=self.points, every=1, cos_max_tokens=self.cos_max_tokens, seed=self.seed
-        )
-        self.monitor.__enter__()
-        self.monitor.enabled = False
-        if self.alert is not None:
-            self.alert.reset()
+        self._open(model)
         self._pending = None
-        self._measuring_step = None
 
     def on_step_begin(self, args, state, control, **kwargs):
         # Called before the first micro-batch of optimiser step state.global_step + 1; the
         # monitor stays on through every micro-batch until on_step_end.
-        step = state.global_step + 1
-        if self.monitor is not None and step % self.every == 0:
-            self.monitor.reset()
-            self.monitor.enabled = True
-            self._measuring_step = step
+        self._begin_step(state.global_step + 1)
 
     def on_step_end(self, args, state, control, **kwargs):
-        if self.monitor is None or self._measuring_step is None:
-            return
-        self.monitor.enabled = False
-        self._measuring_step = None
-        results = self.monitor.results(all_reduce=_distributed())
-        summary = self.monitor.summary(results)
-        self.monitor.reset()
-        if not results:
-            return
-        self.last_results = results
-        self._pending = (
-            state.global_step,
-            flatten_results(results, summary, prefix=self.prefix, per_layer=self.per_layer),
-        )
-        if self.alert is not None and state.is_world_process_zero:
-            self.alert.check(results, step=state.global_step)
-        control.should_log = True
+        measured = self._end_step(all_reduce=_distributed(), alert=state.is_world_process_zero)
+        if measured is not None:
+            self._pending = measured
+            control.should_log = True
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if self._pending is None or logs is None:
@@ -152,13 +98,6 @@ class OutlierCallback(TrainerCallback):
 
     def on_train_end(self, args, state, control, **kwargs):
         self.close()
-
-    def close(self) -> None:
-        """Remove the monitor's hooks (idempotent; call it if training raised)."""
-        if self.monitor is not None:
-            monitor, self.monitor = self.monitor, None
-            monitor.close()
-        self._measuring_step = None
 
 
 def _distributed() -> bool:
