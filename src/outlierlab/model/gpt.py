@@ -189,14 +189,19 @@ class Block(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, T, d) -> (B, T, d)
         if self.kind == "post":
-            h = self.attn_norm(x + self.beta_attn * self.attn(x))
-            return self.mlp_norm(h + self.beta_mlp * self.mlp(h))
-        h = x + self.beta_attn * self.attn(self.attn_norm(x))
-        return h + self.beta_mlp * self.mlp(self.mlp_norm(h))
+            h = self.attn_norm(x + _gain(self.beta_attn, self.attn(x)))
+            return self.mlp_norm(h + _gain(self.beta_mlp, self.mlp(h)))
+        h = x + _gain(self.beta_attn, self.attn(self.attn_norm(x)))
+        return h + _gain(self.beta_mlp, self.mlp(self.mlp_norm(h)))
 
     def extra_repr(self) -> str:
         beta = self.beta_attn
         return f"kind={self.kind!r}" + ("" if isinstance(beta, nn.Parameter) else f", beta={beta}")
+
+
+def _gain(beta: float | nn.Parameter, y: torch.Tensor) -> torch.Tensor:
+    """β·y, skipping the multiply (forward and backward) when β is a fixed 1.0."""
+    return y if isinstance(beta, float) and beta == 1.0 else beta * y
 
 
 # -- the model ----------------------------------------------------------------------------------
