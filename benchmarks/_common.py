@@ -31,6 +31,28 @@ if str(ROOT / "src") not in sys.path:  # run from a checkout without an install
     sys.path.insert(0, str(ROOT / "src"))
 
 
+#: Benchmark model sizes: name -> (n_layer, d_model, n_head, seq_len, batch_size).
+SIZES: dict[str, tuple[int, int, int, int, int]] = {
+    "S": (2, 64, 2, 64, 8),
+    "M": (4, 128, 4, 128, 16),
+    "L": (6, 192, 6, 128, 16),  # the default preset (SPEC §6)
+}
+
+
+def bench_config(size: str, out: Path | str, *overrides: str):
+    """The `default` training preset at ``size`` on the CPU, with no evaluation or checkpoint
+    inside the run, then ``overrides`` (dotted, as on the command line)."""
+    from outlierlab import config
+
+    L, d, h, T, B = SIZES[size]
+    return config.load("default", overrides=[
+        f"model.n_layer={L}", f"model.d_model={d}", f"model.n_head={h}", f"model.seq_len={T}",
+        f"train.batch_size={B}", "train.eval_every=0", "train.ckpt_every=0",
+        "train.eval_windows=4", "train.log_every=10", "train.device=cpu", f"out={out}",
+        *overrides,
+    ])  # fmt: skip
+
+
 def parse_args(
     description: str,
     argv: Sequence[str] | None = None,

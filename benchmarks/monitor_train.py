@@ -25,22 +25,11 @@ from pathlib import Path
 
 import _common
 
-TIME_SIZES = {  # name: (n_layer, d_model, n_head, seq_len, batch_size)
-    "M": (4, 128, 4, 128, 16),
-    "L": (6, 192, 6, 128, 16),  # the default preset (SPEC §6)
-}
+TIME_SIZES = {k: _common.SIZES[k] for k in ("M", "L")}
 
 
 def run_config(size: str, every: int, out: Path):
-    from outlierlab import config
-
-    L, d, h, T, B = TIME_SIZES[size]
-    return config.load("default", overrides=[
-        f"model.n_layer={L}", f"model.d_model={d}", f"model.n_head={h}", f"model.seq_len={T}",
-        f"train.batch_size={B}", "train.eval_every=0", "train.ckpt_every=0",
-        "train.eval_windows=4", "train.log_every=10", f"log.kurtosis_every={every}",
-        "train.device=cpu", f"out={out}",
-    ])  # fmt: skip
+    return _common.bench_config(size, out, f"log.kurtosis_every={every}")
 
 
 def time_monitor(size: str, rounds: int, tmp: Path) -> dict[str, list[float]]:

@@ -30,24 +30,11 @@ OPTIMS = {  # row name: config overrides (registry defaults otherwise)
     "shampoo/10": ["optim.name=shampoo", "optim.precondition_frequency=10"],
     "muon": ["optim.name=muon"],
 }
-SIZES = {  # name: (n_layer, d_model, n_head, seq_len, batch_size)
-    "S": (2, 64, 2, 64, 8),
-    "M": (4, 128, 4, 128, 16),
-    "L": (6, 192, 6, 128, 16),  # the default preset (SPEC §6)
-}
+SIZES = _common.SIZES
 
 
 def run_config(size: str, optim: str, out: Path | str = ""):
-    from outlierlab import config
-
-    L, d, h, T, B = SIZES[size]
-    return config.load("default", overrides=[
-        *OPTIMS[optim],
-        f"model.n_layer={L}", f"model.d_model={d}", f"model.n_head={h}", f"model.seq_len={T}",
-        f"train.batch_size={B}", "train.eval_every=0", "train.ckpt_every=0",
-        "train.eval_windows=4", "train.log_every=10", "log.kurtosis_every=0",
-        "train.device=cpu", f"out={out}",
-    ])  # fmt: skip
+    return _common.bench_config(size, out, *OPTIMS[optim], "log.kurtosis_every=0")
 
 
 def loop_times(size: str, rounds: int, block: int, tmp: Path) -> _common.Timings:

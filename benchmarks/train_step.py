@@ -37,12 +37,7 @@ import torch.nn.functional as F
 
 import _common
 
-# name: (n_layer, d_model, n_head, seq_len, batch_size)
-SIZES = {
-    "S": (2, 64, 2, 64, 8),
-    "M": (4, 128, 4, 128, 16),
-    "L": (6, 192, 6, 128, 16),  # the default preset (SPEC §6)
-}
+SIZES = _common.SIZES  # name: (n_layer, d_model, n_head, seq_len, batch_size)
 LR, BETAS, EPS, WD, CLIP, WARMUP = 3e-3, (0.9, 0.95), 1e-8, 0.1, 1.0, 0.1
 
 
@@ -161,18 +156,12 @@ class PlainLoop:
 # ================================================================ outlierlab (A) and the harness
 def run_config(size: str, steps: int, out: Path, **train_overrides):
     """The default training preset at ``size``, monitor off, no eval/ckpt inside the run."""
-    from outlierlab import config
-
-    L, d, h, T, B = SIZES[size]
-    ov = [f"model.n_layer={L}", f"model.d_model={d}", f"model.n_head={h}",
-          f"model.seq_len={T}", f"train.batch_size={B}", f"train.steps={steps}",
-          f"optim.lr={LR}", f"optim.betas={BETAS[0]},{BETAS[1]}", f"optim.eps={EPS}",
-          f"optim.weight_decay={WD}", f"optim.grad_clip={CLIP}", f"optim.warmup={WARMUP}",
-          "optim.schedule=cosine", "train.eval_every=0", "train.ckpt_every=0",
-          "train.eval_windows=4", "train.log_every=10", "log.kurtosis_every=0",
-          "train.device=cpu", f"out={out}"]  # fmt: skip
-    ov += [f"{k}={v}" for k, v in train_overrides.items()]
-    return config.load("default", overrides=ov)
+    return _common.bench_config(
+        size, out, f"train.steps={steps}", f"optim.lr={LR}",
+        f"optim.betas={BETAS[0]},{BETAS[1]}", f"optim.eps={EPS}", f"optim.weight_decay={WD}",
+        f"optim.grad_clip={CLIP}", f"optim.warmup={WARMUP}", "optim.schedule=cosine",
+        "log.kurtosis_every=0", *(f"{k}={v}" for k, v in train_overrides.items()),
+    )  # fmt: skip
 
 
 def check_same_maths(cfg, data: np.ndarray) -> str:
