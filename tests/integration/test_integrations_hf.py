@@ -11,15 +11,14 @@ import torch
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("accelerate")  # transformers.Trainer needs it
 
-from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainingArguments  # noqa: E402
+from tiny_gpt2 import PLANTED, POINTS, SEQ, tiny_gpt2  # noqa: E402
+from transformers import Trainer, TrainingArguments  # noqa: E402
 
 from outlierlab.integrations.hf import OutlierCallback  # noqa: E402
 
 pytestmark = pytest.mark.hf
 
-SEQ, BATCH, D, LAYERS = 16, 4, 32, 2
-POINTS = ["embed.resid_post", "blocks.0.resid_post", "blocks.1.resid_post"]
-PLANTED = 7  # the neuron given a huge constant in block 0's output
+BATCH = 4
 
 
 @pytest.fixture(autouse=True)
@@ -29,27 +28,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
-
-
-def tiny_gpt2(planted: bool = False) -> GPT2LMHeadModel:
-    torch.manual_seed(0)
-    cfg = GPT2Config(
-        n_layer=LAYERS,
-        n_embd=D,
-        n_head=2,
-        vocab_size=64,
-        n_positions=SEQ,
-        resid_pdrop=0.0,
-        embd_pdrop=0.0,
-        attn_pdrop=0.0,
-        bos_token_id=0,
-        eos_token_id=0,
-    )
-    model = GPT2LMHeadModel(cfg)
-    if planted:  # every token of block 0's output gets +50 on one channel: Kurt ≈ d
-        with torch.no_grad():
-            model.transformer.h[0].mlp.c_proj.bias[PLANTED] = 50.0
-    return model
 
 
 def dataset(n: int) -> list[dict[str, torch.Tensor]]:

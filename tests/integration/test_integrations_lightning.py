@@ -17,14 +17,12 @@ pytest.importorskip("transformers")
 
 import lightning as L  # noqa: E402
 from lightning.pytorch.loggers import CSVLogger  # noqa: E402
+from tiny_gpt2 import PLANTED, POINTS, SEQ, tiny_gpt2  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
-from transformers import GPT2Config, GPT2LMHeadModel  # noqa: E402
 
 from outlierlab.integrations.lightning import OutlierCallback  # noqa: E402
 
-SEQ, BATCH, D = 16, 4, 32
-POINTS = ["embed.resid_post", "blocks.0.resid_post", "blocks.1.resid_post"]
-PLANTED = 7
+BATCH = 4
 
 
 @pytest.fixture(autouse=True)
@@ -39,23 +37,7 @@ def one_thread():
 class TinyLM(L.LightningModule):
     def __init__(self, lr: float = 1e-3, planted: bool = False):
         super().__init__()
-        torch.manual_seed(0)
-        cfg = GPT2Config(
-            n_layer=2,
-            n_embd=D,
-            n_head=2,
-            vocab_size=64,
-            n_positions=SEQ,
-            resid_pdrop=0.0,
-            embd_pdrop=0.0,
-            attn_pdrop=0.0,
-            bos_token_id=0,
-            eos_token_id=0,
-        )
-        self.model = GPT2LMHeadModel(cfg)
-        if planted:
-            with torch.no_grad():
-                self.model.transformer.h[0].mlp.c_proj.bias[PLANTED] = 50.0
+        self.model = tiny_gpt2(planted)
         self.lr = lr
 
     def training_step(self, batch, batch_idx):
