@@ -338,7 +338,8 @@ def train(cfg: RunConfig, resume: bool = False, *, progress: bool = True) -> Run
                     if d.is_main:
                         writer.write(row)
                         sinks.log(row)
-                        run.set_status("running", step)
+                        if step % tc.log_every == 0:  # not on every measured step
+                            run.set_status("running", step)
                     bar.log(row)
                 stopping = stop_v > 0
                 if (tc.ckpt_every and step % tc.ckpt_every == 0 and not is_last) or stopping:
