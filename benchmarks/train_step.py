@@ -6,12 +6,13 @@ A: ``outlierlab.train.train(cfg)`` in this process, exactly as the CLI runs it (
 B: the plain loop below (~100 lines: model, get_batch, AdamW, clipping, cosine lr, a JSON log
    line every ``log_every`` steps) — what a user would write by hand.
 
-Interleaving: the benchmark wraps the loop's batch sampler. Every ``block`` outlierlab steps,
-the wrapper records the time those steps took (from one ``sampler.next()`` to the next: the
-whole step body), then runs ``block`` plain-loop steps and times them, then hands the batch back.
-So A and B alternate block by block inside one run (``_common.step_hooks``), warm, on the same
-machine state. The headline is the median over blocks of tokens/s(A) / tokens/s(B), taken over
-the sizes (the worst size).
+Interleaving: the benchmark wraps the loop's batch sampler. At every outlierlab step the
+wrapper records the time the previous step took (from one ``sampler.next()`` to the next: the
+whole step body), then runs one plain-loop step and times it, then hands the batch back. So A
+and B alternate step by step inside one run (``_common.step_hooks``), warm, on the same machine
+state within a second. Times are summed over windows of ``window`` steps (default 10: one
+metrics.jsonl line per window); the headline is the median over windows of
+tokens/s(A) / tokens/s(B), taken over the sizes (the worst size).
 
 Before timing, a maths check: the plain model loaded with outlierlab's initial weights gives the
 same loss and gradient norm on the same batch.
@@ -191,12 +192,14 @@ def check_same_maths(cfg, data: np.ndarray) -> str:
     return f"|Δloss|={dl:.1e} rel|Δgrad_norm|={dn:.1e}"
 
 
-def measure_size(size: str, rounds: int, block: int, warmup: int, tmp: Path) -> dict:
-    """Tokens/s of outlierlab and the plain loop, alternating ``block`` steps each."""
+def measure_size(size: str, rounds: int, window: int, warmup: int, tmp: Path) -> dict:
+    """Tokens/s of outlierlab and the plain loop, alternating step by step; ``rounds`` windows
+    of ``window`` steps each."""
     from outlierlab.data import prepare
     from outlierlab.train import train
 
-    steps = warmup + rounds * block + 1  # the last step (final eval + save) is not timed
+    n = rounds * window  # timed steps of each
+    steps = warmup + n + 1  # the last step (final eval + save) is not timed
     cfg = run_config(size, steps, tmp / f"run-{size}")
     data = prepare(cfg.data, progress=False)
     cfg.model.vocab_size = data.tokenizer.vocab_size
@@ -217,14 +220,13 @@ def measure_size(size: str, rounds: int, block: int, warmup: int, tmp: Path) -> 
         now = time.perf_counter()
         done = state["calls"]  # outlierlab steps completed so far
         state["calls"] += 1
-        if done < warmup or (done - warmup) % block:
+        if done < warmup:
             return
         if state["t0"] is not None:
             t_ol.append(now - state["t0"])
-        if len(t_plain) < rounds:
+        if len(t_plain) < n:
             t1 = time.perf_counter()
-            for _ in range(block):
-                plain.step()
+            plain.step()
             t_plain.append(time.perf_counter() - t1)
         state["t0"] = time.perf_counter()
 
@@ -233,8 +235,10 @@ def measure_size(size: str, rounds: int, block: int, warmup: int, tmp: Path) -> 
         res = train(cfg, progress=False)
     log.close()
     assert res.status == "finished", res
-    assert len(t_ol) == len(t_plain) == rounds, (len(t_ol), len(t_plain))
-    tok = block * B * T
+    assert len(t_ol) == len(t_plain) == n, (len(t_ol), len(t_plain))
+    t_ol = [sum(t_ol[i : i + window]) for i in range(0, n, window)]
+    t_plain = [sum(t_plain[i : i + window]) for i in range(0, n, window)]
+    tok = window * B * T
     speed = [p / o for o, p in zip(t_ol, t_plain)]  # tokens/s(A) / tokens/s(B)
     return {
         "size": size, "shape": f"{L}×{d}, T={T}, B={B}", "maths": maths,
@@ -284,7 +288,7 @@ def main(argv=None) -> float:
     def add(p):
         p.add_argument("--sizes", default=None, help="comma list of S,M,L (default all; "
                        "--quick: S,L)")
-        p.add_argument("--block", type=int, default=10, help="steps per A or B block")
+        p.add_argument("--window", type=int, default=10, help="steps per timed window")
         p.add_argument("--profile", action="store_true", help="torch.profiler op tables")
 
     args = _common.parse_args(__doc__.splitlines()[0], argv, add, rounds=8, quick_rounds=3)
@@ -296,8 +300,8 @@ def main(argv=None) -> float:
                 profile(s, Path(tmp))
         rows, ratios = [], []
         for s in sizes:
-            r = measure_size(s, args.rounds, args.block, warmup=3, tmp=Path(tmp))
-            print(f"size {s} ({r['shape']}): maths check {r['maths']}; per-block ratios "
+            r = measure_size(s, args.rounds, args.window, warmup=3, tmp=Path(tmp))
+            print(f"size {s} ({r['shape']}): maths check {r['maths']}; per-window ratios "
                   + " ".join(f"{x:.3f}" for x in r["speed"]), flush=True)
             rows.append([s, r["shape"], r["ol_tps"], r["plain_tps"], _common.spread(r["speed"])])
             ratios.append(r["ratio"])
