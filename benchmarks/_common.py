@@ -107,6 +107,12 @@ class Timings:
         """Median over rounds of the per-round time ratio num/den."""
         return statistics.median(self.ratios(num, den))
 
+    def windowed(self, k: int) -> Timings:
+        """Sums over consecutive windows of ``k`` entries (e.g. per-step times → 10-step
+        windows); a last, shorter window is dropped."""
+        return Timings(self.names, {n: [sum(s[i : i + k]) for i in range(0, len(s) - k + 1, k)]
+                                    for n, s in self.seconds.items()})  # fmt: skip
+
     def speed_ratio(self, name: str, baseline: str) -> float:
         """Median throughput of ``name`` relative to ``baseline`` (>1: ``name`` is faster)."""
         return statistics.median(b / a for a, b in zip(self.seconds[name], self.seconds[baseline]))

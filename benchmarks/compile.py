@@ -1,10 +1,13 @@
 """``train.compile=true`` (torch.compile, inductor) vs eager on CPU.
 
 Two ``outlierlab.train.train(cfg)`` loops in this process, identical but for ``train.compile``,
-alternating blocks of steps (``_common.LoopInterleaver``). The first block of each (compilation
-and warm-up) is untimed; compile time is reported separately from that block. Headline: the
-median over rounds of tokens/s(compiled) / tokens/s(eager) at the largest size run.
-Goal ≥ 1.2×.
+handing over after every step (``_common.LoopInterleaver``, block = 1) and compared over
+windows of ``window`` steps. The first ``warmup`` steps of each (compilation, warm-up) are
+untimed; compilation time is reported from the first step. Headline: the median over windows
+of tokens/s(compiled) / tokens/s(eager) at the largest size run. Goal ≥ 1.2×.
+
+Inductor keeps compiled graphs in its on-disk cache (``/tmp/torchinductor_$USER``), so a second
+run compiles in seconds; the first cold compilation on a 2-core CPU takes 20–50 s.
 
     python benchmarks/compile.py [--quick] [--sizes S,L]
 """
@@ -31,7 +34,8 @@ def main(argv=None) -> float:
     def add(p):
         p.add_argument("--sizes", default=None, help="comma list of S,M,L (default M,L; "
                        "--quick: S)")
-        p.add_argument("--block", type=int, default=10)
+        p.add_argument("--window", type=int, default=10, help="steps per timed window")
+        p.add_argument("--warmup", type=int, default=3, help="untimed steps (compilation)")
 
     args = _common.parse_args(__doc__.splitlines()[0], argv, add, rounds=6, quick_rounds=3)
     sizes = (args.sizes or ("S" if args.quick else "M,L")).split(",")
@@ -45,14 +49,15 @@ def main(argv=None) -> float:
                     "eager": run_config(size, False, Path(tmp) / "e")}  # fmt: skip
             torch._dynamo.reset()
             t0 = time.perf_counter()
-            inter = _common.LoopInterleaver(cfgs, block=args.block, rounds=args.rounds)
-            t = inter.run()
+            inter = _common.LoopInterleaver(cfgs, block=1, rounds=args.window * args.rounds,
+                                            warmup_blocks=args.warmup)  # fmt: skip
+            t = inter.run().windowed(args.window)
             wall = time.perf_counter() - t0
         L, d, _, T, B = SIZES[size]
-        tok = args.block * B * T
+        tok = args.window * B * T
         speed = [e / c for c, e in zip(t.seconds["compiled"], t.seconds["eager"])]
         first = inter.warmup_seconds["compiled"][0] - inter.warmup_seconds["eager"][0]
-        print(f"size {size}: per-round speed-ups " + " ".join(f"{x:.3f}" for x in speed)
+        print(f"size {size}: per-window speed-ups " + " ".join(f"{x:.3f}" for x in speed)
               + f"; compilation ≈ {first:.0f} s (first block, compiled − eager); "
               f"benchmark wall {wall:.0f} s", flush=True)
         rows.append([size, f"{L}×{d}, T={T}, B={B}", tok / statistics.median(t.seconds["eager"]),

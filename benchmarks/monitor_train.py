@@ -41,9 +41,8 @@ def time_monitor(size: str, rounds: int, tmp: Path) -> dict[str, list[float]]:
     loops = {"every=1": 1, "every=10": 10, "off": 0, "off (A/A control)": 0}
     cfgs = {n: run_config(size, k, tmp / f"{size}-{i}") for i, (n, k) in enumerate(loops.items())}
     t = _common.LoopInterleaver(cfgs, block=1, rounds=10 * rounds, warmup_blocks=10).run()
-    win = {n: [sum(s[i : i + 10]) for i in range(0, len(s), 10)] for n, s in t.seconds.items()}
-    out = {n: [a / b for a, b in zip(win[n], win["off"])] for n in win if n != "off"}
-    return {**out, "off_s": win["off"]}
+    w = t.windowed(10)
+    return {**{n: w.ratios(n, "off") for n in cfgs if n != "off"}, "off_s": w.seconds["off"]}
 
 
 # ---------------------------------------------------------------- memory (child process)

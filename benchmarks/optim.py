@@ -77,7 +77,7 @@ def main(argv=None) -> float:
                        help="steps per timing (default 10; --quick 10 for the loop)")
         p.add_argument("--skip-loop", action="store_true", help="only optimizer.step() alone")
 
-    args = _common.parse_args(__doc__.splitlines()[0], argv, add, rounds=5, quick_rounds=2)
+    args = _common.parse_args(__doc__.splitlines()[0], argv, add, rounds=5, quick_rounds=1)
     sizes = (args.sizes or ("S,M" if args.quick else "M,L")).split(",")
     block = args.block or 10
     _common.print_machine()

@@ -236,8 +236,8 @@ def measure_size(size: str, rounds: int, window: int, warmup: int, tmp: Path) ->
     log.close()
     assert res.status == "finished", res
     assert len(t_ol) == len(t_plain) == n, (len(t_ol), len(t_plain))
-    t_ol = [sum(t_ol[i : i + window]) for i in range(0, n, window)]
-    t_plain = [sum(t_plain[i : i + window]) for i in range(0, n, window)]
+    w = _common.Timings(["A", "B"], {"A": t_ol, "B": t_plain}).windowed(window)
+    t_ol, t_plain = w.seconds["A"], w.seconds["B"]
     tok = window * B * T
     speed = [p / o for o, p in zip(t_ol, t_plain)]  # tokens/s(A) / tokens/s(B)
     return {
