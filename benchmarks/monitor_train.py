@@ -9,9 +9,9 @@ control: its ratio to the first (ideally 1) shows the noise floor of the figures
 Goals: ≤ 5 % (every step), ≤ 1 % (every 10 steps).
 
 Memory: an ``OutlierMonitor`` on a small GPT measuring 10 k and then 1 M tokens (in batches, no
-grad): the growth of resident memory (peak RSS, VmHWM, reset through /proc/self/clear_refs)
-and of tensor memory tracked by the monitor's state must not depend on the token count
-(streaming statistics, O(d) per point). Each count runs in a fresh child process.
+grad) in a fresh child process: the growth of resident memory since the warm-up (peak RSS,
+VmHWM, reset through /proc/self/clear_refs) after 1 M tokens must be that after 10 k (2 MiB
+slack), and the monitor's state the same size (streaming statistics, O(d) per point).
 
     python benchmarks/monitor_train.py [--quick] [--size L] [--skip-memory]
 """
@@ -34,13 +34,13 @@ def run_config(size: str, every: int, out: Path):
     return _common.bench_config(size, out, f"log.kurtosis_every={every}")
 
 
-def time_monitor(size: str, rounds: int, tmp: Path) -> dict[str, list[float]]:
+def time_monitor(size: str, rounds: int, tmp: Path, warmup: int = 10) -> dict[str, list[float]]:
     """Hand over after every step (the loops see the same machine within a second) and compare
     sums over windows of 10 steps; each window holds exactly one step the every-10 loop
     measured. A second monitor-off loop is the A/A control: its ratio is the noise floor."""
     loops = {"every=1": 1, "every=10": 10, "off": 0, "off (A/A control)": 0}
     cfgs = {n: run_config(size, k, tmp / f"{size}-{i}") for i, (n, k) in enumerate(loops.items())}
-    t = _common.LoopInterleaver(cfgs, block=1, rounds=10 * rounds, warmup_blocks=10).run()
+    t = _common.LoopInterleaver(cfgs, block=1, rounds=10 * rounds, warmup_blocks=warmup).run()
     w = t.windowed(10)
     return {**{n: w.ratios(n, "off") for n in cfgs if n != "off"}, "off_s": w.seconds["off"]}
 
@@ -62,8 +62,9 @@ def _state_bytes(mon) -> int:
     return sum(a.state.numel() * a.state.element_size() for a in accs.values())
 
 
-def memory_child(tokens: int) -> None:
-    """Measure ``tokens`` tokens through a 4 × 128 GPT with the monitor on; print growths."""
+def memory_child(counts: list[int]) -> None:
+    """Measure tokens through a 4 × 128 GPT with the monitor on; at each of ``counts`` tokens
+    print the growth of peak RSS since the warm-up and the monitor's state size."""
     import torch
 
     from outlierlab.model import GPT, GPTConfig
@@ -73,37 +74,30 @@ def memory_child(tokens: int) -> None:
     cfg = GPTConfig(n_layer=4, d_model=128, n_head=4, seq_len=128)
     model = GPT(cfg).eval()
     B, T = 16, cfg.seq_len
-    x = torch.randint(0, cfg.vocab_size, (B, T))
     with OutlierMonitor(model) as mon, torch.no_grad():
-        model(x)  # warm-up: allocator pools, accumulators created
+        for _ in range(20):  # warm-up: allocator pools settle, accumulators created
+            model(torch.randint(0, cfg.vocab_size, (B, T)))
         mon.reset()
-        model(x)
-        mon.reset()
-        state0 = _state_bytes(mon)
         Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
         rss0 = _vm("VmRSS")
-        done = 0
-        while done < tokens:
-            n = min(B, -(-(tokens - done) // T))
-            model(torch.randint(0, cfg.vocab_size, (n, T)))
-            done += n * T
-        peak = _vm("VmHWM")
-        res = mon.results()
-    state1 = _state_bytes(mon)
-    seen = max(v["tokens"] for v in res.values())
-    print(f"MEM tokens={seen} peak_growth={peak - rss0} state0={state0} state1={state1}")
+        batches = 0
+        for n in sorted(counts):
+            while batches * B * T < n:  # whole batches: one shape throughout
+                model(torch.randint(0, cfg.vocab_size, (B, T)))
+                batches += 1
+            seen = max(v["tokens"] for v in mon.results().values())
+            print(f"MEM tokens={seen} peak_growth={_vm('VmHWM') - rss0} "
+                  f"state={_state_bytes(mon)}", flush=True)
 
 
-def measure_memory(counts: list[int]) -> dict[int, dict[str, int]]:
-    out = {}
-    for n in counts:
-        proc = subprocess.run(
-            [sys.executable, __file__, "--memory-child", str(n), "--threads", "1"],
-            capture_output=True, text=True, check=True,
-        )  # fmt: skip
-        line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("MEM "))
-        out[n] = {k: int(v) for k, v in (kv.split("=") for kv in line.split()[1:])}
-    return out
+def measure_memory(counts: list[int]) -> list[dict[str, int]]:
+    """:func:`memory_child` in a fresh process (nothing else allocated there)."""
+    proc = subprocess.run(
+        [sys.executable, __file__, "--memory-child", ",".join(map(str, counts)), "--threads", "1"],
+        capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("MEM ")]
+    return [{k: int(v) for k, v in (kv.split("=") for kv in ln.split()[1:])} for ln in lines]
 
 
 def main(argv=None) -> float:
@@ -112,18 +106,18 @@ def main(argv=None) -> float:
                        help="model size for the time benchmark (default L; --quick: M)")
         p.add_argument("--skip-memory", action="store_true")
         p.add_argument("--skip-time", action="store_true")
-        p.add_argument("--memory-child", type=int, default=None, help=argparse.SUPPRESS)
+        p.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)
 
     args = _common.parse_args(__doc__.splitlines()[0], argv, add, rounds=6, quick_rounds=2)
     if args.memory_child is not None:
-        memory_child(args.memory_child)
+        memory_child([int(n) for n in args.memory_child.split(",")])
         return 0.0
     _common.print_machine()
     size = args.size or ("M" if args.quick else "L")
     headline = float("nan")
     if not args.skip_time:
         with tempfile.TemporaryDirectory(prefix="bench-monitor-") as tmp:
-            r = time_monitor(size, args.rounds, Path(tmp))
+            r = time_monitor(size, args.rounds, Path(tmp), warmup=2 if args.quick else 10)
         L, d, _, T, B = TIME_SIZES[size]
         off_tps = 10 * B * T / sorted(r["off_s"])[len(r["off_s"]) // 2]
         print(f"size {size} ({L}×{d}, T={T}, B={B}); monitor off: {off_tps:,.0f} tok/s")
@@ -143,13 +137,13 @@ def main(argv=None) -> float:
         )  # fmt: skip
         headline = 1 + s10
     if not args.skip_memory:
-        counts = [10_000, 200_000 if args.quick else 1_000_000]
+        counts = [10_000, 50_000 if args.quick else 1_000_000]
         mem = measure_memory(counts)
         rows = [[f"{m['tokens']:,}", f"{m['peak_growth'] / 2**20:.2f} MiB",
-                 f"{m['state1']:,} B"] for m in mem.values()]  # fmt: skip
+                 f"{m['state']:,} B"] for m in mem]  # fmt: skip
         _common.print_table(["tokens measured", "peak RSS growth", "monitor state"], rows)
-        a, b = mem[counts[0]], mem[counts[1]]
-        same_state = a["state1"] == b["state1"]
+        a, b = mem[0], mem[-1]
+        same_state = a["state"] == b["state"]
         slack = 2 * 2**20  # allocator noise: 2 MiB
         ok = same_state and b["peak_growth"] <= a["peak_growth"] + slack
         print(f"memory independent of tokens: {'yes' if ok else 'NO'} (state equal: "
