@@ -13,9 +13,9 @@ Per measured forward and point the hook (under ``no_grad``, on a detached tensor
 adds to a :class:`~outlierlab.metrics.StatsAccumulator`: per-neuron Σx² over all non-padding
 tokens (Eq. 1, exact for any number of forwards), Eq. 2 on a seeded subsample of at most
 ``mmr_max_tokens`` tokens (``None``: all, exact), and the mean off-diagonal token cosine
-similarity on a seeded subsample of at most ``cos_max_tokens`` tokens (unit rows summed in
-float32); ``cos_sim`` is the mean of that value over measured forwards. Nothing else is kept:
-no activations, no graphs.
+similarity on a seeded subsample of at most ``cos_max_tokens`` tokens (the unit rows summed as
+one float32 matrix-vector product); ``cos_sim`` is the mean of that value over measured
+forwards. Nothing else is kept: no activations, no graphs.
 """
 
 from __future__ import annotations
