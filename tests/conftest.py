@@ -13,6 +13,18 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 torch.set_num_threads(1)
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Every test runs on one torch thread, whatever an earlier test left: tiny matmuls gain
+    nothing from threads, two threads on a busy 2-core machine can be 50× slower (spinning
+    workers), and subprocesses started with OMP_NUM_THREADS=1 then run the same kernels and
+    give the same bits."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture
 def cache_dir(tmp_path, monkeypatch):
     """A private outlierlab cache folder (corpus, tokens, tokenizers) for one test."""

@@ -21,14 +21,6 @@ pytestmark = pytest.mark.hf
 BATCH = 4
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny matmuls: one thread is ~10x faster than two on a busy 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def dataset(n: int) -> list[dict[str, torch.Tensor]]:
     g = torch.Generator().manual_seed(1)

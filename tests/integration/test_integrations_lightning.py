@@ -25,14 +25,6 @@ from outlierlab.integrations.lightning import OutlierCallback  # noqa: E402
 BATCH = 4
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny matmuls: one thread is ~10x faster than two on a busy 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 class TinyLM(L.LightningModule):
     def __init__(self, lr: float = 1e-3, planted: bool = False):

@@ -36,15 +36,6 @@ def make_corpus(folder):
     return folder
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models gain nothing from intra-op threads, and 2 threads on a busy 2-core machine
-    can be 50× slower (spinning workers); restore the suite's setting afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 @pytest.fixture(scope="session")
 def corpus(tmp_path_factory):

@@ -19,14 +19,6 @@ from outlierlab.train import train
 from outlierlab.train.run_dir import read_metrics
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # the subprocesses get OMP_NUM_THREADS=1: same kernels, same bits
-    yield
-    torch.set_num_threads(n)
-
-
 def launch(args: list[str]) -> subprocess.Popen:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.Popen(

@@ -16,14 +16,6 @@ from outlierlab.model.gpt import SRMSNorm
 PRESETS = GPTConfig.presets()
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models are overhead-bound: one thread is faster and robust on a busy machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 TINY = {"vocab_size": 64, "n_layer": 2, "d_model": 32, "n_head": 4, "seq_len": 16}
 

@@ -13,15 +13,6 @@ from outlierlab.config import OptimConfig
 from outlierlab.model import GPT, GPTConfig
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """A 16-wide model gains nothing from threads; 2 on a busy 2-core box are far slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture
 def model():
     torch.manual_seed(0)
