@@ -4,11 +4,11 @@ a second sweep trains nothing; an interrupted run is resumed; a diverged run is 
 from __future__ import annotations
 
 import json
-import random
 import time
 from html.parser import HTMLParser
 
 import pytest
+from test_train import make_corpus
 
 from outlierlab.cli import main
 from outlierlab.experiments.grid import load_grid
@@ -41,16 +41,6 @@ args = ["--calib-batches", "2", "--batch-size", "4", "--eval-windows", "4",
 """
 
 
-def make_corpus(folder):
-    """~40 kB of small, learnable Python-like files (no stdlib scan: fast, private)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    r = random.Random(0)
-    for k in range(20):
-        lines = [f"def add_{r.randint(0, 99)}(x):\n    return x + {r.randint(0, 9)}\n"
-                 for _ in range(60)]
-        (folder / f"m{k}.py").write_text("\n".join(lines))
-    return folder
-
 
 @pytest.fixture(scope="module")
 def sweep(tmp_path_factory):
@@ -59,7 +49,7 @@ def sweep(tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("OUTLIERLAB_CACHE", str(root / "cache"))
         grid = root / "micro.toml"
-        grid.write_text(GRID.format(corpus=make_corpus(root / "corpus")))
+        grid.write_text(GRID.format(corpus=make_corpus(root / "corpus", files=20)))
         out = root / "out"
         args = ["sweep", str(grid), "--out", str(out), "--workers", "2", "--threads", "1"]
         rc = main(args)
