@@ -483,13 +483,15 @@ def changed_maths_fields(old: RunConfig, new: RunConfig) -> list[str]:
 def resume_config(run_dir: str | Path, overrides: list[str] | None = None) -> RunConfig:
     """The saved ``config.json`` of ``run_dir`` with ``overrides`` applied. Whether they change
     the maths is checked by the loop (against the tokenizer-resolved vocabulary)."""
-    path = Path(run_dir) / "config.json"
-    if not path.is_file():
+    from outlierlab.run_folder import RunFolder
+
+    run = RunFolder(run_dir)
+    if not run.is_run:
         raise ConfigError(f"{run_dir} is not a run folder (no config.json) to resume")
     pairs = [parse_override(t) for t in overrides or []]
     for key, _ in pairs:
         if key in ("model", "out"):
             raise ConfigError(f"{key}= cannot change on resume; the run folder fixes it")
-    raw = apply_overrides(json.loads(path.read_text()), list(overrides or []))
+    raw = apply_overrides(run.config, list(overrides or []))
     raw["out"] = str(run_dir)
     return _build(raw)

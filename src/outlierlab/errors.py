@@ -27,3 +27,11 @@ class CheckpointError(OutlierlabError):
 
 class DivergenceError(OutlierlabError):
     """Training produced a non-finite loss or gradient."""
+
+
+class RunFolderError(OutlierlabError):
+    """A run folder whose files cannot be read (malformed JSON, wrong types, bad bytes)."""
+
+
+class RunInUseError(RunFolderError):
+    """A run folder locked by another live process (train, resume, quantize --save)."""

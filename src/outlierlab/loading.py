@@ -2,9 +2,10 @@
 
 See ARCHITECTURE.md "Loading". Which folder is which:
 
-- ``model_config.json`` in the folder → an outlierlab model (``GPT.save``, or a finished run);
-- ``config.json`` with ``model`` and ``data`` sections but no ``model_config.json`` → a run that
-  has not finished: its latest complete ``checkpoints/step-N/``;
+- a run folder (:class:`~outlierlab.run_folder.RunFolder`) → its newest weights: the final
+  model of a finished run, else its latest complete checkpoint (a run being extended, or one
+  that has not finished); :attr:`LoadedModel.step` says which;
+- ``model_config.json`` in the folder → a saved GPT (``GPT.save``, or ``RUN/checkpoints/step-N``);
 - ``config.json`` with ``model_type`` → a Hugging Face folder (:func:`outlierlab.hf.load`).
 
 An outlierlab model's tokenizer comes from the run's ``config.json`` (``data.tokenizer``:
@@ -14,7 +15,6 @@ An outlierlab model's tokenizer comes from the run's ``config.json`` (``data.tok
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,7 +22,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from outlierlab.errors import ModelLoadError
+from outlierlab.errors import ModelLoadError, RunFolderError
+from outlierlab.run_folder import RunFolder
 
 
 @dataclass
@@ -35,6 +36,15 @@ class LoadedModel:
     kind: str  # "outlierlab" or "hf"
     path: Path
     seq_len: int | None  # max context; None when the model has no limit
+    step: int | None = None  # training step of the weights, when known
+    weights: Path | None = None  # the folder the weights came from
+    what: str = ""  # "final model", "checkpoints/step-N", "saved model", ...
+
+    def describe(self) -> str:
+        """One line saying which weights were loaded (and their step, when known)."""
+        at = f" at step {self.step}" if self.step is not None else ""
+        what = f" ({self.what})" if self.what else ""
+        return f"loaded {self.path}{at}{what}"
 
     def __call__(self, idx: torch.Tensor) -> Any:
         """A forward pass on (B, T) token ids (whatever the model returns)."""
@@ -49,20 +59,10 @@ class LoadedModel:
         return self.model(idx)
 
 
-def _read_json(path: Path) -> dict | None:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) else None
-
-
-def _is_run_config(cfg: dict | None) -> bool:
-    return bool(cfg) and isinstance(cfg.get("model"), dict) and isinstance(cfg.get("data"), dict)
-
-
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> LoadedModel:
     """Load an outlierlab run / saved GPT folder or a local Hugging Face folder (offline)."""
+    from outlierlab.model.gpt import CONFIG_FILE
+
     path = Path(path)
     if not path.exists():
         raise ModelLoadError(
@@ -70,50 +70,47 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> LoadedMo
         )
     if not path.is_dir():
         raise ModelLoadError(f"{path} is not a folder; expected a model folder")
-    cfg = _read_json(path / "config.json")
-    if (path / "model_config.json").is_file():
-        run = path
-        if path.parent.name == "checkpoints" and cfg is None:  # RUN/checkpoints/step-N
-            parent_cfg = _read_json(path.parent.parent / "config.json")
-            if _is_run_config(parent_cfg):
-                run, cfg = path.parent.parent, parent_cfg
-        return _load_outlierlab(path, run, cfg, device)
-    if _is_run_config(cfg):
-        from outlierlab.train.checkpoint import latest_checkpoint
-
-        ckpt = latest_checkpoint(path / "checkpoints")
-        if ckpt is None:
-            raise ModelLoadError(f"run folder {path} has no final model and no checkpoint yet")
-        return _load_outlierlab(ckpt, path, cfg, device)
-    if cfg is not None and "model_type" in cfg:
+    run = RunFolder(path)
+    try:
+        if run.is_run:  # its newest weights: the final model once finished, else a checkpoint
+            newest = run.newest_model()
+            if newest is None:
+                raise ModelLoadError(f"run folder {path} has no final model and no checkpoint yet")
+            return _load_outlierlab(*newest, run, device)
+        if (path / CONFIG_FILE).is_file():  # a saved GPT folder, or RUN/checkpoints/step-N
+            owner = RunFolder.of_checkpoint(path)
+            step = int(path.name.split("-")[1]) if owner else None
+            what = f"checkpoints/{path.name}" if owner else "saved model"
+            return _load_outlierlab(path, step, what, owner, device)
+    except RunFolderError as exc:
+        raise ModelLoadError(str(exc)) from None
+    if (path / "config.json").is_file():
         from outlierlab import hf
 
         model, tok, seq_len = hf.load(path, device)
         return LoadedModel(model, tok, "hf", path, seq_len)
     raise ModelLoadError(
-        f"{path} holds no model: expected model_config.json (outlierlab) or config.json with "
+        f"{path} holds no model: expected {CONFIG_FILE} (outlierlab) or config.json with "
         f"model_type (Hugging Face)"
     )
 
 
-def _load_outlierlab(folder: Path, run: Path, cfg: dict | None, device) -> LoadedModel:
+def _load_outlierlab(folder: Path, step: int | None, what: str, run: RunFolder | None,
+                     device) -> LoadedModel:
+    """``folder``'s GPT with the run's tokenizer (a bare folder: its tokenizer.json, or bytes)."""
     from outlierlab.data import load_tokenizer
     from outlierlab.model import GPT
 
     model = GPT.load(folder, map_location=device)
-    spec = "bytes"
-    if _is_run_config(cfg):
-        spec = cfg["data"].get("tokenizer", "bytes")
-        if spec != "bytes":
-            spec = str(run / "tokenizer.json")
-            if not Path(spec).is_file():
-                raise ModelLoadError(f"run folder {run} has no tokenizer.json for its tokenizer")
-    elif (run / "tokenizer.json").is_file():
-        spec = str(run / "tokenizer.json")
-    tok = load_tokenizer(spec)
+    if run is not None and isinstance(run.config.get("data"), dict):
+        tok = run.tokenizer
+    else:
+        bare = RunFolder(folder).tokenizer_file
+        tok = load_tokenizer(str(bare) if bare.is_file() else "bytes")
     vocab = model.config.vocab_size
     if tok.vocab_size > vocab:
         raise ModelLoadError(
             f"{folder}: tokenizer has {tok.vocab_size} tokens but the model only {vocab}"
         )
-    return LoadedModel(model, tok, "outlierlab", run, model.config.seq_len)
+    return LoadedModel(model, tok, "outlierlab", run.path if run else folder,
+                       model.config.seq_len, step=step, weights=folder, what=what)

@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 
 from outlierlab.cli import main
-from outlierlab.experiments.synthetic import write_run
+from synthetic_runs import write_run
 
 
 def test_reproduce_reports_the_grid_without_retraining(tmp_path, capsys):
@@ -19,7 +19,8 @@ def test_reproduce_reports_the_grid_without_retraining(tmp_path, capsys):
     write_run(out / "op", arch="op", kurt=1.6, val_loss=1.69)
     write_run(out / "stray", arch="op", kurt=9.0)  # not in the grid: not reported
     for name in ("pre-ln", "op", "stray"):
-        (out / name / "model.safetensors").write_bytes(b"")  # "finished" needs final weights
+        for f in ("model.safetensors", "model_config.json"):  # "finished" needs final weights
+            (out / name / f).write_bytes(b"")
     mtime = (out / "op" / "status.json").stat().st_mtime_ns
 
     assert main(["reproduce", "--preset", str(grid), "--out", str(out)]) == 0

@@ -15,8 +15,8 @@ import torch
 
 from outlierlab import config as C
 from outlierlab.cli import main
+from outlierlab.run_folder import RunFolder
 from outlierlab.train import train
-from outlierlab.train.run_dir import read_metrics
 
 TINY = [
     "model.n_layer=2", "model.d_model=32", "model.n_head=2", "model.seq_len=32",
@@ -53,7 +53,7 @@ def test_loss_falls_with_each_optimiser(corpus, cache_dir, tmp_path, name):
                    "train.log_every=1")
     res = train(cfg, progress=False)
     assert res.status == "finished" and res.step == 50
-    losses = [r["loss"] for r in read_metrics(tmp_path / name / "metrics.jsonl")]
+    losses = [r["loss"] for r in RunFolder(tmp_path / name).metrics]
     assert len(losses) == 50
     first, last = sum(losses[:3]) / 3, sum(losses[-3:]) / 3
     assert first > math.log(257) - 0.5  # starts near uniform over the byte vocabulary
@@ -67,7 +67,7 @@ def test_run_folder_and_metrics_cadence(corpus, cache_dir, tmp_path, capsys):
     res = train(cfg)
     printed = capsys.readouterr().out
     assert "[model]" in printed and "step 20/20" in printed  # resolved config + plain lines
-    rows = read_metrics(out / "metrics.jsonl")
+    rows = RunFolder(out).metrics
     steps = [r["step"] for r in rows]
     assert steps == sorted(set(steps))
     assert {4, 5, 8, 10, 12, 15, 16, 20} <= set(steps)
@@ -161,7 +161,7 @@ def test_existing_run_is_not_overwritten_and_maths_change_refused(corpus, cache_
         train(C.resume_config(out, ["optim.lr=1e-2"]), resume=True, progress=False)
     res = train(C.resume_config(out, ["train.steps=5"]), resume=True, progress=False)
     assert res.status == "finished" and res.step == 5
-    assert [r["step"] for r in read_metrics(out / "metrics.jsonl")][-1] == 5
+    assert [r["step"] for r in RunFolder(out).metrics][-1] == 5
 
 
 def test_tensorboard_events_and_missing_wandb(corpus, cache_dir, tmp_path, capsys):

@@ -8,6 +8,7 @@ import numpy as np
 import torch
 
 from outlierlab.model import GPT, GPTConfig
+from outlierlab.run_folder import RunFolder
 from outlierlab.train import checkpoint as ckpt
 
 
@@ -19,17 +20,22 @@ def small():
 
 def test_keep_last_n_and_ignore_partial_writes(tmp_path):
     m, opt = small()
-    root = tmp_path / "checkpoints"
+    run = RunFolder(tmp_path)
+    root = run.checkpoints
     for step in (1, 2, 3):
-        ckpt.save_checkpoint(root, step, m, opt, {"tokens": step}, keep=2)
-    assert [s for s, _ in ckpt.list_checkpoints(root)] == [2, 3]
+        ckpt.save_checkpoint(run, step, m, opt, {"tokens": step}, keep=2)
+    assert [s for s, _ in run.checkpoint_list()] == [2, 3]
+    assert sorted(p.name for p in root.iterdir()) == ["step-2", "step-3"]
     (root / ".tmp-step-4-123").mkdir()  # a write killed half-way
-    (root / "step-5").mkdir()  # no state.json: not a checkpoint
-    assert ckpt.latest_checkpoint(root) == root / "step-3"
-    ckpt.clean_partial(root)
-    assert not (root / ".tmp-step-4-123").exists()
-    again = ckpt.save_checkpoint(root, 3, m, opt, {"tokens": 3}, keep=2)  # rewrite in place
+    (root / ".old-step-1-123").mkdir()  # a deletion killed half-way
+    (root / "step-5").mkdir()  # no state.json: not a checkpoint (half-deleted by old versions)
+    (root / "step-5" / "optim.pt").write_bytes(b"x")
+    assert run.latest_checkpoint == root / "step-3"
+    ckpt.clean_partial(run)
+    assert sorted(p.name for p in root.iterdir()) == ["step-2", "step-3"]
+    again = ckpt.save_checkpoint(run, 3, m, opt, {"tokens": 3}, keep=2)  # rewrite in place
     assert again == root / "step-3" and (again / "optim.pt").is_file()
+    assert sorted(p.name for p in root.iterdir()) == ["step-2", "step-3"]
 
 
 def test_load_restores_weights_and_optimizer(tmp_path):
@@ -38,7 +44,7 @@ def test_load_restores_weights_and_optimizer(tmp_path):
     _, loss = m(x, x)
     loss.backward()
     opt.step()
-    path = ckpt.save_checkpoint(tmp_path, 7, m, opt, {"tokens": 56}, keep=1)
+    path = ckpt.save_checkpoint(RunFolder(tmp_path), 7, m, opt, {"tokens": 56}, keep=1)
     m2, opt2 = small()
     state = ckpt.load_checkpoint(path, m2, opt2)
     assert state["step"] == 7 and state["tokens"] == 56

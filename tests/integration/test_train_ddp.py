@@ -11,8 +11,8 @@ from safetensors.torch import load_file
 from test_train import TINY, make_corpus
 
 from outlierlab import config as C
+from outlierlab.run_folder import RunFolder
 from outlierlab.train import train
-from outlierlab.train.run_dir import read_metrics
 
 
 @pytest.mark.slow
@@ -34,7 +34,7 @@ def test_two_ranks_match_one_process_with_accumulation(tmp_path, cache_dir):
     one = tmp_path / "one"
     train(C.load("tiny", overrides=[*common, "train.grad_accum=2", f"out={one}"]), progress=False)
 
-    a, b = read_metrics(one / "metrics.jsonl"), read_metrics(ddp / "metrics.jsonl")
+    a, b = RunFolder(one).metrics, RunFolder(ddp).metrics
     assert [r["step"] for r in a] == [r["step"] for r in b] == list(range(1, 13))
     assert a[0]["tokens"] == b[0]["tokens"] == 2 * 4 * 32  # global batch × seq_len
     for ra, rb in zip(a, b):

@@ -15,8 +15,8 @@ from safetensors.torch import load_file
 from test_train import TINY, make_corpus
 
 from outlierlab import config as C
+from outlierlab.run_folder import RunFolder
 from outlierlab.train import train
-from outlierlab.train.run_dir import read_metrics
 
 
 def launch(args: list[str]) -> subprocess.Popen:
@@ -61,7 +61,7 @@ def test_sigkill_then_resume_is_bit_exact(tmp_path, cache_dir):
     assert all(torch.equal(a[k], b[k]) for k in a)  # bit-identical weights
     # (the files' bytes may differ only in the header: which name of the tied embedding /
     # lm-head pair safetensors stores depends on the process's string hashing)
-    ra, rb = read_metrics(ref_dir / "metrics.jsonl"), read_metrics(killed / "metrics.jsonl")
+    ra, rb = RunFolder(ref_dir).metrics, RunFolder(killed).metrics
     assert [(r["step"], r["loss"]) for r in ra] == [(r["step"], r["loss"]) for r in rb]
     assert [r.get("kurtosis") for r in ra] == [r.get("kurtosis") for r in rb]
 
@@ -72,7 +72,7 @@ def test_sigterm_saves_checkpoint_and_exits_cleanly(tmp_path, cache_dir):
     out = tmp_path / "run"
     proc = launch(["--preset", "tiny", *TINY, f"data.source={corpus}", f"out={out}",
                    "train.steps=100000", "train.log_every=1"])
-    wait_for(lambda: len(read_metrics(out / "metrics.jsonl")) >= 3, proc)
+    wait_for(lambda: len(RunFolder(out).metrics) >= 3, proc)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130

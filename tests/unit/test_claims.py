@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from outlierlab.experiments import claims as C
-from outlierlab.experiments.results import find_runs, load_run
-from outlierlab.experiments.synthetic import write_run
+from outlierlab.experiments.results import load_run, load_runs
+from synthetic_runs import write_run
 
 
 def test_rankdata_and_spearman_by_hand():
@@ -116,11 +116,12 @@ def test_soap_pairs_across_optimiser_defaults(tmp_path):
     assert c.verdict == C.HELD and len(c.evidence) == 1
 
 
-def test_find_runs_expands_a_sweep_folder_and_skips_other_folders(tmp_path):
+def test_load_runs_expands_a_sweep_folder_and_skips_other_folders(tmp_path):
     write_run(tmp_path / "sweep" / "a")
     write_run(tmp_path / "sweep" / "b", arch="op")
     (tmp_path / "sweep" / "report").mkdir()
-    runs = find_runs([tmp_path / "sweep"])
+    runs, unreadable = load_runs([tmp_path / "sweep"])
+    assert unreadable == []
     assert [r.name for r in runs] == ["a", "b"]
     assert [r.arch for r in runs] == ["pre-ln", "op"]
     r = runs[0]
@@ -128,7 +129,7 @@ def test_find_runs_expands_a_sweep_folder_and_skips_other_folders(tmp_path):
     assert r.final_kurt_mean == pytest.approx(np.mean([v[-1] for v in r.kurtosis.values()]))
     assert r.peak_kurt_max >= r.final_kurt_max >= r.final_kurt_mean
     with pytest.raises(Exception, match="no run folders"):
-        find_runs([tmp_path / "sweep" / "report"])
+        load_runs([tmp_path / "sweep" / "report"])
 
 
 def test_comparisons_without_outlier_features_are_left_out(tmp_path):

@@ -9,11 +9,11 @@ token cosine similarity and the top outlier neurons per point. See docs/measure.
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 from typing import Any
 
 from outlierlab.errors import ConfigError, DataError
+from outlierlab.run_folder import RunFolder, write_json
 
 DEFAULT_SEQ_LEN = 128
 DEFAULT_MAX_TOKENS = 16384
@@ -105,17 +105,13 @@ def windows(tokenizer: Any, docs: list[str], seq_len: int, max_tokens: int):
     return torch.tensor(stream[: n * seq_len], dtype=torch.long).view(n, seq_len)
 
 
-def _run_windows(path: Path, seq_len: int, max_tokens: int):
+def _run_windows(run: RunFolder, seq_len: int, max_tokens: int):
     """Validation windows of an outlierlab run folder (its own data config)."""
     import warnings
 
-    from outlierlab.data import DataConfig, prepare, validation_windows
+    from outlierlab.data import prepare, validation_windows
 
-    cfg = json.loads((path / "config.json").read_text())
-    data_cfg = DataConfig.from_dict(cfg["data"])
-    if data_cfg.tokenizer != "bytes" and (path / "tokenizer.json").is_file():
-        data_cfg.tokenizer = str(path / "tokenizer.json")
-    data = prepare(data_cfg, progress=False)
+    data = prepare(run.data_config, progress=False)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # fewer windows than asked: the token count says so
         x, _ = validation_windows(data.val, seq_len, max(1, max_tokens // seq_len))
@@ -164,6 +160,7 @@ def run(args: argparse.Namespace) -> int:
     from outlierlab.loading import load_model
 
     loaded = load_model(path, device=args.device)
+    print(loaded.describe())
     if args.seq_len is None:
         args.seq_len = min(DEFAULT_SEQ_LEN, loaded.seq_len or DEFAULT_SEQ_LEN)
     elif loaded.seq_len is not None and args.seq_len > loaded.seq_len:
@@ -171,8 +168,8 @@ def run(args: argparse.Namespace) -> int:
     if args.data is not None:
         docs = read_text(Path(args.data))
         x = windows(loaded.tokenizer, docs, args.seq_len, args.max_tokens)
-    elif loaded.kind == "outlierlab" and (loaded.path / "config.json").is_file():
-        x = _run_windows(loaded.path, args.seq_len, args.max_tokens)
+    elif loaded.kind == "outlierlab" and RunFolder(loaded.path).is_run:
+        x = _run_windows(RunFolder(loaded.path), args.seq_len, args.max_tokens)
     else:
         raise DataError(f"--data TEXTFILE_OR_DIR is needed for {path} (it is not a run folder)")
 
@@ -180,6 +177,7 @@ def run(args: argparse.Namespace) -> int:
     tokens = max((r["tokens"] for r in res.values()), default=0)
     report = {
         "model": str(path),
+        **({"step": loaded.step} if loaded.step is not None else {}),
         "tokens": tokens,
         "points": [
             {
@@ -194,7 +192,7 @@ def run(args: argparse.Namespace) -> int:
     }
     _print(report, tuple(x.shape), args.top)
     if args.json:
-        _write_json(Path(args.json), report)
+        write_json(args.json, report)
     return 0
 
 
@@ -219,10 +217,3 @@ def _print(report: dict, shape: tuple[int, ...], top: int) -> None:
         )
         table.add_row(p["name"], num(p["kurtosis"]), num(p["mmr"]), num(p["cos_sim"]), shown or "-")
     Console(width=max(100, Console().width)).print(table)
-
-
-def _write_json(path: Path, obj: dict) -> None:
-    from outlierlab.monitor import json_safe
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(json_safe(obj), indent=2) + "\n")

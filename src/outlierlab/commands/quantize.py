@@ -9,11 +9,12 @@ tokenizer.
 from __future__ import annotations
 
 import argparse
-import json
+import contextlib
 from pathlib import Path
 from typing import Any
 
 from outlierlab.errors import ConfigError, DataError, ModelLoadError
+from outlierlab.run_folder import RunFolder, write_json
 
 DEFAULT_SCHEME = "w8a8-tensor"
 HF_DEFAULT_SEQ_LEN = 256
@@ -101,25 +102,6 @@ def _positive(name: str, value: int) -> None:
         raise ConfigError(f"{name} must be ≥ 1, got {value}")
 
 
-def _run_data_config(path: Path):
-    """The run's own DataConfig (config.json ``data``), or None for HF / bare model folders."""
-    from outlierlab.data import DataConfig
-
-    run_cfg = path / "config.json"
-    if not run_cfg.is_file():
-        return None
-    try:
-        section = json.loads(run_cfg.read_text()).get("data")
-    except (ValueError, OSError):
-        return None
-    if not isinstance(section, dict):
-        return None
-    cfg = DataConfig.from_dict(section)
-    if cfg.tokenizer != "bytes" and (path / "tokenizer.json").is_file():
-        cfg.tokenizer = str(path / "tokenizer.json")  # the exact tokenizer the run trained with
-    return cfg
-
-
 def split_tokens(
     source: str, tokenizer: Any, need_train: int, need_val: int, val_fraction: float = 0.05
 ) -> tuple[Any, Any]:
@@ -148,16 +130,6 @@ def split_tokens(
     return encode(train_docs, 4 * need_train), encode(val_docs, need_val)
 
 
-def _is_run_folder(path: Path) -> bool:
-    cfg = path / "config.json"
-    if not cfg.is_file():
-        return False
-    try:
-        return isinstance(json.loads(cfg.read_text()).get("data"), dict)
-    except (ValueError, OSError):
-        return False
-
-
 def run(args: argparse.Namespace) -> int:
     cfg = build_config(args)  # user mistakes in options fail before anything loads
     for name in ("calib_batches", "batch_size", "eval_windows", "stats_windows"):
@@ -165,7 +137,36 @@ def run(args: argparse.Namespace) -> int:
     path = Path(args.path)
     if not path.is_dir():
         raise ModelLoadError(f"{path} is not a folder; expected a run folder or an HF model folder")
+    run_folder = RunFolder(path)
+    if not run_folder.is_run:
+        run_folder = None
+    else:
+        _check_status(run_folder)
+    save = args.save
+    if save is None and not args.no_save and run_folder is not None:
+        save = str(run_folder.quant_file(cfg.name))
+    with contextlib.ExitStack() as stack:
+        if run_folder is not None and save:  # it writes into the run folder: own it meanwhile
+            stack.enter_context(run_folder.lock("outlierlab quantize --save"))
+        result = evaluate(args, cfg, path, run_folder)
+        for out in {p for p in (args.json, save) if p}:
+            write_json(out, result)
+    return 0
 
+
+def _check_status(run: RunFolder) -> None:
+    """A diverged or crashed run has no trustworthy weights to price: refuse by name."""
+    status = run.status
+    if status.get("status") in ("diverged", "crashed"):
+        why = f" ({status['message']})" if status.get("message") else ""
+        raise ModelLoadError(
+            f"{run.path} {status['status']}{why}; quantize a finished or interrupted run, or "
+            f"pass one of its {run.checkpoints.name}/step-N folders to price that checkpoint"
+        )
+
+
+def evaluate(args: argparse.Namespace, cfg: Any, path: Path, run: RunFolder | None) -> dict:
+    """Load, calibrate and evaluate; print and return the result."""
     import warnings
 
     import torch
@@ -175,6 +176,7 @@ def run(args: argparse.Namespace) -> int:
     from outlierlab.quant.evaluate import calibration_batches, quantize_and_evaluate
 
     loaded = load_model(path, device=args.device)
+    print(loaded.describe())
     seq_len = args.seq_len
     if seq_len is None:
         seq_len = loaded.seq_len or HF_DEFAULT_SEQ_LEN
@@ -184,7 +186,9 @@ def run(args: argparse.Namespace) -> int:
     if loaded.seq_len is not None and seq_len > loaded.seq_len:
         raise ConfigError(f"--seq-len {seq_len} exceeds the model's context {loaded.seq_len}")
 
-    data_cfg = None if args.data is not None else _run_data_config(path)
+    data_cfg = None
+    if args.data is None and run is not None and isinstance(run.config.get("data"), dict):
+        data_cfg = run.data_config
     if data_cfg is not None:  # a run folder: its own corpus, split and tokenizer
         data = prepare(data_cfg, progress=False)
         train, val = data.train, data.val
@@ -208,34 +212,10 @@ def run(args: argparse.Namespace) -> int:
         result = quantize_and_evaluate(
             loaded.model, cfg, calib, val_x, val_y, args.batch_size, args.stats_windows
         )
-    result = {"model": str(path), "kind": loaded.kind, **result}
+    step = {"step": loaded.step} if loaded.step is not None else {}
+    result = {"model": str(path), "kind": loaded.kind, **step, **result}
     _print(result, quiet=args.quiet)
-
-    save = args.save
-    if save is None and not args.no_save and loaded.kind == "outlierlab" and _is_run_folder(path):
-        save = str(path / "quant" / f"{result['scheme']}.json")
-    for out in {p for p in (args.json, save) if p}:
-        _write_json(Path(out), result)
-    return 0
-
-
-def _write_json(path: Path, obj: dict[str, Any]) -> None:
-    import math
-    import os
-
-    def clean(v: Any) -> Any:
-        if isinstance(v, float) and not math.isfinite(v):
-            return None
-        if isinstance(v, dict):
-            return {k: clean(x) for k, x in v.items()}
-        if isinstance(v, list):
-            return [clean(x) for x in v]
-        return v
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(clean(obj), indent=2) + "\n")
-    os.replace(tmp, path)
+    return result
 
 
 def _fmt(v: float | None, spec: str = ".1f") -> str:

@@ -20,10 +20,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from outlierlab.errors import DataError
     from outlierlab.experiments.report import write_report
-    from outlierlab.experiments.results import find_runs
 
-    runs = find_runs(args.runs)
+    runs = readable_runs(args.runs, "report")
+    if not runs:
+        raise DataError("no readable run folders among " + ", ".join(args.runs))
     rep = write_report(runs, args.out, title=args.title, loss_tol=args.loss_tol,
                        command="outlierlab report " + " ".join(args.runs))
     print_claims(rep)
@@ -34,3 +36,16 @@ def print_claims(rep) -> None:
     for c in rep.claims:
         print(f"{c.verdict:>12}  {c.statement}  {c.summary}")
     print(f"report: {rep.html}\n        {rep.markdown}")
+
+
+def readable_runs(paths: list, command: str) -> list:
+    """The :class:`~outlierlab.experiments.results.RunRecord` of each run among ``paths``; a run
+    whose files cannot be read is named on stderr with the reason and left out."""
+    import sys
+
+    from outlierlab.experiments.results import load_runs
+
+    records, unreadable = load_runs(paths)
+    for path, why in unreadable:
+        print(f"outlierlab {command}: skipped unreadable run {path}: {why}", file=sys.stderr)
+    return records

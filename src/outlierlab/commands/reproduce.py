@@ -20,12 +20,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from outlierlab.commands.report import print_claims
+    from outlierlab.commands.report import print_claims, readable_runs
     from outlierlab.commands.sweep import report_summary
     from outlierlab.experiments.grid import load_grid
     from outlierlab.experiments.report import write_report
-    from outlierlab.experiments.results import load_run
     from outlierlab.experiments.sweep import run_sweep
+    from outlierlab.run_folder import RunFolder
 
     grid = load_grid(args.preset)
     out = Path(args.out or Path("runs") / grid.name)
@@ -36,7 +36,8 @@ def run(args: argparse.Namespace) -> int:
     summary = run_sweep(grid, out, workers=workers, threads=threads,
                         quantize=not args.no_quantize)
     rc = report_summary(summary)
-    runs = [load_run(out / p.name) for p in grid.points if (out / p.name / "config.json").is_file()]
+    done = [out / p.name for p in grid.points if RunFolder(out / p.name).is_run]
+    runs = readable_runs(done, "reproduce") if done else []
     if not runs:
         print("no run produced results; nothing to report")
         return 1

@@ -6,6 +6,9 @@ import argparse
 import json
 from pathlib import Path
 
+from outlierlab.errors import RunFolderError
+from outlierlab.run_folder import RunFolder, find_runs
+
 
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser(
@@ -18,39 +21,28 @@ def add_parser(subparsers) -> None:
     p.set_defaults(func=run)
 
 
-def summarize(run: Path) -> dict:
-    """Status and the final logged values of one run folder."""
-    from outlierlab.train.run_dir import read_metrics
-
-    def load(name: str) -> dict:
-        try:
-            return json.loads((run / name).read_text())
-        except (OSError, ValueError):
-            return {}
-
-    status, cfg = load("status.json"), load("config.json")
-    rows = read_metrics(run / "metrics.jsonl")
+def summarize(run: RunFolder) -> dict:
+    """Status and the final logged values of one run folder; a folder whose files cannot be
+    read gets status ``unreadable`` and the reason in ``message``."""
+    row = {"run": str(run.path), "status": "?", "step": 0, "steps": None, "val_loss": None,
+           "kurtosis_mean": None, "kurtosis_max": None, "updated": None, "message": ""}
+    try:
+        status, train, rows = run.status, run.section("train"), run.metrics
+    except RunFolderError as exc:
+        return {**row, "status": "unreadable", "message": str(exc)}
     val = [r for r in rows if "val_loss" in r]
     kurt = [r for r in rows if "kurtosis_mean" in r]
     return {
-        "run": str(run),
-        "status": status.get("status", "?"),
+        **row,
+        "status": str(status.get("status", "?")),
         "step": status.get("step", 0),
-        "steps": cfg.get("train", {}).get("steps"),
+        "steps": train.get("steps"),
         "val_loss": val[-1]["val_loss"] if val else None,
         "kurtosis_mean": kurt[-1]["kurtosis_mean"] if kurt else None,
         "kurtosis_max": kurt[-1]["kurtosis_max"] if kurt else None,
         "updated": status.get("updated"),
+        "message": str(status.get("message") or ""),
     }
-
-
-def find_runs(root: Path, depth: int = 3) -> list[Path]:
-    if (root / "status.json").is_file():
-        return [root]
-    found = []
-    for pattern in ("*/status.json", "*/*/status.json", "*/*/*/status.json")[:depth]:
-        found += [p.parent for p in root.glob(pattern)]
-    return sorted(set(found))
 
 
 def run(args: argparse.Namespace) -> int:
@@ -59,7 +51,7 @@ def run(args: argparse.Namespace) -> int:
     root = Path(args.dir)
     if not root.is_dir():
         raise ConfigError(f"{root} is not a folder")
-    runs = [summarize(r) for r in find_runs(root)]
+    runs = [summarize(r) for r in find_runs([root])]
     if args.json:
         for r in runs:
             print(json.dumps(r))
@@ -68,7 +60,7 @@ def run(args: argparse.Namespace) -> int:
     from rich.table import Table
 
     def num(v, fmt):
-        return "-" if v is None else format(v, fmt)
+        return format(v, fmt) if isinstance(v, (int, float)) else "-"
 
     table = Table(title=f"runs under {root}" if runs else f"no runs under {root}")
     for col in ("run", "status", "steps", "val loss", "Kurt mean", "Kurt max", "updated"):
@@ -77,7 +69,11 @@ def run(args: argparse.Namespace) -> int:
         name = str(Path(r["run"]).relative_to(root)) if r["run"] != str(root) else root.name
         table.add_row(
             name, r["status"], f"{r['step']}/{r['steps'] or '?'}", num(r["val_loss"], ".4f"),
-            num(r["kurtosis_mean"], ".2f"), num(r["kurtosis_max"], ".2f"), r["updated"] or "-",
+            num(r["kurtosis_mean"], ".2f"), num(r["kurtosis_max"], ".2f"), str(r["updated"] or "-"),
         )  # fmt: skip
-    Console(width=max(100, Console().width)).print(table)
+    console = Console(width=max(100, Console().width))
+    console.print(table)
+    for r in runs:
+        if r["status"] == "unreadable":
+            console.print(f"unreadable: {r['message']}", markup=False, highlight=False)
     return 0

@@ -26,6 +26,11 @@ def add_parser(subparsers) -> None:
     p.add_argument("--preset", help=f"training preset ({', '.join(_presets())}); default: default")
     p.add_argument("--config", metavar="FILE.toml", help="TOML file on top of the preset")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its last checkpoint")
+    p.add_argument(
+        "--allow-data-change",
+        action="store_true",
+        help="with --resume: continue although the corpus changed since the run started",
+    )
     p.add_argument("--quiet", action="store_true", help="print nothing but errors")
     p.add_argument(
         "overrides",
@@ -48,7 +53,10 @@ def run(args: argparse.Namespace) -> int:
         cfg = config.resume_config(args.resume, args.overrides)
     else:
         cfg = config.load(args.preset, args.config, args.overrides)
-    result = train(cfg, resume=bool(args.resume), progress=not args.quiet)
+    if args.allow_data_change and not args.resume:
+        raise ConfigError("--allow-data-change only applies with --resume RUN_DIR")
+    result = train(cfg, resume=bool(args.resume), progress=not args.quiet,
+                   allow_data_change=args.allow_data_change)
     if result.status != "finished":
         print(f"outlierlab train: {result.status}: {result.message}", file=sys.stderr)
     return result.exit_code

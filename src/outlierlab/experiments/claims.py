@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from outlierlab.experiments.results import RunResult
+from outlierlab.experiments.results import RunRecord
 
 HELD, NOT_HELD, NOT_TESTED = "held", "did not hold", "not tested"
 SIZE_KEYS = ("model.vocab_size", "model.n_layer", "model.d_model", "model.n_head",
@@ -78,10 +78,10 @@ def permutation_p(x: Sequence[float], y: Sequence[float], n_perm: int = 20000,
 class Group:
     """Runs of one configuration (all seeds)."""
 
-    runs: list[RunResult]
+    runs: list[RunRecord]
 
     @property
-    def first(self) -> RunResult:
+    def first(self) -> RunRecord:
         return self.runs[0]
 
     def values(self, metric: str = "final_kurt_mean") -> np.ndarray:
@@ -130,7 +130,7 @@ class Claim:
                 "summary": self.summary, "details": self.details, "evidence": self.evidence}
 
 
-def group_runs(runs: Sequence[RunResult], ignore: tuple[str, ...] = ()) -> list[Group]:
+def group_runs(runs: Sequence[RunRecord], ignore: tuple[str, ...] = ()) -> list[Group]:
     """Finished runs grouped by config (seeds pooled), in first-seen order."""
     groups: dict[Any, Group] = {}
     for r in runs:
@@ -147,7 +147,7 @@ def _varying(groups: Sequence[Group]) -> list[str]:
             and any(f.get(k) != flats[0].get(k) for f in flats)]
 
 
-def _arch_keys(run: RunResult) -> tuple[str, ...]:
+def _arch_keys(run: RunRecord) -> tuple[str, ...]:
     return tuple(k for k in run.flat if k.startswith("model.") and k not in SIZE_KEYS)
 
 
@@ -163,12 +163,12 @@ def _pairs(groups: Sequence[Group], side_a: Callable[[Group], bool],
     return out
 
 
-def _diverged_note(runs: Sequence[RunResult]) -> list[str]:
+def _diverged_note(runs: Sequence[RunRecord]) -> list[str]:
     bad = [r.name for r in runs if r.diverged]
     return [f"left out, diverged: {', '.join(bad)}"] if bad else []
 
 
-def claim_op_vs_prenorm(runs: Sequence[RunResult], loss_tol: float = 0.05,
+def claim_op_vs_prenorm(runs: Sequence[RunRecord], loss_tol: float = 0.05,
                         min_kurt: float = MIN_KURT) -> Claim:
     """OP has lower Kurt than Pre-Norm at matched loss (SPEC §5). A pair counts when the OP
     run's loss is at most ``loss_tol`` (relative) above the Pre-Norm run's: lower kurtosis
@@ -216,12 +216,12 @@ def claim_op_vs_prenorm(runs: Sequence[RunResult], loss_tol: float = 0.05,
                  details + _diverged_note(runs), evidence)
 
 
-def _trend_claim(runs: Sequence[RunResult], key: str, field_name: str, sign: int,
+def _trend_claim(runs: Sequence[RunRecord], key: str, field_name: str, sign: int,
                  statement: str, word: str, min_kurt: float = MIN_KURT) -> Claim:
     groups = group_runs(runs, ignore=(field_name,))
     series = []
     for g in groups:
-        by_value: dict[float, list[RunResult]] = {}
+        by_value: dict[float, list[RunRecord]] = {}
         for r in g.runs:
             v = r.flat.get(field_name)
             by_value.setdefault(float(v) if v is not None else math.nan, []).append(r)
@@ -259,19 +259,19 @@ def _trend_claim(runs: Sequence[RunResult], key: str, field_name: str, sign: int
     return Claim(key, statement, verdict, summary, details + _diverged_note(runs), evidence)
 
 
-def claim_lr(runs: Sequence[RunResult]) -> Claim:
+def claim_lr(runs: Sequence[RunRecord]) -> Claim:
     """Lower learning rate → lower Kurt (SPEC §3, §5): ρ(lr, Kurt) > 0 in every series."""
     return _trend_claim(runs, "lower_lr", "optim.lr", +1,
                         "A lower learning rate gives lower kurtosis.", "lr")
 
 
-def claim_eps(runs: Sequence[RunResult]) -> Claim:
+def claim_eps(runs: Sequence[RunRecord]) -> Claim:
     """Larger Adam ε → lower Kurt (SPEC §3, §5): ρ(ε, Kurt) < 0 in every series."""
     return _trend_claim(runs, "larger_eps", "optim.eps", -1,
                         "A larger Adam ε gives lower kurtosis.", "ε")
 
 
-def claim_soap(runs: Sequence[RunResult]) -> Claim:
+def claim_soap(runs: Sequence[RunRecord]) -> Claim:
     """SOAP has lower Kurt than AdamW (SPEC §3, §5). Pairs differ only in ``optim.name``;
     if there are none, in the name and the hyperparameters each optimiser sets to its own
     defaults (betas, weight decay, …) but not in lr or ε; failing that, each at its own lr and
@@ -317,7 +317,7 @@ def claim_soap(runs: Sequence[RunResult]) -> Claim:
                  details + _diverged_note(runs), evidence)
 
 
-def claim_quant(runs: Sequence[RunResult], min_runs: int = 3,
+def claim_quant(runs: Sequence[RunRecord], min_runs: int = 3,
                 min_effect: float = 1e-3) -> Claim:
     """Higher Kurt ↔ larger W8A8 perplexity increase (SPEC §4, §5): Spearman ρ between each
     run's final mean Kurt and its relative increase quant/FP − 1 is > 0. The verdict uses the
@@ -360,7 +360,7 @@ def claim_quant(runs: Sequence[RunResult], min_runs: int = 3,
                  details + _diverged_note(runs), evidence)
 
 
-def evaluate_claims(runs: Sequence[RunResult], loss_tol: float = 0.05) -> list[Claim]:
+def evaluate_claims(runs: Sequence[RunRecord], loss_tol: float = 0.05) -> list[Claim]:
     """All five claims of SPEC §5, in the paper's order."""
     return [claim_op_vs_prenorm(runs, loss_tol), claim_lr(runs), claim_eps(runs),
             claim_soap(runs), claim_quant(runs)]

@@ -20,7 +20,7 @@ import numpy as np
 from matplotlib.ticker import FixedLocator, FuncFormatter, NullLocator
 
 from outlierlab.experiments.claims import Group, group_runs, spearman
-from outlierlab.experiments.results import RunResult
+from outlierlab.experiments.results import RunRecord
 
 ARCH_COLOURS = {"pre-ln": "tab:red", "pre-rms": "tab:orange", "pre-srms": "tab:brown",
                 "post-ln": "tab:purple", "op": "tab:blue", "op-nofinal": "tab:cyan"}
@@ -37,16 +37,16 @@ def _save(fig: plt.Figure, path: Path) -> Path:
     return path
 
 
-def config_groups(runs: Sequence[RunResult]) -> list[list[RunResult]]:
+def config_groups(runs: Sequence[RunRecord]) -> list[list[RunRecord]]:
     """Runs with kurtosis logged, grouped by config (seeds pooled), in input order."""
-    groups: dict[object, list[RunResult]] = {}
+    groups: dict[object, list[RunRecord]] = {}
     for r in runs:
         if r.kurt_steps.size:
             groups.setdefault(r.identity(), []).append(r)
     return list(groups.values())
 
 
-def group_title(runs: Sequence[RunResult]) -> str:
+def group_title(runs: Sequence[RunRecord]) -> str:
     """A panel title: the run folder name without its seed part."""
     name = runs[0].name
     parts = [p for p in name.split("-") if not p.startswith("seed")]
@@ -59,7 +59,7 @@ def group_title(runs: Sequence[RunResult]) -> str:
     return title
 
 
-def _seed_mean(runs: Sequence[RunResult]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+def _seed_mean(runs: Sequence[RunRecord]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     """Per-layer Kurt series averaged over seeds, on the steps every seed logged."""
     if len(runs) == 1:
         return runs[0].kurt_steps, runs[0].kurtosis
@@ -75,7 +75,7 @@ def _seed_mean(runs: Sequence[RunResult]) -> tuple[np.ndarray, dict[str, np.ndar
     return steps, out
 
 
-def kurtosis_vs_step(runs: Sequence[RunResult], path: Path, pairs_per_row: int = 2) -> Path | None:
+def kurtosis_vs_step(runs: Sequence[RunRecord], path: Path, pairs_per_row: int = 2) -> Path | None:
     """Per-layer Kurt vs step, one panel per configuration (shared axes), loss curves beside."""
     groups = config_groups(runs)
     if not groups:
@@ -133,10 +133,10 @@ def kurtosis_vs_step(runs: Sequence[RunResult], path: Path, pairs_per_row: int =
     return _save(fig, path)
 
 
-def _trend(runs: Sequence[RunResult], field: str, path: Path, xlabel: str) -> Path | None:
+def _trend(runs: Sequence[RunRecord], field: str, path: Path, xlabel: str) -> Path | None:
     series = []
     for g in group_runs(runs, ignore=(field,)):
-        by: dict[float, list[RunResult]] = {}
+        by: dict[float, list[RunRecord]] = {}
         for r in g.runs:
             v = r.flat.get(field)
             if v is not None and math.isfinite(float(v)):
@@ -173,17 +173,17 @@ def _trend(runs: Sequence[RunResult], field: str, path: Path, xlabel: str) -> Pa
     return _save(fig, path)
 
 
-def kurtosis_vs_lr(runs: Sequence[RunResult], path: Path) -> Path | None:
+def kurtosis_vs_lr(runs: Sequence[RunRecord], path: Path) -> Path | None:
     """Final and peak mean Kurt vs learning rate, one line per block (SPEC §3)."""
     return _trend(runs, "optim.lr", path, "learning rate")
 
 
-def kurtosis_vs_eps(runs: Sequence[RunResult], path: Path) -> Path | None:
+def kurtosis_vs_eps(runs: Sequence[RunRecord], path: Path) -> Path | None:
     """Final and peak mean Kurt vs Adam ε, one line per block (SPEC §3)."""
     return _trend(runs, "optim.eps", path, "Adam ε")
 
 
-def kurtosis_by_optimizer(runs: Sequence[RunResult], path: Path) -> Path | None:
+def kurtosis_by_optimizer(runs: Sequence[RunRecord], path: Path) -> Path | None:
     """Final mean Kurt of every configuration, grouped by optimiser, coloured by block."""
     groups = sorted(group_runs(runs), key=lambda g: (g.first.optimizer, g.first.arch))
     if not groups:
@@ -204,7 +204,7 @@ def kurtosis_by_optimizer(runs: Sequence[RunResult], path: Path) -> Path | None:
     return _save(fig, path)
 
 
-def cos_sim_vs_kurtosis(runs: Sequence[RunResult], path: Path) -> Path | None:
+def cos_sim_vs_kurtosis(runs: Sequence[RunRecord], path: Path) -> Path | None:
     """Signal propagation: final mean token cosine similarity vs final mean Kurt (SPEC §1)."""
     pts = [r for r in runs if r.finished and math.isfinite(r.final_cos_sim)
            and math.isfinite(r.final_kurt_mean)]
@@ -226,7 +226,7 @@ def cos_sim_vs_kurtosis(runs: Sequence[RunResult], path: Path) -> Path | None:
     return _save(fig, path)
 
 
-def quant_vs_kurtosis(runs: Sequence[RunResult], path: Path) -> Path | None:
+def quant_vs_kurtosis(runs: Sequence[RunRecord], path: Path) -> Path | None:
     """W8A8 perplexity increase (quant/FP − 1) vs final mean Kurt, one panel per scheme."""
     schemes = sorted({s for r in runs for s in r.quant})
     if not schemes:
@@ -269,7 +269,7 @@ FIGURES = (
 )
 
 
-def make_figures(runs: Sequence[RunResult], out_dir: Path) -> list[tuple[str, str, str, Path]]:
+def make_figures(runs: Sequence[RunRecord], out_dir: Path) -> list[tuple[str, str, str, Path]]:
     """Draw every figure the runs allow into ``out_dir``: (key, title, caption, path)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     made = []

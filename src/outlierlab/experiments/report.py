@@ -19,7 +19,7 @@ from typing import Any
 
 from outlierlab.experiments.claims import HELD, MIN_KURT, NOT_HELD, Claim, evaluate_claims
 from outlierlab.experiments.figures import make_figures
-from outlierlab.experiments.results import RunResult
+from outlierlab.experiments.results import RunRecord
 
 VERDICT_MARK = {HELD: "✅ held", NOT_HELD: "❌ did not hold"}
 CSS = """body{font-family:system-ui,sans-serif;max-width:1200px;margin:2em auto;padding:0 1em;
@@ -39,7 +39,7 @@ class Report:
     markdown: Path
     json: Path
     claims: list[Claim]
-    runs: list[RunResult]
+    runs: list[RunRecord]
 
 
 def _fmt(x: Any, digits: int = 2) -> str:
@@ -50,7 +50,7 @@ def _fmt(x: Any, digits: int = 2) -> str:
     return "–" if x is None else str(x)
 
 
-def results_table(runs: Sequence[RunResult]) -> tuple[list[str], list[list[str]]]:
+def results_table(runs: Sequence[RunRecord]) -> tuple[list[str], list[list[str]]]:
     """Header and rows of the results table, one row per run."""
     schemes = sorted({s for r in runs for s in r.quant})
     header = ["run", "block", "optimiser", "lr", "ε", "seed", "status", "steps", "val loss",
@@ -91,7 +91,7 @@ def _verdict_html(v: str) -> str:
     return f'<span class="{cls}">{html.escape(v)}</span>'
 
 
-def write_report(runs: Sequence[RunResult], out_dir: str | Path, *, title: str = "",
+def write_report(runs: Sequence[RunRecord], out_dir: str | Path, *, title: str = "",
                  command: str = "", loss_tol: float = 0.05) -> Report:
     """Evaluate the claims, draw the figures and write ``report.html``, ``report.md``,
     ``results.json`` and ``figures/*.png`` into ``out_dir``."""

@@ -1,8 +1,7 @@
-"""Load a run folder (docs/ARCHITECTURE.md, "Run folder") into a typed :class:`RunResult`.
-
-Reads ``config.json``, ``status.json``, ``metrics.jsonl`` and ``quant/<scheme>.json``; never
-the weights. "Final" kurtosis is the last monitor step's value, "peak" the largest over
-training; "mean"/"max" are over the measured layers (SPEC §1, Eq. 1).
+"""Read a finished (or stopped) run folder into a typed :class:`RunRecord` for claims and the
+report, through :class:`~outlierlab.run_folder.RunFolder`: config, status, metrics and
+quantisation results; never the weights. "Final" kurtosis is the last monitor step's value,
+"peak" the largest over training; "mean"/"max" are over the measured layers (SPEC §1, Eq. 1).
 """
 
 from __future__ import annotations
@@ -15,7 +14,8 @@ from typing import Any
 
 import numpy as np
 
-from outlierlab.errors import DataError
+from outlierlab.errors import DataError, RunFolderError
+from outlierlab.run_folder import RunFolder, find_runs, read_json_object
 
 IGNORED_FOR_IDENTITY = ("out", "log.", "train.ckpt_every", "train.keep_checkpoints",
                         "train.keep_last", "train.device", "train.compile", "data.cache_dir",
@@ -69,8 +69,9 @@ class QuantResult:
 
 
 @dataclass
-class RunResult:
-    """Everything the report needs from one run folder."""
+class RunRecord:
+    """Everything the report needs from one run folder (read from disk; what ``train``
+    returns is the trainer's own result)."""
 
     path: Path
     config: dict[str, Any]
@@ -185,17 +186,6 @@ class RunResult:
         return float(self.loss[-1]) if self.loss.size else math.nan
 
 
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise DataError(f"{path}: cannot read JSON ({exc}); allowed: a run folder's JSON file") \
-            from None
-    if not isinstance(data, dict):
-        raise DataError(f"{path}: expected a JSON object")
-    return data
-
-
 def _num(v: Any) -> float:
     try:
         return float(v)
@@ -203,33 +193,13 @@ def _num(v: Any) -> float:
         return math.nan
 
 
-def is_run_dir(path: Path) -> bool:
-    return (path / "config.json").is_file() and (
-        (path / "status.json").is_file() or (path / "metrics.jsonl").is_file())
-
-
-def load_run(path: str | Path) -> RunResult:
-    """Read a run folder into a :class:`RunResult` (→ ``DataError`` if it is not one)."""
-    path = Path(path)
-    if not is_run_dir(path):
-        raise DataError(f"{path} is not a run folder; allowed: a folder with config.json and "
-                        "status.json or metrics.jsonl")
-    config = _read_json(path / "config.json")
-    status = _read_json(path / "status.json") if (path / "status.json").is_file() else {}
+def _series(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """The arrays of a :class:`RunRecord` from ``metrics.jsonl`` rows."""
     loss_s, loss, val_s, val, k_steps, tps = [], [], [], [], [], []
     kurt: dict[str, list[float]] = {}
     cos: dict[str, list[float]] = {}
-    mfile = path / "metrics.jsonl"
-    lines = mfile.read_text().splitlines() if mfile.is_file() else []
-    for line in lines:
-        line = line.strip()
-        if not line:
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:
-            continue  # a line cut short by a kill
-        step = int(rec.get("step", 0))
+    for rec in rows:
+        step = rec["step"]
         if "loss" in rec:
             loss_s.append(step)
             loss.append(_num(rec["loss"]))
@@ -242,51 +212,62 @@ def load_run(path: str | Path) -> RunResult:
             idx = len(k_steps)
             k_steps.append(step)
             for name, series in (("kurtosis", kurt), ("cos_sim", cos)):
-                for p, v in (rec.get(name) or {}).items():
+                values = rec.get(name)
+                for p, v in (values if isinstance(values, dict) else {}).items():
                     series.setdefault(p, [math.nan] * idx).append(_num(v))
             for series in (kurt, cos):
                 for v in series.values():
                     v.extend([math.nan] * (idx + 1 - len(v)))
-    quant = {}
-    qdir = path / "quant"
-    if qdir.is_dir():
-        for q in sorted(qdir.glob("*.json")):
-            d = _read_json(q)
-            if "fp_ppl" in d and "quant_ppl" in d:
-                scheme = str(d.get("scheme", q.stem)) if q.stem == "results" else q.stem
-                quant[scheme] = QuantResult(scheme, _num(d["fp_ppl"]), _num(d["quant_ppl"]))
     finite_tps = [t for t in tps if math.isfinite(t)]
-    return RunResult(
-        path=path, config=config, status=str(status.get("status", "unknown")),
-        step=int(status.get("step", loss_s[-1] if loss_s else 0)),
-        message=str(status.get("message", "") or ""),
+    return dict(
         loss_steps=np.array(loss_s, dtype=np.int64), loss=np.array(loss, dtype=float),
         val_steps=np.array(val_s, dtype=np.int64), val_loss=np.array(val, dtype=float),
         kurt_steps=np.array(k_steps, dtype=np.int64),
         kurtosis={p: np.array(v, dtype=float) for p, v in kurt.items()},
         cos_sim={p: np.array(v, dtype=float) for p, v in cos.items()},
-        tokens_per_s=float(np.median(finite_tps)) if finite_tps else math.nan,
-        quant=quant)
+        tokens_per_s=float(np.median(finite_tps)) if finite_tps else math.nan)
 
 
-def find_runs(paths: list[str | Path]) -> list[RunResult]:
-    """Load run folders; a folder that is not a run but holds runs (a sweep) is expanded,
-    other folders (logs, reports) passed in by a shell glob are skipped."""
-    runs: list[RunResult] = []
+def _quant(run: RunFolder) -> dict[str, QuantResult]:
+    quant = {}
+    if run.quant_dir.is_dir():
+        for q in sorted(run.quant_dir.glob("*.json")):
+            d = read_json_object(q)
+            if "fp_ppl" in d and "quant_ppl" in d:
+                scheme = str(d.get("scheme", q.stem)) if q.stem == "results" else q.stem
+                quant[scheme] = QuantResult(scheme, _num(d["fp_ppl"]), _num(d["quant_ppl"]))
+    return quant
+
+
+def load_run(path: str | Path | RunFolder) -> RunRecord:
+    """Read a run folder into a :class:`RunRecord` (→ ``DataError`` if it is not one,
+    ``RunFolderError`` if its files cannot be read)."""
+    run = path if isinstance(path, RunFolder) else RunFolder(path)
+    if not run.is_run:
+        raise DataError(f"{run.path} is not a run folder; allowed: a folder with config.json "
+                        "written by outlierlab train")
+    config, status, rows = run.config, run.status, run.metrics
+    step = status.get("step", rows[-1]["step"] if rows else 0)
+    return RunRecord(
+        path=run.path, config=config, status=str(status.get("status", "unknown")),
+        step=int(_num(step)) if math.isfinite(_num(step)) else 0,
+        message=str(status.get("message", "") or ""), quant=_quant(run), **_series(rows))
+
+
+def load_runs(paths: list[str | Path]) -> tuple[list[RunRecord], list[tuple[Path, str]]]:
+    """The records of the run folders among ``paths`` (see
+    :func:`~outlierlab.run_folder.find_runs`), and ``(folder, reason)`` for each run whose files
+    cannot be read. ``DataError`` when a path does not exist or nothing is a run."""
     for p in map(Path, paths):
-        if is_run_dir(p):
-            runs.append(load_run(p))
-        elif p.is_dir():
-            runs += [load_run(c) for c in sorted(p.iterdir()) if c.is_dir() and is_run_dir(c)]
-        elif not p.exists():
+        if not p.exists():
             raise DataError(f"{p} does not exist; allowed: run folders or a sweep folder")
-    if not runs:
+    records, unreadable = [], []
+    for run in find_runs(paths):
+        try:
+            records.append(load_run(run))
+        except RunFolderError as exc:
+            unreadable.append((run.path, str(exc)))
+    if not records and not unreadable:
         raise DataError(f"no run folders among {', '.join(map(str, paths))}; allowed: folders "
                         "with config.json and status.json")
-    seen, unique = set(), []
-    for r in runs:
-        key = r.path.resolve()
-        if key not in seen:
-            seen.add(key)
-            unique.append(r)
-    return unique
+    return records, unreadable

@@ -12,7 +12,6 @@ shared between runs but the output folder, so ``--dry-run``'s commands can go to
 
 from __future__ import annotations
 
-import json
 import os
 import shlex
 import subprocess
@@ -24,8 +23,9 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from outlierlab.errors import ConfigError
+from outlierlab.errors import ConfigError, RunFolderError
 from outlierlab.experiments.grid import Grid, GridPoint
+from outlierlab.run_folder import RunFolder, write_json
 
 LOG_NAME = "sweep.log"
 MANIFEST = "sweep.json"
@@ -33,13 +33,11 @@ MANIFEST = "sweep.json"
 
 def run_state(run_dir: Path) -> str:
     """``new``, ``finished``, ``diverged`` or ``resume`` (interrupted, crashed or stale)."""
-    if not (run_dir / "config.json").is_file():
+    run = RunFolder(run_dir)
+    if not run.is_run:
         return "new"
-    try:
-        status = json.loads((run_dir / "status.json").read_text()).get("status")
-    except (OSError, ValueError):
-        status = None
-    if status == "finished" and (run_dir / "model.safetensors").is_file():
+    status = _status(run_dir)
+    if status == "finished" and run.final_model:
         return "finished"
     if status == "diverged":
         return "diverged"
@@ -59,7 +57,7 @@ def train_command(grid: Grid, point: GridPoint, run_dir: Path, python: str,
 
 
 def quant_path(run_dir: Path, scheme: str) -> Path:
-    return run_dir / "quant" / f"{scheme}.json"
+    return RunFolder(run_dir).quant_file(scheme)
 
 
 def quant_command(run_dir: Path, scheme: str, python: str,
@@ -71,7 +69,7 @@ def quant_command(run_dir: Path, scheme: str, python: str,
 
 def quant_done(run_dir: Path, scheme: str) -> bool:
     """A result newer than the final weights exists."""
-    q, w = quant_path(run_dir, scheme), run_dir / "model.safetensors"
+    q, w = quant_path(run_dir, scheme), RunFolder(run_dir).model_file
     return q.is_file() and (not w.is_file() or q.stat().st_mtime >= w.stat().st_mtime)
 
 
@@ -122,9 +120,10 @@ def threads_env(workers: int, threads: int | None = None) -> dict[str, str]:
 
 def _status(run_dir: Path) -> str:
     try:
-        return str(json.loads((run_dir / "status.json").read_text()).get("status", "unknown"))
-    except (OSError, ValueError):
-        return "missing"
+        status = RunFolder(run_dir).status
+    except RunFolderError:
+        return "unreadable"
+    return str(status.get("status", "unknown")) if status else "missing"
 
 
 def _run(cmd: list[str], log: Path, env: dict[str, str]) -> int:
@@ -196,6 +195,13 @@ def run_sweep(grid: Grid, out: str | Path, *, workers: int = 1, threads: int | N
         if stop.is_set():
             o.status, o.message = _status(d), "not started: sweep interrupted"
             return o
+        holder = RunFolder(d).lock_holder()
+        if holder is not None:
+            o.status = "in use"
+            o.message = (f"skipped: in use by pid {holder.get('pid', '?')} "
+                         f"({holder.get('purpose', 'another process')})")
+            say(f"{tag}: {o.message}")
+            return o
         if state in ("new", "resume"):
             say(f"{tag}: {'resuming' if state == 'resume' else 'training'} "
                 f"(log: {d / LOG_NAME})")
@@ -209,6 +215,8 @@ def run_sweep(grid: Grid, out: str | Path, *, workers: int = 1, threads: int | N
                 o.status = "crashed"
             if o.status not in ("finished", "diverged"):
                 o.message = f"train exited {rc}; see {d / LOG_NAME}"
+                if rc == 2:  # refused (in use, bad input): its one-line reason
+                    o.message = _last_error(d / LOG_NAME) or o.message
             say(f"{tag}: {o.status} in {o.train_s:.0f} s")
         else:
             o.status = _status(d)
@@ -242,5 +250,14 @@ def run_sweep(grid: Grid, out: str | Path, *, workers: int = 1, threads: int | N
                 "threads": int(env["OMP_NUM_THREADS"]), "wall_s": summary.wall_s,
                 "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                 "outcomes": [asdict(o) for o in outcomes]}
-    (out / MANIFEST).write_text(json.dumps(manifest, indent=1))
+    write_json(out / MANIFEST, manifest)
     return summary
+
+
+def _last_error(log: Path) -> str:
+    """The last ``outlierlab ...: error: ...`` line of a run's log, or ''."""
+    try:
+        lines = log.read_text(encoding="utf-8", errors="replace").splitlines()
+    except OSError:
+        return ""
+    return next((ln.strip() for ln in reversed(lines) if ": error: " in ln), "")

@@ -1,10 +1,11 @@
-"""Checkpoints: ``checkpoints/step-N/`` with ``model.safetensors`` + ``model_config.json``
+"""Checkpoints: a run's ``checkpoints/step-N/`` (named by ``RunFolder``) holding the weights
 (``GPT.save``), ``optim.pt`` (optimiser state, loadable with ``torch.load(weights_only=True)``)
 and ``state.json`` (step, tokens, RNG states, sampler state).
 
 A checkpoint is written into a temporary folder and renamed into place, so a crash or SIGKILL
 at any moment leaves either the previous checkpoint or the new one, never half of one. Only
-the last ``keep`` are kept.
+the last ``keep`` are kept; an old one is renamed away before it is deleted, so a kill during
+the deletion leaves nothing that looks like a checkpoint.
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ from __future__ import annotations
 import base64
 import os
 import random
-import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -22,9 +22,16 @@ import torch
 from torch import nn
 
 from outlierlab.errors import CheckpointError
-from outlierlab.train.run_dir import read_json, write_json
+from outlierlab.run_folder import (
+    CHECKPOINT_STATE,
+    MODEL_FILE,
+    RunFolder,
+    read_json_object,
+    write_json,
+)
 
-_STEP_DIR = re.compile(r"^step-(\d+)$")
+OPTIM_FILE = "optim.pt"
+_TMP, _OLD = ".tmp-step-", ".old-step-"
 
 
 def rng_state() -> dict[str, Any]:
@@ -58,29 +65,14 @@ def set_rng_state(state: dict[str, Any]) -> None:
         )
 
 
-def list_checkpoints(root: Path) -> list[tuple[int, Path]]:
-    """Complete checkpoints under ``root`` (those with ``state.json``), oldest first."""
-    if not root.is_dir():
-        return []
-    found = []
-    for p in root.iterdir():
-        m = _STEP_DIR.match(p.name)
-        if m and (p / "state.json").is_file():
-            found.append((int(m.group(1)), p))
-    return sorted(found)
-
-
-def latest_checkpoint(root: Path) -> Path | None:
-    found = list_checkpoints(root)
-    return found[-1][1] if found else None
-
-
 def save_checkpoint(
-    root: Path, step: int, model: nn.Module, optimizer: Any, state: dict[str, Any], keep: int
+    run: RunFolder, step: int, model: nn.Module, optimizer: Any, state: dict[str, Any], keep: int
 ) -> Path:
-    """Write ``root/step-{step}`` atomically, then delete all but the newest ``keep``."""
+    """Write ``checkpoints/step-{step}`` of ``run`` atomically, then delete all but the newest
+    ``keep``."""
+    root = run.checkpoints
     root.mkdir(parents=True, exist_ok=True)
-    tmp = root / f".tmp-step-{step}-{os.getpid()}"
+    tmp = root / f"{_TMP}{step}-{os.getpid()}"
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
@@ -89,28 +81,38 @@ def save_checkpoint(
     else:
         from safetensors.torch import save_model
 
-        save_model(model, str(tmp / "model.safetensors"))
-    torch.save(optimizer.state_dict(), tmp / "optim.pt")
-    write_json(tmp / "state.json", {**state, "step": step})
-    final = root / f"step-{step}"
-    old = None
+        save_model(model, str(tmp / MODEL_FILE))
+    torch.save(optimizer.state_dict(), tmp / OPTIM_FILE)
+    write_json(tmp / CHECKPOINT_STATE, {**state, "step": step})
+    final = run.checkpoint_path(step)
     if final.exists():
-        old = root / f".old-step-{step}-{os.getpid()}"
-        os.replace(final, old)
+        _delete(final)
     os.replace(tmp, final)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-    for _, p in list_checkpoints(root)[:-keep]:
-        shutil.rmtree(p, ignore_errors=True)
+    for _, p in run.checkpoint_list()[:-keep]:
+        _delete(p)
     return final
 
 
-def clean_partial(root: Path) -> None:
-    """Remove temporary folders left by a checkpoint write that was killed."""
-    if root.is_dir():
-        for p in root.iterdir():
-            if p.name.startswith((".tmp-step-", ".old-step-")):
-                shutil.rmtree(p, ignore_errors=True)
+def _delete(folder: Path) -> None:
+    """Rename ``folder`` out of the checkpoint namespace, then delete it: a kill half-way
+    through leaves a ``.old-step-*`` folder (removed by :func:`clean_partial`), never a
+    half-deleted ``step-N`` that looks like a checkpoint."""
+    old = folder.with_name(f"{_OLD}{folder.name[len('step-'):]}-{os.getpid()}")
+    os.replace(folder, old)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def clean_partial(run: RunFolder) -> None:
+    """Remove what killed writes and deletions left: temporary and renamed-away folders, and
+    ``step-N`` folders without their state file (half-deleted by older versions)."""
+    root = run.checkpoints
+    if not root.is_dir():
+        return
+    complete = {p for _, p in run.checkpoint_list()}
+    for p in root.iterdir():
+        if p.name.startswith((_TMP, _OLD)) or (
+                p.is_dir() and p.name.startswith("step-") and p not in complete):
+            shutil.rmtree(p, ignore_errors=True)
 
 
 def load_checkpoint(
@@ -120,7 +122,7 @@ def load_checkpoint(
     from safetensors.torch import load_model
 
     try:
-        missing, unexpected = load_model(model, str(path / "model.safetensors"), strict=False,
+        missing, unexpected = load_model(model, str(path / MODEL_FILE), strict=False,
                                          device=str(device))
         if missing or unexpected:
             raise CheckpointError(
@@ -128,9 +130,9 @@ def load_checkpoint(
                 f"unexpected {sorted(unexpected)[:3]})"
             )
         optimizer.load_state_dict(
-            torch.load(path / "optim.pt", map_location=device, weights_only=True)
+            torch.load(path / OPTIM_FILE, map_location=device, weights_only=True)
         )
-        return read_json(path / "state.json")
+        return read_json_object(path / CHECKPOINT_STATE)
     except CheckpointError:
         raise
     except Exception as exc:  # corrupt or foreign files

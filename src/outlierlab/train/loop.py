@@ -29,12 +29,12 @@ import numpy as np
 import torch
 
 from outlierlab.config import RunConfig, changed_maths_fields
-from outlierlab.errors import CheckpointError, ConfigError
+from outlierlab.errors import CheckpointError, ConfigError, OutlierlabError
 from outlierlab.optim import build_optimizer, lr_factor, set_lr
+from outlierlab.run_folder import RunFolder, utc_now
 from outlierlab.train import checkpoint as ckpt
 from outlierlab.train import distributed
 from outlierlab.train.progress import Progress
-from outlierlab.train.run_dir import MetricsWriter, RunDir, read_json, utc_now, write_json
 from outlierlab.train.sinks import Sinks
 
 EXIT_CODES = {"finished": 0, "diverged": 3, "interrupted": 130, "crashed": 1}
@@ -113,11 +113,12 @@ def evaluate(model, x, y, batch_size: int, device, amp, d: distributed.Dist) -> 
     return float(tot[0] / tot[1])
 
 
-def _prepare_run_dir(cfg: RunConfig, run: RunDir, resume: bool) -> None:
+def _prepare_run_dir(cfg: RunConfig, run: RunFolder, resume: bool, fingerprint: dict,
+                     allow_data_change: bool) -> None:
     if resume:
-        if not run.is_run():
+        if not run.is_run:
             raise CheckpointError(f"{run.path} is not a run folder (no config.json) to resume")
-        saved = RunConfig.from_dict(read_json(run.config))
+        saved = RunConfig.from_dict(run.config)
         changed = changed_maths_fields(saved, cfg)
         if changed:
             a, b = saved.flat(), cfg.flat()
@@ -127,16 +128,26 @@ def _prepare_run_dir(cfg: RunConfig, run: RunDir, resume: bool) -> None:
                 f"changes the maths; only {', '.join(['train.steps', 'logging/eval cadence'])} "
                 "may change on resume"
             )
-    elif run.is_run():
+        changed = run.data_changes(fingerprint)
+        if changed and not allow_data_change:
+            raise ConfigError(
+                f"cannot resume {run.path}: its data changed since the run started "
+                f"({', '.join(changed[:4])} differ); pass --allow-data-change to continue on "
+                "the new data (the old fingerprint is kept in status.json)"
+            )
+    elif run.config_file.exists():
         raise ConfigError(
             f"{run.path} already holds a run; resume it with --resume {run.path} or choose "
             "another out="
         )
 
 
-def train(cfg: RunConfig, resume: bool = False, *, progress: bool = True) -> RunResult:
+def train(cfg: RunConfig, resume: bool = False, *, progress: bool = True,
+          allow_data_change: bool = False) -> RunResult:
     """Train ``cfg`` into the run folder ``cfg.out`` (see docs/ARCHITECTURE.md); with
-    ``resume``, continue from its latest checkpoint. ``progress=False`` silences the console."""
+    ``resume``, continue from its latest checkpoint (refused when its data changed, unless
+    ``allow_data_change``). The folder is locked for the run. ``progress=False`` silences the
+    console."""
     from outlierlab.data import BatchSampler, prepare, validation_windows
     from outlierlab.model import GPT
 
@@ -145,11 +156,12 @@ def train(cfg: RunConfig, resume: bool = False, *, progress: bool = True) -> Run
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     d = distributed.init(cfg.train.device)
+    lock = None
     try:
         cfg = dataclasses.replace(cfg)
         if not cfg.out:
             cfg.out = distributed.broadcast_object(default_out(cfg), d)
-        run = RunDir(cfg.out)
+        run = RunFolder(cfg.out)
         tc, oc = cfg.train, cfg.optim
         show = progress and d.is_main
 
@@ -164,14 +176,13 @@ def train(cfg: RunConfig, resume: bool = False, *, progress: bool = True) -> Run
         error = None
         if d.is_main:  # decide once: rank 0 writes config.json soon after
             try:
-                _prepare_run_dir(cfg, run, resume)
-            except (ConfigError, CheckpointError) as exc:
-                error = (type(exc).__name__, str(exc))
+                lock = run.lock("outlierlab train")
+                _prepare_run_dir(cfg, run, resume, data.fingerprint, allow_data_change)
+            except OutlierlabError as exc:
+                error = exc
         error = distributed.broadcast_object(error, d)
         if error:
-            raise {"ConfigError": ConfigError, "CheckpointError": CheckpointError}[error[0]](
-                error[1]
-            )
+            raise error
 
         # ---- model, optimiser, sampler (seeded identically on every rank)
         random.seed(tc.seed)
@@ -191,8 +202,8 @@ def train(cfg: RunConfig, resume: bool = False, *, progress: bool = True) -> Run
         saved_at = -1  # step of the newest checkpoint (the same on every rank)
         if resume:
             if d.is_main:
-                ckpt.clean_partial(run.checkpoints)
-            last_ckpt = ckpt.latest_checkpoint(run.checkpoints)
+                ckpt.clean_partial(run)
+            last_ckpt = run.latest_checkpoint
             if last_ckpt is not None:
                 state = ckpt.load_checkpoint(last_ckpt, raw, optimizer, d.device)
                 saved_at = int(state["step"])
@@ -205,7 +216,7 @@ def train(cfg: RunConfig, resume: bool = False, *, progress: bool = True) -> Run
                 sampler.load_state_dict(state["sampler"])
                 rngs = state["rng"]
                 ckpt.set_rng_state(rngs[d.rank] if d.rank < len(rngs) else rngs[0])
-        if step >= tc.steps and resume and run.model.is_file():
+        if step >= tc.steps and resume and run.final_model:
             return _result(run, "finished", step, "already finished", t_start)
 
         # ---- run folder (rank 0 writes)
@@ -216,14 +227,15 @@ def train(cfg: RunConfig, resume: bool = False, *, progress: bool = True) -> Run
         writer = sinks = None
         if d.is_main:
             sinks = Sinks(cfg.log, run.path, cfg.to_dict())  # fails early if wandb is missing
-            run.create()
-            write_json(run.config, cfg.to_dict())
+            if resume and run.final_model:  # extending a finished run: root weights go stale
+                run.remove_final_model()
+            run.write_config(cfg.to_dict())
             if cfg.data.tokenizer != "bytes":
                 data.tokenizer.save(run.path)
             run.truncate_metrics(step)
             run.set_status("running", step, "", data_fingerprint=data.fingerprint,
-                           started=run.read_status().get("started", utc_now()))
-            writer = MetricsWriter(run.metrics)
+                           started=run.status.get("started", utc_now()))
+            writer = run.metrics_writer()
 
         # ---- wrappers: DDP, compile, autocast, monitor
         model = raw
@@ -270,7 +282,7 @@ def train(cfg: RunConfig, resume: bool = False, *, progress: bool = True) -> Run
                 return None
             state = {"tokens": tokens, "global_batch": global_batch, "world_size": world,
                      "sampler": sampler.state_dict(), "rng": rng, "saved": utc_now()}
-            return ckpt.save_checkpoint(run.checkpoints, at, raw, optimizer, state,
+            return ckpt.save_checkpoint(run, at, raw, optimizer, state,
                                         tc.keep_ckpts)
 
         with stack:
@@ -306,7 +318,7 @@ def train(cfg: RunConfig, resume: bool = False, *, progress: bool = True) -> Run
                 loss_v, gn_v, stop_v = flags.tolist()
                 if not (math.isfinite(loss_v) and math.isfinite(gn_v)):
                     what = "loss" if not math.isfinite(loss_v) else "gradient norm"
-                    good = ckpt.latest_checkpoint(run.checkpoints)
+                    good = run.latest_checkpoint
                     status = "diverged"
                     message = (
                         f"non-finite {what} ({loss_v if what == 'loss' else gn_v}) at step {n}; "
@@ -369,14 +381,16 @@ def train(cfg: RunConfig, resume: bool = False, *, progress: bool = True) -> Run
             print(f"{status}: {message}", flush=True)
         return _result(run, status, step, message, t_start, last)
     except BaseException as exc:
-        if d.is_main and "run" in locals() and run.status_file.exists():
+        if d.is_main and lock is not None and run.status_file.exists():
             if isinstance(exc, KeyboardInterrupt):
                 run.set_status("interrupted", locals().get("step", 0), "KeyboardInterrupt")
-            elif not isinstance(exc, (ConfigError, CheckpointError)):
+            elif not isinstance(exc, OutlierlabError):
                 msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
                 run.set_status("crashed", locals().get("step", 0), msg)
         raise
     finally:
+        if lock is not None:
+            lock.release()
         distributed.close(d)
         torch.set_num_threads(threads)
 
@@ -408,7 +422,7 @@ def _measure(monitor, raw, x, micro: int, amp, d: distributed.Dist) -> dict[str,
     }
 
 
-def _result(run: RunDir, status: str, step: int, message: str, t_start: float,
+def _result(run: RunFolder, status: str, step: int, message: str, t_start: float,
             last: dict | None = None) -> RunResult:
     last = last or {}
     return RunResult(

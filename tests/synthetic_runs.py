@@ -1,5 +1,5 @@
-"""Synthetic run folders that follow the run-folder contract (docs/ARCHITECTURE.md) without
-training: for tests of the claims and report code, and to try ``outlierlab report``.
+"""Test fixture: synthetic run folders written through :class:`~outlierlab.run_folder.RunFolder`
+without training, for tests of the claims, the report and run listings.
 
 Per-layer kurtosis rises from 1 towards ``kurt`` along a smooth curve, loss falls towards
 ``val_loss``; everything is deterministic in the arguments.
@@ -7,13 +7,13 @@ Per-layer kurtosis rises from 1 towards ``kurt`` along a smooth curve, loss fall
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from outlierlab.model.config import GPTConfig
+from outlierlab.run_folder import RunFolder, write_json
 
 
 def write_run(path: str | Path, *, arch: str = "pre-ln", optimizer: str = "adamw",
@@ -22,26 +22,24 @@ def write_run(path: str | Path, *, arch: str = "pre-ln", optimizer: str = "adamw
               status: str = "finished", steps: int = 100, every: int = 20, n_layer: int = 4,
               cos_sim: float | None = None, extra: dict[str, Any] | None = None) -> Path:
     """Write a run folder; ``quant`` maps scheme → (fp_ppl, quant_ppl)."""
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
+    run = RunFolder(path)
     model = GPTConfig.preset(
         arch, n_layer=n_layer, d_model=64, n_head=4, vocab_size=260, seq_len=64
     ).to_dict()
     config = {"model": model, "data": {"source": "stdlib", "tokenizer": "bytes"},
               "optim": {"name": optimizer, "lr": lr, "eps": eps, "weight_decay": 0.1},
               "train": {"steps": steps, "seed": seed, "batch_size": 16},
-              "log": {"every": every}, "out": str(path)}
+              "log": {"every": every}, "out": str(run.path)}
     for k, v in (extra or {}).items():
         section, _, name = k.partition(".")
         config[section][name] = v
-    (path / "config.json").write_text(json.dumps(config, indent=1))
+    run.write_config(config)
     last = steps if status == "finished" else steps // 2
-    (path / "status.json").write_text(json.dumps(
-        {"status": status, "step": last, "message": "" if status == "finished" else status}))
+    run.set_status(status, last, "" if status == "finished" else status)
     rng = np.random.default_rng(seed)
     points = ["embed.resid_post"] + [f"blocks.{i}.resid_post" for i in range(n_layer)]
     layer_scale = np.linspace(0.6, 1.4, len(points))
-    lines = []
+    rows = []
     for step in range(every, last + 1, every):
         t = step / steps
         rec: dict[str, Any] = {"step": step, "tokens": step * 1024,
@@ -57,13 +55,14 @@ def write_run(path: str | Path, *, arch: str = "pre-ln", optimizer: str = "adamw
         if step % (2 * every) == 0 or step == last:
             rec["val_loss"] = val_loss + 2.0 * (1 - t) ** 2 + 0.02
             rec["val_ppl"] = float(np.exp(rec["val_loss"]))
-        lines.append(json.dumps(rec))
+        rows.append(rec)
     if status == "diverged":
-        lines.append(json.dumps({"step": last + 1, "loss": "nan"}))
-    (path / "metrics.jsonl").write_text("\n".join(lines) + "\n")
-    if quant:
-        (path / "quant").mkdir(exist_ok=True)
-        for scheme, (fp, q) in quant.items():
-            (path / "quant" / f"{scheme}.json").write_text(
-                json.dumps({"scheme": scheme, "fp_ppl": fp, "quant_ppl": q, "layers": []}))
-    return path
+        rows.append({"step": last + 1, "loss": float("nan")})
+    writer = run.metrics_writer()
+    for rec in rows:
+        writer.write(rec)
+    writer.close()
+    for scheme, (fp, q) in (quant or {}).items():
+        write_json(run.quant_file(scheme),
+                   {"scheme": scheme, "fp_ppl": fp, "quant_ppl": q, "layers": []})
+    return run.path

@@ -1,0 +1,493 @@
+"""The run folder (docs/ARCHITECTURE.md "Run folder"): the only code that knows its layout.
+
+``RunFolder(path)`` names every file of a run and reads and writes them: the resolved config,
+``status.json``, ``metrics.jsonl``, the run's tokenizer, its checkpoints and final model, and
+an exclusive lock held by whoever writes into the folder. :func:`write_json` (atomic, NaN →
+null) is the package's one JSON writer; :func:`find_runs` its one run discovery.
+
+Reading is strict: a malformed file raises :class:`~outlierlab.errors.RunFolderError` with one
+line naming it, so listings can show that run as unreadable and carry on with the others.
+Imports nothing heavy (``outlierlab runs`` stays fast); the data module is imported lazily.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import re
+import socket
+import time
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from outlierlab.errors import RunFolderError, RunInUseError
+
+CONFIG_FILE = "config.json"
+STATUS_FILE = "status.json"
+METRICS_FILE = "metrics.jsonl"
+CHECKPOINTS_DIR = "checkpoints"
+CHECKPOINT_STATE = "state.json"
+"""A checkpoint folder is complete once it holds this file (written last, then renamed in)."""
+MODEL_FILE = "model.safetensors"  # the final weights: a GPT.save folder at the run's root
+MODEL_CONFIG_FILE = "model_config.json"
+QUANT_DIR = "quant"
+LOCK_FILE = ".lock"
+SECTIONS = ("model", "data", "optim", "train", "log")
+STATUSES = ("running", "finished", "crashed", "diverged", "interrupted")
+_STEP_DIR = re.compile(r"^step-(\d+)$")
+
+
+def utc_now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+def json_safe(obj: Any) -> Any:
+    """JSON-safe copy: non-finite floats become ``null`` (tuples become lists)."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    return obj
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> Path:
+    """Write ``obj`` as JSON atomically (``.NAME.tmp-PID`` then ``os.replace``), creating the
+    parent folder; NaN/inf become ``null``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(json_safe(obj), indent=2) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+    return path
+
+
+def read_json_object(path: Path) -> dict[str, Any]:
+    """A JSON object from ``path`` (→ :class:`RunFolderError` naming the file otherwise)."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise RunFolderError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError
+        raise RunFolderError(f"{path}: not valid JSON ({_first_line(exc)})") from None
+    if not isinstance(data, dict):
+        raise RunFolderError(f"{path}: expected a JSON object, found {type(data).__name__}")
+    return data
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).splitlines() or [type(exc).__name__])[0][:200]
+
+
+class RunFolder:
+    """One run folder: its paths, readers and writers (see the module docstring)."""
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = Path(path)
+        self.config_file = self.path / CONFIG_FILE
+        self.status_file = self.path / STATUS_FILE
+        self.metrics_file = self.path / METRICS_FILE
+        self.checkpoints = self.path / CHECKPOINTS_DIR
+        self.model_file = self.path / MODEL_FILE
+        self.quant_dir = self.path / QUANT_DIR
+        self.lock_file = self.path / LOCK_FILE
+        self._status: dict[str, Any] = {}
+
+    def __repr__(self) -> str:
+        return f"RunFolder({str(self.path)!r})"
+
+    @property
+    def tokenizer_file(self) -> Path:
+        from outlierlab.data.tokenizer import TOKENIZER_FILE
+
+        return self.path / TOKENIZER_FILE
+
+    def quant_file(self, scheme: str) -> Path:
+        """``quant/<scheme>.json``: one quantisation result."""
+        return self.quant_dir / f"{scheme}.json"
+
+    @classmethod
+    def of_checkpoint(cls, folder: str | os.PathLike) -> RunFolder | None:
+        """The run whose ``checkpoints/step-N`` is ``folder``, or None."""
+        folder = Path(folder)
+        if folder.parent.name == CHECKPOINTS_DIR and _STEP_DIR.match(folder.name):
+            run = cls(folder.parent.parent)
+            return run if run.is_run else None
+        return None
+
+    # -- what the folder holds ------------------------------------------------------------------
+
+    @property
+    def is_run(self) -> bool:
+        """The folder holds a run: a ``config.json`` that is not a Hugging Face model's."""
+        if not self.config_file.is_file():
+            return False
+        try:
+            return "model_type" not in read_json_object(self.config_file)
+        except RunFolderError:
+            return True  # a run whose config is damaged: still a run (listed as unreadable)
+
+    @property
+    def config(self) -> dict[str, Any]:
+        """The resolved run config (``RunConfig.to_dict()``); every present section a table."""
+        cfg = read_json_object(self.config_file)
+        for name in SECTIONS:
+            if name in cfg and not isinstance(cfg[name], dict):
+                raise RunFolderError(
+                    f"{self.config_file}: section {name!r} is {json.dumps(cfg[name])[:40]}, "
+                    "expected a table"
+                )
+        return cfg
+
+    def section(self, name: str) -> dict[str, Any]:
+        """One config section (``{}`` when absent)."""
+        return self.config.get(name, {})
+
+    def write_config(self, config: dict[str, Any]) -> None:
+        write_json(self.config_file, config)
+
+    @property
+    def data_config(self):
+        """The run's :class:`~outlierlab.data.DataConfig`, its tokenizer pointing at the run's
+        own ``tokenizer.json`` (the exact one it trained with) when it has one."""
+        from outlierlab.data import DataConfig
+
+        if not isinstance(self.config.get("data"), dict):
+            raise RunFolderError(f"{self.config_file}: no data section; not an outlierlab run")
+        cfg = DataConfig.from_dict(self.section("data"))
+        if cfg.tokenizer != "bytes" and self.tokenizer_file.is_file():
+            cfg.tokenizer = str(self.tokenizer_file)
+        return cfg
+
+    @property
+    def tokenizer(self):
+        """The run's tokenizer (``bytes``, or its ``tokenizer.json``)."""
+        from outlierlab.data import load_tokenizer
+
+        spec = self.data_config.tokenizer
+        if spec != "bytes" and spec != str(self.tokenizer_file):
+            raise RunFolderError(
+                f"run folder {self.path} has no tokenizer.json for its tokenizer {spec!r}"
+            )
+        return load_tokenizer(spec)
+
+    # -- status ---------------------------------------------------------------------------------
+
+    @property
+    def status(self) -> dict[str, Any]:
+        """``status.json`` (``{}`` when there is none yet)."""
+        if not self.status_file.exists():
+            return {}
+        return read_json_object(self.status_file)
+
+    def set_status(self, status: str, step: int, message: str = "", **extra: Any) -> None:
+        """Update ``status.json``, keeping ``started`` and the other fields across calls. A new
+        ``data_fingerprint`` never silently replaces the recorded one: the old one moves to
+        ``data_history`` with the step it held until."""
+        assert status in STATUSES, status
+        if not self._status:
+            try:
+                self._status = self.status
+            except RunFolderError:
+                self._status = {}  # a damaged status is replaced by the writer holding the lock
+        old_fp = self._status.get("data_fingerprint")
+        new_fp = extra.get("data_fingerprint")
+        if old_fp is not None and new_fp is not None and new_fp != old_fp:
+            history = list(self._status.get("data_history", []))
+            history.append({"until_step": int(step), "fingerprint": old_fp})
+            self._status["data_history"] = history
+        self._status.update(extra)
+        self._status.update(status=status, step=int(step), message=message, updated=utc_now())
+        self._status.setdefault("started", self._status["updated"])
+        write_json(self.status_file, self._status)
+
+    def data_changes(self, fingerprint: dict[str, Any]) -> list[str]:
+        """Fields of the recorded data fingerprint that differ from ``fingerprint`` (none when
+        the run recorded none)."""
+        old = self.status.get("data_fingerprint")
+        if not isinstance(old, dict):
+            return []
+        return sorted(k for k in old.keys() | fingerprint.keys()
+                      if old.get(k) != fingerprint.get(k))
+
+    # -- metrics --------------------------------------------------------------------------------
+
+    @property
+    def metrics(self) -> list[dict[str, Any]]:
+        """Every logged row (a JSON object with an integer ``step``) of ``metrics.jsonl``; a line
+        cut short by a kill is skipped. Bytes that are not UTF-8 → :class:`RunFolderError`."""
+        return list(self._metric_rows())
+
+    def _metric_rows(self) -> Iterable[dict[str, Any]]:
+        try:
+            text = self.metrics_file.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            return
+        except OSError as exc:
+            raise RunFolderError(f"{self.metrics_file}: cannot read ({exc.strerror})") from None
+        except UnicodeDecodeError as exc:
+            raise RunFolderError(f"{self.metrics_file}: not UTF-8 text ({exc.reason} at byte "
+                                 f"{exc.start})") from None
+        for line in text.splitlines():
+            try:
+                row = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(row, dict) and isinstance(row.get("step"), int):
+                yield row
+
+    def metrics_writer(self) -> MetricsWriter:
+        return MetricsWriter(self.metrics_file)
+
+    def truncate_metrics(self, step: int) -> None:
+        """Drop rows after ``step`` (written by a run killed after its last checkpoint)."""
+        if not self.metrics_file.is_file():
+            return
+        keep = [json.dumps(r) + "\n" for r in self._metric_rows() if r["step"] <= step]
+        tmp = self.metrics_file.with_name(f".{METRICS_FILE}.tmp-{os.getpid()}")
+        tmp.write_text("".join(keep), encoding="utf-8")
+        os.replace(tmp, self.metrics_file)
+
+    # -- checkpoints and weights ----------------------------------------------------------------
+
+    def checkpoint_path(self, step: int) -> Path:
+        return self.checkpoints / f"step-{step}"
+
+    def checkpoint_list(self) -> list[tuple[int, Path]]:
+        """Complete checkpoints ``(step, folder)``, oldest first."""
+        if not self.checkpoints.is_dir():
+            return []
+        found = []
+        for p in self.checkpoints.iterdir():
+            m = _STEP_DIR.match(p.name)
+            if m and (p / CHECKPOINT_STATE).is_file():
+                found.append((int(m.group(1)), p))
+        return sorted(found)
+
+    @property
+    def latest_checkpoint(self) -> Path | None:
+        found = self.checkpoint_list()
+        return found[-1][1] if found else None
+
+    @property
+    def final_model(self) -> Path | None:
+        """The run's root when it holds final weights (a ``GPT.save`` folder), else None."""
+        ok = self.model_file.is_file() and (self.path / MODEL_CONFIG_FILE).is_file()
+        return self.path if ok else None
+
+    def remove_final_model(self) -> None:
+        """Delete the root weights (a run being extended: they are no longer its newest state)."""
+        for name in (MODEL_CONFIG_FILE, MODEL_FILE):
+            (self.path / name).unlink(missing_ok=True)
+
+    def newest_model(self) -> tuple[Path, int | None, str] | None:
+        """``(folder, step, what)`` of the newest weights: the final model of a finished run,
+        else the latest checkpoint, else root weights of unknown step; None when there are none."""
+        status = self.status
+        ckpts = self.checkpoint_list()
+        final = self.final_model
+        step = status.get("step") if isinstance(status.get("step"), int) else None
+        if final and status.get("status") == "finished" and (
+                not ckpts or step is None or step >= ckpts[-1][0]):
+            return final, step, "final model"
+        if ckpts:
+            n, folder = ckpts[-1]
+            return folder, n, f"{CHECKPOINTS_DIR}/{folder.name}"
+        if final:
+            return final, step, "final model"
+        return None
+
+    # -- the lock -------------------------------------------------------------------------------
+
+    def lock(self, purpose: str) -> RunLock:
+        """Take the folder's exclusive lock (→ :class:`RunInUseError` if a live process holds
+        it). Use as a context manager or call ``release()``; ``purpose`` (e.g. ``outlierlab
+        train``) is shown to whoever is refused."""
+        return RunLock(self, purpose).acquire()
+
+    def lock_holder(self) -> dict[str, Any] | None:
+        """Who holds the lock now (``pid``, ``host``, ``purpose``, ``started``), or None."""
+        return RunLock(self, "").holder()
+
+
+class MetricsWriter:
+    """Appends one JSON object per line to ``metrics.jsonl`` (flushed at once)."""
+
+    def __init__(self, path: Path) -> None:
+        self._f = open(path, "a", buffering=1, encoding="utf-8")  # noqa: SIM115 (close())
+
+    def write(self, row: dict[str, Any]) -> None:
+        self._f.write(json.dumps(json_safe(row)) + "\n")
+
+    def close(self) -> None:
+        self._f.close()
+
+
+class RunLock:
+    """``RUN/.lock``: an exclusive ``flock`` on the file, which holds the holder's pid, host,
+    purpose and start time. The kernel drops a ``flock`` when its process dies (even by
+    SIGKILL), so a stale file (a dead pid) is simply taken over. Where ``flock`` is not
+    supported (some network filesystems) the pid in the file decides: a live pid on this host,
+    or any pid on another host, holds the folder."""
+
+    def __init__(self, run: RunFolder, purpose: str) -> None:
+        self.run, self.purpose = run, purpose
+        self.path = run.lock_file
+        self._fd: int | None = None
+        self._created = False
+        self.previous: dict[str, Any] | None = None
+        """The stale holder taken over, if any."""
+
+    def __enter__(self) -> RunLock:
+        return self if self._fd is not None else self.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+    def acquire(self) -> RunLock:
+        self._created = not self.run.path.exists()
+        self.run.path.mkdir(parents=True, exist_ok=True)
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                if not _flock(fd, exclusive=True):
+                    raise RunInUseError(self._refusal(_read_holder(fd)))
+                self.previous = _read_holder(fd)
+                if _flock_unsupported(fd) and _alive_elsewhere(self.previous):
+                    raise RunInUseError(self._refusal(self.previous))
+                try:  # a releaser may have unlinked the file we locked: lock the new one
+                    if os.stat(self.path).st_ino == os.fstat(fd).st_ino:
+                        break
+                except FileNotFoundError:
+                    pass
+            except BaseException:
+                os.close(fd)
+                raise
+            os.close(fd)
+        info = {"pid": os.getpid(), "host": socket.gethostname(), "purpose": self.purpose,
+                "started": utc_now()}
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, (json.dumps(info) + "\n").encode(), 0)
+        self._fd = fd
+        return self
+
+    def release(self) -> None:
+        """Remove the lock file (while still holding it) and drop the lock; a folder the lock
+        created and nothing else filled is removed too."""
+        if self._fd is None:
+            return
+        try:
+            self.path.unlink(missing_ok=True)
+        finally:
+            os.close(self._fd)
+            self._fd = None
+        if self._created:
+            with contextlib.suppress(OSError):
+                self.run.path.rmdir()  # only when empty
+
+    def holder(self) -> dict[str, Any] | None:
+        try:
+            fd = os.open(self.path, os.O_RDWR)
+        except OSError:
+            return None
+        try:
+            if _flock(fd, exclusive=True):  # free: nobody holds it (a stale file at most)
+                info = _read_holder(fd)
+                return info if _flock_unsupported(fd) and _alive_elsewhere(info) else None
+            return _read_holder(fd) or {}
+        finally:
+            os.close(fd)  # closing drops a lock taken just to test
+
+    def _refusal(self, info: dict[str, Any] | None) -> str:
+        info = info or {}
+        who = f"pid {info.get('pid', '?')}"
+        if info.get("host") and info["host"] != socket.gethostname():
+            who += f" on {info['host']}"
+        what = ", ".join(str(info[k]) for k in ("purpose", "started") if info.get(k))
+        return (f"{self.run.path} is in use by {who}" + (f" ({what})" if what else "")
+                + "; wait for it to end or stop it, then retry")
+
+
+_NO_FLOCK: set[int] = set()  # fds whose filesystem refused flock
+
+
+def _flock(fd: int, exclusive: bool) -> bool:
+    """Try a non-blocking flock: True when taken (or when the filesystem has none)."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: fall back to the pid in the file
+        _NO_FLOCK.add(fd)
+        return True
+    try:
+        fcntl.flock(fd, (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB)
+        _NO_FLOCK.discard(fd)
+        return True
+    except BlockingIOError:
+        return False
+    except OSError:  # ENOLCK, EOPNOTSUPP...: no flock on this filesystem
+        _NO_FLOCK.add(fd)
+        return True
+
+
+def _flock_unsupported(fd: int) -> bool:
+    return fd in _NO_FLOCK
+
+
+def _read_holder(fd: int) -> dict[str, Any] | None:
+    try:
+        data = json.loads(os.pread(fd, 4096, 0).decode("utf-8", "replace") or "null")
+    except ValueError:
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _alive_elsewhere(info: dict[str, Any] | None) -> bool:
+    """A holder that is another live process (or on another host: cannot tell, assume so)."""
+    if not info or not isinstance(info.get("pid"), int):
+        return False
+    if info.get("host") != socket.gethostname():
+        return True
+    if info["pid"] == os.getpid():
+        return False
+    try:
+        os.kill(info["pid"], 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def find_runs(paths: Iterable[str | os.PathLike], depth: int = 3) -> list[RunFolder]:
+    """The run folders among ``paths``: a path that is a run, else the runs found under it up
+    to ``depth`` levels down (a sweep folder, a folder of sweeps); other folders (reports,
+    logs) are skipped. Sorted by path within each argument, without repeats."""
+    found: list[RunFolder] = []
+    seen: set[Path] = set()
+
+    def walk(folder: Path, levels: int) -> None:
+        run = RunFolder(folder)
+        if run.is_run:
+            key = folder.resolve()
+            if key not in seen:
+                seen.add(key)
+                found.append(run)
+            return
+        if levels == 0:
+            return
+        try:
+            children = sorted(p for p in folder.iterdir()
+                              if p.is_dir() and not p.name.startswith("."))
+        except OSError:
+            return
+        for child in children:
+            walk(child, levels - 1)
+
+    for p in map(Path, paths):
+        if p.is_dir():
+            walk(p, depth)
+    return found
