@@ -80,11 +80,11 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> LoadedMo
         if (path / CONFIG_FILE).is_file():  # a saved GPT folder, or RUN/checkpoints/step-N
             owner = RunFolder.of_checkpoint(path)
             step = int(path.name.split("-")[1]) if owner else None
-            what = f"checkpoints/{path.name}" if owner else "saved model"
+            what = f"{owner.checkpoints.name}/{path.name}" if owner else "saved model"
             return _load_outlierlab(path, step, what, owner, device)
     except RunFolderError as exc:
         raise ModelLoadError(str(exc)) from None
-    if (path / "config.json").is_file():
+    if run.config_file.is_file():  # not a run's config: a Hugging Face one (model_type)
         from outlierlab import hf
 
         model, tok, seq_len = hf.load(path, device)

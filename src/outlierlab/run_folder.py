@@ -407,7 +407,9 @@ class RunLock:
         who = f"pid {info.get('pid', '?')}"
         if info.get("host") and info["host"] != socket.gethostname():
             who += f" on {info['host']}"
-        what = ", ".join(str(info[k]) for k in ("purpose", "started") if info.get(k))
+        what = ", ".join(
+            f"{'started ' if k == 'started' else ''}{info[k]}"
+            for k in ("purpose", "started") if info.get(k))
         return (f"{self.run.path} is in use by {who}" + (f" ({what})" if what else "")
                 + "; wait for it to end or stop it, then retry")
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 
 from outlierlab.cli import main
-from synthetic_runs import write_run
+from run_fixtures import write_run
 
 
 def test_reproduce_reports_the_grid_without_retraining(tmp_path, capsys):

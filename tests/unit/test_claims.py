@@ -8,7 +8,7 @@ import pytest
 
 from outlierlab.experiments import claims as C
 from outlierlab.experiments.results import load_run, load_runs
-from synthetic_runs import write_run
+from run_fixtures import write_run
 
 
 def test_rankdata_and_spearman_by_hand():

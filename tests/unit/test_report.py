@@ -6,7 +6,7 @@ import json
 from html.parser import HTMLParser
 
 from outlierlab.cli import main
-from synthetic_runs import write_run
+from run_fixtures import write_run
 
 PNG = b"\x89PNG\r\n\x1a\n"
 

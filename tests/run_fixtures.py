@@ -1,5 +1,6 @@
-"""Test fixture: synthetic run folders written through :class:`~outlierlab.run_folder.RunFolder`
-without training, for tests of the claims, the report and run listings.
+"""Run-folder test fixtures: synthetic run folders written through
+:class:`~outlierlab.run_folder.RunFolder` without training (for the claims, the report and run
+listings), and another process holding a run folder's lock.
 
 Per-layer kurtosis rises from 1 towards ``kurt`` along a smooth curve, loss falls towards
 ``val_loss``; everything is deterministic in the arguments.
@@ -7,6 +8,9 @@ Per-layer kurtosis rises from 1 towards ``kurt`` along a smooth curve, loss fall
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -66,3 +70,24 @@ def write_run(path: str | Path, *, arch: str = "pre-ln", optimizer: str = "adamw
         write_json(run.quant_file(scheme),
                    {"scheme": scheme, "fp_ppl": fp, "quant_ppl": q, "layers": []})
     return run.path
+
+
+_HOLD = ("import sys, time\nfrom outlierlab.run_folder import RunFolder\n"
+         "lock = RunFolder(sys.argv[1]).lock('outlierlab test-holder')\n"
+         "print('held', flush=True)\ntime.sleep(120)\n")
+
+
+def hold_lock(path: str | Path) -> subprocess.Popen:
+    """Another process holding the lock of run folder ``path`` (until it is killed)."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    proc = subprocess.Popen([sys.executable, "-c", _HOLD, str(path)], stdout=subprocess.PIPE,
+                            text=True, env=env)
+    assert proc.stdout.readline().strip() == "held"
+    return proc
+
+
+def dead_pid() -> int:
+    """The pid of a process that has ended."""
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
