@@ -39,7 +39,7 @@ def test_second_train_on_a_running_folder_is_refused_and_a_killed_holder_blocks_
         wait_for(lambda: run.latest_checkpoint is not None, a)
         config_before = run.config_file.read_bytes()
         for args in ([*common, "train.steps=40", "model.n_layer=3", f"out={out}"],
-                     ["train", "--resume", str(out), "--quiet"][1:]):
+                     ["--resume", str(out), "--quiet"]):
             b = outlierlab("train", *args)
             err = b.stderr.strip().splitlines()
             assert b.returncode == 2, b.stderr
