@@ -32,6 +32,7 @@ from torch import nn
 
 from outlierlab import metrics as M
 from outlierlab.errors import ConfigError
+from outlierlab.run_folder import json_safe
 
 
 class _Point:
@@ -365,13 +366,3 @@ class OutlierMonitor:
     def to_json(self, indent: int | None = 2) -> str:
         """:meth:`to_dict` as a JSON string."""
         return json.dumps(self.to_dict(), indent=indent)
-
-
-def json_safe(obj: Any) -> Any:
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    if isinstance(obj, dict):
-        return {k: json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [json_safe(v) for v in obj]
-    return obj

@@ -37,13 +37,6 @@ def tmp_name(path: Path) -> Path:
     return path.with_name(f".{path.name}.{os.getpid()}.tmp")
 
 
-def write_json(path: Path, obj: dict) -> None:
-    """Write ``obj`` as JSON atomically (temporary file + ``os.replace``)."""
-    tmp = tmp_name(path)
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def read_meta(folder: Path) -> dict | None:
     """``meta.json`` of a complete cache folder, or ``None`` (missing or unreadable)."""
     try:

@@ -30,6 +30,7 @@ from outlierlab.data.tokenizer import (
     train_bpe,
 )
 from outlierlab.errors import DataError
+from outlierlab.run_folder import write_json
 
 ENCODE_CHUNK = 64  # documents per encode_batch call
 
@@ -263,7 +264,7 @@ def prepare(cfg: DataConfig | None = None, *, progress: bool = True) -> Prepared
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "python_executable": sys.executable,
         }
-        cache.write_json(folder / cache.META_FILE, meta)
+        write_json(folder / cache.META_FILE, meta)
     loaded = _load(folder, fp, tok, built=True)
     assert loaded is not None, "cache folder just written does not load"
     return loaded
