@@ -350,15 +350,17 @@ class RunLock:
 
     def acquire(self) -> RunLock:
         self._created = not self.run.path.exists()
-        self.run.path.mkdir(parents=True, exist_ok=True)
         while True:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
             try:
-                if not _flock(fd, exclusive=True):
-                    raise RunInUseError(self._refusal(_read_holder(fd)))
-                self.previous = _read_holder(fd)
-                if _flock_unsupported(fd) and _alive_elsewhere(self.previous):
-                    raise RunInUseError(self._refusal(self.previous))
+                self.run.path.mkdir(parents=True, exist_ok=True)
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            except OSError as exc:
+                raise RunFolderError(f"cannot write the run folder {self.run.path} "
+                                     f"({exc.strerror or exc}); choose a writable folder") from None
+            try:
+                if _holds(_try_flock(fd), info := _read_holder(fd)):
+                    raise RunInUseError(self._refusal(info))
+                self.previous = info
                 try:  # a releaser may have unlinked the file we locked: lock the new one
                     if os.stat(self.path).st_ino == os.fstat(fd).st_ino:
                         break
@@ -395,10 +397,8 @@ class RunLock:
         except OSError:
             return None
         try:
-            if _flock(fd, exclusive=True):  # free: nobody holds it (a stale file at most)
-                info = _read_holder(fd)
-                return info if _flock_unsupported(fd) and _alive_elsewhere(info) else None
-            return _read_holder(fd) or {}
+            state, info = _try_flock(fd), _read_holder(fd)
+            return (info or {}) if _holds(state, info) else None
         finally:
             os.close(fd)  # closing drops a lock taken just to test
 
@@ -414,29 +414,26 @@ class RunLock:
                 + "; wait for it to end or stop it, then retry")
 
 
-_NO_FLOCK: set[int] = set()  # fds whose filesystem refused flock
-
-
-def _flock(fd: int, exclusive: bool) -> bool:
-    """Try a non-blocking flock: True when taken (or when the filesystem has none)."""
+def _try_flock(fd: int) -> str:
+    """A non-blocking exclusive flock: ``taken``, ``held`` (by another open file, another
+    process) or ``unsupported`` (not POSIX, or a filesystem without flock)."""
     try:
         import fcntl
-    except ImportError:  # not POSIX: fall back to the pid in the file
-        _NO_FLOCK.add(fd)
-        return True
+    except ImportError:
+        return "unsupported"
     try:
-        fcntl.flock(fd, (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB)
-        _NO_FLOCK.discard(fd)
-        return True
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
-        return False
-    except OSError:  # ENOLCK, EOPNOTSUPP...: no flock on this filesystem
-        _NO_FLOCK.add(fd)
-        return True
+        return "held"
+    except OSError:  # ENOLCK, EOPNOTSUPP, ...
+        return "unsupported"
+    return "taken"
 
 
-def _flock_unsupported(fd: int) -> bool:
-    return fd in _NO_FLOCK
+def _holds(state: str, info: dict[str, Any] | None) -> bool:
+    """Whether someone else holds the lock: the flock says so, or, without flock, the pid in the
+    file is another live process."""
+    return state == "held" or (state == "unsupported" and _alive_elsewhere(info))
 
 
 def _read_holder(fd: int) -> dict[str, Any] | None:

@@ -151,3 +151,32 @@ def test_quantize_save_waits_for_nobody(tmp_path, capsys):
     finally:
         holder.kill()
         holder.wait()
+
+
+def test_without_flock_the_pid_in_the_file_decides(tmp_path, monkeypatch):
+    """Filesystems without flock (some NFS): a live pid on this host holds the folder, a dead
+    one is taken over."""
+    import socket
+
+    from outlierlab import run_folder
+
+    monkeypatch.setattr(run_folder, "_try_flock", lambda fd: "unsupported")
+    run = RunFolder(tmp_path / "run")
+    run.path.mkdir()
+    for pid, held in ((os.getppid(), True), (dead_pid(), False)):
+        run.lock_file.write_text(json.dumps({"pid": pid, "host": socket.gethostname()}))
+        if held:
+            with pytest.raises(RunInUseError, match=f"in use by pid {pid}"):
+                run.lock("outlierlab train")
+            assert run.lock_holder()["pid"] == pid
+        else:
+            assert run.lock_holder() is None
+            with run.lock("outlierlab train") as lock:
+                assert lock.previous["pid"] == pid
+
+
+def test_unwritable_run_folder_is_one_line(tmp_path):
+    (tmp_path / "file").write_text("x")
+    for path in (tmp_path / "file", tmp_path / "file" / "run"):
+        with pytest.raises(RunFolderError, match=f"cannot write the run folder {path} "):
+            RunFolder(path).lock("outlierlab train")
