@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from outlierlab.config import RunConfig, changed_maths_fields
-from outlierlab.errors import CheckpointError, ConfigError, OutlierlabError
+from outlierlab.errors import CheckpointError, ConfigError, OutlierlabError, RunFolderError
 from outlierlab.optim import build_optimizer, lr_factor, set_lr
 from outlierlab.run_folder import RunFolder, utc_now
 from outlierlab.train import checkpoint as ckpt
@@ -384,7 +384,7 @@ def train(cfg: RunConfig, resume: bool = False, *, progress: bool = True,
         if d.is_main and lock is not None and run.status_file.exists():
             if isinstance(exc, KeyboardInterrupt):
                 run.set_status("interrupted", locals().get("step", 0), "KeyboardInterrupt")
-            elif not isinstance(exc, OutlierlabError):
+            elif not isinstance(exc, (ConfigError, CheckpointError, RunFolderError)):
                 msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
                 run.set_status("crashed", locals().get("step", 0), msg)
         raise
