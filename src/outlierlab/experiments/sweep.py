@@ -12,6 +12,7 @@ shared between runs but the output folder, so ``--dry-run``'s commands can go to
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shlex
 import subprocess
@@ -195,12 +196,9 @@ def run_sweep(grid: Grid, out: str | Path, *, workers: int = 1, threads: int | N
         if stop.is_set():
             o.status, o.message = _status(d), "not started: sweep interrupted"
             return o
-        holder = RunFolder(d).lock_holder()
-        if holder is not None:
-            o.status = "in use"
-            o.message = (f"skipped: in use by pid {holder.get('pid', '?')} "
-                         f"({holder.get('purpose', 'another process')})")
-            say(f"{tag}: {o.message}")
+        if busy := _in_use(d):
+            o.status, o.message = "in use", busy
+            say(f"{tag}: {busy}")
             return o
         if state in ("new", "resume"):
             say(f"{tag}: {'resuming' if state == 'resume' else 'training'} "
@@ -214,9 +212,7 @@ def run_sweep(grid: Grid, out: str | Path, *, workers: int = 1, threads: int | N
             if rc not in (0, 3) and o.status in ("finished", "diverged"):
                 o.status = "crashed"
             if o.status not in ("finished", "diverged"):
-                o.message = f"train exited {rc}; see {d / LOG_NAME}"
-                if rc == 2:  # refused (in use, bad input): its one-line reason
-                    o.message = _last_error(d / LOG_NAME) or o.message
+                o.message = _failure(rc, d / LOG_NAME)
             say(f"{tag}: {o.status} in {o.train_s:.0f} s")
         else:
             o.status = _status(d)
@@ -254,10 +250,21 @@ def run_sweep(grid: Grid, out: str | Path, *, workers: int = 1, threads: int | N
     return summary
 
 
-def _last_error(log: Path) -> str:
-    """The last ``outlierlab ...: error: ...`` line of a run's log, or ''."""
-    try:
-        lines = log.read_text(encoding="utf-8", errors="replace").splitlines()
-    except OSError:
+def _in_use(run_dir: Path) -> str:
+    """Why a point is skipped when another process holds its run folder, else ''."""
+    holder = RunFolder(run_dir).lock_holder()
+    if holder is None:
         return ""
-    return next((ln.strip() for ln in reversed(lines) if ": error: " in ln), "")
+    return (f"skipped: in use by pid {holder.get('pid', '?')} "
+            f"({holder.get('purpose', 'another process')})")
+
+
+def _failure(rc: int, log: Path) -> str:
+    """What a failed ``train`` said: its one-line error when refused (exit 2: in use, bad
+    input), else where its log is."""
+    lines = []
+    if rc == 2:
+        with contextlib.suppress(OSError):
+            lines = log.read_text(encoding="utf-8", errors="replace").splitlines()
+    error = next((ln.strip() for ln in reversed(lines) if ": error: " in ln), "")
+    return error or f"train exited {rc}; see {log}"
