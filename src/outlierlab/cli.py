@@ -38,13 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="outlierlab", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     for module in COMMANDS.values():
-        try:
-            mod = importlib.import_module(f"outlierlab.commands.{module}")
-        except ModuleNotFoundError as exc:
-            if exc.name == f"outlierlab.commands.{module}":
-                continue  # command not built yet
-            raise
-        mod.add_parser(sub)
+        importlib.import_module(f"outlierlab.commands.{module}").add_parser(sub)
     return parser
 
 

@@ -23,7 +23,3 @@ class ModelLoadError(OutlierlabError, ValueError):
 
 class CheckpointError(OutlierlabError):
     """A checkpoint that cannot be written, read or resumed from."""
-
-
-class DivergenceError(OutlierlabError):
-    """Training produced a non-finite loss or gradient."""
