@@ -82,3 +82,10 @@ def test_exit_codes_are_documented():
     section = doc[doc.index("exit code") :]
     for code in EXIT_CODES:
         assert f"`{code}`" in section, code
+
+
+def test_plain_text_drops_rest_markup_and_joins_lines():
+    from outlierlab.cli import plain_text
+
+    text = "Uses :mod:`outlierlab.commands`,\n  ``x = 1`` and :class:`~outlierlab.monitor.Mon`."
+    assert plain_text(text) == "Uses outlierlab.commands, x = 1 and Mon."
