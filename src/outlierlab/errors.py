@@ -4,6 +4,9 @@ exits with status 2."""
 
 from __future__ import annotations
 
+import errno
+from pathlib import Path
+
 
 class OutlierlabError(Exception):
     """Base of every error outlierlab raises on purpose."""
@@ -25,13 +28,40 @@ class CheckpointError(OutlierlabError):
     """A checkpoint that cannot be written, read or resumed from."""
 
 
-class DivergenceError(OutlierlabError):
-    """Training produced a non-finite loss or gradient."""
-
-
 class RunFolderError(OutlierlabError):
     """A run folder whose files cannot be read (malformed JSON, wrong types, bad bytes)."""
 
 
 class RunInUseError(RunFolderError):
     """A run folder locked by another live process (train, resume, quantize --save)."""
+
+
+# -- OSErrors about a path the user gave ------------------------------------------------------
+
+_PATH_ERRNOS = {
+    errno.EACCES: "permission denied",
+    errno.EPERM: "operation not permitted (immutable?)",
+    errno.EROFS: "read-only file system",
+    errno.ENOTDIR: "a part of this path is a file, not a folder",
+    errno.EISDIR: "is a folder, not a file",
+    errno.EEXIST: "already exists",
+    errno.ENOENT: "no such file or folder",
+    errno.ENOSPC: "no space left on the device",
+    errno.ENAMETOOLONG: "name too long",
+    errno.ELOOP: "too many levels of symbolic links",
+}
+
+
+def path_error(exc: OSError) -> str | None:
+    """One line for an ``OSError`` about a path the user gave (or one under it), or None for
+    any other ``OSError`` (a bug: let its traceback show)."""
+    if exc.filename is None or exc.errno not in _PATH_ERRNOS:
+        return None
+    names = " -> ".join(str(f) for f in (exc.filename, exc.filename2) if f is not None)
+    why = _PATH_ERRNOS[exc.errno]
+    if exc.errno == errno.ENOTDIR:  # name the file that stands where a folder should be
+        blocker = next((p for p in Path(exc.filename).parents if p.is_file()), None)
+        why = f"{blocker} is a file, not a folder" if blocker else why
+    elif exc.errno == errno.EEXIST and Path(exc.filename).is_file():  # mkdir on a file
+        why = f"{exc.filename} is a file, not a folder"
+    return f"cannot use {names}: {why}"

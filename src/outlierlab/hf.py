@@ -50,11 +50,6 @@ class Point:
     kind: str = "output"
 
 
-def is_hf_model(model: nn.Module) -> bool:
-    """True for a ``transformers`` model (checked without importing transformers)."""
-    return any(c.__module__.startswith("transformers.") for c in type(model).__mro__)
-
-
 def points(model: nn.Module) -> list[Point] | None:
     """Residual-stream points of a known HF family, in model order; None when unknown."""
     cfg = getattr(model, "config", None)
@@ -86,8 +81,8 @@ def residual_points(model: nn.Module) -> dict[str, nn.Module] | None:
 # --- loading ---------------------------------------------------------------------------------
 
 
-class HFTokenizer:
-    """An HF tokenizer behind outlierlab's tokenizer protocol (``encode``, ``decode``,
+class TransformersTokenizer:
+    """A ``transformers`` tokenizer behind outlierlab's tokenizer protocol (``encode``, ``decode``,
     ``vocab_size``, ``eot_id``, ``save``)."""
 
     def __init__(self, tok: Any):
@@ -109,22 +104,10 @@ class HFTokenizer:
 WEIGHT_FILES = ("*.safetensors", "pytorch_model.bin", "pytorch_model-*.bin")
 
 
-def is_hf_folder(path: Path) -> bool:
-    cfg = path / "config.json"
-    if not cfg.is_file():
-        return False
-    import json
-
-    try:
-        return "model_type" in json.loads(cfg.read_text())
-    except (ValueError, OSError):
-        return False
-
-
 def load(path: str | Path, device: str | torch.device = "cpu"):
     """Load a local HF folder offline (``local_files_only=True``, ``trust_remote_code=False``).
 
-    Returns ``(model in eval mode, HFTokenizer, max context or None)``.
+    Returns ``(model in eval mode, TransformersTokenizer, max context or None)``.
     """
     path = Path(path)
     if not any(next(path.glob(p), None) for p in WEIGHT_FILES):
@@ -183,7 +166,7 @@ def _load(transformers: Any, path: Path, device: str | torch.device):
         if isinstance(getattr(cfg, key, None), int):
             seq_len = getattr(cfg, key)
             break
-    return model, HFTokenizer(tok), seq_len
+    return model, TransformersTokenizer(tok), seq_len
 
 
 def logits(model: nn.Module, idx: torch.Tensor) -> torch.Tensor:

@@ -10,7 +10,7 @@ names and module names (``["blocks.*.resid_post"]``, ``["transformer.h.*.mlp"]``
 within one dotted component, ``**`` crosses them (:func:`glob_regex`).
 
 Per measured forward and point the hook (under ``no_grad``, on a detached tensor, no ``.item()``)
-adds to a :class:`~outlierlab.metrics.StatsAccumulator`: per-neuron Σx² over all non-padding
+adds to a :class:`~outlierlab.stats.StatsAccumulator`: per-neuron Σx² over all non-padding
 tokens (Eq. 1, exact for any number of forwards), Eq. 2 on a seeded subsample of at most
 ``mmr_max_tokens`` tokens (``None``: all, exact), and the mean off-diagonal token cosine
 similarity on a seeded subsample of at most ``cos_max_tokens`` tokens (the unit rows summed as
@@ -30,9 +30,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from outlierlab import metrics as M
 from outlierlab.errors import ConfigError
+from outlierlab.metrics import OUTLIER_K
 from outlierlab.run_folder import json_safe
+from outlierlab.stats import StatsAccumulator, offdiag_cosine_fast
 
 
 class _Point:
@@ -168,7 +169,7 @@ class OutlierMonitor:
         cos_max_tokens: int | None = 1024,
         seed: int = 0,
         mmr_max_tokens: int | None = 256,
-        k: float = M.OUTLIER_K,
+        k: float = OUTLIER_K,
         extras: bool = False,
     ):
         if not isinstance(every, int) or every < 1:
@@ -181,7 +182,7 @@ class OutlierMonitor:
         self.extras = extras
         self.points = resolve_points(model, points)
         self.enabled = True
-        self._acc: dict[str, M.StatsAccumulator] = {}
+        self._acc: dict[str, StatsAccumulator] = {}
         self._handles: list[Any] = []
         self._calls = 0  # forward calls of the root
         self._measured = 0  # measured forward calls (seeds the subsamples)
@@ -287,7 +288,7 @@ class OutlierMonitor:
                 rows = rows[mask.reshape(-1).to(device=rows.device, dtype=torch.bool)]
             acc = self._acc.get(name)
             if acc is None:
-                acc = M.StatsAccumulator(d, device=x.device, extras=self.extras)
+                acc = StatsAccumulator(d, device=x.device, extras=self.extras)
                 self._acc[name] = acc
             n = rows.shape[0]
             mmr_n, cos_n = self.mmr_max_tokens, self.cos_max_tokens
@@ -300,7 +301,7 @@ class OutlierMonitor:
                 self._perms[(n, rows.device)] = perm
             acc.update(rows, mmr_index=perm[:mmr_n] if sub_mmr else None)
             if n >= 2:
-                cos = M.offdiag_cosine(rows, fast=True, index=perm[:cos_n] if sub_cos else None)
+                cos = offdiag_cosine_fast(rows, perm[:cos_n] if sub_cos else None)
                 acc.add_cos(cos, valid=True)
 
     # -- control ------------------------------------------------------------------------------

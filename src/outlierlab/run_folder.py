@@ -23,7 +23,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from outlierlab.errors import RunFolderError, RunInUseError
+from outlierlab.errors import RunFolderError, RunInUseError, path_error
 
 CONFIG_FILE = "config.json"
 STATUS_FILE = "status.json"
@@ -355,8 +355,9 @@ class RunLock:
                 self.run.path.mkdir(parents=True, exist_ok=True)
                 fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
             except OSError as exc:
-                raise RunFolderError(f"cannot write the run folder {self.run.path} "
-                                     f"({exc.strerror or exc}); choose a writable folder") from None
+                why = path_error(exc) or exc.strerror or str(exc)
+                raise RunFolderError(f"cannot write the run folder {self.run.path} ({why}); "
+                                     "choose a writable folder") from None
             try:
                 if _holds(_try_flock(fd), info := _read_holder(fd)):
                     raise RunInUseError(self._refusal(info))

@@ -11,6 +11,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from outlierlab import metrics as M
+from outlierlab.stats import StatsAccumulator
 
 
 def _data():
@@ -25,7 +26,7 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
         "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world
     )
     try:
-        acc = M.StatsAccumulator(32).update(_data()[rank])
+        acc = StatsAccumulator(32).update(_data()[rank])
         acc.add_cos(0.2 * (rank + 1))
         acc.all_reduce()
         with open(f"{out}.{rank}", "w") as f:

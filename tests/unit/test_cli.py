@@ -44,3 +44,48 @@ def test_stray_argument_after_overrides_exits_2(capsys):
         main(["train", "a.b=1", "--quiet", "stray"])
     assert exc.value.code == 2
     assert "unrecognized arguments: stray" in capsys.readouterr().err
+
+
+def _all_parsers(parser, prefix=()):
+    """(argv prefix, parser) for the top parser and every (nested) sub-command."""
+    import argparse
+
+    yield prefix, parser
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                yield from _all_parsers(sub, (*prefix, name))
+
+
+def test_every_help_text_is_plain_whole_sentences(capsys):
+    from outlierlab.cli import build_parser
+
+    parsers = list(_all_parsers(build_parser()))
+    assert len(parsers) >= 10  # outlierlab, 8 commands, data prepare
+    for argv, parser in parsers:
+        with pytest.raises(SystemExit) as exc:
+            main([*argv, "--help"])
+        assert exc.value.code == 0
+        out = capsys.readouterr().out
+        for markup in (":mod:", ":func:", ":class:", ":data:", "`"):
+            assert markup not in out, (argv, markup)
+        text = parser.description
+        assert text and text[0].isupper() and text.endswith("."), (argv, text)
+
+
+def test_exit_codes_are_documented():
+    from pathlib import Path
+
+    from outlierlab.cli import EXIT_CODES
+
+    doc = (Path(__file__).parents[2] / "docs" / "ARCHITECTURE.md").read_text()
+    section = doc[doc.index("exit code") :]
+    for code in EXIT_CODES:
+        assert f"`{code}`" in section, code
+
+
+def test_plain_text_drops_rest_markup_and_joins_lines():
+    from outlierlab.cli import plain_text
+
+    text = "Uses :mod:`outlierlab.commands`,\n  ``x = 1`` and :class:`~outlierlab.monitor.Mon`."
+    assert plain_text(text) == "Uses outlierlab.commands, x = 1 and Mon."

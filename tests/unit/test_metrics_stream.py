@@ -12,6 +12,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from outlierlab import metrics as M
+from outlierlab import stats as S
+from outlierlab.stats import StatsAccumulator
 
 KEYS = ("kurtosis", "kurtosis_centred", "mmr", "token_excess_kurtosis", "share_above_6")
 
@@ -47,7 +49,7 @@ def planted(n=200, d=48, seed=0):
 @given(st.lists(st.integers(1, 199), max_size=8, unique=True))
 def test_any_split_equals_one_shot(cuts):
     x = planted()
-    acc = M.StatsAccumulator(48)
+    acc = StatsAccumulator(48)
     bounds = [0, *sorted(cuts), 200]
     for a, b in itertools.pairwise(bounds):
         acc.update(x[a:b])
@@ -56,8 +58,8 @@ def test_any_split_equals_one_shot(cuts):
 
 def test_merge_equals_one_shot_and_shapes_are_free():
     x = planted().reshape(4, 50, 48)  # (..., d) input
-    a = M.StatsAccumulator(48).update(x[:1])
-    b = M.StatsAccumulator(48).update(x[1:])
+    a = StatsAccumulator(48).update(x[:1])
+    b = StatsAccumulator(48).update(x[1:])
     assert_same(a.merge(b).result(), one_shot(x))
     assert a.result()["outlier_neurons"] == [3, 30]
 
@@ -67,13 +69,13 @@ def test_mask_drops_padding():
     mask = torch.ones(10, 20, dtype=torch.long)
     mask[:, 15:] = 0
     x[:, 15:] = 1e4  # garbage in padded positions must not count
-    res = M.StatsAccumulator(48).update(x, mask).result()
+    res = StatsAccumulator(48).update(x, mask).result()
     assert_same(res, one_shot(x[:, :15]))
 
 
 def test_mmr_subsample_is_a_subset_estimate():
     x = planted(n=2000)
-    res = M.StatsAccumulator(48).update(x, mmr_max_tokens=300, seed=1).result()
+    res = StatsAccumulator(48).update(x, mmr_max_tokens=300, seed=1).result()
     assert res["tokens"] == 2000
     assert res["kurtosis"] == pytest.approx(M.kurtosis(x), rel=1e-10)
     assert res["mmr"] == pytest.approx(M.max_median_ratio(x), rel=0.1)
@@ -81,7 +83,7 @@ def test_mmr_subsample_is_a_subset_estimate():
 
 
 def test_cos_average_and_empty_results():
-    acc = M.StatsAccumulator(4)
+    acc = StatsAccumulator(4)
     r = acc.result()
     assert r["tokens"] == 0 and math.isnan(r["kurtosis"]) and r["outlier_neurons"] == []
     acc.add_cos(0.5)
@@ -94,14 +96,59 @@ def test_cos_average_and_empty_results():
 
 def test_update_is_float64_exact_for_half_inputs():
     x = planted().to(torch.bfloat16)
-    res = M.StatsAccumulator(48).update(x).result()
+    res = StatsAccumulator(48).update(x).result()
     s2 = (x.double().numpy() ** 2).mean(0)
     assert res["kurtosis"] == pytest.approx((s2**2).mean() / s2.mean() ** 2, rel=1e-12)
 
 
 def test_width_mismatch_rejected():
     with pytest.raises(ValueError, match="width"):
-        M.StatsAccumulator(4).update(torch.zeros(2, 5))
+        StatsAccumulator(4).update(torch.zeros(2, 5))
     with pytest.raises(ValueError, match="merge"):
-        M.StatsAccumulator(4).merge(M.StatsAccumulator(5))
-    assert np.isfinite(M.StatsAccumulator(4).update(torch.ones(2, 4)).result()["kurtosis"])
+        StatsAccumulator(4).merge(StatsAccumulator(5))
+    assert np.isfinite(StatsAccumulator(4).update(torch.ones(2, 4)).result()["kurtosis"])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_fast_cosine_matches_numpy_with_zero_rows_index_and_chunks(dtype, monkeypatch):
+    g = np.random.default_rng(1)
+    x = g.standard_normal((300, 24)) + 0.5
+    x[[3, 100, 250]] = 0.0  # zero rows count as cosine 0 with every other row
+    t = torch.tensor(x).to(dtype)
+    ref = t.double().numpy()
+
+    def np_cos(r):  # as the module's reference, with cos(0, ·) = 0
+        norm = np.linalg.norm(r, axis=1, keepdims=True)
+        u = np.divide(r, norm, out=np.zeros_like(r), where=norm > 0)
+        gram = u @ u.T
+        return (gram.sum() - np.trace(gram)) / (len(r) * (len(r) - 1))
+
+    tol = dict(rel=1e-5, abs=1e-7)
+    assert float(S.offdiag_cosine_fast(t)) == pytest.approx(np_cos(ref), **tol)
+    idx = torch.tensor(g.permutation(300)[:120])
+    assert float(S.offdiag_cosine_fast(t, idx)) == pytest.approx(
+        np_cos(ref[idx.numpy()]), **tol
+    )
+    monkeypatch.setattr(S, "_CHUNK", 24 * 7)  # 7 rows per chunk: the chunked sums agree
+    assert float(S.offdiag_cosine_fast(t)) == pytest.approx(np_cos(ref), **tol)
+    assert float(S.offdiag_cosine_fast(t, idx)) == pytest.approx(
+        np_cos(ref[idx.numpy()]), **tol
+    )
+
+
+def test_chunked_mmr_sum_equals_one_shot(monkeypatch):
+    x = planted(n=300)
+    idx = torch.randperm(300, generator=torch.Generator().manual_seed(2))[:120]
+    ref, ref_idx = M.token_mmr(x).sum(), M.token_mmr(x[idx]).sum()
+    monkeypatch.setattr(S, "_CHUNK", 48 * 7)  # 7 rows per chunk
+    assert float(S.mmr_sum(x)) == pytest.approx(float(ref), rel=1e-12)
+    assert float(S.mmr_sum(x, idx)) == pytest.approx(float(ref_idx), rel=1e-12)
+
+
+def test_named_sums_are_views_of_one_flat_state():
+    acc = StatsAccumulator(4).update(torch.ones(3, 4))
+    acc.add_cos(0.5, valid=True)
+    acc.all_reduce()  # flushes the host-side counts (no process group: no-op otherwise)
+    s = acc.sums
+    assert s.tokens.item() == 3 and s.sq.tolist() == [3.0] * 4 and s.cos_count.item() == 1
+    assert s.sq.data_ptr() == acc.state.data_ptr() and acc.state.numel() == 2 * 4 + 7

@@ -339,3 +339,23 @@ def test_rotary_logits_depend_on_relative_position_only():
         diag = logits.diagonal(offset)
         torch.testing.assert_close(diag, diag[:1].expand_as(diag), rtol=1e-4, atol=1e-5)
     assert (logits.diagonal(0)[0] - logits.diagonal(-3)[0]).abs() > 1e-4  # positions matter
+
+
+def test_load_checks_shapes_before_allocating(tmp_path):
+    """A tampered model_config.json asking for ~100 GB fails fast, naming a tensor, before the
+    model is built (issue 16 item 7): shapes come from the safetensors header."""
+    import resource
+    import time
+
+    folder = tmp_path / "m"
+    tiny("pre-ln").save(folder)
+    _rewrite_config(folder, d_model=32768, n_head=2, d_mlp=4 * 32768, n_layer=2)
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    start = time.perf_counter()
+    match = r"size mismatch for tensor \w+\.weight: the file has \[\d+, 32\], model_config"
+    with pytest.raises(ModelLoadError, match=match) as info:
+        GPT.load(folder)
+    assert time.perf_counter() - start < 5.0
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss < 512 * 1024
+    assert "model_config.json asks for [16, 32768]" in str(info.value)  # pos_emb: first in order
+    assert "\n" not in str(info.value)

@@ -12,6 +12,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from outlierlab.cli import output_file
 from outlierlab.errors import ConfigError, DataError
 from outlierlab.run_folder import RunFolder, write_json
 
@@ -46,7 +47,9 @@ def add_parser(subparsers: Any) -> None:
         help=f"measure at most this many tokens (default {DEFAULT_MAX_TOKENS})",
     )
     p.add_argument("--batch-size", type=int, default=8, help="windows per forward (default 8)")
-    p.add_argument("--json", metavar="OUT", help="also write the results as JSON to OUT")
+    p.add_argument(
+        "--json", metavar="OUT", type=output_file, help="also write the results as JSON to OUT"
+    )
     p.add_argument(
         "--points",
         nargs="+",

@@ -13,6 +13,7 @@ import contextlib
 from pathlib import Path
 from typing import Any
 
+from outlierlab.cli import output_file
 from outlierlab.errors import ConfigError, DataError, ModelLoadError
 from outlierlab.run_folder import RunFolder, write_json
 
@@ -62,10 +63,11 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--stats-windows", type=int, default=16, help="windows for the layer table")
     p.add_argument("--device", default="cpu")
     p.add_argument("--seed", type=int, default=0, help="seed of the calibration batch sampler")
-    p.add_argument("--json", metavar="OUT", help="write the result as JSON here")
+    p.add_argument("--json", metavar="OUT", type=output_file, help="write the result as JSON here")
     p.add_argument(
         "--save",
         metavar="PATH",
+        type=output_file,
         help="result JSON (default for run folders: RUN_DIR/quant/<scheme>.json)",
     )
     p.add_argument("--no-save", action="store_true", help="do not write RUN_DIR/quant/")

@@ -5,14 +5,18 @@ from __future__ import annotations
 
 import argparse
 
+from outlierlab.cli import output_dir
+
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "report", help="HTML + Markdown report (figures, table, claims) of run folders",
-        description=__doc__.splitlines()[0])
+        description="Figures, the results table and the paper's claims (SPEC §5) of run folders, "
+        "as one self-contained HTML page and Markdown.")
     p.add_argument("runs", nargs="+", metavar="RUN_DIR",
                    help="run folders, or a sweep folder holding them")
-    p.add_argument("--out", required=True, metavar="DIR", help="where the report goes")
+    p.add_argument("--out", required=True, metavar="DIR", type=output_dir,
+                   help="where the report goes")
     p.add_argument("--title", default="", help="page title")
     p.add_argument("--loss-tol", type=float, default=0.05,
                    help="relative val-loss gap still counted as 'matched loss' (default 0.05)")

@@ -12,7 +12,8 @@ from outlierlab.commands.sweep import add_sweep_args
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "reproduce", help="train, quantise and report a preset grid (the README's main job)",
-        description=__doc__.splitlines()[0])
+        description="The paper's comparison end to end: sweep a preset grid (train and quantise), "
+        "then write the report and print where it is.")
     p.add_argument("--preset", default="quick", metavar="NAME",
                    help="sweep preset or grid .toml: quick (≤ 10 min on 2 cores), cpu, gpu-130m")
     add_sweep_args(p)

@@ -6,11 +6,14 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from outlierlab.cli import output_dir
+
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "sweep", help="train and quantise every point of a grid (a .toml file or a preset)",
-        description=__doc__.splitlines()[0])
+        description="Train every point of a grid (each an ordinary outlierlab train run), then "
+        "quantise the finished ones.")
     add_sweep_args(p)
     p.add_argument("grid", metavar="GRID", help="a grid .toml file, or a preset: quick, cpu, "
                    "gpu-130m (outlierlab/presets/sweeps)")
@@ -20,7 +23,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def add_sweep_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--out", metavar="DIR", help="sweep folder (default: runs/<grid name>)")
+    p.add_argument("--out", metavar="DIR", type=output_dir,
+                   help="sweep folder (default: runs/<grid name>)")
     p.add_argument("--workers", type=int, metavar="N",
                    help="runs at once on this machine (default: the grid's, else 1)")
     p.add_argument("--threads", type=int, metavar="T",

@@ -18,6 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
+from outlierlab.errors import DataError
+
 META_FILE = "meta.json"
 CACHE_FORMAT = 1
 
@@ -86,14 +88,24 @@ def file_matches(path: Path, dtype: np.dtype | str, n_tokens: int) -> bool:
 @contextlib.contextmanager
 def build_lock(folder: Path) -> Iterator[None]:
     """An exclusive ``flock`` on ``folder.lock`` so concurrent processes (e.g. DDP ranks on one
-    machine) build a cache folder once; the others wait, then reuse it. No-op without fcntl."""
-    folder.parent.mkdir(parents=True, exist_ok=True)
+    machine) build a cache folder once; the others wait, then reuse it. No-op without fcntl.
+    ``DataError`` naming the folder when it cannot be written (a file in the way, read-only)."""
+    lock = folder.with_name(folder.name + ".lock")
+    try:
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        fh = open(lock, "w")  # noqa: SIM115 (closed below; opened here to catch its OSError)
+    except OSError as exc:
+        raise DataError(
+            f"token cache {folder.parent}: cannot write {exc.filename} ({exc.strerror}); set "
+            "data.cache_dir or $OUTLIERLAB_CACHE to a writable folder"
+        ) from exc
     try:
         import fcntl
     except ImportError:  # pragma: no cover - not POSIX
+        fh.close()
         yield
         return
-    with open(folder.with_name(folder.name + ".lock"), "w") as fh:
+    with fh:
         fcntl.flock(fh, fcntl.LOCK_EX)
         try:
             yield

@@ -330,7 +330,8 @@ class GPT(nn.Module):
     def load(cls, directory: str | os.PathLike, map_location: str | torch.device = "cpu") -> GPT:
         """Load a folder written by :meth:`save`; in eval mode. Raises ``ModelLoadError`` (one
         line) on a missing file, a checksum mismatch, a corrupt file, missing or unexpected
-        tensors, or wrong shapes."""
+        tensors, or wrong shapes; names and shapes are checked against the weights' header
+        before the model is built, so nothing larger than the file is allocated."""
         from safetensors.torch import load_model
 
         folder = Path(directory)
@@ -353,19 +354,43 @@ class GPT(nn.Module):
         expected = meta.get("weights_sha256")
         if expected is not None and _sha256(weights) != expected:
             raise ModelLoadError(f"{weights}: checksum does not match {CONFIG_FILE} (tampered?)")
+        _check_header(weights, cfg)  # before allocating what the config asks for
         model = cls(cfg)
-        try:
-            missing, unexpected = load_model(
-                model, str(weights), strict=False, device=str(map_location)
-            )
+        try:  # names and shapes already match: strict only guards the invariant
+            load_model(model, str(weights), strict=True, device=str(map_location))
         except Exception as exc:  # safetensors raises several types for corrupt files
             raise ModelLoadError(f"{weights}: cannot load ({_one_line(exc)})") from exc
-        if missing or unexpected:
-            raise ModelLoadError(
-                f"{weights}: tensors do not match the config; missing {sorted(missing)[:5]}, "
-                f"unexpected {sorted(unexpected)[:5]}"
-            )
         return model.to(map_location).eval()
+
+
+def _check_header(weights: Path, cfg: GPTConfig) -> None:
+    """Compare the tensor names and shapes in the safetensors header of ``weights`` with those
+    ``cfg`` builds (on the meta device: no memory), so a tampered config cannot make
+    :meth:`GPT.load` allocate more than the file holds. ``ModelLoadError`` names the first
+    mismatching tensor."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(weights), framework="pt") as f:
+            header = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118 (safe_open is no dict)
+    except Exception as exc:  # safetensors raises several types for corrupt files
+        raise ModelLoadError(f"{weights}: cannot load ({_one_line(exc)})") from exc
+    with torch.device("meta"):
+        wanted = GPT(cfg).state_dict(keep_vars=True)  # tied weights: one object, several names
+    for name, t in wanted.items():
+        if name in header and header[name] != tuple(t.shape):
+            raise ModelLoadError(
+                f"{weights}: size mismatch for tensor {name}: the file has {list(header[name])}, "
+                f"{CONFIG_FILE} asks for {list(t.shape)}"
+            )
+    present = {id(t) for name, t in wanted.items() if name in header}
+    missing = sorted(n for n, t in wanted.items() if id(t) not in present)
+    unexpected = sorted(set(header) - set(wanted))
+    if missing or unexpected:
+        raise ModelLoadError(
+            f"{weights}: tensors do not match the config; missing {missing[:5]}, "
+            f"unexpected {unexpected[:5]}"
+        )
 
 
 def _sha256(path: Path) -> str:

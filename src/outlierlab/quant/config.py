@@ -64,11 +64,6 @@ class QuantConfig:
         if self.smooth_alpha is not None and not 0.0 <= float(self.smooth_alpha) <= 1.0:
             raise ConfigError(f"smooth alpha must be in [0, 1], got {self.smooth_alpha}")
 
-    @property
-    def static_activations(self) -> bool:
-        """True when activation ranges come from calibration (per-tensor static)."""
-        return self.a_granularity == "tensor"
-
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 

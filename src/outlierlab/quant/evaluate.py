@@ -21,6 +21,7 @@ from outlierlab.quant.calibrate import calibrate
 from outlierlab.quant.config import QuantConfig
 from outlierlab.quant.quantizers import sqnr_db
 from outlierlab.quant.wrap import ActStats, quant_linears, residual_quantizers, wrap
+from outlierlab.stats import StatsAccumulator
 
 
 def logits_of(model: nn.Module, idx: torch.Tensor) -> torch.Tensor:
@@ -78,12 +79,6 @@ def _device(model: nn.Module) -> torch.device:
     return p.device if p is not None else torch.device("cpu")
 
 
-def _kurt_accumulator(d: int) -> Any:
-    from outlierlab.metrics import StatsAccumulator
-
-    return StatsAccumulator(d, extras=False)  # Kurt and MMR only: half the work
-
-
 def _finite(v: float | None) -> float | None:
     return None if v is None or not math.isfinite(v) else v
 
@@ -96,7 +91,8 @@ def layer_report(qmodel: nn.Module, x: torch.Tensor, batch_size: int = 8) -> lis
     resid = residual_quantizers(qmodel)
     for m in layers.values():
         m.act.stats = ActStats()
-        m.kurt_acc = _kurt_accumulator(m.in_features)  # Kurt of the layer input, SPEC §1 Eq. 1
+        # Kurt of the layer input (SPEC §1 Eq. 1); Kurt and MMR only (extras=False): half the work
+        m.kurt_acc = StatsAccumulator(m.in_features, extras=False)
     for aq in resid.values():
         aq.stats = ActStats()
     device = _device(qmodel)

@@ -148,7 +148,7 @@ class QuantLinear(nn.Module):
         self.weight_noise = 0.0
         self.smooth_observe = False
         self._xmax: torch.Tensor | None = None  # per input channel max|X_j| for SmoothQuant
-        self.kurt_acc: Any = None  # a metrics.StatsAccumulator while per-layer stats are on
+        self.kurt_acc: Any = None  # a stats.StatsAccumulator while per-layer stats are on
 
     @classmethod
     def from_module(cls, module: nn.Module, cfg: QuantConfig) -> QuantLinear:
