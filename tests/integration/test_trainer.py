@@ -95,3 +95,26 @@ def test_rank0_mistake_keeps_its_type_and_leaves_no_status(corpus, cache_dir, tm
     with pytest.raises(ConfigError, match="already holds a run"):
         Trainer(cfg, progress=False)
     assert json.loads((out / "status.json").read_text()) == json.loads(before)
+
+
+def test_benchmark_interleaver_drives_real_trainers(corpus, cache_dir, tmp_path):
+    import importlib
+    import sys
+    from pathlib import Path
+
+    bench = str(Path(__file__).resolve().parents[2] / "benchmarks")
+    sys.path.insert(0, bench)
+    try:
+        common = importlib.import_module("_common")
+    finally:
+        sys.path.remove(bench)
+    cfgs = {n: C.load("tiny", overrides=[*TINY, f"data.source={corpus}", f"out={tmp_path / n}",
+                                         f"log.kurtosis_every={k}"])
+            for n, k in (("off", 0), ("every2", 2))}  # fmt: skip
+    li = common.LoopInterleaver(cfgs, block=2, rounds=2, warmup_blocks=1)
+    t = li.run()
+    assert [len(t.seconds[n]) for n in cfgs] == [2, 2]
+    assert all(len(v) == 1 for v in li.warmup_seconds.values())
+    assert all(r.status == "finished" and r.step == 7 for r in li.results.values())
+    kurt = [r["step"] for r in read_metrics(tmp_path / "every2" / "metrics.jsonl") if "mmr" in r]
+    assert kurt == [2, 4, 6]

@@ -353,40 +353,59 @@ class Trainer:
     # -- the loop -------------------------------------------------------------------------------
 
     def fit(self) -> TrainResult:
-        """Steps until ``train.steps``, a stop signal or divergence; evaluation every
-        ``eval_every`` and at the end, a metrics row every ``log_every`` (and on every step a
-        callback or evaluation added to), checkpoints every ``ckpt_every`` and at the end, then
-        the final weights. Returns the result; the status is written by :meth:`close`."""
+        """:meth:`run_step` until ``train.steps``, a stop signal or divergence, then the last
+        checkpoint and the final weights. Returns the result; :meth:`close` writes the status."""
         if self.done:
             return self.result()
-        tc = self.cfg.train
+        self.begin()
+        while self.run_step():
+            pass
+        return self.finish()
+
+    def begin(self) -> None:
+        """Train mode, ``on_train_begin``, the throughput clock (idempotent)."""
+        if self._began:
+            return
         self.model.train()
         self.callbacks.on_train_begin(self)
         self._began = True
         self._t_log, self._tok_log, self._paused = time.perf_counter(), self.tokens, 0.0
-        while self.step < tc.steps:
-            out = self.train_step()
-            if out is None:
-                break
-            row: dict[str, Any] = {}
-            self.callbacks.on_step_end(self, self.step, row)
-            is_last = self.step == tc.steps
-            if (tc.eval_every and self.step % tc.eval_every == 0) or is_last:
-                with self._paused_clock():
-                    row.update(self.evaluate())
-            if row or self.step % tc.log_every == 0 or is_last:
-                self.log(self._row(out, row))
-            if (tc.ckpt_every and self.step % tc.ckpt_every == 0 and not is_last) or out["stop"]:
-                with self._paused_clock():
-                    self.save(self.step)
-            if out["stop"]:
-                self.status = "interrupted"
-                self.message = (
-                    f"stopped by {self.stop.requested or 'a signal'} at step {self.step}; "
-                    f"resume with: outlierlab train --resume {self.run.path}"
-                )
-                break
-        if self.status == "running":
+
+    def run_step(self) -> bool:
+        """One step of the loop: :meth:`train_step`, ``on_step_end``, evaluation every
+        ``eval_every`` and at the end, a metrics row every ``log_every`` (and whenever a
+        callback or evaluation added to it), a checkpoint every ``ckpt_every`` or when asked
+        to stop. False once the loop is over (all steps done, stopped or diverged)."""
+        tc = self.cfg.train
+        if self.status != "running" or self.step >= tc.steps:
+            return False
+        out = self.train_step()
+        if out is None:
+            return False
+        row: dict[str, Any] = {}
+        self.callbacks.on_step_end(self, self.step, row)
+        is_last = self.step == tc.steps
+        if (tc.eval_every and self.step % tc.eval_every == 0) or is_last:
+            with self._paused_clock():
+                row.update(self.evaluate())
+        if row or self.step % tc.log_every == 0 or is_last:
+            self.log(self._row(out, row))
+        if (tc.ckpt_every and self.step % tc.ckpt_every == 0 and not is_last) or out["stop"]:
+            with self._paused_clock():
+                self.save(self.step)
+        if out["stop"]:
+            self.status = "interrupted"
+            self.message = (
+                f"stopped by {self.stop.requested or 'a signal'} at step {self.step}; "
+                f"resume with: outlierlab train --resume {self.run.path}"
+            )
+            return False
+        return not is_last
+
+    def finish(self) -> TrainResult:
+        """After the loop: a finished run saves its last checkpoint and final weights;
+        ``on_train_end``; the result."""
+        if self.status == "running" and self.step >= self.cfg.train.steps:
             if self.saved_at != self.step:
                 self.save(self.step)
             if self.dist.is_main:
