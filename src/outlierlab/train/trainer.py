@@ -128,7 +128,7 @@ class Trainer:
         self._stack = contextlib.ExitStack()
         self._writer: MetricsWriter | None = None
         self._sinks: Sinks | None = None
-        self._closed = self._began = False
+        self._closed = self._began = self.show = False
         self.dist = distributed.init(cfg.train.device)
         try:
             self._build(cfg, resume, progress)
@@ -167,6 +167,10 @@ class Trainer:
         self.sampler = BatchSampler(self.data.train, cfg.model.seq_len, self.global_batch,
                                     seed=tc.seed)  # fmt: skip
         self.val = validation_windows(self.data.val, cfg.model.seq_len, tc.eval_windows)
+        oc, warmup = cfg.optim, cfg.optim.warmup_steps(tc.steps)
+        decay = round(oc.decay_frac * tc.steps)
+        self._lr_factor = lambda step: lr_factor(step, tc.steps, oc.schedule, warmup,
+                                                 oc.min_lr_ratio, decay)  # fmt: skip
         if resume:
             self._restore()
         if self.step >= tc.steps and resume and self.run.model.is_file():
@@ -294,11 +298,8 @@ class Trainer:
         """One optimiser step on the next global batch, with ``on_step_begin`` before it.
         Returns ``{"loss", "lr", "grad_norm", "stop"}`` (averaged over ranks), or None when the
         loss or gradient norm is not finite: no update, status ``diverged``."""
-        tc, oc = self.cfg.train, self.cfg.optim
         n = self.step + 1  # the step being taken, 1-based
-        warmup, decay = oc.warmup_steps(tc.steps), round(oc.decay_frac * tc.steps)
-        lr = set_lr(self.optimizer, lr_factor(self.step, tc.steps, oc.schedule, warmup,
-                                              oc.min_lr_ratio, decay))  # fmt: skip
+        lr = set_lr(self.optimizer, self._lr_factor(self.step))
         self.callbacks.on_step_begin(self, n)
         self.batch = self.sampler.next()
         out = self.step_fn(*self.batch, stop=self.stop.requested is not None)
