@@ -13,7 +13,8 @@ reported as such):
 3. ``train_loop``: the real ``outlierlab.train.train`` on CUDA (``precision=bf16``,
    ``compile=true``) vs ``precision=fp32``: both finish, final losses agree.
 4. ``throughput``: 12 × 768, T = 1024, vocab 50304 (GPT-2 small class) training steps
-   (outlierlab GPT, registry AdamW, clipping, bf16 autocast) compiled and eager: tokens/s and
+   (outlierlab GPT, registry AdamW, the trainer's ``TrainStep``: clipping, finiteness check,
+   bf16 autocast) compiled and eager: tokens/s and
    MFU = tokens/s × ``model.flops_per_token()`` / measured bf16 ceiling. Goal MFU ≥ 40 %.
    Then the same size through the real training loop (``compile=true``, bytes corpus).
 5. ``monitor``: monitor overhead on the GPU: eager steps with the monitor every step / every 10
