@@ -69,3 +69,14 @@ def test_subsample_depends_on_the_step_not_on_history():
     with torch.no_grad():
         model(batch(6))
     assert {k: v["mmr"] for k, v in other.end_step().results.items()} != fresh
+
+
+def test_imports_no_framework():
+    import subprocess
+    import sys
+
+    code = ("import sys, outlierlab.measuring, outlierlab.integrations.core; "
+            "print(sorted(m for m in ('transformers', 'lightning', 'pytorch_lightning') "
+            "if m in sys.modules))")  # fmt: skip
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
