@@ -22,9 +22,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from torch import nn
 
 from outlierlab.errors import ConfigError
+from outlierlab.monitor import OutlierMonitor, due
 
 FORWARDS_PER_STEP = 1 << 20
 """Stride of the forward numbering between steps (more measured forwards per step than this
@@ -78,21 +80,17 @@ class MeasureEvery:
             )
         self.every, self.points, self.seed, self.replay = every, points, seed, replay
         self.cos_max_tokens, self.mmr_max_tokens = cos_max_tokens, mmr_max_tokens
-        self.monitor = None
+        self.monitor: OutlierMonitor | None = None
         self.step: int | None = None  # the step being measured, between begin and end
 
     def due(self, step: int) -> bool:
         """Whether optimiser step ``step`` (1-based) is measured."""
-        from outlierlab.monitor import due
-
         return due(step, self.every)
 
     # -- the monitor's life cycle -------------------------------------------------------------
 
     def open(self, model: nn.Module) -> None:
         """Hook ``model`` (switched off until a measured step begins)."""
-        from outlierlab.monitor import OutlierMonitor
-
         self.close()
         mon = OutlierMonitor(model, points=self.points, cos_max_tokens=self.cos_max_tokens,
                              mmr_max_tokens=self.mmr_max_tokens, seed=self.seed)  # fmt: skip
@@ -149,8 +147,6 @@ class MeasureEvery:
 
     def _replay(self, trainer: Any, step: int) -> None:
         """Measure this rank's micro-batches of the step in extra eager no-grad forwards."""
-        import torch
-
         self.open(trainer.model)
         self.begin_step(step)
         with torch.no_grad(), trainer.autocast():
