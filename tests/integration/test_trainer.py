@@ -118,3 +118,23 @@ def test_benchmark_interleaver_drives_real_trainers(corpus, cache_dir, tmp_path)
     assert all(r.status == "finished" and r.step == 7 for r in li.results.values())
     kurt = [r["step"] for r in read_metrics(tmp_path / "every2" / "metrics.jsonl") if "mmr" in r]
     assert kurt == [2, 4, 6]
+
+
+def test_replay_measures_after_the_step_without_hooks_during_training(corpus, cache_dir,
+                                                                      tmp_path):  # fmt: skip
+    from outlierlab.measuring import MeasureEvery
+
+    hooked = []
+
+    class NoHooks(Callback):
+        def on_step_begin(self, trainer, step):
+            hooked.append(any(m._forward_hooks or m._forward_pre_hooks
+                              for m in trainer.model.modules()))  # fmt: skip
+
+    cfg = C.load("tiny", overrides=[*TINY, f"data.source={corpus}", "train.steps=4",
+                                    "train.log_every=4", f"out={tmp_path / 'r'}"])  # fmt: skip
+    train(cfg, progress=False, callbacks=[NoHooks(), MeasureEvery(2, replay=True)])
+    rows = {r["step"]: r for r in read_metrics(tmp_path / "r" / "metrics.jsonl")}
+    assert sorted(rows) == [2, 4] and all("mmr" in r for r in rows.values())
+    assert all(r["kurtosis_max"] >= 1.0 for r in rows.values())
+    assert hooked == [False] * 4  # the compiled graph would never see a hook
