@@ -7,7 +7,7 @@ it ends, with the statistics collected (all-reduced under DDP) and cleared. Used
 
 - the :class:`~outlierlab.train.Trainer` (as one of its callbacks, ``log.kurtosis_every``),
 - ``outlierlab.integrations.hf`` / ``.lightning`` (through ``integrations.core``),
-- the benchmarks and ``benchmarks/gpu_check.py`` (their own loops call
+- the benchmarks (through the trainer) and ``benchmarks/gpu_check.py`` (its own loops call
   :meth:`begin_step` / :meth:`end_step`).
 
 Subsamples (Eq. 2 and cos-sim, at most ``mmr_max_tokens`` / ``cos_max_tokens`` tokens per
