@@ -20,7 +20,6 @@ import os
 import platform
 import statistics
 import sys
-import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -203,38 +202,29 @@ def print_headline(ratio: float, note: str = "") -> None:
 
 # ---------------------------------------------------------------- timing the real training loop
 @contextlib.contextmanager
-def step_hooks():
-    """Patch ``outlierlab.data.BatchSampler`` so that each ``next()`` (the start of each step of
-    ``outlierlab.train.train``) first calls the hook registered for the calling thread in the
-    yielded dict ``{thread id: hook}``. The loop itself runs unchanged; restored on exit."""
-    import outlierlab.data as od
+def trainers(cfgs: dict, steps: int):
+    """``{name: outlierlab.train.Trainer}`` for each config (``train.steps`` set to ``steps``,
+    no console output, ``begin()`` called); closed (newest first) on exit."""
+    from outlierlab.data import prepare
+    from outlierlab.train import Trainer
 
-    hooks: dict[int, Callable[[], None]] = {}
-    base = od.BatchSampler
-
-    class HookedSampler(base):  # type: ignore[misc, valid-type]
-        def next(self):
-            hook = hooks.get(threading.get_ident())
-            if hook is not None:
-                hook()
-            return super().next()
-
-    od.BatchSampler = HookedSampler
-    try:
-        yield hooks
-    finally:
-        od.BatchSampler = base
+    with contextlib.ExitStack() as stack:
+        loops = {}
+        for name, cfg in cfgs.items():
+            prepare(cfg.data, progress=False)  # the token cache, outside any timing
+            cfg.train.steps = steps
+            loops[name] = stack.enter_context(Trainer(cfg, progress=False))
+            loops[name].begin()
+        yield loops
 
 
 class LoopInterleaver:
-    """Run several ``outlierlab.train.train(cfg)`` loops in threads, *one at a time*, handing
-    over every ``block`` steps, in rounds whose order flips each round (ABC, CBA, ...).
-
-    Each loop's steps are timed from one ``sampler.next()`` to the next (the whole step body:
-    forward, backward, clipping, optimiser, logging, monitor). ``warmup_blocks`` blocks per
-    loop come first, untimed (compilation, optimiser state). Set-up before the first step and
-    the final step (final eval, checkpoint, save) are outside the timed region and run while no
-    timed block runs. ``cfgs[name].train.steps`` is set here.
+    """Run several real training loops (``outlierlab.train.Trainer``, exactly what
+    ``outlierlab train`` runs) in this thread, *one at a time*, ``block`` steps each
+    (``Trainer.run_step``: forward, backward, clipping, optimiser, logging, monitor), in rounds
+    whose order flips each round (ABC, CBA, ...). ``warmup_blocks`` blocks per loop come first,
+    untimed (compilation, optimiser state). Set-up and the final step (final eval, checkpoint,
+    save) are outside the timed region. ``cfgs[name].train.steps`` is set here.
     """
 
     def __init__(self, cfgs: dict, block: int, rounds: int, warmup_blocks: int = 1):
@@ -243,81 +233,25 @@ class LoopInterleaver:
         self.schedule = list(names) * warmup_blocks
         for r in range(rounds):
             self.schedule += names if r % 2 == 0 else names[::-1]
-        self.pos = 0
-        self.cond = threading.Condition()
-        self.error: BaseException | None = None
         self.timings = Timings(names, {n: [] for n in names})
         self.results: dict[str, object] = {}
         self.warmup_seconds: dict[str, list[float]] = {n: [] for n in names}
 
-    def _wait(self, pred: Callable[[], bool]) -> None:
-        with self.cond:
-            while not (pred() or self.error):
-                self.cond.wait(0.5)
-            if self.error:
-                raise RuntimeError("another loop failed") from self.error
-
-    def _advance(self) -> None:
-        with self.cond:
-            self.pos += 1
-            self.cond.notify_all()
-
-    def _hook(self, name: str) -> Callable[[], None]:
-        st = {"calls": 0, "blocks": 0, "t0": 0.0}
-        total = self.warmup + self.rounds
-
-        def hook() -> None:
-            now = time.perf_counter()
-            st["calls"] += 1
-            if st["calls"] == 1:
-                self._wait(lambda: self.schedule[self.pos] == name)
-            elif (st["calls"] - 1) % self.block == 0:
-                st["blocks"] += 1
-                if st["blocks"] > self.warmup:
-                    self.timings.seconds[name].append(now - st["t0"])
-                else:
-                    self.warmup_seconds[name].append(now - st["t0"])
-                self._advance()
-                if st["blocks"] == total:  # done: wait for everyone, then finish untimed
-                    self._wait(lambda: self.pos == len(self.schedule))
-                    return
-                self._wait(lambda: self.schedule[self.pos] == name)
-            else:
-                return
-            gc.collect()
-            st["t0"] = time.perf_counter()
-
-        return hook
-
     def run(self) -> Timings:
-        from outlierlab.data import prepare
-        from outlierlab.train import train
-
         steps = (self.warmup + self.rounds) * self.block + 1
-        for cfg in self.cfgs.values():  # build the token cache once, before the threads
-            prepare(cfg.data, progress=False)
-
-        def target(name: str, hooks: dict) -> None:
-            hooks[threading.get_ident()] = self._hook(name)
-            cfg = self.cfgs[name]
-            cfg.train.steps = steps
-            try:
-                self.results[name] = train(cfg, progress=False)
-            except BaseException as exc:
-                with self.cond:
-                    self.error = self.error or exc
-                    self.cond.notify_all()
-
-        with step_hooks() as hooks:
-            threads = [threading.Thread(target=target, args=(n, hooks), name=f"loop-{n}")
-                       for n in self.cfgs]  # fmt: skip
-            for t in threads:
-                t.start()
-            for t in threads:
-                t.join()
-        if self.error is not None:
-            raise self.error
-        for n, r in self.results.items():
-            if getattr(r, "status", None) != "finished":
-                raise RuntimeError(f"loop {n} ended {r}")
+        with trainers(self.cfgs, steps) as loops:
+            done = {n: 0 for n in loops}
+            for name in self.schedule:
+                gc.collect()
+                t0 = time.perf_counter()
+                for _ in range(self.block):
+                    loops[name].run_step()
+                dt = time.perf_counter() - t0
+                done[name] += 1
+                kept = self.timings.seconds if done[name] > self.warmup else self.warmup_seconds
+                kept[name].append(dt)
+            for name, t in loops.items():  # the last step (eval, checkpoint, save), untimed
+                self.results[name] = r = t.fit()
+                if r.status != "finished":
+                    raise RuntimeError(f"loop {name} ended {r}")
         return self.timings

@@ -13,7 +13,8 @@ reported as such):
 3. ``train_loop``: the real ``outlierlab.train.train`` on CUDA (``precision=bf16``,
    ``compile=true``) vs ``precision=fp32``: both finish, final losses agree.
 4. ``throughput``: 12 × 768, T = 1024, vocab 50304 (GPT-2 small class) training steps
-   (outlierlab GPT, registry AdamW, clipping, bf16 autocast) compiled and eager: tokens/s and
+   (outlierlab GPT, registry AdamW, the trainer's ``TrainStep``: clipping, finiteness check,
+   bf16 autocast) compiled and eager: tokens/s and
    MFU = tokens/s × ``model.flops_per_token()`` / measured bf16 ceiling. Goal MFU ≥ 40 %.
    Then the same size through the real training loop (``compile=true``, bytes corpus).
 5. ``monitor``: monitor overhead on the GPU: eager steps with the monitor every step / every 10
@@ -54,7 +55,9 @@ NOMINAL_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense, da
 
 
 # ================================================================ bookkeeping
-class Report:
+class GpuReport:
+    """Sections, checks and figures of one GPU check; written as JSON and Markdown."""
+
     def __init__(self, t_start: float, budget: float, dry: bool) -> None:
         self.t0, self.budget, self.dry = t_start, budget, dry
         self.data: dict = {"sections": {}, "checks": []}
@@ -205,7 +208,7 @@ def loss_and_gradnorm(net, x, y, dev, bf16: bool) -> tuple[float, float]:
 
 
 # ================================================================ 2. correctness
-def correctness(rep: Report, sec: dict, dev, dry: bool) -> None:
+def correctness(rep: GpuReport, sec: dict, dev, dry: bool) -> None:
     L, d, h, T, V, B = (2, 64, 2, 64, 257, 4) if dry else (4, 256, 4, 256, 4096, 8)
     if dev.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = False
@@ -245,18 +248,8 @@ def correctness(rep: Report, sec: dict, dev, dry: bool) -> None:
     for name, bf16, comp in (("fp32", False, False), ("bf16", True, False),
                              ("compiled_bf16", True, True)):  # fmt: skip
         m = copy.deepcopy(model)
-        opt = adamw(m, lr=3e-3)
-        net = compile_fn(dry)(m) if comp else m
-        curve = []
-        for i in range(steps):
-            xb, yb = batches[i % 4]
-            with autocast(dev, bf16):
-                _, loss = net(xb, yb)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(m.parameters(), 1.0)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            curve.append(float(loss))
+        step = train_step(m, adamw(m, lr=3e-3), dev, bf16, net=compile_fn(dry)(m) if comp else m)
+        curve = [step(*batches[i % 4]).loss for i in range(steps)]
         curves[name] = curve
     sec["curves"] = {k: [round(v, 4) for v in c[:: max(1, steps // 10)]] + [round(c[-1], 4)]
                      for k, c in curves.items()}  # fmt: skip
@@ -282,7 +275,7 @@ def loop_config(size, dev, out, precision, compile_, steps, batch, kurt_every=0)
     ])  # fmt: skip
 
 
-def train_loop(rep: Report, sec: dict, dev, dry: bool, tmp: Path) -> None:
+def train_loop(rep: GpuReport, sec: dict, dev, dry: bool, tmp: Path) -> None:
     from outlierlab.train import train
 
     size = (2, 64, 2, 64) if dry else (4, 256, 4, 256)
@@ -306,23 +299,16 @@ def train_loop(rep: Report, sec: dict, dev, dry: bool, tmp: Path) -> None:
 
 
 # ================================================================ 4. throughput and MFU
-def step_fn(model, opt, dev, bf16: bool, net=None):
-    net = model if net is None else net
-    params = [p for p in model.parameters() if p.requires_grad]
+def train_step(model, opt, dev, bf16: bool, net=None):
+    """The training loop's own step (``outlierlab.train.TrainStep``: forward, backward, global
+    norm clipping at 1.0, finiteness check, update) on ``model``; ``net`` runs the forward
+    (e.g. ``model`` compiled). ``step(x, y).loss`` is the loss as a float."""
+    from outlierlab.train import TrainStep
 
-    def step(x, y):
-        with autocast(dev, bf16):
-            _, loss = net(x, y)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        return loss
-
-    return step
+    return TrainStep(model, opt, net=net, clip=1.0, dtype=torch.bfloat16 if bf16 else None)
 
 
-def throughput(rep: Report, sec: dict, dev, dry: bool, peak_tflops: float) -> dict:
+def throughput(rep: GpuReport, sec: dict, dev, dry: bool, peak_tflops: float) -> dict:
     L, d, h, T, V, B = (2, 64, 2, 64, 257, 4) if dry else (12, 768, 12, 1024, 50304, 16)
     warm, n = (2, 3) if dry else (5, 20)
     model = make_model(dev, L, d, h, T, V)
@@ -338,7 +324,7 @@ def throughput(rep: Report, sec: dict, dev, dry: bool, peak_tflops: float) -> di
     out = {}
     for name, comp in (("compiled", True), ("eager", False)):
         net = compile_fn(dry)(model) if comp else model
-        step = step_fn(model, opt, dev, bf16=True, net=net)
+        step = train_step(model, opt, dev, bf16=True, net=net)
         t = time.perf_counter()
         for i in range(warm):
             step(*data[i % 4])
@@ -348,7 +334,7 @@ def throughput(rep: Report, sec: dict, dev, dry: bool, peak_tflops: float) -> di
             torch.cuda.reset_peak_memory_stats()
         t = time.perf_counter()
         for i in range(n):
-            loss = step(*data[i % 4])
+            loss = step(*data[i % 4]).loss
         sync(dev)
         sec_per_step = (time.perf_counter() - t) / n
         tps = B * T / sec_per_step
@@ -367,7 +353,7 @@ def throughput(rep: Report, sec: dict, dev, dry: bool, peak_tflops: float) -> di
     return {"model": model, "opt": opt, "data": data, "shape": (L, d, h, T, V, B)}
 
 
-def loop_throughput(rep: Report, sec: dict, dev, dry: bool, peak_tflops: float,
+def loop_throughput(rep: GpuReport, sec: dict, dev, dry: bool, peak_tflops: float,
                     tmp: Path) -> None:  # fmt: skip
     """The 124M-class model through the real loop (bytes corpus, so vocab 257), compiled."""
     size, batch = ((2, 64, 2, 64), 4) if dry else ((12, 768, 12, 1024), 16)
@@ -385,32 +371,37 @@ def loop_throughput(rep: Report, sec: dict, dev, dry: bool, peak_tflops: float,
 
 
 # ================================================================ 5. monitor overhead
-def monitor_overhead(rep: Report, sec: dict, dev, dry: bool, st: dict) -> None:
-    from outlierlab.monitor import OutlierMonitor
+def monitor_overhead(rep: GpuReport, sec: dict, dev, dry: bool, st: dict) -> None:
+    from outlierlab.measuring import MeasureEvery
 
     model, opt, data = st["model"], st["opt"], st["data"]
     block, rounds = (3, 1) if dry else (10, 3)
-    eager = step_fn(model, opt, dev, bf16=True)
-    compiled_net = compile_fn(dry)(model)
-    compiled = step_fn(model, opt, dev, bf16=True, net=compiled_net)
+    eager = train_step(model, opt, dev, bf16=True)
+    compiled = train_step(model, opt, dev, bf16=True, net=compile_fn(dry)(model))
 
-    def run(step, every: int, extra_forward: bool = False):
+    def run(step, every: int, replay: bool = False):
+        """``block`` steps measured as the Trainer measures: steps s (1-based) with
+        ``s % every == 0``, hooked throughout or (``replay``, as with compile) only for an extra
+        eager no-grad forward after the update."""
+
         def go():
-            mon_ctx = OutlierMonitor(model) if every and not extra_forward else None
-            with mon_ctx or contextlib.nullcontext() as mon:
-                for i in range(block):
-                    x, y = data[i % 4]
-                    if mon is not None:
-                        mon.enabled = i % every == 0
-                    step(x, y)
-                    if mon is not None and mon.enabled:
-                        mon.results()
-                        mon.reset()
-                    if extra_forward and i % every == 0:  # the loop's _measure with compile
-                        with OutlierMonitor(model) as m2, torch.no_grad(), autocast(dev, True):
-                            model(x)
-                        m2.results()
-                sync(dev)
+            m = MeasureEvery(every)
+            if every and not replay:
+                m.open(model)
+            for i in range(block):
+                x, y = data[i % 4]
+                m.begin_step(i + 1)
+                step(x, y)
+                if replay and m.due(i + 1):
+                    m.open(model)
+                    m.begin_step(i + 1)
+                    with torch.no_grad(), autocast(dev, True):
+                        model(x)
+                m.end_step()
+                if replay:
+                    m.close()
+            m.close()
+            sync(dev)
 
         return go
 
@@ -437,7 +428,7 @@ def main(argv=None) -> int:
     t_start = time.perf_counter()
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
     dry = args.dry_run
-    rep = Report(t_start, args.budget, dry)
+    rep = GpuReport(t_start, args.budget, dry)
     if not dry and not torch.cuda.is_available():
         print("gpu_check: no CUDA device (use --dry-run to check the script on a CPU)")
         rep.data["checks"].append({"name": "CUDA available", "ok": False, "detail": ""})

@@ -1,18 +1,16 @@
 """outlierlab's training step vs a plain nanoGPT-style PyTorch loop of the same size and maths.
 
-A: ``outlierlab.train.train(cfg)`` in this process, exactly as the CLI runs it (model, AdamW,
-   lr schedule, grad clipping, finiteness checks, metrics.jsonl every ``log_every`` steps,
-   status.json; monitor off, no progress display, no eval or checkpoint inside the timed steps).
+A: ``outlierlab.train.Trainer.run_step()`` in this process, the loop body ``outlierlab train``
+   runs (model, AdamW, lr schedule, grad clipping, finiteness checks, callbacks, metrics.jsonl
+   every ``log_every`` steps, status.json; monitor off, no progress display, no eval or
+   checkpoint inside the timed steps).
 B: the plain loop below (~100 lines: model, get_batch, AdamW, clipping, cosine lr, a JSON log
    line every ``log_every`` steps) — what a user would write by hand.
 
-Interleaving: the benchmark wraps the loop's batch sampler. At every outlierlab step the
-wrapper records the time the previous step took (from one ``sampler.next()`` to the next: the
-whole step body), then runs one plain-loop step and times it, then hands the batch back. So A
-and B alternate step by step inside one run (``_common.step_hooks``), warm, on the same machine
-state within a second. Times are summed over windows of ``window`` steps (default 10: one
-metrics.jsonl line per window); the headline is the median over windows of
-tokens/s(A) / tokens/s(B), taken over the sizes (the worst size).
+Interleaving: one outlierlab step (``run_step``), then one plain-loop step, each timed, so A
+and B alternate step by step, warm, on the same machine state within a second. Times are summed
+over windows of ``window`` steps (default 10: one metrics.jsonl line per window); the headline
+is the median over windows of tokens/s(A) / tokens/s(B), taken over the sizes (the worst size).
 
 Before timing, a maths check: the plain model loaded with outlierlab's initial weights gives the
 same loss and gradient norm on the same batch.
@@ -26,7 +24,6 @@ import json
 import math
 import statistics
 import tempfile
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -196,7 +193,6 @@ def measure_size(size: str, rounds: int, window: int, warmup: int, tmp: Path) ->
     """Tokens/s of outlierlab and the plain loop, alternating step by step; ``rounds`` windows
     of ``window`` steps each."""
     from outlierlab.data import prepare
-    from outlierlab.train import train
 
     n = rounds * window  # timed steps of each
     steps = warmup + n + 1  # the last step (final eval + save) is not timed
@@ -210,32 +206,23 @@ def measure_size(size: str, rounds: int, window: int, warmup: int, tmp: Path) ->
     torch.manual_seed(1)
     plain = PlainLoop(PlainConfig(data.tokenizer.vocab_size, L, d, h, T), train_tokens, B,
                       steps, log)  # fmt: skip
-    for _ in range(warmup):
-        plain.step()
     t_ol: list[float] = []
     t_plain: list[float] = []
-    state = {"calls": 0, "t0": None}
-
-    def on_step() -> None:
-        now = time.perf_counter()
-        done = state["calls"]  # outlierlab steps completed so far
-        state["calls"] += 1
-        if done < warmup:
-            return
-        if state["t0"] is not None:
-            t_ol.append(now - state["t0"])
-        if len(t_plain) < n:
+    with _common.trainers({"A": cfg}, steps) as loops:
+        trainer = loops["A"]
+        for _ in range(warmup):
+            trainer.run_step()
+            plain.step()
+        for _ in range(n):
+            t0 = time.perf_counter()
+            trainer.run_step()
             t1 = time.perf_counter()
             plain.step()
             t_plain.append(time.perf_counter() - t1)
-        state["t0"] = time.perf_counter()
-
-    with _common.step_hooks() as hooks:
-        hooks[threading.get_ident()] = on_step
-        res = train(cfg, progress=False)
+            t_ol.append(t1 - t0)
+        res = trainer.fit()
     log.close()
     assert res.status == "finished", res
-    assert len(t_ol) == len(t_plain) == n, (len(t_ol), len(t_plain))
     w = _common.Timings(["A", "B"], {"A": t_ol, "B": t_plain}).windowed(window)
     t_ol, t_plain = w.seconds["A"], w.seconds["B"]
     tok = window * B * T
@@ -252,24 +239,17 @@ def profile(size: str, tmp: Path, steps: int = 6) -> None:
     from torch.profiler import ProfilerActivity, profile
 
     from outlierlab.data import prepare
-    from outlierlab.train import train
 
     cfg = run_config(size, steps + 3, tmp / f"prof-{size}")
     data = prepare(cfg.data, progress=False)
     L, d, h, T, B = SIZES[size]
-    prof = profile(activities=[ProfilerActivity.CPU])
-    calls = {"n": 0}
-
-    def on_step():
-        calls["n"] += 1
-        if calls["n"] == 3:
-            prof.__enter__()
-        if calls["n"] == 3 + steps:
-            prof.__exit__(None, None, None)
-
-    with _common.step_hooks() as hooks:
-        hooks[threading.get_ident()] = on_step
-        train(cfg, progress=False)
+    with _common.trainers({"A": cfg}, steps + 3) as loops:
+        for _ in range(2):
+            loops["A"].run_step()
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            for _ in range(steps):
+                loops["A"].run_step()
+        loops["A"].fit()
     print(f"--- outlierlab, {steps} steps, size {size}")
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25))
     with open(tmp / "plain-prof.jsonl", "w") as log:

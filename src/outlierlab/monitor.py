@@ -241,7 +241,7 @@ class OutlierMonitor:
         if self._active:  # re-entrant call of the root: part of the measured forward
             return
         call, self._calls = self._calls, self._calls + 1
-        if not self.enabled or call % self.every:
+        if not self.enabled or not due(call, self.every):
             return
         self._active = True
         self._perms.clear()
@@ -312,6 +312,12 @@ class OutlierMonitor:
         root's forward takes precedence for its own call."""
         self._mask = mask
 
+    def number_forwards(self, start: int) -> None:
+        """Number the next measured forward ``start`` (then ``start + 1``, …): its subsamples
+        are seeded by ``seed + start``. Training loops derive it from the step
+        (:class:`outlierlab.measuring.MeasureEvery`), so a resumed run draws the same ones."""
+        self._measured = start
+
     def reset(self) -> None:
         """Forget all statistics (hooks stay)."""
         self._acc.clear()
@@ -367,3 +373,11 @@ class OutlierMonitor:
     def to_json(self, indent: int | None = 2) -> str:
         """:meth:`to_dict` as a JSON string."""
         return json.dumps(self.to_dict(), indent=indent)
+
+
+def due(count: int, every: int) -> bool:
+    """Whether number ``count`` is measured when measuring every ``every``-th (0: never):
+    forward calls 0, k, 2k, … here; optimiser steps k, 2k, … (1-based) in
+    :class:`outlierlab.measuring.MeasureEvery`."""
+    return every > 0 and count % every == 0
+

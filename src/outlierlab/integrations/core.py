@@ -1,4 +1,5 @@
-"""What the framework callbacks share: settings, the monitor's life cycle, one measured step.
+"""What the framework callbacks share: settings, alert, flat log names; which steps are
+measured and the monitor's life cycle are :class:`outlierlab.measuring.MeasureEvery`'s.
 
 `MeasuringCallback` is framework-free; `integrations.hf` and `integrations.lightning` mix it
 into their framework's callback class and only translate events (which step begins, where the
@@ -12,10 +13,12 @@ from typing import Any
 from outlierlab.errors import ConfigError
 from outlierlab.integrations import flatten_results
 from outlierlab.integrations.alert import Alert, OutlierAlert
+from outlierlab.measuring import MeasureEvery
 
 
 class MeasuringCallback:
-    """Measure the residual stream on every ``every``-th optimiser step (1-based)."""
+    """Measure the residual stream on every ``every``-th optimiser step (1-based), through
+    :class:`outlierlab.measuring.MeasureEvery`."""
 
     def __init__(
         self,
@@ -31,17 +34,31 @@ class MeasuringCallback:
             raise ConfigError(f"every must be an integer ≥ 1 (optimiser steps), got {every!r}")
         if not isinstance(prefix, str):
             raise ConfigError(f"prefix must be a string such as 'outliers/', got {prefix!r}")
-        self.every = every
-        self.points = points
+        self.measure = MeasureEvery(every, points=points, cos_max_tokens=cos_max_tokens,
+                                    seed=seed)  # fmt: skip
         self.prefix = prefix
         self.per_layer = per_layer
-        self.cos_max_tokens = cos_max_tokens
-        self.seed = seed
         self.alert = None if alert_kurtosis is None else OutlierAlert(alert_kurtosis)
-        self.monitor = None
         self.last_results: dict[str, dict[str, Any]] = {}
         """Monitor results of the last measured step (``{point: {...}}``)."""
-        self._measuring_step: int | None = None  # the step whose micro-batches are measured
+
+    @property
+    def every(self) -> int:
+        return self.measure.every
+
+    @property
+    def points(self) -> str | list[str]:
+        return self.measure.points
+
+    @property
+    def monitor(self):
+        """The hooked :class:`~outlierlab.monitor.OutlierMonitor` while training (else None)."""
+        return self.measure.monitor
+
+    @property
+    def _measuring_step(self) -> int | None:
+        """The step whose micro-batches are being measured, if any."""
+        return self.measure.step
 
     @property
     def alert_fired(self) -> Alert | None:
@@ -50,45 +67,28 @@ class MeasuringCallback:
 
     def _open(self, model: Any) -> None:
         """Hook ``model`` (switched off until a measured step begins) for a new run."""
-        from outlierlab.monitor import OutlierMonitor
-
-        self.close()
-        self.monitor = OutlierMonitor(
-            model, points=self.points, every=1, cos_max_tokens=self.cos_max_tokens, seed=self.seed
-        )
-        self.monitor.__enter__()
-        self.monitor.enabled = False
+        self.measure.open(model)
         if self.alert is not None:
             self.alert.reset()
 
     def _begin_step(self, step: int) -> None:
         """Optimiser step ``step`` begins: measure all its micro-batches if it is due."""
-        if self.monitor is not None and self._measuring_step is None and step % self.every == 0:
-            self.monitor.reset()
-            self.monitor.enabled = True
-            self._measuring_step = step
+        self.measure.begin_step(step)
 
     def _end_step(self, all_reduce: bool, alert: bool) -> tuple[int, dict[str, float]] | None:
         """The measured step has finished: ``(step, flat metrics)``, or None if nothing was
         measured. ``all_reduce`` sums the statistics over ranks; ``alert`` runs the alert
         (rank zero only)."""
-        if self.monitor is None or self._measuring_step is None:
+        measured = self.measure.end_step(all_reduce=all_reduce)
+        if measured is None:
             return None
-        step, self._measuring_step = self._measuring_step, None
-        self.monitor.enabled = False
-        results = self.monitor.results(all_reduce=all_reduce)
-        summary = self.monitor.summary(results)
-        self.monitor.reset()
-        if not results:
-            return None
-        self.last_results = results
+        self.last_results = measured.results
         if self.alert is not None and alert:
-            self.alert.check(results, step=step)
-        return step, flatten_results(results, summary, prefix=self.prefix, per_layer=self.per_layer)
+            self.alert.check(measured.results, step=measured.step)
+        flat = flatten_results(measured.results, measured.summary, prefix=self.prefix,
+                               per_layer=self.per_layer)  # fmt: skip
+        return measured.step, flat
 
     def close(self) -> None:
         """Remove the monitor's hooks (idempotent; call it if training raised)."""
-        if self.monitor is not None:
-            monitor, self.monitor = self.monitor, None
-            monitor.close()
-        self._measuring_step = None
+        self.measure.close()

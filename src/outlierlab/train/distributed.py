@@ -1,7 +1,7 @@
 """DDP from the environment ``torchrun`` sets (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``):
 gloo on CPU, NCCL on CUDA. Without those variables everything is a single process.
 
-Data layout (see ``loop.py``): every rank draws the same global batch from the same seed and
+Data layout (see ``trainer.py``): every rank draws the same global batch from the same seed and
 takes its own micro-batches, so N ranks see exactly the micro-batches one process with
 ``grad_accum × N`` would, and a run's data does not depend on how many ranks ran it.
 """
@@ -12,7 +12,7 @@ import os
 from dataclasses import dataclass, field
 
 import torch
-import torch.distributed as dist
+import torch.distributed as tdist
 
 
 @dataclass
@@ -45,37 +45,37 @@ def init(device: str = "auto") -> Dist:
     rank = int(os.environ.get("RANK", "0"))
     local = int(os.environ.get("LOCAL_RANK", "0"))
     dev = pick_device(device, local)
-    if world > 1 and not dist.is_initialized():
+    if world > 1 and not tdist.is_initialized():
         backend = "nccl" if dev.type == "cuda" else "gloo"
         if dev.type == "cuda":
             torch.cuda.set_device(dev)
-        dist.init_process_group(backend=backend, rank=rank, world_size=world)
+        tdist.init_process_group(backend=backend, rank=rank, world_size=world)
     return Dist(rank, world, local, dev)
 
 
-def close(d: Dist) -> None:
-    if d.enabled and dist.is_initialized():
-        dist.destroy_process_group()
+def close(dist: Dist) -> None:
+    if dist.enabled and tdist.is_initialized():
+        tdist.destroy_process_group()
 
 
-def all_reduce_(t: torch.Tensor, d: Dist, op: str = "sum") -> torch.Tensor:
+def all_reduce_(t: torch.Tensor, dist: Dist, op: str = "sum") -> torch.Tensor:
     """In-place all-reduce (no-op for a single process)."""
-    if d.enabled:
-        dist.all_reduce(t, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
+    if dist.enabled:
+        tdist.all_reduce(t, op=tdist.ReduceOp.MAX if op == "max" else tdist.ReduceOp.SUM)
     return t
 
 
-def all_gather_object(obj, d: Dist) -> list:
-    if not d.enabled:
+def all_gather_object(obj, dist: Dist) -> list:
+    if not dist.enabled:
         return [obj]
-    out = [None] * d.world_size
-    dist.all_gather_object(out, obj)
+    out = [None] * dist.world_size
+    tdist.all_gather_object(out, obj)
     return out
 
 
-def broadcast_object(obj, d: Dist):
-    if not d.enabled:
+def broadcast_object(obj, dist: Dist):
+    if not dist.enabled:
         return obj
     box = [obj]
-    dist.broadcast_object_list(box, src=0)
+    tdist.broadcast_object_list(box, src=0)
     return box[0]

@@ -1,0 +1,158 @@
+"""``MeasureEvery(k)``: measure the residual stream (SPEC §1) on every k-th optimiser step.
+
+The one place that decides which training steps are measured and drives an
+:class:`~outlierlab.monitor.OutlierMonitor` through them: switched on when step s (1-based)
+with ``s % k == 0`` begins, so every micro-batch of that step is measured, and off again when
+it ends, with the statistics collected (all-reduced under DDP) and cleared. Used by
+
+- the :class:`~outlierlab.train.Trainer` (as one of its callbacks, ``log.kurtosis_every``),
+- ``outlierlab.integrations.hf`` / ``.lightning`` (through ``integrations.core``),
+- the benchmarks (through the trainer) and ``benchmarks/gpu_check.py`` (its own loops call
+  :meth:`begin_step` / :meth:`end_step`).
+
+Subsamples (Eq. 2 and cos-sim, at most ``mmr_max_tokens`` / ``cos_max_tokens`` tokens per
+forward) are seeded from the step: the f-th measured forward of step s is forward number
+``s · 2**20 + f`` for :meth:`OutlierMonitor.number_forwards`, so a resumed run draws exactly the
+subsamples of an uninterrupted one. Imports neither transformers nor lightning.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from outlierlab.errors import ConfigError
+from outlierlab.monitor import OutlierMonitor, due
+
+FORWARDS_PER_STEP = 1 << 20
+"""Stride of the forward numbering between steps (more measured forwards per step than this
+would repeat a subsample seed; a step has as many as it has micro-batches)."""
+
+
+@dataclass
+class Measured:
+    """What one measured step gave: its number, the monitor's per-point results and summary."""
+
+    step: int
+    results: dict[str, dict[str, Any]]
+    summary: dict[str, float]
+
+    def row(self) -> dict[str, Any]:
+        """The fields of a ``metrics.jsonl`` row (docs/ARCHITECTURE.md "Run folder")."""
+        res = self.results
+        return {
+            "kurtosis": {k: float(v["kurtosis"]) for k, v in res.items()},
+            "mmr": {k: float(v["mmr"]) for k, v in res.items()},
+            "cos_sim": {k: float(v["cos_sim"]) for k, v in res.items()},
+            "kurtosis_mean": self.summary["kurtosis_mean"],
+            "kurtosis_max": self.summary["kurtosis_max"],
+        }
+
+
+class MeasureEvery:
+    """Measure optimiser steps s (1-based) with ``s % every == 0``; ``every=0`` never measures.
+
+    A loop calls :meth:`open` (hooks ``model``, switched off), then around each step
+    :meth:`begin_step` and :meth:`end_step` (→ :class:`Measured` or None), and :meth:`close`.
+    As a :class:`~outlierlab.train.Trainer` callback the ``on_*`` methods do this and add the
+    measured step's :meth:`Measured.row` to that step's metrics row. With ``replay`` (the
+    trainer's ``train.compile``) the hooks are attached only for an extra eager no-grad forward
+    of this rank's micro-batches after the update, so a compiled graph never carries them.
+    """
+
+    def __init__(
+        self,
+        every: int,
+        points: str | Sequence[str] = "auto",
+        cos_max_tokens: int | None = 1024,
+        mmr_max_tokens: int | None = 256,
+        seed: int = 0,
+        replay: bool = False,
+    ) -> None:
+        if isinstance(every, bool) or not isinstance(every, int) or every < 0:
+            raise ConfigError(
+                f"every={every!r} is not allowed; allowed: an integer ≥ 1 (optimiser steps), "
+                "or 0 for never"
+            )
+        self.every, self.points, self.seed, self.replay = every, points, seed, replay
+        self.cos_max_tokens, self.mmr_max_tokens = cos_max_tokens, mmr_max_tokens
+        self.monitor: OutlierMonitor | None = None
+        self.step: int | None = None  # the step being measured, between begin and end
+
+    def due(self, step: int) -> bool:
+        """Whether optimiser step ``step`` (1-based) is measured."""
+        return due(step, self.every)
+
+    # -- the monitor's life cycle -------------------------------------------------------------
+
+    def open(self, model: nn.Module) -> None:
+        """Hook ``model`` (switched off until a measured step begins)."""
+        self.close()
+        mon = OutlierMonitor(model, points=self.points, cos_max_tokens=self.cos_max_tokens,
+                             mmr_max_tokens=self.mmr_max_tokens, seed=self.seed)  # fmt: skip
+        mon.__enter__()
+        mon.enabled = False
+        self.monitor = mon
+
+    def begin_step(self, step: int) -> bool:
+        """Step ``step`` begins: if it is due, measure every forward until :meth:`end_step`."""
+        if self.monitor is None or self.step is not None or not self.due(step):
+            return False
+        self.monitor.reset()
+        self.monitor.number_forwards(step * FORWARDS_PER_STEP)
+        self.monitor.enabled = True
+        self.step = step
+        return True
+
+    def end_step(self, all_reduce: bool = False) -> Measured | None:
+        """The measured step has ended: its results (summed over ranks with ``all_reduce``;
+        every rank must call it then), or None if no step was being measured or nothing was."""
+        if self.monitor is None or self.step is None:
+            return None
+        step, self.step = self.step, None
+        self.monitor.enabled = False
+        results = self.monitor.results(all_reduce=all_reduce)
+        summary = self.monitor.summary(results)
+        self.monitor.reset()
+        return Measured(step, results, summary) if results else None
+
+    def close(self) -> None:
+        """Remove the monitor's hooks (idempotent)."""
+        if self.monitor is not None:
+            mon, self.monitor = self.monitor, None
+            mon.close()
+        self.step = None
+
+    # -- as a Trainer callback (the protocol of outlierlab.train.callbacks.Callback) ---------
+
+    def on_train_begin(self, trainer: Any) -> None:
+        if not self.replay:
+            self.open(trainer.model)
+
+    def on_step_begin(self, trainer: Any, step: int) -> None:
+        self.begin_step(step)
+
+    def on_step_end(self, trainer: Any, step: int, row: dict[str, Any]) -> None:
+        if self.replay and self.due(step):
+            self._replay(trainer, step)
+        measured = self.end_step(all_reduce=trainer.dist.enabled)
+        if self.replay:
+            self.close()
+        if measured is not None:
+            row.update(measured.row())
+
+    def _replay(self, trainer: Any, step: int) -> None:
+        """Measure this rank's micro-batches of the step in extra eager no-grad forwards."""
+        self.open(trainer.model)
+        self.begin_step(step)
+        with torch.no_grad(), trainer.autocast():
+            for xb in trainer.local_micro_batches():
+                trainer.model(xb)
+
+    def on_train_end(self, trainer: Any, status: str) -> None:
+        self.close()
+

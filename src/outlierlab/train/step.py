@@ -1,0 +1,126 @@
+"""One optimiser step and the validation loss: the maths of training, without a run folder.
+
+:class:`TrainStep` is what :meth:`outlierlab.train.Trainer.train_step` runs on each global
+batch, and what ``benchmarks/gpu_check.py`` times on its own models and batches.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from outlierlab.train import distributed
+
+
+def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype of ``train.precision`` (``auto``: bf16 on CUDA), ``None`` for fp32."""
+    if precision == "auto":
+        precision = "bf16" if device.type == "cuda" else "fp32"
+    return torch.bfloat16 if precision == "bf16" else None
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None):
+    """``torch.autocast`` to ``dtype``, or a no-op context for fp32."""
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+@dataclass
+class StepResult:
+    """Loss and gradient norm averaged over ranks; ``stop``: some rank asked to stop."""
+
+    loss: float
+    grad_norm: float
+    stop: bool = False
+
+    @property
+    def finite(self) -> bool:
+        return math.isfinite(self.loss) and math.isfinite(self.grad_norm)
+
+
+class TrainStep:
+    """Forward + backward over ``accum`` micro-batches of ``micro`` sequences (this rank's
+    share of the global batch, see ``loop.py``), global-norm clipping, then the update, skipped
+    when the loss or gradient norm is not finite. ``net`` is the module that runs the forward
+    (``model`` itself, or it wrapped by DDP and/or ``torch.compile``)."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        *,
+        net: nn.Module | None = None,
+        micro: int | None = None,
+        accum: int = 1,
+        clip: float = 0.0,
+        dtype: torch.dtype | None = None,
+        dist: distributed.Dist | None = None,
+    ) -> None:
+        self.model, self.optimizer = model, optimizer
+        self.net = model if net is None else net
+        self.micro, self.accum = micro, accum
+        self.clip = clip if clip > 0 else float("inf")
+        self.dtype = dtype
+        self.dist = dist or distributed.Dist(device=next(model.parameters()).device)
+        self.params = [p for p in model.parameters() if p.requires_grad]
+
+    def autocast(self):
+        return autocast(self.dist.device, self.dtype)
+
+    def micro_batches(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """This rank's micro-batches of the global batch ``x``: rank r takes micro-batch
+        ``a · world_size + r`` at accumulation step a."""
+        micro = self.micro or len(x) // (self.accum * self.dist.world_size)
+        w, r = self.dist.world_size, self.dist.rank
+        return [x[(a * w + r) * micro : (a * w + r + 1) * micro] for a in range(self.accum)]
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor, stop: bool = False) -> StepResult:
+        dist, dev = self.dist, self.dist.device
+        loss_sum = torch.zeros((), device=dev)
+        for a, (xb, yb) in enumerate(zip(self.micro_batches(x), self.micro_batches(y))):
+            xb = xb.to(dev, non_blocking=True)
+            yb = yb.to(dev, non_blocking=True)
+            sync = a == self.accum - 1 or not dist.enabled
+            with (contextlib.nullcontext() if sync else self.net.no_sync()), self.autocast():
+                _, loss = self.net(xb, yb)
+            (loss / self.accum).backward()
+            loss_sum += loss.detach().float()
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.clip)
+        flags = torch.stack([
+            loss_sum / self.accum,
+            grad_norm.float().to(dev),
+            torch.tensor(float(stop), device=dev),
+        ])  # fmt: skip
+        if dist.enabled:
+            distributed.all_reduce_(flags, dist)
+            flags[:2] /= dist.world_size
+        loss_v, gn_v, stop_v = flags.tolist()
+        out = StepResult(loss_v, gn_v, stop_v > 0)
+        if out.finite:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return out
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int,
+             dist: distributed.Dist, dtype: torch.dtype | None = None) -> float:  # fmt: skip
+    """Mean next-token loss over the fixed validation windows (sharded over ranks)."""
+    was_training = model.training
+    model.eval()
+    idx = torch.arange(dist.rank, len(x), dist.world_size)
+    tot = torch.zeros(2, dtype=torch.float64, device=dist.device)
+    for i in range(0, len(idx), batch_size):
+        j = idx[i : i + batch_size]
+        with autocast(dist.device, dtype):
+            _, loss = model(x[j].to(dist.device), y[j].to(dist.device))
+        tot[0] += loss.double() * len(j)
+        tot[1] += len(j)
+    distributed.all_reduce_(tot, dist)
+    model.train(was_training)
+    return float(tot[0] / tot[1])
