@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from outlierlab import optim
-from outlierlab.config import OptimConfig
+from outlierlab.optim import OptimConfig
 from outlierlab.model import GPT, GPTConfig
 
 
