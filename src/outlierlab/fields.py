@@ -72,12 +72,13 @@ def number(
 def describe(lo=None, hi=None, lo_open=False, hi_open=False, integer=False, none=False) -> str:
     """``an integer ≥ 1``, ``a finite number in [0, 1)``, ``a finite number > 0 or null``."""
     what = "an integer" if integer else "a finite number"
+    g = lambda x: str(x) if isinstance(x, int) else f"{x:g}"  # noqa: E731
     if lo is not None and hi is not None:
-        rng = f" in {'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open else ']'}"
+        rng = f" in {'(' if lo_open else '['}{g(lo)}, {g(hi)}{')' if hi_open else ']'}"
     elif lo is not None:
-        rng = f" {'>' if lo_open else '≥'} {lo:g}"
+        rng = f" {'>' if lo_open else '≥'} {g(lo)}"
     elif hi is not None:
-        rng = f" {'<' if hi_open else '≤'} {hi:g}"
+        rng = f" {'<' if hi_open else '≤'} {g(hi)}"
     else:
         rng = ""
     return what + rng + (" or null" if none else "")
