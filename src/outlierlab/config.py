@@ -131,17 +131,24 @@ def _fields(section: str) -> dict[str, Any]:
     return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
 
 
+def _table(raw: dict[str, Any], section: str) -> dict[str, Any]:
+    """``raw[section]`` (a new empty one if absent), which must be a table of fields."""
+    sec = raw.setdefault(section, {})
+    if not isinstance(sec, dict):
+        raise ConfigError(f"{section}={sec!r:.60} is not allowed; allowed: a table of {section} "
+                          "fields")
+    return sec
+
+
 def _build(raw: Any) -> RunConfig:
     if not isinstance(raw, dict):
         raise ConfigError(f"a run config must be a table of sections, got {raw!r:.60}")
     for k in sorted(set(raw) - {*SECTIONS, "out"}):
         raise unknown(k, [*SECTIONS, "out"])
+    raw = dict(raw)
     kw: dict[str, Any] = {}
     for s in SECTIONS:
-        sec = raw.get(s) or {}
-        if not isinstance(sec, dict):
-            raise ConfigError(f"{s}={sec!r:.60} is not allowed; allowed: a table of {s} fields")
-        sec = dict(sec)
+        sec = dict(_table(raw, s))
         fields = _fields(s)
         preset = sec.pop("preset", None) if s == "model" else None
         for k, v in list(sec.items()):
@@ -202,10 +209,10 @@ def merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
     """Section-wise merge of raw dicts; ``top`` wins. When ``top`` switches ``optim.name``, the
     optimiser hyperparameters of ``base`` are dropped (the new optimiser's defaults apply)."""
     out = {k: (dict(v) if isinstance(v, dict) else v) for k, v in base.items()}
-    new_name = (top.get("optim") or {}).get("name")
-    if new_name is not None and new_name != (out.get("optim") or {}).get("name", "adamw"):
-        hyper = hyperparameters()
-        out["optim"] = {k: v for k, v in out["optim"].items() if k not in hyper}
+    old, new = out.get("optim"), top.get("optim")
+    new_name = new.get("name") if isinstance(new, dict) else None
+    if isinstance(old, dict) and new_name is not None and new_name != old.get("name", "adamw"):
+        out["optim"] = {k: v for k, v in old.items() if k not in hyperparameters()}
     for k, v in top.items():
         if isinstance(v, dict) and isinstance(out.get(k), dict):
             out[k].update(v)
@@ -232,7 +239,7 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
             raw["out"] = value
             continue
         if key == "model":
-            raw.setdefault("model", {})["preset"] = value
+            _table(raw, "model")["preset"] = value
             continue
         section, _, name = key.partition(".")
         if section not in SECTIONS or not name:
@@ -241,7 +248,7 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
         fields = _fields(section)
         if name not in fields:
             raise unknown(key, [f"{section}.{f}" for f in fields])
-        raw.setdefault(section, {})[name] = coerce(value, fields[name], key)
+        _table(raw, section)[name] = coerce(value, fields[name], key)
     return raw
 
 

@@ -97,7 +97,6 @@ def arg_type(**rule: Any) -> Callable[[str], Any]:
                 f"{text!r} is not allowed; allowed: {describe(**rule)}"
             ) from None
 
-    parse.__name__ = describe(**rule)  # argparse names the type in some messages
     return parse
 
 

@@ -149,3 +149,14 @@ def test_saved_config_json_round_trips(tmp_path):
     cfg = config.load("tiny", overrides=["optim.name=sgd"])
     (tmp_path / "config.json").write_text(json.dumps(cfg.to_dict()))
     assert config.resume_config(tmp_path).optim == cfg.optim
+
+
+@pytest.mark.parametrize(("text", "needle"), [
+    ("optim = 5\n", "optim=5 is not allowed; allowed: a table of optim fields"),
+    ('model = "op"\n', "model='op' is not allowed; allowed: a table of model fields"),
+    ("[train]\nsteps = [1]\n", "train.steps=[1] is not allowed; allowed: an integer"),
+])
+def test_config_file_sections_must_be_tables_of_typed_fields(capsys, tmp_path, text, needle):
+    path = tmp_path / "c.toml"
+    path.write_text(text)
+    assert needle in error_line(capsys, ["train", "--config", str(path), "model=op"])
