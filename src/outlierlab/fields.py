@@ -61,7 +61,7 @@ def number(
     if value is None and none:
         return None
     ok = not isinstance(value, bool) and isinstance(value, int if integer else (int, float))
-    ok = ok and math.isfinite(value)
+    ok = ok and (isinstance(value, int) or math.isfinite(value))  # huge ints: no float
     ok = ok and (lo is None or (value > lo if lo_open else value >= lo))
     ok = ok and (hi is None or (value < hi if hi_open else value <= hi))
     if not ok:
