@@ -190,8 +190,7 @@ def make_model(dev, n_layer, d_model, n_head, seq_len, vocab, seed=0):
 
 
 def adamw(model, lr=1e-3):
-    from outlierlab.config import OptimConfig
-    from outlierlab.optim import build_optimizer
+    from outlierlab.optim import OptimConfig, build_optimizer
 
     return build_optimizer(model, OptimConfig(name="adamw", lr=lr))
 

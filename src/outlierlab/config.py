@@ -1,5 +1,8 @@
-"""Run config: ``RunConfig`` = model + data + optim + train + log (+ ``out``), validated
-dataclasses built from named presets, TOML files and dotted ``field=value`` overrides.
+"""Run config: ``RunConfig`` = model + data + optim + train + log (+ ``out``), composed from
+the section configs each module owns (``GPTConfig`` in :mod:`outlierlab.model.config`,
+``DataConfig`` in :mod:`outlierlab.data.config`, ``OptimConfig`` in :mod:`outlierlab.optim`,
+``TrainConfig``/``LogConfig`` in :mod:`outlierlab.train.config`); built from named presets, TOML
+files and dotted ``field=value`` overrides (values typed by :func:`outlierlab.fields.coerce`).
 
 Layers, each on top of the last: the training preset (``presets/train/NAME.toml``, ``default``
 unless named) → a user TOML file → command-line overrides. In a TOML ``[model]`` table the key
@@ -11,25 +14,33 @@ defaults (:data:`outlierlab.optim.REGISTRY`, SPEC §3) when the config is built.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import json
-import math
 import sys
-import types
 import typing
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Any
 
-from outlierlab.data import DataConfig
+import tomli_w
+
+from outlierlab.data.config import DataConfig
 from outlierlab.errors import ConfigError
-from outlierlab.model import GPTConfig
+from outlierlab.fields import coerce, unknown
+from outlierlab.model.config import GPTConfig
+from outlierlab.optim import OptimConfig, hyperparameters
+from outlierlab.train.config import LogConfig, TrainConfig
 
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover
     import tomli as tomllib
+
+__all__ = [
+    "ConfigError", "DataConfig", "GPTConfig", "LogConfig", "OptimConfig", "RunConfig",
+    "TrainConfig", "apply_overrides", "changed_maths_fields", "load", "merge", "preset_names",
+    "read_preset", "read_toml", "resume_config",
+]  # fmt: skip
 
 SECTIONS = ("model", "data", "optim", "train", "log")
 
@@ -50,160 +61,6 @@ RESUMABLE = frozenset(
     }
     | {f"log.{k}" for k in ("kurtosis_every", "tensorboard", "wandb", "wandb_project")}
 )
-
-
-def _positive(section: str, name: str, value: Any, minimum: float = 1) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= minimum:
-        raise ConfigError(
-            f"{section}.{name}={value!r} is not allowed; allowed: a number ≥ {minimum}"
-        )
-
-
-@dataclass
-class OptimConfig:
-    """Optimiser, its hyperparameters and the lr schedule (SPEC §3).
-
-    Hyperparameters left ``None`` take the optimiser's defaults (``outlierlab.optim``); those the
-    chosen optimiser does not use are dropped (set to ``None``) so the resolved config shows
-    exactly what ran.
-    """
-
-    name: str = "adamw"
-    """adamw, adafactor, soap, shampoo, muon, sgd."""
-    lr: float | None = None
-    """Peak learning rate (muon: of the Muon part; see ``aux_lr``)."""
-    betas: tuple[float, float] | None = None
-    """Adam-style (β1, β2): adamw, soap, muon's AdamW part."""
-    eps: float | None = None
-    """ε: adamw/soap/muon-AdamW denominator, adafactor ε1, shampoo matrix ε."""
-    weight_decay: float | None = None
-    """Decoupled weight decay on the ≥2-D matmul weights (never norms, gains, β, embeddings)."""
-    momentum: float | None = None
-    """sgd, shampoo, muon momentum."""
-    precondition_frequency: int | None = None
-    """soap / shampoo: recompute the preconditioner every this many steps."""
-    beta2_decay: float | None = None
-    """adafactor's second-moment decay exponent."""
-    aux_lr: float | None = None
-    """muon: lr of the AdamW that trains embeddings, head, norms and gains."""
-    schedule: str = "cosine"
-    """cosine | linear | wsd | constant, after a linear warm-up."""
-    warmup: float = 0.05
-    """Warm-up length: a fraction of ``train.steps`` when < 1, else a number of steps."""
-    min_lr_ratio: float = 0.0
-    """Final lr as a fraction of the peak (cosine, linear, wsd)."""
-    decay_frac: float = 0.2
-    """wsd: fraction of the steps spent in the final linear decay."""
-    grad_clip: float = 1.0
-    """Clip the global gradient norm to this; 0 disables clipping."""
-
-    def __post_init__(self) -> None:
-        from outlierlab import optim
-
-        used = optim.defaults(self.name)  # validates the name, listing allowed ones
-        for k, default in used.items():
-            if getattr(self, k) is None:
-                setattr(self, k, default)
-        for k in _HYPER:
-            if k not in used:
-                setattr(self, k, None)
-        if self.betas is not None:
-            self.betas = tuple(float(b) for b in self.betas)
-            if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
-                raise ConfigError(f"optim.betas={self.betas!r}; allowed: two numbers in [0, 1)")
-        for k in ("lr", "aux_lr"):
-            v = getattr(self, k)
-            if v is not None and not (isinstance(v, (int, float)) and v > 0 and math.isfinite(v)):
-                raise ConfigError(f"optim.{k}={v!r} is not allowed; allowed: a number > 0")
-        for k in ("weight_decay", "momentum", "eps"):
-            v = getattr(self, k)
-            if v is not None and not (isinstance(v, (int, float)) and v >= 0):
-                raise ConfigError(f"optim.{k}={v!r} is not allowed; allowed: a number ≥ 0")
-        if self.precondition_frequency is not None:
-            _positive("optim", "precondition_frequency", self.precondition_frequency)
-        from outlierlab.optim import SCHEDULES
-
-        if self.schedule not in SCHEDULES:
-            raise ConfigError(
-                f"optim.schedule={self.schedule!r}; allowed: {', '.join(SCHEDULES)}"
-            )
-        _positive("optim", "warmup", self.warmup, 0)
-        _positive("optim", "grad_clip", self.grad_clip, 0)
-        if not 0 <= self.min_lr_ratio <= 1:
-            raise ConfigError(f"optim.min_lr_ratio={self.min_lr_ratio!r}; allowed: [0, 1]")
-        if not 0 <= self.decay_frac <= 1:
-            raise ConfigError(f"optim.decay_frac={self.decay_frac!r}; allowed: [0, 1]")
-
-    def warmup_steps(self, steps: int) -> int:
-        return round(self.warmup * steps) if self.warmup < 1 else int(self.warmup)
-
-
-_HYPER = (
-    "lr", "betas", "eps", "weight_decay", "momentum", "precondition_frequency", "beta2_decay",
-    "aux_lr",
-)  # fmt: skip
-
-
-@dataclass
-class TrainConfig:
-    """Loop length, batch, evaluation and checkpoint cadence, device and precision."""
-
-    steps: int = 1000
-    """Optimiser steps."""
-    batch_size: int = 16
-    """Sequences per micro-batch per rank. Global batch = batch_size × grad_accum × ranks."""
-    grad_accum: int = 1
-    """Micro-batches per optimiser step (per rank)."""
-    seed: int = 0
-    """Seeds the model init and the batch sampler."""
-    log_every: int = 10
-    """Write a metrics.jsonl line (and a progress line when not on a terminal) every k steps."""
-    eval_every: int = 200
-    """Validation loss every k steps (and at the end); 0 = only at the end."""
-    eval_windows: int = 64
-    """Number of fixed validation windows (seq_len tokens each)."""
-    ckpt_every: int = 250
-    """Checkpoint every k steps (and at the end); 0 = only at the end."""
-    keep_ckpts: int = 2
-    """Keep the last N checkpoints."""
-    device: str = "auto"
-    """auto (cuda if available, else cpu), cpu, cuda, cuda:N."""
-    precision: str = "auto"
-    """auto (fp32 on CPU, bf16 autocast on CUDA), fp32, bf16."""
-    compile: bool = False
-    """torch.compile the model."""
-    threads: int = 0
-    """CPU threads for torch (``torch.set_num_threads``) during the run; 0 = leave as is. Tiny
-    models run fastest on 1, and 2+ threads on an oversubscribed machine can be many times
-    slower."""
-
-    def __post_init__(self) -> None:
-        for k in ("steps", "batch_size", "grad_accum", "log_every", "eval_windows", "keep_ckpts"):
-            _positive("train", k, getattr(self, k))
-        for k in ("seed", "eval_every", "ckpt_every", "threads"):
-            _positive("train", k, getattr(self, k), 0)
-        if self.precision not in ("auto", "fp32", "bf16"):
-            raise ConfigError(f"train.precision={self.precision!r}; allowed: auto, fp32, bf16")
-        if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
-            raise ConfigError(f"train.device={self.device!r}; allowed: auto, cpu, cuda, cuda:N")
-
-
-@dataclass
-class LogConfig:
-    """Outlier-feature monitoring and metric sinks."""
-
-    kurtosis_every: int = 50
-    """Measure Kurt/MMR/cos-sim of the residual stream on the training batch every k steps;
-    0 = never."""
-    tensorboard: bool = False
-    """Write TensorBoard events to RUN_DIR/tb."""
-    wandb: bool = False
-    """Log to Weights & Biases (needs ``pip install wandb``)."""
-    wandb_project: str = "outlierlab"
-    """W&B project name."""
-
-    def __post_init__(self) -> None:
-        _positive("log", "kurtosis_every", self.kurtosis_every, 0)
 
 
 @dataclass
@@ -234,15 +91,14 @@ class RunConfig:
         return _flatten(self.to_dict())
 
     def to_toml(self) -> str:
-        """The resolved config as TOML (fields that are ``None`` become comments)."""
-        lines = [f"out = {json.dumps(self.out)}"]
-        for s, sec in self.to_dict().items():
-            if s == "out":
-                continue
-            lines.append(f"\n[{s}]")
-            for k, v in sec.items():
-                lines.append(f"# {k} = (unset)" if v is None else f"{k} = {json.dumps(v)}")
-        return "\n".join(lines) + "\n"
+        """The resolved config as TOML, which ``--config`` reads back (fields that are ``None``
+        are left out: TOML has no null)."""
+        d = self.to_dict()
+        return tomli_w.dumps({k: _drop_none(v) if isinstance(v, dict) else v for k, v in d.items()})
+
+
+def _drop_none(section: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in section.items() if v is not None}
 
 
 def _asdict(obj: Any) -> dict[str, Any]:
@@ -275,115 +131,36 @@ def _fields(section: str) -> dict[str, Any]:
     return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
 
 
-def _unknown(name: str, allowed: list[str]) -> ConfigError:
-    close = difflib.get_close_matches(name, allowed, n=3, cutoff=0.5)
-    hint = f"did you mean {' or '.join(close)}?" if close else f"allowed: {', '.join(allowed)}"
-    return ConfigError(f"unknown field {name!r}; {hint}")
+def _table(raw: dict[str, Any], section: str) -> dict[str, Any]:
+    """``raw[section]`` (a new empty one if absent), which must be a table of fields."""
+    sec = raw.setdefault(section, {})
+    if not isinstance(sec, dict):
+        raise ConfigError(f"{section}={sec!r:.60} is not allowed; allowed: a table of {section} "
+                          "fields")
+    return sec
 
 
-def _build(raw: dict[str, Any]) -> RunConfig:
+def _build(raw: Any) -> RunConfig:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"a run config must be a table of sections, got {raw!r:.60}")
+    for k in sorted(set(raw) - {*SECTIONS, "out"}):
+        raise unknown(k, [*SECTIONS, "out"])
     raw = dict(raw)
-    unknown = set(raw) - {*SECTIONS, "out"}
-    for k in sorted(unknown):
-        raise _unknown(k, [*SECTIONS, "out"])
     kw: dict[str, Any] = {}
     for s in SECTIONS:
-        sec = dict(raw.get(s) or {})
-        if not isinstance(sec, dict):
-            raise ConfigError(f"{s} must be a table of fields, got {sec!r}")
+        sec = dict(_table(raw, s))
         fields = _fields(s)
         preset = sec.pop("preset", None) if s == "model" else None
         for k, v in list(sec.items()):
             if k not in fields:
-                raise _unknown(f"{s}.{k}", [f"{s}.{f}" for f in fields])
-            sec[k] = _coerce(v, fields[k], f"{s}.{k}")
-        try:
-            if s == "model" and preset is not None:
-                kw[s] = GPTConfig.preset(str(preset), **sec)
-            else:
-                kw[s] = SECTION_TYPES[s](**sec)
-        except TypeError as exc:  # e.g. a wrong type reaching a dataclass
-            raise ConfigError(f"{s}: {exc}") from None
+                raise unknown(f"{s}.{k}", [f"{s}.{f}" for f in fields])
+            sec[k] = coerce(v, fields[k], f"{s}.{k}")
+        if s == "model" and preset is not None:
+            kw[s] = GPTConfig.preset(str(preset), **sec)
+        else:
+            kw[s] = SECTION_TYPES[s](**sec)
     out = raw.get("out", "")
     return RunConfig(**kw, out=str(out) if out is not None else "")
-
-
-# --------------------------------------------------------------------------- values
-
-
-def _coerce(value: Any, tp: Any, name: str) -> Any:
-    """Convert a TOML value or an override string to the field's type ``tp``."""
-    origin = typing.get_origin(tp)
-    if origin in (Union, types.UnionType):
-        args = typing.get_args(tp)
-        is_none = value is None or (isinstance(value, str) and value.lower() in ("none", "null"))
-        if is_none and type(None) in args:
-            return None
-        errors = []
-        for a in args:
-            if a is type(None):
-                continue
-            try:
-                return _coerce(value, a, name)
-            except ConfigError as exc:
-                errors.append(exc)
-        raise errors[0] if errors else ConfigError(f"{name}={value!r} is not allowed")
-    if origin is Literal:
-        allowed = typing.get_args(tp)
-        if value not in allowed:
-            raise ConfigError(f"{name}={value!r}; allowed: {', '.join(map(str, allowed))}")
-        return value
-    if origin in (tuple, list):
-        if isinstance(value, str):
-            s = value.strip().strip("[]()")
-            items = [x.strip() for x in s.split(",") if x.strip()]
-        elif isinstance(value, (list, tuple)):
-            items = list(value)
-        else:
-            raise ConfigError(f"{name}={value!r} is not allowed; allowed: a list like 0.9,0.95")
-        args = [a for a in typing.get_args(tp) if a is not Ellipsis] or [str]
-        conv = [_coerce(x, args[min(i, len(args) - 1)], name) for i, x in enumerate(items)]
-        if origin is tuple and Ellipsis not in typing.get_args(tp) and len(conv) != len(args):
-            raise ConfigError(f"{name}={value!r} is not allowed; allowed: {len(args)} values")
-        return origin(conv)
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in ("true", "1", "yes", "on"):
-            return True
-        if isinstance(value, str) and value.lower() in ("false", "0", "no", "off"):
-            return False
-        raise ConfigError(f"{name}={value!r} is not allowed; allowed: true, false")
-    if tp is int:
-        if isinstance(value, bool):
-            raise ConfigError(f"{name}={value!r} is not allowed; allowed: an integer")
-        if isinstance(value, int):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        if isinstance(value, str):
-            try:
-                return int(value.replace("_", ""))
-            except ValueError:
-                try:
-                    f = float(value)
-                    if f.is_integer():
-                        return int(f)
-                except ValueError:
-                    pass
-        raise ConfigError(f"{name}={value!r} is not allowed; allowed: an integer")
-    if tp is float:
-        if isinstance(value, bool):
-            raise ConfigError(f"{name}={value!r} is not allowed; allowed: a number")
-        try:
-            return float(value)
-        except (TypeError, ValueError):
-            raise ConfigError(f"{name}={value!r} is not allowed; allowed: a number") from None
-    if tp is str:
-        if isinstance(value, (dict, list)):
-            raise ConfigError(f"{name}={value!r} is not allowed; allowed: a string")
-        return str(value)
-    return value
 
 
 # --------------------------------------------------------------------------- presets and files
@@ -403,23 +180,39 @@ def read_preset(name: str) -> dict[str, Any]:
     return tomllib.loads(path.read_text())
 
 
-def read_toml(path: str | Path) -> dict[str, Any]:
+def read_text(path: str | Path, what: str) -> str:
+    """The text of a file the user named; a missing, unreadable, binary file or a folder is a
+    one-line ``ConfigError`` calling it ``what`` (e.g. ``config file``)."""
     p = Path(path)
     try:
-        return tomllib.loads(p.read_text())
+        return p.read_text(encoding="utf-8")
     except FileNotFoundError:
-        raise ConfigError(f"config file {p} does not exist") from None
+        raise ConfigError(f"{what} {p} does not exist") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{what} {p} is a folder; allowed: a file") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{what} {p} is not a UTF-8 text file") from None
+    except OSError as exc:
+        raise ConfigError(f"{what} {p} cannot be read ({exc.strerror or exc})") from None
+
+
+def read_toml(path: str | Path, what: str = "config file") -> dict[str, Any]:
+    """A TOML file as a dict (errors as :func:`read_text`, or not valid TOML)."""
+    text = read_text(path, what)
+    try:
+        return tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"config file {p} is not valid TOML ({exc})") from None
+        raise ConfigError(f"{what} {path} is not valid TOML ({exc})") from None
 
 
 def merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
     """Section-wise merge of raw dicts; ``top`` wins. When ``top`` switches ``optim.name``, the
     optimiser hyperparameters of ``base`` are dropped (the new optimiser's defaults apply)."""
     out = {k: (dict(v) if isinstance(v, dict) else v) for k, v in base.items()}
-    new_name = (top.get("optim") or {}).get("name")
-    if new_name is not None and new_name != (out.get("optim") or {}).get("name", "adamw"):
-        out["optim"] = {k: v for k, v in out["optim"].items() if k not in _HYPER}
+    old, new = out.get("optim"), top.get("optim")
+    new_name = new.get("name") if isinstance(new, dict) else None
+    if isinstance(old, dict) and new_name is not None and new_name != old.get("name", "adamw"):
+        out["optim"] = {k: v for k, v in old.items() if k not in hyperparameters()}
     for k, v in top.items():
         if isinstance(v, dict) and isinstance(out.get(k), dict):
             out[k].update(v)
@@ -446,16 +239,16 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
             raw["out"] = value
             continue
         if key == "model":
-            raw.setdefault("model", {})["preset"] = value
+            _table(raw, "model")["preset"] = value
             continue
         section, _, name = key.partition(".")
         if section not in SECTIONS or not name:
             all_names = ["out", "model", *(f"{s}.{f}" for s in SECTIONS for f in _fields(s))]
-            raise _unknown(key, all_names)
+            raise unknown(key, all_names)
         fields = _fields(section)
         if name not in fields:
-            raise _unknown(key, [f"{section}.{f}" for f in fields])
-        raw.setdefault(section, {})[name] = _coerce(value, fields[name], key)
+            raise unknown(key, [f"{section}.{f}" for f in fields])
+        _table(raw, section)[name] = coerce(value, fields[name], key)
     return raw
 
 
@@ -492,6 +285,11 @@ def resume_config(run_dir: str | Path, overrides: list[str] | None = None) -> Ru
     for key, _ in pairs:
         if key in ("model", "out"):
             raise ConfigError(f"{key}= cannot change on resume; the run folder fixes it")
-    raw = apply_overrides(run.config, list(overrides or []))
+    saved = run.config
+    try:
+        _build(saved)
+    except ConfigError as exc:
+        raise ConfigError(f"run config {run.config_file} is invalid: {exc}") from None
+    raw = apply_overrides(saved, list(overrides or []))
     raw["out"] = str(run_dir)
     return _build(raw)

@@ -1,29 +1,116 @@
-"""Optimiser registry (name → builder) and learning-rate schedules (SPEC §3).
+"""Optimiser config, registry (name → builder) and learning-rate schedules (SPEC §3).
 
 No hand-written optimiser maths: ``adamw``, ``adafactor``, ``sgd`` and ``muon`` come from
 ``torch.optim``; ``soap`` and ``shampoo`` from ``pytorch_optimizer``. ``muon`` follows its
 authors: Muon on the 2-D hidden matrices, AdamW on embeddings, the output head, norms and gains,
 wrapped in :class:`MultiOptimizer` so a training loop sees one optimiser.
 
-Defaults (:data:`DEFAULTS`) are SPEC §3's where it names them (AdamW: the authors' recipe;
-SOAP: nikhilvyas/SOAP) and the library's own otherwise. Schedules are a pure function of the
-step (:func:`lr_factor`), so resuming needs no scheduler state.
+Each optimiser declares the hyperparameters it uses, with their defaults, where it is registered
+(:func:`register`): that registry is the one list of optimiser-specific hyperparameters
+(:func:`hyperparameters`); :class:`OptimConfig` fills and validates them from it. Defaults are
+SPEC §3's where it names them (AdamW: the authors' recipe; SOAP: nikhilvyas/SOAP) and the
+library's own otherwise. Schedules are a pure function of the step (:func:`lr_factor`), so
+resuming needs no scheduler state.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-import torch
-from torch import nn
-
 from outlierlab.errors import ConfigError
+from outlierlab.fields import bad, choice, number
 
-if TYPE_CHECKING:
-    from outlierlab.config import OptimConfig
+if TYPE_CHECKING:  # torch is imported by the builders, so the config and registry need none
+    import torch
+    from torch import nn
+
+SCHEDULES = ("cosine", "linear", "wsd", "constant")
+
+
+@dataclass
+class OptimConfig:
+    """Optimiser, its hyperparameters and the lr schedule (SPEC §3).
+
+    The fields that default to ``None`` are optimiser-specific: left ``None`` they take the chosen
+    optimiser's defaults (:data:`REGISTRY`); those it does not use are set to ``None`` so the
+    resolved config shows exactly what ran.
+    """
+
+    name: str = "adamw"
+    """adamw, adafactor, soap, shampoo, muon, sgd."""
+    lr: float | None = None
+    """Peak learning rate (muon: of the Muon part; see ``aux_lr``)."""
+    betas: tuple[float, float] | None = None
+    """Adam-style (β1, β2): adamw, soap, muon's AdamW part."""
+    eps: float | None = None
+    """ε: adamw/soap/muon-AdamW denominator, adafactor ε1, shampoo matrix ε."""
+    weight_decay: float | None = None
+    """Decoupled weight decay on the ≥2-D matmul weights (never norms, gains, β, embeddings)."""
+    momentum: float | None = None
+    """sgd, shampoo, muon momentum."""
+    precondition_frequency: int | None = None
+    """soap / shampoo: recompute the preconditioner every this many steps."""
+    beta2_decay: float | None = None
+    """adafactor's second-moment decay exponent."""
+    aux_lr: float | None = None
+    """muon: lr of the AdamW that trains embeddings, head, norms and gains."""
+    schedule: str = "cosine"
+    """cosine | linear | wsd | constant, after a linear warm-up."""
+    warmup: float = 0.05
+    """Warm-up length: a fraction of ``train.steps`` when < 1, else a number of steps."""
+    min_lr_ratio: float = 0.0
+    """Final lr as a fraction of the peak (cosine, linear, wsd)."""
+    decay_frac: float = 0.2
+    """wsd: fraction of the steps spent in the final linear decay."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this; 0 disables clipping."""
+
+    def __post_init__(self) -> None:
+        used = defaults(self.name)  # validates the name, listing allowed ones
+        for k in hyperparameters():
+            if k not in used:
+                setattr(self, k, None)
+            elif getattr(self, k) is None:
+                setattr(self, k, used[k])
+            else:
+                setattr(self, k, _check_hyper(k, getattr(self, k)))
+        choice("optim.schedule", self.schedule, SCHEDULES)
+        self.warmup = number("optim.warmup", self.warmup, lo=0)
+        self.grad_clip = number("optim.grad_clip", self.grad_clip, lo=0)
+        self.min_lr_ratio = number("optim.min_lr_ratio", self.min_lr_ratio, lo=0, hi=1)
+        self.decay_frac = number("optim.decay_frac", self.decay_frac, lo=0, hi=1)
+
+    def warmup_steps(self, steps: int) -> int:
+        return round(self.warmup * steps) if self.warmup < 1 else int(self.warmup)
+
+
+# The range of each optimiser-specific hyperparameter (betas: two numbers in [0, 1)).
+_RANGES: dict[str, dict[str, Any]] = {
+    "lr": {"lo": 0, "lo_open": True},
+    "aux_lr": {"lo": 0, "lo_open": True},
+    "eps": {"lo": 0},
+    "weight_decay": {"lo": 0},
+    "momentum": {"lo": 0},
+    "precondition_frequency": {"lo": 1, "integer": True},
+    "beta2_decay": {},
+}
+
+
+def _check_hyper(k: str, v: Any) -> Any:
+    if k != "betas":
+        return number(f"optim.{k}", v, **_RANGES[k])
+    try:
+        betas = tuple(number("optim.betas", b, lo=0, hi=1, hi_open=True) for b in v)
+    except (TypeError, ConfigError):
+        betas = ()
+    if len(betas) != 2:
+        raise bad("optim.betas", v, "two numbers in [0, 1)")
+    return betas
+
 
 Groups = list[dict[str, Any]]
 
@@ -40,7 +127,13 @@ REGISTRY: dict[str, OptimSpec] = {}
 
 
 def register(name: str, **defaults: Any):
-    """Decorator: ``@register("adamw", lr=1e-3, ...)`` on ``build(model, groups, hp)``."""
+    """Decorator: ``@register("adamw", lr=1e-3, ...)`` on ``build(model, groups, hp)``; the
+    keywords are the hyperparameters it uses (each an :class:`OptimConfig` field defaulting to
+    ``None``) with their defaults."""
+    fields = {f.name for f in dataclasses.fields(OptimConfig) if f.default is None}
+    if set(defaults) - fields:
+        raise TypeError(f"optimiser {name!r}: {sorted(set(defaults) - fields)} are not "
+                        f"OptimConfig hyperparameter fields ({sorted(fields)})")
 
     def deco(fn):
         REGISTRY[name] = OptimSpec(fn, dict(defaults))
@@ -53,10 +146,17 @@ def names() -> list[str]:
     return sorted(REGISTRY)
 
 
+def hyperparameters() -> tuple[str, ...]:
+    """Every optimiser-specific hyperparameter some registered optimiser uses, in
+    :class:`OptimConfig` field order."""
+    used = {k for spec in REGISTRY.values() for k in spec.defaults}
+    return tuple(f.name for f in dataclasses.fields(OptimConfig) if f.name in used)
+
+
 def defaults(name: str) -> dict[str, Any]:
     """The hyperparameters optimiser ``name`` uses, with their defaults."""
     if name not in REGISTRY:
-        raise ConfigError(f"optim.name={name!r} is not an optimiser; allowed: {', '.join(names())}")
+        raise bad("optim.name", name, ", ".join(names()))
     return dict(REGISTRY[name].defaults)
 
 
@@ -65,6 +165,8 @@ def defaults(name: str) -> dict[str, Any]:
 
 @register("adamw", lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.1)
 def _adamw(model, groups, hp):
+    import torch
+
     return torch.optim.AdamW(groups, lr=hp["lr"], betas=hp["betas"], eps=hp["eps"])
 
 
@@ -72,6 +174,8 @@ def _adamw(model, groups, hp):
 # relative: 0.05 gives steps of ≈ 1e-3, like AdamW's.
 @register("adafactor", lr=0.05, beta2_decay=-0.8, eps=None, weight_decay=0.0)
 def _adafactor(model, groups, hp):
+    import torch
+
     return torch.optim.Adafactor(
         groups, lr=hp["lr"], beta2_decay=hp["beta2_decay"], eps=(hp["eps"], 1e-3)
     )
@@ -111,6 +215,8 @@ def _shampoo(model, groups, hp):
 
 @register("sgd", lr=0.1, momentum=0.9, weight_decay=0.0)
 def _sgd(model, groups, hp):
+    import torch
+
     return torch.optim.SGD(groups, lr=hp["lr"], momentum=hp["momentum"])
 
 
@@ -120,6 +226,8 @@ def _sgd(model, groups, hp):
     "muon", lr=0.02, momentum=0.95, weight_decay=0.01, aux_lr=3e-3, betas=(0.9, 0.95), eps=1e-8
 )
 def _muon(model, groups, hp):
+    import torch
+
     hidden = muon_params(model)
     muon_groups, aux_groups = [], []
     for g in groups:
@@ -144,6 +252,8 @@ def _muon(model, groups, hp):
 def muon_params(model: nn.Module) -> set[int]:
     """ids of the 2-D hidden matrices: every 2-D parameter except embedding tables and the
     output head (a ``Linear`` whose output size is the vocabulary, or one named ``*head*``)."""
+    from torch import nn
+
     excluded: set[int] = set()
     vocab = {m.num_embeddings for m in model.modules() if isinstance(m, nn.Embedding)}
     for name, m in model.named_modules():
@@ -219,8 +329,6 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig):
 
 # --------------------------------------------------------------------------- schedules
 
-SCHEDULES = ("cosine", "linear", "wsd", "constant")
-
 
 def lr_factor(
     step: int,
@@ -252,7 +360,7 @@ def lr_factor(
         return 1.0 - (1.0 - min_ratio) * p
     if schedule == "cosine":
         return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * p))
-    raise ConfigError(f"optim.schedule={schedule!r}; allowed: {', '.join(SCHEDULES)}")
+    raise bad("optim.schedule", schedule, ", ".join(SCHEDULES))
 
 
 def set_lr(optimizer: Any, factor: float) -> float:

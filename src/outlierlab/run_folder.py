@@ -72,7 +72,9 @@ def read_json_object(path: Path) -> dict[str, Any]:
         data = json.loads(path.read_text(encoding="utf-8"))
     except OSError as exc:
         raise RunFolderError(f"{path}: cannot read ({exc.strerror or exc})") from None
-    except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError
+    except UnicodeDecodeError:
+        raise RunFolderError(f"{path}: not a UTF-8 text file") from None
+    except ValueError as exc:  # JSONDecodeError
         raise RunFolderError(f"{path}: not valid JSON ({_first_line(exc)})") from None
     if not isinstance(data, dict):
         raise RunFolderError(f"{path}: expected a JSON object, found {type(data).__name__}")

@@ -9,8 +9,9 @@ import pytest
 import torch
 
 from outlierlab import optim
-from outlierlab.config import OptimConfig
+from outlierlab.errors import ConfigError
 from outlierlab.model import GPT, GPTConfig
+from outlierlab.optim import OptimConfig
 
 
 @pytest.fixture
@@ -61,6 +62,30 @@ def test_muon_takes_hidden_matrices_only(model):
 def test_unknown_optimiser_lists_allowed():
     with pytest.raises(Exception, match="allowed: adafactor, adamw"):
         OptimConfig(name="adam")
+
+
+def test_hyperparameters_are_one_list_the_registry_declares():
+    import dataclasses
+
+    from outlierlab.experiments.claims import OPTIMISER_SPECIFIC
+
+    declared = {k for name in optim.names() for k in optim.defaults(name)}
+    assert set(optim.hyperparameters()) == declared
+    assert declared == {f.name for f in dataclasses.fields(OptimConfig) if f.default is None}
+    assert set(OPTIMISER_SPECIFIC) == {"optim.name"} | {f"optim.{k}" for k in declared} - {
+        "optim.lr", "optim.eps"}
+    with pytest.raises(TypeError, match="momentun"):
+        optim.register("typo", momentun=0.9)
+    assert "typo" not in optim.REGISTRY
+
+
+def test_hyperparameters_are_checked_and_unused_ones_dropped():
+    cfg = OptimConfig(name="sgd", betas=(0.5, 0.5), lr=1)
+    assert cfg.betas is None and cfg.eps is None and cfg.lr == 1.0 and cfg.momentum == 0.9
+    for bad in ({"eps": math.inf}, {"lr": 0}, {"precondition_frequency": 2.5, "name": "soap"},
+                {"betas": (0.9,)}, {"warmup": math.nan}):
+        with pytest.raises(ConfigError, match="is not allowed; allowed: "):
+            OptimConfig(**bad)
 
 
 def test_schedules():

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 
 from outlierlab.cli import output_dir
+from outlierlab.fields import arg_type
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -18,7 +19,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, metavar="DIR", type=output_dir,
                    help="where the report goes")
     p.add_argument("--title", default="", help="page title")
-    p.add_argument("--loss-tol", type=float, default=0.05,
+    p.add_argument("--loss-tol", type=arg_type(lo=0), default=0.05,
                    help="relative val-loss gap still counted as 'matched loss' (default 0.05)")
     p.set_defaults(func=run)
 

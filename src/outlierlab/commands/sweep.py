@@ -7,6 +7,7 @@ import argparse
 from pathlib import Path
 
 from outlierlab.cli import output_dir
+from outlierlab.fields import arg_type
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -25,10 +26,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 def add_sweep_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", metavar="DIR", type=output_dir,
                    help="sweep folder (default: runs/<grid name>)")
-    p.add_argument("--workers", type=int, metavar="N",
-                   help="runs at once on this machine (default: the grid's, else 1)")
-    p.add_argument("--threads", type=int, metavar="T",
-                   help="torch threads per run (default: the grid's, else cores / workers)")
+    p.add_argument("--workers", type=arg_type(lo=1, integer=True), metavar="N",
+                   help="runs at once on this machine, ≥ 1 (default: the grid's, else 1)")
+    p.add_argument("--threads", type=arg_type(lo=1, integer=True), metavar="T",
+                   help="torch threads per run, ≥ 1 (default: the grid's, else cores / workers)")
     p.add_argument("--no-quantize", action="store_true", help="train only")
 
 

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from outlierlab.errors import ConfigError
+from outlierlab.fields import bad, flag, number
 
 TOKENIZER_KINDS = ("bytes", "bpe")
 
@@ -35,24 +36,17 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         if not isinstance(self.source, str) or not self.source:
-            raise ConfigError("data.source must be 'stdlib', a file, a folder, a glob or a .jsonl")
+            raise bad("data.source", self.source, "'stdlib', a file, a folder, a glob or a .jsonl")
         if not isinstance(self.tokenizer, str) or not self.tokenizer:
-            raise ConfigError("data.tokenizer must be 'bytes', 'bpe' or a path to a tokenizer.json")
-        if isinstance(self.vocab_size, bool) or not isinstance(self.vocab_size, int):
-            raise ConfigError(f"data.vocab_size must be an integer, got {self.vocab_size!r}")
-        if not 258 <= self.vocab_size <= 2**32:
-            raise ConfigError(f"data.vocab_size must be in 258..2**32, got {self.vocab_size}")
-        if not isinstance(self.val_fraction, (int, float)) or not 0 < self.val_fraction < 1:
-            raise ConfigError(f"data.val_fraction must be in (0, 1), got {self.val_fraction!r}")
-        self.val_fraction = float(self.val_fraction)
-        if not isinstance(self.include_tests, bool):
-            raise ConfigError(
-                f"data.include_tests must be true or false, got {self.include_tests!r}"
-            )
+            raise bad("data.tokenizer", self.tokenizer, "'bytes', 'bpe' or a tokenizer.json path")
+        number("data.vocab_size", self.vocab_size, lo=258, hi=2**32, integer=True)
+        self.val_fraction = number("data.val_fraction", self.val_fraction, lo=0, hi=1,
+                                   lo_open=True, hi_open=True)
+        flag("data.include_tests", self.include_tests)
         if not isinstance(self.text_field, str) or not self.text_field:
-            raise ConfigError("data.text_field must be a non-empty string")
+            raise bad("data.text_field", self.text_field, "a non-empty string")
         if self.cache_dir is not None and not isinstance(self.cache_dir, (str, os.PathLike)):
-            raise ConfigError(f"data.cache_dir must be a path, got {self.cache_dir!r}")
+            raise bad("data.cache_dir", self.cache_dir, "a path or null")
         if self.cache_dir is not None:
             self.cache_dir = str(self.cache_dir)
 

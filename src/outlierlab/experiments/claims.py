@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from outlierlab.experiments.results import RunRecord
+from outlierlab.optim import hyperparameters
 
 HELD, NOT_HELD, NOT_TESTED = "held", "did not hold", "not tested"
 SIZE_KEYS = ("model.vocab_size", "model.n_layer", "model.d_model", "model.n_head",
@@ -27,8 +28,11 @@ MIN_KURT = 1.5
 """A comparison tests a claim about *lowering* OFs only where the reference run (Pre-Norm,
 AdamW, the series' largest value) has some: Kurt ≥ this. Near 1 (≈ initialisation, SPEC §6's
 gentle settings give 1.1–1.3) there is nothing to lower and differences are noise."""
-OPTIMISER_SPECIFIC = ("optim.name", "optim.betas", "optim.weight_decay", "optim.momentum",
-                      "optim.precondition_frequency", "optim.beta2_decay", "optim.aux_lr")
+OPTIMISER_SPECIFIC = ("optim.name", *(f"optim.{k}" for k in hyperparameters()
+                                       if k not in ("lr", "eps")))
+"""Keys that differ between optimisers run at their own defaults: the name and every
+hyperparameter the registry declares (:func:`outlierlab.optim.hyperparameters`) except lr and
+ε, which the claims compare explicitly."""
 
 
 def rankdata(x: Sequence[float]) -> np.ndarray:

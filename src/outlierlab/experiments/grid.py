@@ -22,7 +22,9 @@ args = ["--calib-batches", "8"]  # optional: more `outlierlab quantize` options 
 
 Keys are the dotted override names of ``outlierlab train``; quote them (``"optim.lr"``) or
 nest tables, both work. A list-valued field is given as a list of lists in ``[grid]``.
-Points with the same effective overrides are trained once. Each point's run folder is named
+Points with the same effective overrides are trained once. :func:`load_grid` resolves every
+point with the code ``outlierlab train`` uses (:func:`check_grid`), so a bad field, model, value
+or scheme is an error naming the point before anything runs. Each point's run folder is named
 from the values of the *declared* keys (those in ``[grid]`` and ``[[include]]``), in the order
 they first appear (seeds last), e.g. ``op-soap-lr1e-2-seed0``; the name does not depend on
 which other points exist, so adding values to an axis never renames finished runs.
@@ -40,7 +42,10 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from outlierlab import config
 from outlierlab.errors import ConfigError
+from outlierlab.fields import bad
+from outlierlab.quant.config import SCHEMES
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -263,22 +268,36 @@ def sweep_presets() -> list[str]:
     return sorted(p.name[:-5] for p in folder.iterdir() if p.name.endswith(".toml"))
 
 
+def check_grid(grid: Grid) -> None:
+    """Resolve every point as its ``outlierlab train`` command will (training preset, then the
+    point's overrides as command-line strings) and check the quantisation schemes; the first bad
+    one is a ``ConfigError`` naming the point and the field."""
+    for s in grid.schemes:
+        if s not in SCHEMES:
+            raise bad(f"{grid.source or 'grid'}: quant.schemes", s, ", ".join(SCHEMES))
+    for p in grid.points:
+        try:
+            config.load(grid.preset, None, p.args())
+        except ConfigError as exc:
+            raise ConfigError(f"grid point {p.name}: {exc}") from None
+
+
 def load_grid(spec: str | Path) -> Grid:
-    """Load a grid from a ``.toml`` path or a preset name (``quick``, ``cpu``, ``gpu-130m``)."""
+    """Load a grid from a ``.toml`` path or a preset name (``quick``, ``cpu``, ``gpu-130m``) and
+    check every point (:func:`check_grid`)."""
     path = Path(spec)
     if path.suffix == ".toml" or path.exists():
-        if not path.is_file():
+        if not path.exists():
             raise ConfigError(f"grid file {str(path)!r} not found; allowed: a .toml file or a "
                               f"preset ({', '.join(sweep_presets())})")
-        text, default_name, source = path.read_text(), path.stem, str(path)
+        data, default_name = config.read_toml(path, "grid file"), path.stem
+        source = str(path)
     else:
         res = resources.files("outlierlab").joinpath(f"presets/sweeps/{spec}.toml")
         if not res.is_file():
             raise ConfigError(f"unknown sweep preset {str(spec)!r}; allowed: a .toml file or "
                               f"{', '.join(sweep_presets())}")
-        text, default_name, source = res.read_text(), str(spec), f"preset:{spec}"
-    try:
-        data = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{source}: not valid TOML ({exc})") from None
-    return parse_grid(data, default_name=default_name, source=source)
+        data, default_name, source = tomllib.loads(res.read_text()), str(spec), f"preset:{spec}"
+    grid = parse_grid(data, default_name=default_name, source=source)
+    check_grid(grid)
+    return grid

@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from outlierlab.errors import ConfigError, RunFolderError
-from outlierlab.experiments.grid import Grid, GridPoint
+from outlierlab.experiments.grid import Grid, GridPoint, check_grid
 from outlierlab.run_folder import RunFolder, write_json
 
 LOG_NAME = "sweep.log"
@@ -170,11 +170,13 @@ def run_sweep(grid: Grid, out: str | Path, *, workers: int = 1, threads: int | N
               quantize: bool = True, python: str | None = None,
               echo: Callable[[str], None] = print) -> SweepSummary:
     """Train (or resume) every pending point, then quantise every finished one; writes
-    ``OUT/sweep.json`` and each run's output to ``RUN_DIR/sweep.log``."""
+    ``OUT/sweep.json`` and each run's output to ``RUN_DIR/sweep.log``. Every point is checked
+    first (:func:`~outlierlab.experiments.grid.check_grid`): nothing runs if one is bad."""
     if workers < 1:
         raise ConfigError(f"--workers {workers} is not allowed; allowed: an integer ≥ 1")
     if threads is not None and threads < 1:
         raise ConfigError(f"--threads {threads} is not allowed; allowed: an integer ≥ 1")
+    check_grid(grid)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     python = python or sys.executable

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from outlierlab.errors import ConfigError
+from outlierlab.fields import bad, choice, flag, number
 
 BLOCKS = ("pre", "post", "op")
 NORMS = ("layernorm", "rmsnorm", "srmsnorm", "none")
@@ -48,11 +49,6 @@ PRESETS: dict[str, dict[str, Any]] = {
         "beta": 0.2,
     },
 }
-
-
-def _choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
-    if value not in allowed:
-        raise ConfigError(f"model.{name}={value!r} is not allowed; allowed: {', '.join(allowed)}")
 
 
 @dataclass
@@ -113,61 +109,33 @@ class GPTConfig:
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "n_layer", "d_model", "n_head", "seq_len"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ConfigError(f"model.{name}={value!r} is not allowed; allowed: an integer ≥ 1")
-        if self.d_mlp is not None and (
-            isinstance(self.d_mlp, bool) or not isinstance(self.d_mlp, int) or self.d_mlp < 1
-        ):
-            raise ConfigError(
-                f"model.d_mlp={self.d_mlp!r} is not allowed; allowed: an integer ≥ 1 or null"
-            )
+            number(f"model.{name}", getattr(self, name), lo=1, integer=True)
+        number("model.d_mlp", self.d_mlp, lo=1, integer=True, none=True)
         if self.d_model % self.n_head:
             raise ConfigError(
                 f"model.d_model={self.d_model} is not divisible by model.n_head={self.n_head}; "
                 "allowed: d_model a multiple of n_head"
             )
-        _choice("block", self.block, BLOCKS)
-        _choice("norm", self.norm, NORMS)
-        _choice("activation", self.activation, ACTIVATIONS)
-        _choice("pos_encoding", self.pos_encoding, POS_ENCODINGS)
+        choice("model.block", self.block, BLOCKS)
+        choice("model.norm", self.norm, NORMS)
+        choice("model.activation", self.activation, ACTIVATIONS)
+        choice("model.pos_encoding", self.pos_encoding, POS_ENCODINGS)
         if self.pos_encoding == "rotary" and self.d_head % 2:
             raise ConfigError(
                 f"model.pos_encoding='rotary' needs an even d_head, got {self.d_head}; "
                 "allowed: d_model / n_head even"
             )
         self.beta = self._check_beta(self.beta)
-        if self.logit_softcap is not None:
-            cap = self.logit_softcap
-            if isinstance(cap, bool) or not isinstance(cap, (int, float)) or not cap > 0:
-                raise ConfigError(
-                    f"model.logit_softcap={cap!r} is not allowed; allowed: null or a number > 0"
-                )
-            self.logit_softcap = float(cap)
-        if (
-            isinstance(self.init_std, bool)
-            or not isinstance(self.init_std, (int, float))
-            or not (self.init_std > 0 and math.isfinite(self.init_std))
-        ):
-            raise ConfigError(
-                f"model.init_std={self.init_std!r} is not allowed; allowed: a number > 0"
-            )
-        self.init_std = float(self.init_std)
-        if (
-            isinstance(self.dropout, bool)
-            or not isinstance(self.dropout, (int, float))
-            or not (0.0 <= self.dropout < 1.0)
-        ):
-            raise ConfigError(f"model.dropout={self.dropout!r} is not allowed; allowed: [0, 1)")
-        self.dropout = float(self.dropout)
+        self.logit_softcap = number(
+            "model.logit_softcap", self.logit_softcap, lo=0, lo_open=True, none=True
+        )
+        self.init_std = number("model.init_std", self.init_std, lo=0, lo_open=True)
+        self.dropout = number("model.dropout", self.dropout, lo=0, hi=1, hi_open=True)
         for name in (
             "norm_affine", "qk_norm", "beta_trainable", "first_attn_norm", "final_norm",
             "tie_embeddings", "bias", "allow_unregulated",
         ):  # fmt: skip
-            if not isinstance(getattr(self, name), bool):
-                raise ConfigError(
-                    f"model.{name}={getattr(self, name)!r} is not allowed; allowed: true, false"
-                )
+            flag(f"model.{name}", getattr(self, name))
         if (
             self.block == "op"
             and not self.qk_norm
@@ -181,22 +149,13 @@ class GPTConfig:
 
     @staticmethod
     def _check_beta(beta: Any) -> float | str:
-        if isinstance(beta, str):
-            if beta == "auto":
-                return beta
-            try:
-                beta = float(beta)
-            except ValueError:
-                beta = None
-        if (
-            isinstance(beta, bool)
-            or not isinstance(beta, (int, float))
-            or not (beta > 0 and math.isfinite(beta))
-        ):
-            raise ConfigError(
-                f"model.beta={beta!r} is not allowed; allowed: a number > 0 or 'auto'"
-            )
-        return float(beta)
+        if beta == "auto":
+            return beta
+        try:
+            value = float(beta) if isinstance(beta, str) else beta
+            return number("model.beta", value, lo=0, lo_open=True)
+        except (ConfigError, ValueError):
+            raise bad("model.beta", beta, "a finite number > 0 or 'auto'") from None
 
     # -- derived values ------------------------------------------------------------------------
 

@@ -1,12 +1,28 @@
 """Training: the :class:`Trainer` (``trainer.py``) and :func:`train`, one step
-(``step.py``), callbacks, checkpoints, the run folder, DDP, signals, divergence.
-See docs/train.md."""
+(``step.py``), callbacks, checkpoints, DDP, signals, divergence; the ``train``/``log`` config
+sections (:mod:`outlierlab.train.config`). See docs/train.md.
+
+The exports are imported lazily, so ``outlierlab.config`` can import ``outlierlab.train.config``
+without importing the trainer (which imports ``outlierlab.config``).
+"""
 
 from __future__ import annotations
 
-from outlierlab.train.callbacks import Callback
-from outlierlab.train.loop import train
-from outlierlab.train.step import StepResult, TrainStep
-from outlierlab.train.trainer import Trainer, TrainResult
+from importlib import import_module
 
-__all__ = ["Callback", "StepResult", "TrainResult", "TrainStep", "Trainer", "train"]
+_LAZY = {
+    "Callback": "outlierlab.train.callbacks",
+    "StepResult": "outlierlab.train.step",
+    "TrainResult": "outlierlab.train.trainer",
+    "TrainStep": "outlierlab.train.step",
+    "Trainer": "outlierlab.train.trainer",
+    "train": "outlierlab.train.loop",
+}
+
+__all__ = sorted(_LAZY)
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        return getattr(import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'outlierlab.train' has no attribute {name!r}")

@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as tdist
 
+from outlierlab.fields import bad
+
 
 @dataclass
 class Dist:
@@ -32,11 +34,18 @@ class Dist:
 
 
 def pick_device(spec: str, local_rank: int = 0) -> torch.device:
+    """``train.device`` on this machine; a CUDA device it does not have is a ``ConfigError``."""
+    given = spec
     if spec == "auto":
         spec = "cuda" if torch.cuda.is_available() else "cpu"
     if spec == "cuda":
         spec = f"cuda:{local_rank}"
-    return torch.device(spec)
+    device = torch.device(spec)
+    n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if device.type == "cuda" and (device.index or 0) >= n:
+        have = f"cuda:0..cuda:{n - 1}" if n else "no CUDA device on this machine"
+        raise bad("train.device", given, f"auto, cpu ({have})")
+    return device
 
 
 def init(device: str = "auto") -> Dist:

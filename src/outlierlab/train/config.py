@@ -1,0 +1,76 @@
+"""The ``train`` and ``log`` sections of a run config: loop length, batch, cadence, device and
+precision; outlier-feature monitoring and metric sinks. Validated on construction."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from outlierlab.fields import bad, choice, flag, number
+
+DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
+
+
+@dataclass
+class TrainConfig:
+    """Loop length, batch, evaluation and checkpoint cadence, device and precision."""
+
+    steps: int = 1000
+    """Optimiser steps."""
+    batch_size: int = 16
+    """Sequences per micro-batch per rank. Global batch = batch_size × grad_accum × ranks."""
+    grad_accum: int = 1
+    """Micro-batches per optimiser step (per rank)."""
+    seed: int = 0
+    """Seeds the model init and the batch sampler."""
+    log_every: int = 10
+    """Write a metrics.jsonl line (and a progress line when not on a terminal) every k steps."""
+    eval_every: int = 200
+    """Validation loss every k steps (and at the end); 0 = only at the end."""
+    eval_windows: int = 64
+    """Number of fixed validation windows (seq_len tokens each)."""
+    ckpt_every: int = 250
+    """Checkpoint every k steps (and at the end); 0 = only at the end."""
+    keep_ckpts: int = 2
+    """Keep the last N checkpoints."""
+    device: str = "auto"
+    """auto (cuda if available, else cpu), cpu, cuda, cuda:N. Whether this machine has it is
+    checked when the run starts (``train.distributed.pick_device``)."""
+    precision: str = "auto"
+    """auto (fp32 on CPU, bf16 autocast on CUDA), fp32, bf16."""
+    compile: bool = False
+    """torch.compile the model."""
+    threads: int = 0
+    """CPU threads for torch (``torch.set_num_threads``) during the run; 0 = leave as is. Tiny
+    models run fastest on 1, and 2+ threads on an oversubscribed machine can be many times
+    slower."""
+
+    def __post_init__(self) -> None:
+        for k in ("steps", "batch_size", "grad_accum", "log_every", "eval_windows", "keep_ckpts"):
+            number(f"train.{k}", getattr(self, k), lo=1, integer=True)
+        for k in ("seed", "eval_every", "ckpt_every", "threads"):
+            number(f"train.{k}", getattr(self, k), lo=0, integer=True)
+        choice("train.precision", self.precision, ("auto", "fp32", "bf16"))
+        if not (isinstance(self.device, str) and DEVICE.fullmatch(self.device)):
+            raise bad("train.device", self.device, "auto, cpu, cuda, cuda:N (N = 0, 1, ...)")
+        flag("train.compile", self.compile)
+
+
+@dataclass
+class LogConfig:
+    """Outlier-feature monitoring and metric sinks."""
+
+    kurtosis_every: int = 50
+    """Measure Kurt/MMR/cos-sim of the residual stream on the training batch every k steps;
+    0 = never."""
+    tensorboard: bool = False
+    """Write TensorBoard events to RUN_DIR/tb."""
+    wandb: bool = False
+    """Log to Weights & Biases (needs ``pip install wandb``)."""
+    wandb_project: str = "outlierlab"
+    """W&B project name."""
+
+    def __post_init__(self) -> None:
+        number("log.kurtosis_every", self.kurtosis_every, lo=0, integer=True)
+        flag("log.tensorboard", self.tensorboard)
+        flag("log.wandb", self.wandb)
