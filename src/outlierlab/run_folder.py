@@ -35,6 +35,7 @@ MODEL_FILE = "model.safetensors"  # the final weights: a GPT.save folder at the 
 MODEL_CONFIG_FILE = "model_config.json"
 QUANT_DIR = "quant"
 LOCK_FILE = ".lock"
+TB_DIR = "tb"
 SECTIONS = ("model", "data", "optim", "train", "log")
 STATUSES = ("running", "finished", "crashed", "diverged", "interrupted")
 _STEP_DIR = re.compile(r"^step-(\d+)$")
@@ -97,6 +98,7 @@ class RunFolder:
         self.model_file = self.path / MODEL_FILE
         self.quant_dir = self.path / QUANT_DIR
         self.lock_file = self.path / LOCK_FILE
+        self.tb_dir = self.path / TB_DIR
         self._status: dict[str, Any] = {}
 
     def __repr__(self) -> str:

@@ -26,7 +26,7 @@ from pathlib import Path
 
 from outlierlab.errors import ConfigError, RunFolderError
 from outlierlab.experiments.grid import Grid, GridPoint, check_grid
-from outlierlab.run_folder import RunFolder, write_json
+from outlierlab.run_folder import RunFolder, utc_now, write_json
 
 LOG_NAME = "sweep.log"
 MANIFEST = "sweep.json"
@@ -220,14 +220,7 @@ def run_sweep(grid: Grid, out: str | Path, *, workers: int = 1, threads: int | N
             o.status = _status(d)
             say(f"{tag}: {state}, not retrained")
         if quantize and o.status == "finished" and not stop.is_set():
-            t = time.perf_counter()
-            for s in grid.schemes:
-                if quant_done(d, s):
-                    continue
-                rc = _run(quant_command(d, s, python, grid.quant_args), d / LOG_NAME, env)
-                (o.quantized if rc == 0 and quant_path(d, s).is_file()
-                 else o.quant_failed).append(s)
-            o.quant_s = time.perf_counter() - t
+            _quantize_point(grid, d, o, python, env)
             if o.quantized or o.quant_failed:
                 bad = f", failed: {', '.join(o.quant_failed)}" if o.quant_failed else ""
                 say(f"{tag}: quantised {', '.join(o.quantized) or 'nothing'}{bad} "
@@ -246,10 +239,21 @@ def run_sweep(grid: Grid, out: str | Path, *, workers: int = 1, threads: int | N
     summary = SweepSummary(out, outcomes, time.perf_counter() - t0)
     manifest = {"grid": grid.to_dict(), "workers": workers,
                 "threads": int(env["OMP_NUM_THREADS"]), "wall_s": summary.wall_s,
-                "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                "finished_at": utc_now(),
                 "outcomes": [asdict(o) for o in outcomes]}
     write_json(out / MANIFEST, manifest)
     return summary
+
+
+def _quantize_point(grid: Grid, d: Path, o: Outcome, python: str, env: dict[str, str]) -> None:
+    """Run every scheme of ``grid`` not yet saved for the run ``d``; record the outcome in ``o``."""
+    t = time.perf_counter()
+    for s in grid.schemes:
+        if quant_done(d, s):
+            continue
+        rc = _run(quant_command(d, s, python, grid.quant_args), d / LOG_NAME, env)
+        (o.quantized if rc == 0 and quant_path(d, s).is_file() else o.quant_failed).append(s)
+    o.quant_s = time.perf_counter() - t
 
 
 def _in_use(run_dir: Path) -> str:

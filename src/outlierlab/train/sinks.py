@@ -3,10 +3,10 @@ Weights & Biases (``log.wandb``), both imported only when asked for."""
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 from outlierlab.errors import ConfigError
+from outlierlab.run_folder import RunFolder
 
 
 def scalars(row: dict[str, Any]) -> dict[str, float]:
@@ -27,7 +27,7 @@ def _num(v: Any) -> bool:
 
 
 class Sinks:
-    def __init__(self, log_cfg: Any, run_dir: Path, config: dict[str, Any]) -> None:
+    def __init__(self, log_cfg: Any, run: RunFolder, config: dict[str, Any]) -> None:
         self.tb = None
         self.wandb = None
         if log_cfg.wandb:
@@ -39,7 +39,7 @@ class Sinks:
                     "or set log.wandb=false"
                 ) from None
             self.wandb = wandb.init(
-                project=log_cfg.wandb_project, name=run_dir.name, dir=str(run_dir),
+                project=log_cfg.wandb_project, name=run.path.name, dir=str(run.path),
                 config=config, resume="allow",
             )  # fmt: skip
         if log_cfg.tensorboard:
@@ -50,7 +50,7 @@ class Sinks:
                     "log.tensorboard=true needs the tensorboard package "
                     "(pip install 'outlierlab[tensorboard]'); or set log.tensorboard=false"
                 ) from None
-            self.tb = SummaryWriter(log_dir=str(run_dir / "tb"))
+            self.tb = SummaryWriter(log_dir=str(run.tb_dir))
 
     def log(self, row: dict[str, Any]) -> None:
         if self.tb is None and self.wandb is None:

@@ -281,7 +281,7 @@ class Trainer:
             print(cfg.to_toml(), flush=True)
         if not self.dist.is_main:
             return
-        self._sinks = Sinks(cfg.log, run.path, cfg.to_dict())  # fails early if wandb is missing
+        self._sinks = Sinks(cfg.log, run, cfg.to_dict())  # fails early if wandb is missing
         if run.final_model:  # extending a finished run: its root weights go stale
             run.remove_final_model()
         run.write_config(cfg.to_dict())
