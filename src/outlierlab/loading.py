@@ -5,7 +5,9 @@ See ARCHITECTURE.md "Loading". Which folder is which:
 - ``model_config.json`` in the folder → an outlierlab model (``GPT.save``, or a finished run);
 - ``config.json`` with ``model`` and ``data`` sections but no ``model_config.json`` → a run that
   has not finished: its latest complete ``checkpoints/step-N/``;
-- ``config.json`` with ``model_type`` → a Hugging Face folder (:func:`outlierlab.hf.load`).
+- ``config.json`` with ``model_type`` → a Hugging Face folder (:func:`outlierlab.hf.load`);
+- a ``.gguf`` file, or a folder holding exactly one and no config → a GGUF model
+  (:func:`outlierlab.gguf.load`, an HF model, kind ``"hf"``).
 
 An outlierlab model's tokenizer comes from the run's ``config.json`` (``data.tokenizer``:
 ``bytes``, or ``tokenizer.json`` in the run folder); a bare saved model uses its folder's
@@ -62,14 +64,20 @@ def _is_run_config(cfg: dict | None) -> bool:
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> LoadedModel:
-    """Load an outlierlab run / saved GPT folder or a local Hugging Face folder (offline)."""
+    """Load an outlierlab run / saved GPT folder, a local Hugging Face folder or a GGUF file
+    (offline)."""
     path = Path(path)
     if not path.exists():
         raise ModelLoadError(
             f"{path} does not exist; expected a run folder, a saved GPT folder or an HF folder"
         )
+    from outlierlab import gguf
+
+    if (gguf_file := gguf.find_gguf(path)) is not None:  # a .gguf file, or a folder holding one
+        model, tok, seq_len = gguf.load(gguf_file, device)
+        return LoadedModel(model, tok, "hf", gguf_file, seq_len)
     if not path.is_dir():
-        raise ModelLoadError(f"{path} is not a folder; expected a model folder")
+        raise ModelLoadError(f"{path} is not a folder; expected a model folder or a .gguf file")
     cfg = _read_json(path / "config.json")
     if (path / "model_config.json").is_file():
         run = path

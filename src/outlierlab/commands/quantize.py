@@ -26,7 +26,7 @@ def add_parser(subparsers: Any) -> None:
         description="FP vs fake-quantised perplexity and the per-layer damage (SPEC §4).",
     )
     p.add_argument(
-        "path", metavar="RUN_DIR_OR_HF_DIR", help="run folder, model folder or HF folder"
+        "path", metavar="RUN_DIR_OR_HF_DIR", help="run folder, model folder, HF folder or .gguf"
     )
     p.add_argument(
         "--scheme",
@@ -163,8 +163,10 @@ def run(args: argparse.Namespace) -> int:
     for name in ("calib_batches", "batch_size", "eval_windows", "stats_windows"):
         _positive("--" + name.replace("_", "-"), getattr(args, name))
     path = Path(args.path)
-    if not path.is_dir():
-        raise ModelLoadError(f"{path} is not a folder; expected a run folder or an HF model folder")
+    if not path.is_dir() and path.suffix.lower() != ".gguf":
+        raise ModelLoadError(
+            f"{path} is not a folder; expected a run folder, an HF model folder or a .gguf file"
+        )
 
     import warnings
 
