@@ -79,3 +79,35 @@ def test_broken_gguf_is_a_one_line_error(tmp_path, capsys):
     assert main(["measure", str(bad)]) == 2
     err = capsys.readouterr().err.strip()
     assert "cannot load the GGUF file" in err and len(err.splitlines()) == 1
+
+
+def test_measure_profile_on_gguf(gguf_file, tmp_path, capsys):
+    out = tmp_path / "p.json"
+    rc = main(["measure", str(gguf_file), "--max-tokens", "256", "--seq-len", "32", "--profile",
+               "--json", str(out)])  # fmt: skip
+    assert rc == 0
+    prof = json.loads(out.read_text())["profile"]
+    by_name = {p["name"]: p for p in prof["points"]}
+    assert by_name["blocks.1.resid_post"]["top"][0]["channel"] == PLANT_CHANNEL
+    assert by_name["blocks.1.resid_post"]["max_median_ratio"] > 20
+    assert [a["layer"] for a in prof["attention"]] == [f"blocks.{i}.attn" for i in range(3)]
+    assert all(a["heads"] == 4 and 0 <= a["mass_token0"] <= 1 for a in prof["attention"])
+    assert "attention sinks" in capsys.readouterr().out
+
+
+def test_profile_hf_attention_equals_eager_attentions_and_restores_sdpa():
+    from outlierlab.profile import profile
+
+    model = tiny_llama()
+    assert model.config._attn_implementation == "sdpa"
+    x = torch.randint(0, EOS, (3, 20))
+    res = profile(model, x, batch_size=2)
+    assert model.config._attn_implementation == "sdpa"
+    model.set_attn_implementation("eager")
+    with torch.no_grad():
+        att = model(input_ids=x, output_attentions=True).attentions
+    for layer, a in zip(res["attention"], att):
+        want = a.double()[:, :, 1:, 0].mean((0, 2))
+        torch.testing.assert_close(
+            torch.tensor(layer["mass_token0_per_head"], dtype=torch.float64), want
+        )

@@ -55,6 +55,12 @@ def add_parser(subparsers: Any) -> None:
         "names ('*' within one dotted part, '**' across parts)",
     )
     p.add_argument("--top", type=int, default=5, help="outlier neurons shown per row (default 5)")
+    p.add_argument(
+        "--profile",
+        action="store_true",
+        help="also the massive-activation profile: top |x| with (token, channel), max/median, "
+        "Kurt without the first token, OSP kurtosis, attention sinks (docs/measure.md)",
+    )
     p.add_argument("--device", default="cpu", help="torch device (default cpu)")
     p.set_defaults(func=run)
 
@@ -202,6 +208,10 @@ def run(args: argparse.Namespace) -> int:
             for name, r in res.items()
         ],
     }
+    if args.profile:
+        from outlierlab.profile import profile
+
+        report["profile"] = profile(loaded.model, x, args.batch_size, args.points or "auto")
     _print(report, tuple(x.shape), args.top)
     if args.json:
         _write_json(Path(args.json), report)
@@ -228,7 +238,12 @@ def _print(report: dict, shape: tuple[int, ...], top: int) -> None:
             f", … (+{len(idx) - top})" if len(idx) > top else ""
         )
         table.add_row(p["name"], num(p["kurtosis"]), num(p["mmr"]), num(p["cos_sim"]), shown or "-")
-    Console(width=max(100, Console().width)).print(table)
+    console = Console(width=max(100, Console().width))
+    console.print(table)
+    if "profile" in report:
+        from outlierlab.profile import print_profile
+
+        print_profile(report["profile"], console)
 
 
 def _write_json(path: Path, obj: dict) -> None:

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from outlierlab.errors import DataError
-from outlierlab.quant.calibrate import calibrate
+from outlierlab.quant.calibrate import calibrate, stop_at_head
 from outlierlab.quant.config import QuantConfig
 from outlierlab.quant.quantizers import sqnr_db
 from outlierlab.quant.wrap import ActStats, quant_linears, residual_quantizers, wrap
@@ -101,8 +101,9 @@ def layer_report(qmodel: nn.Module, x: torch.Tensor, batch_size: int = 8) -> lis
         aq.stats = ActStats()
     device = _device(qmodel)
     try:
-        for i in range(0, x.shape[0], batch_size):
-            logits_of(qmodel, x[i : i + batch_size].to(device))
+        with stop_at_head(qmodel) as run:  # the FP head has no quantiser to report
+            for i in range(0, x.shape[0], batch_size):
+                run(logits_of, x[i : i + batch_size].to(device))
         rows = [
             {
                 "name": name,
@@ -148,9 +149,9 @@ def residual_kurtosis(model: nn.Module, x: torch.Tensor, batch_size: int = 8) ->
     from outlierlab.monitor import OutlierMonitor
 
     device = _device(model)
-    with OutlierMonitor(model) as mon:
+    with OutlierMonitor(model) as mon, stop_at_head(model) as run:
         for i in range(0, x.shape[0], batch_size):
-            logits_of(model, x[i : i + batch_size].to(device))
+            run(logits_of, x[i : i + batch_size].to(device))
         results = mon.results()
         summary = mon.summary()
     return {
