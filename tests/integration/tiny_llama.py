@@ -40,6 +40,24 @@ def tiny_llama(planted: bool = False, seed: int = 0):
     return model
 
 
+def plant_massive(model, unit: int = 0, gain: float = 3.0):
+    """A Sun et al.-style massive activation on the windows' first token, in place: residual
+    channel ``PLANT_CHANNEL`` is 1 in the embedding of ``EOS`` (the windows' first token in the
+    tests) and 0 in every other token's; MLP unit ``unit`` of block ``PLANT_LAYER`` reads only
+    that channel (gate and up weights ``gain``), so its input to ``down_proj`` is ≈ (gain·√d)²
+    on token 0 and ≈ 0 elsewhere, and block ``PLANT_LAYER`` writes a large vector into the
+    residual stream of token 0 only."""
+    with torch.no_grad():
+        emb = model.model.embed_tokens.weight
+        emb[:, PLANT_CHANNEL] = 0.0
+        emb[EOS, PLANT_CHANNEL] = 1.0
+        mlp = model.model.layers[PLANT_LAYER].mlp
+        for lin in (mlp.gate_proj, mlp.up_proj):
+            lin.weight[unit] = 0.0
+            lin.weight[unit, PLANT_CHANNEL] = gain
+    return model
+
+
 def _permute(w: np.ndarray, n_head: int) -> np.ndarray:
     """llama.cpp's q/k row order (convert_hf_to_gguf ``LlamaModel.permute``)."""
     return (

@@ -31,7 +31,8 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument(
         "--scheme",
         default=DEFAULT_SCHEME,
-        help="w8a8-tensor (default), w8a8-dynamic, w4a8, w8a4; the options below override it",
+        help="w8a8-tensor (default), w8a8-dynamic, w8a8-paper, w4a8, w8a4; the options below "
+        "override it",
     )
     p.add_argument("--w-bits", type=int, help="weight bits, 2..16 (16 ≈ full precision)")
     p.add_argument("--a-bits", type=int, help="activation bits, 2..16")

@@ -122,7 +122,7 @@ def layer_report(qmodel: nn.Module, x: torch.Tensor, batch_size: int = 8) -> lis
         rows += [
             {
                 "name": name,
-                "kind": "residual",
+                "kind": aq.kind,
                 "act_sqnr_db": _finite(sqnr_db(aq.stats.signal, aq.stats.noise)),
                 "weight_sqnr_db": None,
                 "act_min": aq.stats.lo,
@@ -170,12 +170,14 @@ def quantize_and_evaluate(
     batch_size: int = 8,
     stats_windows: int = 16,
     fp: dict[str, float] | None = None,
+    resid: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The whole pipeline on ``model`` (never modified): FP perplexity, a wrapped copy calibrated
     on ``calib`` (train batches), quantised perplexity on the same windows, the per-layer report
     on the first ``stats_windows`` windows, and the FP residual-stream Kurt.
 
-    ``fp`` (``{"ppl", "loss", "seconds"}``) reuses an FP evaluation of the same windows.
+    ``fp`` (``{"ppl", "loss", "seconds"}``) reuses an FP evaluation of the same windows, ``resid``
+    a :func:`residual_kurtosis` result on the same stats windows.
     Returns the JSON-able result (top-level ``fp_ppl``, ``quant_ppl``, ``scheme``, ``config``,
     ``layers``).
     """
@@ -195,7 +197,7 @@ def quantize_and_evaluate(
     q_s = time.perf_counter() - t0
     sx = val_x[: max(1, min(stats_windows, val_x.shape[0]))]
     layers = layer_report(qmodel, sx, batch_size)
-    resid = residual_kurtosis(model, sx, batch_size)
+    resid = resid or residual_kurtosis(model, sx, batch_size)
     for row in layers:
         if row["kind"] == "residual":
             row["kurtosis"] = resid["points"].get(row["name"])
