@@ -44,17 +44,11 @@ def load(path: Path, device: str | torch.device = "cpu") -> tuple[Any, Any, int 
             "loading a GGUF file needs transformers and gguf: pip install 'outlierlab[hf]'"
         ) from exc
     from transformers.utils import is_gguf_available
-    from transformers.utils import logging as hf_logging
 
     if not is_gguf_available():
         raise ModelLoadError(f"loading {path} needs the gguf package: pip install 'outlierlab[hf]'")
-    bars = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()  # the CLI's stderr is for one-line errors
-    try:
+    with _quiet_loading():  # the CLI's stderr is for one-line errors
         return _load(transformers, path, device)
-    finally:
-        if bars:
-            hf_logging.enable_progress_bar()
 
 
 def _first_line(exc: BaseException) -> str:
@@ -68,10 +62,9 @@ def _load(transformers: Any, path: Path, device: str | torch.device):
     opts = {"gguf_file": path.name, "local_files_only": True, "trust_remote_code": False}
     folder = str(path.parent)
     try:
-        with _quiet_tqdm():
-            model = transformers.AutoModelForCausalLM.from_pretrained(
-                folder, dtype=torch.float32, **opts
-            )
+        model = transformers.AutoModelForCausalLM.from_pretrained(
+            folder, dtype=torch.float32, **opts
+        )
     except Exception as exc:  # gguf and transformers raise many types for bad or unknown files
         raise ModelLoadError(f"cannot load the GGUF file {path}: {_first_line(exc)}") from exc
     try:
@@ -83,20 +76,27 @@ def _load(transformers: Any, path: Path, device: str | torch.device):
     return model, HFTokenizer(tok), ctx if isinstance(ctx, int) else None
 
 
-class _quiet_tqdm:
-    """Silence the ``tqdm`` bar transformers draws while dequantising GGUF tensors (it does not
-    go through transformers' own progress-bar switch): its module's ``tqdm`` is swapped for a
-    disabled one while loading."""
+class _quiet_loading:
+    """No progress bars while loading: transformers' own (its logging switch) and the ``tqdm``
+    bar it draws while dequantising GGUF tensors, which ignores that switch (its module's
+    ``tqdm`` is swapped for a disabled one meanwhile)."""
 
     def __enter__(self) -> None:
         import functools
 
         from transformers import modeling_gguf_pytorch_utils as mod
+        from transformers.utils import logging as hf_logging
 
+        self._bars = hf_logging.is_progress_bar_enabled()
+        hf_logging.disable_progress_bar()
         self._mod, self._old = mod, getattr(mod, "tqdm", None)
         if self._old is not None:
             mod.tqdm = functools.partial(self._old, disable=True)
 
     def __exit__(self, *exc: object) -> None:
+        from transformers.utils import logging as hf_logging
+
         if self._old is not None:
             self._mod.tqdm = self._old
+        if self._bars:
+            hf_logging.enable_progress_bar()
