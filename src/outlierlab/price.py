@@ -86,8 +86,10 @@ def run_price(
                 step(label)
                 continue
         t0 = time.perf_counter()
+        # layer_kurtosis off: the page shows the residual stream's Kurt, from the profile
+        opts = dict(fp=fp, resid=resid, layer_kurtosis=False)
         res = quantize_and_evaluate(
-            target, cfg, calib, val_x, val_y, batch_size, stats_windows, fp=fp, resid=resid
+            target, cfg, calib, val_x, val_y, batch_size, stats_windows, **opts
         )
         res.update(label=label, seconds=time.perf_counter() - t0)
         rows.append(res)

@@ -89,14 +89,18 @@ def _finite(v: float | None) -> float | None:
 
 
 @torch.no_grad()
-def layer_report(qmodel: nn.Module, x: torch.Tensor, batch_size: int = 8) -> list[dict[str, Any]]:
+def layer_report(
+    qmodel: nn.Module, x: torch.Tensor, batch_size: int = 8, kurtosis: bool = True
+) -> list[dict[str, Any]]:
     """Per quantised layer: activation SQNR and range over the windows x, weight SQNR, the
-    calibrated static range, and Kurt of the layer's (unquantised) input."""
+    calibrated static range, and Kurt of the layer's (unquantised) input (None without
+    ``kurtosis``: its float64 sums are a large share of this pass)."""
     layers = quant_linears(qmodel)
     resid = residual_quantizers(qmodel)
     for m in layers.values():
         m.act.stats = ActStats()
-        m.kurt_acc = _kurt_accumulator(m.in_features)  # Kurt of the layer input, SPEC §1 Eq. 1
+        if kurtosis:  # Kurt of the layer input, SPEC §1 Eq. 1
+            m.kurt_acc = _kurt_accumulator(m.in_features)
     for aq in resid.values():
         aq.stats = ActStats()
     device = _device(qmodel)
@@ -115,7 +119,7 @@ def layer_report(qmodel: nn.Module, x: torch.Tensor, batch_size: int = 8) -> lis
                 "act_max": m.act.stats.hi,
                 "calib_min": m.act.calib_lo,
                 "calib_max": m.act.calib_hi,
-                "kurtosis": float(m.kurt_acc.result()["kurtosis"]),
+                "kurtosis": float(m.kurt_acc.result()["kurtosis"]) if kurtosis else None,
             }
             for name, m in layers.items()
         ]
@@ -171,13 +175,15 @@ def quantize_and_evaluate(
     stats_windows: int = 16,
     fp: dict[str, float] | None = None,
     resid: dict[str, Any] | None = None,
+    layer_kurtosis: bool = True,
 ) -> dict[str, Any]:
     """The whole pipeline on ``model`` (never modified): FP perplexity, a wrapped copy calibrated
     on ``calib`` (train batches), quantised perplexity on the same windows, the per-layer report
     on the first ``stats_windows`` windows, and the FP residual-stream Kurt.
 
     ``fp`` (``{"ppl", "loss", "seconds"}``) reuses an FP evaluation of the same windows, ``resid``
-    a :func:`residual_kurtosis` result on the same stats windows.
+    a :func:`residual_kurtosis` result on the same stats windows; ``layer_kurtosis=False`` leaves
+    the linear inputs' Kurt out of the layer report.
     Returns the JSON-able result (top-level ``fp_ppl``, ``quant_ppl``, ``scheme``, ``config``,
     ``layers``).
     """
@@ -196,7 +202,7 @@ def quantize_and_evaluate(
     q_ppl, q_loss = perplexity(qmodel, val_x, val_y, batch_size)
     q_s = time.perf_counter() - t0
     sx = val_x[: max(1, min(stats_windows, val_x.shape[0]))]
-    layers = layer_report(qmodel, sx, batch_size)
+    layers = layer_report(qmodel, sx, batch_size, layer_kurtosis)
     resid = resid or residual_kurtosis(model, sx, batch_size)
     for row in layers:
         if row["kind"] == "residual":
