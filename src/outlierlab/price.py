@@ -119,7 +119,7 @@ def scheme_table(res: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     rows = [["FP", _f(res["fp_ppl"], ".3f"), "—", "—", "—"]]
     for r in res["schemes"]:
         if "error" in r:
-            rows.append([r["label"], "n/a", r["error"], "—", "—"])
+            rows.append([r["label"], "n/a", "—", "not applicable (see price.json)", "—"])
             continue
         lin = [x for x in r["layers"] if x["kind"] == "linear" and x["act_sqnr_db"] is not None]
         worst = min(lin, key=lambda x: x["act_sqnr_db"], default=None)
