@@ -27,6 +27,7 @@ COMMANDS: dict[str, str] = {
     "train": "train",
     "runs": "runs",
     "quantize": "quantize",
+    "price": "price",
     "sweep": "sweep",
     "report": "report",
     "reproduce": "reproduce",

@@ -1,4 +1,5 @@
-"""``load_model(path)``: one entry point for an outlierlab run/model folder or a local HF folder.
+"""``load_model(path)``: one entry point for an outlierlab run/model folder, a local HF folder
+or a GGUF file.
 
 See ARCHITECTURE.md "Loading". Which folder is which:
 
@@ -7,6 +8,8 @@ See ARCHITECTURE.md "Loading". Which folder is which:
   that has not finished); :attr:`LoadedModel.step` says which;
 - ``model_config.json`` in the folder → a saved GPT (``GPT.save``, or ``RUN/checkpoints/step-N``);
 - ``config.json`` with ``model_type`` → a Hugging Face folder (:func:`outlierlab.hf.load`).
+- a ``.gguf`` file, or a folder holding exactly one and no config → a GGUF model
+  (:func:`outlierlab.gguf.load`, an HF model, kind ``"hf"``).
 
 An outlierlab model's tokenizer comes from the run's ``config.json`` (``data.tokenizer``:
 ``bytes``, or ``tokenizer.json`` in the run folder); a bare saved model uses its folder's
@@ -60,7 +63,8 @@ class LoadedModel:
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> LoadedModel:
-    """Load an outlierlab run / saved GPT folder or a local Hugging Face folder (offline)."""
+    """Load an outlierlab run / saved GPT folder, a local Hugging Face folder or a GGUF file
+    (offline)."""
     from outlierlab.model.gpt import CONFIG_FILE
 
     path = Path(path)
@@ -68,8 +72,13 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> LoadedMo
         raise ModelLoadError(
             f"{path} does not exist; expected a run folder, a saved GPT folder or an HF folder"
         )
+    from outlierlab import gguf
+
+    if (gguf_file := gguf.find_gguf(path)) is not None:  # a .gguf file, or a folder holding one
+        model, tok, seq_len = gguf.load(gguf_file, device)
+        return LoadedModel(model, tok, "hf", gguf_file, seq_len)
     if not path.is_dir():
-        raise ModelLoadError(f"{path} is not a folder; expected a model folder")
+        raise ModelLoadError(f"{path} is not a folder; expected a model folder or a .gguf file")
     run = RunFolder(path)
     try:
         if run.is_run:  # its newest weights: the final model once finished, else a checkpoint

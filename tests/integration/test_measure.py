@@ -213,10 +213,20 @@ def test_bad_input_one_line_exit_2(tmp_path, gpt2_dir, text_file, capsys):
     blank.write_text("  \n\n")
     one_line_error(capsys, [str(folder), "--data", str(blank)], "holds no text")
     one_line_error(capsys, [str(folder), "--data", str(tmp_path / "none.txt")], "does not exist")
-    one_line_error(capsys, [str(folder)], "--data")
     one_line_error(
         capsys, [str(folder), "--data", str(text_file), "--points", "zzz*"], "match nothing"
     )
+
+
+def test_hf_folder_without_data_measures_the_stdlib_validation_split(gpt2_dir, tmp_path):
+    """Issue 15: --data defaults to the stdlib corpus for every model kind (as in quantize)."""
+    from outlierlab.commands.measure import stdlib_val_docs
+
+    out = tmp_path / "m.json"
+    assert main(["measure", str(gpt2_dir), "--max-tokens", "256", "--json", str(out)]) == 0
+    assert json.loads(out.read_text())["tokens"] == 256
+    docs = stdlib_val_docs()
+    assert docs and all(isinstance(d, str) and d.strip() for d in docs)
 
 
 def test_unsupported_architecture_names_points(tmp_path, text_file, capsys):

@@ -31,8 +31,8 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument(
         "--data",
         metavar="TEXTFILE_OR_DIR",
-        help="text to measure on (a file, or a folder of text files); default for a run folder: "
-        "its validation split",
+        help="text to measure on (a file, or a folder of text files); default: a run folder's "
+        "own validation split, else the stdlib corpus's validation split",
     )
     p.add_argument(
         "--seq-len",
@@ -58,6 +58,12 @@ def add_parser(subparsers: Any) -> None:
         "names ('*' within one dotted part, '**' across parts)",
     )
     p.add_argument("--top", type=int, default=5, help="outlier neurons shown per row (default 5)")
+    p.add_argument(
+        "--profile",
+        action="store_true",
+        help="also the massive-activation profile: top |x| with (token, channel), max/median, "
+        "Kurt without the first token, OSP kurtosis, attention sinks (docs/measure.md)",
+    )
     p.add_argument("--device", default="cpu", help="torch device (default cpu)")
     p.set_defaults(func=run)
 
@@ -100,12 +106,22 @@ def windows(tokenizer: Any, docs: list[str], seq_len: int, max_tokens: int):
         if i and tokenizer.eot_id is not None:
             stream.append(tokenizer.eot_id)
         stream.extend(tokenizer.encode(doc))
+        if len(stream) >= max(max_tokens, seq_len):
+            break  # the rest would be cut off below
     if len(stream) < 2:
         raise DataError(f"the text gives {len(stream)} token(s); need at least 2")
     if len(stream) < seq_len:
         return torch.tensor([stream], dtype=torch.long)
     n = max(1, min(len(stream) // seq_len, max_tokens // seq_len))
     return torch.tensor(stream[: n * seq_len], dtype=torch.long).view(n, seq_len)
+
+
+def stdlib_val_docs() -> list[str]:
+    """The validation documents of the stdlib corpus (the split ``quantize`` evaluates on)."""
+    from outlierlab.data import DataConfig, collect, split_documents
+
+    docs = collect("stdlib").documents
+    return [d.text for d in split_documents(docs, DataConfig.val_fraction)[1]]
 
 
 def _run_windows(run: RunFolder, seq_len: int, max_tokens: int):
@@ -173,8 +189,8 @@ def run(args: argparse.Namespace) -> int:
         x = windows(loaded.tokenizer, docs, args.seq_len, args.max_tokens)
     elif loaded.kind == "outlierlab" and RunFolder(loaded.path).is_run:
         x = _run_windows(RunFolder(loaded.path), args.seq_len, args.max_tokens)
-    else:
-        raise DataError(f"--data TEXTFILE_OR_DIR is needed for {path} (it is not a run folder)")
+    else:  # HF, GGUF or bare model: the stdlib corpus's validation documents
+        x = windows(loaded.tokenizer, stdlib_val_docs(), args.seq_len, args.max_tokens)
 
     res = measure(loaded, x, args.batch_size, args.points)
     tokens = max((r["tokens"] for r in res.values()), default=0)
@@ -193,6 +209,10 @@ def run(args: argparse.Namespace) -> int:
             for name, r in res.items()
         ],
     }
+    if args.profile:
+        from outlierlab.profile import profile
+
+        report["profile"] = profile(loaded.model, x, args.batch_size, args.points or "auto")
     _print(report, tuple(x.shape), args.top)
     if args.json:
         write_json(args.json, report)
@@ -219,4 +239,10 @@ def _print(report: dict, shape: tuple[int, ...], top: int) -> None:
             f", … (+{len(idx) - top})" if len(idx) > top else ""
         )
         table.add_row(p["name"], num(p["kurtosis"]), num(p["mmr"]), num(p["cos_sim"]), shown or "-")
-    Console(width=max(100, Console().width)).print(table)
+    console = Console(width=max(100, Console().width))
+    console.print(table)
+    if "profile" in report:
+        from outlierlab.profile import print_profile
+
+        print_profile(report["profile"], console)
+

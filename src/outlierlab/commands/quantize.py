@@ -28,12 +28,13 @@ def add_parser(subparsers: Any) -> None:
         description="FP vs fake-quantised perplexity and the per-layer damage (SPEC §4).",
     )
     p.add_argument(
-        "path", metavar="RUN_DIR_OR_HF_DIR", help="run folder, model folder or HF folder"
+        "path", metavar="RUN_DIR_OR_HF_DIR", help="run folder, model folder, HF folder or .gguf"
     )
     p.add_argument(
         "--scheme",
         default=DEFAULT_SCHEME,
-        help="w8a8-tensor (default), w8a8-dynamic, w4a8, w8a4; the options below override it",
+        help="w8a8-tensor (default), w8a8-dynamic, w8a8-paper, w4a8, w8a4; the options below "
+        "override it",
     )
     p.add_argument("--w-bits", type=int, help="weight bits, 2..16 (16 ≈ full precision)")
     p.add_argument("--a-bits", type=int, help="activation bits, 2..16")
@@ -137,8 +138,10 @@ def run(args: argparse.Namespace) -> int:
     for name in ("calib_batches", "batch_size", "eval_windows", "stats_windows"):
         _positive("--" + name.replace("_", "-"), getattr(args, name))
     path = Path(args.path)
-    if not path.is_dir():
-        raise ModelLoadError(f"{path} is not a folder; expected a run folder or an HF model folder")
+    if not path.is_dir() and path.suffix.lower() != ".gguf":
+        raise ModelLoadError(
+            f"{path} is not a folder; expected a run folder, an HF model folder or a .gguf file"
+        )
     run_folder = RunFolder(path)
     if not run_folder.is_run:
         run_folder = None

@@ -14,16 +14,48 @@ Order, all under ``torch.no_grad``:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager, suppress
 
 import torch
 from torch import nn
 
 from outlierlab.errors import ConfigError
 from outlierlab.quant.config import QuantConfig
-from outlierlab.quant.wrap import act_quantizers, quant_linears, set_act_mode
+from outlierlab.quant.wrap import act_quantizers, head_names, quant_linears, set_act_mode
 
 Forward = Callable[[nn.Module, torch.Tensor], torch.Tensor]
+
+
+class _HeadReached(Exception):
+    """Raised by :func:`stop_at_head`'s hook: the rest of the forward is not needed."""
+
+
+def _raise_head_reached(module: nn.Module, args: object) -> None:
+    raise _HeadReached
+
+
+@contextmanager
+def stop_at_head(model: nn.Module) -> Iterator[Callable[[Forward, torch.Tensor], None]]:
+    """A runner ``run(forward, x)`` that stops each forward at the input of the model's
+    full-precision LM head (:func:`~outlierlab.quant.wrap.head_names`; a quantised head is a
+    ``QuantLinear`` and still runs). Calibration and statistics passes need no logits, and the
+    head is a large share of a small LM's forward (SmolLM2-135M: 576 × 49152 of 135 M weights).
+    Forward hooks registered with ``always_call`` (the monitor's) still see the stopped call."""
+    hooks = [
+        model.get_submodule(n).register_forward_pre_hook(_raise_head_reached)
+        for n in sorted(head_names(model))
+    ]
+
+    def run(forward: Forward, x: torch.Tensor) -> None:
+        with suppress(_HeadReached):
+            forward(model, x)
+
+    try:
+        yield run
+    finally:
+        for h in hooks:
+            h.remove()
 
 
 @torch.no_grad()
@@ -41,8 +73,9 @@ def calibrate(
         for m in layers.values():
             m.smooth_observe = True
         try:
-            for x in batches:
-                forward(qmodel, x)
+            with stop_at_head(qmodel) as run:
+                for x in batches:
+                    run(forward, x)
         finally:
             for m in layers.values():
                 m.smooth_observe = False
@@ -53,8 +86,9 @@ def calibrate(
     if static:
         for aq in static:
             aq.mode = "observe"
-        for x in batches:
-            forward(qmodel, x)
+        with stop_at_head(qmodel) as run:
+            for x in batches:
+                run(forward, x)
         for aq in static:
             aq.finalize()
     set_act_mode(qmodel, "quant")

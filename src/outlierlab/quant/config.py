@@ -41,6 +41,10 @@ class QuantConfig:
     """Quantise the LM head too (left in full precision by default, as the paper's setting)."""
     quantize_residual: bool = False
     """Also quantise the residual stream: the embedding output and every block output."""
+    quantize_outputs: bool = False
+    """Also quantise every quantised linear's output (Bondarenko et al.'s setting)."""
+    quantize_norms: bool = False
+    """Also quantise every normalisation layer's output (LayerNorm / RMSNorm modules)."""
     smooth_alpha: float | None = None
     """SmoothQuant migration strength α in [0, 1]; None: no smoothing."""
     name: str = field(default="custom", compare=False)
@@ -106,11 +110,18 @@ SCHEMES: dict[str, dict[str, Any]] = {
         a_symmetric=True,
         a_granularity="token",
     ),
+    # The paper's setting as Bondarenko et al. (2023) define it (issue 14 item 7): static per-tensor
+    # min-max ranges on every linear's input and output, the residual stream (embedding output and
+    # block outputs) and every norm output; weights as w8a8-tensor; the head in full precision.
+    "w8a8-paper": dict(
+        w_bits=8, a_bits=8, quantize_residual=True, quantize_outputs=True, quantize_norms=True
+    ),
 }
 
 
 def scheme(name: str, **overrides: Any) -> QuantConfig:
-    """The named scheme (``w8a8-tensor``, ``w8a8-dynamic``, ``w4a8``, ``w8a4``) with overrides;
+    """The named scheme (``w8a8-tensor``, ``w8a8-dynamic``, ``w8a8-paper``, ``w4a8``, ``w8a4``)
+    with overrides;
     other widths by overriding bits (``scheme("w8a8-tensor", w_bits=16, a_bits=16)``)."""
     if name not in SCHEMES:
         raise ConfigError(f"unknown scheme {name!r}; allowed: {', '.join(SCHEMES)}")

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from outlierlab.errors import DataError
-from outlierlab.quant.calibrate import calibrate
+from outlierlab.quant.calibrate import calibrate, stop_at_head
 from outlierlab.quant.config import QuantConfig
 from outlierlab.quant.quantizers import sqnr_db
 from outlierlab.quant.wrap import ActStats, quant_linears, residual_quantizers, wrap
@@ -84,21 +84,25 @@ def _finite(v: float | None) -> float | None:
 
 
 @torch.no_grad()
-def layer_report(qmodel: nn.Module, x: torch.Tensor, batch_size: int = 8) -> list[dict[str, Any]]:
+def layer_report(
+    qmodel: nn.Module, x: torch.Tensor, batch_size: int = 8, kurtosis: bool = True
+) -> list[dict[str, Any]]:
     """Per quantised layer: activation SQNR and range over the windows x, weight SQNR, the
-    calibrated static range, and Kurt of the layer's (unquantised) input."""
+    calibrated static range, and Kurt of the layer's (unquantised) input (None without
+    ``kurtosis``: its float64 sums are a large share of this pass)."""
     layers = quant_linears(qmodel)
     resid = residual_quantizers(qmodel)
     for m in layers.values():
         m.act.stats = ActStats()
-        # Kurt of the layer input (SPEC §1 Eq. 1); Kurt and MMR only (extras=False): half the work
-        m.kurt_acc = StatsAccumulator(m.in_features, extras=False)
+        if kurtosis:  # Kurt of the layer input (SPEC §1 Eq. 1); Kurt and MMR only: half the work
+            m.kurt_acc = StatsAccumulator(m.in_features, extras=False)
     for aq in resid.values():
         aq.stats = ActStats()
     device = _device(qmodel)
     try:
-        for i in range(0, x.shape[0], batch_size):
-            logits_of(qmodel, x[i : i + batch_size].to(device))
+        with stop_at_head(qmodel) as run:  # the FP head has no quantiser to report
+            for i in range(0, x.shape[0], batch_size):
+                run(logits_of, x[i : i + batch_size].to(device))
         rows = [
             {
                 "name": name,
@@ -110,14 +114,14 @@ def layer_report(qmodel: nn.Module, x: torch.Tensor, batch_size: int = 8) -> lis
                 "act_max": m.act.stats.hi,
                 "calib_min": m.act.calib_lo,
                 "calib_max": m.act.calib_hi,
-                "kurtosis": float(m.kurt_acc.result()["kurtosis"]),
+                "kurtosis": float(m.kurt_acc.result()["kurtosis"]) if kurtosis else None,
             }
             for name, m in layers.items()
         ]
         rows += [
             {
                 "name": name,
-                "kind": "residual",
+                "kind": aq.kind,
                 "act_sqnr_db": _finite(sqnr_db(aq.stats.signal, aq.stats.noise)),
                 "weight_sqnr_db": None,
                 "act_min": aq.stats.lo,
@@ -144,9 +148,9 @@ def residual_kurtosis(model: nn.Module, x: torch.Tensor, batch_size: int = 8) ->
     from outlierlab.monitor import OutlierMonitor
 
     device = _device(model)
-    with OutlierMonitor(model) as mon:
+    with OutlierMonitor(model) as mon, stop_at_head(model) as run:
         for i in range(0, x.shape[0], batch_size):
-            logits_of(model, x[i : i + batch_size].to(device))
+            run(logits_of, x[i : i + batch_size].to(device))
         results = mon.results()
         summary = mon.summary()
     return {
@@ -165,12 +169,16 @@ def quantize_and_evaluate(
     batch_size: int = 8,
     stats_windows: int = 16,
     fp: dict[str, float] | None = None,
+    resid: dict[str, Any] | None = None,
+    layer_kurtosis: bool = True,
 ) -> dict[str, Any]:
     """The whole pipeline on ``model`` (never modified): FP perplexity, a wrapped copy calibrated
     on ``calib`` (train batches), quantised perplexity on the same windows, the per-layer report
     on the first ``stats_windows`` windows, and the FP residual-stream Kurt.
 
-    ``fp`` (``{"ppl", "loss", "seconds"}``) reuses an FP evaluation of the same windows.
+    ``fp`` (``{"ppl", "loss", "seconds"}``) reuses an FP evaluation of the same windows, ``resid``
+    a :func:`residual_kurtosis` result on the same stats windows; ``layer_kurtosis=False`` leaves
+    the linear inputs' Kurt out of the layer report.
     Returns the JSON-able result (top-level ``fp_ppl``, ``quant_ppl``, ``scheme``, ``config``,
     ``layers``).
     """
@@ -189,8 +197,8 @@ def quantize_and_evaluate(
     q_ppl, q_loss = perplexity(qmodel, val_x, val_y, batch_size)
     q_s = time.perf_counter() - t0
     sx = val_x[: max(1, min(stats_windows, val_x.shape[0]))]
-    layers = layer_report(qmodel, sx, batch_size)
-    resid = residual_kurtosis(model, sx, batch_size)
+    layers = layer_report(qmodel, sx, batch_size, layer_kurtosis)
+    resid = resid or residual_kurtosis(model, sx, batch_size)
     for row in layers:
         if row["kind"] == "residual":
             row["kurtosis"] = resid["points"].get(row["name"])

@@ -144,6 +144,7 @@ class QuantLinear(nn.Module):
         self.register_buffer("weight_q", None)
         self.register_buffer("inv_smooth", None)  # 1 / s, shape (in,)
         self.act = ActQuant(cfg)
+        self.out_act = ActQuant(cfg) if cfg.quantize_outputs else None
         self.weight_signal = 0.0
         self.weight_noise = 0.0
         self.smooth_observe = False
@@ -199,7 +200,8 @@ class QuantLinear(nn.Module):
             x = x * self.inv_smooth
         x = self.act(x)
         w = self.weight if self.weight_q is None else self.weight_q
-        return F.linear(x, w, self.bias)
+        y = F.linear(x, w, self.bias)
+        return y if self.out_act is None else self.out_act(y)
 
     def extra_repr(self) -> str:
         c = self.cfg
@@ -252,8 +254,21 @@ def wrap(model: nn.Module, cfg: QuantConfig) -> nn.Module:
         parent = qmodel.get_submodule(parent_name) if parent_name else qmodel
         setattr(parent, child, QuantLinear.from_module(getattr(parent, child), cfg))
     if cfg.quantize_residual:
-        _attach_residual(qmodel, cfg)
+        _attach_output_quant(residual_modules(qmodel), cfg, "residual")
+    if cfg.quantize_norms:
+        _attach_output_quant(norm_modules(qmodel), cfg, "norm")
     return qmodel
+
+
+def norm_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """Every normalisation layer (``nn.LayerNorm``, ``nn.RMSNorm`` or a class whose name ends
+    in ``Norm``/``RMSNorm``, such as HF's ``LlamaRMSNorm``) by module name, in model order;
+    q/k norms inside attention included."""
+    return {
+        n: m
+        for n, m in model.named_modules()
+        if n and (isinstance(m, (nn.LayerNorm, nn.RMSNorm)) or type(m).__name__.endswith("Norm"))
+    }
 
 
 def residual_modules(model: nn.Module) -> dict[str, nn.Module]:
@@ -288,10 +303,10 @@ def _residual_hook(module: nn.Module, args: Any, out: Any) -> Any:
     raise TypeError(f"cannot quantise the output of {type(module).__name__}: {type(out).__name__}")
 
 
-def _attach_residual(qmodel: nn.Module, cfg: QuantConfig) -> None:
-    for name, module in residual_modules(qmodel).items():
+def _attach_output_quant(modules: dict[str, nn.Module], cfg: QuantConfig, kind: str) -> None:
+    for name, module in modules.items():
         aq = ActQuant(cfg)
-        aq.point_name = name
+        aq.point_name, aq.kind = name, kind
         module.outlierlab_output_quant = aq  # registered as a child of the hooked module
         module.register_forward_hook(_residual_hook)
 
@@ -302,7 +317,8 @@ def quant_linears(qmodel: nn.Module) -> dict[str, QuantLinear]:
 
 
 def residual_quantizers(qmodel: nn.Module) -> dict[str, ActQuant]:
-    """Residual-stream quantisers by point name (empty without ``quantize_residual``)."""
+    """Output quantisers hooked on modules by point name: the residual stream
+    (``quantize_residual``) and norm outputs (``quantize_norms``); ``aq.kind`` says which."""
     return {
         m.point_name: m
         for m in qmodel.modules()

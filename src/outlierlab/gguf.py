@@ -1,0 +1,102 @@
+"""GGUF input: a llama.cpp ``.gguf`` file (or a folder holding exactly one) as a Hugging Face model.
+
+Loaded through transformers' ``gguf_file=`` support (the ``gguf`` package, ``outlierlab[hf]``):
+the weights are dequantised to float32, the config and the tokenizer are rebuilt from the file's
+metadata, offline (``local_files_only=True``) with ``trust_remote_code=False``. The result is an
+ordinary HF causal LM, so everything that takes an HF model (``measure``, ``quantize``,
+``price``, the monitor) takes a GGUF file. See docs/real-models.md.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from outlierlab.errors import DataError, ModelLoadError
+
+SUFFIX = ".gguf"
+
+
+def find_gguf(path: Path) -> Path | None:
+    """The GGUF file ``path`` names: the file itself, or the one ``*.gguf`` in a folder that
+    holds no other model (no ``config.json`` / ``model_config.json``); None otherwise.
+
+    A folder with several ``.gguf`` files is an error naming them (which one is meant?)."""
+    if path.is_file():
+        return path if path.suffix.lower() == SUFFIX else None
+    if not path.is_dir() or any((path / f).exists() for f in ("config.json", "model_config.json")):
+        return None
+    found = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() == SUFFIX)
+    if len(found) > 1:
+        names = ", ".join(p.name for p in found)
+        raise ModelLoadError(f"{path} holds {len(found)} GGUF files ({names}); pass one file")
+    return found[0] if found else None
+
+
+def load(path: Path, device: str | torch.device = "cpu") -> tuple[Any, Any, int | None]:
+    """Load the GGUF file ``path`` offline: ``(model in eval mode, tokenizer, context)``."""
+    try:
+        import transformers
+    except ImportError as exc:
+        raise ModelLoadError(
+            "loading a GGUF file needs transformers and gguf: pip install 'outlierlab[hf]'"
+        ) from exc
+    from transformers.utils import is_gguf_available
+
+    if not is_gguf_available():
+        raise ModelLoadError(f"loading {path} needs the gguf package: pip install 'outlierlab[hf]'")
+    with _quiet_loading():  # the CLI's stderr is for one-line errors
+        return _load(transformers, path, device)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _load(transformers: Any, path: Path, device: str | torch.device):
+    from outlierlab.hf import TransformersTokenizer
+
+    opts = {"gguf_file": path.name, "local_files_only": True, "trust_remote_code": False}
+    folder = str(path.parent)
+    try:
+        model = transformers.AutoModelForCausalLM.from_pretrained(
+            folder, dtype=torch.float32, **opts
+        )
+    except Exception as exc:  # gguf and transformers raise many types for bad or unknown files
+        raise ModelLoadError(f"cannot load the GGUF file {path}: {_first_line(exc)}") from exc
+    try:
+        tok = transformers.AutoTokenizer.from_pretrained(folder, **opts)
+    except Exception as exc:
+        raise DataError(f"{path} holds no usable tokenizer: {_first_line(exc)}") from exc
+    model.to(device).eval()
+    ctx = getattr(model.config, "max_position_embeddings", None)
+    return model, TransformersTokenizer(tok), ctx if isinstance(ctx, int) else None
+
+
+class _quiet_loading:
+    """No progress bars while loading: transformers' own (its logging switch) and the ``tqdm``
+    bar it draws while dequantising GGUF tensors, which ignores that switch (its module's
+    ``tqdm`` is swapped for a disabled one meanwhile)."""
+
+    def __enter__(self) -> None:
+        import functools
+
+        from transformers import modeling_gguf_pytorch_utils as mod
+        from transformers.utils import logging as hf_logging
+
+        self._bars = hf_logging.is_progress_bar_enabled()
+        hf_logging.disable_progress_bar()
+        self._mod, self._old = mod, getattr(mod, "tqdm", None)
+        if self._old is not None:
+            mod.tqdm = functools.partial(self._old, disable=True)
+
+    def __exit__(self, *exc: object) -> None:
+        from transformers.utils import logging as hf_logging
+
+        if self._old is not None:
+            self._mod.tqdm = self._old
+        if self._bars:
+            hf_logging.enable_progress_bar()

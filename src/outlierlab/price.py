@@ -1,0 +1,231 @@
+"""``outlierlab price``: what a model's outlier features cost under common W8A8 schemes, as one
+page (Markdown + HTML + PNG figures + JSON).
+
+Pipeline (all on the same windows; calibration batches from the train split, SPEC §4):
+
+1. the massive-activation profile (:mod:`outlierlab.profile`) on the first ``stats_windows``
+   validation windows: per-layer Kurt (Eq. 1), max |x| and where it sits, attention sinks;
+2. FP perplexity on the ``eval_windows`` validation windows, once;
+3. per scheme, :func:`outlierlab.quant.quantize_and_evaluate` (quantised perplexity and the
+   per-layer activation SQNR): ``w8a8-tensor``, ``w8a8-dynamic``, ``w8a8-paper``, SmoothQuant
+   α = 0.5 and 0.8 on ``w8a8-tensor``, and the rotation baseline
+   (:func:`outlierlab.quant.rotate.rotate`, Llama family) quantised with ``w8a8-tensor``.
+"""
+
+from __future__ import annotations
+
+import html
+import math
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from outlierlab.errors import ConfigError
+
+ROTATION = "rotation + w8a8-tensor"
+
+
+def schemes() -> list[tuple[str, Any]]:
+    """(label, QuantConfig or ROTATION) in page order."""
+    from outlierlab.quant import scheme
+
+    return [
+        ("w8a8-tensor", scheme("w8a8-tensor")),
+        ("w8a8-dynamic", scheme("w8a8-dynamic")),
+        ("w8a8-paper", scheme("w8a8-paper")),
+        ("smoothquant α=0.5", scheme("w8a8-tensor", smooth_alpha=0.5)),
+        ("smoothquant α=0.8", scheme("w8a8-tensor", smooth_alpha=0.8)),
+        (ROTATION, scheme("w8a8-tensor")),
+    ]
+
+
+def run_price(
+    model: nn.Module,
+    calib: list[torch.Tensor],
+    val_x: torch.Tensor,
+    val_y: torch.Tensor,
+    batch_size: int = 8,
+    stats_windows: int = 4,
+    step: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """The whole comparison (module docstring); ``step(label)`` is called as each stage ends
+    (the CLI's progress bar). Returns the JSON-able result."""
+    from outlierlab.profile import profile
+    from outlierlab.quant import perplexity, quantize_and_evaluate
+    from outlierlab.quant.rotate import rotate
+
+    step = step or (lambda label: None)
+    t_start = time.perf_counter()
+    sx = val_x[: max(1, min(stats_windows, val_x.shape[0]))]
+    prof = profile(model, sx, batch_size)
+    step("profile")
+    kurts = {p["name"]: p["kurtosis"] for p in prof["points"]}
+    finite = [k for k in kurts.values() if math.isfinite(k)]
+    resid = {
+        "points": kurts,
+        "kurtosis_mean": sum(finite) / len(finite) if finite else math.nan,
+        "kurtosis_max": max(finite, default=math.nan),
+    }
+    t0 = time.perf_counter()
+    fp_ppl, fp_loss = perplexity(model, val_x, val_y, batch_size)
+    fp = {"ppl": fp_ppl, "loss": fp_loss, "seconds": time.perf_counter() - t0}
+    step("FP perplexity")
+    rows = []
+    for label, cfg in schemes():
+        target = model
+        if label == ROTATION:
+            try:
+                target = rotate(model)
+            except ConfigError as exc:
+                rows.append({"label": label, "error": str(exc)})
+                step(label)
+                continue
+        t0 = time.perf_counter()
+        # layer_kurtosis off: the page shows the residual stream's Kurt, from the profile
+        opts = dict(fp=fp, resid=resid, layer_kurtosis=False)
+        res = quantize_and_evaluate(
+            target, cfg, calib, val_x, val_y, batch_size, stats_windows, **opts
+        )
+        res.update(label=label, seconds=time.perf_counter() - t0)
+        rows.append(res)
+        step(label)
+    return {
+        "fp_ppl": fp_ppl,
+        "eval_windows": int(val_x.shape[0]),
+        "seq_len": int(val_x.shape[1]),
+        "stats_windows": int(sx.shape[0]),
+        "calib_batches": len(calib),
+        "calib_tokens": int(sum(b.numel() for b in calib)),
+        "profile": prof,
+        "schemes": rows,
+        "seconds": time.perf_counter() - t_start,
+    }
+
+
+# --- the page ---------------------------------------------------------------------------------
+
+
+def _f(v: Any, spec: str = ".2f") -> str:
+    return "—" if v is None or (isinstance(v, float) and not math.isfinite(v)) else format(v, spec)
+
+
+def scheme_table(res: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    header = ["scheme", "perplexity", "increase", "worst linear (act SQNR dB)", "median act SQNR"]
+    rows = [["FP", _f(res["fp_ppl"], ".3f"), "—", "—", "—"]]
+    for r in res["schemes"]:
+        if "error" in r:
+            rows.append([r["label"], "n/a", "—", "not applicable (see price.json)", "—"])
+            continue
+        lin = [x for x in r["layers"] if x["kind"] == "linear" and x["act_sqnr_db"] is not None]
+        worst = min(lin, key=lambda x: x["act_sqnr_db"], default=None)
+        sq = sorted(x["act_sqnr_db"] for x in lin)
+        rows.append([
+            r["label"], _f(r["quant_ppl"], ".3f"), f"{100 * (r['ppl_ratio'] - 1):+.1f} %",
+            "—" if worst is None else f"{worst['name']} ({worst['act_sqnr_db']:.1f})",
+            _f(sq[len(sq) // 2] if sq else None, ".1f"),
+        ])  # fmt: skip
+    return header, rows
+
+
+def massive_table(res: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    header = ["point", "Kurt", "Kurt w/o token 0", "max |x|", "window:token", "channel",
+              "max/median", "OSP kurt"]  # fmt: skip
+    rows = []
+    for p in res["profile"]["points"]:
+        top = p["top"][0] if p["top"] else {}
+        rows.append([
+            p["name"], _f(p["kurtosis"], ".1f"), _f(p["kurtosis_no_first"], ".1f"),
+            _f(top.get("value"), ".4g"), f"{top.get('window')}:{top.get('token')}",
+            str(top.get("channel")), _f(p["max_median_ratio"], ".0f"),
+            _f(p["token_excess_kurtosis"], ".1f"),
+        ])  # fmt: skip
+    return header, rows
+
+
+def sink_table(res: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    rows = [
+        [a["layer"], str(a["heads"]), _f(a["sink_share"]), _f(a["mass_token0"], ".3f")]
+        for a in res["profile"].get("attention") or []
+    ]
+    return ["layer", "heads", "share of heads > 0.5 on token 0", "mean mass on token 0"], rows
+
+
+def _figures(res: dict[str, Any], out: Path) -> list[tuple[str, str]]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    pts = res["profile"]["points"]
+    fig, ax = plt.subplots(1, 2, figsize=(11, 3.6))
+    xs = range(len(pts))
+    ax[0].plot(xs, [p["kurtosis"] for p in pts], "o-", label="all tokens")
+    ax[0].plot(xs, [p["kurtosis_no_first"] for p in pts], "s--", label="without token 0")
+    ax[0].set(yscale="log", xlabel="point (0 = embedding, i+1 = block i output)",
+              ylabel="Kurt (Eq. 1)", title="residual-stream kurtosis")  # fmt: skip
+    ax[0].legend()
+    ax[1].plot(xs, [p["max_abs"] for p in pts], "o-", color="tab:red", label="max |x|")
+    ax[1].plot(xs, [p["median_abs"] for p in pts], "o-", color="tab:grey", label="median |x|")
+    ax[1].set(yscale="log", xlabel="point", title="largest activation")
+    ax[1].legend()
+    fig.tight_layout()
+    figs = [("price_kurt.png", "Per-layer Kurt and max |x|")]
+    fig.savefig(out / figs[0][0], dpi=110)
+    plt.close(fig)
+    fig, ax = plt.subplots(figsize=(11, 3.6))
+    for r in res["schemes"]:
+        lin = [x for x in r.get("layers", []) if x["kind"] == "linear"]
+        if lin:
+            ax.plot([x["act_sqnr_db"] if x["act_sqnr_db"] is not None else float("nan")
+                     for x in lin], ".-", label=r["label"], lw=0.8)  # fmt: skip
+    ax.set(xlabel="linear layer (model order)", ylabel="input SQNR (dB)",
+           title="activation quantisation error per linear layer (higher is better)")  # fmt: skip
+    ax.legend(fontsize=7, ncol=3)
+    fig.tight_layout()
+    figs.append(("price_sqnr.png", "Per-layer activation SQNR per scheme"))
+    fig.savefig(out / figs[1][0], dpi=110)
+    plt.close(fig)
+    return figs
+
+
+def write_page(res: dict[str, Any], out: str | Path, title: str) -> dict[str, Path]:
+    """Write ``price.md``, ``price.html``, ``price.json`` and the PNG figures into ``out``."""
+    from outlierlab.experiments.report import _html_table, _md_table
+    from outlierlab.run_folder import write_json
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    figs = _figures(res, out)
+    intro = (
+        f"{res['eval_windows']} validation windows × {res['seq_len']} tokens for perplexity; "
+        f"profile and per-layer statistics on the first {res['stats_windows']}; calibration on "
+        f"{res['calib_batches']} train batches ({res['calib_tokens']} tokens); "
+        f"{res['seconds']:.0f} s in all."
+    )
+    sections = [
+        ("Perplexity per scheme", scheme_table(res)),
+        ("Where the massive activations sit (Sun et al. 2024)", massive_table(res)),
+        ("Attention sinks", sink_table(res)),
+    ]
+    md = [f"# {title}", "", intro, ""]
+    body = [f"<h1>{html.escape(title)}</h1>", f"<p>{html.escape(intro)}</p>"]
+    for name, (header, rows) in sections:
+        if rows:
+            md += [f"## {name}", "", _md_table(header, rows), ""]
+            body += [f"<h2>{html.escape(name)}</h2>", _html_table(header, rows)]
+    for fname, caption in figs:
+        md += [f"![{caption}]({fname})", ""]
+        body.append(f'<figure><img src="{fname}"><figcaption>{caption}</figcaption></figure>')
+    paths = {"md": out / "price.md", "html": out / "price.html", "json": out / "price.json"}
+    paths["md"].write_text("\n".join(md))
+    style = "body{font-family:sans-serif;max-width:1100px}td,th{padding:2px 8px;text-align:right}"
+    paths["html"].write_text(
+        f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+        f"<style>{style}</style></head><body>{''.join(body)}</body></html>\n"
+    )
+    write_json(paths["json"], res)
+    return paths

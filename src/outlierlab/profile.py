@@ -1,0 +1,263 @@
+"""Massive-activation profile of a model on token windows (``outlierlab measure --profile``).
+
+Per measurement point (the monitor's points, residual stream by default), streamed over batches:
+
+- **top-k |x|** with their (window, token position, channel) and signed value: massive
+  activations sit in a few fixed channels and on a few tokens, mostly the first one
+  (Sun et al. 2024, "Massive activations in large language models", §2);
+- **max/median ratio over the whole tensor**: ``max |x| / median |x|`` over every element
+  (Sun et al.'s criterion for a massive activation is ≥ 100 and ≈ 1000× the median; not paper
+  Eq. 2, which is a per-token mean, :func:`outlierlab.metrics.max_median_ratio`). The max is exact;
+  the median is over all values while a point has seen ≤ ``MEDIAN_SAMPLES`` of them, else over a
+  seeded uniform subsample of that many per batch;
+- **Kurt on all tokens and on tokens other than the first** (SPEC §1 Eq. 1 via
+  :func:`outlierlab.metrics.kurtosis` on the per-neuron RMS vector): the gap is the first-token
+  effect (attention sinks carry the massive activation, Sun et al. §3; OrthoAdam, Kaul et al.
+  2025, attribute it to the optimiser's basis);
+- **OSP's per-token excess kurtosis** (:func:`outlierlab.metrics.token_excess_kurtosis`,
+  Outlier-Safe Pre-Training, Park et al. 2025), averaged over all tokens.
+
+Per attention layer, the **attention sink** (Xiao et al. 2024; Sun et al. §3): ``m_h`` = the mean
+over windows and query positions q ≥ 1 of head h's attention probability on token 0 (query 0 can
+only attend to itself); reported as the fraction of heads with ``m_h > 0.5`` and the mean of m_h
+over heads. HF models run with eager attention and ``output_attentions=True`` for this;
+outlierlab's GPT through its ``attention_logits`` (softmax under the causal mask).
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from outlierlab import metrics
+
+DEFAULT_TOP_K = 10
+SINK_THRESHOLD = 0.5
+MEDIAN_SAMPLES = 1 << 16  # values per batch per point kept for the whole-tensor median
+
+
+def _first_tensor(out: Any) -> torch.Tensor | None:
+    if isinstance(out, torch.Tensor):
+        return out
+    if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
+        return out[0]
+    return getattr(out, "last_hidden_state", None)
+
+
+class PointProfile:
+    """Streaming sums for one point; :meth:`update` takes (B, T, d) with ``window0`` the index
+    of the batch's first window."""
+
+    def __init__(self, name: str, top_k: int) -> None:
+        self.name, self.top_k = name, top_k
+        self.sq_all: torch.Tensor | None = None  # Σ_tokens x² per channel, float64
+        self.sq_rest: torch.Tensor | None = None  # the same over tokens at positions ≥ 1
+        self.n_all = self.n_rest = 0
+        self.osp_sum = 0.0  # Σ over tokens of the per-token excess kurtosis
+        self.abs_max = 0.0
+        self.samples: list[torch.Tensor] = []
+        self.top: list[tuple[float, int, int, int, float]] = []  # (|x|, window, pos, ch, x)
+
+    def update(self, x: torch.Tensor, window0: int) -> None:
+        x = x.detach().double()
+        if x.dim() == 2:
+            x = x.unsqueeze(0)
+        b, t, d = x.shape
+        sq = x.square()
+        all_, rest = sq.sum((0, 1)), sq[:, 1:].sum((0, 1))
+        self.sq_all = all_ if self.sq_all is None else self.sq_all + all_
+        self.sq_rest = rest if self.sq_rest is None else self.sq_rest + rest
+        self.n_all += b * t
+        self.n_rest += b * (t - 1)
+        self.osp_sum += metrics.token_excess_kurtosis(x) * b * t
+        a = x.abs().reshape(-1)
+        self.abs_max = max(self.abs_max, float(a.max()))
+        if a.numel() > MEDIAN_SAMPLES:
+            g = torch.Generator().manual_seed(window0)
+            a = a[torch.randperm(a.numel(), generator=g)[:MEDIAN_SAMPLES]]
+        self.samples.append(a.float())
+        vals, idx = x.abs().reshape(-1).topk(min(self.top_k, b * t * d))
+        flat = x.reshape(-1)
+        for v, i in zip(vals.tolist(), idx.tolist()):
+            win, rem = divmod(i, t * d)
+            item = (v, window0 + win, rem // d, rem % d, float(flat[i]))
+            if len(self.top) < self.top_k:
+                heapq.heappush(self.top, item)
+            elif v > self.top[0][0]:
+                heapq.heapreplace(self.top, item)
+
+    def result(self) -> dict[str, Any]:
+        def kurt(sq: torch.Tensor | None, n: int) -> float:
+            return float("nan") if sq is None or n == 0 else metrics.kurtosis((sq / n).sqrt()[None])
+
+        median = float("nan")
+        if self.samples:  # an even count: the mean of the two middle values, as metrics does
+            s = torch.cat(self.samples).double().sort().values
+            median = float((s[(len(s) - 1) // 2] + s[len(s) // 2]) / 2)
+        top = sorted(self.top, reverse=True)
+        return {
+            "name": self.name,
+            "tokens": self.n_all,
+            "top": [{"value": v, "window": w, "token": p, "channel": c} for _, w, p, c, v in top],
+            "max_abs": self.abs_max,
+            "median_abs": median,
+            "max_median_ratio": self.abs_max / median if median > 0 else float("inf"),
+            "kurtosis": kurt(self.sq_all, self.n_all),
+            "kurtosis_no_first": kurt(self.sq_rest, self.n_rest),
+            "token_excess_kurtosis": self.osp_sum / self.n_all if self.n_all else float("nan"),
+        }
+
+
+class SinkAccumulator:
+    """Σ over (window, query q ≥ 1) of each head's attention probability on token 0."""
+
+    def __init__(self) -> None:
+        self.mass: dict[str, torch.Tensor] = {}
+        self.count: dict[str, int] = {}
+
+    def update(self, layer: str, probs: torch.Tensor) -> None:
+        """``probs``: (B, H, T, T) attention probabilities (rows sum to 1)."""
+        p = probs.detach().double()[:, :, 1:, 0]  # (B, H, T-1)
+        if p.numel() == 0:
+            return
+        s = p.sum((0, 2))
+        self.mass[layer] = s if layer not in self.mass else self.mass[layer] + s
+        self.count[layer] = self.count.get(layer, 0) + p.shape[0] * p.shape[2]
+
+    def result(self) -> list[dict[str, Any]]:
+        rows = []
+        for layer, s in self.mass.items():
+            m = s / self.count[layer]
+            rows.append({
+                "layer": layer,
+                "heads": int(m.numel()),
+                "sink_share": float((m > SINK_THRESHOLD).double().mean()),
+                "mass_token0": float(m.mean()),
+                "mass_token0_per_head": [float(v) for v in m],
+            })  # fmt: skip
+        return rows
+
+
+def _gpt_attention_hooks(model: nn.Module, sinks: SinkAccumulator) -> list[Any]:
+    """outlierlab GPT: recompute each attention's probabilities from its input."""
+    hooks = []
+    for name, mod in model.named_modules():
+        logits_fn = getattr(mod, "attention_logits", None)
+        if not callable(logits_fn):
+            continue
+
+        def hook(module: nn.Module, args: tuple, name: str = name) -> None:
+            att = module.attention_logits(args[0]).double()
+            t = att.shape[-1]
+            mask = torch.ones(t, t, dtype=torch.bool, device=att.device).tril()
+            sinks.update(name, att.masked_fill(~mask, float("-inf")).softmax(-1))
+
+        hooks.append(mod.register_forward_pre_hook(hook))
+    return hooks
+
+
+def _is_hf(model: nn.Module) -> bool:
+    return any(c.__module__.startswith("transformers.") for c in type(model).__mro__)
+
+
+@torch.no_grad()
+def profile(
+    model: nn.Module,
+    x: torch.Tensor,
+    batch_size: int = 8,
+    points: str | Sequence[str] = "auto",
+    top_k: int = DEFAULT_TOP_K,
+    attention: bool = True,
+) -> dict[str, Any]:
+    """The massive-activation profile of ``model`` on token windows ``x`` (N, T):
+    ``{"points": [...], "attention": [...] or None}`` (module docstring for every field)."""
+    from outlierlab.monitor import resolve_points
+
+    chosen = resolve_points(model, points)
+    profs = {p.name: PointProfile(p.name, top_k) for p in chosen}
+    sinks = SinkAccumulator() if attention else None
+    state = {"window0": 0}
+    hooks = []
+    for p in chosen:
+
+        def rec(t: torch.Tensor | None, name: str = p.name) -> None:
+            if t is not None and t.is_floating_point():
+                profs[name].update(t, state["window0"])
+
+        if p.kind == "input":
+            h = p.module.register_forward_pre_hook(lambda m, a, rec=rec: rec(a[0]))
+        else:
+            h = p.module.register_forward_hook(lambda m, a, o, rec=rec: rec(_first_tensor(o)))
+        hooks.append(h)
+    hf = _is_hf(model)
+    restore = _eager_attention(model) if (hf and attention) else None
+    if attention and not hf:
+        hooks += _gpt_attention_hooks(model, sinks)
+    device = next(model.parameters()).device
+    try:
+        for i in range(0, x.shape[0], batch_size):
+            state["window0"] = i
+            xb = x[i : i + batch_size].to(device)
+            if hf:
+                out = model(input_ids=xb, output_attentions=attention)
+                for j, a in enumerate((getattr(out, "attentions", None) or ()) if sinks else ()):
+                    if a is not None:
+                        sinks.update(f"blocks.{j}.attn", a)
+            else:
+                model(xb)
+    finally:
+        for h in hooks:
+            h.remove()
+        if restore is not None:
+            restore()
+    att = sinks.result() if sinks is not None else None
+    return {"points": [p.result() for p in profs.values()], "attention": att or None}
+
+
+def _eager_attention(model: nn.Module):
+    """Switch an HF model to eager attention (the only kind that returns probabilities);
+    returns the function that switches it back."""
+    cfg = getattr(model, "config", None)
+    old = getattr(cfg, "_attn_implementation", None)
+    setter = getattr(model, "set_attn_implementation", None)
+    if not callable(setter) or old in (None, "eager"):
+        return None
+    setter("eager")
+    return lambda: setter(old)
+
+
+def print_profile(prof: dict[str, Any], console: Any = None) -> None:
+    """Two rich tables: per point the largest |x| and where it sits, max/median, Kurt with and
+    without the first token, OSP kurtosis; per attention layer the sink share and mass."""
+    from rich.console import Console
+    from rich.table import Table
+
+    console = console or Console(width=max(100, Console().width))
+
+    def num(v: float | None, spec: str = ".2f") -> str:
+        return "nan" if v is None or v != v else format(v, spec)
+
+    table = Table(title="massive activations (Sun et al. 2024)", title_justify="left")
+    cols = ("point", "max |x|", "window:token, channel", "max/median", "Kurt", "Kurt w/o tok 0",
+            "OSP kurt")  # fmt: skip
+    for col in cols:
+        table.add_column(col, justify="left" if col == "point" else "right")
+    for p in prof["points"]:
+        top = p["top"][0] if p["top"] else None
+        where = "-" if top is None else f"{top['window']}:{top['token']}, ch {top['channel']}"
+        table.add_row(
+            p["name"], num(top and top["value"], ".4g"), where, num(p["max_median_ratio"], ".1f"),
+            num(p["kurtosis"]), num(p["kurtosis_no_first"]), num(p["token_excess_kurtosis"]),
+        )  # fmt: skip
+    console.print(table)
+    if prof.get("attention"):
+        att = Table(title="attention sinks (mass on token 0, queries ≥ 1)", title_justify="left")
+        for col in ("layer", "heads", f"share > {SINK_THRESHOLD:g}", "mean mass"):
+            att.add_column(col, justify="left" if col == "layer" else "right")
+        for a in prof["attention"]:
+            att.add_row(a["layer"], str(a["heads"]), num(a["sink_share"]), num(a["mass_token0"]))
+        console.print(att)
