@@ -52,16 +52,25 @@ _PATH_ERRNOS = {
 }
 
 
-def path_error(exc: OSError) -> str | None:
-    """One line for an ``OSError`` about a path the user gave (or one under it), or None for
-    any other ``OSError`` (a bug: let its traceback show)."""
+def path_reason(exc: OSError) -> str | None:
+    """Why an ``OSError`` about a path the user gave (or one under it) happened, in words, or
+    None for any other ``OSError`` (a bug: let its traceback show)."""
     if exc.filename is None or exc.errno not in _PATH_ERRNOS:
         return None
-    names = " -> ".join(str(f) for f in (exc.filename, exc.filename2) if f is not None)
     why = _PATH_ERRNOS[exc.errno]
     if exc.errno == errno.ENOTDIR:  # name the file that stands where a folder should be
         blocker = next((p for p in Path(exc.filename).parents if p.is_file()), None)
         why = f"{blocker} is a file, not a folder" if blocker else why
     elif exc.errno == errno.EEXIST and Path(exc.filename).is_file():  # mkdir on a file
         why = f"{exc.filename} is a file, not a folder"
+    return why
+
+
+def path_error(exc: OSError) -> str | None:
+    """One line for an ``OSError`` about a path the user gave: ``cannot use PATH: why``; None
+    for any other ``OSError``."""
+    why = path_reason(exc)
+    if why is None:
+        return None
+    names = " -> ".join(str(f) for f in (exc.filename, exc.filename2) if f is not None)
     return f"cannot use {names}: {why}"

@@ -23,7 +23,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from outlierlab.errors import RunFolderError, RunInUseError, path_error
+from outlierlab.errors import RunFolderError, RunInUseError, path_reason
 
 CONFIG_FILE = "config.json"
 STATUS_FILE = "status.json"
@@ -359,7 +359,7 @@ class RunLock:
                 self.run.path.mkdir(parents=True, exist_ok=True)
                 fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
             except OSError as exc:
-                why = path_error(exc) or exc.strerror or str(exc)
+                why = path_reason(exc) or exc.strerror or str(exc)
                 raise RunFolderError(f"cannot write the run folder {self.run.path} ({why}); "
                                      "choose a writable folder") from None
             try:
