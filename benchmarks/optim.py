@@ -1,16 +1,16 @@
-"""Step time of SOAP, Shampoo and Muon relative to AdamW (the numbers people ask before switching).
+"""Step time of SOAP, AdaFactor, Shampoo and Muon relative to AdamW (issue 14's targets).
 
-Two measurements at two sizes, each optimiser with its registry defaults (``outlierlab.optim``,
-SPEC §3; SOAP and Shampoo precondition every 10 and every 1 step(s) by default; the row
-``shampoo/10`` is Shampoo with ``optim.precondition_frequency=10``):
+Two measurements, each optimiser with its registry defaults (``outlierlab.optim``, SPEC §3;
+SOAP and Shampoo, i.e. rotated AdaFactor, recompute their eigenbases every 10 steps):
 
-1. whole training step: four ``outlierlab.train.train(cfg)`` loops in this process, identical
-   but for ``optim.name``, alternating blocks of steps (``_common.LoopInterleaver``); a block
-   is a multiple of the preconditioning period, so its cost is included at its real rate;
+1. whole training step: one ``outlierlab.train.train(cfg)`` loop per optimiser in this process,
+   identical but for ``optim.name``, alternating blocks of steps (``_common.LoopInterleaver``);
+   a block is a multiple of the preconditioning period, so its cost is included at its real rate;
 2. ``optimizer.step()`` alone on the same model with fixed random gradients, ``block`` steps
    per timing, interleaved (``_common.interleave``).
 
-Headline: whole-step time of SOAP / AdamW at the larger size.
+Targets (whole step at 6 × 192, size L): Muon ≤ 1.5× and Shampoo ≤ 1.7× AdamW; each is printed
+as met or not. Headline: whole-step time of SOAP / AdamW at the last size with loops.
 
     python benchmarks/optim.py [--quick] [--sizes M,L] [--skip-loop]
 """
@@ -23,22 +23,17 @@ from pathlib import Path
 
 import _common
 
-OPTIMS = {  # row name: config overrides (registry defaults otherwise)
-    "adamw": ["optim.name=adamw"],
-    "soap": ["optim.name=soap"],
-    "shampoo": ["optim.name=shampoo"],
-    "shampoo/10": ["optim.name=shampoo", "optim.precondition_frequency=10"],
-    "muon": ["optim.name=muon"],
-}
+OPTIMS = ("adamw", "soap", "adafactor", "shampoo", "muon")  # each at its registry defaults
+TARGETS = {"muon": 1.5, "shampoo": 1.7}  # whole step / AdamW at size L (issue 14)
 SIZES = _common.SIZES
 
 
 def run_config(size: str, optim: str, out: Path | str = ""):
-    return _common.bench_config(size, out, *OPTIMS[optim], "log.kurtosis_every=0")
+    return _common.bench_config(size, out, f"optim.name={optim}", "log.kurtosis_every=0")
 
 
 def loop_times(size: str, rounds: int, block: int, tmp: Path) -> _common.Timings:
-    cfgs = {o: run_config(size, o, tmp / f"{size}-{o.replace('/', '-')}") for o in OPTIMS}
+    cfgs = {o: run_config(size, o, tmp / f"{size}-{o}") for o in OPTIMS}
     return _common.LoopInterleaver(cfgs, block=block, rounds=rounds).run()
 
 
@@ -81,7 +76,7 @@ def main(argv=None) -> float:
     sizes = (args.sizes or ("S,M" if args.quick else "M,L")).split(",")
     block = args.block or 10
     _common.print_machine()
-    rows, head, head_what = [], float("nan"), ""
+    rows, head, head_what, targets = [], float("nan"), "", []
     for size in sizes:
         L, d, _, T, B = SIZES[size]
         shape = f"{L}×{d}, T={T}, B={B}"
@@ -99,16 +94,19 @@ def main(argv=None) -> float:
                 row += ["-", "-"]
             rows.append(row)
         print(f"size {size} done", flush=True)
-        if lt is not None:
-            head = statistics.median(lt.ratios("soap", "adamw"))
-            head_what = f"whole training step time SOAP / AdamW at size {size}"
-        elif args.skip_loop:
-            head = statistics.median(st.ratios("soap", "adamw"))
-            head_what = f"optimizer.step() time SOAP / AdamW at size {size}"
+        if lt is not None or args.skip_loop:
+            t, what = (lt, "whole training step") if lt is not None else (st, "optimizer.step()")
+            head = statistics.median(t.ratios("soap", "adamw"))
+            head_what = f"{what} time SOAP / AdamW at size {size}"
+        if size == "L" and lt is not None:
+            targets = [(o, statistics.median(lt.ratios(o, "adamw")), x) for o, x in TARGETS.items()]
     header = ["size", "shape", "optimiser", "opt.step ms", "opt.step / AdamW"]
     if not args.skip_loop:
         header += ["train step ms", "train step / AdamW"]
     _common.print_table(header, rows)
+    for o, ratio, limit in targets:
+        verdict = "met" if ratio <= limit else "NOT met"
+        print(f"target: {o} / adamw whole step at L = {ratio:.3f} (≤ {limit}: {verdict})")
     _common.print_headline(head, f"headline: {head_what}")
     return head
 

@@ -28,7 +28,7 @@ from outlierlab.data.config import DataConfig
 from outlierlab.errors import ConfigError
 from outlierlab.fields import coerce, unknown
 from outlierlab.model.config import GPTConfig
-from outlierlab.optim import OptimConfig, hyperparameters
+from outlierlab.optim import OptimConfig, hyperparameters, kept_on_switch
 from outlierlab.train.config import LogConfig, TrainConfig
 
 if sys.version_info >= (3, 11):
@@ -207,12 +207,15 @@ def read_toml(path: str | Path, what: str = "config file") -> dict[str, Any]:
 
 def merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
     """Section-wise merge of raw dicts; ``top`` wins. When ``top`` switches ``optim.name``, the
-    optimiser hyperparameters of ``base`` are dropped (the new optimiser's defaults apply)."""
+    optimiser hyperparameters of ``base`` are dropped (the new optimiser's defaults apply),
+    except those both optimisers share within one family (:func:`optim.kept_on_switch`: adamw →
+    soap keeps lr, betas, ε, weight decay)."""
     out = {k: (dict(v) if isinstance(v, dict) else v) for k, v in base.items()}
     old, new = out.get("optim"), top.get("optim")
     new_name = new.get("name") if isinstance(new, dict) else None
     if isinstance(old, dict) and new_name is not None and new_name != old.get("name", "adamw"):
-        out["optim"] = {k: v for k, v in old.items() if k not in hyperparameters()}
+        drop = set(hyperparameters()) - set(kept_on_switch(old.get("name", "adamw"), new_name))
+        out["optim"] = {k: v for k, v in old.items() if k not in drop}
     for k, v in top.items():
         if isinstance(v, dict) and isinstance(out.get(k), dict):
             out[k].update(v)

@@ -37,14 +37,27 @@ def test_model_preset_keeps_training_preset_sizes():
     assert (cfg.model.n_layer, cfg.model.d_model) == (2, 32)
 
 
-def test_switching_optimiser_takes_its_defaults():
+def test_switching_optimiser_within_a_family_keeps_the_shared_hyperparameters():
+    # issue 14: adamw ↔ soap and adafactor ↔ shampoo pair at identical lr, betas, ε, wd
+    adamw = C.load("default").optim
+    for name in ("soap", "adafactor", "shampoo"):
+        o = C.load("default", overrides=[f"optim.name={name}"]).optim
+        assert (o.lr, o.betas, o.eps, o.weight_decay, o.schedule, o.warmup) == (
+            adamw.lr, adamw.betas, adamw.eps, adamw.weight_decay, adamw.schedule, adamw.warmup)
     soap = C.load("default", overrides=["optim.name=soap"]).optim
-    assert (soap.lr, soap.betas, soap.weight_decay, soap.precondition_frequency) == (
-        3e-3, (0.95, 0.95), 0.01, 10,
-    )  # fmt: skip  (SPEC §3 SOAP defaults, not the preset's AdamW betas)
+    assert (soap.lr, soap.betas, soap.precondition_frequency) == (3e-3, (0.9, 0.95), 10)
     assert C.load("default", overrides=["optim.name=soap", "optim.lr=1e-2"]).optim.lr == 1e-2
+    back = C.load("default", overrides=["optim.name=soap", "optim.precondition_frequency=5",
+                                        "optim.name=adamw"]).optim
+    assert back.precondition_frequency is None and back.betas == (0.9, 0.95)
+
+
+def test_switching_optimiser_family_takes_its_defaults():
+    muon = C.load("default", overrides=["optim.name=muon"]).optim
+    assert (muon.lr, muon.betas, muon.weight_decay) == (0.02, (0.9, 0.95), 0.01)
     sgd = C.load("default", overrides=["optim.name=sgd"]).optim
     assert sgd.betas is None and sgd.eps is None and sgd.momentum == 0.9  # unused → unset
+    assert (sgd.lr, sgd.weight_decay) == (0.1, 0.0)  # not the preset's AdamW values
 
 
 @pytest.mark.parametrize(

@@ -1,34 +1,49 @@
-"""Optimiser config, registry (name → builder) and learning-rate schedules (SPEC §3).
+"""Optimiser config, registry (name → builder) and the entry point (SPEC §3, §7).
 
-No hand-written optimiser maths: ``adamw``, ``adafactor``, ``sgd`` and ``muon`` come from
-``torch.optim``; ``soap`` and ``shampoo`` from ``pytorch_optimizer``. ``muon`` follows its
-authors: Muon on the 2-D hidden matrices, AdamW on embeddings, the output head, norms and gains,
-wrapped in :class:`MultiOptimizer` so a training loop sees one optimiser.
+The paper's contrast is diagonal vs rotated preconditioning, in pairs that share every
+hyperparameter (SPEC §7): ``adamw`` ↔ ``soap`` (Adam in Shampoo's eigenbasis) and ``adafactor``
+(factored second moment, with momentum) ↔ ``shampoo`` (power 1/2, EMA statistics: AdaFactor in
+Shampoo's eigenbasis, "rotated AdaFactor"). ``adamw``, ``sgd`` come from ``torch.optim``, ``soap``
+from ``pytorch_optimizer``; ``adafactor`` and ``shampoo`` are :class:`factored.AdaFactor` (no
+library implements them exactly); ``muon`` is :mod:`muon` (torch's Muon, fp32 Newton–Schulz on
+the CPU, plus AdamW on embeddings, head, norms and gains).
 
-Each optimiser declares the hyperparameters it uses, with their defaults, where it is registered
-(:func:`register`): that registry is the one list of optimiser-specific hyperparameters
-(:func:`hyperparameters`); :class:`OptimConfig` fills and validates them from it. Defaults are
-SPEC §3's where it names them (AdamW: the authors' recipe; SOAP: nikhilvyas/SOAP) and the
-library's own otherwise. Schedules are a pure function of the step (:func:`lr_factor`), so
-resuming needs no scheduler state.
+Each optimiser declares, where it is registered (:func:`register`), its *family* and the
+hyperparameters it uses with their defaults: that registry is the one list of
+optimiser-specific hyperparameters (:func:`hyperparameters`); :class:`OptimConfig` fills and
+validates them from it. The four optimisers of the ``adam`` family have the same defaults (the
+authors' AdamW recipe, SPEC §3) and switching between them keeps the values already set
+(:func:`kept_on_switch`), so a pair differs in ``optim.name`` only. Schedules:
+:mod:`schedule` (torch is imported only when building an optimiser).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from outlierlab.errors import ConfigError
 from outlierlab.fields import bad, choice, number
+from outlierlab.optim.schedule import SCHEDULES, lr_factor, set_lr
 
 if TYPE_CHECKING:  # torch is imported by the builders, so the config and registry need none
-    import torch
     from torch import nn
 
-SCHEDULES = ("cosine", "linear", "wsd", "constant")
+__all__ = [
+    "SCHEDULES",
+    "OptimConfig",
+    "build_optimizer",
+    "defaults",
+    "hyperparameters",
+    "kept_on_switch",
+    "lr_factor",
+    "names",
+    "param_groups",
+    "register",
+    "set_lr",
+]
 
 
 @dataclass
@@ -41,21 +56,22 @@ class OptimConfig:
     """
 
     name: str = "adamw"
-    """adamw, adafactor, soap, shampoo, muon, sgd."""
+    """adamw, soap, adafactor, shampoo, muon, sgd."""
     lr: float | None = None
     """Peak learning rate (muon: of the Muon part; see ``aux_lr``)."""
     betas: tuple[float, float] | None = None
-    """Adam-style (β1, β2): adamw, soap, muon's AdamW part."""
+    """(β1, β2): momentum and second-moment EMAs (adamw, soap, adafactor, shampoo, muon's AdamW);
+    soap and shampoo also average their Kronecker factors with β2."""
     eps: float | None = None
-    """ε: adamw/soap/muon-AdamW denominator, adafactor ε1, shampoo matrix ε."""
+    """Adam's ε, added to √v̂ (adamw, soap, adafactor, shampoo, muon's AdamW part)."""
     weight_decay: float | None = None
     """Decoupled weight decay on the ≥2-D matmul weights (never norms, gains, β, embeddings)."""
     momentum: float | None = None
-    """sgd, shampoo, muon momentum."""
+    """sgd, muon momentum."""
     precondition_frequency: int | None = None
-    """soap / shampoo: recompute the preconditioner every this many steps."""
-    beta2_decay: float | None = None
-    """adafactor's second-moment decay exponent."""
+    """soap / shampoo: recompute the eigenbasis every this many steps."""
+    max_precond_dim: int | None = None
+    """soap / shampoo: a side longer than this (a vocabulary) is not rotated (identity basis)."""
     aux_lr: float | None = None
     """muon: lr of the AdamW that trains embeddings, head, norms and gains."""
     schedule: str = "cosine"
@@ -96,7 +112,7 @@ _RANGES: dict[str, dict[str, Any]] = {
     "weight_decay": {"lo": 0},
     "momentum": {"lo": 0},
     "precondition_frequency": {"lo": 1, "integer": True},
-    "beta2_decay": {},
+    "max_precond_dim": {"lo": 0, "integer": True},
 }
 
 
@@ -117,26 +133,29 @@ Groups = list[dict[str, Any]]
 
 @dataclass(frozen=True)
 class OptimSpec:
-    """One registered optimiser: its builder and the defaults of the hyperparameters it uses."""
+    """One registered optimiser: its builder, its family and the defaults of the
+    hyperparameters it uses."""
 
     build: Callable[[nn.Module, Groups, dict[str, Any]], Any]
     defaults: dict[str, Any]
+    family: str
 
 
 REGISTRY: dict[str, OptimSpec] = {}
 
 
-def register(name: str, **defaults: Any):
-    """Decorator: ``@register("adamw", lr=1e-3, ...)`` on ``build(model, groups, hp)``; the
-    keywords are the hyperparameters it uses (each an :class:`OptimConfig` field defaulting to
-    ``None``) with their defaults."""
+def register(name: str, family: str | None = None, **defaults: Any):
+    """Decorator: ``@register("adamw", family="adam", lr=1e-3, ...)`` on
+    ``build(model, groups, hp)``; the keywords are the hyperparameters it uses (each an
+    :class:`OptimConfig` field defaulting to ``None``) with their defaults. Optimisers of one
+    ``family`` (default: their own) read shared hyperparameters with the same meaning."""
     fields = {f.name for f in dataclasses.fields(OptimConfig) if f.default is None}
     if set(defaults) - fields:
         raise TypeError(f"optimiser {name!r}: {sorted(set(defaults) - fields)} are not "
                         f"OptimConfig hyperparameter fields ({sorted(fields)})")
 
     def deco(fn):
-        REGISTRY[name] = OptimSpec(fn, dict(defaults))
+        REGISTRY[name] = OptimSpec(fn, dict(defaults), family or name)
         return fn
 
     return deco
@@ -160,57 +179,55 @@ def defaults(name: str) -> dict[str, Any]:
     return dict(REGISTRY[name].defaults)
 
 
+def kept_on_switch(old: str, new: str) -> tuple[str, ...]:
+    """The hyperparameters a config keeps when ``optim.name`` changes from ``old`` to ``new``:
+    those both use when both are of one family (adamw → soap keeps lr, betas, ε, wd), else none
+    (the new optimiser starts from its defaults). Unknown names keep nothing."""
+    a, b = REGISTRY.get(old), REGISTRY.get(new)
+    if a is None or b is None or a.family != b.family:
+        return ()
+    return tuple(k for k in hyperparameters() if k in a.defaults and k in b.defaults)
+
+
 # --------------------------------------------------------------------------- builders
+# The adam family: one set of defaults (the authors' AdamW recipe, SPEC §3), so each diagonal ↔
+# rotated pair (adamw ↔ soap, adafactor ↔ shampoo) differs in the preconditioner only.
+ADAM = dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.1)
+ROTATED = dict(precondition_frequency=10, max_precond_dim=4096)
+"""Every 10 steps (SOAP's default); sides up to 4096 rotated: GPT-2-small's MLP width (3072) is,
+a BPE vocabulary (8192+) is not."""
 
 
-@register("adamw", lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.1)
+@register("adamw", family="adam", **ADAM)
 def _adamw(model, groups, hp):
     import torch
 
     return torch.optim.AdamW(groups, lr=hp["lr"], betas=hp["betas"], eps=hp["eps"])
 
 
-# torch's Adafactor scales each update by max(1e-3, RMS(param)) (≈ 0.02 at init), so its lr is
-# relative: 0.05 gives steps of ≈ 1e-3, like AdamW's.
-@register("adafactor", lr=0.05, beta2_decay=-0.8, eps=None, weight_decay=0.0)
-def _adafactor(model, groups, hp):
-    import torch
-
-    return torch.optim.Adafactor(
-        groups, lr=hp["lr"], beta2_decay=hp["beta2_decay"], eps=(hp["eps"], 1e-3)
-    )
-
-
-@register(
-    "soap", lr=3e-3, betas=(0.95, 0.95), eps=1e-8, weight_decay=0.01, precondition_frequency=10
-)
+@register("soap", family="adam", **ADAM, **ROTATED)
 def _soap(model, groups, hp):
     from pytorch_optimizer import SOAP
 
-    return SOAP(
-        groups,
-        lr=hp["lr"],
-        betas=hp["betas"],
-        eps=hp["eps"],
-        precondition_frequency=hp["precondition_frequency"],
-    )
+    return SOAP(groups, lr=hp["lr"], betas=hp["betas"], eps=hp["eps"],
+                precondition_frequency=hp["precondition_frequency"],
+                max_precondition_dim=hp["max_precond_dim"])  # fmt: skip
 
 
-# pytorch_optimizer's Shampoo sums its statistics (AdaGrad-like, steps shrink as 1/√t): it
-# needs a large lr; its own default 1e-3 barely moves a small GPT.
-@register(
-    "shampoo", lr=0.1, momentum=0.0, eps=1e-6, weight_decay=0.0, precondition_frequency=1
-)
+@register("adafactor", family="adam", **ADAM)
+def _adafactor(model, groups, hp):
+    from outlierlab.optim.factored import AdaFactor
+
+    return AdaFactor(groups, lr=hp["lr"], betas=hp["betas"], eps=hp["eps"])
+
+
+@register("shampoo", family="adam", **ADAM, **ROTATED)
 def _shampoo(model, groups, hp):
-    from pytorch_optimizer import Shampoo
+    from outlierlab.optim.factored import AdaFactor
 
-    return Shampoo(
-        groups,
-        lr=hp["lr"],
-        momentum=hp["momentum"],
-        matrix_eps=hp["eps"],
-        preconditioning_compute_steps=hp["precondition_frequency"],
-    )
+    return AdaFactor(groups, lr=hp["lr"], betas=hp["betas"], eps=hp["eps"],
+                     max_precond_dim=hp["max_precond_dim"],
+                     precondition_frequency=hp["precondition_frequency"])  # fmt: skip
 
 
 @register("sgd", lr=0.1, momentum=0.9, weight_decay=0.0)
@@ -228,6 +245,8 @@ def _sgd(model, groups, hp):
 def _muon(model, groups, hp):
     import torch
 
+    from outlierlab.optim.muon import MultiOptimizer, Muon, muon_params
+
     hidden = muon_params(model)
     muon_groups, aux_groups = [], []
     for g in groups:
@@ -241,59 +260,12 @@ def _muon(model, groups, hp):
             aux_groups.append({**rest, "params": ag, "lr": hp["aux_lr"]})
     opts = []
     if muon_groups:
-        opts.append(torch.optim.Muon(muon_groups, lr=hp["lr"], momentum=hp["momentum"]))
+        opts.append(Muon(muon_groups, lr=hp["lr"], momentum=hp["momentum"]))
     if aux_groups:
         opts.append(
             torch.optim.AdamW(aux_groups, lr=hp["aux_lr"], betas=hp["betas"], eps=hp["eps"])
         )
     return MultiOptimizer(opts)
-
-
-def muon_params(model: nn.Module) -> set[int]:
-    """ids of the 2-D hidden matrices: every 2-D parameter except embedding tables and the
-    output head (a ``Linear`` whose output size is the vocabulary, or one named ``*head*``)."""
-    from torch import nn
-
-    excluded: set[int] = set()
-    vocab = {m.num_embeddings for m in model.modules() if isinstance(m, nn.Embedding)}
-    for name, m in model.named_modules():
-        head = isinstance(m, nn.Linear) and (m.out_features in vocab or "head" in name)
-        if isinstance(m, nn.Embedding) or head:
-            excluded.add(id(m.weight))
-    return {id(p) for p in model.parameters() if p.ndim == 2 and id(p) not in excluded}
-
-
-class MultiOptimizer:
-    """Several optimisers over disjoint parameters, seen by the loop as one
-    (``step``, ``zero_grad``, ``param_groups``, ``state_dict``, ``load_state_dict``)."""
-
-    def __init__(self, optimizers: list[torch.optim.Optimizer]):
-        self.optimizers = optimizers
-
-    @property
-    def param_groups(self) -> Groups:
-        return [g for o in self.optimizers for g in o.param_groups]
-
-    @property
-    def state(self) -> dict:
-        return {k: v for o in self.optimizers for k, v in o.state.items()}
-
-    def step(self, closure=None):
-        for o in self.optimizers:
-            o.step()
-
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        for o in self.optimizers:
-            o.zero_grad(set_to_none=set_to_none)
-
-    def state_dict(self) -> dict:
-        return {str(i): o.state_dict() for i, o in enumerate(self.optimizers)}
-
-    def load_state_dict(self, sd: dict) -> None:
-        if len(sd) != len(self.optimizers):
-            raise ValueError(f"state for {len(sd)} optimisers, have {len(self.optimizers)}")
-        for i, o in enumerate(self.optimizers):
-            o.load_state_dict(sd[str(i)])
 
 
 # --------------------------------------------------------------------------- entry point
@@ -325,49 +297,3 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig):
     for g in opt.param_groups:
         g["initial_lr"] = g["lr"]
     return opt
-
-
-# --------------------------------------------------------------------------- schedules
-
-
-def lr_factor(
-    step: int,
-    total: int,
-    schedule: str = "cosine",
-    warmup: int = 0,
-    min_ratio: float = 0.0,
-    decay_steps: int = 0,
-) -> float:
-    """Multiplier of the peak lr for optimiser step ``step`` (0-based) of ``total``.
-
-    Linear warm-up over ``warmup`` steps ((s+1)/warmup), then: ``cosine`` to ``min_ratio``,
-    ``linear`` to ``min_ratio``, ``wsd`` (warm-up, stable, then linear decay over the last
-    ``decay_steps``), or ``constant``.
-    """
-    if step < warmup:
-        return (step + 1) / warmup
-    if schedule == "constant":
-        return 1.0
-    if schedule == "wsd":
-        start = total - decay_steps
-        if step < start or decay_steps <= 0:
-            return 1.0
-        p = (step - start) / decay_steps
-        return 1.0 - (1.0 - min_ratio) * min(p, 1.0)
-    span = max(total - warmup, 1)
-    p = min((step - warmup) / span, 1.0)
-    if schedule == "linear":
-        return 1.0 - (1.0 - min_ratio) * p
-    if schedule == "cosine":
-        return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * p))
-    raise bad("optim.schedule", schedule, ", ".join(SCHEDULES))
-
-
-def set_lr(optimizer: Any, factor: float) -> float:
-    """Set every group's lr to ``initial_lr × factor``; returns the first group's lr."""
-    groups: Iterable[dict] = optimizer.param_groups
-    lr = None
-    for g in groups:
-        g["lr"] = g["initial_lr"] * factor
-        lr = g["lr"] if lr is None else lr
-    return float(lr or 0.0)
