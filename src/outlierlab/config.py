@@ -140,6 +140,11 @@ def _table(raw: dict[str, Any], section: str) -> dict[str, Any]:
     return sec
 
 
+# Fields older versions wrote into config.json and this one no longer has: read (when unset)
+# so old run folders still resume; any value set for them is still an error.
+RETIRED: dict[str, tuple[str, ...]] = {"optim": ("beta2_decay",)}
+
+
 def _build(raw: Any) -> RunConfig:
     if not isinstance(raw, dict):
         raise ConfigError(f"a run config must be a table of sections, got {raw!r:.60}")
@@ -152,6 +157,9 @@ def _build(raw: Any) -> RunConfig:
         fields = _fields(s)
         preset = sec.pop("preset", None) if s == "model" else None
         for k, v in list(sec.items()):
+            if k in RETIRED.get(s, ()) and v is None:  # written unset by an older version
+                del sec[k]
+                continue
             if k not in fields:
                 raise unknown(f"{s}.{k}", [f"{s}.{f}" for f in fields])
             sec[k] = coerce(v, fields[k], f"{s}.{k}")

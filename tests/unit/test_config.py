@@ -113,3 +113,12 @@ def test_maths_fields_and_resume_config(tmp_path):
     assert r.train.steps == 500 and r.out == str(tmp_path) and r.model == a.model
     with pytest.raises(ConfigError, match="model= cannot change"):
         C.resume_config(tmp_path, ["model=op"])
+
+
+def test_old_run_config_with_a_retired_unset_field_still_loads():
+    d = C.load("tiny").to_dict()
+    d["optim"]["beta2_decay"] = None  # what config.json held before the field was removed
+    assert C.RunConfig.from_dict(d).optim == C.load("tiny").optim
+    d["optim"]["beta2_decay"] = -0.8  # a value set for it is not silently dropped
+    with pytest.raises(ConfigError, match="beta2_decay"):
+        C.RunConfig.from_dict(d)
