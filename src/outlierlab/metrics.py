@@ -154,8 +154,8 @@ def causal_attention_probs(logits: torch.Tensor) -> torch.Tensor:
     """``softmax(logits + causal mask)`` over the last axis in float32, from pre-softmax logits
     (..., T, T) (already scaled/soft-capped); query t sees keys 0..t."""
     t = logits.shape[-1]
-    future = torch.ones(t, t, dtype=torch.bool, device=logits.device).triu(1)
-    return logits.float().masked_fill(future, float("-inf")).softmax(-1)
+    future = torch.full((t, t), float("-inf"), device=logits.device).triu(1)  # 0 on and below
+    return (logits.float() + future).softmax(-1)  # an add is cheaper than masked_fill
 
 
 # -- max-median ratio (SPEC §1, paper Eq. 2) --------------------------------------------------

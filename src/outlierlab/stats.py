@@ -220,15 +220,16 @@ class StatsAccumulator:
 
     def _add_centred(self, r: torch.Tensor) -> None:
         """Σx², Σc² and Σc (c the token-centred rows, see :meth:`_add_extras`) chunk by chunk
-        through :meth:`scratch`: two float64 matrix-vector products per chunk beyond Σx²."""
+        through :meth:`scratch`: a row mean, a column sum and one float64 matrix-vector product
+        per chunk beyond Σx² (few ops: each costs a dispatch)."""
         s = self.sums
         for b in _chunks64(r, self.scratch()):
             mu = b.mean(1)
-            col_cross = b.T @ torch.stack((torch.ones_like(mu), mu), 1)  # (d, 2): Σ_α x, Σ_α x μ
+            s.sum_centred.add_(b.sum(0).sub_(mu.sum()))
+            cross = mu @ b  # Σ_α x_αj μ_α
             col_sq = b.square_().sum(0)
             s.sq.add_(col_sq)
-            s.sq_centred.add_(col_sq - 2 * col_cross[:, 1] + mu.square().sum())
-            s.sum_centred.add_(col_cross[:, 0] - mu.sum())
+            s.sq_centred.add_(col_sq.sub_(cross.mul_(2)).add_(mu.square().sum()))
 
     def _add_extras(self, r: torch.Tensor) -> None:
         """Σx² plus the centred sums of SPEC §1's variants, from raw moments in one float64 pass
