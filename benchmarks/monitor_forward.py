@@ -87,8 +87,9 @@ def main(argv=None) -> None:
 
 
 def hook_share(model, idx, mon, rounds: int) -> float:
-    """Median over forwards of (seconds inside the monitor's hooks) / (the rest of the forward):
-    both halves of each ratio come from the same forward, so load on the machine cancels."""
+    """Median over forwards of (seconds inside the monitor's hooks and the attention-entropy
+    recomputation) / (the rest of the forward): both halves of each ratio come from the same
+    forward, so load on the machine cancels."""
     import statistics
     import time
 
@@ -102,7 +103,18 @@ def hook_share(model, idx, mon, rounds: int) -> float:
         record(name, x)
         spent.append(time.perf_counter() - t0)
 
+    def timed_probs(report):
+        def wrapper(*args):
+            t0 = time.perf_counter()
+            report(*args)
+            spent.append(time.perf_counter() - t0)
+
+        return wrapper
+
     mon._record = timed
+    attn = list(mon.attn_points.values())
+    for m in attn:
+        m._report_probs = timed_probs(m._report_probs)
     ratios = []
     try:
         with torch.no_grad(), mon:
@@ -114,6 +126,8 @@ def hook_share(model, idx, mon, rounds: int) -> float:
                 ratios.append(hooks / (total - hooks))
     finally:
         mon._record = record
+        for m in attn:
+            del m._report_probs
         mon.reset()
     return statistics.median(ratios[1:])
 

@@ -18,8 +18,9 @@ subsamples of an uninterrupted one. Imports neither transformers nor lightning.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -35,22 +36,28 @@ would repeat a subsample seed; a step has as many as it has micro-batches)."""
 
 @dataclass
 class Measured:
-    """What one measured step gave: its number, the monitor's per-point results and summary."""
+    """What one measured step gave: its number, the monitor's per-point results and summary,
+    and the mean attention entropy per attention layer (empty when the model exposes none)."""
 
     step: int
     results: dict[str, dict[str, Any]]
     summary: dict[str, float]
+    attn_entropy: dict[str, float] = field(default_factory=dict)
 
     def row(self) -> dict[str, Any]:
         """The fields of a ``metrics.jsonl`` row (docs/ARCHITECTURE.md "Run folder")."""
         res = self.results
-        return {
-            "kurtosis": {k: float(v["kurtosis"]) for k, v in res.items()},
-            "mmr": {k: float(v["mmr"]) for k, v in res.items()},
-            "cos_sim": {k: float(v["cos_sim"]) for k, v in res.items()},
-            "kurtosis_mean": self.summary["kurtosis_mean"],
-            "kurtosis_max": self.summary["kurtosis_max"],
+        row: dict[str, Any] = {
+            key: {k: float(v[key]) for k, v in res.items()}
+            for key in ("kurtosis", "mmr", "cos_sim", "kurtosis_authors", "corr_authors")
         }
+        row["kurtosis_mean"] = self.summary["kurtosis_mean"]
+        row["kurtosis_max"] = self.summary["kurtosis_max"]
+        if self.attn_entropy:
+            finite = [v for v in self.attn_entropy.values() if math.isfinite(v)]
+            row["attn_entropy"] = dict(self.attn_entropy)
+            row["attn_entropy_min"] = min(finite) if finite else math.nan
+        return row
 
 
 class MeasureEvery:
@@ -117,8 +124,9 @@ class MeasureEvery:
         self.monitor.enabled = False
         results = self.monitor.results(all_reduce=all_reduce)
         summary = self.monitor.summary(results)
+        entropy = self.monitor.attention_entropy(all_reduce=all_reduce)
         self.monitor.reset()
-        return Measured(step, results, summary) if results else None
+        return Measured(step, results, summary, entropy) if results else None
 
     def close(self) -> None:
         """Remove the monitor's hooks (idempotent)."""

@@ -66,6 +66,98 @@ def kurtosis_centred(x: torch.Tensor) -> float:
     return kurtosis_from_sq((r - r.mean(1, keepdim=True)).square().mean(0)) - 1.0
 
 
+# -- the authors' code, literally (SPEC §1 [code]) --------------------------------------------
+# simplified_transformers/train_utils.py, ``compute_loss`` (bobby-he/simplified_transformers):
+#   x = x - x.mean(-1, keepdim=True);  x_rms = (x**2).mean().sqrt() + 1e-8;  flat_x = x / x_rms
+#   kurtosis        = diag(flat_xᵀ flat_x / n).var()            (torch's default: unbiased)
+#   batch_corr_mean = off-diagonal mean of flat_x flat_xᵀ / d   (n × n, every token of the batch)
+# Both follow from per-neuron sums of the token-centred c_α = x_α − mean_j x_αj, so they stream:
+# Q_j = Σ_α c_αj² and S_j = Σ_α c_αj, with Σ_{α≠β} c_α·c_β = |S|² − Σ_j Q_j.
+
+AUTHORS_RMS_EPS = 1e-8
+"""Added to the global RMS of the centred activations in the authors' code (``x_rms``)."""
+
+
+def centred_rows(x: torch.Tensor) -> torch.Tensor:
+    """The rows of X (float64) each centred over the width: ``c_αj = x_αj − mean_j x_αj``."""
+    r = rows64(x)
+    return r - r.mean(1, keepdim=True)
+
+
+def _authors_ms(sq_centred: torch.Tensor, n: int) -> float:
+    """``x_rms²`` of the authors' code: (sqrt(mean of c²) + 1e-8)²."""
+    return (math.sqrt(float(sq_centred.sum()) / (n * sq_centred.numel())) + AUTHORS_RMS_EPS) ** 2
+
+
+def kurtosis_authors_from_sums(sq_centred: torch.Tensor, n: int) -> float:
+    """:func:`kurtosis_authors` from ``Q_j = Σ_α c_αj²`` over ``n`` tokens (what the streaming
+    form keeps): the unbiased variance over j of ``Q_j / (n · x_rms²)``. NaN for n = 0 or d < 2."""
+    if n <= 0 or sq_centred.numel() < 2:
+        return math.nan
+    return float((sq_centred / (n * _authors_ms(sq_centred, n))).var(correction=1))
+
+
+def corr_authors_from_sums(sum_centred: torch.Tensor, sq_centred: torch.Tensor, n: int) -> float:
+    """:func:`corr_authors` from ``S_j = Σ_α c_αj`` and ``Q_j = Σ_α c_αj²`` over ``n`` tokens:
+    ``(|S|² − Σ_j Q_j) / (n (n − 1) · d · x_rms²)``. NaN for n < 2."""
+    if n < 2:
+        return math.nan
+    d = sq_centred.numel()
+    off = float(sum_centred.square().sum() - sq_centred.sum())
+    return off / (n * (n - 1) * d * _authors_ms(sq_centred, n))
+
+
+def kurtosis_authors(x: torch.Tensor) -> float:
+    """The authors' logged "kurtosis" (SPEC §1 [code]; ``train_utils.py``, ``compute_loss``):
+    centre each token over the width, divide by the global RMS (+1e-8), and take the *unbiased*
+    variance over neurons of ``s_j² / x_rms²``. Without the 1e-8 this is
+    ``d/(d−1) · (Kurt(c) − 1)`` with Kurt of Eq. 1 on the centred ``c``: ≈ 0 at initialisation
+    where Eq. 1 is ≈ 1. Ours (:func:`kurtosis`) is uncentred, population, not shifted by 1; and
+    the authors measure HF GPT-2 ``hidden_states`` (the last one after the final LN, padding
+    included, in the model's dtype) where we measure before any final norm, without padding,
+    in float64."""
+    c = centred_rows(x)
+    return kurtosis_authors_from_sums(c.square().sum(0), c.shape[0])
+
+
+def corr_authors(x: torch.Tensor) -> float:
+    """The authors' signal-propagation curve, ``batch_corr_mean`` (SPEC §1 [code];
+    ``train_utils.py``, ``compute_loss``): mean off-diagonal entry of the input-wise Gram
+    ``flat_x flat_xᵀ / d`` of the token-centred x divided by its global RMS (+1e-8), over every
+    token (no subsample: the sum identity makes it O(n d)). Unlike our
+    :func:`token_cosine_similarity` (a mean of true per-pair cosines, uncentred) each pair is
+    normalised by the *global* mean square, so tokens with large norms weigh more."""
+    c = centred_rows(x)
+    return corr_authors_from_sums(c.sum(0), c.square().sum(0), c.shape[0])
+
+
+# -- attention entropy (SPEC §2 entropy regulation; the authors' ``attn.{i}.entropy``) ----------
+
+
+def attention_entropy_sum(probs: torch.Tensor) -> torch.Tensor:
+    """Σ over every query row of ``probs`` (..., T_q, T_k), each a distribution over keys, of its
+    Shannon entropy in nats, ``−Σ_k p log p`` with 0 log 0 = 0 (the authors' ``nansum``); a
+    float64 0-d tensor (no host sync). Divide by ``probs[..., 0].numel()`` for the mean."""
+    return torch.special.entr(probs.detach().float()).sum(-1).sum(dtype=torch.float64)
+
+
+def attention_entropy(probs: torch.Tensor) -> float:
+    """Mean entropy (nats) of the attention distributions ``probs`` (B, heads, T_q, T_k) over
+    batch, heads and query positions: the authors' ``attn.{i}.entropy`` (``train_utils.py``).
+    Collapse towards 0 (every query attends to one key) is the failure QK-Norm prevents in OP
+    blocks (SPEC §2). A causal row at position t has at most log(t + 1)."""
+    rows = probs[..., 0].numel()
+    return float(attention_entropy_sum(probs)) / rows if rows else math.nan
+
+
+def causal_attention_probs(logits: torch.Tensor) -> torch.Tensor:
+    """``softmax(logits + causal mask)`` over the last axis in float32, from pre-softmax logits
+    (..., T, T) (already scaled/soft-capped); query t sees keys 0..t."""
+    t = logits.shape[-1]
+    future = torch.full((t, t), float("-inf"), device=logits.device).triu(1)  # 0 on and below
+    return (logits.float() + future).softmax(-1)  # an add is cheaper than masked_fill
+
+
 # -- max-median ratio (SPEC §1, paper Eq. 2) --------------------------------------------------
 
 

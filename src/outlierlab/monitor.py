@@ -15,7 +15,18 @@ tokens (Eq. 1, exact for any number of forwards), Eq. 2 on a seeded subsample of
 ``mmr_max_tokens`` tokens (``None``: all, exact), and the mean off-diagonal token cosine
 similarity on a seeded subsample of at most ``cos_max_tokens`` tokens (the unit rows summed as
 one float32 matrix-vector product); ``cos_sim`` is the mean of that value over measured
-forwards. Nothing else is kept: no activations, no graphs.
+forwards. It also keeps the token-centred per-neuron sums of the authors' metrics
+(``kurtosis_authors``, ``corr_authors``: exact over all tokens). Nothing else is kept: no
+activations, no graphs.
+
+Attention entropy (``attn_entropy``, on by default): for models that define
+``attention_points() -> {name: module}`` whose modules have a ``probs_sink`` attribute
+(outlierlab's GPT: ``blocks.{i}.attn``), the monitor sets each sink for the measured forwards
+only and sums the entropy of every query's attention distribution
+(:func:`~outlierlab.metrics.attention_entropy_sum`) over a seeded subsample of whole sequences
+holding at most ``attn_max_tokens`` query tokens (at least one sequence; the same sequences
+for every layer); :meth:`OutlierMonitor.attention_entropy` gives the mean per layer. Other
+models (Hugging Face ones included) give none.
 """
 
 from __future__ import annotations
@@ -31,7 +42,7 @@ import torch
 from torch import nn
 
 from outlierlab.errors import ConfigError
-from outlierlab.metrics import OUTLIER_K
+from outlierlab.metrics import OUTLIER_K, attention_entropy_sum
 from outlierlab.run_folder import json_safe
 from outlierlab.stats import StatsAccumulator, offdiag_cosine_fast
 
@@ -158,7 +169,8 @@ class OutlierMonitor:
     ``cos_max_tokens`` bound the tokens Eq. 2 and cos-sim see per forward (one seeded
     permutation per forward; ``None``: all). ``extras=True`` adds ``kurtosis_centred``,
     ``token_excess_kurtosis`` and ``share_above_6`` (about 2× the hook's cost). ``k``: outlier
-    neurons are those with RMS above k × the median.
+    neurons are those with RMS above k × the median. ``attn_entropy``: also the attention
+    entropy per layer where the model exposes attention probabilities (module docstring).
     """
 
     def __init__(
@@ -171,16 +183,23 @@ class OutlierMonitor:
         mmr_max_tokens: int | None = 256,
         k: float = OUTLIER_K,
         extras: bool = False,
+        attn_entropy: bool = True,
+        attn_max_tokens: int | None = 128,
     ):
         if not isinstance(every, int) or every < 1:
             raise ConfigError(f"every={every!r} is not allowed; allowed: an integer ≥ 1")
-        for key, v in (("cos_max_tokens", cos_max_tokens), ("mmr_max_tokens", mmr_max_tokens)):
+        for key, v in (("cos_max_tokens", cos_max_tokens), ("mmr_max_tokens", mmr_max_tokens),
+                       ("attn_max_tokens", attn_max_tokens)):  # fmt: skip
             if v is not None and (not isinstance(v, int) or v < 2):
                 raise ConfigError(f"{key}={v!r} is not allowed; allowed: an integer ≥ 2 or None")
         self.model, self.every, self.seed, self.k = model, every, seed, k
         self.cos_max_tokens, self.mmr_max_tokens = cos_max_tokens, mmr_max_tokens
         self.extras = extras
         self.points = resolve_points(model, points)
+        self.attn_max_tokens = attn_max_tokens
+        self.attn_points = attention_points(model) if attn_entropy else {}
+        self._sinks = {name: _EntropySink(self, name) for name in self.attn_points}
+        self._entropy: dict[str, torch.Tensor] = {}  # name → float64 [Σ entropy, query rows]
         self.enabled = True
         self._acc: dict[str, StatsAccumulator] = {}
         self._handles: list[Any] = []
@@ -232,6 +251,7 @@ class OutlierMonitor:
         """Remove every hook this monitor added (statistics are kept)."""
         while self._handles:
             self._handles.pop().remove()
+        self._set_sinks(False)
         self._active = False
         self._fwd_mask = None
 
@@ -249,12 +269,33 @@ class OutlierMonitor:
         if mask is None and self._mask_pos is not None and len(args) > self._mask_pos:
             mask = args[self._mask_pos]
         self._fwd_mask = mask if isinstance(mask, torch.Tensor) else None
+        self._set_sinks(True)
 
     def _root_post(self, module: nn.Module, args: tuple, out: Any) -> None:
         if self._active:
             self._measured += 1
+            self._set_sinks(False)
         self._active = False
         self._fwd_mask = None
+
+    def _set_sinks(self, on: bool) -> None:
+        """Point every attention module's ``probs_sink`` at this monitor (``on``) or at None."""
+        for name, module in self.attn_points.items():
+            module.probs_sink = self._sinks[name] if on else None
+
+    def _sequences(self, batch: int, seq_len: int, device: torch.device) -> torch.Tensor | None:
+        """The batch rows whose attention entropy this forward measures: a seeded subsample
+        of ``max(1, attn_max_tokens // seq_len)`` sequences (None: all), one per forward."""
+        cap = self.attn_max_tokens
+        keep = batch if cap is None else max(1, cap // max(1, seq_len))
+        if keep >= batch:
+            return None
+        key = ("sequences", batch, device)
+        if key not in self._perms:
+            g = torch.Generator().manual_seed(self.seed + self._measured)
+            idx = torch.randperm(batch, generator=g)[:keep].sort().values
+            self._perms[key] = idx.to(device)
+        return self._perms[key]
 
     def _output_hook(self, name: str):
         def hook(module: nn.Module, args: tuple, out: Any) -> None:
@@ -288,7 +329,7 @@ class OutlierMonitor:
                 rows = rows[mask.reshape(-1).to(device=rows.device, dtype=torch.bool)]
             acc = self._acc.get(name)
             if acc is None:
-                acc = StatsAccumulator(d, device=x.device, extras=self.extras)
+                acc = StatsAccumulator(d, device=x.device, extras=self.extras, authors=True)
                 self._acc[name] = acc
             n = rows.shape[0]
             mmr_n, cos_n = self.mmr_max_tokens, self.cos_max_tokens
@@ -321,14 +362,16 @@ class OutlierMonitor:
     def reset(self) -> None:
         """Forget all statistics (hooks stay)."""
         self._acc.clear()
+        self._entropy.clear()
 
     # -- results ------------------------------------------------------------------------------
 
     def results(self, all_reduce: bool = False) -> dict[str, dict]:
         """Point name → metrics (``kurtosis``, ``mmr``, ``cos_sim``, ``outlier_neurons``,
-        ``tokens``; with ``extras`` also ``kurtosis_centred``, ``token_excess_kurtosis``,
-        ``share_above_6``), in model order; only points measured so far. ``all_reduce`` sums over
-        ``torch.distributed`` ranks (every rank must call it)."""
+        ``tokens``, ``kurtosis_authors``, ``corr_authors``; with ``extras`` also
+        ``kurtosis_centred``, ``token_excess_kurtosis``, ``share_above_6``), in model order;
+        only points measured so far. ``all_reduce`` sums over ``torch.distributed`` ranks
+        (every rank must call it)."""
         out: dict[str, dict] = {}
         for p in self.points:
             acc = self._acc.get(p.name)
@@ -337,6 +380,26 @@ class OutlierMonitor:
             if all_reduce:
                 acc = acc.copy().all_reduce()
             out[p.name] = acc.result(self.k)
+        return out
+
+    def attention_entropy(self, all_reduce: bool = False) -> dict[str, float]:
+        """Attention-layer name → mean entropy (nats) of its attention distributions over the
+        measured forwards' sequences, heads and query positions, in model order; empty when the
+        model exposes none. ``all_reduce`` sums over ``torch.distributed`` ranks (every rank
+        must call it)."""
+        out: dict[str, float] = {}
+        for name in self.attn_points:
+            acc = self._entropy.get(name)
+            if acc is None:
+                continue
+            if all_reduce:
+                import torch.distributed as dist
+
+                acc = acc.clone()
+                if dist.is_available() and dist.is_initialized():
+                    dist.all_reduce(acc, op=dist.ReduceOp.SUM)
+            total, rows = acc.tolist()
+            out[name] = total / rows if rows else math.nan
         return out
 
     def summary(self, results: dict[str, dict] | None = None) -> dict[str, float]:
@@ -362,17 +425,48 @@ class OutlierMonitor:
         """``{"tokens", "points": [{"name", ...metrics}], "summary"}``, JSON-safe (NaN → None)."""
         res = self.results()
         tokens = max((v["tokens"] for v in res.values()), default=0)
-        return json_safe(
-            {
-                "tokens": tokens,
-                "points": [{"name": n, **v} for n, v in res.items()],
-                "summary": self.summary(res),
-            }
-        )
+        out = {
+            "tokens": tokens,
+            "points": [{"name": n, **v} for n, v in res.items()],
+            "summary": self.summary(res),
+        }
+        entropy = self.attention_entropy()
+        if entropy:
+            out["attn_entropy"] = entropy
+        return json_safe(out)
 
     def to_json(self, indent: int | None = 2) -> str:
         """:meth:`to_dict` as a JSON string."""
         return json.dumps(self.to_dict(), indent=indent)
+
+
+class _EntropySink:
+    """What the monitor puts in an attention module's ``probs_sink`` on measured forwards:
+    ``rows`` picks the sequences, calling it adds their attention entropy to the layer's sums."""
+
+    __slots__ = ("mon", "name")
+
+    def __init__(self, mon: OutlierMonitor, name: str):
+        self.mon, self.name = mon, name
+
+    def rows(self, batch: int, seq_len: int, device: torch.device) -> torch.Tensor | None:
+        return self.mon._sequences(batch, seq_len, device)
+
+    def __call__(self, probs: torch.Tensor) -> None:
+        acc = self.mon._entropy.get(self.name)
+        if acc is None:
+            acc = torch.zeros(2, dtype=torch.float64, device=probs.device)
+            self.mon._entropy[self.name] = acc
+        acc[0] += attention_entropy_sum(probs)
+        acc[1] += probs[..., 0].numel()
+
+
+def attention_points(model: nn.Module) -> dict[str, nn.Module]:
+    """The model's ``attention_points()`` whose modules accept a ``probs_sink``; else {}."""
+    ap = getattr(_unwrap(model), "attention_points", None)
+    if not callable(ap):
+        return {}
+    return {n: m for n, m in ap().items() if hasattr(m, "probs_sink")}
 
 
 def due(count: int, every: int) -> bool:

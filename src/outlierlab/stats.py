@@ -1,6 +1,8 @@
 """Streaming SPEC §1 metrics: :class:`StatsAccumulator` and the chunked kernels of the hook.
 
-SPEC §1 "Streaming": Kurt (Eq. 1) and MMR (Eq. 2) need only per-neuron sums over tokens, so a
+SPEC §1 "Streaming": Kurt (Eq. 1), MMR (Eq. 2) and the authors' ``kurtosis`` and
+``batch_corr_mean`` (:func:`~outlierlab.metrics.kurtosis_authors`,
+:func:`~outlierlab.metrics.corr_authors`) need only per-neuron sums over tokens, so a
 layer's statistics fit in O(d) float64 numbers (:class:`LayerSums`) that can be added batch by
 batch, merged, and all-reduced over ``torch.distributed`` ranks. :meth:`StatsAccumulator.result`
 turns them into the formulas of :mod:`outlierlab.metrics` and equals the one-shot functions on
@@ -21,6 +23,8 @@ import torch
 from outlierlab.metrics import (
     LLM_INT8_THRESHOLD,
     OUTLIER_K,
+    corr_authors_from_sums,
+    kurtosis_authors_from_sums,
     kurtosis_from_sq,
     outliers_from_sq,
     subsample_tokens,
@@ -98,6 +102,7 @@ class LayerSums:
 
     sq: torch.Tensor  # (d,) Σ_α x_αj² — s_j² up to 1/n: Eq. 1, outlier neurons
     sq_centred: torch.Tensor  # (d,) Σ_α (x_αj − μ_α)², μ_α the token's mean: centred Kurt
+    sum_centred: torch.Tensor  # (d,) Σ_α (x_αj − μ_α): the authors' batch_corr_mean
     tokens: torch.Tensor  # () n, non-padding tokens seen
     mmr_sum: torch.Tensor  # () Σ of the Eq. 2 summand over the MMR tokens
     mmr_tokens: torch.Tensor  # () tokens in mmr_sum (a subsample when bounded)
@@ -109,16 +114,18 @@ class LayerSums:
     @classmethod
     def size(cls, d: int) -> int:
         """Length of the flat buffer for width d."""
-        return 2 * d + _N_SCALARS
+        return _N_VECTORS * d + _N_SCALARS
 
     @classmethod
     def over(cls, flat: torch.Tensor, d: int) -> LayerSums:
         """Named views into ``flat`` (length :meth:`size` ``(d)``); writing them writes ``flat``."""
-        scalars = [flat[2 * d + i] for i in range(_N_SCALARS)]
-        return cls(flat[:d], flat[d : 2 * d], *scalars)
+        vectors = [flat[i * d : (i + 1) * d] for i in range(_N_VECTORS)]
+        scalars = [flat[_N_VECTORS * d + i] for i in range(_N_SCALARS)]
+        return cls(*vectors, *scalars)
 
 
-_N_SCALARS = len(fields(LayerSums)) - 2  # the 0-d fields after the two (d,) ones
+_N_VECTORS = 3  # the (d,) fields come first
+_N_SCALARS = len(fields(LayerSums)) - _N_VECTORS  # then the 0-d ones
 
 
 @dataclass(slots=True)
@@ -138,7 +145,9 @@ class StatsAccumulator:
     per-token MMR, and a running sum/count of cosine-similarity values (:meth:`add_cos`, one
     value per measured forward, averaged); with ``extras`` (default) also per-neuron Σ of
     token-centred x² (centred kurtosis), Σ of per-token excess kurtosis and the count of
-    |x| > ``threshold``. ``update`` never calls ``.item()`` so it does not synchronise a GPU.
+    |x| > ``threshold``. ``authors`` (implied by ``extras``) keeps the token-centred per-neuron
+    Σc² and Σc for the authors' metrics (about 1.5× the cost of Σx² alone). ``update`` never
+    calls ``.item()`` so it does not synchronise a GPU.
     """
 
     def __init__(
@@ -147,10 +156,12 @@ class StatsAccumulator:
         device: torch.device | str = "cpu",
         threshold: float = LLM_INT8_THRESHOLD,
         extras: bool = True,
+        authors: bool = False,
     ):
         if d < 1:
             raise ValueError(f"width d must be ≥ 1, got {d}")
         self.d, self.threshold, self.extras = d, threshold, extras
+        self.authors = authors or extras
         self.state = torch.zeros(LayerSums.size(d), dtype=torch.float64, device=device)
         self.sums = LayerSums.over(self.state, d)
         self._pending = _HostCounts()
@@ -201,9 +212,24 @@ class StatsAccumulator:
             self._pending.mmr_tokens += mmr_index.shape[0]
         if self.extras:
             self._add_extras(r)
+        elif self.authors:
+            self._add_centred(r)
         else:
             s.sq.add_(self._sum_sq64(r))
         return self
+
+    def _add_centred(self, r: torch.Tensor) -> None:
+        """Σx², Σc² and Σc (c the token-centred rows, see :meth:`_add_extras`) chunk by chunk
+        through :meth:`scratch`: a row mean, a column sum and one float64 matrix-vector product
+        per chunk beyond Σx² (few ops: each costs a dispatch)."""
+        s = self.sums
+        for b in _chunks64(r, self.scratch()):
+            mu = b.mean(1)
+            s.sum_centred.add_(b.sum(0).sub_(mu.sum()))
+            cross = mu @ b  # Σ_α x_αj μ_α
+            col_sq = b.square_().sum(0)
+            s.sq.add_(col_sq)
+            s.sq_centred.add_(col_sq.sub_(cross.mul_(2)).add_(mu.square().sum()))
 
     def _add_extras(self, r: torch.Tensor) -> None:
         """Σx² plus the centred sums of SPEC §1's variants, from raw moments in one float64 pass
@@ -217,6 +243,7 @@ class StatsAccumulator:
         w = torch.full((d,), 1.0 / d, dtype=torch.float64, device=r.device)
         mu, m2 = r64 @ w, sq @ w
         s.sq_centred.add_(col_sq - 2 * (r64.T @ mu) + mu.square().sum())
+        s.sum_centred.add_(r64.sum(0) - mu.sum())
         m3, m4 = (sq * r64) @ w, sq.square() @ w
         var = m2 - mu.square()
         c4 = m4 - 4 * mu * m3 + 6 * mu.square() * m2 - 3 * mu.square().square()
@@ -273,7 +300,7 @@ class StatsAccumulator:
 
     def copy(self) -> StatsAccumulator:
         """An independent accumulator with the same statistics."""
-        new = StatsAccumulator(self.d, self.state.device, self.threshold, self.extras)
+        new = StatsAccumulator(self.d, self.state.device, self.threshold, self.extras, self.authors)
         self._flush()
         new.state.copy_(self.state)
         return new
@@ -285,7 +312,8 @@ class StatsAccumulator:
 
     def result(self, k: float = OUTLIER_K) -> dict:
         """``kurtosis`` (Eq. 1), ``mmr`` (Eq. 2), ``cos_sim``, ``outlier_neurons`` (indices,
-        largest RMS first), ``tokens``; with ``extras`` also ``kurtosis_centred``,
+        largest RMS first), ``tokens``; with ``authors`` (or ``extras``) also
+        ``kurtosis_authors`` and ``corr_authors``; with ``extras`` also ``kurtosis_centred``,
         ``token_excess_kurtosis`` and ``share_above_6``. NaN where no data."""
         self._flush()
         s = LayerSums.over(self.state.cpu(), self.d)
@@ -298,6 +326,9 @@ class StatsAccumulator:
             "outlier_neurons": outliers_from_sq(s.sq, k) if n else [],
             "tokens": n,
         }
+        if self.authors:
+            out["kurtosis_authors"] = kurtosis_authors_from_sums(s.sq_centred, n)
+            out["corr_authors"] = corr_authors_from_sums(s.sum_centred, s.sq_centred, n)
         if self.extras:
             out["kurtosis_centred"] = (kurtosis_from_sq(s.sq_centred) - 1.0) if n else nan
             out["token_excess_kurtosis"] = float(s.excess_kurtosis_sum) / n if n else nan

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -98,7 +99,7 @@ def test_measure_hf_gpt2_table_and_json(tmp_path, gpt2_dir, text_file, capsys):
     printed = capsys.readouterr().out
     assert "blocks.1.resid_post" in printed and "Kurt" in printed
     data = json.loads(out.read_text())
-    assert set(data) == {"model", "tokens", "points"}
+    assert set(data) == {"model", "tokens", "points"}  # no attention entropy from HF models
     assert data["model"] == str(folder) and data["tokens"] == 6 * 16  # 100 // 16 windows
     assert [p["name"] for p in data["points"]] == [
         "embed.resid_post",
@@ -106,7 +107,8 @@ def test_measure_hf_gpt2_table_and_json(tmp_path, gpt2_dir, text_file, capsys):
         "blocks.1.resid_post",
     ]
     for p in data["points"]:
-        assert set(p) == {"name", "kurtosis", "mmr", "cos_sim", "outlier_neurons"}
+        assert set(p) == {"name", "kurtosis", "mmr", "cos_sim", "kurtosis_authors",
+                          "corr_authors", "outlier_neurons"}
         assert p["kurtosis"] >= 1 and p["mmr"] >= 1
     # independent check: the same windows through the model, hidden_states[0] by hand
     tok = transformers.AutoTokenizer.from_pretrained(folder)
@@ -116,6 +118,8 @@ def test_measure_hf_gpt2_table_and_json(tmp_path, gpt2_dir, text_file, capsys):
         h0 = model(ids, output_hidden_states=True).hidden_states[0]
     assert data["points"][0]["kurtosis"] == pytest.approx(M.kurtosis(h0), rel=1e-9)
     assert data["points"][0]["mmr"] == pytest.approx(M.max_median_ratio(h0), rel=1e-9)
+    assert data["points"][0]["kurtosis_authors"] == pytest.approx(M.kurtosis_authors(h0), rel=1e-9)
+    assert data["points"][0]["corr_authors"] == pytest.approx(M.corr_authors(h0), rel=1e-9)
 
 
 def test_measure_folder_of_text_and_points_glob(tmp_path, capsys):
@@ -186,9 +190,16 @@ def test_measure_outlierlab_model_and_run_folder(tmp_path, text_file, cache_dir,
     )
     data = json.loads(out.read_text())
     assert data["tokens"] == 256 and len(data["points"]) == 3
-    # no --data: the run's own validation windows
-    assert main(["measure", str(run), "--seq-len", "16", "--max-tokens", "64"]) == 0
-    assert "blocks.1.resid_post" in capsys.readouterr().out
+    assert list(data["attn_entropy"]) == ["blocks.0.attn", "blocks.1.attn"]
+    assert data["attn_entropy_min"] == min(data["attn_entropy"].values())
+    assert 0 < data["attn_entropy_min"] <= sum(math.log(t + 1) for t in range(32)) / 32 + 1e-6
+    capsys.readouterr()
+    # no --data: the run's own validation windows; --authors adds two columns
+    argv = ["measure", str(run), "--seq-len", "16", "--max-tokens", "64", "--authors"]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "blocks.1.resid_post" in printed and "corr (a)" in printed
+    assert "attention entropy" in printed and "blocks.1 " in printed
 
 
 def one_line_error(capsys, argv, *needles):

@@ -43,8 +43,14 @@ def test_measures_every_micro_batch_of_a_due_step_only():
     assert seen[2].step == 2
     assert all(r["tokens"] == 3 * 12 * 32 for r in seen[2].results.values())
     row = seen[2].row()
-    assert set(row) == {"kurtosis", "mmr", "cos_sim", "kurtosis_mean", "kurtosis_max"}
+    assert set(row) == {"kurtosis", "mmr", "cos_sim", "kurtosis_mean", "kurtosis_max",
+                        "kurtosis_authors", "corr_authors", "attn_entropy", "attn_entropy_min"}
+    points = list(model.residual_points())
+    assert all(list(row[k]) == points for k in ("kurtosis_authors", "corr_authors"))
+    assert list(row["attn_entropy"]) == [f"blocks.{i}.attn" for i in range(len(model.blocks))]
+    assert row["attn_entropy_min"] == min(row["attn_entropy"].values())
     assert not any(mod._forward_hooks or mod._forward_pre_hooks for mod in model.modules())
+    assert all(mod.probs_sink is None for mod in model.attention_points().values())
 
 
 def test_subsample_depends_on_the_step_not_on_history():

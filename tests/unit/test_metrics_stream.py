@@ -15,7 +15,8 @@ from outlierlab import metrics as M
 from outlierlab import stats as S
 from outlierlab.stats import StatsAccumulator
 
-KEYS = ("kurtosis", "kurtosis_centred", "mmr", "token_excess_kurtosis", "share_above_6")
+KEYS = ("kurtosis", "kurtosis_centred", "mmr", "token_excess_kurtosis", "share_above_6",
+        "kurtosis_authors", "corr_authors")
 
 
 def one_shot(x):
@@ -25,6 +26,8 @@ def one_shot(x):
         "mmr": M.max_median_ratio(x),
         "token_excess_kurtosis": M.token_excess_kurtosis(x),
         "share_above_6": M.share_above(x, 6.0),
+        "kurtosis_authors": M.kurtosis_authors(x),
+        "corr_authors": M.corr_authors(x),
         "outlier_neurons": M.outlier_neurons(x),
         "tokens": x.reshape(-1, x.shape[-1]).shape[0],
     }
@@ -151,4 +154,5 @@ def test_named_sums_are_views_of_one_flat_state():
     acc.all_reduce()  # flushes the host-side counts (no process group: no-op otherwise)
     s = acc.sums
     assert s.tokens.item() == 3 and s.sq.tolist() == [3.0] * 4 and s.cos_count.item() == 1
-    assert s.sq.data_ptr() == acc.state.data_ptr() and acc.state.numel() == 2 * 4 + 7
+    assert s.sq.data_ptr() == acc.state.data_ptr()
+    assert acc.state.numel() == 3 * 4 + 7  # three (d,) sums, seven scalars

@@ -186,7 +186,7 @@ def test_no_graph_or_activation_kept():
         gc.collect()
     assert ref() is None
     for acc in mon._acc.values():
-        assert not acc.state.requires_grad and acc.state.numel() == 2 * D + 7
+        assert not acc.state.requires_grad and acc.state.numel() == 3 * D + 7
 
 
 def test_globs_over_point_and_module_names():

@@ -84,7 +84,7 @@ def test_report_command_writes_html_markdown_json(tmp_path, capsys):
         assert f"figures/{fig.name}" in md
     assert {f.stem for f in (out / "figures").glob("*.png")} == {
         "kurtosis_vs_step", "kurtosis_vs_lr", "kurtosis_by_optimizer", "cos_sim_vs_kurtosis",
-        "quant_vs_kurtosis"}
+        "quant_vs_kurtosis", "signal_propagation_vs_step", "mmr_vs_step"}  # no attn_entropy
     # the table row of a run holds its numbers
     row = next(line for line in md.splitlines() if line.startswith("| op-soap-seed0 |"))
     assert "+1.96%" in row and "soap" in row

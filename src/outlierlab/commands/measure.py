@@ -3,7 +3,9 @@
 Loads an outlierlab run/model folder or a local Hugging Face folder (offline), tokenises the
 text with the model's own tokenizer into windows of ``--seq-len`` tokens, runs the
 :class:`~outlierlab.monitor.OutlierMonitor` over them and prints Kurt (Eq. 1), MMR (Eq. 2),
-token cosine similarity and the top outlier neurons per point. See docs/measure.md.
+token cosine similarity and the top outlier neurons per point (``--authors``: also the
+authors' kurtosis and batch correlation), then the attention entropy per layer where the model
+exposes it. See docs/measure.md.
 """
 
 from __future__ import annotations
@@ -63,6 +65,12 @@ def add_parser(subparsers: Any) -> None:
         action="store_true",
         help="also the massive-activation profile: top |x| with (token, channel), max/median, "
         "Kurt without the first token, OSP kurtosis, attention sinks (docs/measure.md)",
+    )
+    p.add_argument(
+        "--authors",
+        action="store_true",
+        help="also show the authors' metrics: their kurtosis (Kurt − 1 of token-centred x, "
+        "unbiased) and batch_corr_mean (always in --json)",
     )
     p.add_argument("--device", default="cpu", help="torch device (default cpu)")
     p.set_defaults(func=run)
@@ -142,14 +150,16 @@ def measure(
     x: Any,
     batch_size: int,
     points: list[str] | None = None,
-) -> dict[str, dict]:
-    """Monitor results of ``loaded`` over the windows ``x`` (exact Eq. 2: all tokens)."""
+) -> tuple[dict[str, dict], dict[str, float]]:
+    """Monitor results of ``loaded`` over the windows ``x`` (exact Eq. 2: all tokens) and the
+    attention entropy per layer (over every sequence; empty when the model exposes none)."""
     import torch
 
     from outlierlab.monitor import OutlierMonitor
 
     try:
-        mon = OutlierMonitor(loaded.model, points=points or "auto", mmr_max_tokens=None)
+        mon = OutlierMonitor(loaded.model, points=points or "auto", mmr_max_tokens=None,
+                             attn_max_tokens=None)  # fmt: skip
     except ConfigError as exc:
         if points:
             raise
@@ -165,7 +175,7 @@ def measure(
     with mon, torch.no_grad():
         for i in range(0, len(x), batch_size):
             loaded(x[i : i + batch_size].to(device))
-    return mon.results()
+    return mon.results(), mon.attention_entropy()
 
 
 def run(args: argparse.Namespace) -> int:
@@ -192,7 +202,7 @@ def run(args: argparse.Namespace) -> int:
     else:  # HF, GGUF or bare model: the stdlib corpus's validation documents
         x = windows(loaded.tokenizer, stdlib_val_docs(), args.seq_len, args.max_tokens)
 
-    res = measure(loaded, x, args.batch_size, args.points)
+    res, entropy = measure(loaded, x, args.batch_size, args.points)
     tokens = max((r["tokens"] for r in res.values()), default=0)
     report = {
         "model": str(path),
@@ -204,22 +214,27 @@ def run(args: argparse.Namespace) -> int:
                 "kurtosis": r["kurtosis"],
                 "mmr": r["mmr"],
                 "cos_sim": r["cos_sim"],
+                "kurtosis_authors": r["kurtosis_authors"],
+                "corr_authors": r["corr_authors"],
                 "outlier_neurons": r["outlier_neurons"],
             }
             for name, r in res.items()
         ],
     }
+    if entropy:
+        report["attn_entropy"] = entropy
+        report["attn_entropy_min"] = min(entropy.values())
     if args.profile:
         from outlierlab.profile import profile
 
         report["profile"] = profile(loaded.model, x, args.batch_size, args.points or "auto")
-    _print(report, tuple(x.shape), args.top)
+    _print(report, tuple(x.shape), args.top, args.authors)
     if args.json:
         write_json(args.json, report)
     return 0
 
 
-def _print(report: dict, shape: tuple[int, ...], top: int) -> None:
+def _print(report: dict, shape: tuple[int, ...], top: int, authors: bool = False) -> None:
     from rich.console import Console
     from rich.table import Table
 
@@ -230,19 +245,37 @@ def _print(report: dict, shape: tuple[int, ...], top: int) -> None:
         title=f"{report['model']}: {report['tokens']} tokens ({shape[0]} × {shape[1]})",
         title_justify="left",
     )
-    for col in ("point", "Kurt", "MMR", "cos-sim"):
-        table.add_column(col, justify="left" if col == "point" else "right")
+    extra = ("kurtosis_authors", "corr_authors") if authors else ()
+    table.add_column("point", no_wrap=True)
+    for col in ("Kurt", "MMR", "cos-sim", *(("Kurt−1 (a)", "corr (a)") if authors else ())):
+        table.add_column(col, justify="right")
     table.add_column("outlier neurons (RMS > 6× median)")
     for p in report["points"]:
         idx = p["outlier_neurons"]
         shown = ", ".join(map(str, idx[:top])) + (
             f", … (+{len(idx) - top})" if len(idx) > top else ""
         )
-        table.add_row(p["name"], num(p["kurtosis"]), num(p["mmr"]), num(p["cos_sim"]), shown or "-")
+        cells = [num(p[k]) for k in ("kurtosis", "mmr", "cos_sim", *extra)]
+        table.add_row(p["name"], *cells, shown or "-")
+    if authors:
+        table.caption = "(a): the authors' code (token-centred x; see docs/measure.md)"
+        table.caption_justify = "left"
     console = Console(width=max(100, Console().width))
     console.print(table)
+    if report.get("attn_entropy"):
+        layers = ", ".join(f"{k.removesuffix('.attn')} {num(v)}"
+                           for k, v in report["attn_entropy"].items())  # fmt: skip
+        console.print(f"attention entropy (nats; uniform causal at this length: "
+                      f"{num(_uniform_entropy(shape[1]))}): {layers}; min "
+                      f"{num(report['attn_entropy_min'])}", soft_wrap=True)  # fmt: skip
     if "profile" in report:
         from outlierlab.profile import print_profile
 
         print_profile(report["profile"], console)
 
+
+def _uniform_entropy(seq_len: int) -> float:
+    """Mean over query positions t of log(t + 1): the entropy of uniform causal attention."""
+    import math
+
+    return sum(math.log(t + 1) for t in range(seq_len)) / seq_len

@@ -3,13 +3,16 @@ a PNG path or ``None`` when the runs cannot draw it (e.g. no learning-rate sweep
 
 The figures follow SPEC §5: per-layer Kurt vs step (one panel per configuration, shared axes,
 loss beside), Kurt vs lr and vs ε (one line per block), Kurt by optimiser, signal
-propagation vs Kurt, and the W8A8 perplexity increase vs Kurt.
+propagation vs Kurt, and the W8A8 perplexity increase vs Kurt; and, per layer over training
+(colour = depth), the paper's signal-propagation figure (our token cos-sim beside the authors'
+``batch_corr_mean``, SPEC §1), MMR (Eq. 2) and attention entropy (SPEC §2) where logged.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from functools import partial
 from pathlib import Path
 
 import matplotlib
@@ -59,20 +62,78 @@ def group_title(runs: Sequence[RunRecord]) -> str:
     return title
 
 
-def _seed_mean(runs: Sequence[RunRecord]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-    """Per-layer Kurt series averaged over seeds, on the steps every seed logged."""
+def _layers(r: RunRecord, metric: str) -> dict[str, np.ndarray]:
+    """Per-layer series of ``metric`` (a ``metrics.jsonl`` per-layer field) at ``kurt_steps``."""
+    return r.kurtosis if metric == "kurtosis" else r.layer_series.get(metric, {})
+
+
+def _seed_mean(runs: Sequence[RunRecord], metric: str = "kurtosis"
+               ) -> tuple[np.ndarray, dict[str, np.ndarray]]:  # fmt: skip
+    """Per-layer series of ``metric`` averaged over seeds, on the steps every seed logged."""
     if len(runs) == 1:
-        return runs[0].kurt_steps, runs[0].kurtosis
+        return runs[0].kurt_steps, _layers(runs[0], metric)
     common = set(runs[0].kurt_steps.tolist())
     for r in runs[1:]:
         common &= set(r.kurt_steps.tolist())
     steps = np.array(sorted(common), dtype=np.int64)
     out = {}
-    for p in runs[0].kurtosis:
-        rows = [r.kurtosis[p][np.searchsorted(r.kurt_steps, steps)] for r in runs
-                if p in r.kurtosis]
+    for p in _layers(runs[0], metric):
+        rows = [_layers(r, metric)[p][np.searchsorted(r.kurt_steps, steps)] for r in runs
+                if p in _layers(r, metric)]
         out[p] = np.nanmean(np.stack(rows), axis=0)
     return steps, out
+
+
+def _has(r: RunRecord, metric: str) -> bool:
+    return any(np.isfinite(v).any() for v in _layers(r, metric).values())
+
+
+def _short(point: str) -> str:
+    """A legend label: ``blocks.3.resid_post`` → ``blocks.3``, ``embed.resid_post`` → ``embed``."""
+    return point.removesuffix(".resid_post").removesuffix(".attn")
+
+
+def layers_vs_step(runs: Sequence[RunRecord], path: Path,
+                   metrics: Sequence[tuple[str, str]]) -> Path | None:  # fmt: skip
+    """Per-layer ``metrics`` ((field, axis label) pairs) vs step: one panel per configuration
+    (seeds averaged) and metric, one line per layer coloured by depth, one y range per metric.
+    None when no run logged any of them."""
+    groups = [g for g in config_groups(runs) if any(_has(r, m) for r in g for m, _ in metrics)]
+    if not groups:
+        return None
+    per_row = max(1, 4 // len(metrics))
+    n = len(groups)
+    rows, cols = math.ceil(n / per_row), len(metrics) * min(n, per_row)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.3 * cols, 2.6 * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    limits: dict[str, list[float]] = {m: [math.inf, -math.inf] for m, _ in metrics}
+    used: list[tuple[plt.Axes, str]] = []
+    cmap = plt.get_cmap("viridis")
+    for i, g in enumerate(groups):
+        for j, (metric, label) in enumerate(metrics):
+            ax = axes[i // per_row, len(metrics) * (i % per_row) + j]
+            ax.axis("on")
+            used.append((ax, metric))
+            steps, series = _seed_mean(g, metric)
+            for k, (p, v) in enumerate(series.items()):
+                ax.plot(steps, v, color=cmap(k / max(1, len(series) - 1)), lw=1.2, label=_short(p))
+                if np.isfinite(v).any():
+                    lim = limits[metric]
+                    lim[:] = min(lim[0], float(np.nanmin(v))), max(lim[1], float(np.nanmax(v)))
+            ax.set_title(f"{group_title(g)}: {label}", fontsize=8)
+            ax.set_xlabel("step", fontsize=8)
+            ax.tick_params(labelsize=7)
+            ax.grid(alpha=0.3)
+            if i == 0 and series:
+                ax.legend(fontsize=6, ncol=2, loc="best")
+    for ax, metric in used:
+        lo, hi = limits[metric]
+        if math.isfinite(lo) and math.isfinite(hi):
+            pad = 0.05 * (hi - lo) or 0.05 * abs(hi) or 0.05
+            ax.set_ylim(lo - pad, hi + pad)
+    fig.tight_layout()
+    return _save(fig, path)
 
 
 def kurtosis_vs_step(runs: Sequence[RunRecord], path: Path, pairs_per_row: int = 2) -> Path | None:
@@ -250,6 +311,12 @@ def quant_vs_kurtosis(runs: Sequence[RunRecord], path: Path) -> Path | None:
     return _save(fig, path)
 
 
+signal_propagation_vs_step = partial(
+    layers_vs_step, metrics=(("cos_sim", "token cos-sim (ours)"),
+                             ("corr_authors", "batch_corr_mean (authors)")))  # fmt: skip
+mmr_vs_step = partial(layers_vs_step, metrics=(("mmr", "MMR"),))
+attn_entropy_vs_step = partial(layers_vs_step, metrics=(("attn_entropy", "attention entropy"),))
+
 FIGURES = (
     ("kurtosis_vs_step", "Per-layer kurtosis during training", kurtosis_vs_step,
      "One panel per configuration, one line per measured layer (embedding output and each "
@@ -260,6 +327,17 @@ FIGURES = (
      "Final and peak mean kurtosis over layers, one line per block and optimiser."),
     ("kurtosis_by_optimizer", "Kurtosis by optimiser", kurtosis_by_optimizer,
      "Final mean kurtosis of every configuration, colour = block."),
+    ("signal_propagation_vs_step", "Signal propagation per layer during training",
+     signal_propagation_vs_step,
+     "The paper's signal-propagation figure: per configuration, our mean token cosine "
+     "similarity (left) and the authors' batch_corr_mean (right; Gram of token-centred "
+     "activations over their global mean square), one line per layer (colour = depth; "
+     "high = towards rank collapse)."),
+    ("mmr_vs_step", "Max-median ratio per layer during training", mmr_vs_step,
+     "MMR (Eq. 2) of every measured layer against step, one panel per configuration."),
+    ("attn_entropy_vs_step", "Attention entropy per layer during training", attn_entropy_vs_step,
+     "Mean entropy (nats) of the causal attention distributions of each block, one panel per "
+     "configuration; a fall towards 0 is the entropy collapse QK-Norm prevents in OP blocks."),
     ("cos_sim_vs_kurtosis", "Signal propagation vs kurtosis", cos_sim_vs_kurtosis,
      "Mean cosine similarity between token representations (high = towards rank collapse) "
      "against mean kurtosis, one dot per run."),

@@ -86,6 +86,9 @@ class RunRecord:
     kurtosis: dict[str, np.ndarray] = field(default_factory=dict)
     """Per measured point (model order), Kurt at each of ``kurt_steps``."""
     cos_sim: dict[str, np.ndarray] = field(default_factory=dict)
+    layer_series: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
+    """Every per-layer metric of the monitor steps (:data:`LAYER_METRICS`): metric → point →
+    values at ``kurt_steps`` (NaN where a step lacks it)."""
     tokens_per_s: float = math.nan
     quant: dict[str, QuantResult] = field(default_factory=dict)
 
@@ -193,11 +196,14 @@ def _num(v: Any) -> float:
         return math.nan
 
 
+LAYER_METRICS = ("kurtosis", "cos_sim", "mmr", "kurtosis_authors", "corr_authors", "attn_entropy")
+"""The per-layer ``{point: value}`` fields of a monitor step's ``metrics.jsonl`` row."""
+
+
 def _series(rows: list[dict[str, Any]]) -> dict[str, Any]:
     """The arrays of a :class:`RunRecord` from ``metrics.jsonl`` rows."""
     loss_s, loss, val_s, val, k_steps, tps = [], [], [], [], [], []
-    kurt: dict[str, list[float]] = {}
-    cos: dict[str, list[float]] = {}
+    layers: dict[str, dict[str, list[float]]] = {m: {} for m in LAYER_METRICS}
     for rec in rows:
         step = rec["step"]
         if "loss" in rec:
@@ -211,20 +217,20 @@ def _series(rows: list[dict[str, Any]]) -> dict[str, Any]:
         if isinstance(rec.get("kurtosis"), dict):
             idx = len(k_steps)
             k_steps.append(step)
-            for name, series in (("kurtosis", kurt), ("cos_sim", cos)):
+            for name, series in layers.items():
                 values = rec.get(name)
                 for p, v in (values if isinstance(values, dict) else {}).items():
                     series.setdefault(p, [math.nan] * idx).append(_num(v))
-            for series in (kurt, cos):
+            for series in layers.values():
                 for v in series.values():
                     v.extend([math.nan] * (idx + 1 - len(v)))
     finite_tps = [t for t in tps if math.isfinite(t)]
+    arrays = {m: {p: np.array(v, dtype=float) for p, v in s.items()} for m, s in layers.items()}
     return dict(
         loss_steps=np.array(loss_s, dtype=np.int64), loss=np.array(loss, dtype=float),
         val_steps=np.array(val_s, dtype=np.int64), val_loss=np.array(val, dtype=float),
         kurt_steps=np.array(k_steps, dtype=np.int64),
-        kurtosis={p: np.array(v, dtype=float) for p, v in kurt.items()},
-        cos_sim={p: np.array(v, dtype=float) for p, v in cos.items()},
+        kurtosis=arrays["kurtosis"], cos_sim=arrays["cos_sim"], layer_series=arrays,
         tokens_per_s=float(np.median(finite_tps)) if finite_tps else math.nan)
 
 

@@ -20,7 +20,7 @@ from outlierlab.integrations.alert import Alert, OutlierAlert
 __all__ = ["Alert", "OutlierAlert", "flatten_results"]
 
 #: Per-point result keys that become per-layer log entries (``{prefix}{key}/{point}``).
-PER_POINT_KEYS = ("kurtosis", "mmr", "cos_sim")
+PER_POINT_KEYS = ("kurtosis", "mmr", "cos_sim", "kurtosis_authors", "corr_authors")
 
 
 def flatten_results(
@@ -33,7 +33,8 @@ def flatten_results(
 
     ``{prefix}kurtosis_mean`` / ``kurtosis_max`` / ``mmr_mean`` / ``cos_sim_mean`` (the summary),
     ``{prefix}tokens`` (tokens measured at the first point) and, with ``per_layer``,
-    ``{prefix}kurtosis/{point}``, ``{prefix}mmr/{point}``, ``{prefix}cos_sim/{point}``.
+    ``{prefix}kurtosis/{point}``, ``{prefix}mmr/{point}``, ``{prefix}cos_sim/{point}``,
+    ``{prefix}kurtosis_authors/{point}``, ``{prefix}corr_authors/{point}`` (SPEC §1 [code]).
     Values that are None are left out; NaN is kept (a logger shows the gap).
     """
     out: dict[str, float] = {}

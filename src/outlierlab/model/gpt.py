@@ -21,6 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from outlierlab.errors import ConfigError, ModelLoadError
+from outlierlab.metrics import causal_attention_probs
 from outlierlab.model.config import GPTConfig
 
 WEIGHTS_FILE = "model.safetensors"
@@ -28,6 +29,7 @@ CONFIG_FILE = "model_config.json"
 FORMAT = "outlierlab.gpt"
 LN_EPS = 1e-5
 RMS_EPS = 1e-6
+PROBS_CHUNK = 1 << 24  # float32 elements of attention probabilities handed to a sink at once
 
 # -- norms --------------------------------------------------------------------------------------
 
@@ -90,6 +92,13 @@ class CausalSelfAttention(nn.Module):
     QK-Norm: q̂ = g_q ⊙ q / rms(q) and k̂ = g_k ⊙ k / rms(k) per head (gains of size d_head,
     shared across heads), so |q̂·k̂| / √d_head ≤ √d_head · max|g_q| · max|g_k|.
     Soft-cap c: logits ← c · tanh(logits / c), so |logits| < c.
+
+    ``probs_sink``: None except while a monitor measures a forward (``OutlierMonitor`` with
+    ``attn_entropy``); then ``probs_sink.rows(batch, seq_len, device)`` says which sequences
+    it wants (a LongTensor, or None for all) and ``probs_sink(probs)`` is called with their
+    causal attention probabilities, recomputed in float32 from the same q and k without grad,
+    a few sequences at a time. SDPA never returns them, so this is the only cost, and only on
+    measured forwards.
     """
 
     def __init__(self, cfg: GPTConfig) -> None:
@@ -106,6 +115,7 @@ class CausalSelfAttention(nn.Module):
         else:
             self.q_norm = self.k_norm = None
         self.rotary = Rotary(cfg.d_head) if cfg.pos_encoding == "rotary" else None
+        self.probs_sink: Any = None
 
     def _qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         B, T, C = x.shape
@@ -133,6 +143,8 @@ class CausalSelfAttention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, T, C = x.shape
         q, k, v = self._qkv(x)
+        if self.probs_sink is not None:
+            self._report_probs(self.probs_sink, q, k)
         p = self.dropout if self.training else 0.0
         if self.softcap is None:
             y = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)
@@ -143,6 +155,18 @@ class CausalSelfAttention(nn.Module):
             y = F.dropout(att, p, self.training) @ v  # (B, nh, T, hs)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.resid_drop(self.proj(y))
+
+    def _report_probs(self, sink: Any, q: torch.Tensor, k: torch.Tensor) -> None:
+        """Hand ``sink`` the causal attention probabilities (float32, no grad, no autocast,
+        before dropout, as the authors' ``attentions``) of the sequences it asks for, at most
+        ``PROBS_CHUNK`` elements at a time."""
+        with torch.no_grad(), torch.autocast(q.device.type, enabled=False):
+            idx = sink.rows(q.shape[0], q.shape[2], q.device)
+            if idx is not None:
+                q, k = q.index_select(0, idx), k.index_select(0, idx)
+            step = max(1, PROBS_CHUNK // (q.shape[1] * q.shape[2] * k.shape[2]))
+            for qc, kc in zip(q.split(step), k.split(step)):
+                sink(causal_attention_probs(self._logits(qc.float(), kc.float())))
 
 
 class MLP(nn.Module):
@@ -268,6 +292,12 @@ class GPT(nn.Module):
         for i, block in enumerate(self.blocks):
             points[f"blocks.{i}.resid_post"] = block
         return points
+
+    def attention_points(self) -> dict[str, nn.Module]:
+        """The attention modules (``blocks.{i}.attn``), in model order; each has a
+        ``probs_sink`` a monitor may set to read its attention probabilities (attention
+        entropy)."""
+        return OrderedDict((f"blocks.{i}.attn", b.attn) for i, b in enumerate(self.blocks))
 
     # -- accounting ----------------------------------------------------------------------------
 
