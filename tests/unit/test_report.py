@@ -101,6 +101,7 @@ def test_one_seed_report_says_it_is_indicative(tmp_path, capsys):
     d = _sweep(tmp_path, seeds=(0,))
     out = tmp_path / "report"
     assert main(["report", str(d), "--out", str(out)]) == 0
+    assert "the verdicts are indicative only" in capsys.readouterr().out.splitlines()[0]
     md, page = (out / "report.md").read_text(), (out / "report.html").read_text()
     assert "1 seed(s) per configuration: the verdicts are indicative only" in md
     assert "1 seed(s) per configuration: the verdicts are indicative only" in page

@@ -54,6 +54,8 @@ class Report:
     json: Path
     claims: list[Claim]
     runs: list[RunRecord]
+    seeds_note: str = ""
+    """The report's seed note as plain text ("" with 3 seeds or more)."""
 
 
 def _fmt(x: Any, digits: int = 2) -> str:
@@ -223,7 +225,8 @@ def write_report(runs: Sequence[RunRecord], out_dir: str | Path, *, title: str =
                          "quant": {s: {"fp_ppl": q.fp_ppl, "quant_ppl": q.quant_ppl}
                                    for s, q in r.quant.items()}} for r in runs]}
     (out / "results.json").write_text(json.dumps(summary, indent=1, default=_json_default))
-    return Report(out / "report.html", out / "report.md", out / "results.json", claims, runs)
+    return Report(out / "report.html", out / "report.md", out / "results.json", claims, runs,
+                  note.replace("**", "").replace("`", ""))
 
 
 def _json_default(x: Any) -> Any:
