@@ -22,8 +22,8 @@ from outlierlab.run_folder import RunFolder, find_runs, read_json_object
 
 IGNORED_FOR_IDENTITY = ("out", "log.", "train.ckpt_every", "train.keep_checkpoints",
                         "train.keep_last", "train.keep_ckpts", "train.device", "train.compile",
-                        "data.cache_dir", "train.log_every", "train.progress", "train.threads",
-                        "model.allow_unregulated")
+                        "data.cache_dir", "train.log_every", "train.eval_every",
+                        "train.progress", "train.threads", "model.allow_unregulated")
 """Config keys that never change the maths: runs differing only here are the same config
 (``model.allow_unregulated`` only permits a config, it changes no computation)."""
 
