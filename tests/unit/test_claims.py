@@ -260,6 +260,7 @@ def test_qk_norm_ablation_diverged_or_not_logged(tmp_path):
     assert div.verdict == C.HELD and "3 of 3 seed(s) diverged" in div.details[0]
     quiet = C.claim_qk_norm(_ablation_runs(tmp_path / "q"))  # finished, no entropy logged
     assert quiet.verdict == C.NOT_TESTED and "attention entropy not logged" in quiet.summary
+    assert quiet.summary.startswith("0 of 3 run(s) without QK-norm diverged")
     same = C.claim_qk_norm(_ablation_runs(tmp_path / "s", entropy_noqk=2.5))
     assert same.verdict == C.NOT_HELD
 

@@ -436,9 +436,10 @@ def claim_qk_norm(runs: Sequence[RunRecord]) -> Claim:
     if not pairs:
         return _not_tested("qk_norm", statement, "needs OP runs with and without QK-norm that "
                            "differ only in model.qk_norm", misses, [])
-    details, evidence, verdicts = [], [], []
+    details, evidence, verdicts, diverged = [], [], [], []
     for p in pairs:
         low = {r.seed: -math.inf if r.diverged else r.final_attn_entropy_min for r in p.low.runs}
+        diverged.append(f"{sum(r.diverged for r in p.low.runs)} of {len(p.low.runs)}")
         high = p.high.by_seed("final_attn_entropy_min")
         n_div = sum(r.diverged for r in p.low.runs)
         logged = not any(math.isnan(v) for v in [*low.values(), *high.values()])
@@ -457,8 +458,9 @@ def claim_qk_norm(runs: Sequence[RunRecord]) -> Claim:
         evidence.append(p.evidence(t, diverged=n_div, counted=True, left_out=""))
         verdicts.append(t.verdict)
     if not verdicts:
-        return Claim("qk_norm", statement, NOT_TESTED, "attention entropy not logged "
-                     "(attn_entropy_min) and not every run without QK-norm diverged", details)
+        return Claim("qk_norm", statement, NOT_TESTED, f"{', '.join(diverged)} run(s) without "
+                     "QK-norm diverged; attention entropy not logged (attn_entropy_min) to judge "
+                     "the others", details)
     summary = _verdict_summary(verdicts) + _seed_note(pairs)
     return Claim("qk_norm", statement, combine(verdicts), summary, details, evidence)
 

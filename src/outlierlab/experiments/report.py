@@ -127,13 +127,16 @@ def pairs_table(claims: Sequence[Claim]) -> tuple[list[str], list[list[str]]]:
 
 def seeds_note(runs: Sequence[RunRecord]) -> str:
     """What the number of seeds per configuration allows (one line, for the report's top)."""
-    counts = [len(g.runs) for g in group_runs(runs)]
+    counts = [len(g.runs) for g in group_runs(runs, keep=lambda r: r.finished or r.diverged)]
     if not counts:
         return ""
     lo, hi = min(counts), max(counts)
     span = str(lo) if lo == hi else f"{lo}–{hi}"
     if lo >= MIN_SEEDS:
         return f"{span} seeds per configuration."
+    if hi >= MIN_SEEDS:
+        return (f"{span} seed(s) per configuration: a pair with fewer than {MIN_SEEDS} seeds a "
+                f"side cannot reach p ≤ {ALPHA} and reads *inconclusive*.")
     return (f"**{span} seed(s) per configuration: the verdicts are indicative only.** A pair can "
             f"hold only with {MIN_SEEDS} or more seeds a side (p ≤ {ALPHA} is out of reach "
             "below that), so directions seen here are shown as *inconclusive*; run the `cpu` "
