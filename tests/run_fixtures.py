@@ -3,7 +3,8 @@
 listings), and another process holding a run folder's lock.
 
 Per-layer kurtosis rises from 1 towards ``kurt`` along a smooth curve, loss falls towards
-``val_loss``; everything is deterministic in the arguments.
+``val_loss``; ``held_out`` adds the final held-out Kurt (``val_kurtosis*`` at the last step),
+``entropy`` the attention entropy fields; everything is deterministic in the arguments.
 """
 
 from __future__ import annotations
@@ -24,7 +25,8 @@ def write_run(path: str | Path, *, arch: str = "pre-ln", optimizer: str = "adamw
               lr: float = 1e-2, eps: float = 1e-12, seed: int = 0, kurt: float = 3.0,
               val_loss: float = 1.7, quant: dict[str, tuple[float, float]] | None = None,
               status: str = "finished", steps: int = 100, every: int = 20, n_layer: int = 4,
-              cos_sim: float | None = None, extra: dict[str, Any] | None = None) -> Path:
+              cos_sim: float | None = None, extra: dict[str, Any] | None = None,
+              held_out: float | None = None, entropy: float | None = None) -> Path:
     """Write a run folder; ``quant`` maps scheme → (fp_ppl, quant_ppl)."""
     run = RunFolder(path)
     model = GPTConfig.preset(
@@ -56,9 +58,16 @@ def write_run(path: str | Path, *, arch: str = "pre-ln", optimizer: str = "adamw
         rec.update({"kurtosis": ks, "mmr": {p: 3.0 for p in points},
                     "cos_sim": {p: cs for p in points}, "kurtosis_mean": mean_k,
                     "kurtosis_max": max(ks.values())})
+        if entropy is not None:
+            rec["attn_entropy"] = {f"blocks.{i}.attn": entropy + 0.1 * i for i in range(n_layer)}
+            rec["attn_entropy_min"] = entropy
         if step % (2 * every) == 0 or step == last:
             rec["val_loss"] = val_loss + 2.0 * (1 - t) ** 2 + 0.02
             rec["val_ppl"] = float(np.exp(rec["val_loss"]))
+        if held_out is not None and step == last:
+            vk = {p: float(1 + (held_out - 1) * s) for p, s in zip(points, layer_scale)}
+            rec.update({"val_kurtosis": vk, "val_kurtosis_mean": float(np.mean(list(vk.values()))),
+                        "val_kurtosis_max": max(vk.values())})
         rows.append(rec)
     if status == "diverged":
         rows.append({"step": last + 1, "loss": float("nan")})

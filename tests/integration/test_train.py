@@ -53,8 +53,11 @@ def test_loss_falls_with_each_optimiser(corpus, cache_dir, tmp_path, name):
                    "train.log_every=1")
     res = train(cfg, progress=False)
     assert res.status == "finished" and res.step == 50
-    losses = [r["loss"] for r in RunFolder(tmp_path / name).metrics]
+    rows = RunFolder(tmp_path / name).metrics
+    losses = [r["loss"] for r in rows if r["step"] > 0]
     assert len(losses) == 50
+    # step 0 measures the batch step 1 trains on, before the update (no dropout: same loss)
+    assert rows[0]["step"] == 0 and rows[0]["loss"] == pytest.approx(losses[0], rel=1e-5)
     first, last = sum(losses[:3]) / 3, sum(losses[-3:]) / 3
     assert first > math.log(257) - 0.5  # starts near uniform over the byte vocabulary
     assert last < 0.8 * first, (name, first, last)
@@ -70,12 +73,16 @@ def test_run_folder_and_metrics_cadence(corpus, cache_dir, tmp_path, capsys):
     rows = RunFolder(out).metrics
     steps = [r["step"] for r in rows]
     assert steps == sorted(set(steps))
-    assert {4, 5, 8, 10, 12, 15, 16, 20} <= set(steps)
-    for r in rows:
+    assert {0, 4, 5, 8, 10, 12, 15, 16, 20} <= set(steps)
+    for r in rows[1:]:
         assert {"step", "tokens", "loss", "lr", "grad_norm", "tokens_per_s"} <= set(r)
         assert r["tokens"] == r["step"] * 8 * 32
+    # step 0: before the first update, on the first training batch; Kurt at init is near 1
+    zero = rows[0]
+    assert zero["step"] == zero["tokens"] == 0 and {"loss", "val_loss", "kurtosis"} <= set(zero)
+    assert 1.0 <= zero["kurtosis_mean"] < 1.5 and 1.0 <= zero["val_kurtosis_mean"] < 1.5
     kurt = {r["step"]: r for r in rows if "kurtosis" in r}
-    assert sorted(kurt) == [4, 8, 12, 16, 20]
+    assert sorted(kurt) == [0, 4, 8, 12, 16, 20]
     points = ["embed.resid_post", "blocks.0.resid_post", "blocks.1.resid_post"]
     for r in kurt.values():
         assert list(r["kurtosis"]) == points and list(r["mmr"]) == points
@@ -83,7 +90,12 @@ def test_run_folder_and_metrics_cadence(corpus, cache_dir, tmp_path, capsys):
         assert r["kurtosis_max"] == max(r["kurtosis"].values())
         assert math.isclose(r["kurtosis_mean"], sum(r["kurtosis"].values()) / 3)
     vals = {r["step"]: r for r in rows if "val_loss" in r}
-    assert sorted(vals) == [10, 20]
+    assert sorted(vals) == [0, 10, 20]
+    # the held-out Kurt: the monitor over the validation windows, in the evaluation's forwards
+    held = vals[20]
+    assert list(held["val_kurtosis"]) == points
+    assert held["val_kurtosis_max"] == max(held["val_kurtosis"].values())
+    assert held["val_kurtosis_mean"] != kurt[20]["kurtosis_mean"]  # not the training batch
     assert math.isclose(vals[20]["val_ppl"], math.exp(vals[20]["val_loss"]), rel_tol=1e-6)
     assert res.val_loss == vals[20]["val_loss"] and res.kurtosis_mean == kurt[20]["kurtosis_mean"]
 
@@ -174,7 +186,7 @@ def test_tensorboard_events_and_missing_wandb(corpus, cache_dir, tmp_path, capsy
     ev.Reload()
     tags = ev.Tags()["scalars"]
     assert "loss" in tags and "kurtosis/blocks.1.resid_post" in tags
-    assert [e.step for e in ev.Scalars("loss")] == [2, 4]
+    assert [e.step for e in ev.Scalars("loss")] == [0, 2, 4]
     try:
         import wandb  # noqa: F401
     except ImportError:

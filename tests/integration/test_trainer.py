@@ -66,10 +66,13 @@ def test_stop_and_resume_logs_identical_metrics(corpus, cache_dir, tmp_path):
     assert ref.status == res.status == "finished" and res.step == 12
 
     a, b = RunFolder(tmp_path / "ref").metrics, RunFolder(out).metrics
-    assert [r["step"] for r in a] == [r["step"] for r in b] == list(range(1, 13))
-    assert sum("mmr" in r for r in a) == 4
+    # step 0 (before the first update) is logged once, by the run that started
+    assert [r["step"] for r in a] == [r["step"] for r in b] == list(range(0, 13))
+    assert sum("mmr" in r for r in a) == 5  # steps 0, 3, 6, 9, 12
+    # the held-out Kurt on the validation windows at each evaluation and at the end
+    assert [r["step"] for r in a if "val_kurtosis_mean" in r] == [0, 4, 8, 12]
     for ra, rb in zip(a, b):
-        ra.pop("tokens_per_s"), rb.pop("tokens_per_s")
+        ra.pop("tokens_per_s", None), rb.pop("tokens_per_s", None)
         assert ra == rb  # every field, MMR's subsample included, bit for bit
 
 
@@ -79,11 +82,11 @@ def test_callback_events_and_rows(corpus, cache_dir, tmp_path):
                                           "train.log_every=5", f"out={tmp_path / 'r'}"]),
                 progress=False, callbacks=[cb])  # fmt: skip
     assert res.status == "finished"
-    assert cb.events == [("begin", 0), *[("step", s) for s in (1, 2, 3)], ("log", 3),
+    assert cb.events == [("begin", 0), ("log", 0), *[("step", s) for s in (1, 2, 3)], ("log", 3),
                          ("step", 4), ("step", 5), ("log", 5), ("step", 6), ("log", 6),
                          ("save", 6), ("end", "finished")]  # fmt: skip
     rows = {r["step"]: r for r in RunFolder(tmp_path / "r").metrics}
-    assert sorted(rows) == [3, 5, 6] and rows[3]["mine"] == 1.5
+    assert sorted(rows) == [0, 3, 5, 6] and rows[3]["mine"] == 1.5
 
 
 def test_rank0_mistake_keeps_its_type_and_leaves_no_status(corpus, cache_dir, tmp_path):
@@ -117,7 +120,7 @@ def test_benchmark_interleaver_drives_real_trainers(corpus, cache_dir, tmp_path)
     assert all(len(v) == 1 for v in li.warmup_seconds.values())
     assert all(r.status == "finished" and r.step == 7 for r in li.results.values())
     kurt = [r["step"] for r in RunFolder(tmp_path / "every2").metrics if "mmr" in r]
-    assert kurt == [2, 4, 6]
+    assert kurt == [0, 2, 4, 6]  # step 0: before the first update
 
 
 def test_replay_measures_after_the_step_without_hooks_during_training(corpus, cache_dir,
@@ -135,6 +138,6 @@ def test_replay_measures_after_the_step_without_hooks_during_training(corpus, ca
                                     "train.log_every=4", f"out={tmp_path / 'r'}"])  # fmt: skip
     train(cfg, progress=False, callbacks=[NoHooks(), MeasureEvery(2, replay=True)])
     rows = {r["step"]: r for r in RunFolder(tmp_path / "r").metrics}
-    assert sorted(rows) == [2, 4] and all("mmr" in r for r in rows.values())
-    assert all(r["kurtosis_max"] >= 1.0 for r in rows.values())
+    assert sorted(rows) == [0, 2, 4] and all("mmr" in rows[s] for s in (2, 4))
+    assert all(rows[s]["kurtosis_max"] >= 1.0 for s in (2, 4))
     assert hooked == [False] * 4  # the compiled graph would never see a hook

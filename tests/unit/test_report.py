@@ -31,16 +31,16 @@ class _Collect(HTMLParser):
         self.text.append(data)
 
 
-def _sweep(tmp_path):
+def _sweep(tmp_path, seeds=(0, 1, 2)):
     d = tmp_path / "sweep"
-    for s in (0, 1):
+    for s in seeds:
         write_run(d / f"pre-ln-adamw-seed{s}", kurt=4 + s, seed=s,
                   quant={"w8a8-tensor": (5.0, 8.0 + s), "w8a8-dynamic": (5.0, 5.2)})
-        write_run(d / f"op-adamw-seed{s}", arch="op", kurt=2, seed=s,
+        write_run(d / f"op-adamw-seed{s}", arch="op", kurt=2 + 0.1 * s, seed=s,
                   quant={"w8a8-tensor": (5.1, 5.5), "w8a8-dynamic": (5.1, 5.15)})
         write_run(d / f"op-soap-seed{s}", arch="op", optimizer="soap", kurt=1.2, seed=s,
                   quant={"w8a8-tensor": (5.1, 5.2), "w8a8-dynamic": (5.1, 5.1)})
-    write_run(d / "pre-ln-lr1e-3-seed0", lr=1e-3, kurt=1.5)
+        write_run(d / f"pre-ln-lr1e-3-seed{s}", lr=1e-3, kurt=1.5, seed=s)
     write_run(d / "post-ln-adamw-seed0", arch="post-ln", status="diverged")
     return d
 
@@ -79,6 +79,14 @@ def test_report_command_writes_html_markdown_json(tmp_path, capsys):
     for name in names:
         assert f"| {name} |" in md
     assert "diverged" in md
+    # every pair compared, with the one field in which its configurations differ
+    pairs = md.split("## Pairs compared")[1].split("## Results")[0]
+    assert "| op_vs_prenorm | model preset: pre-ln → op | pre-ln adamw | op adamw |" in pairs
+    assert "| soap_vs_adamw | optim.name: adamw → soap |" in pairs
+    assert "| lower_lr | optim.lr: 0.01 → 0.001 |" in pairs
+    assert "3 of 3" in pairs and "0.050" in pairs
+    assert "indicative only" not in md  # 3 seeds; the one diverged post-ln run is noted
+    assert "1–3 seed(s) per configuration: a pair with fewer than 3 seeds a side" in md
     for fig in (out / "figures").glob("*.png"):
         assert fig.read_bytes()[:8] == PNG
         assert f"figures/{fig.name}" in md
@@ -88,6 +96,20 @@ def test_report_command_writes_html_markdown_json(tmp_path, capsys):
     # the table row of a run holds its numbers
     row = next(line for line in md.splitlines() if line.startswith("| op-soap-seed0 |"))
     assert "+1.96%" in row and "soap" in row
+
+
+def test_one_seed_report_says_it_is_indicative(tmp_path, capsys):
+    d = _sweep(tmp_path, seeds=(0,))
+    out = tmp_path / "report"
+    assert main(["report", str(d), "--out", str(out)]) == 0
+    assert "the verdicts are indicative only" in capsys.readouterr().out.splitlines()[0]
+    md, page = (out / "report.md").read_text(), (out / "report.html").read_text()
+    assert "1 seed(s) per configuration: the verdicts are indicative only" in md
+    assert "1 seed(s) per configuration: the verdicts are indicative only" in page
+    verdicts = {c["key"]: c["verdict"] for c in json.loads((out / "results.json").read_text())
+                ["claims"]}
+    assert verdicts["op_vs_prenorm"] == verdicts["soap_vs_adamw"] == "inconclusive"
+    assert "❔ inconclusive" in md and 'class="inconclusive"' in page
 
 
 def test_report_of_nothing_is_a_one_line_error(tmp_path, capsys):

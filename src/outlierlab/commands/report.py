@@ -38,6 +38,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def print_claims(rep) -> None:
+    if rep.seeds_note:
+        print(rep.seeds_note)
     for c in rep.claims:
         print(f"{c.verdict:>12}  {c.statement}  {c.summary}")
     print(f"report: {rep.html}\n        {rep.markdown}")

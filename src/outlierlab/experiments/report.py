@@ -1,8 +1,9 @@
 """The report: one self-contained HTML page (figures embedded as base64 PNG, opens offline)
 and the same content as Markdown (figures beside it as PNG files), plus ``results.json``.
 
-Sections: the claims of SPEC §5 with computed verdicts, the results table (config, val loss,
-FP and quantised perplexity per scheme, increase, mean/max Kurt), then the figures.
+Sections: the claims of SPEC §5 and the ablations with computed verdicts, the pairs each
+claim compared (the one field that differs, seeds, p), the results table (config, val loss, FP
+and quantised perplexity per scheme, increase, mean/max Kurt), then the figures.
 """
 
 from __future__ import annotations
@@ -17,16 +18,29 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from outlierlab.experiments.claims import HELD, MIN_KURT, NOT_HELD, Claim, evaluate_claims
+from outlierlab.experiments.claims import (
+    ALPHA,
+    HELD,
+    INCONCLUSIVE,
+    MIN_KURT,
+    MIN_SEEDS,
+    NOT_HELD,
+    Claim,
+    evaluate_claims,
+    group_runs,
+)
 from outlierlab.experiments.figures import make_figures
 from outlierlab.experiments.results import RunRecord
 
-VERDICT_MARK = {HELD: "✅ held", NOT_HELD: "❌ did not hold"}
+VERDICT_MARK = {HELD: "✅ held", NOT_HELD: "❌ did not hold", INCONCLUSIVE: "❔ inconclusive",
+                "not tested": "– not tested"}
+VERDICT_CLASS = {HELD: "held", NOT_HELD: "notheld", INCONCLUSIVE: "inconclusive"}
 CSS = """body{font-family:system-ui,sans-serif;max-width:1200px;margin:2em auto;padding:0 1em;
 color:#222}table{border-collapse:collapse;font-size:13px;margin:1em 0}
 td,th{border:1px solid #ccc;padding:3px 7px;text-align:right}td:first-child,th:first-child{
 text-align:left}th{background:#f3f3f3}.held{color:#176617;font-weight:bold}
 .notheld{color:#a01010;font-weight:bold}.nottested{color:#777;font-weight:bold}
+.inconclusive{color:#9a6700;font-weight:bold}.note{background:#fff8e0;padding:.5em 1em}
 img{max-width:100%;border:1px solid #eee}details{margin:.3em 0 1em 1em;font-size:13px}
 code{background:#f4f4f4;padding:1px 4px}"""
 
@@ -40,6 +54,8 @@ class Report:
     json: Path
     claims: list[Claim]
     runs: list[RunRecord]
+    seeds_note: str = ""
+    """The report's seed note as plain text ("" with 3 seeds or more)."""
 
 
 def _fmt(x: Any, digits: int = 2) -> str:
@@ -57,7 +73,8 @@ def results_table(runs: Sequence[RunRecord]) -> tuple[list[str], list[list[str]]
               "FP ppl"]
     for s in schemes:
         header += [f"{s} ppl", f"{s} increase"]
-    header += ["final mean Kurt", "final max Kurt", "peak max Kurt", "tokens/s"]
+    header += ["init mean Kurt", "final mean Kurt", "final max Kurt", "held-out",
+               "peak max Kurt", "tokens/s"]
     rows = []
     for r in runs:
         fp = next((q.fp_ppl for q in r.quant.values()), math.nan)
@@ -66,8 +83,8 @@ def results_table(runs: Sequence[RunRecord]) -> tuple[list[str], list[list[str]]
         for s in schemes:
             q = r.quant.get(s)
             row += [_fmt(q.quant_ppl), f"{q.rel_increase:+.2%}"] if q else ["–", "–"]
-        row += [_fmt(r.final_kurt_mean), _fmt(r.final_kurt_max), _fmt(r.peak_kurt_max),
-                _fmt(r.tokens_per_s, 0)]
+        row += [_fmt(r.init_kurt_mean), _fmt(r.final_kurt_mean), _fmt(r.final_kurt_max),
+                "yes" if r.held_out else "no", _fmt(r.peak_kurt_max), _fmt(r.tokens_per_s, 0)]
         rows.append(row)
     return header, rows
 
@@ -87,8 +104,43 @@ def _html_table(header: list[str], rows: list[list[str]], raw: bool = False) -> 
 
 
 def _verdict_html(v: str) -> str:
-    cls = {HELD: "held", NOT_HELD: "notheld"}.get(v, "nottested")
+    cls = VERDICT_CLASS.get(v, "nottested")
     return f'<span class="{cls}">{html.escape(v)}</span>'
+
+
+def pairs_table(claims: Sequence[Claim]) -> tuple[list[str], list[list[str]]]:
+    """Header and rows of the pairs table: every pair a claim compared, with the one field in
+    which the two configurations differ, their seed-mean Kurt, the seed pairs and p."""
+    header = ["claim", "field that differs", "reference", "compared", "Kurt (ref → compared)",
+              "seed pairs in direction", "p", "verdict"]
+    rows = []
+    for c in claims:
+        for e in c.evidence:
+            if "field" not in e:
+                continue
+            verdict = e["verdict"] if e.get("counted", True) else f"left out: {e['left_out']}"
+            rows.append([c.key, e["field"], e["high"], e["low"],
+                         f"{_fmt(e['kurt_high'])} → {_fmt(e['kurt_low'])}",
+                         f"{e['in_direction']} of {e['seeds']}", _fmt(e["p"], 3), verdict])
+    return header, rows
+
+
+def seeds_note(runs: Sequence[RunRecord]) -> str:
+    """What the number of seeds per configuration allows (one line, for the report's top)."""
+    counts = [len(g.runs) for g in group_runs(runs, keep=lambda r: r.finished or r.diverged)]
+    if not counts:
+        return ""
+    lo, hi = min(counts), max(counts)
+    span = str(lo) if lo == hi else f"{lo}–{hi}"
+    if lo >= MIN_SEEDS:
+        return f"{span} seeds per configuration."
+    if hi >= MIN_SEEDS:
+        return (f"{span} seed(s) per configuration: a pair with fewer than {MIN_SEEDS} seeds a "
+                f"side cannot reach p ≤ {ALPHA} and reads *inconclusive*.")
+    return (f"**{span} seed(s) per configuration: the verdicts are indicative only.** A pair can "
+            f"hold only with {MIN_SEEDS} or more seeds a side (p ≤ {ALPHA} is out of reach "
+            "below that), so directions seen here are shown as *inconclusive*; run the `cpu` "
+            f"preset ({MIN_SEEDS} seeds) for verdicts.")
 
 
 def write_report(runs: Sequence[RunRecord], out_dir: str | Path, *, title: str = "",
@@ -111,20 +163,31 @@ def write_report(runs: Sequence[RunRecord], out_dir: str | Path, *, title: str =
     about = ("Kurtosis is Kurt = mean_j(s_j⁴)/mean_j(s_j²)² of the neuron RMS s_j over tokens "
              "(He et al. 2024, Eq. 1): 1 when every neuron has the same scale, up to the width "
              "when one neuron carries everything. *Mean*/*max* are over the measured layers "
-             "(embedding and block outputs) at the last logged step; *peak* is the largest over "
-             "training. Each claim compares runs that differ only in the field it is about; a "
-             "configuration's value is its seeds' mean, with their range. Verdicts are computed "
-             f"from these runs; OP and Pre-Norm count as at matched loss when OP's validation loss "
-             f"is at most {loss_tol:.0%} above Pre-Norm's (or below it). Claims about lowering "
-             f"OFs are tested only where the reference run has some (Kurt ≥ {MIN_KURT}).")
+             "(embedding and block outputs); *final* is measured on the fixed held-out "
+             "validation windows at the last step (column *held-out*; else the last training "
+             "batch measured), *init* at step 0, *peak* is the largest over training. A claim "
+             "compares two configurations only if their full resolved configs are equal except "
+             "the seed and the field under test (the pairs table names it); otherwise it says "
+             "*not tested: runs differ in X*. A pair *held* when every same-seed pair is in the "
+             f"claimed direction and the exact one-sided permutation test over seeds gives p ≤ "
+             f"{ALPHA}; it *did not hold* when significant the other way or every seed pair is "
+             "against (2 or more); else it is *inconclusive*. A claim holds when all its pairs "
+             "held and did not hold when one did not. OP and Pre-Norm count as at matched loss "
+             f"when OP's validation loss is at most {loss_tol:.0%} above Pre-Norm's (or below "
+             f"it). Claims about lowering OFs are tested only where the reference configuration "
+             f"has some (Kurt ≥ {MIN_KURT}).")
+    note = seeds_note(runs)
+    pair_header, pair_rows = pairs_table(claims)
 
     claim_rows = [[c.statement, c.verdict, c.summary] for c in claims]
-    md = [f"# {title}", "", intro, "", about, "", "## Claims (SPEC §5)", "",
-          _md_table(["claim", "verdict", "numbers"],
-                    [[s, VERDICT_MARK.get(v, v), n] for s, v, n in claim_rows]), ""]
+    md = [f"# {title}", "", intro, "", note, "", about, "", "## Claims (SPEC §5, ablations)",
+          "", _md_table(["claim", "verdict", "numbers"],
+                        [[s, VERDICT_MARK.get(v, v), n] for s, v, n in claim_rows]), ""]
     for c in claims:
         md += [f"**{c.statement}** — {c.verdict}. {c.summary}", ""]
         md += [f"- {d}" for d in c.details] + [""]
+    md += ["## Pairs compared", "", _md_table(pair_header, pair_rows) if pair_rows
+           else "No pair of configurations differs in one field only.", ""]
     md += ["## Results", "", _md_table(header, rows), "", "## Figures", ""]
     for _key, ftitle, caption, path in figures:
         md += [f"### {ftitle}", "", caption, "", f"![{ftitle}](figures/{path.name})", ""]
@@ -133,7 +196,9 @@ def write_report(runs: Sequence[RunRecord], out_dir: str | Path, *, title: str =
     h = [f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>"
          f"{html.escape(title)}</title><style>{CSS}</style></head><body>",
          f"<h1>{html.escape(title)}</h1><p>{html.escape(intro)}</p>"
-         f"<p>{html.escape(about)}</p>", "<h2>Claims (SPEC §5)</h2>",
+         + (f"<p class='note'>{html.escape(note.replace('**', '').replace('`', ''))}</p>"
+            if note else "")
+         + f"<p>{html.escape(about.replace('*', ''))}</p>", "<h2>Claims (SPEC §5, ablations)</h2>",
          _html_table(["claim", "verdict", "numbers"],
                      [[html.escape(s), _verdict_html(v), html.escape(n)]
                       for s, v, n in claim_rows], raw=True)]
@@ -141,6 +206,8 @@ def write_report(runs: Sequence[RunRecord], out_dir: str | Path, *, title: str =
         items = "".join(f"<li>{html.escape(d)}</li>" for d in c.details)
         h.append(f"<details><summary>{html.escape(c.statement)} — {_verdict_html(c.verdict)}"
                  f"</summary><ul>{items}</ul></details>")
+    h += ["<h2>Pairs compared</h2>", _html_table(pair_header, pair_rows) if pair_rows
+          else "<p>No pair of configurations differs in one field only.</p>"]
     h += ["<h2>Results</h2>", _html_table(header, rows), "<h2>Figures</h2>"]
     for _key, ftitle, caption, path in figures:
         data = base64.b64encode(path.read_bytes()).decode()
@@ -149,18 +216,20 @@ def write_report(runs: Sequence[RunRecord], out_dir: str | Path, *, title: str =
     h.append("</body></html>")
     (out / "report.html").write_text("\n".join(h))
 
-    summary = {"title": title, "written": when, "command": command,
+    summary = {"title": title, "written": when, "command": command, "seeds_note": note,
                "claims": [c.to_dict() for c in claims],
                "runs": [{"name": r.name, "path": str(r.path), "status": r.status,
                          "step": r.step, "arch": r.arch, "optimizer": r.optimizer,
                          "lr": r.lr, "eps": r.eps, "seed": r.seed,
                          "val_loss": r.final_val_loss, "final_kurt_mean": r.final_kurt_mean,
-                         "final_kurt_max": r.final_kurt_max, "peak_kurt_max": r.peak_kurt_max,
+                         "final_kurt_max": r.final_kurt_max, "held_out": r.held_out,
+                         "init_kurt_mean": r.init_kurt_mean, "peak_kurt_max": r.peak_kurt_max,
                          "final_cos_sim": r.final_cos_sim, "tokens_per_s": r.tokens_per_s,
                          "quant": {s: {"fp_ppl": q.fp_ppl, "quant_ppl": q.quant_ppl}
                                    for s, q in r.quant.items()}} for r in runs]}
     (out / "results.json").write_text(json.dumps(summary, indent=1, default=_json_default))
-    return Report(out / "report.html", out / "report.md", out / "results.json", claims, runs)
+    return Report(out / "report.html", out / "report.md", out / "results.json", claims, runs,
+                  note.replace("**", "").replace("`", ""))
 
 
 def _json_default(x: Any) -> Any:

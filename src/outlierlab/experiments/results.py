@@ -1,7 +1,10 @@
 """Read a finished (or stopped) run folder into a typed :class:`RunRecord` for claims and the
 report, through :class:`~outlierlab.run_folder.RunFolder`: config, status, metrics and
-quantisation results; never the weights. "Final" kurtosis is the last monitor step's value,
-"peak" the largest over training; "mean"/"max" are over the measured layers (SPEC §1, Eq. 1).
+quantisation results; never the weights. "Final" kurtosis is the held-out value: the monitor
+over the fixed validation windows in the evaluation at the run's last step (``val_kurtosis_mean``
+/ ``val_kurtosis_max``); runs logged without it fall back to the last training batch measured.
+"Peak" is the largest over training, "init" the step-0 value; "mean"/"max" are over the
+measured layers (SPEC §1, Eq. 1).
 """
 
 from __future__ import annotations
@@ -18,9 +21,11 @@ from outlierlab.errors import DataError, RunFolderError
 from outlierlab.run_folder import RunFolder, find_runs, read_json_object
 
 IGNORED_FOR_IDENTITY = ("out", "log.", "train.ckpt_every", "train.keep_checkpoints",
-                        "train.keep_last", "train.device", "train.compile", "data.cache_dir",
-                        "train.log_every", "train.progress", "train.threads")
-"""Config keys that never change the maths: runs differing only here are the same config."""
+                        "train.keep_last", "train.keep_ckpts", "train.device", "train.compile",
+                        "data.cache_dir", "train.log_every", "train.eval_every",
+                        "train.progress", "train.threads", "model.allow_unregulated")
+"""Config keys that never change the maths: runs differing only here are the same config
+(``model.allow_unregulated`` only permits a config, it changes no computation)."""
 
 
 def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -44,9 +49,12 @@ def arch_label(model: dict[str, Any]) -> str:
     block = str(model.get("block", "pre"))
     norm = str(model.get("norm", "layernorm"))
     if block == "op":
-        return "op" if model.get("final_norm", True) else "op-nofinal"
+        label = "op" if model.get("final_norm", True) else "op-nofinal"
+        unregulated = not model.get("qk_norm", True) and model.get("logit_softcap") is None
+        return label + ("-noqk" if unregulated else "")
     short = {"layernorm": "ln", "rmsnorm": "rms", "srmsnorm": "srms"}.get(norm, norm)
-    return f"{block}-{short}"
+    beta = model.get("beta", 1.0)
+    return f"{block}-{short}" + ("" if beta in (1, 1.0, None) else f" β={beta}")
 
 
 @dataclass(frozen=True)
@@ -91,6 +99,10 @@ class RunRecord:
     values at ``kurt_steps`` (NaN where a step lacks it)."""
     tokens_per_s: float = math.nan
     quant: dict[str, QuantResult] = field(default_factory=dict)
+    finals: dict[str, tuple[int, float]] = field(default_factory=dict)
+    """The last logged value of every numeric row field, with its step."""
+    last_step: int = -1
+    """The largest step in ``metrics.jsonl``."""
 
     @property
     def name(self) -> str:
@@ -154,15 +166,45 @@ class RunRecord:
         m = self._layer_matrix()
         return np.nanmax(m, axis=1) if m.size else np.zeros(0)
 
+    def final(self, name: str) -> float:
+        """Field ``name``'s value if it was logged at the run's last step, else nan."""
+        step, value = self.finals.get(name, (-1, math.nan))
+        return value if step == self.last_step >= 0 else math.nan
+
+    @property
+    def held_out(self) -> bool:
+        """Whether the final Kurt was measured on the validation windows at the last step."""
+        return math.isfinite(self.final("val_kurtosis_mean"))
+
     @property
     def final_kurt_mean(self) -> float:
+        """Mean over layers of Kurt at the end: held-out (validation windows) when logged."""
+        if self.held_out:
+            return self.final("val_kurtosis_mean")
         s = self.kurt_mean_series
         return float(s[-1]) if s.size else math.nan
 
     @property
     def final_kurt_max(self) -> float:
+        if self.held_out:
+            return self.final("val_kurtosis_max")
         s = self.kurt_max_series
         return float(s[-1]) if s.size else math.nan
+
+    @property
+    def init_kurt_mean(self) -> float:
+        """Mean over layers of Kurt at step 0 (before the first update), when logged."""
+        s = self.kurt_mean_series
+        return float(s[0]) if s.size and self.kurt_steps[0] == 0 else math.nan
+
+    @property
+    def final_attn_entropy_min(self) -> float:
+        """Smallest attention entropy over layers at the end (held-out when logged, else the
+        last measured training batch); nan when the run did not log ``attn_entropy_min``."""
+        held = self.final("val_attn_entropy_min")
+        if math.isfinite(held):
+            return held
+        return self.finals.get("attn_entropy_min", (-1, math.nan))[1]
 
     @property
     def peak_kurt_mean(self) -> float:
@@ -204,8 +246,11 @@ def _series(rows: list[dict[str, Any]]) -> dict[str, Any]:
     """The arrays of a :class:`RunRecord` from ``metrics.jsonl`` rows."""
     loss_s, loss, val_s, val, k_steps, tps = [], [], [], [], [], []
     layers: dict[str, dict[str, list[float]]] = {m: {} for m in LAYER_METRICS}
+    finals: dict[str, tuple[int, float]] = {}
     for rec in rows:
         step = rec["step"]
+        finals.update({k: (step, _num(v)) for k, v in rec.items()
+                       if isinstance(v, (int, float)) and not isinstance(v, bool)})
         if "loss" in rec:
             loss_s.append(step)
             loss.append(_num(rec["loss"]))
@@ -231,7 +276,8 @@ def _series(rows: list[dict[str, Any]]) -> dict[str, Any]:
         val_steps=np.array(val_s, dtype=np.int64), val_loss=np.array(val, dtype=float),
         kurt_steps=np.array(k_steps, dtype=np.int64),
         kurtosis=arrays["kurtosis"], cos_sim=arrays["cos_sim"], layer_series=arrays,
-        tokens_per_s=float(np.median(finite_tps)) if finite_tps else math.nan)
+        tokens_per_s=float(np.median(finite_tps)) if finite_tps else math.nan,
+        finals=finals, last_step=max((r["step"] for r in rows), default=-1))
 
 
 def _quant(run: RunFolder) -> dict[str, QuantResult]:

@@ -21,7 +21,8 @@ NORMS = ("layernorm", "rmsnorm", "srmsnorm", "none")
 ACTIVATIONS = ("relu", "gelu", "gelu_tanh", "silu")
 POS_ENCODINGS = ("learned", "rotary")
 
-# SPEC §2. Each preset overrides the defaults below (the defaults are `pre-ln`).
+# SPEC §2. Each preset overrides the defaults below (the defaults are `pre-ln`). No preset
+# sets the activation: every block uses the default (ReLU), so presets differ in the block only.
 PRESETS: dict[str, dict[str, Any]] = {
     "pre-ln": {},
     # the block output is already normalised, so no final norm (original Transformer / BERT).
@@ -34,7 +35,6 @@ PRESETS: dict[str, dict[str, Any]] = {
         "norm": "layernorm",
         "first_attn_norm": True,
         "final_norm": True,
-        "activation": "relu",
         "qk_norm": True,
         "beta": 0.2,
     },
@@ -44,7 +44,6 @@ PRESETS: dict[str, dict[str, Any]] = {
         "norm": "layernorm",
         "first_attn_norm": True,
         "final_norm": False,
-        "activation": "relu",
         "qk_norm": True,
         "beta": 0.2,
     },
@@ -92,8 +91,10 @@ class GPTConfig:
     """``op`` only: a norm on the first block's attention input (the authors' code)."""
     final_norm: bool = True
     """A norm on the residual stream before the unembedding."""
-    activation: str = "gelu"
-    """MLP non-linearity: relu, gelu, gelu_tanh, silu."""
+    activation: str = "relu"
+    """MLP non-linearity: relu, gelu, gelu_tanh, silu. ReLU in every preset, as the authors
+    (simplified_transformers: ``activation_function: leaky_relu`` with slope 0 for every block),
+    so an architecture comparison changes the block only (SPEC §7)."""
     tie_embeddings: bool = True
     """Share the token embedding and the unembedding (lm head) matrix."""
     init_std: float = 0.02

@@ -287,7 +287,7 @@ class Trainer:
         run.write_config(cfg.to_dict())
         if cfg.data.tokenizer != "bytes":
             self.data.tokenizer.save(run.path)
-        run.truncate_metrics(self.step)
+        run.truncate_metrics(self.step if self.step else -1)  # step 0 is logged again
         run.set_status("running", self.step, "", data_fingerprint=self.data.fingerprint,
                        started=run.status.get("started", utc_now()))
         self._writer = run.metrics_writer()
@@ -337,11 +337,43 @@ class Trainer:
         """The training precision's autocast context (a no-op for fp32)."""
         return self.step_fn.autocast()
 
-    def evaluate(self) -> dict[str, float]:
-        """Validation loss and perplexity on the fixed windows (``val_loss``, ``val_ppl``)."""
-        vx, vy = self.val
-        val = evaluate(self.model, vx, vy, self.cfg.train.batch_size, self.dist, self.dtype)
-        return {"val_loss": val, "val_ppl": math.exp(min(val, 700.0))}
+    def evaluate(self) -> dict[str, Any]:
+        """Validation loss and perplexity on the fixed windows (``val_loss``, ``val_ppl``);
+        with ``log.kurtosis_every`` also the monitor's fields measured in the same forwards,
+        prefixed ``val_`` (``val_kurtosis``, ``val_kurtosis_mean``, ``val_kurtosis_max``, ...):
+        the held-out Kurt the claims use at the last step."""
+        val, measured = self.measure(*self.val)
+        return {"val_loss": val, "val_ppl": math.exp(min(val, 700.0)),
+                **{f"val_{k}": v for k, v in measured.items()}}
+
+    def measure(self, x: torch.Tensor, y: torch.Tensor) -> tuple[float, dict[str, Any]]:
+        """Mean loss on windows ``x, y`` (no grad, eval mode, sharded over ranks) and, with
+        ``log.kurtosis_every``, the monitor's row fields (:meth:`Measured.row`) of the same
+        forwards, all-reduced; ``{}`` without. Consumes no random numbers."""
+        from outlierlab.measuring import MeasureEvery
+
+        meter = MeasureEvery(1) if self.cfg.log.kurtosis_every else None
+        try:
+            if meter is not None:
+                meter.open(self.model)
+                meter.begin_step(self.step)
+            with torch.no_grad():
+                loss = evaluate(self.model, x, y, self.cfg.train.batch_size, self.dist,
+                                self.dtype)  # fmt: skip
+            measured = meter.end_step(all_reduce=self.dist.enabled) if meter else None
+        finally:
+            if meter is not None:
+                meter.close()
+        return loss, (measured.row() if measured is not None else {})
+
+    def _step_zero(self) -> dict[str, Any]:
+        """The row of step 0, before the first update: loss (and the monitor's fields) on the
+        first training batch, left in the sampler, and the validation metrics."""
+        state = self.sampler.state_dict()
+        x, y = self.sampler.next()
+        self.sampler.load_state_dict(state)
+        loss, measured = self.measure(x, y)
+        return {"step": 0, "tokens": 0, "loss": loss, **measured, **self.evaluate()}
 
     def log(self, row: dict[str, Any]) -> None:
         """Write ``row`` (rank 0), show it, remember it, then ``on_log``."""
@@ -383,6 +415,8 @@ class Trainer:
         self.model.train()
         self.callbacks.on_train_begin(self)
         self._began = True
+        if self.step == 0:
+            self.log(self._step_zero())
         self._t_log, self._tok_log, self._paused = time.perf_counter(), self.tokens, 0.0
 
     def run_step(self) -> bool:

@@ -1,0 +1,91 @@
+"""The shipped sweep presets pair runs in one field: every point of `quick` and `cpu` is
+resolved as `outlierlab train` would, turned into a run record with a made-up Kurt, and the
+claims must find each comparison they are meant to test with exactly the field under test
+differing (no "not tested: runs differ in X")."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+
+from outlierlab import config
+from outlierlab.experiments import claims as C
+from outlierlab.experiments.grid import load_grid
+from outlierlab.experiments.results import RunRecord
+
+
+def _kurt(cfg: dict) -> float:
+    """A Kurt every claim agrees with: lower for OP, SOAP, Shampoo, low lr, large ε, no final norm,
+    small β, and a touch per seed."""
+    m, o = cfg["model"], cfg["optim"]
+    k = 6.0
+    k *= 0.5 if m["block"] == "op" else 1.0
+    k *= 0.5 if o["name"] in ("soap", "shampoo") else 1.0
+    k *= (o["lr"] / 1e-2) ** 0.2 if o.get("lr") else 1.0
+    k *= 1.0 - 0.05 * (12 + math.log10(o["eps"])) if o.get("eps") else 1.0
+    k *= 0.8 if not m["final_norm"] and m["block"] == "op" else 1.0
+    k *= 0.5 if m["block"] == "pre" and m["beta"] != 1.0 else 1.0
+    return 1.0 + k + 0.01 * cfg["train"]["seed"]
+
+
+def records(preset: str) -> list[RunRecord]:
+    grid = load_grid(preset)
+    out = []
+    for p in grid.points:
+        cfg = config.load(grid.preset, None, p.args()).to_dict()
+        k, steps = _kurt(cfg), cfg["train"]["steps"]
+        diverged = cfg["model"]["block"] == "op" and not cfg["model"]["qk_norm"]
+        out.append(RunRecord(path=Path(p.name), config=cfg, step=steps,
+                             status="diverged" if diverged else "finished",
+                             finals={"val_kurtosis_mean": (steps, k),
+                                     "val_kurtosis_max": (steps, 2 * k),
+                                     "val_loss": (steps, 2.0)}, last_step=steps))
+    return out
+
+
+def _fields(claim: C.Claim) -> set[str]:
+    return {e["field"].split(":")[0] for e in claim.evidence if "field" in e}
+
+
+def test_quick_pairs_differ_in_one_field():
+    res = {c.key: c for c in C.evaluate_claims(records("quick"))}
+    assert _fields(res["op_vs_prenorm"]) == {"model preset"}
+    assert _fields(res["soap_vs_adamw"]) == {"optim.name"}
+    assert len(res["op_vs_prenorm"].evidence) == len(res["soap_vs_adamw"].evidence) == 2
+    for c in res.values():
+        assert not any(d.startswith("not tested: ") for d in c.details), c.details
+    assert res["op_vs_prenorm"].verdict == C.INCONCLUSIVE  # one seed: indicative only
+
+
+def test_cpu_pairs_differ_in_one_field_and_can_hold():
+    runs = records("cpu")
+    assert len(runs) == 63 and len({r.seed for r in runs}) == 3
+    res = {c.key: c for c in C.evaluate_claims(runs)}
+    expected = {"op_vs_prenorm": {"model preset"}, "lower_lr": {"optim.lr"},
+                "larger_eps": {"optim.eps"}, "soap_vs_adamw": {"optim.name"},
+                "shampoo_vs_adafactor": {"optim.name"},
+                "op_final_norm": {"model.final_norm"}, "qk_norm": {"model.qk_norm"},
+                "small_beta": {"model.beta"}}
+    for key, fields in expected.items():
+        assert _fields(res[key]) == fields, key
+        assert not any(d.startswith("not tested: ") for d in res[key].details), res[key].details
+        assert res[key].verdict == C.HELD, (key, res[key].summary)
+    # OP against Pre-LN, Pre-RMS, Pre-SRMS at the anchor; against Pre-LN at the two other lrs,
+    # the two other ε and with SOAP
+    assert len(res["op_vs_prenorm"].evidence) == 3 + 2 + 2 + 1
+    assert len(res["soap_vs_adamw"].evidence) == 2
+
+
+@pytest.mark.parametrize("preset", ["quick", "cpu", "gpu-130m"])
+def test_adamw_and_soap_share_their_hyperparameters(preset):
+    """The optimiser pair the paper contrasts runs at the same lr, betas, ε, wd, schedule."""
+    runs = {(r.arch, r.optimizer, r.lr, r.eps): r for r in records(preset)}
+    for (arch, name, lr, eps), soap in runs.items():
+        if name != "soap":
+            continue
+        adam = runs[(arch, "adamw", lr, eps)]
+        assert C.optimiser_keys(adam, soap) == [
+            "optim.name", "optim.max_precond_dim", "optim.precondition_frequency"]
+        assert C.config_diff(adam, soap, C.optimiser_keys(adam, soap)) == []
