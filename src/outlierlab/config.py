@@ -59,7 +59,8 @@ RESUMABLE = frozenset(
         "train.threads",
         "data.cache_dir",
     }
-    | {f"log.{k}" for k in ("kurtosis_every", "tensorboard", "wandb", "wandb_project")}
+    | {f"log.{k}" for k in ("kurtosis_every", "profile_every", "tensorboard", "wandb",
+                           "wandb_project")}
 )
 
 

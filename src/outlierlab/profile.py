@@ -261,3 +261,45 @@ def print_profile(prof: dict[str, Any], console: Any = None) -> None:
         for a in prof["attention"]:
             att.add_row(a["layer"], str(a["heads"]), num(a["sink_share"]), num(a["mass_token0"]))
         console.print(att)
+
+
+def profile_row(prof: dict[str, Any]) -> dict[str, dict[str, float]]:
+    """The per-point and per-layer scalars of a :func:`profile` as metrics-row fields:
+    ``massive_max`` (max |x|), ``massive_ratio`` (max/median of |x| over the tensor),
+    ``kurtosis_no_first`` (Kurt without token 0), and per attention layer ``sink_share`` and
+    ``sink_mass`` (mean mass on token 0)."""
+    row: dict[str, dict[str, float]] = {
+        "massive_max": {p["name"]: p["max_abs"] for p in prof["points"]},
+        "massive_ratio": {p["name"]: p["max_median_ratio"] for p in prof["points"]},
+        "kurtosis_no_first": {p["name"]: p["kurtosis_no_first"] for p in prof["points"]},
+    }
+    if prof.get("attention"):
+        row["sink_share"] = {a["layer"]: a["sink_share"] for a in prof["attention"]}
+        row["sink_mass"] = {a["layer"]: a["mass_token0"] for a in prof["attention"]}
+    return row
+
+
+class ProfileEvery:
+    """Trainer callback (``log.profile_every``): every ``every``-th optimiser step, the
+    massive-activation profile of this rank's micro-batches of the step's batch, after the
+    update, in one extra no-grad eval-mode forward, added to that step's metrics row
+    (:func:`profile_row`). Uses no global RNG, so resumed runs log the same values."""
+
+    def __init__(self, every: int) -> None:
+        self.every = int(every)
+
+    def on_step_end(self, trainer: Any, step: int, row: dict[str, Any]) -> None:
+        from outlierlab.monitor import due
+
+        if not due(step, self.every):
+            return
+        model = trainer.model
+        was_training = model.training
+        model.eval()
+        try:
+            x = torch.cat(trainer.local_micro_batches())
+            with trainer.autocast():
+                prof = profile(model, x, batch_size=trainer.cfg.train.batch_size, top_k=1)
+        finally:
+            model.train(was_training)
+        row.update(profile_row(prof))

@@ -50,7 +50,8 @@ class StopAt(Callback):
 
 # 16 × 32 = 512 tokens per forward: more than mmr_max_tokens (256), so Eq. 2 is subsampled
 RESUME = [*TINY, "train.batch_size=16", "train.steps=12", "train.log_every=1",
-          "log.kurtosis_every=3", "train.eval_every=4", "train.ckpt_every=0"]  # fmt: skip
+          "log.kurtosis_every=3", "log.profile_every=5", "train.eval_every=4",
+          "train.ckpt_every=0"]  # fmt: skip
 
 
 def test_stop_and_resume_logs_identical_metrics(corpus, cache_dir, tmp_path):
@@ -69,6 +70,7 @@ def test_stop_and_resume_logs_identical_metrics(corpus, cache_dir, tmp_path):
     # step 0 (before the first update) is logged once, by the run that started
     assert [r["step"] for r in a] == [r["step"] for r in b] == list(range(0, 13))
     assert sum("mmr" in r for r in a) == 5  # steps 0, 3, 6, 9, 12
+    assert [r["step"] for r in a if "massive_max" in r] == [5, 10]  # log.profile_every
     # the held-out Kurt on the validation windows at each evaluation and at the end
     assert [r["step"] for r in a if "val_kurtosis_mean" in r] == [0, 4, 8, 12]
     for ra, rb in zip(a, b):
@@ -141,3 +143,47 @@ def test_replay_measures_after_the_step_without_hooks_during_training(corpus, ca
     assert sorted(rows) == [0, 2, 4] and all("mmr" in rows[s] for s in (2, 4))
     assert all(rows[s]["kurtosis_max"] >= 1.0 for s in (2, 4))
     assert hooked == [False] * 4  # the compiled graph would never see a hook
+
+
+class MaxAbs(Callback):
+    """After each update, max |x| of the embedding output over this step's batch, computed
+    directly (a hook on ``embed_out``), to compare with what ``log.profile_every`` logged."""
+
+    def __init__(self) -> None:
+        self.expected: dict[int, float] = {}
+        self.logged: dict[int, dict] = {}
+
+    def on_step_end(self, trainer, step, row):
+        import torch
+
+        seen = []
+        h = trainer.model.embed_out.register_forward_hook(
+            lambda m, a, o: seen.append(o.detach().abs().max().item()))
+        trainer.model.eval()
+        with torch.no_grad():
+            trainer.model(torch.cat(trainer.local_micro_batches()))
+        trainer.model.train()
+        h.remove()
+        self.expected[step] = max(seen)
+
+    def on_log(self, trainer, row):
+        if "massive_max" in row:
+            self.logged[row["step"]] = row
+
+
+def test_profile_every_logs_the_massive_activation_fields(corpus, cache_dir, tmp_path):
+    cb = MaxAbs()
+    train(C.load("tiny", overrides=[*TINY, f"data.source={corpus}", "train.steps=4",
+                                    "log.profile_every=2", "log.kurtosis_every=0",
+                                    f"out={tmp_path / 'p'}"]),
+          progress=False, callbacks=[cb])  # fmt: skip
+    assert sorted(cb.logged) == [2, 4]
+    n_layer = C.load("tiny").model.n_layer
+    for step, row in cb.logged.items():
+        assert row["massive_max"]["embed.resid_post"] == pytest.approx(cb.expected[step])
+        assert set(row["massive_max"]) == {"embed.resid_post",
+                                           *(f"blocks.{i}.resid_post" for i in range(n_layer))}
+        assert all(v >= 1.0 for v in row["massive_ratio"].values())
+        assert len(row["sink_share"]) == n_layer
+        assert all(0.0 <= v <= 1.0 for v in [*row["sink_share"].values(),
+                                             *row["sink_mass"].values()])

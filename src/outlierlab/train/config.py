@@ -63,6 +63,9 @@ class LogConfig:
     kurtosis_every: int = 50
     """Measure Kurt/MMR/cos-sim of the residual stream on the training batch every k steps;
     0 = never."""
+    profile_every: int = 0
+    """Log the massive-activation profile (max |x|, max/median, Kurt without token 0, attention
+    sinks; :mod:`outlierlab.profile`) of the training batch every k steps; 0 = never."""
     tensorboard: bool = False
     """Write TensorBoard events to RUN_DIR/tb."""
     wandb: bool = False
@@ -72,5 +75,6 @@ class LogConfig:
 
     def __post_init__(self) -> None:
         number("log.kurtosis_every", self.kurtosis_every, lo=0, integer=True)
+        number("log.profile_every", self.profile_every, lo=0, integer=True)
         flag("log.tensorboard", self.tensorboard)
         flag("log.wandb", self.wandb)

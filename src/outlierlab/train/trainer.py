@@ -185,6 +185,10 @@ class Trainer:
             from outlierlab.measuring import MeasureEvery
 
             self.callbacks.append(MeasureEvery(cfg.log.kurtosis_every, replay=tc.compile))
+        if cfg.log.profile_every:
+            from outlierlab.profile import ProfileEvery
+
+            self.callbacks.append(ProfileEvery(cfg.log.profile_every))
         self.stop = self._stack.enter_context(StopFlag())
         self.bar = self._stack.enter_context(Progress(tc.steps, self.step, enabled=self.show))
 
