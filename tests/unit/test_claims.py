@@ -150,6 +150,22 @@ def test_quant_claim_needs_measurable_damage(tmp_path):
     assert any(d.startswith("w8a4: ρ(Kurt, ppl increase) = +1.00") for d in c.details)
 
 
+def test_quant_claim_ranks_at_6_bit_activations_where_int8_moves_nothing(tmp_path):
+    """At CPU scale W8A8 moves no run: the claim ranks by w8a6-tensor and names that width."""
+    specs = {f"r{i}": dict(arch="pre-ln", kurt=1.0 + i, lr=10.0**-i,
+                           quant={"w8a8-tensor": (10.0, 10.0 + 0.001 * (-1) ** i),
+                                  "w8a6-tensor": (10.0, 10.1 + 0.2 * i)}) for i in range(4)}
+    c = C.claim_quant(_runs(tmp_path, specs))
+    assert c.verdict == C.HELD, c.summary
+    assert c.summary.startswith("w8a6-tensor: Spearman ρ = +1.00")
+    assert "ranked at 6-bit activations (w8a6-tensor)" in c.summary
+    # a measurable W8A8 result still decides, whatever the 6-bit ranking says
+    for i in range(4):
+        specs[f"r{i}"]["quant"]["w8a8-tensor"] = (10.0, 10.1 + 0.2 * (3 - i))
+    c = C.claim_quant(_runs(tmp_path / "int8", specs))
+    assert c.summary.startswith("w8a8-tensor") and c.verdict == C.NOT_HELD
+
+
 @pytest.mark.parametrize("hidden,value", [("model.activation", "gelu"),
                                           ("optim.weight_decay", 0.01),
                                           ("train.batch_size", 32)])

@@ -123,7 +123,7 @@ def test_quick_preset_compares_the_paper_configurations():
     g = load_grid("quick")
     pairs = {(p.overrides.get("model"), p.overrides.get("optim.name")) for p in g.points}
     assert {("pre-ln", "adamw"), ("op", "adamw"), ("op", "soap")} <= pairs
-    assert set(g.schemes) == {"w8a8-tensor", "w8a8-dynamic"}
+    assert set(g.schemes) == {"w8a8-tensor", "w8a8-dynamic", "w8a6-tensor"}
     assert g.workers == 2 and g.threads == 1
 
 

@@ -57,6 +57,8 @@ from outlierlab.optim import hyperparameters
 SIZE_KEYS = ("model.vocab_size", "model.n_layer", "model.d_model", "model.n_head",
              "model.d_mlp", "model.seq_len")
 PRIMARY_SCHEMES = ("w8a8-tensor", "w8a8-dynamic")
+FALLBACK_SCHEME = "w8a6-tensor"
+"""Where W8A8 damages no run (CPU scale), :func:`claim_quant` ranks runs by this scheme."""
 MIN_KURT = 1.5
 """A comparison tests a claim about *lowering* OFs only where the reference configuration
 (Pre-Norm, AdamW, the series' largest value) has some: seed-mean Kurt ≥ this. Near 1 (≈
@@ -492,8 +494,9 @@ def claim_quant(runs: Sequence[RunRecord], min_runs: int = 3,
     permutation p: held when ρ > 0 with p ≤ ALPHA, did not hold when ρ < 0 with the other
     side's p ≤ ALPHA, else inconclusive. The verdict uses the first W8A8 scheme (w8a8-tensor,
     the paper's, before w8a8-dynamic) under which some run's perplexity moved by at least
-    ``min_effect`` (relative); below that there is no damage to rank, and the claim is not
-    tested. Every scheme is reported."""
+    ``min_effect`` (relative). Where no W8A8 scheme moved any run (CPU scale), it ranks by the
+    damage at 6-bit activations (``w8a6-tensor``, :data:`FALLBACK_SCHEME`) and says so; with no
+    damage there either the claim is not tested. Every scheme is reported."""
     statement = "Higher kurtosis goes with a larger W8A8 perplexity increase."
     schemes = sorted({s for r in runs for s in r.quant},
                      key=lambda s: (PRIMARY_SCHEMES.index(s) if s in PRIMARY_SCHEMES
@@ -519,6 +522,11 @@ def claim_quant(runs: Sequence[RunRecord], min_runs: int = 3,
                          "measurable": measurable, "runs": [r.name for r in pts], "kurt": k,
                          "rel_increase": inc})
     decisive = [e for e in evidence if e["measurable"] and e["scheme"].startswith("w8a8")]
+    proxy = ""
+    if not decisive:  # int8 moved nothing: rank by the damage at 6-bit activations
+        decisive = [e for e in evidence if e["measurable"] and e["scheme"] == FALLBACK_SCHEME]
+        proxy = (f" — W8A8 moved no run by {min_effect:.1%}, so runs are ranked at 6-bit "
+                 f"activations ({FALLBACK_SCHEME})")
     if not decisive:
         why = (f"needs {min_runs} or more finished runs with W8A8 results" if not evidence else
                f"W8A8 moved no run's perplexity by {min_effect:.1%} or more: nothing to rank")
@@ -533,7 +541,7 @@ def claim_quant(runs: Sequence[RunRecord], min_runs: int = 3,
     else:
         verdict = INCONCLUSIVE
     summary = (f"{main['scheme']}: Spearman ρ = {rho:+.2f} over {main['n']} runs "
-               f"(one-sided p = {main['p']:.3f}; held needs ρ > 0 and p ≤ {ALPHA})")
+               f"(one-sided p = {main['p']:.3f}; held needs ρ > 0 and p ≤ {ALPHA}){proxy}")
     return Claim("kurt_vs_quant", statement, verdict, summary,
                  details + _diverged_note(runs), evidence)
 
