@@ -53,10 +53,11 @@ class ActStats:
 
     def update(self, x: torch.Tensor, q: torch.Tensor) -> None:
         xf = x.detach().float()
-        self.signal += float(xf.pow(2).sum())
-        self.noise += float((xf - q.detach().float()).pow(2).sum())
-        self.lo = min(self.lo, float(xf.min()))
-        self.hi = max(self.hi, float(xf.max()))
+        self.signal += float(xf.square().sum())
+        self.noise += float((xf - q.detach().float()).square_().sum())
+        lo, hi = torch.aminmax(xf)  # one pass for both ends
+        self.lo = min(self.lo, float(lo))
+        self.hi = max(self.hi, float(hi))
 
 
 class ActQuant(nn.Module):
