@@ -22,7 +22,7 @@ from torch import nn
 from outlierlab.errors import ConfigError, ModelLoadError
 from outlierlab.quant.config import QuantConfig
 from outlierlab.quant.quantizers import (
-    fake_quant_static,
+    fake_quant,
     percentile_range,
     quantize_dynamic,
     quantize_weight,
@@ -122,7 +122,7 @@ class ActQuant(nn.Module):
         else:
             if self._static is None:
                 raise RuntimeError("static activation quantiser used before calibration")
-            q = fake_quant_static(x, *self._static, self.bits, self.symmetric)
+            q = fake_quant(x, *self._static, self.bits, self.symmetric)
         if self.stats is not None:
             self.stats.update(x, q)
         return q
