@@ -10,6 +10,11 @@ Pipeline (all on the same windows; calibration batches from the train split, SPE
    per-layer activation SQNR): ``w8a8-tensor``, ``w8a8-dynamic``, ``w8a8-paper``, SmoothQuant
    α = 0.5 and 0.8 on ``w8a8-tensor``, and the rotation baseline
    (:func:`outlierlab.quant.rotate.rotate`, Llama family) quantised with ``w8a8-tensor``.
+
+Work is shared (:class:`outlierlab.quant.CalibCache`, one per model; results unchanged):
+``w8a8-paper`` runs first so that its calibration pass also gives ``w8a8-tensor``'s ranges and
+weights, and one SmoothQuant statistics pass serves both α. ``stage_seconds`` in the result
+(and the page's intro) says where the time went.
 """
 
 from __future__ import annotations
