@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -17,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from outlierlab.errors import DataError
-from outlierlab.quant.calibrate import calibrate, stop_at_head
+from outlierlab.quant.calibrate import CalibCache, calibrate, stop_at_head
 from outlierlab.quant.config import QuantConfig
 from outlierlab.quant.quantizers import sqnr_db
 from outlierlab.quant.wrap import ActStats, quant_linears, residual_quantizers, wrap
@@ -40,6 +41,15 @@ def perplexity(
     model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 8
 ) -> tuple[float, float]:
     """(perplexity, mean cross-entropy in nats) over all windows x, targets y (N, T)."""
+    total, count = _ce_sum(model, x, y, batch_size)
+    loss = total / count
+    return math.exp(loss), loss
+
+
+def _ce_sum(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int
+) -> tuple[float, int]:
+    """(Σ cross-entropy in nats, number of target tokens) over windows x, targets y."""
     total, count = 0.0, 0
     device = _device(model)
     for i in range(0, x.shape[0], batch_size):
@@ -51,8 +61,7 @@ def perplexity(
             )
         )
         count += yb.numel()
-    loss = total / count
-    return math.exp(loss), loss
+    return total, count
 
 
 def calibration_batches(
@@ -90,6 +99,19 @@ def layer_report(
     """Per quantised layer: activation SQNR and range over the windows x, weight SQNR, the
     calibrated static range, and Kurt of the layer's (unquantised) input (None without
     ``kurtosis``: its float64 sums are a large share of this pass)."""
+    device = _device(qmodel)
+    with layer_stats(qmodel, kurtosis) as rows, stop_at_head(qmodel) as run:
+        for i in range(0, x.shape[0], batch_size):  # the FP head has no quantiser to report
+            run(logits_of, x[i : i + batch_size].to(device))
+        return rows()
+
+
+@contextmanager
+def layer_stats(
+    qmodel: nn.Module, kurtosis: bool = True
+) -> Iterator[Callable[[], list[dict[str, Any]]]]:
+    """Switch the per-layer statistics on for the forwards run inside; yields ``rows()``, the
+    :func:`layer_report` rows of what those forwards saw."""
     layers = quant_linears(qmodel)
     resid = residual_quantizers(qmodel)
     for m in layers.values():
@@ -98,47 +120,70 @@ def layer_report(
             m.kurt_acc = StatsAccumulator(m.in_features, extras=False)
     for aq in resid.values():
         aq.stats = ActStats()
-    device = _device(qmodel)
     try:
-        with stop_at_head(qmodel) as run:  # the FP head has no quantiser to report
-            for i in range(0, x.shape[0], batch_size):
-                run(logits_of, x[i : i + batch_size].to(device))
-        rows = [
-            {
-                "name": name,
-                "kind": "linear",
-                "shape": [m.out_features, m.in_features],
-                "act_sqnr_db": _finite(sqnr_db(m.act.stats.signal, m.act.stats.noise)),
-                "weight_sqnr_db": _finite(sqnr_db(m.weight_signal, m.weight_noise)),
-                "act_min": m.act.stats.lo,
-                "act_max": m.act.stats.hi,
-                "calib_min": m.act.calib_lo,
-                "calib_max": m.act.calib_hi,
-                "kurtosis": float(m.kurt_acc.result()["kurtosis"]) if kurtosis else None,
-            }
-            for name, m in layers.items()
-        ]
-        rows += [
-            {
-                "name": name,
-                "kind": aq.kind,
-                "act_sqnr_db": _finite(sqnr_db(aq.stats.signal, aq.stats.noise)),
-                "weight_sqnr_db": None,
-                "act_min": aq.stats.lo,
-                "act_max": aq.stats.hi,
-                "calib_min": aq.calib_lo,
-                "calib_max": aq.calib_hi,
-                "kurtosis": None,
-            }
-            for name, aq in resid.items()
-        ]
+        yield lambda: _report_rows(layers, resid, kurtosis)
     finally:
         for m in layers.values():
             m.act.stats = None
             m.kurt_acc = None
         for aq in resid.values():
             aq.stats = None
-    return rows
+
+
+def _report_rows(
+    layers: dict[str, Any], resid: dict[str, Any], kurtosis: bool
+) -> list[dict[str, Any]]:
+    rows = [
+        {
+            "name": name,
+            "kind": "linear",
+            "shape": [m.out_features, m.in_features],
+            "act_sqnr_db": _finite(sqnr_db(m.act.stats.signal, m.act.stats.noise)),
+            "weight_sqnr_db": _finite(sqnr_db(m.weight_signal, m.weight_noise)),
+            "act_min": m.act.stats.lo,
+            "act_max": m.act.stats.hi,
+            "calib_min": m.act.calib_lo,
+            "calib_max": m.act.calib_hi,
+            "kurtosis": float(m.kurt_acc.result()["kurtosis"]) if kurtosis else None,
+        }
+        for name, m in layers.items()
+    ]
+    return rows + [
+        {
+            "name": name,
+            "kind": aq.kind,
+            "act_sqnr_db": _finite(sqnr_db(aq.stats.signal, aq.stats.noise)),
+            "weight_sqnr_db": None,
+            "act_min": aq.stats.lo,
+            "act_max": aq.stats.hi,
+            "calib_min": aq.calib_lo,
+            "calib_max": aq.calib_hi,
+            "kurtosis": None,
+        }
+        for name, aq in resid.items()
+    ]
+
+
+@torch.no_grad()
+def perplexity_and_report(
+    qmodel: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    batch_size: int = 8,
+    stats_windows: int = 16,
+    kurtosis: bool = True,
+) -> tuple[float, float, list[dict[str, Any]]]:
+    """(perplexity, loss, :func:`layer_report` rows on the first ``stats_windows`` windows) from
+    ONE pass over x: the statistics are on while the first windows are evaluated. Equal to
+    :func:`perplexity` and :func:`layer_report` up to float summation order (the first windows
+    are batched on their own)."""
+    n = max(1, min(stats_windows, x.shape[0]))
+    with layer_stats(qmodel, kurtosis) as rows:
+        total, count = _ce_sum(qmodel, x[:n], y[:n], batch_size)
+        report = rows()
+    rest, rest_count = _ce_sum(qmodel, x[n:], y[n:], batch_size)
+    loss = (total + rest) / (count + rest_count)
+    return math.exp(loss), loss, report
 
 
 @torch.no_grad()
@@ -171,6 +216,7 @@ def quantize_and_evaluate(
     fp: dict[str, float] | None = None,
     resid: dict[str, Any] | None = None,
     layer_kurtosis: bool = True,
+    cache: CalibCache | None = None,
 ) -> dict[str, Any]:
     """The whole pipeline on ``model`` (never modified): FP perplexity, a wrapped copy calibrated
     on ``calib`` (train batches), quantised perplexity on the same windows, the per-layer report
@@ -178,7 +224,10 @@ def quantize_and_evaluate(
 
     ``fp`` (``{"ppl", "loss", "seconds"}``) reuses an FP evaluation of the same windows, ``resid``
     a :func:`residual_kurtosis` result on the same stats windows; ``layer_kurtosis=False`` leaves
-    the linear inputs' Kurt out of the layer report.
+    the linear inputs' Kurt out of the layer report; ``cache`` (:class:`CalibCache`) shares
+    calibration work with other schemes on the same model and ``calib`` batches.
+    The quantised perplexity and the layer report come from one pass
+    (:func:`perplexity_and_report`); ``quant_eval_s`` times that pass.
     Returns the JSON-able result (top-level ``fp_ppl``, ``quant_ppl``, ``scheme``, ``config``,
     ``layers``).
     """
@@ -191,13 +240,14 @@ def quantize_and_evaluate(
         fp = {"ppl": fp_ppl, "loss": fp_loss, "seconds": time.perf_counter() - t0}
     t0 = time.perf_counter()
     qmodel = wrap(model, cfg)
-    calibrate(qmodel, cfg, calib, logits_of)
+    calibrate(qmodel, cfg, calib, logits_of, cache)
     calib_s = time.perf_counter() - t0
     t0 = time.perf_counter()
-    q_ppl, q_loss = perplexity(qmodel, val_x, val_y, batch_size)
+    q_ppl, q_loss, layers = perplexity_and_report(
+        qmodel, val_x, val_y, batch_size, stats_windows, layer_kurtosis
+    )
     q_s = time.perf_counter() - t0
     sx = val_x[: max(1, min(stats_windows, val_x.shape[0]))]
-    layers = layer_report(qmodel, sx, batch_size, layer_kurtosis)
     resid = resid or residual_kurtosis(model, sx, batch_size)
     for row in layers:
         if row["kind"] == "residual":

@@ -53,10 +53,11 @@ class ActStats:
 
     def update(self, x: torch.Tensor, q: torch.Tensor) -> None:
         xf = x.detach().float()
-        self.signal += float(xf.pow(2).sum())
-        self.noise += float((xf - q.detach().float()).pow(2).sum())
-        self.lo = min(self.lo, float(xf.min()))
-        self.hi = max(self.hi, float(xf.max()))
+        self.signal += float(xf.square().sum())
+        self.noise += float((xf - q.detach().float()).square_().sum())
+        lo, hi = torch.aminmax(xf)  # one pass for both ends
+        self.lo = min(self.lo, float(lo))
+        self.hi = max(self.hi, float(hi))
 
 
 class ActQuant(nn.Module):
@@ -92,7 +93,7 @@ class ActQuant(nn.Module):
                 flat = flat[idx.to(flat.device)]
             self._samples.append(flat.cpu())
         else:
-            lo, hi = float(xd.min()), float(xd.max())
+            lo, hi = (float(v) for v in torch.aminmax(xd))  # one pass
             self.calib_lo = lo if self.calib_lo is None else min(self.calib_lo, lo)
             self.calib_hi = hi if self.calib_hi is None else max(self.calib_hi, hi)
         self._batches += 1
@@ -165,21 +166,26 @@ class QuantLinear(nn.Module):
     def out_features(self) -> int:
         return self.weight.shape[0]
 
-    def set_smoothing(self, alpha: float) -> None:
+    def take_xmax(self) -> torch.Tensor:
+        """The per-input-channel max|X_j| observed with ``smooth_observe`` (then forgotten)."""
+        if self._xmax is None:
+            raise RuntimeError("smoothing needs a calibration pass first")
+        xmax, self._xmax = self._xmax, None
+        return xmax
+
+    def set_smoothing(self, alpha: float, xmax: torch.Tensor | None = None) -> None:
         """SmoothQuant: s_j = max|X_j|^α / max_i |W_ij|^(1-α); then x → x / s, W → W · s.
+        ``xmax``: max|X_j| (default: what ``smooth_observe`` recorded).
 
         Channels never seen active (max|X_j| = 0) or with an all-zero weight column keep s_j = 1.
         """
-        if self._xmax is None:
-            raise RuntimeError("smoothing needs a calibration pass first")
-        xmax = self._xmax.float()
+        xmax = (self.take_xmax() if xmax is None else xmax).float()
         wmax = self.weight.detach().abs().amax(0).float()
         s = xmax.pow(alpha) / wmax.pow(1.0 - alpha)
         ok = (xmax > 0) & (wmax > 0) & torch.isfinite(s)
         s = torch.where(ok, s, torch.ones_like(s)).clamp(1e-5, 1e5)
         self.weight.data.mul_(s.to(self.weight.dtype))
         self.inv_smooth = (1.0 / s).to(self.weight.dtype)
-        self._xmax = None
 
     def quantize_weight(self) -> None:
         """Q(W) once, cached in ``weight_q``; records the weight's signal and noise power."""
