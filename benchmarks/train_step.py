@@ -75,7 +75,7 @@ class PlainBlock(nn.Module):
 
     def forward(self, x):
         x = x + self.attn(self.ln1(x))
-        return x + self.fc_proj(F.gelu(self.fc(self.ln2(x))))
+        return x + self.fc_proj(F.relu(self.fc(self.ln2(x))))
 
 
 class PlainGPT(nn.Module):

@@ -183,3 +183,7 @@ def _int(value: Any, name: str) -> int:
             if f.is_integer():
                 return int(f)
     raise bad(name, value, "an integer")
+
+
+POSITIVE = arg_type(lo=1, integer=True)
+"""argparse ``type=`` for counts (windows, batches, tokens): an integer ≥ 1."""

@@ -16,6 +16,7 @@ from typing import Any
 
 from outlierlab.cli import output_file
 from outlierlab.errors import ConfigError, DataError
+from outlierlab.fields import POSITIVE
 from outlierlab.run_folder import RunFolder, write_json
 
 DEFAULT_SEQ_LEN = 128
@@ -38,17 +39,18 @@ def add_parser(subparsers: Any) -> None:
     )
     p.add_argument(
         "--seq-len",
-        type=int,
+        type=POSITIVE,
         default=None,
         help=f"tokens per window (default {DEFAULT_SEQ_LEN}, or the model's context if shorter)",
     )
     p.add_argument(
         "--max-tokens",
-        type=int,
+        type=POSITIVE,
         default=DEFAULT_MAX_TOKENS,
         help=f"measure at most this many tokens (default {DEFAULT_MAX_TOKENS})",
     )
-    p.add_argument("--batch-size", type=int, default=8, help="windows per forward (default 8)")
+    p.add_argument("--batch-size", type=POSITIVE, default=8,
+                   help="windows per forward (default 8)")
     p.add_argument(
         "--json", metavar="OUT", type=output_file, help="also write the results as JSON to OUT"
     )
@@ -59,7 +61,8 @@ def add_parser(subparsers: Any) -> None:
         help="measure these modules instead of the residual stream: glob patterns over module "
         "names ('*' within one dotted part, '**' across parts)",
     )
-    p.add_argument("--top", type=int, default=5, help="outlier neurons shown per row (default 5)")
+    p.add_argument("--top", type=POSITIVE, default=5,
+                   help="outlier neurons shown per row (default 5)")
     p.add_argument(
         "--profile",
         action="store_true",
@@ -74,11 +77,6 @@ def add_parser(subparsers: Any) -> None:
     )
     p.add_argument("--device", default="cpu", help="torch device (default cpu)")
     p.set_defaults(func=run)
-
-
-def _positive(flag: str, value: int) -> None:
-    if value is None or value <= 0:
-        raise ConfigError(f"{flag} {value} is not allowed; allowed: a positive integer")
 
 
 def read_text(path: Path) -> list[str]:
@@ -179,11 +177,6 @@ def measure(
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.seq_len is not None:
-        _positive("--seq-len", args.seq_len)
-    _positive("--max-tokens", args.max_tokens)
-    _positive("--batch-size", args.batch_size)
-    _positive("--top", args.top)
     path = Path(args.model_dir)
 
     from outlierlab.loading import load_model

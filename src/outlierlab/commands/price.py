@@ -12,9 +12,7 @@ from typing import Any
 
 from outlierlab.cli import output_dir
 from outlierlab.errors import ConfigError, DataError
-from outlierlab.fields import arg_type
-
-POSITIVE = arg_type(lo=1, integer=True)
+from outlierlab.fields import POSITIVE
 
 DEFAULT_SEQ_LEN = 512
 

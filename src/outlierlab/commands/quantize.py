@@ -15,6 +15,7 @@ from typing import Any
 
 from outlierlab.cli import output_file
 from outlierlab.errors import ConfigError, DataError, ModelLoadError
+from outlierlab.fields import POSITIVE
 from outlierlab.run_folder import RunFolder, write_json
 
 DEFAULT_SCHEME = "w8a8-tensor"
@@ -56,12 +57,14 @@ def add_parser(subparsers: Any) -> None:
         help="also quantise the residual stream (embedding output and every block output)",
     )
     p.add_argument("--smooth", type=float, metavar="ALPHA", help="SmoothQuant migration, 0..1")
-    p.add_argument("--calib-batches", type=int, default=16, help="training batches (default 16)")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--seq-len", type=int, help="window length (default: the model's context)")
+    p.add_argument("--calib-batches", type=POSITIVE, default=16,
+                   help="training batches (default 16)")
+    p.add_argument("--batch-size", type=POSITIVE, default=8)
+    p.add_argument("--seq-len", type=POSITIVE, help="window length (default: the model's context)")
     p.add_argument("--data", help="text source for HF/model folders (default: stdlib)")
-    p.add_argument("--eval-windows", type=int, default=64, help="validation windows (default 64)")
-    p.add_argument("--stats-windows", type=int, default=16, help="windows for the layer table")
+    p.add_argument("--eval-windows", type=POSITIVE, default=64,
+                   help="validation windows (default 64)")
+    p.add_argument("--stats-windows", type=POSITIVE, default=16, help="windows for the layer table")
     p.add_argument("--device", default="cpu")
     p.add_argument("--seed", type=int, default=0, help="seed of the calibration batch sampler")
     p.add_argument("--json", metavar="OUT", type=output_file, help="write the result as JSON here")
@@ -100,11 +103,6 @@ def build_config(args: argparse.Namespace):
     return scheme(args.scheme, **overrides)
 
 
-def _positive(name: str, value: int) -> None:
-    if value < 1:
-        raise ConfigError(f"{name} must be ≥ 1, got {value}")
-
-
 def split_tokens(
     source: str, tokenizer: Any, need_train: int, need_val: int, val_fraction: float = 0.05
 ) -> tuple[Any, Any]:
@@ -135,8 +133,6 @@ def split_tokens(
 
 def run(args: argparse.Namespace) -> int:
     cfg = build_config(args)  # user mistakes in options fail before anything loads
-    for name in ("calib_batches", "batch_size", "eval_windows", "stats_windows"):
-        _positive("--" + name.replace("_", "-"), getattr(args, name))
     path = Path(args.path)
     if not path.is_dir() and path.suffix.lower() != ".gguf":
         raise ModelLoadError(
@@ -187,7 +183,6 @@ def evaluate(args: argparse.Namespace, cfg: Any, path: Path, run: RunFolder | No
         seq_len = loaded.seq_len or HF_DEFAULT_SEQ_LEN
         if loaded.kind == "hf":
             seq_len = min(seq_len, HF_DEFAULT_SEQ_LEN)
-    _positive("--seq-len", seq_len)
     if loaded.seq_len is not None and seq_len > loaded.seq_len:
         raise ConfigError(f"--seq-len {seq_len} exceeds the model's context {loaded.seq_len}")
 
