@@ -206,7 +206,7 @@ def _figures(res: dict[str, Any], out: Path) -> list[tuple[str, str]]:
 
 def write_page(res: dict[str, Any], out: str | Path, title: str) -> dict[str, Path]:
     """Write ``price.md``, ``price.html``, ``price.json`` and the PNG figures into ``out``."""
-    from outlierlab.experiments.report import _html_table, _md_table
+    from outlierlab.experiments.report import html_table, md_table
     from outlierlab.run_folder import write_json
 
     out = Path(out)
@@ -230,8 +230,8 @@ def write_page(res: dict[str, Any], out: str | Path, title: str) -> dict[str, Pa
     body = [f"<h1>{html.escape(title)}</h1>", f"<p>{html.escape(intro)}</p>"]
     for name, (header, rows) in sections:
         if rows:
-            md += [f"## {name}", "", _md_table(header, rows), ""]
-            body += [f"<h2>{html.escape(name)}</h2>", _html_table(header, rows)]
+            md += [f"## {name}", "", md_table(header, rows), ""]
+            body += [f"<h2>{html.escape(name)}</h2>", html_table(header, rows)]
     for fname, caption in figs:
         md += [f"![{caption}]({fname})", ""]
         body.append(f'<figure><img src="{fname}"><figcaption>{caption}</figcaption></figure>')

@@ -89,14 +89,14 @@ def results_table(runs: Sequence[RunRecord]) -> tuple[list[str], list[list[str]]
     return header, rows
 
 
-def _md_table(header: list[str], rows: list[list[str]]) -> str:
+def md_table(header: list[str], rows: list[list[str]]) -> str:
     esc = [[c.replace("|", "\\|") for c in row] for row in [header, *rows]]
     lines = ["| " + " | ".join(esc[0]) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(row) + " |" for row in esc[1:]]
     return "\n".join(lines)
 
 
-def _html_table(header: list[str], rows: list[list[str]], raw: bool = False) -> str:
+def html_table(header: list[str], rows: list[list[str]], raw: bool = False) -> str:
     e = (lambda s: s) if raw else html.escape
     head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
     body = "".join("<tr>" + "".join(f"<td>{e(c)}</td>" for c in row) + "</tr>" for row in rows)
@@ -152,7 +152,6 @@ def write_report(runs: Sequence[RunRecord], out_dir: str | Path, *, title: str =
     runs = list(runs)
     claims = evaluate_claims(runs, loss_tol=loss_tol)
     figures = make_figures(runs, out / "figures")
-    header, rows = results_table(runs)
     title = title or "outlierlab report: outlier features in these runs"
     n_fin = sum(r.finished for r in runs)
     n_div = sum(r.diverged for r in runs)
@@ -177,59 +176,74 @@ def write_report(runs: Sequence[RunRecord], out_dir: str | Path, *, title: str =
              f"it). Claims about lowering OFs are tested only where the reference configuration "
              f"has some (Kurt ≥ {MIN_KURT}).")
     note = seeds_note(runs)
-    pair_header, pair_rows = pairs_table(claims)
+    (out / "report.md").write_text(_markdown(title, intro, note, about, claims, runs, figures))
+    (out / "report.html").write_text(_html(title, intro, note, about, claims, runs, figures))
+    summary = {"title": title, "written": when, "command": command, "seeds_note": note,
+               "claims": [c.to_dict() for c in claims], "runs": [_run_summary(r) for r in runs]}
+    (out / "results.json").write_text(json.dumps(summary, indent=1, default=_json_default))
+    return Report(out / "report.html", out / "report.md", out / "results.json", claims, runs,
+                  note.replace("**", "").replace("`", ""))
 
-    claim_rows = [[c.statement, c.verdict, c.summary] for c in claims]
+
+def _markdown(title: str, intro: str, note: str, about: str, claims: Sequence[Claim],
+              runs: Sequence[RunRecord], figures: list) -> str:
+    """``report.md``: intro, claims with their details, the pairs, the results table, figures."""
+    header, rows = results_table(runs)
+    pair_header, pair_rows = pairs_table(claims)
     md = [f"# {title}", "", intro, "", note, "", about, "", "## Claims (SPEC §5, ablations)",
-          "", _md_table(["claim", "verdict", "numbers"],
-                        [[s, VERDICT_MARK.get(v, v), n] for s, v, n in claim_rows]), ""]
+          "", md_table(["claim", "verdict", "numbers"],
+                        [[c.statement, VERDICT_MARK.get(c.verdict, c.verdict), c.summary]
+                         for c in claims]), ""]
     for c in claims:
         md += [f"**{c.statement}** — {c.verdict}. {c.summary}", ""]
         md += [f"- {d}" for d in c.details] + [""]
-    md += ["## Pairs compared", "", _md_table(pair_header, pair_rows) if pair_rows
+    md += ["## Pairs compared", "", md_table(pair_header, pair_rows) if pair_rows
            else "No pair of configurations differs in one field only.", ""]
-    md += ["## Results", "", _md_table(header, rows), "", "## Figures", ""]
+    md += ["## Results", "", md_table(header, rows), "", "## Figures", ""]
     for _key, ftitle, caption, path in figures:
         md += [f"### {ftitle}", "", caption, "", f"![{ftitle}](figures/{path.name})", ""]
-    (out / "report.md").write_text("\n".join(md))
+    return "\n".join(md)
 
+
+def _html(title: str, intro: str, note: str, about: str, claims: Sequence[Claim],
+          runs: Sequence[RunRecord], figures: list) -> str:
+    """``report.html``: the same as :func:`_markdown`, one offline page (figures inlined)."""
+    header, rows = results_table(runs)
+    pair_header, pair_rows = pairs_table(claims)
     h = [f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>"
          f"{html.escape(title)}</title><style>{CSS}</style></head><body>",
          f"<h1>{html.escape(title)}</h1><p>{html.escape(intro)}</p>"
          + (f"<p class='note'>{html.escape(note.replace('**', '').replace('`', ''))}</p>"
             if note else "")
          + f"<p>{html.escape(about.replace('*', ''))}</p>", "<h2>Claims (SPEC §5, ablations)</h2>",
-         _html_table(["claim", "verdict", "numbers"],
-                     [[html.escape(s), _verdict_html(v), html.escape(n)]
-                      for s, v, n in claim_rows], raw=True)]
+         html_table(["claim", "verdict", "numbers"],
+                     [[html.escape(c.statement), _verdict_html(c.verdict), html.escape(c.summary)]
+                      for c in claims], raw=True)]
     for c in claims:
         items = "".join(f"<li>{html.escape(d)}</li>" for d in c.details)
         h.append(f"<details><summary>{html.escape(c.statement)} — {_verdict_html(c.verdict)}"
                  f"</summary><ul>{items}</ul></details>")
-    h += ["<h2>Pairs compared</h2>", _html_table(pair_header, pair_rows) if pair_rows
+    h += ["<h2>Pairs compared</h2>", html_table(pair_header, pair_rows) if pair_rows
           else "<p>No pair of configurations differs in one field only.</p>"]
-    h += ["<h2>Results</h2>", _html_table(header, rows), "<h2>Figures</h2>"]
+    h += ["<h2>Results</h2>", html_table(header, rows), "<h2>Figures</h2>"]
     for _key, ftitle, caption, path in figures:
         data = base64.b64encode(path.read_bytes()).decode()
         h.append(f"<h3>{html.escape(ftitle)}</h3><p>{html.escape(caption)}</p>"
                  f"<img alt='{html.escape(ftitle)}' src='data:image/png;base64,{data}'>")
     h.append("</body></html>")
-    (out / "report.html").write_text("\n".join(h))
+    return "\n".join(h)
 
-    summary = {"title": title, "written": when, "command": command, "seeds_note": note,
-               "claims": [c.to_dict() for c in claims],
-               "runs": [{"name": r.name, "path": str(r.path), "status": r.status,
-                         "step": r.step, "arch": r.arch, "optimizer": r.optimizer,
-                         "lr": r.lr, "eps": r.eps, "seed": r.seed,
-                         "val_loss": r.final_val_loss, "final_kurt_mean": r.final_kurt_mean,
-                         "final_kurt_max": r.final_kurt_max, "held_out": r.held_out,
-                         "init_kurt_mean": r.init_kurt_mean, "peak_kurt_max": r.peak_kurt_max,
-                         "final_cos_sim": r.final_cos_sim, "tokens_per_s": r.tokens_per_s,
-                         "quant": {s: {"fp_ppl": q.fp_ppl, "quant_ppl": q.quant_ppl}
-                                   for s, q in r.quant.items()}} for r in runs]}
-    (out / "results.json").write_text(json.dumps(summary, indent=1, default=_json_default))
-    return Report(out / "report.html", out / "report.md", out / "results.json", claims, runs,
-                  note.replace("**", "").replace("`", ""))
+
+def _run_summary(r: RunRecord) -> dict[str, Any]:
+    """One run's row of ``results.json``."""
+    return {"name": r.name, "path": str(r.path), "status": r.status, "step": r.step,
+            "arch": r.arch, "optimizer": r.optimizer, "lr": r.lr, "eps": r.eps, "seed": r.seed,
+            "val_loss": r.final_val_loss, "final_kurt_mean": r.final_kurt_mean,
+            "final_kurt_max": r.final_kurt_max, "held_out": r.held_out,
+            "init_kurt_mean": r.init_kurt_mean, "peak_kurt_max": r.peak_kurt_max,
+            "final_cos_sim": r.final_cos_sim, "tokens_per_s": r.tokens_per_s,
+            "quant": {s: {"fp_ppl": q.fp_ppl, "quant_ppl": q.quant_ppl}
+                      for s, q in r.quant.items()}}
 
 
 def _json_default(x: Any) -> Any:
