@@ -36,6 +36,13 @@ class RunInUseError(RunFolderError):
     """A run folder locked by another live process (train, resume, quantize --save)."""
 
 
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (its type name when the message is empty): what
+    a one-line error or a status message quotes of an error from another library."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
 # -- OSErrors about a path the user gave ------------------------------------------------------
 
 _PATH_ERRNOS = {

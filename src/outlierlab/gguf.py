@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from outlierlab.errors import DataError, ModelLoadError
+from outlierlab.errors import DataError, ModelLoadError, first_line
 
 SUFFIX = ".gguf"
 
@@ -51,11 +51,6 @@ def load(path: Path, device: str | torch.device = "cpu") -> tuple[Any, Any, int 
         return _load(transformers, path, device)
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
-
-
 def _load(transformers: Any, path: Path, device: str | torch.device):
     from outlierlab.hf import TransformersTokenizer
 
@@ -66,11 +61,11 @@ def _load(transformers: Any, path: Path, device: str | torch.device):
             folder, dtype=torch.float32, **opts
         )
     except Exception as exc:  # gguf and transformers raise many types for bad or unknown files
-        raise ModelLoadError(f"cannot load the GGUF file {path}: {_first_line(exc)}") from exc
+        raise ModelLoadError(f"cannot load the GGUF file {path}: {first_line(exc)}") from exc
     try:
         tok = transformers.AutoTokenizer.from_pretrained(folder, **opts)
     except Exception as exc:
-        raise DataError(f"{path} holds no usable tokenizer: {_first_line(exc)}") from exc
+        raise DataError(f"{path} holds no usable tokenizer: {first_line(exc)}") from exc
     model.to(device).eval()
     ctx = getattr(model.config, "max_position_embeddings", None)
     return model, TransformersTokenizer(tok), ctx if isinstance(ctx, int) else None

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from outlierlab.errors import DataError, ModelLoadError
+from outlierlab.errors import DataError, ModelLoadError, first_line
 
 # model_type → (block list, embedding-output module) relative to ``model.base_model``.
 # ``None`` for the embedding: no single module outputs hidden_states[0] (OPT adds positions,
@@ -136,8 +136,8 @@ def _load(transformers: Any, path: Path, device: str | torch.device):
     try:
         cfg = transformers.AutoConfig.from_pretrained(path, **opts)
     except (ValueError, KeyError, OSError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ModelLoadError(f"{path}/config.json is not a loadable HF config: {first}") from exc
+        raise ModelLoadError(
+            f"{path}/config.json is not a loadable HF config: {first_line(exc)}") from exc
     model_cls = None
     for arch in getattr(cfg, "architectures", None) or []:
         model_cls = getattr(transformers, arch, None)
@@ -152,8 +152,7 @@ def _load(transformers: Any, path: Path, device: str | torch.device):
         else:
             model = model_cls.from_pretrained(path, **opts)
     except Exception as exc:  # safetensors and torch raise several types for bad files
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ModelLoadError(f"cannot load the weights in {path}: {first}") from exc
+        raise ModelLoadError(f"cannot load the weights in {path}: {first_line(exc)}") from exc
     try:
         tok = transformers.AutoTokenizer.from_pretrained(path, **opts)
     except (OSError, ValueError, TypeError) as exc:

@@ -23,7 +23,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from outlierlab.errors import RunFolderError, RunInUseError, path_reason
+from outlierlab.errors import RunFolderError, RunInUseError, first_line, path_reason
 
 CONFIG_FILE = "config.json"
 STATUS_FILE = "status.json"
@@ -76,14 +76,10 @@ def read_json_object(path: Path) -> dict[str, Any]:
     except UnicodeDecodeError:
         raise RunFolderError(f"{path}: not a UTF-8 text file") from None
     except ValueError as exc:  # JSONDecodeError
-        raise RunFolderError(f"{path}: not valid JSON ({_first_line(exc)})") from None
+        raise RunFolderError(f"{path}: not valid JSON ({first_line(exc)[:200]})") from None
     if not isinstance(data, dict):
         raise RunFolderError(f"{path}: expected a JSON object, found {type(data).__name__}")
     return data
-
-
-def _first_line(exc: BaseException) -> str:
-    return (str(exc).splitlines() or [type(exc).__name__])[0][:200]
 
 
 class RunFolder:

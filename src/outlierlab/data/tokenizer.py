@@ -14,7 +14,7 @@ from typing import Protocol, runtime_checkable
 
 import numpy as np
 
-from outlierlab.errors import DataError
+from outlierlab.errors import DataError, first_line
 
 EOT = "<|endoftext|>"
 """The end-of-text special token that separates documents in every token stream."""
@@ -186,8 +186,7 @@ def load_tokenizer_file(path: str | Path) -> HFTokenizer:
     try:
         tok = _Tok.from_file(str(path))
     except Exception as exc:  # tokenizers raises a bare Exception on malformed JSON
-        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise DataError(f"tokenizer file {path} does not parse: {first}") from None
+        raise DataError(f"tokenizer file {path} does not parse: {first_line(exc)}") from None
     return HFTokenizer(tok, name=f"file:{path.name}:{_file_digest(path)}")
 
 

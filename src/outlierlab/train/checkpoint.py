@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from outlierlab.errors import CheckpointError
+from outlierlab.errors import CheckpointError, first_line
 from outlierlab.run_folder import (
     CHECKPOINT_STATE,
     MODEL_FILE,
@@ -136,5 +136,5 @@ def load_checkpoint(
     except CheckpointError:
         raise
     except Exception as exc:  # corrupt or foreign files
-        msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise CheckpointError(f"{path}: cannot resume from this checkpoint ({msg})") from exc
+        raise CheckpointError(
+            f"{path}: cannot resume from this checkpoint ({first_line(exc)})") from exc

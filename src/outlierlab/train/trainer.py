@@ -45,7 +45,7 @@ import numpy as np
 import torch
 
 from outlierlab.config import RunConfig, changed_maths_fields
-from outlierlab.errors import CheckpointError, ConfigError, RunFolderError
+from outlierlab.errors import CheckpointError, ConfigError, RunFolderError, first_line
 from outlierlab.optim import build_optimizer, lr_factor, set_lr
 from outlierlab.run_folder import MetricsWriter, RunFolder, RunLock, utc_now
 from outlierlab.train import checkpoint as ckpt
@@ -529,8 +529,7 @@ class Trainer:
             self._set_status(self.status, "KeyboardInterrupt")
         elif not isinstance(exc, (ConfigError, CheckpointError, RunFolderError)):
             self.status = "crashed"
-            self._set_status(self.status, str(exc).splitlines()[0] if str(exc)
-                             else type(exc).__name__)  # fmt: skip
+            self._set_status(self.status, first_line(exc))
         if self._began:
             self.callbacks.on_train_end(self, self.status)
 
