@@ -28,7 +28,9 @@ from outlierlab.stats import StatsAccumulator
 def logits_of(model: nn.Module, idx: torch.Tensor) -> torch.Tensor:
     """Logits (B, T, vocab) of an outlierlab GPT (tensor), a tuple-returning model, or an HF
     causal LM (``.logits``)."""
-    out = model(idx)
+    from outlierlab.structure import forward_tokens
+
+    out = forward_tokens(model, idx)
     if isinstance(out, torch.Tensor):
         return out
     if isinstance(out, tuple):
@@ -187,13 +189,14 @@ def perplexity_and_report(
 
 
 @torch.no_grad()
-def residual_kurtosis(model: nn.Module, x: torch.Tensor, batch_size: int = 8) -> dict[str, Any]:
-    """Residual-stream Kurt of the full-precision model (the monitor's ``auto`` points) on x:
-    ``{"points": {name: kurt}, "kurtosis_mean": ..., "kurtosis_max": ...}``."""
+def residual_kurtosis(model: nn.Module, x: torch.Tensor, batch_size: int = 8,
+                      points: str | Sequence[str] = "auto") -> dict[str, Any]:  # fmt: skip
+    """Kurt of the full-precision model at the monitor's ``points`` (``auto``: the residual
+    stream) on x: ``{"points": {name: kurt}, "kurtosis_mean": ..., "kurtosis_max": ...}``."""
     from outlierlab.monitor import OutlierMonitor
 
     device = _device(model)
-    with OutlierMonitor(model) as mon, stop_at_head(model) as run:
+    with OutlierMonitor(model, points=points) as mon, stop_at_head(model) as run:
         for i in range(0, x.shape[0], batch_size):
             run(logits_of, x[i : i + batch_size].to(device))
         results = mon.results()
@@ -217,6 +220,7 @@ def quantize_and_evaluate(
     resid: dict[str, Any] | None = None,
     layer_kurtosis: bool = True,
     cache: CalibCache | None = None,
+    points: str | Sequence[str] = "auto",
 ) -> dict[str, Any]:
     """The whole pipeline on ``model`` (never modified): FP perplexity, a wrapped copy calibrated
     on ``calib`` (train batches), quantised perplexity on the same windows, the per-layer report
@@ -225,7 +229,8 @@ def quantize_and_evaluate(
     ``fp`` (``{"ppl", "loss", "seconds"}``) reuses an FP evaluation of the same windows, ``resid``
     a :func:`residual_kurtosis` result on the same stats windows; ``layer_kurtosis=False`` leaves
     the linear inputs' Kurt out of the layer report; ``cache`` (:class:`CalibCache`) shares
-    calibration work with other schemes on the same model and ``calib`` batches.
+    calibration work with other schemes on the same model and ``calib`` batches; ``points``
+    (monitor globs) where the residual Kurt is measured.
     The quantised perplexity and the layer report come from one pass
     (:func:`perplexity_and_report`); ``quant_eval_s`` times that pass.
     Returns the JSON-able result (top-level ``fp_ppl``, ``quant_ppl``, ``scheme``, ``config``,
@@ -248,7 +253,7 @@ def quantize_and_evaluate(
     )
     q_s = time.perf_counter() - t0
     sx = val_x[: max(1, min(stats_windows, val_x.shape[0]))]
-    resid = resid or residual_kurtosis(model, sx, batch_size)
+    resid = resid or residual_kurtosis(model, sx, batch_size, points)
     for row in layers:
         if row["kind"] == "residual":
             row["kurtosis"] = resid["points"].get(row["name"])

@@ -28,6 +28,7 @@ from outlierlab.quant.quantizers import (
     quantize_weight,
     scale_zero_point,
 )
+from outlierlab.structure import Point
 
 HEAD_NAMES = ("lm_head", "head", "unembed")
 RESERVOIR_PER_BATCH = 1 << 16  # values kept per calibration batch for percentile ranges
@@ -262,7 +263,8 @@ def wrap(model: nn.Module, cfg: QuantConfig) -> nn.Module:
     if cfg.quantize_residual:
         _attach_output_quant(residual_modules(qmodel), cfg, "residual")
     if cfg.quantize_norms:
-        _attach_output_quant(norm_modules(qmodel), cfg, "norm")
+        norms = [Point(n, m) for n, m in norm_modules(qmodel).items()]
+        _attach_output_quant(norms, cfg, "norm")
     return qmodel
 
 
@@ -277,44 +279,48 @@ def norm_modules(model: nn.Module) -> dict[str, nn.Module]:
     }
 
 
-def residual_modules(model: nn.Module) -> dict[str, nn.Module]:
-    """The residual-stream points (``embed.resid_post``, ``blocks.{i}.resid_post``) of a model
-    that advertises them (``model.residual_points()``, ARCHITECTURE.md) or that
-    :mod:`outlierlab.hf` knows."""
-    points = getattr(model, "residual_points", None)
-    if callable(points):
-        return dict(points())
+def residual_modules(model: nn.Module) -> list[Point]:
+    """The residual-stream points (``embed.resid_post``, ``blocks.{i}.resid_post``) that
+    :func:`outlierlab.structure.discover` finds, in model order."""
+    from outlierlab.structure import StructureError, discover
+
     try:
-        from outlierlab import hf
-
-        finder = getattr(hf, "residual_points", None)
-    except ImportError:
-        finder = None
-    if finder is not None:
-        found = finder(model)
-        if found:
-            return dict(found)
-    raise ConfigError(
-        f"residual-stream quantisation needs a model with residual_points(); "
-        f"{type(model).__name__} has none"
-    )
+        return discover(model).points()
+    except StructureError as exc:
+        raise ConfigError(f"residual-stream quantisation needs the model's blocks: {exc}") from None
 
 
-def _residual_hook(module: nn.Module, args: Any, out: Any) -> Any:
-    quant = module.outlierlab_output_quant
-    if isinstance(out, torch.Tensor):
-        return quant(out)
-    if isinstance(out, tuple) and out and isinstance(out[0], torch.Tensor):
-        return (quant(out[0]), *out[1:])
-    raise TypeError(f"cannot quantise the output of {type(module).__name__}: {type(out).__name__}")
+def _replace_first(value: Any, quant: ActQuant) -> Any:
+    if isinstance(value, torch.Tensor):
+        return quant(value)
+    if isinstance(value, tuple) and value and isinstance(value[0], torch.Tensor):
+        return (quant(value[0]), *value[1:])
+    raise TypeError(f"cannot quantise a {type(value).__name__}")
 
 
-def _attach_output_quant(modules: dict[str, nn.Module], cfg: QuantConfig, kind: str) -> None:
-    for name, module in modules.items():
+def _output_hook(module: nn.Module, args: Any, out: Any) -> Any:
+    return _replace_first(out, module.outlierlab_output_quant)
+
+
+def _input_hook(module: nn.Module, args: tuple, kwargs: dict) -> Any:
+    quant = module.outlierlab_input_quant
+    if args:
+        return (_replace_first(args[0], quant), *args[1:]), kwargs
+    return args, {**kwargs, "hidden_states": _replace_first(kwargs["hidden_states"], quant)}
+
+
+def _attach_output_quant(points: list[Point], cfg: QuantConfig, kind: str) -> None:
+    """An :class:`ActQuant` on each point's output (or first input, ``kind="input"`` points),
+    registered as a child of the hooked module."""
+    for p in points:
         aq = ActQuant(cfg)
-        aq.point_name, aq.kind = name, kind
-        module.outlierlab_output_quant = aq  # registered as a child of the hooked module
-        module.register_forward_hook(_residual_hook)
+        aq.point_name, aq.kind = p.name, kind
+        if p.kind == "input":
+            p.module.outlierlab_input_quant = aq
+            p.module.register_forward_pre_hook(_input_hook, with_kwargs=True)
+        else:
+            p.module.outlierlab_output_quant = aq
+            p.module.register_forward_hook(_output_hook)
 
 
 def quant_linears(qmodel: nn.Module) -> dict[str, QuantLinear]:
