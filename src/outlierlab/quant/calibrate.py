@@ -31,6 +31,7 @@ from outlierlab.quant.wrap import (
     QuantLinear,
     act_quantizers,
     head_names,
+    quant_experts,
     quant_linears,
     set_act_mode,
 )
@@ -180,5 +181,7 @@ def calibrate(
         for name, m in layers.items():
             m.set_smoothing(float(cfg.smooth_alpha), xmax[name])
     _quantize_weights(layers, cfg, cache)
+    for experts in quant_experts(qmodel).values():
+        experts.quantize_weight()
     _static_ranges(qmodel, cfg, batches, forward, cache)
     set_act_mode(qmodel, "quant")

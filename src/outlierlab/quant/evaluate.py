@@ -21,7 +21,13 @@ from outlierlab.errors import DataError
 from outlierlab.quant.calibrate import CalibCache, calibrate, stop_at_head
 from outlierlab.quant.config import QuantConfig
 from outlierlab.quant.quantizers import sqnr_db
-from outlierlab.quant.wrap import ActStats, quant_linears, residual_quantizers, wrap
+from outlierlab.quant.wrap import (
+    ActStats,
+    quant_experts,
+    quant_linears,
+    residual_quantizers,
+    wrap,
+)
 from outlierlab.stats import StatsAccumulator
 
 
@@ -116,6 +122,9 @@ def layer_stats(
     :func:`layer_report` rows of what those forwards saw."""
     layers = quant_linears(qmodel)
     resid = residual_quantizers(qmodel)
+    experts = quant_experts(qmodel)
+    for m in experts.values():
+        m.act.stats = ActStats()
     for m in layers.values():
         m.act.stats = ActStats()
         if kurtosis:  # Kurt of the layer input (SPEC §1 Eq. 1); Kurt and MMR only: half the work
@@ -123,13 +132,33 @@ def layer_stats(
     for aq in resid.values():
         aq.stats = ActStats()
     try:
-        yield lambda: _report_rows(layers, resid, kurtosis)
+        yield lambda: _report_rows(layers, resid, kurtosis) + _experts_rows(experts)
     finally:
+        for m in experts.values():
+            m.act.stats = None
         for m in layers.values():
             m.act.stats = None
             m.kurt_acc = None
         for aq in resid.values():
             aq.stats = None
+
+
+def _experts_rows(experts: dict[str, Any]) -> list[dict[str, Any]]:
+    return [
+        {
+            "name": name,
+            "kind": "experts",
+            "shape": m.shape(),
+            "act_sqnr_db": _finite(sqnr_db(m.act.stats.signal, m.act.stats.noise)),
+            "weight_sqnr_db": _finite(sqnr_db(m.weight_signal, m.weight_noise)),
+            "act_min": m.act.stats.lo,
+            "act_max": m.act.stats.hi,
+            "calib_min": m.act.calib_lo,
+            "calib_max": m.act.calib_hi,
+            "kurtosis": None,
+        }
+        for name, m in experts.items()
+    ]
 
 
 def _report_rows(

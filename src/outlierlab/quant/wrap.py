@@ -12,6 +12,7 @@ output) passes through an activation quantiser too, via forward hooks on the cop
 from __future__ import annotations
 
 import copy
+import re
 from collections.abc import Iterator
 from typing import Any
 
@@ -218,6 +219,84 @@ class QuantLinear(nn.Module):
         )
 
 
+def is_experts(module: nn.Module) -> bool:
+    """A mixture-of-experts layer storing its experts' weights as 3-D parameters (E, out, in)
+    (or (E, in, out) with ``is_transposed``), as transformers 5 does (``gate_up_proj``,
+    ``down_proj``), instead of one ``nn.Linear`` per expert."""
+    if is_linear(module) or isinstance(module, nn.modules.conv._ConvNd):
+        return False
+    named = [(n, p) for n, p in module.named_parameters(recurse=False) if p.dim() == 3]
+    return bool(named) and (bool(re.search("Expert|Moe|MoE", type(module).__name__))
+                            or any(n.endswith("_proj") for n, _ in named))  # fmt: skip
+
+
+class QuantExperts(nn.Module):
+    """A 3-D-parameter experts layer with every expert's weight fake-quantised per expert (per
+    output channel, or per expert matrix for ``tensor``) and its input, the hidden states routed
+    to the experts, through an activation quantiser. The activation between an expert's two
+    projections is computed inside transformers' expert kernel and stays unquantised (said in
+    docs/quant.md). SmoothQuant leaves experts unsmoothed."""
+
+    def __init__(self, experts: nn.Module, cfg: QuantConfig) -> None:
+        super().__init__()
+        self.experts = experts
+        self.cfg = cfg
+        self.act = ActQuant(cfg)
+        self.transposed = bool(getattr(experts, "is_transposed", False))
+        self.weight_signal = self.weight_noise = 0.0
+        self.quantized = False
+
+    @property
+    def in_features(self) -> int:
+        w = next(p for p in self.experts.parameters(recurse=False) if p.dim() == 3)
+        return w.shape[1] if self.transposed else w.shape[2]
+
+    def shape(self) -> list[int]:
+        """(experts, parameters, largest matrix size) for the report."""
+        ws = [p for p in self.experts.parameters(recurse=False) if p.dim() == 3]
+        return [ws[0].shape[0], len(ws), max(w[0].numel() for w in ws)]
+
+    def quantize_weight(self) -> None:
+        """Q(W_e) of every expert matrix, in place (the experts belong to a wrapped copy)."""
+        if self.quantized:
+            return
+        c = self.cfg
+        signal = noise = 0.0
+        for p in self.experts.parameters(recurse=False):
+            if p.dim() != 3:
+                continue
+            w = p.detach().float()
+            w = w.transpose(1, 2) if self.transposed else w  # (E, out, in)
+            wq = torch.stack([quantize_weight(we, c.w_bits, c.w_symmetric, c.w_granularity,
+                                              c.w_range) for we in w])  # fmt: skip
+            signal += float(w.square().sum())
+            noise += float((w - wq).square().sum())
+            wq = wq.transpose(1, 2) if self.transposed else wq
+            p.data.copy_(wq.to(p.dtype))
+        self.weight_signal, self.weight_noise, self.quantized = signal, noise, True
+
+    def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        return self.experts(self.act(hidden_states), *args, **kwargs)
+
+
+def router_names(model: nn.Module) -> set[str]:
+    """Linears that route tokens to experts (out features = the number of experts, named
+    ``gate``/``router``): serving engines keep them in 16-bit, and so do we."""
+    cfg = getattr(model, "config", None)
+    getter = getattr(cfg, "get_text_config", None)
+    cfg = getter() if callable(getter) else cfg
+    counts = {getattr(cfg, k, None) for k in ("num_experts", "num_local_experts",
+                                              "n_routed_experts", "moe_num_experts")}  # fmt: skip
+    counts = {c for c in counts if isinstance(c, int) and c > 1}
+    out = set()
+    for name, m in model.named_modules():
+        last = name.rsplit(".", 1)[-1]
+        if is_linear(m) and ("gate" in last or "router" in last) and (
+                m.weight.shape[0] in counts or "router" in last):  # fmt: skip
+            out.add(name)
+    return out
+
+
 def head_names(model: nn.Module) -> set[str]:
     """Names of the module(s) producing logits: HF ``get_output_embeddings()``, a linear whose
     weight is tied to an embedding, or a linear named ``lm_head``/``head``/``unembed``."""
@@ -240,15 +319,21 @@ def head_names(model: nn.Module) -> set[str]:
 
 def linear_names(model: nn.Module, include_head: bool = False) -> list[str]:
     """Names of every linear layer to quantise, in model order (the head only if asked)."""
-    heads = set() if include_head else head_names(model)
-    return [n for n, m in model.named_modules() if is_linear(m) and n and n not in heads]
+    keep = router_names(model) | (set() if include_head else head_names(model))
+    return [n for n, m in model.named_modules() if is_linear(m) and n and n not in keep]
+
+
+def experts_names(model: nn.Module) -> list[str]:
+    """Names of every 3-D-parameter experts layer (:func:`is_experts`), in model order."""
+    return [n for n, m in model.named_modules() if n and is_experts(m)]
 
 
 def wrap(model: nn.Module, cfg: QuantConfig) -> nn.Module:
     """A deep copy of ``model`` in eval mode with every selected linear replaced by a
     :class:`QuantLinear` (quantisers off until calibrated). The original is untouched."""
     names = linear_names(model, cfg.quantize_head)
-    if not names:
+    experts = experts_names(model)
+    if not names and not experts:
         raise ModelLoadError(
             f"{type(model).__name__} has no linear layers to quantise "
             "(nn.Linear or HF Conv1D, LM head excluded unless quantize_head)"
@@ -260,6 +345,10 @@ def wrap(model: nn.Module, cfg: QuantConfig) -> nn.Module:
         parent_name, _, child = name.rpartition(".")
         parent = qmodel.get_submodule(parent_name) if parent_name else qmodel
         setattr(parent, child, QuantLinear.from_module(getattr(parent, child), cfg))
+    for name in experts:
+        parent_name, _, child = name.rpartition(".")
+        parent = qmodel.get_submodule(parent_name) if parent_name else qmodel
+        setattr(parent, child, QuantExperts(getattr(parent, child), cfg))
     if cfg.quantize_residual:
         _attach_output_quant(residual_modules(qmodel), cfg, "residual")
     if cfg.quantize_norms:
@@ -321,6 +410,11 @@ def _attach_output_quant(points: list[Point], cfg: QuantConfig, kind: str) -> No
         else:
             p.module.outlierlab_output_quant = aq
             p.module.register_forward_hook(_output_hook)
+
+
+def quant_experts(qmodel: nn.Module) -> dict[str, QuantExperts]:
+    """Every :class:`QuantExperts` of a wrapped model, by module name, in model order."""
+    return {n: m for n, m in qmodel.named_modules() if isinstance(m, QuantExperts)}
 
 
 def quant_linears(qmodel: nn.Module) -> dict[str, QuantLinear]:
