@@ -37,7 +37,6 @@ import contextlib
 import inspect
 import json
 import math
-import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -48,73 +47,16 @@ from outlierlab.errors import ConfigError
 from outlierlab.metrics import OUTLIER_K, attention_entropy_sum
 from outlierlab.run_folder import json_safe
 from outlierlab.stats import StatsAccumulator, offdiag_cosine_fast
-from outlierlab.structure import (
+from outlierlab.structure import (  # noqa: F401 — auto_points, glob_regex: public here too
     AttentionPoint,
-    Point,
     StructureError,
     attention_points,
+    auto_points,
     discover,
+    glob_regex,
     hook_points,
-    unwrap,
+    resolve_points,
 )
-
-
-def auto_points(model: nn.Module) -> list[Point] | None:
-    """Residual-stream points of ``model`` (:func:`outlierlab.structure.discover`); None when
-    its structure cannot be found."""
-    try:
-        return discover(model).points()
-    except StructureError:
-        return None
-
-
-def resolve_points(model: nn.Module, points: str | Sequence[str] = "auto") -> list[Point]:
-    """``"auto"`` or glob patterns → ordered measurement points (see the module docstring)."""
-    if isinstance(points, str) and points == "auto":
-        return discover(model).points()
-    globs = [points] if isinstance(points, str) else list(points)
-    if not globs or not all(isinstance(g, str) and g for g in globs):
-        raise ConfigError(f"points must be 'auto' or a list of glob patterns, got {points!r}")
-    auto = auto_points(model)
-    pats = [glob_regex(g) for g in globs]
-
-    def hit(name: str) -> bool:
-        return any(p.fullmatch(name) for p in pats)
-
-    chosen = [p for p in auto or [] if hit(p.name)]
-    chosen += [Point(n, m) for n, m in model.named_modules() if n and hit(n)]
-    if not chosen:
-        names = [p.name for p in auto or []][:2] + [n for n, _ in model.named_modules() if n][:3]
-        raise ConfigError(
-            f"points {' '.join(globs)} match nothing in {type(unwrap(model)).__name__}; "
-            f"names look like {', '.join(names)}"
-        )
-    return chosen
-
-
-def glob_regex(glob: str) -> re.Pattern:
-    """A module-name glob as a regex: ``*`` matches within one dotted component, ``**`` across
-    components, ``?`` one character other than a dot, ``[...]`` a character class."""
-    out, i = [], 0
-    while i < len(glob):
-        c = glob[i]
-        if glob.startswith("**", i):
-            out.append(".*")
-            i += 2
-            continue
-        if c == "*":
-            out.append("[^.]*")
-        elif c == "?":
-            out.append("[^.]")
-        elif c == "[" and "]" in glob[i + 1 :]:
-            j = glob.index("]", i + 1)
-            body = glob[i + 1 : j]
-            out.append("[" + ("^" + body[1:] if body.startswith("!") else body) + "]")
-            i = j
-        else:
-            out.append(re.escape(c))
-        i += 1
-    return re.compile("".join(out))
 
 
 class OutlierMonitor:

@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import inspect
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -276,12 +276,72 @@ def block_list_name(model: nn.Module) -> str | None:
 def check(model: nn.Module, points: Any = "auto") -> str:
     """Right after loading: the structure (or the ``points`` globs) must be found; returns the
     one line saying what will be measured. Raises :class:`ConfigError` in seconds otherwise."""
-    from outlierlab.monitor import resolve_points
-
     chosen = resolve_points(model, points)
     if points == "auto":
         return "structure: " + discover(model).describe()
     return f"points: {len(chosen)} modules match {' '.join(points)}"
+
+
+# --- choosing points ------------------------------------------------------------------------
+
+
+def auto_points(model: nn.Module) -> list[Point] | None:
+    """Residual-stream points of ``model`` (:func:`outlierlab.structure.discover`); None when
+    its structure cannot be found."""
+    try:
+        return discover(model).points()
+    except StructureError:
+        return None
+
+
+def resolve_points(model: nn.Module, points: str | Sequence[str] = "auto") -> list[Point]:
+    """``"auto"`` (the discovered residual stream) or glob patterns → ordered measurement
+    points: matching point names first, then matching module names (:func:`glob_regex`)."""
+    if isinstance(points, str) and points == "auto":
+        return discover(model).points()
+    globs = [points] if isinstance(points, str) else list(points)
+    if not globs or not all(isinstance(g, str) and g for g in globs):
+        raise ConfigError(f"points must be 'auto' or a list of glob patterns, got {points!r}")
+    auto = auto_points(model)
+    pats = [glob_regex(g) for g in globs]
+
+    def hit(name: str) -> bool:
+        return any(p.fullmatch(name) for p in pats)
+
+    chosen = [p for p in auto or [] if hit(p.name)]
+    chosen += [Point(n, m) for n, m in model.named_modules() if n and hit(n)]
+    if not chosen:
+        names = [p.name for p in auto or []][:2] + [n for n, _ in model.named_modules() if n][:3]
+        raise ConfigError(
+            f"points {' '.join(globs)} match nothing in {type(unwrap(model)).__name__}; "
+            f"names look like {', '.join(names)}"
+        )
+    return chosen
+
+
+def glob_regex(glob: str) -> re.Pattern:
+    """A module-name glob as a regex: ``*`` matches within one dotted component, ``**`` across
+    components, ``?`` one character other than a dot, ``[...]`` a character class."""
+    out, i = [], 0
+    while i < len(glob):
+        c = glob[i]
+        if glob.startswith("**", i):
+            out.append(".*")
+            i += 2
+            continue
+        if c == "*":
+            out.append("[^.]*")
+        elif c == "?":
+            out.append("[^.]")
+        elif c == "[" and "]" in glob[i + 1 :]:
+            j = glob.index("]", i + 1)
+            body = glob[i + 1 : j]
+            out.append("[" + ("^" + body[1:] if body.startswith("!") else body) + "]")
+            i = j
+        else:
+            out.append(re.escape(c))
+        i += 1
+    return re.compile("".join(out))
 
 
 # --- hooks ------------------------------------------------------------------------------------
