@@ -74,6 +74,7 @@ SIZES: dict[str, object] = {
     **dict.fromkeys(("state_size", "mamba_d_state", "ssm_state_size"), 8),
     **dict.fromkeys(("mamba_n_heads", "mamba_num_heads", "n_mamba_heads"), 4),
     **dict.fromkeys(("mamba_d_head", "mamba_head_dim"), 32),
+    **dict.fromkeys(("n_groups", "mamba_n_groups", "mamba_ngroups"), 1),
     **dict.fromkeys(("linear_num_key_heads", "linear_num_value_heads", "linear_num_heads"), 2),
     **dict.fromkeys(("linear_key_head_dim", "linear_value_head_dim", "linear_head_dim"), 16),
     "pad_token_id": PAD,
@@ -93,7 +94,51 @@ SUB_SIZES: dict[str, object] = {
 }
 
 # What a family needs beyond SIZES (model_type -> config kwargs), with why.
-OVERRIDES: dict[str, dict] = {}
+MLA = {"num_key_value_heads": HEADS}  # latent attention: as many kv heads as query heads
+OVERRIDES: dict[str, dict] = {
+    **dict.fromkeys(
+        ("axk1", "axk2", "deepseek_v2", "deepseek_v3", "deepseek_v32", "glm4_moe_lite",
+         "glm_moe_dsa", "longcat_flash", "minicpm3", "sarvam_mla", "youtu"),
+        MLA,
+    ),  # fmt: skip
+    # partial rotary: rotary_dim (default 64) must fit in the head dim (64 / 4 = 16)
+    "codegen": {"rotary_dim": 8},
+    "gptj": {"rotary_dim": 8},
+    # the attention sub-config and the MoE sub-config have their own names
+    "dbrx": {
+        # DbrxAttention reads attn_config.rope_theta, which the config class does not define
+        "attn_config": {"kv_n_heads": KV_HEADS, "rope_theta": 10000.0},
+        "ffn_config": {"ffn_hidden_size": MLP, "moe_num_experts": 4, "moe_top_k": 2},
+    },
+    # validated: kv heads == query heads
+    "dots3_note": {"num_key_value_heads": HEADS},
+    "dots3_note_text": {"num_key_value_heads": HEADS},
+    # mamba inner width (mamba_d_ssm, default 1024) = heads × head dim = 4 × 32
+    "falcon_h1": {"mamba_d_ssm": 128},
+    # the local/global pattern is a list with one entry per layer
+    "gpt_neo": {"attention_types": [[["global", "local"], 1]]},
+    # the default layer_types are not derived from num_hidden_layers: one conv, one attention
+    "lfm2_moe": {"layer_types": ["conv", "full_attention"], "num_dense_layers": 1},
+    # inner width hidden × expand (128) = heads × head dim
+    "mamba2": {"head_dim": 32},
+    # kv sharing needs unshared layers of each type before it (default 15 shared layers)
+    "gemma3n_text": {"num_kv_shared_layers": 0},
+    # the model only runs with the per-layer-input embedding off
+    "gemma4_assistant": {"hidden_size_per_layer_input": 0},
+    # rope parameters are given per layer type
+    "cohere_compass_text": {
+        "rope_parameters": {"full_attention": {"rope_type": "default", "rope_theta": 10000.0}}
+    },
+    # the default block pattern is written out (3 or 54 entries): one mamba, one hybrid block
+    "zamba": {"layers_block_type": ["mamba", "hybrid"]},
+    "zamba2": {"layers_block_type": ["mamba", "hybrid"]},
+    # the language adapters need a default language
+    "xmod": {"default_language": "en_XX"},
+    # the LM head class asserts a decoder
+    "reformer": {"is_decoder": True},
+    # only top-1 routing is implemented
+    "zaya": {"num_experts_per_tok": 1},
+}
 
 SKIPS: dict[str, str] = {}
 
@@ -121,12 +166,24 @@ def _kwargs_for(cls, sizes: dict) -> dict:
 
 
 def _sub_kwargs(cls, sizes: dict) -> dict:
-    """Keyword arguments for composite config ``cls``: each sub-config as a small dict."""
-    out = {}
+    """Keyword arguments for composite config ``cls``: each sub-config as a small dict (an
+    ``AutoConfig`` slot gets the sizes of the model type ``cls`` puts there by default)."""
+    from transformers import CONFIG_MAPPING
+
+    out, default = {}, None
     for name, sub in getattr(cls, "sub_configs", {}).items():
+        if isinstance(sizes.get(name), dict):
+            continue  # the family's override gives this sub-config
         if sub.__name__ == "AutoConfig":
-            continue
-        out[name] = _kwargs_for(sub, SUB_SIZES if name != "text_config" else sizes)
+            default = default or cls()
+            sub_type = getattr(getattr(default, name, None), "model_type", None)
+            if sub_type is None:
+                continue
+            out[name] = {"model_type": sub_type}
+            sub = CONFIG_MAPPING[sub_type]
+        else:
+            out[name] = {}
+        out[name].update(_kwargs_for(sub, sizes if name == "text_config" else SUB_SIZES))
     return out
 
 
@@ -145,12 +202,21 @@ def tiny_config(model_type: str):
     return cls(**kwargs)
 
 
-def tiny_model(model_type: str, seed: int = 0):
-    """The family's ``*ForCausalLM`` (the class in the auto mapping), seeded, float32, eval."""
+def model_class_and_config(model_type: str):
+    """The family's causal-LM class and the tiny config it is built from: the text sub-config
+    where the class takes that (as ``AutoModelForCausalLM.from_config`` does)."""
     import transformers
 
     cfg = tiny_config(model_type)
     cls = getattr(transformers, _mapping()[model_type])
+    if cls.config_class is not type(cfg) and cls.config_class in cfg.sub_configs.values():
+        cfg = cfg.get_text_config(decoder=True)
+    return cls, cfg
+
+
+def tiny_model(model_type: str, seed: int = 0):
+    """The family's ``*ForCausalLM`` (the class in the auto mapping), seeded, float32, eval."""
+    cls, cfg = model_class_and_config(model_type)
     torch.manual_seed(seed)
     model = cls._from_config(cfg, dtype=torch.float32)
     return model.eval()
