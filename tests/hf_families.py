@@ -19,69 +19,51 @@ import torch
 WIDTH, LAYERS, HEADS, KV_HEADS, HEAD_DIM, MLP, VOCAB = 64, 2, 4, 2, 16, 128, 512
 PAD, BOS, EOS = 0, 1, 2
 
-# Generic size overrides: every name in a group gets the value, where the config class takes it.
-SIZES: dict[str, object] = {
-    **dict.fromkeys(
-        ("hidden_size", "d_model", "n_embd", "dim", "embed_dim", "emb_dim", "embedding_dim"),
-        WIDTH,
-    ),
-    **dict.fromkeys(
-        ("num_hidden_layers", "n_layer", "n_layers", "num_layers", "decoder_layers",
-         "encoder_layers", "num_decoder_layers", "num_encoder_layers", "num_blocks"),
-        LAYERS,
-    ),  # fmt: skip
-    **dict.fromkeys(
-        ("num_attention_heads", "n_head", "n_heads", "num_heads", "decoder_attention_heads",
-         "encoder_attention_heads", "num_decoder_attention_heads",
-         "num_encoder_attention_heads", "attention_heads"),
-        HEADS,
-    ),  # fmt: skip
-    **dict.fromkeys(("num_key_value_heads", "num_kv_heads"), KV_HEADS),
-    **dict.fromkeys(("head_dim", "d_head", "dim_head", "attention_head_size"), HEAD_DIM),
-    **dict.fromkeys(
-        ("intermediate_size", "ffn_dim", "decoder_ffn_dim", "encoder_ffn_dim", "n_inner", "d_ff",
-         "d_inner", "ffn_hidden_size", "dim_ff", "feed_forward_size", "dff"),
-        MLP,
-    ),  # fmt: skip
-    **dict.fromkeys(
-        ("moe_intermediate_size", "shared_expert_intermediate_size", "expert_ffn_hidden_size",
-         "shared_intermediate_size", "moe_shared_expert_intermediate_size",
-         "shared_experts_intermediate_size", "dense_intermediate_size",
-         "prefix_dense_intermediate_size"),
-        32,
-    ),  # fmt: skip
-    **dict.fromkeys(
-        ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts"), 4
-    ),
-    **dict.fromkeys(
-        ("num_experts_per_tok", "moe_topk", "moe_k", "top_k_experts", "num_experts_per_token"), 2
-    ),
-    **dict.fromkeys(("n_shared_experts", "num_shared_experts", "moe_num_shared_experts"), 1),
-    **dict.fromkeys(("n_group", "topk_group"), 1),
-    **dict.fromkeys(("vocab_size",), VOCAB),
-    **dict.fromkeys(
-        ("max_position_embeddings", "n_positions", "n_ctx", "max_target_positions",
-         "max_source_positions", "max_seq_len", "context_length"),
-        256,
-    ),  # fmt: skip
+# Generic size overrides: (names, value); every name gets the value where the config class takes
+# it as a keyword argument. Families call the same size by different names.
+_GROUPS: list[tuple[str, object]] = [
+    ("hidden_size d_model n_embd dim embed_dim emb_dim embedding_dim", WIDTH),
+    ("num_hidden_layers n_layer n_layers num_layers decoder_layers encoder_layers"
+     " num_decoder_layers num_encoder_layers num_blocks", LAYERS),
+    ("num_attention_heads n_head n_heads num_heads decoder_attention_heads"
+     " encoder_attention_heads num_decoder_attention_heads num_encoder_attention_heads"
+     " attention_heads swa_num_attention_heads", HEADS),
+    ("num_key_value_heads num_kv_heads swa_num_key_value_heads", KV_HEADS),
+    ("head_dim d_head dim_head attention_head_size swa_head_dim", HEAD_DIM),
+    ("intermediate_size ffn_dim decoder_ffn_dim encoder_ffn_dim n_inner d_ff d_inner"
+     " ffn_hidden_size dim_ff feed_forward_size dff", MLP),
+    # mixture of experts: 4 experts of width 32, top-2, one shared expert, one group
+    ("moe_intermediate_size shared_expert_intermediate_size expert_ffn_hidden_size"
+     " shared_intermediate_size moe_shared_expert_intermediate_size"
+     " shared_experts_intermediate_size dense_intermediate_size"
+     " prefix_dense_intermediate_size", 32),
+    ("num_experts num_local_experts n_routed_experts moe_num_experts", 4),
+    ("num_experts_per_tok moe_topk moe_k top_k_experts num_experts_per_token", 2),
+    ("n_shared_experts num_shared_experts moe_num_shared_experts n_group topk_group", 1),
+    # vocabularies: the main one, gemma3n/gemma4 per-layer inputs (262144 by default),
+    # inkling2's unpadded head, blt's hashed byte n-grams (3,000,012 rows by default)
+    ("vocab_size vocab_size_per_layer_input unpadded_vocab_size encoder_hash_byte_group_vocab",
+     VOCAB),
+    ("hidden_size_per_layer_input", 16),
+    ("max_position_embeddings n_positions n_ctx max_target_positions max_source_positions"
+     " max_seq_len context_length", 256),
     # multi-head latent attention (deepseek v2/v3 style): consistent ranks and head dims
-    "q_lora_rank": 32,
-    "kv_lora_rank": 16,
-    "qk_nope_head_dim": 16,
-    "qk_rope_head_dim": 8,
-    "v_head_dim": 16,
-    # state-space / linear-attention mixers
-    **dict.fromkeys(("state_size", "mamba_d_state", "ssm_state_size"), 8),
-    **dict.fromkeys(("mamba_n_heads", "mamba_num_heads", "n_mamba_heads"), 4),
-    **dict.fromkeys(("mamba_d_head", "mamba_head_dim"), 32),
-    **dict.fromkeys(("n_groups", "mamba_n_groups", "mamba_ngroups"), 1),
-    **dict.fromkeys(("linear_num_key_heads", "linear_num_value_heads", "linear_num_heads"), 2),
-    **dict.fromkeys(("linear_key_head_dim", "linear_value_head_dim", "linear_head_dim"), 16),
-    "pad_token_id": PAD,
-    "bos_token_id": BOS,
-    "eos_token_id": EOS,
-    "decoder_start_token_id": EOS,
-}
+    ("q_lora_rank", 32),
+    ("kv_lora_rank qk_nope_head_dim v_head_dim", 16),
+    ("qk_rope_head_dim", 8),
+    # state-space and linear-attention mixers: 4 heads × 32 = 2 × width
+    ("state_size mamba_d_state ssm_state_size", 8),
+    ("mamba_n_heads mamba_num_heads n_mamba_heads", 4),
+    ("mamba_d_head mamba_head_dim", 32),
+    ("n_groups mamba_n_groups mamba_ngroups", 1),
+    ("linear_num_key_heads linear_num_value_heads linear_num_heads", 2),
+    ("linear_key_head_dim linear_value_head_dim linear_head_dim", 16),
+    # special tokens inside the vocabulary (some embeddings have a padding_idx)
+    ("pad_token_id", PAD),
+    ("bos_token_id", BOS),
+    ("eos_token_id decoder_start_token_id", EOS),
+]  # fmt: skip
+SIZES: dict[str, object] = {name: v for names, v in _GROUPS for name in names.split()}
 
 # Sub-configs of composite (vision/audio + text) configs are made smaller still.
 SUB_SIZES: dict[str, object] = {
@@ -91,30 +73,44 @@ SUB_SIZES: dict[str, object] = {
     "num_attention_heads": 2,
     "num_key_value_heads": 2,
     "head_dim": 16,
+    "hidden_size_global": 32,  # blt's local decoder reads the global transformer's width
 }
 
 # What a family needs beyond SIZES (model_type -> config kwargs), with why.
 MLA = {"num_key_value_heads": HEADS}  # latent attention: as many kv heads as query heads
+_MLA_FAMILIES = "axk1 axk2 deepseek_v2 deepseek_v3 deepseek_v32 glm4_moe_lite glm_moe_dsa minicpm3"
+_MLA_FAMILIES += " sarvam_mla youtu"
 OVERRIDES: dict[str, dict] = {
-    **dict.fromkeys(
-        ("axk1", "axk2", "deepseek_v2", "deepseek_v3", "deepseek_v32", "glm4_moe_lite",
-         "glm_moe_dsa", "longcat_flash", "minicpm3", "sarvam_mla", "youtu"),
-        MLA,
-    ),  # fmt: skip
+    **dict.fromkeys(_MLA_FAMILIES.split(), MLA),
+    # ... and its rotary embedding is head_dim wide, which must be the rope part of the head
+    "longcat_flash": {**MLA, "head_dim": 8},
     # partial rotary: rotary_dim (default 64) must fit in the head dim (64 / 4 = 16)
     "codegen": {"rotary_dim": 8},
     "gptj": {"rotary_dim": 8},
     # the attention sub-config and the MoE sub-config have their own names
     "dbrx": {
         # DbrxAttention reads attn_config.rope_theta, which the config class does not define
-        "attn_config": {"kv_n_heads": KV_HEADS, "rope_theta": 10000.0},
+        # and clamps q/k/v with clip_qkv, which may not be None
+        "attn_config": {"kv_n_heads": KV_HEADS, "rope_theta": 10000.0, "clip_qkv": 8.0},
         "ffn_config": {"ffn_hidden_size": MLP, "moe_num_experts": 4, "moe_top_k": 2},
     },
     # validated: kv heads == query heads
-    "dots3_note": {"num_key_value_heads": HEADS},
+    # (and the composite's default text config brings per-layer entries for layers 25-41)
+    # the vision tower's MoE pattern is written out for 42 layers; adapters map into the text width
+    "dots3_note": {
+        "text_config": {"num_key_value_heads": HEADS},
+        "vision_config": {
+            "mlp_layer_types": ["dense"] * LAYERS,
+            "adapter_in_dim": 32,
+            "adapter_out_dim": WIDTH,
+        },
+        "audio_config": {"adapter_input_size": 32, "adapter_out_dim": WIDTH},
+    },
     "dots3_note_text": {"num_key_value_heads": HEADS},
     # mamba inner width (mamba_d_ssm, default 1024) = heads × head dim = 4 × 32
     "falcon_h1": {"mamba_d_ssm": 128},
+    # a recurrent model: the 2-layer H and L stacks run H_cycles × (L_cycles + 1) times
+    "hrm_text": {"H_cycles": 1, "L_cycles": 1},
     # the local/global pattern is a list with one entry per layer
     "gpt_neo": {"attention_types": [[["global", "local"], 1]]},
     # the default layer_types are not derived from num_hidden_layers: one conv, one attention
@@ -124,23 +120,73 @@ OVERRIDES: dict[str, dict] = {
     # kv sharing needs unshared layers of each type before it (default 15 shared layers)
     "gemma3n_text": {"num_kv_shared_layers": 0},
     # the model only runs with the per-layer-input embedding off
-    "gemma4_assistant": {"hidden_size_per_layer_input": 0},
+    "gemma4_assistant": {
+        "text_config": {
+            "model_type": "gemma4_text",  # the default config fails its own validation
+            "hidden_size_per_layer_input": 0,
+            "vocab_size_per_layer_input": 0,
+        }
+    },
+    # the vision embedder's widths and position table have their own names
+    "gemma4_unified": {
+        "vision_config": {
+            "mm_embed_dim": 32,
+            "output_proj_dims": 32,
+            "mm_posemb_size": 64,
+            "patch_size": 4,
+        }
+    },
     # rope parameters are given per layer type
     "cohere_compass_text": {
         "rope_parameters": {"full_attention": {"rope_type": "default", "rope_theta": 10000.0}}
     },
     # the default block pattern is written out (3 or 54 entries): one mamba, one hybrid block
-    "zamba": {"layers_block_type": ["mamba", "hybrid"]},
+    # zamba ties the shared transformer of every hybrid layer to the first: two hybrid layers
+    "zamba": {"layers_block_type": ["hybrid", "hybrid"]},
     "zamba2": {"layers_block_type": ["mamba", "hybrid"]},
     # the language adapters need a default language
     "xmod": {"default_language": "en_XX"},
     # the LM head class asserts a decoder
-    "reformer": {"is_decoder": True},
+    # the axial position embedding's dims sum to the width, its shape multiplies to the length;
+    # attn_layers (6 by default) sets the depth
+    "reformer": {
+        "is_decoder": True,
+        "attn_layers": ["local", "lsh"],
+        "axial_pos_embds_dim": [32, 32],
+        "axial_pos_shape": [16, 16],
+        "local_attn_chunk_length": 16,
+        "lsh_attn_chunk_length": 16,
+        "num_buckets": 4,
+    },
+    # the pronunciation and glyph-shape embeddings have their own vocabularies and widths
+    "roc_bert": {
+        "pronunciation_vocab_size": 64,
+        "pronunciation_embed_dim": 16,
+        "shape_vocab_size": 64,
+        "shape_embed_dim": 16,
+    },
+    # input ids are (batch × codebooks, length): one codebook
+    "musicgen": {"decoder": {"num_codebooks": 1}},
+    "musicgen_melody": {"decoder": {"num_codebooks": 1}},
     # only top-1 routing is implemented
     "zaya": {"num_experts_per_tok": 1},
 }
 
-SKIPS: dict[str, str] = {}
+# config.num_hidden_layers where it is not LAYERS (the family counts differently), with why.
+NUM_HIDDEN_LAYERS: dict[str, int | None] = {
+    "blt": None,  # no top-level depth: patcher, local encoder/decoder and global sub-configs
+    "hrm_text": 4,  # counts unrolled applications: 2 per stack × H_cycles 1 × (L_cycles 1 + 1)
+    "longcat_flash": 4,  # each of the num_layers = 2 layers holds two attention+MLP sublayers
+    "nemotron_h": 4,  # one block per mixer: mamba, MoE, attention, MLP (the default pattern)
+}
+
+SKIPS: dict[str, str] = {
+    "gemma3n": "its vision tower is a TimmWrapperModel: needs the timm package (not installed)",
+    "gemma4_assistant": "a speculative-decoding drafter: forward needs the target model's "
+    "inputs_embeds and shared_kv_states",
+    "gemma4_unified_assistant": "a speculative-decoding drafter: forward needs the target "
+    "model's inputs_embeds and shared_kv_states",
+}
 
 
 def _mapping() -> dict[str, str]:
@@ -172,11 +218,11 @@ def _sub_kwargs(cls, sizes: dict) -> dict:
 
     out, default = {}, None
     for name, sub in getattr(cls, "sub_configs", {}).items():
-        if isinstance(sizes.get(name), dict):
-            continue  # the family's override gives this sub-config
         if sub.__name__ == "AutoConfig":
-            default = default or cls()
-            sub_type = getattr(getattr(default, name, None), "model_type", None)
+            sub_type = sizes.get(name, {}).get("model_type")
+            if sub_type is None:
+                default = default or cls()
+                sub_type = getattr(getattr(default, name, None), "model_type", None)
             if sub_type is None:
                 continue
             out[name] = {"model_type": sub_type}
