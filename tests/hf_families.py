@@ -45,12 +45,18 @@ _GROUPS: list[tuple[str, object]] = [
     ("vocab_size vocab_size_per_layer_input unpadded_vocab_size encoder_hash_byte_group_vocab",
      VOCAB),
     ("hidden_size_per_layer_input", 16),
+    ("hidden_size_global", WIDTH),  # blt's local decoder reads the global transformer's width
     ("max_position_embeddings n_positions n_ctx max_target_positions max_source_positions"
      " max_seq_len context_length", 256),
     # multi-head latent attention (deepseek v2/v3 style): consistent ranks and head dims
     ("q_lora_rank", 32),
     ("kv_lora_rank qk_nope_head_dim v_head_dim", 16),
     ("qk_rope_head_dim", 8),
+    # sparse-attention indexers (deepseek v3.2 style: 64 heads × 128 by default), deepseek v4's
+    # grouped low-rank output projection
+    ("index_n_heads", HEADS),
+    ("index_head_dim o_lora_rank", 16),
+    ("o_groups", 2),
     # state-space and linear-attention mixers: 4 heads × 32 = 2 × width
     ("state_size mamba_d_state ssm_state_size", 8),
     ("mamba_n_heads mamba_num_heads n_mamba_heads", 4),
@@ -65,7 +71,8 @@ _GROUPS: list[tuple[str, object]] = [
 ]  # fmt: skip
 SIZES: dict[str, object] = {name: v for names, v in _GROUPS for name in names.split()}
 
-# Sub-configs of composite (vision/audio + text) configs are made smaller still.
+# Vision, audio and other encoder sub-configs of composite configs are made smaller still; the
+# text/decoder sub-configs get SIZES.
 SUB_SIZES: dict[str, object] = {
     **SIZES,
     "hidden_size": 32,
@@ -73,8 +80,8 @@ SUB_SIZES: dict[str, object] = {
     "num_attention_heads": 2,
     "num_key_value_heads": 2,
     "head_dim": 16,
-    "hidden_size_global": 32,  # blt's local decoder reads the global transformer's width
 }
+_SMALL_SUBS = ("vision", "audio", "vq", "text_encoder", "depth")
 
 # What a family needs beyond SIZES (model_type -> config kwargs), with why.
 MLA = {"num_key_value_heads": HEADS}  # latent attention: as many kv heads as query heads
@@ -83,7 +90,8 @@ _MLA_FAMILIES += " sarvam_mla youtu"
 OVERRIDES: dict[str, dict] = {
     **dict.fromkeys(_MLA_FAMILIES.split(), MLA),
     # ... and its rotary embedding is head_dim wide, which must be the rope part of the head
-    "longcat_flash": {**MLA, "head_dim": 8},
+    # (zero_expert_num: 256 identity "zero-compute" experts in the router by default)
+    "longcat_flash": {**MLA, "head_dim": 8, "zero_expert_num": 2},
     # partial rotary: rotary_dim (default 64) must fit in the head dim (64 / 4 = 16)
     "codegen": {"rotary_dim": 8},
     "gptj": {"rotary_dim": 8},
@@ -94,9 +102,8 @@ OVERRIDES: dict[str, dict] = {
         "attn_config": {"kv_n_heads": KV_HEADS, "rope_theta": 10000.0, "clip_qkv": 8.0},
         "ffn_config": {"ffn_hidden_size": MLP, "moe_num_experts": 4, "moe_top_k": 2},
     },
-    # validated: kv heads == query heads
-    # (and the composite's default text config brings per-layer entries for layers 25-41)
-    # the vision tower's MoE pattern is written out for 42 layers; adapters map into the text width
+    # validated: kv heads == query heads; the vision tower's MoE pattern is written out for its
+    # 42 default layers; the vision and audio adapters map their width into the text width
     "dots3_note": {
         "text_config": {"num_key_value_heads": HEADS},
         "vision_config": {
@@ -127,14 +134,19 @@ OVERRIDES: dict[str, dict] = {
             "vocab_size_per_layer_input": 0,
         }
     },
+    # global-attention layers' head dim (a popped kwarg, 512 by default; local layers use head_dim)
+    "gemma4": {"text_config": {"global_head_dim": 2 * HEAD_DIM}},
+    "gemma4_text": {"global_head_dim": 2 * HEAD_DIM},
+    "gemma4_unified_text": {"global_head_dim": 2 * HEAD_DIM},
     # the vision embedder's widths and position table have their own names
     "gemma4_unified": {
+        "text_config": {"global_head_dim": 2 * HEAD_DIM},
         "vision_config": {
             "mm_embed_dim": 32,
             "output_proj_dims": 32,
             "mm_posemb_size": 64,
             "patch_size": 4,
-        }
+        },
     },
     # rope parameters are given per layer type
     "cohere_compass_text": {
@@ -229,7 +241,8 @@ def _sub_kwargs(cls, sizes: dict) -> dict:
             sub = CONFIG_MAPPING[sub_type]
         else:
             out[name] = {}
-        out[name].update(_kwargs_for(sub, sizes if name == "text_config" else SUB_SIZES))
+        small = any(k in name for k in _SMALL_SUBS)
+        out[name].update(_kwargs_for(sub, SUB_SIZES if small else sizes))
     return out
 
 
