@@ -83,22 +83,23 @@ SUB_SIZES: dict[str, object] = {
 }
 _SMALL_SUBS = ("vision", "audio", "vq", "text_encoder", "depth")
 
-# What a family needs beyond SIZES (model_type -> config kwargs), with why.
+# What a family needs beyond SIZES (model_type -> config kwargs; a dict value merges into that
+# sub-config), with why.
 MLA = {"num_key_value_heads": HEADS}  # latent attention: as many kv heads as query heads
 _MLA_FAMILIES = "axk1 axk2 deepseek_v2 deepseek_v3 deepseek_v32 glm4_moe_lite glm_moe_dsa minicpm3"
 _MLA_FAMILIES += " sarvam_mla youtu"
+_GEMMA4_GLOBAL = {"global_head_dim": 2 * HEAD_DIM}  # global layers' head dim: a popped kwarg, 512
 OVERRIDES: dict[str, dict] = {
     **dict.fromkeys(_MLA_FAMILIES.split(), MLA),
-    # ... and its rotary embedding is head_dim wide, which must be the rope part of the head
-    # (zero_expert_num: 256 identity "zero-compute" experts in the router by default)
-    "longcat_flash": {**MLA, "head_dim": 8, "zero_expert_num": 2},
     # partial rotary: rotary_dim (default 64) must fit in the head dim (64 / 4 = 16)
     "codegen": {"rotary_dim": 8},
-    "gptj": {"rotary_dim": 8},
-    # the attention sub-config and the MoE sub-config have their own names
+    # rope parameters are given per layer type
+    "cohere_compass_text": {
+        "rope_parameters": {"full_attention": {"rope_type": "default", "rope_theta": 10000.0}}
+    },
+    # attention and MoE sizes live in sub-configs with their own names; DbrxAttention reads
+    # attn_config.rope_theta (not a field of the class) and clamps q/k/v with clip_qkv (not None)
     "dbrx": {
-        # DbrxAttention reads attn_config.rope_theta, which the config class does not define
-        # and clamps q/k/v with clip_qkv, which may not be None
         "attn_config": {"kv_n_heads": KV_HEADS, "rope_theta": 10000.0, "clip_qkv": 8.0},
         "ffn_config": {"ffn_hidden_size": MLP, "moe_num_experts": 4, "moe_top_k": 2},
     },
@@ -116,31 +117,22 @@ OVERRIDES: dict[str, dict] = {
     "dots3_note_text": {"num_key_value_heads": HEADS},
     # mamba inner width (mamba_d_ssm, default 1024) = heads × head dim = 4 × 32
     "falcon_h1": {"mamba_d_ssm": 128},
-    # a recurrent model: the 2-layer H and L stacks run H_cycles × (L_cycles + 1) times
-    "hrm_text": {"H_cycles": 1, "L_cycles": 1},
-    # the local/global pattern is a list with one entry per layer
-    "gpt_neo": {"attention_types": [[["global", "local"], 1]]},
-    # the default layer_types are not derived from num_hidden_layers: one conv, one attention
-    "lfm2_moe": {"layer_types": ["conv", "full_attention"], "num_dense_layers": 1},
-    # inner width hidden × expand (128) = heads × head dim
-    "mamba2": {"head_dim": 32},
     # kv sharing needs unshared layers of each type before it (default 15 shared layers)
     "gemma3n_text": {"num_kv_shared_layers": 0},
-    # the model only runs with the per-layer-input embedding off
+    "gemma4": {"text_config": _GEMMA4_GLOBAL},
+    # the drafter runs only with the per-layer-input embedding off; its default config (no
+    # text model type given) fails its own validation
     "gemma4_assistant": {
         "text_config": {
-            "model_type": "gemma4_text",  # the default config fails its own validation
+            "model_type": "gemma4_text",
             "hidden_size_per_layer_input": 0,
             "vocab_size_per_layer_input": 0,
         }
     },
-    # global-attention layers' head dim (a popped kwarg, 512 by default; local layers use head_dim)
-    "gemma4": {"text_config": {"global_head_dim": 2 * HEAD_DIM}},
-    "gemma4_text": {"global_head_dim": 2 * HEAD_DIM},
-    "gemma4_unified_text": {"global_head_dim": 2 * HEAD_DIM},
+    "gemma4_text": _GEMMA4_GLOBAL,
     # the vision embedder's widths and position table have their own names
     "gemma4_unified": {
-        "text_config": {"global_head_dim": 2 * HEAD_DIM},
+        "text_config": _GEMMA4_GLOBAL,
         "vision_config": {
             "mm_embed_dim": 32,
             "output_proj_dims": 32,
@@ -148,19 +140,24 @@ OVERRIDES: dict[str, dict] = {
             "patch_size": 4,
         },
     },
-    # rope parameters are given per layer type
-    "cohere_compass_text": {
-        "rope_parameters": {"full_attention": {"rope_type": "default", "rope_theta": 10000.0}}
-    },
-    # the default block pattern is written out (3 or 54 entries): one mamba, one hybrid block
-    # zamba ties the shared transformer of every hybrid layer to the first: two hybrid layers
-    "zamba": {"layers_block_type": ["hybrid", "hybrid"]},
-    "zamba2": {"layers_block_type": ["mamba", "hybrid"]},
-    # the language adapters need a default language
-    "xmod": {"default_language": "en_XX"},
-    # the LM head class asserts a decoder
-    # the axial position embedding's dims sum to the width, its shape multiplies to the length;
-    # attn_layers (6 by default) sets the depth
+    "gemma4_unified_text": _GEMMA4_GLOBAL,
+    # the local/global pattern is a list of ([types], repeats) covering num_layers
+    "gpt_neo": {"attention_types": [[["global", "local"], 1]]},
+    "gptj": {"rotary_dim": 8},  # as codegen
+    # a recurrent model: the 2-layer H and L stacks run H_cycles × (L_cycles + 1) times
+    "hrm_text": {"H_cycles": 1, "L_cycles": 1},
+    # the default layer_types are not derived from num_hidden_layers: one conv, one attention
+    "lfm2_moe": {"layer_types": ["conv", "full_attention"], "num_dense_layers": 1},
+    # MLA, and the rotary embedding is head_dim wide: the rope part of the head; the router also
+    # scores zero_expert_num identity ("zero-compute") experts, 256 by default
+    "longcat_flash": {**MLA, "head_dim": 8, "zero_expert_num": 2},
+    # inner width hidden × expand (128) = heads × head dim
+    "mamba2": {"head_dim": 32},
+    # input ids are (batch × codebooks, length): one codebook
+    "musicgen": {"decoder": {"num_codebooks": 1}},
+    "musicgen_melody": {"decoder": {"num_codebooks": 1}},
+    # the LM head asserts is_decoder; attn_layers (6 by default) sets the depth; the axial
+    # position embedding's dims sum to the width and its shape multiplies to the max length
     "reformer": {
         "is_decoder": True,
         "attn_layers": ["local", "lsh"],
@@ -177,9 +174,13 @@ OVERRIDES: dict[str, dict] = {
         "shape_vocab_size": 64,
         "shape_embed_dim": 16,
     },
-    # input ids are (batch × codebooks, length): one codebook
-    "musicgen": {"decoder": {"num_codebooks": 1}},
-    "musicgen_melody": {"decoder": {"num_codebooks": 1}},
+    # the language adapters need a default language
+    "xmod": {"default_language": "en_XX"},
+    # the default block pattern is written out (3 entries); every hybrid layer's shared
+    # transformer is tied to the first one's, which fails unless there are two hybrid layers
+    "zamba": {"layers_block_type": ["hybrid", "hybrid"]},
+    # the default block pattern is written out (54 entries): one mamba, one hybrid block
+    "zamba2": {"layers_block_type": ["mamba", "hybrid"]},
     # only top-1 routing is implemented
     "zaya": {"num_experts_per_tok": 1},
 }
