@@ -13,7 +13,8 @@ pytest.importorskip("transformers")
 
 from hf_families import FAMILIES, LAYERS, NUM_HIDDEN_LAYERS, SKIPS, save_tiny, tiny_model
 
-pytestmark = pytest.mark.hf
+# 193 models built, run, saved and reloaded: 35-60 s on the 2-core machine
+pytestmark = [pytest.mark.hf, pytest.mark.slow]
 
 MAX_PARAMS = 5_000_000
 
