@@ -40,6 +40,7 @@ _GROUPS: list[tuple[str, object]] = [
     ("num_experts num_local_experts n_routed_experts moe_num_experts", 4),
     ("num_experts_per_tok moe_topk moe_k top_k_experts num_experts_per_token", 2),
     ("n_shared_experts num_shared_experts moe_num_shared_experts n_group topk_group", 1),
+    ("first_k_dense_replace", 1),  # one dense layer, then MoE (default: 1 to 3 dense layers)
     # vocabularies: the main one, gemma3n/gemma4 per-layer inputs (262144 by default),
     # inkling2's unpadded head, blt's hashed byte n-grams (3,000,012 rows by default)
     ("vocab_size vocab_size_per_layer_input unpadded_vocab_size encoder_hash_byte_group_vocab",
@@ -89,8 +90,22 @@ MLA = {"num_key_value_heads": HEADS}  # latent attention: as many kv heads as qu
 _MLA_FAMILIES = "axk1 axk2 deepseek_v2 deepseek_v3 deepseek_v32 glm4_moe_lite glm_moe_dsa minicpm3"
 _MLA_FAMILIES += " sarvam_mla youtu"
 _GEMMA4_GLOBAL = {"global_head_dim": 2 * HEAD_DIM}  # global layers' head dim: a popped kwarg, 512
+# Hybrid families put softmax attention every 4th-8th layer by default, so 2 derived layers would
+# hold linear-attention/mamba/conv mixers only: one of each instead.
+_HYBRID = {"layer_types": ["linear_attention", "full_attention"]}
+_HYBRID_FAMILIES = "qwen3_5_text qwen3_5_moe_text qwen3_next granitemoehybrid"
+_QSA = {  # qwen4_exp's full-attention layers are indexed (QSA): the indexer needs all five sizes
+    "indexer_n_heads": HEADS,
+    "indexer_kv_heads": 1,
+    "indexer_head_dim": HEAD_DIM,
+    "indexer_budget": 8,
+    "indexer_compress_ratio": 4,
+}
 OVERRIDES: dict[str, dict] = {
     **dict.fromkeys(_MLA_FAMILIES.split(), MLA),
+    **dict.fromkeys(_HYBRID_FAMILIES.split(), _HYBRID),
+    "bailing_hybrid": {**_HYBRID, **MLA},  # its full-attention layers are MLA
+    "bamba": {"attn_layer_indices": [1]},  # hybrid: mamba, then attention
     # partial rotary: rotary_dim (default 64) must fit in the head dim (64 / 4 = 16)
     "codegen": {"rotary_dim": 8},
     # rope parameters are given per layer type
@@ -141,13 +156,18 @@ OVERRIDES: dict[str, dict] = {
         },
     },
     "gemma4_unified_text": _GEMMA4_GLOBAL,
+    "jamba": {"attn_layer_period": 2, "attn_layer_offset": 1},  # hybrid, as _HYBRID
+    "kimi_linear": {**_HYBRID, **MLA},  # its full-attention layers are MLA
     # the local/global pattern is a list of ([types], repeats) covering num_layers
     "gpt_neo": {"attention_types": [[["global", "local"], 1]]},
     "gptj": {"rotary_dim": 8},  # as codegen
     # a recurrent model: the 2-layer H and L stacks run H_cycles × (L_cycles + 1) times
     "hrm_text": {"H_cycles": 1, "L_cycles": 1},
-    # the default layer_types are not derived from num_hidden_layers: one conv, one attention
+    # hybrid: one short-conv layer, one attention layer (lfm2_moe's default is not even derived
+    # from num_hidden_layers); lfm2_moe's first num_dense_layers (2) are dense
+    "lfm2": {"layer_types": ["conv", "full_attention"]},
     "lfm2_moe": {"layer_types": ["conv", "full_attention"], "num_dense_layers": 1},
+    "lfm3": {"layer_types": ["conv", "full_attention"]},
     # MLA, and the rotary embedding is head_dim wide: the rope part of the head; the router also
     # scores zero_expert_num identity ("zero-compute") experts, 256 by default
     "longcat_flash": {**MLA, "head_dim": 8, "zero_expert_num": 2},
@@ -167,6 +187,11 @@ OVERRIDES: dict[str, dict] = {
         "lsh_attn_chunk_length": 16,
         "num_buckets": 4,
     },
+    "qwen3_5": {"text_config": _HYBRID},
+    "qwen3_5_moe": {"text_config": _HYBRID},
+    "qwen4_exp": {"text_config": {**_HYBRID, **_QSA}},
+    "qwen4_exp_text": {**_HYBRID, **_QSA},
+    "recurrent_gemma": {"block_types": ["recurrent", "attention"]},  # hybrid, as _HYBRID
     # the pronunciation and glyph-shape embeddings have their own vocabularies and widths
     "roc_bert": {
         "pronunciation_vocab_size": 64,
