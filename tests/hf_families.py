@@ -106,6 +106,7 @@ OVERRIDES: dict[str, dict] = {
     **dict.fromkeys(_HYBRID_FAMILIES.split(), _HYBRID),
     "bailing_hybrid": {**_HYBRID, **MLA},  # its full-attention layers are MLA
     "bamba": {"attn_layer_indices": [1]},  # hybrid: mamba, then attention
+    "beam": {"mlp_layer_types": ["dense", "sparse"]},  # 3 dense layers first by default
     # partial rotary: rotary_dim (default 64) must fit in the head dim (64 / 4 = 16)
     "codegen": {"rotary_dim": 8},
     # rope parameters are given per layer type
