@@ -119,6 +119,9 @@ OVERRIDES: dict[str, dict] = {
         "attn_config": {"kv_n_heads": KV_HEADS, "rope_theta": 10000.0, "clip_qkv": 8.0},
         "ffn_config": {"ffn_hidden_size": MLP, "moe_num_experts": 4, "moe_top_k": 2},
     },
+    # looped model: 1 prelude layer and a 1-layer core run n_recurrent_loops (2) times; the
+    # default 8 prelude + 8 coda layers leave a core of -14 layers that validation accepts
+    "dory": {"n_input_layers": 1, "n_recurrent_layers": 1, "n_output_layers": 0},
     # validated: kv heads == query heads; the vision tower's MoE pattern is written out for its
     # 42 default layers; the vision and audio adapters map their width into the text width
     "dots3_note": {
