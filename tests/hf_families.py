@@ -5,8 +5,11 @@ downloaded), and a tiny tokenizer written by the test.
 4 heads, vocab 512, 4 experts top-2 ...) as keyword arguments to each family's config class, so
 fields the class derives from them (``layer_types`` lists, head dims) follow; the names a class
 does not take are left out. Composite (multimodal) configs get the same overrides in each
-sub-config. :data:`OVERRIDES` holds what a family needs beyond that, one commented line each;
-:data:`SKIPS` the families that cannot be built or run on CPU here, with the reason.
+sub-config (vision/audio towers smaller still). :data:`OVERRIDES` holds what a family needs beyond
+that, with why; :data:`NUM_HIDDEN_LAYERS` the families whose ``num_hidden_layers`` counts something
+other than 2 blocks; :data:`SKIPS` the families that cannot be built or run on CPU here, with why.
+Where the family's causal-LM class takes the text sub-config (emu3, llama4, mllama, musicgen,
+qwen3_5, ...), :func:`tiny_model` builds it from that, as ``AutoModelForCausalLM`` does.
 """
 
 from __future__ import annotations
