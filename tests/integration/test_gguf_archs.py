@@ -1,0 +1,85 @@
+"""GGUF input beyond Llama: for each architecture transformers' GGUF loader reads, a tiny HF model
+written as a GGUF file here (tests/integration/tiny_gguf.py, llama.cpp's layout) loads through
+``load_model`` with the same logits and a working tokenizer, and ``measure`` runs on it.
+
+Not here (docs/real-models.md "GGUF architectures"): deci (no transformers model class), gemma4,
+gpt_oss and minimax_m2 (see the docs for why), qwen35 / qwen35moe, and t5 / umt5 (not causal LMs).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from outlierlab.cli import main
+
+pytest.importorskip("transformers")
+pytest.importorskip("gguf")
+pytestmark = pytest.mark.hf
+
+from tiny_gguf import ARCHS, EOS, tiny_hf, write_gguf  # noqa: E402
+
+# the modules holding the blocks, for architectures outlierlab.hf.FAMILIES does not know
+BLOCKS = {"bloom": "transformer.h.*", "falcon": "transformer.h.*", "mamba": "backbone.layers.*"}
+TEXT = "\n\n".join(
+    f"Paragraph {i}: the quick brown fox jumps over the lazy dog; {i * 7919 % 1000} apples, "
+    f"{'ünïcödé ' * (i % 3)}and a tab\there.\n    indented code = [{i}, {i + 1}]"
+    for i in range(40)
+)
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    path = tmp_path_factory.mktemp("data") / "text.txt"
+    path.write_text(TEXT, encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="module", params=ARCHS)
+def written(request, tmp_path_factory):
+    """``(arch, HF model, its GGUF file)``."""
+    arch = request.param
+    model = tiny_hf(arch)
+    path = write_gguf(model, tmp_path_factory.mktemp(arch) / f"tiny-{arch}.gguf")
+    return arch, model, path
+
+
+def test_gguf_loads_as_the_hf_model(written):
+    from outlierlab.loading import load_model
+
+    _, ref, path = written
+    loaded = load_model(path)
+    assert loaded.kind == "hf" and loaded.path == path and not loaded.model.training
+    torch.manual_seed(1)
+    x = torch.randint(0, EOS, (2, 16))
+    with torch.no_grad():
+        want = ref(input_ids=x).logits
+    torch.testing.assert_close(loaded.logits(x), want, rtol=0, atol=1e-4)
+    tok = loaded.tokenizer
+    assert tok.eot_id == EOS
+    assert tok.encode("ab") == [ord("a"), ord("b")]
+    ids = tok.encode(TEXT[:300])
+    assert tok.decode(ids) == TEXT[:300] and max(ids) < EOS
+
+
+def test_measure_gguf(written, corpus, tmp_path):
+    from outlierlab import hf
+
+    arch, ref, path = written
+    out = tmp_path / "m.json"
+    families = getattr(hf, "FAMILIES", None)
+    points = []
+    if families is not None and ref.config.model_type not in families:
+        # TODO(discovery): drop --points once measure finds the blocks of any architecture
+        points = ["--points", BLOCKS.get(arch, "model.layers.*")]
+    rc = main(["measure", str(path), "--max-tokens", "256", "--seq-len", "32",
+               "--data", str(corpus), "--json", str(out), *points])  # fmt: skip
+    assert rc == 0
+    rep = json.loads(out.read_text())
+    assert rep["tokens"] == 256
+    layers = getattr(ref.config, "num_hidden_layers", None) or ref.config.n_layer
+    assert len(rep["points"]) >= layers
+    assert all(math.isfinite(p["kurtosis"]) for p in rep["points"])

@@ -1,0 +1,265 @@
+"""Tiny random-init HF causal LMs of the architectures transformers' GGUF loader reads, and a
+writer that stores any of them as an F32 GGUF file the way llama.cpp's ``convert_hf_to_gguf.py``
+would (nothing downloaded).
+
+:func:`write_gguf` writes the architecture's ``<arch>.*`` hyper-parameters, the tensors under
+llama.cpp names (``gguf.get_tensor_name_map``) with llama.cpp's own transformations, which
+transformers reverses on load (``modeling_gguf_pytorch_utils``' ``TensorProcessor`` classes):
+
+- q/k rows permuted to llama.cpp's rotary layout (llama, mistral);
+- Bloom's per-head interleaved ``query_key_value`` regrouped as q | k | v;
+- GPT-2's ``Conv1D`` weights transposed to ``(out, in)``;
+- Gemma's and Nemotron's norm weights stored as ``w + 1``;
+- MoE experts as stacked 3D tensors (``ffn_gate_exps``, ``ffn_up_exps``, ``ffn_down_exps``);
+- Mamba's ``A = -exp(A_log)`` and 2D conv kernels, LFM2's 2D short-conv kernels.
+
+Fused tensors stay fused where the HF model and llama.cpp both fuse them (Phi-3's ``qkv_proj``
+and ``gate_up_proj``, Bloom's, Falcon's and GPT-2's qkv). The tokenizer is tiny_llama's: a
+byte-level BPE (``tokenizer.ggml.model = gpt2``) of the 256 byte symbols, one merge and ``<eos>``.
+
+:func:`tiny_hf` builds a seeded tiny model per architecture (vocab 258, width 32, 2–3 layers)
+whose config fields are the ones the GGUF carries, or the config class's defaults where
+transformers reads nothing from the file (e.g. Qwen2-MoE's expert widths), so the model loaded
+back from the GGUF is the same model.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import numpy as np
+import torch
+
+VOCAB, EOS = 258, 257  # 256 bytes, one merge ("  "), <eos>
+
+_COMMON = dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+               num_key_value_heads=2, intermediate_size=64, max_position_embeddings=64,
+               bos_token_id=EOS, eos_token_id=EOS, tie_word_embeddings=False)  # fmt: skip
+
+# HF model_type → config overrides on _COMMON (None: drop the key). Fields a GGUF does not carry
+# for the architecture keep the config class's default.
+CONFIGS: dict[str, dict] = {
+    "llama": dict(rms_norm_eps=1e-5, rope_theta=10000.0),
+    "mistral": dict(rms_norm_eps=1e-5, rope_theta=10000.0),
+    "qwen2": dict(rms_norm_eps=1e-6, rope_theta=10000.0),
+    # transformers reads no head_dim for qwen3: the class default (128) stands
+    "qwen3": dict(rms_norm_eps=1e-6, rope_theta=10000.0),
+    # transformers reads no expert widths for qwen2moe / qwen3moe: the class defaults stand
+    "qwen2_moe": dict(num_experts=4, num_experts_per_tok=2, rope_theta=10000.0),
+    "qwen3_moe": dict(num_experts=4, num_experts_per_tok=2, head_dim=16, norm_topk_prob=True,
+                      rope_theta=10000.0),
+    # Phi3Config's default pad_token_id (32000) must be overridden by the file's
+    "phi3": dict(rope_theta=10000.0, pad_token_id=EOS),
+    "gemma2": dict(head_dim=8, tie_word_embeddings=True, rope_theta=10000.0, pad_token_id=None),
+    "gemma3_text": dict(head_dim=8, tie_word_embeddings=True, pad_token_id=None),
+    "stablelm": dict(num_key_value_heads=4),
+    "starcoder2": dict(),
+    "nemotron": dict(),
+    "falcon": dict(num_key_value_heads=None, max_position_embeddings=None,
+                   intermediate_size=None, tie_word_embeddings=True),
+    # GPT-2 and Bloom: the GGUF keys transformers reads fix n_positions (gpt2: context_length is
+    # read as n_ctx, so n_positions keeps its 1024) and the 4 × width MLP
+    "gpt2": dict(n_embd=32, n_layer=2, n_head=4, hidden_size=None, num_hidden_layers=None,
+                 num_attention_heads=None, num_key_value_heads=None, intermediate_size=None,
+                 max_position_embeddings=None, tie_word_embeddings=True),
+    "bloom": dict(n_layer=2, n_head=4, num_hidden_layers=None, num_attention_heads=None,
+                  num_key_value_heads=None, intermediate_size=None, max_position_embeddings=None,
+                  tie_word_embeddings=True),
+    "mamba": dict(num_attention_heads=None, num_key_value_heads=None, intermediate_size=None,
+                  max_position_embeddings=None, state_size=8, tie_word_embeddings=True),
+    "lfm2": dict(num_hidden_layers=3, layer_types=["conv", "full_attention", "conv"],
+                 block_auto_adjust_ff_dim=False, conv_L_cache=3, tie_word_embeddings=True),
+}
+ARCHS = tuple(CONFIGS)
+
+# HF model_type → gguf ``general.architecture``
+GGUF_ARCH = {"mistral": "llama", "qwen2_moe": "qwen2moe", "qwen3_moe": "qwen3moe",
+             "gemma3_text": "gemma3"}  # fmt: skip
+_PERMUTE_QK = {"llama", "mistral"}
+_NORM_PLUS_ONE = {"gemma2", "gemma3_text", "nemotron"}
+_RMS_NORM = {"llama", "mistral", "qwen2", "qwen3", "qwen2_moe", "qwen3_moe", "phi3", "gemma2",
+             "gemma3_text", "mamba", "lfm2"}  # fmt: skip
+
+
+def tiny_hf(arch: str, seed: int = 0):
+    """Seeded tiny HF causal LM of ``arch`` (an HF ``model_type`` in :data:`CONFIGS`), eval mode."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    kw = {**_COMMON, **CONFIGS[arch]}
+    kw = {k: v for k, v in kw.items() if v is not None}
+    torch.manual_seed(seed)
+    cfg = AutoConfig.for_model(arch, **kw)
+    return AutoModelForCausalLM.from_config(cfg).float().eval()
+
+
+def _get(cfg, *names, default=None):
+    return next((v for n in names if (v := getattr(cfg, n, None)) is not None), default)
+
+
+def _rope_theta(cfg) -> float | None:
+    params = getattr(cfg, "rope_parameters", None) or {}
+    if isinstance(params, dict) and "rope_theta" not in params:  # gemma3: per attention type
+        params = params.get("full_attention", {})
+    return _get(cfg, "rope_theta", default=params.get("rope_theta"))
+
+
+def _hparams(w, cfg, arch: str) -> None:
+    """The ``<arch>.*`` keys llama.cpp's converter writes for ``arch``."""
+    d = _get(cfg, "hidden_size", "n_embd")
+    layers = _get(cfg, "num_hidden_layers", "n_layer")
+    heads = _get(cfg, "num_attention_heads", "n_head", default=0)
+    w.add_block_count(layers)
+    w.add_embedding_length(d)
+    w.add_vocab_size(cfg.vocab_size)
+    if arch == "mamba":
+        w.add_context_length(2**20)  # llama.cpp: no limit
+        w.add_feed_forward_length(0)
+        w.add_head_count(0)
+        w.add_ssm_conv_kernel(cfg.conv_kernel)
+        w.add_ssm_inner_size(cfg.intermediate_size)
+        w.add_ssm_state_size(cfg.state_size)
+        w.add_ssm_time_step_rank(cfg.time_step_rank)
+        w.add_layer_norm_rms_eps(cfg.layer_norm_epsilon)
+        return
+    w.add_context_length(_get(cfg, "max_position_embeddings", "n_positions", "seq_length",
+                              default=2048))  # fmt: skip
+    w.add_feed_forward_length(_get(cfg, "intermediate_size", "n_inner", "ffn_hidden_size",
+                                   default=4 * d))  # fmt: skip
+    w.add_head_count(heads)
+    kv = _get(cfg, "num_key_value_heads", "num_kv_heads", default=heads)
+    if arch == "lfm2":  # one count per layer, 0 on the convolution layers
+        kv = [kv if t == "full_attention" else 0 for t in cfg.layer_types]
+        w.add_shortconv_l_cache(cfg.conv_L_cache)
+    w.add_head_count_kv(kv)
+    eps = _get(cfg, "rms_norm_eps", "norm_eps", "layer_norm_eps", "layer_norm_epsilon",
+               "norm_epsilon")  # fmt: skip
+    (w.add_layer_norm_rms_eps if arch in _RMS_NORM else w.add_layer_norm_eps)(eps)
+    if (theta := _rope_theta(cfg)) is not None and arch not in ("gpt2", "bloom"):
+        w.add_rope_freq_base(float(theta))
+    head_dim = _get(cfg, "head_dim", default=d // heads)
+    if getattr(cfg, "head_dim", None) is not None:
+        w.add_key_length(head_dim)
+        w.add_value_length(head_dim)
+    if arch not in ("gpt2", "bloom"):
+        factor = _get(cfg, "partial_rotary_factor", default=1.0)
+        w.add_rope_dimension_count(int(factor * head_dim))
+    if (experts := _get(cfg, "num_experts", "num_local_experts")) is not None:
+        w.add_expert_count(experts)
+        w.add_expert_used_count(cfg.num_experts_per_tok)
+        w.add_expert_feed_forward_length(cfg.moe_intermediate_size)
+        if (shared := getattr(cfg, "shared_expert_intermediate_size", None)) is not None:
+            w.add_expert_shared_feed_forward_length(shared)
+    if (window := getattr(cfg, "sliding_window", None)) is not None:
+        w.add_sliding_window(window)
+    for key in ("attn_logit_softcapping", "final_logit_softcapping"):
+        if (value := getattr(cfg, key, None)) is not None:
+            getattr(w, f"add_{key}")(value)
+    if arch == "stablelm":
+        w.add_parallel_residual(bool(cfg.use_parallel_residual))
+
+
+def _tokenizer(w, pad: int | None) -> None:
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    byte_chars = bytes_to_unicode()
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("default")
+    space = byte_chars[ord(" ")]
+    w.add_token_list([byte_chars[b] for b in range(256)] + [space * 2, "<eos>"])
+    w.add_token_types([1] * 257 + [3])
+    w.add_token_merges([f"{space} {space}"])  # transformers needs one merge at least
+    w.add_bos_token_id(EOS)
+    w.add_eos_token_id(EOS)
+    if pad is not None:
+        w.add_pad_token_id(pad)
+
+
+def _permute(w: np.ndarray, n_head: int) -> np.ndarray:
+    """llama.cpp's q/k row order (convert_hf_to_gguf ``LlamaModel.permute``)."""
+    return (
+        w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:])
+        .swapaxes(1, 2)
+        .reshape(w.shape)
+    )
+
+
+def _bloom_qkv(w: np.ndarray, n_head: int, d: int) -> np.ndarray:
+    """Bloom's per-head interleaved q/k/v rows regrouped as all q | all k | all v
+    (convert_hf_to_gguf ``BloomModel.modify_tensors``)."""
+    qkv = w.reshape(n_head, 3, d // n_head, *w.shape[1:])
+    return np.concatenate([qkv[:, i].reshape(d, *w.shape[1:]) for i in range(3)])
+
+
+_EXPERTS = re.compile(r"model\.layers\.(\d+)\.mlp\.experts\.(gate_up_proj|down_proj)$")
+_GPT2_CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+
+
+def _tensors(model, arch: str):
+    """``(llama.cpp name, float32 array)`` for every weight of ``model``, as llama.cpp writes."""
+    import gguf
+
+    cfg = model.config
+    gguf_arch = GGUF_ARCH.get(arch, arch)
+    enum = next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == gguf_arch)
+    names = gguf.get_tensor_name_map(enum, _get(cfg, "num_hidden_layers", "n_layer"))
+    tied = bool(getattr(cfg, "tie_word_embeddings", False))
+    for hf_name, t in model.state_dict().items():
+        arr = t.detach().float().numpy().copy()
+        if m := _EXPERTS.fullmatch(hf_name.removesuffix(".weight")):
+            bid, which = m.groups()
+            if which == "down_proj":  # (experts, d, ff)
+                yield f"blk.{bid}.ffn_down_exps.weight", arr
+            else:  # (experts, 2 ff, d): gate rows first
+                gate, up = np.split(arr, 2, axis=1)
+                yield f"blk.{bid}.ffn_gate_exps.weight", np.ascontiguousarray(gate)
+                yield f"blk.{bid}.ffn_up_exps.weight", np.ascontiguousarray(up)
+            continue
+        if hf_name == "lm_head.weight" and tied and arch not in ("gpt2", "bloom"):
+            continue  # llama.cpp writes no output matrix when it is the embedding
+        if arch in _PERMUTE_QK and hf_name.endswith("q_proj.weight"):
+            arr = _permute(arr, cfg.num_attention_heads)
+        elif arch in _PERMUTE_QK and hf_name.endswith("k_proj.weight"):
+            arr = _permute(arr, cfg.num_key_value_heads)
+        elif arch == "bloom" and "query_key_value" in hf_name:
+            arr = _bloom_qkv(arr, cfg.n_head, cfg.hidden_size)
+        elif arch == "gpt2" and hf_name.endswith(_GPT2_CONV1D):
+            arr = np.ascontiguousarray(arr.T)
+        elif arch in _NORM_PLUS_ONE and hf_name.endswith("norm.weight"):
+            arr = arr + 1
+        elif arch == "mamba" and hf_name.endswith("A_log"):
+            arr = -np.exp(arr)
+        elif arch in ("mamba", "lfm2") and arr.ndim == 3 and arr.shape[1] == 1:  # conv kernels
+            arr = np.ascontiguousarray(arr[:, 0])
+        elif hf_name.endswith("shared_expert_gate.weight"):
+            arr = arr.reshape(-1)  # llama.cpp: 1D
+        if arch == "gpt2" and hf_name == "lm_head.weight":
+            yield "output.weight", arr
+            continue
+        name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+        if name is None and arch == "bloom":  # llama.cpp drops Bloom's "transformer." prefix
+            name = names.get_name(hf_name.removeprefix("transformer."), (".weight", ".bias"))
+        if name is None:
+            raise KeyError(f"{arch}: no llama.cpp name for {hf_name}")
+        yield name, arr
+
+
+def write_gguf(model, path: Path, name: str | None = None) -> Path:
+    """Write ``model`` (one of :func:`tiny_hf`'s, or tiny_llama's) as an F32 GGUF file at
+    ``path``, as llama.cpp's converter would."""
+    import gguf
+
+    arch = model.config.model_type
+    w = gguf.GGUFWriter(str(path), GGUF_ARCH.get(arch, arch))
+    # llama.cpp writes Mistral as ``llama``: it loads as a LlamaForCausalLM (transformers' switch
+    # to Mistral on general.name == "mistral" fails with gguf 0.19, which has no "mistral" arch)
+    w.add_name(name or f"tiny-{arch}")
+    _hparams(w, model.config, arch)
+    _tokenizer(w, getattr(model.config, "pad_token_id", None))
+    for gguf_name, arr in _tensors(model, arch):
+        w.add_tensor(gguf_name, arr)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return Path(path)
