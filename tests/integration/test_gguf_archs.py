@@ -2,8 +2,9 @@
 written as a GGUF file here (tests/integration/tiny_gguf.py, llama.cpp's layout) loads through
 ``load_model`` with the same logits and a working tokenizer, and ``measure`` runs on it.
 
-Not here (docs/real-models.md "GGUF architectures"): deci (no transformers model class), gemma4,
-gpt_oss and minimax_m2 (see the docs for why), qwen35 / qwen35moe, and t5 / umt5 (not causal LMs).
+Not here (docs/real-models.md "GGUF architectures"): deci (no transformers model class), gpt_oss
+(transformers cannot map its experts), gemma4 and qwen35 / qwen35moe (not written yet), t5 / umt5
+(not causal LMs).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ pytest.importorskip("transformers")
 pytest.importorskip("gguf")
 pytestmark = pytest.mark.hf
 
-from tiny_gguf import ARCHS, EOS, tiny_hf, write_gguf  # noqa: E402
+from tiny_gguf import ARCHS, EOS, GGUF_ARCH, tiny_hf, write_gguf  # noqa: E402
 
 # the modules holding the blocks, for architectures outlierlab.hf.FAMILIES does not know
 BLOCKS = {"bloom": "transformer.h.*", "falcon": "transformer.h.*", "mamba": "backbone.layers.*"}
@@ -54,7 +55,7 @@ def test_gguf_loads_as_the_hf_model(written):
     loaded = load_model(path)
     assert loaded.kind == "hf" and loaded.path == path and not loaded.model.training
     torch.manual_seed(1)
-    x = torch.randint(0, EOS, (2, 16))
+    x = torch.randint(0, EOS, (2, 48))  # long enough for rotary settings to show
     with torch.no_grad():
         want = ref(input_ids=x).logits
     torch.testing.assert_close(loaded.logits(x), want, rtol=0, atol=1e-4)
@@ -63,6 +64,22 @@ def test_gguf_loads_as_the_hf_model(written):
     assert tok.encode("ab") == [ord("a"), ord("b")]
     ids = tok.encode(TEXT[:300])
     assert tok.decode(ids) == TEXT[:300] and max(ids) < EOS
+
+
+def test_hyperparameters_transformers_leaves_unread_come_from_the_file(written):
+    from outlierlab import gguf
+    from outlierlab.loading import load_model
+
+    arch, ref, path = written
+    unread = gguf.unread_config(path)
+    assert bool(unread) == (GGUF_ARCH.get(arch, arch) in gguf.UNREAD)
+    cfg = load_model(path).model.config
+    for name, value in unread.items():
+        rope = getattr(cfg, "rope_parameters", None) or {}
+        got = rope[name] if name in rope else getattr(cfg, name)
+        want = getattr(ref.config, name, None)
+        want = (ref.config.rope_parameters or {})[name] if want is None else want
+        assert got == pytest.approx(want) == pytest.approx(value), name
 
 
 def test_measure_gguf(written, corpus, tmp_path):

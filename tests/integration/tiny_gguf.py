@@ -43,31 +43,32 @@ CONFIGS: dict[str, dict] = {
     "llama": dict(rms_norm_eps=1e-5, rope_theta=10000.0),
     "mistral": dict(rms_norm_eps=1e-5, rope_theta=10000.0),
     "qwen2": dict(rms_norm_eps=1e-6, rope_theta=10000.0),
-    # transformers reads no head_dim for qwen3: the class default (128) stands
-    "qwen3": dict(rms_norm_eps=1e-6, rope_theta=10000.0),
-    # transformers reads no expert widths for qwen2moe / qwen3moe: the class defaults stand
-    "qwen2_moe": dict(num_experts=4, num_experts_per_tok=2, rope_theta=10000.0),
+    # head_dim, expert widths, GPT-2's n_positions / n_inner, StarCoder2's and StableLM's rotary
+    # settings: transformers does not read them from the file, outlierlab.gguf does (UNREAD)
+    "qwen3": dict(rms_norm_eps=1e-6, rope_theta=10000.0, head_dim=16),
+    "qwen2_moe": dict(num_experts=4, num_experts_per_tok=2, rope_theta=10000.0,
+                      moe_intermediate_size=16, shared_expert_intermediate_size=48),
     "qwen3_moe": dict(num_experts=4, num_experts_per_tok=2, head_dim=16, norm_topk_prob=True,
-                      rope_theta=10000.0),
+                      rope_theta=10000.0, moe_intermediate_size=16),
     # Phi3Config's default pad_token_id (32000) must be overridden by the file's
     "phi3": dict(rope_theta=10000.0, pad_token_id=EOS),
     "gemma2": dict(head_dim=8, tie_word_embeddings=True, rope_theta=10000.0, pad_token_id=None),
     "gemma3_text": dict(head_dim=8, tie_word_embeddings=True, pad_token_id=None),
-    "stablelm": dict(num_key_value_heads=4),
-    "starcoder2": dict(),
+    "stablelm": dict(num_key_value_heads=4, rope_theta=500000.0, partial_rotary_factor=0.5),
+    "starcoder2": dict(rope_theta=1e6),
     "nemotron": dict(),
     "falcon": dict(num_key_value_heads=None, max_position_embeddings=None,
                    intermediate_size=None, tie_word_embeddings=True),
-    # GPT-2 and Bloom: the GGUF keys transformers reads fix n_positions (gpt2: context_length is
-    # read as n_ctx, so n_positions keeps its 1024) and the 4 × width MLP
-    "gpt2": dict(n_embd=32, n_layer=2, n_head=4, hidden_size=None, num_hidden_layers=None,
-                 num_attention_heads=None, num_key_value_heads=None, intermediate_size=None,
-                 max_position_embeddings=None, tie_word_embeddings=True),
+    "gpt2": dict(n_embd=32, n_layer=2, n_head=4, n_positions=64, n_inner=48, hidden_size=None,
+                 num_hidden_layers=None, num_attention_heads=None, num_key_value_heads=None,
+                 intermediate_size=None, max_position_embeddings=None, tie_word_embeddings=True),
+    # Bloom: transformers reads no MLP width (4 × width) and no context
     "bloom": dict(n_layer=2, n_head=4, num_hidden_layers=None, num_attention_heads=None,
                   num_key_value_heads=None, intermediate_size=None, max_position_embeddings=None,
                   tie_word_embeddings=True),
     "mamba": dict(num_attention_heads=None, num_key_value_heads=None, intermediate_size=None,
                   max_position_embeddings=None, state_size=8, tie_word_embeddings=True),
+    "minimax_m2": dict(num_local_experts=4, num_experts_per_tok=2, head_dim=8, rotary_dim=8),
     "lfm2": dict(num_hidden_layers=3, layer_types=["conv", "full_attention", "conv"],
                  block_auto_adjust_ff_dim=False, conv_L_cache=3, tie_word_embeddings=True),
 }
@@ -75,11 +76,11 @@ ARCHS = tuple(CONFIGS)
 
 # HF model_type → gguf ``general.architecture``
 GGUF_ARCH = {"mistral": "llama", "qwen2_moe": "qwen2moe", "qwen3_moe": "qwen3moe",
-             "gemma3_text": "gemma3"}  # fmt: skip
+             "gemma3_text": "gemma3", "minimax_m2": "minimax-m2"}  # fmt: skip
 _PERMUTE_QK = {"llama", "mistral"}
 _NORM_PLUS_ONE = {"gemma2", "gemma3_text", "nemotron"}
 _RMS_NORM = {"llama", "mistral", "qwen2", "qwen3", "qwen2_moe", "qwen3_moe", "phi3", "gemma2",
-             "gemma3_text", "mamba", "lfm2"}  # fmt: skip
+             "gemma3_text", "mamba", "lfm2", "minimax_m2"}  # fmt: skip
 
 
 def tiny_hf(arch: str, seed: int = 0):
@@ -97,11 +98,12 @@ def _get(cfg, *names, default=None):
     return next((v for n in names if (v := getattr(cfg, n, None)) is not None), default)
 
 
-def _rope_theta(cfg) -> float | None:
+def _rope(cfg, key: str, default=None):
+    """A rotary setting: a config attribute, or in ``rope_parameters`` (transformers 5)."""
     params = getattr(cfg, "rope_parameters", None) or {}
     if isinstance(params, dict) and "rope_theta" not in params:  # gemma3: per attention type
         params = params.get("full_attention", {})
-    return _get(cfg, "rope_theta", default=params.get("rope_theta"))
+    return _get(cfg, key, default=params.get(key, default))
 
 
 def _hparams(w, cfg, arch: str) -> None:
@@ -135,21 +137,23 @@ def _hparams(w, cfg, arch: str) -> None:
     eps = _get(cfg, "rms_norm_eps", "norm_eps", "layer_norm_eps", "layer_norm_epsilon",
                "norm_epsilon")  # fmt: skip
     (w.add_layer_norm_rms_eps if arch in _RMS_NORM else w.add_layer_norm_eps)(eps)
-    if (theta := _rope_theta(cfg)) is not None and arch not in ("gpt2", "bloom"):
+    if (theta := _rope(cfg, "rope_theta")) is not None and arch not in ("gpt2", "bloom"):
         w.add_rope_freq_base(float(theta))
     head_dim = _get(cfg, "head_dim", default=d // heads)
     if getattr(cfg, "head_dim", None) is not None:
         w.add_key_length(head_dim)
         w.add_value_length(head_dim)
     if arch not in ("gpt2", "bloom"):
-        factor = _get(cfg, "partial_rotary_factor", default=1.0)
+        factor = _rope(cfg, "partial_rotary_factor", 1.0)
         w.add_rope_dimension_count(int(factor * head_dim))
     if (experts := _get(cfg, "num_experts", "num_local_experts")) is not None:
         w.add_expert_count(experts)
         w.add_expert_used_count(cfg.num_experts_per_tok)
-        w.add_expert_feed_forward_length(cfg.moe_intermediate_size)
+        w.add_expert_feed_forward_length(_get(cfg, "moe_intermediate_size", "intermediate_size"))
         if (shared := getattr(cfg, "shared_expert_intermediate_size", None)) is not None:
             w.add_expert_shared_feed_forward_length(shared)
+        if (scoring := getattr(cfg, "scoring_func", None)) is not None:  # MiniMax-M2
+            w.add_expert_gating_func({"softmax": 1, "sigmoid": 2}[scoring])
     if (window := getattr(cfg, "sliding_window", None)) is not None:
         w.add_sliding_window(window)
     for key in ("attn_logit_softcapping", "final_logit_softcapping"):
@@ -214,6 +218,9 @@ def _tensors(model, arch: str):
                 gate, up = np.split(arr, 2, axis=1)
                 yield f"blk.{bid}.ffn_gate_exps.weight", np.ascontiguousarray(gate)
                 yield f"blk.{bid}.ffn_up_exps.weight", np.ascontiguousarray(up)
+            continue
+        if m := re.fullmatch(r"model\.layers\.(\d+)\.mlp\.e_score_correction_bias", hf_name):
+            yield f"blk.{m[1]}.exp_probs_b.bias", arr  # MiniMax-M2's routing bias
             continue
         if hf_name == "lm_head.weight" and tied and arch not in ("gpt2", "bloom"):
             continue  # llama.cpp writes no output matrix when it is the embedding
