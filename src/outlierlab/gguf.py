@@ -76,12 +76,17 @@ def _load(transformers: Any, path: Path, device: str | torch.device):
         if unread := unread_config(path):
             config = transformers.AutoConfig.from_pretrained(folder, **opts)
             opts["config"] = _with(config, unread)
-        model = transformers.AutoModelForCausalLM.from_pretrained(
-            folder, dtype=torch.float32, **opts
+        model, info = transformers.AutoModelForCausalLM.from_pretrained(
+            folder, dtype=torch.float32, output_loading_info=True, **opts
         )
         opts.pop("config", None)
     except Exception as exc:  # gguf and transformers raise many types for bad or unknown files
         raise ModelLoadError(f"cannot load the GGUF file {path}: {first_line(exc)}") from exc
+    if missing := sorted(info.get("missing_keys") or ()):  # left random: no model at all
+        raise ModelLoadError(
+            f"cannot load the GGUF file {path}: transformers found no weights in it for "
+            f"{len(missing)} {type(model).__name__} parameters ({', '.join(missing[:3])}, ...)"
+        )
     try:
         tok = transformers.AutoTokenizer.from_pretrained(folder, **opts)
     except Exception as exc:

@@ -100,3 +100,28 @@ def test_measure_gguf(written, corpus, tmp_path):
     layers = getattr(ref.config, "num_hidden_layers", None) or ref.config.n_layer
     assert len(rep["points"]) >= layers
     assert all(math.isfinite(p["kurtosis"]) for p in rep["points"])
+
+
+def test_weights_missing_from_the_file_are_an_error_not_a_random_model(tmp_path, monkeypatch):
+    import tiny_gguf
+
+    from outlierlab.errors import ModelLoadError
+    from outlierlab.loading import load_model
+
+    keep = tiny_gguf._tensors
+    monkeypatch.setattr(tiny_gguf, "_tensors", lambda model, arch: (
+        (name, arr) for name, arr in keep(model, arch) if name != "blk.1.ffn_down.weight"))
+    path = write_gguf(tiny_hf("llama"), tmp_path / "holey.gguf")
+    with pytest.raises(ModelLoadError, match=r"no weights in it for 1 LlamaForCausalLM param"):
+        load_model(path)
+    assert main(["measure", str(path)]) == 2
+
+
+def test_gpt_oss_is_refused(tmp_path, capsys):
+    """transformers maps none of llama.cpp's GPT-OSS expert tensors (its GptOssTensorProcessor
+    looks for ``ffn_*_projs`` and writes ``block_sparse_moe.experts.N`` names the model lacks):
+    the experts would be random. When this fails, transformers loads them: move gpt_oss to ARCHS."""
+    path = write_gguf(tiny_hf("gpt_oss"), tmp_path / "oss.gguf")
+    assert main(["measure", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "no weights in it for" in err and "experts" in err and len(err.splitlines()) == 1

@@ -71,16 +71,20 @@ CONFIGS: dict[str, dict] = {
     "minimax_m2": dict(num_local_experts=4, num_experts_per_tok=2, head_dim=8, rotary_dim=8),
     "lfm2": dict(num_hidden_layers=3, layer_types=["conv", "full_attention", "conv"],
                  block_auto_adjust_ff_dim=False, conv_L_cache=3, tie_word_embeddings=True),
+    # transformers' GGUF loader finds no weights for its experts (docs/real-models.md)
+    "gpt_oss": dict(num_local_experts=4, num_experts_per_tok=2, sliding_window=32,
+                    layer_types=["sliding_attention", "full_attention"]),
 }
-ARCHS = tuple(CONFIGS)
+REFUSED = ("gpt_oss",)  # outlierlab refuses the half-loaded model
+ARCHS = tuple(a for a in CONFIGS if a not in REFUSED)
 
 # HF model_type → gguf ``general.architecture``
 GGUF_ARCH = {"mistral": "llama", "qwen2_moe": "qwen2moe", "qwen3_moe": "qwen3moe",
-             "gemma3_text": "gemma3", "minimax_m2": "minimax-m2"}  # fmt: skip
+             "gemma3_text": "gemma3", "minimax_m2": "minimax-m2", "gpt_oss": "gpt-oss"}  # fmt: skip
 _PERMUTE_QK = {"llama", "mistral"}
 _NORM_PLUS_ONE = {"gemma2", "gemma3_text", "nemotron"}
 _RMS_NORM = {"llama", "mistral", "qwen2", "qwen3", "qwen2_moe", "qwen3_moe", "phi3", "gemma2",
-             "gemma3_text", "mamba", "lfm2", "minimax_m2"}  # fmt: skip
+             "gemma3_text", "mamba", "lfm2", "minimax_m2", "gpt_oss"}  # fmt: skip
 
 
 def tiny_hf(arch: str, seed: int = 0):
@@ -199,6 +203,23 @@ _EXPERTS = re.compile(r"model\.layers\.(\d+)\.mlp\.experts\.(gate_up_proj|down_p
 _GPT2_CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 
 
+_OSS_EXPERTS = re.compile(r"model\.layers\.(\d+)\.mlp\.experts\.(gate_up|down)_proj(_bias)?")
+
+
+def _oss_experts(arr: np.ndarray, bid: str, which: str, bias: str | None):
+    """GPT-OSS experts as llama.cpp writes them: ``(experts, out, in)`` weights, gate and up
+    (interleaved columns in HF) apart."""
+    suffix = ".bias" if bias else ".weight"
+    if not bias:
+        arr = arr.transpose(0, 2, 1)  # HF: (experts, in, out)
+    if which == "down":
+        yield f"blk.{bid}.ffn_down_exps{suffix}", np.ascontiguousarray(arr)
+        return
+    gate, up = arr[:, 0::2], arr[:, 1::2]
+    yield f"blk.{bid}.ffn_gate_exps{suffix}", np.ascontiguousarray(gate)
+    yield f"blk.{bid}.ffn_up_exps{suffix}", np.ascontiguousarray(up)
+
+
 def _tensors(model, arch: str):
     """``(llama.cpp name, float32 array)`` for every weight of ``model``, as llama.cpp writes."""
     import gguf
@@ -210,6 +231,9 @@ def _tensors(model, arch: str):
     tied = bool(getattr(cfg, "tie_word_embeddings", False))
     for hf_name, t in model.state_dict().items():
         arr = t.detach().float().numpy().copy()
+        if arch == "gpt_oss" and (m := _OSS_EXPERTS.fullmatch(hf_name)):
+            yield from _oss_experts(arr, *m.groups())
+            continue
         if m := _EXPERTS.fullmatch(hf_name.removesuffix(".weight")):
             bid, which = m.groups()
             if which == "down_proj":  # (experts, d, ff)
