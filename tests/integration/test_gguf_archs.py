@@ -3,7 +3,7 @@ written as a GGUF file here (tests/integration/tiny_gguf.py, llama.cpp's layout)
 ``load_model`` with the same logits and a working tokenizer, and ``measure`` runs on it.
 
 Not here (docs/real-models.md "GGUF architectures"): deci (no transformers model class), gpt_oss
-(transformers cannot map its experts), gemma4 and qwen35 / qwen35moe (not written yet), t5 / umt5
+(transformers cannot map its experts: refused, tested below), gemma4 (not written yet), t5 / umt5
 (not causal LMs).
 """
 

@@ -11,13 +11,14 @@ transformers reverses on load (``modeling_gguf_pytorch_utils``' ``TensorProcesso
 - GPT-2's ``Conv1D`` weights transposed to ``(out, in)``;
 - Gemma's and Nemotron's norm weights stored as ``w + 1``;
 - MoE experts as stacked 3D tensors (``ffn_gate_exps``, ``ffn_up_exps``, ``ffn_down_exps``);
-- Mamba's ``A = -exp(A_log)`` and 2D conv kernels, LFM2's 2D short-conv kernels.
+- Mamba's ``A = -exp(A_log)`` and 2D conv kernels, LFM2's 2D short-conv kernels;
+- Qwen3.5's linear-attention value heads tiled instead of grouped, its norms as ``w + 1``.
 
 Fused tensors stay fused where the HF model and llama.cpp both fuse them (Phi-3's ``qkv_proj``
 and ``gate_up_proj``, Bloom's, Falcon's and GPT-2's qkv). The tokenizer is tiny_llama's: a
 byte-level BPE (``tokenizer.ggml.model = gpt2``) of the 256 byte symbols, one merge and ``<eos>``.
 
-:func:`tiny_hf` builds a seeded tiny model per architecture (vocab 258, width 32, 2–3 layers)
+:func:`tiny_hf` builds a seeded tiny model per architecture (vocab 258, width 32, 2–4 layers)
 whose config fields are the ones the GGUF carries, or the config class's defaults where
 transformers reads nothing from the file (e.g. Qwen2-MoE's expert widths), so the model loaded
 back from the GGUF is the same model.
@@ -71,6 +72,18 @@ CONFIGS: dict[str, dict] = {
     "minimax_m2": dict(num_local_experts=4, num_experts_per_tok=2, head_dim=8, rotary_dim=8),
     "lfm2": dict(num_hidden_layers=3, layer_types=["conv", "full_attention", "conv"],
                  block_auto_adjust_ff_dim=False, conv_L_cache=3, tie_word_embeddings=True),
+    # Qwen3.5: GatedDeltaNet linear attention, full attention every 4th layer (transformers'
+    # newer GGUF path, integrations/gguf); rope sections: text positions are the same on each axis
+    "qwen3_5_text": dict(num_hidden_layers=4, head_dim=24, linear_num_key_heads=2,
+                         linear_num_value_heads=4, linear_key_head_dim=8, linear_value_head_dim=8,
+                         linear_conv_kernel_dim=4,
+                         layer_types=["linear_attention"] * 3 + ["full_attention"]),
+    "qwen3_5_moe_text": dict(num_hidden_layers=4, head_dim=24, linear_num_key_heads=2,
+                             linear_num_value_heads=4, linear_key_head_dim=8,
+                             linear_value_head_dim=8, linear_conv_kernel_dim=4,
+                             layer_types=["linear_attention"] * 3 + ["full_attention"],
+                             num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16,
+                             shared_expert_intermediate_size=48),
     # transformers' GGUF loader finds no weights for its experts (docs/real-models.md)
     "gpt_oss": dict(num_local_experts=4, num_experts_per_tok=2, sliding_window=32,
                     layer_types=["sliding_attention", "full_attention"]),
@@ -80,11 +93,13 @@ ARCHS = tuple(a for a in CONFIGS if a not in REFUSED)
 
 # HF model_type → gguf ``general.architecture``
 GGUF_ARCH = {"mistral": "llama", "qwen2_moe": "qwen2moe", "qwen3_moe": "qwen3moe",
-             "gemma3_text": "gemma3", "minimax_m2": "minimax-m2", "gpt_oss": "gpt-oss"}  # fmt: skip
+             "gemma3_text": "gemma3", "minimax_m2": "minimax-m2", "gpt_oss": "gpt-oss",
+             "qwen3_5_text": "qwen35", "qwen3_5_moe_text": "qwen35moe"}  # fmt: skip
 _PERMUTE_QK = {"llama", "mistral"}
 _NORM_PLUS_ONE = {"gemma2", "gemma3_text", "nemotron"}
 _RMS_NORM = {"llama", "mistral", "qwen2", "qwen3", "qwen2_moe", "qwen3_moe", "phi3", "gemma2",
-             "gemma3_text", "mamba", "lfm2", "minimax_m2", "gpt_oss"}  # fmt: skip
+             "gemma3_text", "mamba", "lfm2", "minimax_m2", "gpt_oss", "qwen3_5_text",
+             "qwen3_5_moe_text"}  # fmt: skip
 
 
 def tiny_hf(arch: str, seed: int = 0):
@@ -165,6 +180,16 @@ def _hparams(w, cfg, arch: str) -> None:
             getattr(w, f"add_{key}")(value)
     if arch == "stablelm":
         w.add_parallel_residual(bool(cfg.use_parallel_residual))
+    if arch.startswith("qwen3_5"):
+        w.add_full_attention_interval(cfg.layer_types.index("full_attention") + 1)
+        w.add_ssm_conv_kernel(cfg.linear_conv_kernel_dim)
+        w.add_ssm_state_size(cfg.linear_key_head_dim)
+        w.add_ssm_group_count(cfg.linear_num_key_heads)
+        w.add_ssm_time_step_rank(cfg.linear_num_value_heads)
+        w.add_ssm_inner_size(cfg.linear_value_head_dim * cfg.linear_num_value_heads)
+        rotary = int(_rope(cfg, "partial_rotary_factor", 1.0) * head_dim)
+        half = rotary // 2  # mrope sections (time, height, width): three, none empty
+        w.add_rope_dimension_sections([half - 2 * (half // 3), half // 3, half // 3, 0])
 
 
 def _tokenizer(w, pad: int | None) -> None:
@@ -220,6 +245,43 @@ def _oss_experts(arr: np.ndarray, bid: str, which: str, bias: str | None):
     yield f"blk.{bid}.ffn_up_exps{suffix}", np.ascontiguousarray(up)
 
 
+def _tiled(arr: np.ndarray, cfg, per_element: bool, axis: int = 0) -> np.ndarray:
+    """Qwen3.5's value heads from HF's grouped order (key head, value head) to llama.cpp's tiled
+    one (value head, key head), on ``axis`` (rows: one per head, or ``per_element``: per value)."""
+    k = cfg.linear_num_key_heads
+    v = cfg.linear_num_value_heads // k
+    d = cfg.linear_value_head_dim if per_element else 1
+    moved = np.moveaxis(arr, axis, 0)
+    tiled = moved.reshape(k, v, d, *moved.shape[1:]).swapaxes(0, 1).reshape(moved.shape)
+    return np.ascontiguousarray(np.moveaxis(tiled, 0, axis))
+
+
+def _qwen35(arr: np.ndarray, hf_name: str, cfg) -> tuple[np.ndarray, str]:
+    """llama.cpp's Qwen3.5 transforms: ``w + 1`` norms (not the linear attention's own), value
+    heads tiled, ``A = -exp(A_log)``, 2D conv kernels; dt_bias as ``ssm_dt.bias``."""
+    qk_rows = 2 * cfg.linear_key_head_dim * cfg.linear_num_key_heads
+    if hf_name.endswith("norm.weight") and "linear_attn" not in hf_name:
+        arr = arr + 1
+    elif hf_name.endswith(("in_proj_a.weight", "in_proj_b.weight")):
+        arr = _tiled(arr, cfg, per_element=False)
+    elif hf_name.endswith(("A_log", "dt_bias")):
+        arr = _tiled(arr, cfg, per_element=False)
+        if hf_name.endswith("A_log"):
+            arr = -np.exp(arr)
+        else:
+            return arr, hf_name.replace("model.layers.", "blk.").replace(
+                "linear_attn.dt_bias", "ssm_dt.bias")
+    elif hf_name.endswith("in_proj_z.weight"):
+        arr = _tiled(arr, cfg, per_element=True)
+    elif hf_name.endswith(("in_proj_qkv.weight", "conv1d.weight")):
+        if arr.ndim == 3:
+            arr = arr[:, 0]
+        arr = np.concatenate([arr[:qk_rows], _tiled(arr[qk_rows:], cfg, per_element=True)])
+    elif hf_name.endswith("out_proj.weight"):
+        arr = _tiled(arr, cfg, per_element=True, axis=1)
+    return arr, hf_name
+
+
 def _tensors(model, arch: str):
     """``(llama.cpp name, float32 array)`` for every weight of ``model``, as llama.cpp writes."""
     import gguf
@@ -231,7 +293,12 @@ def _tensors(model, arch: str):
     tied = bool(getattr(cfg, "tie_word_embeddings", False))
     for hf_name, t in model.state_dict().items():
         arr = t.detach().float().numpy().copy()
-        if arch == "gpt_oss" and (m := _OSS_EXPERTS.fullmatch(hf_name)):
+        if arch.startswith("qwen3_5"):
+            arr, hf_name = _qwen35(arr, hf_name, cfg)
+            if hf_name.startswith("blk."):
+                yield hf_name, arr
+                continue
+        elif arch == "gpt_oss" and (m := _OSS_EXPERTS.fullmatch(hf_name)):
             yield from _oss_experts(arr, *m.groups())
             continue
         if m := _EXPERTS.fullmatch(hf_name.removesuffix(".weight")):
