@@ -66,13 +66,18 @@ def test_gguf_loads_as_the_hf_model(written):
     assert tok.decode(ids) == TEXT[:300] and max(ids) < EOS
 
 
-def test_hyperparameters_transformers_leaves_unread_come_from_the_file(written):
+def test_hyperparameters_transformers_leaves_unread_come_from_the_file(written, monkeypatch):
+    import sys
+
     from outlierlab import gguf
     from outlierlab.loading import load_model
 
     arch, ref, path = written
     unread = gguf.unread_config(path)
     assert bool(unread) == (GGUF_ARCH.get(arch, arch) in gguf.UNREAD)
+    with monkeypatch.context() as m:  # transformers < 5: the gguf package's reader
+        m.setitem(sys.modules, "transformers.integrations.gguf", None)
+        assert gguf.unread_config(path) == unread
     cfg = load_model(path).model.config
     for name, value in unread.items():
         rope = getattr(cfg, "rope_parameters", None) or {}
