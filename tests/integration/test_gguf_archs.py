@@ -51,14 +51,17 @@ def written(request, tmp_path_factory):
 def test_gguf_loads_as_the_hf_model(written):
     from outlierlab.loading import load_model
 
-    _, ref, path = written
+    arch, ref, path = written
     loaded = load_model(path)
     assert loaded.kind == "hf" and loaded.path == path and not loaded.model.training
     torch.manual_seed(1)
     x = torch.randint(0, EOS, (2, 48))  # long enough for rotary settings to show
     with torch.no_grad():
         want = ref(input_ids=x).logits
-    torch.testing.assert_close(loaded.logits(x), want, rtol=0, atol=1e-4)
+    # logits are O(10); llama.cpp stores Qwen3.5's A = -exp(A_log), whose float32 round trip
+    # (1e-7) the MoE routing amplifies to ~5e-4
+    atol = 2e-3 if arch == "qwen3_5_moe_text" else 1e-4
+    torch.testing.assert_close(loaded.logits(x), want, rtol=0, atol=atol)
     tok = loaded.tokenizer
     assert tok.eot_id == EOS
     assert tok.encode("ab") == [ord("a"), ord("b")]

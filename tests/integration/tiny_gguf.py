@@ -36,7 +36,8 @@ VOCAB, EOS = 258, 257  # 256 bytes, one merge ("  "), <eos>
 
 _COMMON = dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                num_key_value_heads=2, intermediate_size=64, max_position_embeddings=64,
-               bos_token_id=EOS, eos_token_id=EOS, tie_word_embeddings=False)  # fmt: skip
+               bos_token_id=EOS, eos_token_id=EOS, tie_word_embeddings=False,
+               initializer_range=0.3)  # fmt: skip  # O(1) logits and attention scores
 
 # HF model_type → config overrides on _COMMON (None: drop the key). Fields a GGUF does not carry
 # for the architecture keep the config class's default.
@@ -53,8 +54,8 @@ CONFIGS: dict[str, dict] = {
                       rope_theta=10000.0, moe_intermediate_size=16),
     # Phi3Config's default pad_token_id (32000) must be overridden by the file's
     "phi3": dict(rope_theta=10000.0, pad_token_id=EOS),
-    "gemma2": dict(head_dim=8, tie_word_embeddings=True, rope_theta=10000.0, pad_token_id=None),
-    "gemma3_text": dict(head_dim=8, tie_word_embeddings=True, pad_token_id=None),
+    "gemma2": dict(head_dim=8, tie_word_embeddings=True, rope_theta=10000.0),
+    "gemma3_text": dict(head_dim=8, tie_word_embeddings=True),
     "stablelm": dict(num_key_value_heads=4, rope_theta=500000.0, partial_rotary_factor=0.5),
     "starcoder2": dict(rope_theta=1e6),
     "nemotron": dict(),
