@@ -23,8 +23,6 @@ pytestmark = pytest.mark.hf
 
 from tiny_gguf import ARCHS, EOS, GGUF_ARCH, tiny_hf, write_gguf  # noqa: E402
 
-# the modules holding the blocks, for architectures outlierlab.hf.FAMILIES does not know
-BLOCKS = {"bloom": "transformer.h.*", "falcon": "transformer.h.*", "mamba": "backbone.layers.*"}
 TEXT = "\n\n".join(
     f"Paragraph {i}: the quick brown fox jumps over the lazy dog; {i * 7919 % 1000} apples, "
     f"{'ünïcödé ' * (i % 3)}and a tab\there.\n    indented code = [{i}, {i + 1}]"
@@ -90,23 +88,19 @@ def test_hyperparameters_transformers_leaves_unread_come_from_the_file(written, 
         assert got == pytest.approx(want) == pytest.approx(value), name
 
 
-def test_measure_gguf(written, corpus, tmp_path):
-    from outlierlab import hf
-
-    arch, ref, path = written
+def test_measure_gguf(written, corpus, tmp_path, capsys):
+    """measure finds the residual stream of every architecture from its structure."""
+    _arch, ref, path = written
     out = tmp_path / "m.json"
-    families = getattr(hf, "FAMILIES", None)
-    points = []
-    if families is not None and ref.config.model_type not in families:
-        # TODO(discovery): drop --points once measure finds the blocks of any architecture
-        points = ["--points", BLOCKS.get(arch, "model.layers.*")]
     rc = main(["measure", str(path), "--max-tokens", "256", "--seq-len", "32",
-               "--data", str(corpus), "--json", str(out), *points])  # fmt: skip
+               "--data", str(corpus), "--json", str(out)])  # fmt: skip
     assert rc == 0
+    layers = getattr(ref.config, "num_hidden_layers", None) or ref.config.n_layer
+    assert f"structure: {layers} blocks at " in capsys.readouterr().out
     rep = json.loads(out.read_text())
     assert rep["tokens"] == 256
-    layers = getattr(ref.config, "num_hidden_layers", None) or ref.config.n_layer
-    assert len(rep["points"]) >= layers
+    names = [p["name"] for p in rep["points"]]
+    assert names == ["embed.resid_post"] + [f"blocks.{i}.resid_post" for i in range(layers)]
     assert all(math.isfinite(p["kurtosis"]) for p in rep["points"])
 
 
