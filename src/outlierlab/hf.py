@@ -98,7 +98,8 @@ def _load(transformers: Any, path: Path, device: str | torch.device):
     model.to(device).eval()
     seq_len = None
     for key in ("max_position_embeddings", "n_positions", "n_ctx"):
-        if isinstance(getattr(cfg, key, None), int):
+        value = getattr(cfg, key, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:  # XLNet: -1
             seq_len = getattr(cfg, key)
             break
     return model, TransformersTokenizer(tok), seq_len

@@ -66,6 +66,8 @@ class PointProfile:
         x = x.detach().double()
         if x.dim() == 2:
             x = x.unsqueeze(0)
+        elif x.dim() > 3:  # parallel streams per token (hyper-connections, AltUp): rows of d
+            x = x.reshape(x.shape[0], -1, x.shape[-1])
         b, t, d = x.shape
         sq = x.square()
         all_, rest = sq.sum((0, 1)), sq[:, 1:].sum((0, 1))

@@ -440,7 +440,9 @@ def attention_points(model: nn.Module, structure: Structure | None = None
     meanwhile, then switched back); yields ``{}`` when the model exposes none."""
     structure = structure or discover(model)
     inner = unwrap(model)
-    restore = eager_attention(inner) if structure.attention and is_hf(inner) else None
+    restore = None
+    if structure.attention and is_hf(inner):
+        restore = eager_attention(_owner(inner, structure.blocks[0]))
     if restore is False:  # the model cannot run eager attention: no probabilities
         yield {}
         return
@@ -454,6 +456,15 @@ def attention_points(model: nn.Module, structure: Structure | None = None
             p.close()
         if callable(restore):
             restore()
+
+
+def _owner(model: nn.Module, block: nn.Module) -> nn.Module:
+    """The innermost HF model holding ``block`` (a multimodal model's text model): only its
+    attention is switched, so towers that support one kind only (Gemma 4's audio) keep theirs."""
+    owners = [(n.count(".") + bool(n), m) for n, m in model.named_modules()
+              if callable(getattr(m, "set_attn_implementation", None))
+              and hasattr(m, "config") and any(b is block for b in m.modules())]  # fmt: skip
+    return max(owners, key=lambda t: t[0])[1] if owners else model
 
 
 def eager_attention(model: nn.Module) -> Callable[[], None] | bool | None:

@@ -147,7 +147,7 @@ def _experts_rows(experts: dict[str, Any]) -> list[dict[str, Any]]:
     return [
         {
             "name": name,
-            "kind": "experts",
+            "kind": m.kind,
             "shape": m.shape(),
             "act_sqnr_db": _finite(sqnr_db(m.act.stats.signal, m.act.stats.noise)),
             "weight_sqnr_db": _finite(sqnr_db(m.weight_signal, m.weight_noise)),

@@ -41,7 +41,16 @@ def is_conv1d(module: nn.Module) -> bool:
 
 
 def is_linear(module: nn.Module) -> bool:
-    return isinstance(module, nn.Linear) or is_conv1d(module)
+    """An ``nn.Linear`` computing x Wᵀ + b (its own forward), or HF ``Conv1D``."""
+    if isinstance(module, nn.Linear):
+        return type(module).forward is nn.Linear.forward
+    return is_conv1d(module)
+
+
+def is_custom_linear(module: nn.Module) -> bool:
+    """An ``nn.Linear`` subclass with a forward of its own (DeepSeek-V4's grouped output
+    projection): wrapped like experts, its weight quantised in place and its forward kept."""
+    return isinstance(module, nn.Linear) and not is_linear(module)
 
 
 class ActStats:
@@ -83,6 +92,7 @@ class ActQuant(nn.Module):
         self._samples: list[torch.Tensor] = []
         self._batches = 0
         self.stats: ActStats | None = None
+        self.uncalibrated = False  # saw no calibration batch (see finalize)
 
     def observe(self, x: torch.Tensor) -> None:
         """Widen the running [min, max] (``minmax``) or keep a subsample (``percentile``)."""
@@ -107,7 +117,11 @@ class ActQuant(nn.Module):
             self.calib_lo, self.calib_hi = float(lo), float(hi)
             self._samples = []
         if self.calib_lo is None or self.calib_hi is None:
-            raise RuntimeError("activation quantiser saw no calibration data")
+            # never reached by a calibration batch (a decoder's cross-attention without an
+            # encoder, an expert no calibration token was routed to): at evaluation its range
+            # comes from its own input (dynamic per tensor), and the report says so
+            self.uncalibrated = True
+            return
         lo = torch.tensor(self.calib_lo, dtype=torch.float32)
         hi = torch.tensor(self.calib_hi, dtype=torch.float32)
         self.scale, self.zero = scale_zero_point(lo, hi, self.bits, self.symmetric)
@@ -121,9 +135,11 @@ class ActQuant(nn.Module):
             return x
         if self.granularity == "token":
             q = quantize_dynamic(x, self.bits, self.symmetric, "token")
-        else:
-            if self._static is None:
+        elif self._static is None:
+            if not self.uncalibrated:
                 raise RuntimeError("static activation quantiser used before calibration")
+            q = quantize_dynamic(x, self.bits, self.symmetric, "tensor")
+        else:
             q = fake_quant(x, *self._static, self.bits, self.symmetric)
         if self.stats is not None:
             self.stats.update(x, q)
@@ -167,6 +183,11 @@ class QuantLinear(nn.Module):
     @property
     def out_features(self) -> int:
         return self.weight.shape[0]
+
+    @property
+    def observed(self) -> bool:
+        """Whether ``smooth_observe`` recorded any input (see :meth:`take_xmax`)."""
+        return self._xmax is not None
 
     def take_xmax(self) -> torch.Tensor:
         """The per-input-channel max|X_j| observed with ``smooth_observe`` (then forgotten)."""
@@ -223,7 +244,7 @@ def is_experts(module: nn.Module) -> bool:
     """A mixture-of-experts layer storing its experts' weights as 3-D parameters (E, out, in)
     (or (E, in, out) with ``is_transposed``), as transformers 5 does (``gate_up_proj``,
     ``down_proj``), instead of one ``nn.Linear`` per expert."""
-    if is_linear(module) or isinstance(module, nn.modules.conv._ConvNd):
+    if isinstance(module, (nn.Linear, nn.modules.conv._ConvNd)) or is_conv1d(module):
         return False
     named = [(n, p) for n, p in module.named_parameters(recurse=False) if p.dim() == 3]
     return bool(named) and (bool(re.search("Expert|Moe|MoE", type(module).__name__))
@@ -240,20 +261,24 @@ class QuantExperts(nn.Module):
     def __init__(self, experts: nn.Module, cfg: QuantConfig) -> None:
         super().__init__()
         self.experts = experts
+        self.kind = "linear" if is_custom_linear(experts) else "experts"
         self.cfg = cfg
         self.act = ActQuant(cfg)
         self.transposed = bool(getattr(experts, "is_transposed", False))
         self.weight_signal = self.weight_noise = 0.0
         self.quantized = False
 
-    @property
-    def in_features(self) -> int:
-        w = next(p for p in self.experts.parameters(recurse=False) if p.dim() == 3)
-        return w.shape[1] if self.transposed else w.shape[2]
+    def _weights(self) -> list[nn.Parameter]:
+        """The 3-D expert weights, or a custom linear's (out, in) weight as one 'expert'."""
+        if self.kind == "linear":
+            return [self.experts.weight]
+        return [p for p in self.experts.parameters(recurse=False) if p.dim() == 3]
 
     def shape(self) -> list[int]:
-        """(experts, parameters, largest matrix size) for the report."""
-        ws = [p for p in self.experts.parameters(recurse=False) if p.dim() == 3]
+        """A custom linear's weight shape; (experts, parameters, largest matrix size) else."""
+        ws = self._weights()
+        if self.kind == "linear":
+            return list(ws[0].shape)
         return [ws[0].shape[0], len(ws), max(w[0].numel() for w in ws)]
 
     def quantize_weight(self) -> None:
@@ -262,17 +287,16 @@ class QuantExperts(nn.Module):
             return
         c = self.cfg
         signal = noise = 0.0
-        for p in self.experts.parameters(recurse=False):
-            if p.dim() != 3:
-                continue
+        for p in self._weights():
             w = p.detach().float()
+            w = w[None] if w.dim() == 2 else w
             w = w.transpose(1, 2) if self.transposed else w  # (E, out, in)
             wq = torch.stack([quantize_weight(we, c.w_bits, c.w_symmetric, c.w_granularity,
                                               c.w_range) for we in w])  # fmt: skip
             signal += float(w.square().sum())
             noise += float((w - wq).square().sum())
             wq = wq.transpose(1, 2) if self.transposed else wq
-            p.data.copy_(wq.to(p.dtype))
+            p.data.copy_(wq.reshape(p.shape).to(p.dtype))
         self.weight_signal, self.weight_noise, self.quantized = signal, noise, True
 
     def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
@@ -324,8 +348,11 @@ def linear_names(model: nn.Module, include_head: bool = False) -> list[str]:
 
 
 def experts_names(model: nn.Module) -> list[str]:
-    """Names of every 3-D-parameter experts layer (:func:`is_experts`), in model order."""
-    return [n for n, m in model.named_modules() if n and is_experts(m)]
+    """Names of every 3-D-parameter experts layer (:func:`is_experts`) and custom-forward
+    linear (:func:`is_custom_linear`), in model order; routers and the head excluded."""
+    keep = router_names(model) | head_names(model)
+    return [n for n, m in model.named_modules()
+            if n and n not in keep and (is_experts(m) or is_custom_linear(m))]  # fmt: skip
 
 
 def wrap(model: nn.Module, cfg: QuantConfig) -> nn.Module:
@@ -380,10 +407,21 @@ def residual_modules(model: nn.Module) -> list[Point]:
 
 
 def _replace_first(value: Any, quant: ActQuant) -> Any:
+    """``value`` with its hidden states (the tensor, or the first element of a tuple, list,
+    named tuple or HF ``ModelOutput``) quantised."""
     if isinstance(value, torch.Tensor):
         return quant(value)
-    if isinstance(value, tuple) and value and isinstance(value[0], torch.Tensor):
-        return (quant(value[0]), *value[1:])
+    if isinstance(value, dict) and value:  # HF ModelOutput: its first field
+        key = next(iter(value))
+        if isinstance(value[key], torch.Tensor):
+            out = copy.copy(value)
+            out[key] = quant(value[key])
+            return out
+    if isinstance(value, (tuple, list)) and value and isinstance(value[0], torch.Tensor):
+        items = [quant(value[0]), *value[1:]]
+        if isinstance(value, list) or type(value) is tuple:
+            return items if isinstance(value, list) else tuple(items)
+        return type(value)(*items)  # a named tuple
     raise TypeError(f"cannot quantise a {type(value).__name__}")
 
 
