@@ -206,14 +206,16 @@ def _figures(res: dict[str, Any], out: Path) -> list[tuple[str, str]]:
     return figs
 
 
-def write_page(res: dict[str, Any], out: str | Path, title: str) -> dict[str, Path]:
-    """Write ``price.md``, ``price.html``, ``price.json`` and the PNG figures into ``out``."""
+def write_page(res: dict[str, Any], out: str | Path, title: str,
+               figures: bool = True) -> dict[str, Path]:  # fmt: skip
+    """Write ``price.md``, ``price.html``, ``price.json`` and (``figures``) the PNG figures into
+    ``out``."""
     from outlierlab.experiments.report import html_table, md_table
     from outlierlab.run_folder import write_json
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    figs = _figures(res, out)
+    figs = _figures(res, out) if figures else []
     intro = (
         f"{res['eval_windows']} validation windows × {res['seq_len']} tokens for perplexity; "
         f"profile and per-layer statistics on the first {res['stats_windows']}; calibration on "

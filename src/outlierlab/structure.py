@@ -469,19 +469,50 @@ def _owner(model: nn.Module, block: nn.Module) -> nn.Module:
 
 def eager_attention(model: nn.Module) -> Callable[[], None] | bool | None:
     """Switch an HF model to eager attention (the kind that returns probabilities): the
-    function that switches it back, None when it already is, False when it cannot."""
+    function that switches it back, None when it already is, False when it cannot. Families
+    that cannot switch through ``set_attn_implementation`` but read the config at call time
+    (Falcon, MPT, ...) get the config value set directly."""
     cfg = getattr(model, "config", None)
     old = getattr(cfg, "_attn_implementation", None)
     setter = getattr(model, "set_attn_implementation", None)
     if old in (None, "eager"):
         return None
-    if not callable(setter):
-        return False
+    switched = False
+    if callable(setter):
+        with _transformers_quiet():
+            try:
+                setter("eager")
+                switched = cfg._attn_implementation == "eager"
+            except (ValueError, ImportError, NotImplementedError, AttributeError):
+                switched = False
+    if switched:
+        return lambda: _restore(setter, cfg, old)
     try:
-        setter("eager")
-    except (ValueError, ImportError, NotImplementedError):
+        cfg._attn_implementation = "eager"
+    except (AttributeError, ValueError):
         return False
-    return lambda: setter(old)
+    return lambda: setattr(cfg, "_attn_implementation", old)
+
+
+def _restore(setter: Callable[[str], None], cfg: Any, old: str) -> None:
+    with _transformers_quiet():
+        try:
+            setter(old)
+        except (ValueError, ImportError, NotImplementedError, AttributeError):
+            cfg._attn_implementation = old
+
+
+@contextmanager
+def _transformers_quiet() -> Iterator[None]:
+    """transformers' warnings off meanwhile (the CLI's stderr is for one-line errors)."""
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
 
 
 def forward_tokens(model: nn.Module, idx: torch.Tensor) -> Any:

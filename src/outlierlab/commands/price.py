@@ -27,6 +27,8 @@ def add_parser(subparsers: Any) -> None:
     add_data_options(p)
     p.add_argument("--device", default="cpu")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--no-figures", action="store_true",
+                   help="tables only, no PNG figures (faster: for many models in a row)")
     p.set_defaults(func=run)
 
 
@@ -54,7 +56,8 @@ def run(args: argparse.Namespace) -> int:
                         progress=step, points=points)  # fmt: skip
     res["model"] = str(path)
     res["data"] = data.source
-    paths = write_page(res, out, title=f"What outlier features cost: {path.name}")
+    paths = write_page(res, out, title=f"What outlier features cost: {path.name}",
+                       figures=not args.no_figures)  # fmt: skip
     _print_summary(res, paths)
     return 0
 
