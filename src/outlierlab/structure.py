@@ -441,8 +441,16 @@ def attention_points(model: nn.Module, structure: Structure | None = None
     structure = structure or discover(model)
     inner = unwrap(model)
     restore = None
+    undo_flag = None
     if structure.attention and is_hf(inner):
-        restore = eager_attention(_owner(inner, structure.blocks[0]))
+        owner = _owner(inner, structure.blocks[0])
+        restore = eager_attention(owner)
+        cfg = getattr(owner, "config", None)
+        if _recorded(inner, "attentions")[0] is None and cfg is not None:
+            # older code paths (OpenAI GPT, MVP, TrOCR, CPM-Ant) return the probabilities
+            # from their attention modules only when output_attentions is on
+            undo_flag = (cfg, cfg.output_attentions)
+            cfg.output_attentions = True
     if restore is False:  # the model cannot run eager attention: no probabilities
         yield {}
         return
@@ -456,6 +464,8 @@ def attention_points(model: nn.Module, structure: Structure | None = None
             p.close()
         if callable(restore):
             restore()
+        if undo_flag is not None:
+            undo_flag[0].output_attentions = undo_flag[1]
 
 
 def _owner(model: nn.Module, block: nn.Module) -> nn.Module:

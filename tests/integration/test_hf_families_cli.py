@@ -30,10 +30,11 @@ BLOCKS = {
     "hrm_text": 2,  # two stacks of 2 (H and L modules): the first found (its H module)
     "nemotron_h": 4,  # one block per mixer kind (mamba, MoE, attention, MLP)
 }
-# Families without a softmax attention module per block (state-space, recurrent, linear-attention
-# mixers only in some blocks, or attention whose probabilities are not returned)
+# Families without softmax attention probabilities per block: state-space and recurrent mixers
+# (mamba, rwkv, xlstm), LSH attention (reformer), no block modules (xlm), several stacks (blt,
+# hrm_text), two-stream relative attention returning a pair (xlnet)
 ATTENTION_OPTIONAL = {"mamba", "mamba2", "falcon_mamba", "rwkv", "xlstm", "reformer", "xlm",
-                      "blt", "hrm_text"}  # fmt: skip
+                      "blt", "hrm_text", "xlnet"}  # fmt: skip
 QUANT = ["--eval-windows", "2", "--stats-windows", "1", "--calib-batches", "1",
          "--batch-size", "2"]  # fmt: skip
 

@@ -166,3 +166,32 @@ def test_structure_discovers_blocks_final_norm_and_attention(family):
     if family != "bert":  # post-norm encoder: no final norm beside its layers
         assert st.final_norm is not None and st.final_norm.rsplit(".", 1)[-1] in (
             "ln_f", "final_layer_norm", "norm", "final_layernorm")  # fmt: skip
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama", "opt", "neox"])
+def test_attention_entropy_of_hf_models_leaves_outputs_unchanged(family):
+    """attn_entropy=True reads HF attention probabilities through eager attention while hooked:
+    the logits meanwhile equal SDPA's to rounding, the implementation is switched back after,
+    and each layer's mean entropy matches the eager attentions transformers returns."""
+    model, _ = build(family)
+    model.eval()
+    impl = model.config._attn_implementation
+    ids = torch.randint(0, V, (2, 12), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        before = model(input_ids=ids).logits
+        with OutlierMonitor(model, attn_entropy=True, attn_max_tokens=None) as mon:
+            during = model(input_ids=ids).logits
+        after = model(input_ids=ids).logits
+    assert model.config._attn_implementation == impl
+    torch.testing.assert_close(during, before, rtol=0, atol=1e-5)
+    assert torch.equal(after, before)
+    ent = mon.attention_entropy()
+    assert list(ent) == [f"blocks.{i}.attn" for i in range(L)]
+    model.set_attn_implementation("eager")
+    with torch.no_grad():
+        att = model(input_ids=ids, output_attentions=True).attentions
+    model.set_attn_implementation(impl)
+    for i, a in enumerate(att):
+        p = a.double()
+        want = float(-(p * torch.log(p.clamp_min(1e-300))).sum(-1).mean())
+        assert ent[f"blocks.{i}.attn"] == pytest.approx(want, rel=1e-5)
