@@ -140,13 +140,21 @@ def _with(config: Any, values: dict[str, Any]) -> Any:
 
 
 class _quiet_loading:
-    """No progress bars while loading: transformers' own (its logging switch) and the ``tqdm``
-    bar it draws while dequantising GGUF tensors, which ignores that switch (its module's
-    ``tqdm`` is swapped for a disabled one meanwhile)."""
+    """Loading without noise and without reading the file three times.
+
+    - No progress bars: transformers' own (its logging switch) and the ``tqdm`` bar it draws
+      while dequantising GGUF tensors, which ignores that switch (its module's ``tqdm`` is
+      swapped for a disabled one meanwhile).
+    - One parse of the file: transformers builds a ``gguf.GGUFReader`` for the config, the
+      tokenizer and the weights, each parsing every metadata field (SmolLM2's 49 152-token
+      vocabulary and merges: most of the load time); meanwhile ``gguf.GGUFReader`` returns one
+      reader per path (read-only, memory-mapped), and ``gguf.get_tensor_name_map``, rebuilt
+      for every tensor, is memoised."""
 
     def __enter__(self) -> None:
         import functools
 
+        import gguf
         from transformers import modeling_gguf_pytorch_utils as mod
         from transformers.utils import logging as hf_logging
 
@@ -155,10 +163,24 @@ class _quiet_loading:
         self._mod, self._old = mod, getattr(mod, "tqdm", None)
         if self._old is not None:
             mod.tqdm = functools.partial(self._old, disable=True)
+        self._gguf = gguf
+        self._reader, self._names = gguf.GGUFReader, gguf.get_tensor_name_map
+        readers: dict[tuple[str, str], Any] = {}
+        reader_cls = self._reader
+
+        def shared_reader(path: Any, mode: str = "r") -> Any:
+            key = (str(path), mode)
+            if key not in readers:
+                readers[key] = reader_cls(path, mode)
+            return readers[key]
+
+        gguf.GGUFReader = shared_reader
+        gguf.get_tensor_name_map = functools.lru_cache(maxsize=None)(self._names)
 
     def __exit__(self, *exc: object) -> None:
         from transformers.utils import logging as hf_logging
 
+        self._gguf.GGUFReader, self._gguf.get_tensor_name_map = self._reader, self._names
         if self._old is not None:
             self._mod.tqdm = self._old
         if self._bars:
