@@ -11,9 +11,11 @@ it ends, with the statistics collected (all-reduced under DDP) and cleared. Used
   :meth:`begin_step` / :meth:`end_step`).
 
 Subsamples (Eq. 2 and cos-sim, at most ``mmr_max_tokens`` / ``cos_max_tokens`` tokens per
-forward) are seeded from the step: the f-th measured forward of step s is forward number
-``s · 2**20 + f`` for :meth:`OutlierMonitor.number_forwards`, so a resumed run draws exactly the
-subsamples of an uninterrupted one. Imports neither transformers nor lightning.
+forward) are seeded from the step and the global micro-batch: micro-batch m of step s (m = a·w + r
+for rank r of w at accumulation step a) is forward number ``s · 2**20 + m`` for
+:meth:`OutlierMonitor.number_forwards`, so a resumed run draws exactly the subsamples of an
+uninterrupted one, and 2 ranks those of 1 process accumulating the same global batch. Imports
+neither transformers nor lightning.
 """
 
 from __future__ import annotations
@@ -105,15 +107,24 @@ class MeasureEvery:
         mon.enabled = False
         self.monitor = mon
 
-    def begin_step(self, step: int) -> bool:
-        """Step ``step`` begins: if it is due, measure every forward until :meth:`end_step`."""
+    def begin_step(self, step: int, rank: int = 0, world: int = 1) -> bool:
+        """Step ``step`` begins: if it is due, measure every forward until :meth:`end_step`.
+        Rank ``rank`` of ``world`` numbers its forwards by global micro-batch (``loop.py``: rank
+        r takes micro-batch a·w + r at accumulation step a), so the subsamples do not depend on
+        the rank count."""
         if self.monitor is None or self.step is not None or not self.due(step):
             return False
         self.monitor.reset()
-        self.monitor.number_forwards(step * FORWARDS_PER_STEP)
+        self.monitor.number_forwards(step * FORWARDS_PER_STEP + rank, stride=world)
         self.monitor.enabled = True
         self.step = step
         return True
+
+    def number(self, index: int) -> None:
+        """Number the next forward of the measured step ``index`` (a global batch index, e.g.
+        an evaluation group that does not depend on the rank count)."""
+        if self.monitor is not None and self.step is not None:
+            self.monitor.number_forwards(self.step * FORWARDS_PER_STEP + index)
 
     def end_step(self, all_reduce: bool = False) -> Measured | None:
         """The measured step has ended: its results (summed over ranks with ``all_reduce``;
@@ -142,7 +153,7 @@ class MeasureEvery:
             self.open(trainer.model)
 
     def on_step_begin(self, trainer: Any, step: int) -> None:
-        self.begin_step(step)
+        self.begin_step(step, trainer.dist.rank, trainer.dist.world_size)
 
     def on_step_end(self, trainer: Any, step: int, row: dict[str, Any]) -> None:
         if self.replay and self.due(step):
@@ -156,7 +167,7 @@ class MeasureEvery:
     def _replay(self, trainer: Any, step: int) -> None:
         """Measure this rank's micro-batches of the step in extra eager no-grad forwards."""
         self.open(trainer.model)
-        self.begin_step(step)
+        self.begin_step(step, trainer.dist.rank, trainer.dist.world_size)
         with torch.no_grad(), trainer.autocast():
             for xb in trainer.local_micro_batches():
                 trainer.model(xb)

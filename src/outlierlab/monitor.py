@@ -108,7 +108,8 @@ class OutlierMonitor:
         self._acc: dict[str, StatsAccumulator] = {}
         self._handles: list[Any] = []
         self._calls = 0  # forward calls of the root
-        self._measured = 0  # measured forward calls (seeds the subsamples)
+        self._measured = 0  # number of the next measured forward (seeds the subsamples)
+        self._stride = 1  # added to it after each measured forward
         self._active = False
         self._mask: torch.Tensor | None = None
         self._fwd_mask: torch.Tensor | None = None
@@ -174,7 +175,7 @@ class OutlierMonitor:
 
     def _root_post(self, module: nn.Module, args: tuple, out: Any) -> None:
         if self._active:
-            self._measured += 1
+            self._measured += self._stride
             self._set_sinks(False)
         self._active = False
         self._fwd_mask = None
@@ -259,11 +260,13 @@ class OutlierMonitor:
         root's forward takes precedence for its own call."""
         self._mask = mask
 
-    def number_forwards(self, start: int) -> None:
-        """Number the next measured forward ``start`` (then ``start + 1``, …): its subsamples
-        are seeded by ``seed + start``. Training loops derive it from the step
-        (:class:`outlierlab.measuring.MeasureEvery`), so a resumed run draws the same ones."""
-        self._measured = start
+    def number_forwards(self, start: int, stride: int = 1) -> None:
+        """Number the next measured forward ``start`` (then ``start + stride``, …): its
+        subsamples are seeded by ``seed + start``. Training loops derive it from the step and
+        the global micro-batch (:class:`outlierlab.measuring.MeasureEvery`: rank r of w numbers
+        its forwards r, r + w, …), so a resumed run, or the same batch on another number of
+        ranks, draws the same ones."""
+        self._measured, self._stride = start, stride
 
     def reset(self) -> None:
         """Forget all statistics (hooks stay)."""

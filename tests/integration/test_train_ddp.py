@@ -14,6 +14,9 @@ from outlierlab import config as C
 from outlierlab.run_folder import RunFolder
 from outlierlab.train import train
 
+MONITOR_FIELDS = {"kurtosis", "mmr", "cos_sim", "kurtosis_authors", "corr_authors",
+                  "kurtosis_mean", "kurtosis_max", "attn_entropy", "attn_entropy_min"}
+
 
 @pytest.mark.slow
 def test_two_ranks_match_one_process_with_accumulation(tmp_path, cache_dir):
@@ -43,9 +46,21 @@ def test_two_ranks_match_one_process_with_accumulation(tmp_path, cache_dir):
             assert rb["grad_norm"] == pytest.approx(ra["grad_norm"], rel=1e-4, abs=1e-6)
         if "val_loss" in ra:
             assert rb["val_loss"] == pytest.approx(ra["val_loss"], rel=1e-5)
-        if "kurtosis" in ra:  # monitor statistics all-reduced over both ranks' micro-batches
-            for k, v in ra["kurtosis"].items():
-                assert rb["kurtosis"][k] == pytest.approx(v, rel=1e-4)
+        # every logged monitor field, training (all-reduced over both ranks' micro-batches) and
+        # held-out (val_*): subsamples are numbered by global micro-batch / evaluation group,
+        # so MMR, cos-sim and attention entropy match too, not only Kurt
+        fields = [k for k in ra if k.removeprefix("val_") in MONITOR_FIELDS]
+        if ra["step"] in (6, 12):
+            assert {"kurtosis", "mmr", "cos_sim", "attn_entropy", "val_mmr"} <= set(fields)
+        assert set(fields) == {k for k in rb if k.removeprefix("val_") in MONITOR_FIELDS}
+        for key in fields:
+            va, vb = ra[key], rb[key]
+            if isinstance(va, dict):
+                assert va.keys() == vb.keys(), key
+                for k, v in va.items():
+                    assert vb[k] == pytest.approx(v, rel=1e-4, abs=1e-6), (key, k)
+            else:
+                assert vb == pytest.approx(va, rel=1e-4, abs=1e-6), key
     wa, wb = load_file(one / "model.safetensors"), load_file(ddp / "model.safetensors")
     assert max((wa[k] - wb[k]).abs().max().item() for k in wa) < 1e-4
     assert sorted(p.name for p in (ddp / "checkpoints").iterdir()) == ["step-12", "step-6"]

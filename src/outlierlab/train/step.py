@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -109,14 +110,20 @@ class TrainStep:
 
 @torch.no_grad()
 def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int,
-             dist: distributed.Dist, dtype: torch.dtype | None = None) -> float:  # fmt: skip
-    """Mean next-token loss over the fixed validation windows (sharded over ranks)."""
+             dist: distributed.Dist, dtype: torch.dtype | None = None,
+             before: Callable[[int], None] | None = None) -> float:  # fmt: skip
+    """Mean next-token loss over the fixed validation windows. The windows form groups of
+    ``batch_size`` consecutive ones, one forward each, dealt to the ranks in turn (group g to
+    rank g mod w): the same forwards whatever the rank count, so the monitor's per-forward
+    statistics (cos-sim, subsamples) are too; ``before(g)`` is called before group g's."""
     was_training = model.training
     model.eval()
-    idx = torch.arange(dist.rank, len(x), dist.world_size)
+    groups = range(0, len(x), batch_size)
     tot = torch.zeros(2, dtype=torch.float64, device=dist.device)
-    for i in range(0, len(idx), batch_size):
-        j = idx[i : i + batch_size]
+    for g in range(dist.rank, len(groups), dist.world_size):
+        j = torch.arange(groups[g], min(groups[g] + batch_size, len(x)))
+        if before is not None:
+            before(g)
         with autocast(dist.device, dtype):
             _, loss = model(x[j].to(dist.device), y[j].to(dist.device))
         tot[0] += loss.double() * len(j)

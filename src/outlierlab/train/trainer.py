@@ -363,7 +363,7 @@ class Trainer:
                 meter.begin_step(self.step)
             with torch.no_grad():
                 loss = evaluate(self.model, x, y, self.cfg.train.batch_size, self.dist,
-                                self.dtype)  # fmt: skip
+                                self.dtype, before=meter.number if meter else None)  # fmt: skip
             measured = meter.end_step(all_reduce=self.dist.enabled) if meter else None
         finally:
             if meter is not None:
