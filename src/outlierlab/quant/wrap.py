@@ -169,6 +169,7 @@ class QuantLinear(nn.Module):
         self.smooth_observe = False
         self._xmax: torch.Tensor | None = None  # per input channel max|X_j| for SmoothQuant
         self.kurt_acc: Any = None  # a stats.StatsAccumulator while per-layer stats are on
+        self.enabled = True  # False: the full-precision function (quant.sensitivity)
 
     @classmethod
     def from_module(cls, module: nn.Module, cfg: QuantConfig) -> QuantLinear:
@@ -227,6 +228,8 @@ class QuantLinear(nn.Module):
             self.kurt_acc.update(x.detach(), mmr_max_tokens=256)
         if self.inv_smooth is not None:
             x = x * self.inv_smooth
+        if not self.enabled:  # x / s with W · s: the layer's full-precision function
+            return F.linear(x, self.weight, self.bias)
         x = self.act(x)
         w = self.weight if self.weight_q is None else self.weight_q
         y = F.linear(x, w, self.bias)

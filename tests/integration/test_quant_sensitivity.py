@@ -1,0 +1,69 @@
+"""Layer sensitivity and the mixed-precision recommendation on a tiny Llama whose damage sits in
+a known layer: a Sun et al.-style massive activation planted on token 0 in block 1's MLP, which a
+static per-tensor activation range (w8a8-tensor) pays for at that block's down projection."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from outlierlab.quant import scheme
+from outlierlab.quant.calibrate import calibrate
+from outlierlab.quant.evaluate import logits_of
+from outlierlab.quant.sensitivity import _Damage, layer_sensitivity
+from outlierlab.quant.wrap import wrap
+
+pytest.importorskip("transformers")
+pytestmark = pytest.mark.hf
+
+from tiny_llama import EOS, PLANT_LAYER, plant_massive, tiny_llama  # noqa: E402
+
+
+def windows(n: int, t: int = 24, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, 256, (n, t + 1), generator=g)
+    ids[:, 0] = EOS  # the planted token starts every window
+    return ids[:, :-1], ids[:, 1:]
+
+
+@pytest.fixture(scope="module")
+def planted():
+    return plant_massive(tiny_llama(), gain=6.0)
+
+
+def test_damage_of_no_layer_is_zero_and_of_all_is_the_quantised_model(planted):
+    cfg = scheme("w8a8-tensor")
+    x, y = windows(4)
+    calib = [windows(4, seed=s)[0] for s in (1, 2)]
+    q = wrap(planted, cfg)
+    calibrate(q, cfg, calib, logits_of)
+    d = _Damage(planted, q, x, y, 2)
+    assert d(set()) == {"kl": pytest.approx(0.0, abs=1e-9), "ppl": pytest.approx(
+        torch.nn.functional.cross_entropy(logits_of(planted, x).reshape(-1, 258), y.reshape(-1))
+        .exp().item(), rel=1e-5)}  # fmt: skip
+    full = d(set(d.layers))
+    lp = torch.log_softmax(logits_of(planted, x).double(), -1)
+    lq = torch.log_softmax(logits_of(q, x).double(), -1)
+    want = float((lp.exp() * (lp - lq)).sum(-1).mean())  # KL(p ‖ q) per token, float64
+    assert full["kl"] == pytest.approx(want, rel=1e-3) and full["kl"] > 0
+
+
+def test_recommendation_finds_the_planted_layer_and_is_verified(planted):
+    x, y = windows(4)
+    calib = [windows(4, seed=s)[0] for s in (1, 2)]
+    res = layer_sensitivity(planted, scheme("w8a8-tensor"), calib, x, y, batch_size=2)
+    top_block = max(res["blocks"], key=lambda r: r["without_kl"])
+    assert top_block["name"] == f"blocks.{PLANT_LAYER}"
+    assert f"blocks.{PLANT_LAYER}" in res["searched_blocks"]
+    worst = res["layers"][0]
+    assert worst["name"] == f"model.layers.{PLANT_LAYER}.mlp.down_proj"
+    assert worst["alone_kl"] > 0.5 * res["full"]["kl"]  # it does most of the damage alone
+    rec = res["recommendation"]
+    assert rec["keep_16bit"][0] == worst["name"]
+    assert rec["verified_recovery"] >= res["share"]  # a real evaluation, not the prediction
+    assert rec["verified_kl"] < 0.1 * res["full"]["kl"] + 1e-12
+    # the search costs: full + 2 per block + 2 per searched linear + verifications
+    n_lin = sum(b["linears"] for b in res["blocks"] if b["name"] in res["searched_blocks"])
+    assert res["evaluations"] == 1 + 2 * len(res["blocks"]) + 2 * n_lin + rec["verifications"]
+    with pytest.raises(ValueError, match="share"):
+        layer_sensitivity(planted, scheme("w8a8-tensor"), calib, x, y, share=1.5)
