@@ -154,3 +154,38 @@ def encode(docs: list[Any], tokenizer: Any, need: int | None = None) -> np.ndarr
         if need is not None and len(ids) >= need:
             break
     return np.asarray(ids, dtype=np.int64)
+
+
+@dataclass
+class EvalSet:
+    """What ``quantize`` and ``price`` evaluate: the loaded model (structure checked), the
+    measurement points, its text, the validation windows and the calibration batches."""
+
+    loaded: Any
+    points: Any
+    data: ModelData
+    val_x: torch.Tensor
+    val_y: torch.Tensor
+    calib: list[torch.Tensor]
+
+
+def eval_set(
+    path: Any, device: str, points: Any, data: str | None, seq_len: int | None,
+    eval_windows: int, calib_batches: int, batch_size: int, seed: int = 0,
+) -> EvalSet:  # fmt: skip
+    """Load ``path``, print what was loaded and the structure line (a refusal comes now, in
+    seconds, not after calibration), then the text, windows and calibration batches."""
+    from outlierlab.loading import load_model
+    from outlierlab.structure import check
+
+    loaded = load_model(path, device=device)
+    print(loaded.describe())
+    points = points or "auto"
+    print(check(loaded.model, points))
+    seq_len = seq_len_for(loaded, seq_len)
+    need_train = calib_batches * batch_size * seq_len + 1
+    text = load_data(loaded, data, seq_len, eval_windows, need_train)
+    val_x, val_y = text.windows(eval_windows)
+    calib = text.calibration(calib_batches, batch_size, seed)
+    text.check_vocab(loaded)
+    return EvalSet(loaded, points, text, val_x, val_y, calib)

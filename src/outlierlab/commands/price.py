@@ -33,29 +33,19 @@ def add_parser(subparsers: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from outlierlab import model_data
-    from outlierlab.loading import load_model
+    from outlierlab.model_data import eval_set
     from outlierlab.price import run_price, schemes, write_page
-    from outlierlab.structure import check
 
     path = Path(args.model)
-    loaded = load_model(path, device=args.device)
-    print(loaded.describe())
-    points = args.points or "auto"
-    print(check(loaded.model, points))  # a refusal comes now, not after calibration
-    seq_len = model_data.seq_len_for(loaded, args.seq_len)
-    need_train = args.calib_batches * args.batch_size * seq_len + 1
-    data = model_data.load_data(loaded, args.data, seq_len, args.eval_windows, need_train)
-    val_x, val_y = data.windows(args.eval_windows)
-    calib = data.calibration(args.calib_batches, args.batch_size, args.seed)
-    data.check_vocab(loaded)
+    ev = eval_set(path, args.device, args.points, args.data, args.seq_len, args.eval_windows,
+                  args.calib_batches, args.batch_size, args.seed)  # fmt: skip
     out = Path(args.out or f"price-{path.stem if path.is_file() else path.name}")
     steps = ["profile", "FP perplexity"] + [label for label, _ in schemes()]
     with _progress(args.quiet, len(steps)) as step:
-        res = run_price(loaded.model, calib, val_x, val_y, args.batch_size, args.stats_windows,
-                        progress=step, points=points)  # fmt: skip
+        res = run_price(ev.loaded.model, ev.calib, ev.val_x, ev.val_y, args.batch_size,
+                        args.stats_windows, progress=step, points=ev.points)  # fmt: skip
     res["model"] = str(path)
-    res["data"] = data.source
+    res["data"] = ev.data.source
     paths = write_page(res, out, title=f"What outlier features cost: {path.name}",
                        figures=not args.no_figures)  # fmt: skip
     _print_summary(res, paths)

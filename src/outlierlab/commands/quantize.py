@@ -157,26 +157,18 @@ def evaluate(args: argparse.Namespace, cfg: Any, path: Path, run: RunFolder | No
     """Load, check the structure, calibrate and evaluate; print and return the result."""
     import torch
 
-    from outlierlab import model_data
-    from outlierlab.loading import load_model
+    from outlierlab.model_data import eval_set
     from outlierlab.quant.evaluate import quantize_and_evaluate
-    from outlierlab.structure import check
 
-    loaded = load_model(path, device=args.device)
-    print(loaded.describe())
-    points = args.points or "auto"
-    print(check(loaded.model, points))  # a refusal comes now, not after calibration
-    seq_len = model_data.seq_len_for(loaded, args.seq_len)
-    need_train = args.calib_batches * args.batch_size * seq_len + 1
-    data = model_data.load_data(loaded, args.data, seq_len, args.eval_windows, need_train)
-    val_x, val_y = data.windows(args.eval_windows)
-    calib = data.calibration(args.calib_batches, args.batch_size, args.seed)
-    data.check_vocab(loaded)
+    ev = eval_set(path, args.device, args.points, args.data, args.seq_len, args.eval_windows,
+                  args.calib_batches, args.batch_size, args.seed)  # fmt: skip
     with torch.no_grad():
-        result = quantize_and_evaluate(loaded.model, cfg, calib, val_x, val_y, args.batch_size,
-                                       args.stats_windows, points=points)  # fmt: skip
-    step = {"step": loaded.step} if loaded.step is not None else {}
-    result = {"model": str(path), "kind": loaded.kind, **step, "data": data.source, **result}
+        result = quantize_and_evaluate(ev.loaded.model, cfg, ev.calib, ev.val_x, ev.val_y,
+                                       args.batch_size, args.stats_windows,
+                                       points=ev.points)  # fmt: skip
+    step = {"step": ev.loaded.step} if ev.loaded.step is not None else {}
+    result = {"model": str(path), "kind": ev.loaded.kind, **step, "data": ev.data.source,
+              **result}  # fmt: skip
     _print(result, quiet=args.quiet)
     return result
 

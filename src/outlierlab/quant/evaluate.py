@@ -143,56 +143,38 @@ def layer_stats(
             aq.stats = None
 
 
+def _row(name: str, kind: str, act: Any, weight: Any = None, shape: list[int] | None = None,
+         kurtosis: float | None = None) -> dict[str, Any]:  # fmt: skip
+    """One layer-report row: ``act`` the activation quantiser (its ``stats`` and calibrated
+    range), ``weight`` what holds ``weight_signal``/``weight_noise`` (None: no weight)."""
+    w_sqnr = None if weight is None else sqnr_db(weight.weight_signal, weight.weight_noise)
+    return {
+        "name": name,
+        "kind": kind,
+        **({} if shape is None else {"shape": shape}),
+        "act_sqnr_db": _finite(sqnr_db(act.stats.signal, act.stats.noise)),
+        "weight_sqnr_db": _finite(w_sqnr),
+        "act_min": act.stats.lo,
+        "act_max": act.stats.hi,
+        "calib_min": act.calib_lo,
+        "calib_max": act.calib_hi,
+        "kurtosis": kurtosis,
+    }
+
+
 def _experts_rows(experts: dict[str, Any]) -> list[dict[str, Any]]:
-    return [
-        {
-            "name": name,
-            "kind": m.kind,
-            "shape": m.shape(),
-            "act_sqnr_db": _finite(sqnr_db(m.act.stats.signal, m.act.stats.noise)),
-            "weight_sqnr_db": _finite(sqnr_db(m.weight_signal, m.weight_noise)),
-            "act_min": m.act.stats.lo,
-            "act_max": m.act.stats.hi,
-            "calib_min": m.act.calib_lo,
-            "calib_max": m.act.calib_hi,
-            "kurtosis": None,
-        }
-        for name, m in experts.items()
-    ]
+    return [_row(n, m.kind, m.act, m, shape=m.shape()) for n, m in experts.items()]
 
 
 def _report_rows(
     layers: dict[str, Any], resid: dict[str, Any], kurtosis: bool
 ) -> list[dict[str, Any]]:
     rows = [
-        {
-            "name": name,
-            "kind": "linear",
-            "shape": [m.out_features, m.in_features],
-            "act_sqnr_db": _finite(sqnr_db(m.act.stats.signal, m.act.stats.noise)),
-            "weight_sqnr_db": _finite(sqnr_db(m.weight_signal, m.weight_noise)),
-            "act_min": m.act.stats.lo,
-            "act_max": m.act.stats.hi,
-            "calib_min": m.act.calib_lo,
-            "calib_max": m.act.calib_hi,
-            "kurtosis": float(m.kurt_acc.result()["kurtosis"]) if kurtosis else None,
-        }
+        _row(name, "linear", m.act, m, shape=[m.out_features, m.in_features],
+             kurtosis=float(m.kurt_acc.result()["kurtosis"]) if kurtosis else None)
         for name, m in layers.items()
     ]
-    return rows + [
-        {
-            "name": name,
-            "kind": aq.kind,
-            "act_sqnr_db": _finite(sqnr_db(aq.stats.signal, aq.stats.noise)),
-            "weight_sqnr_db": None,
-            "act_min": aq.stats.lo,
-            "act_max": aq.stats.hi,
-            "calib_min": aq.calib_lo,
-            "calib_max": aq.calib_hi,
-            "kurtosis": None,
-        }
-        for name, aq in resid.items()
-    ]
+    return rows + [_row(name, aq.kind, aq) for name, aq in resid.items()]
 
 
 @torch.no_grad()
