@@ -10,7 +10,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from outlierlab.cli import output_dir
+from outlierlab.cli import device, output_dir
 from outlierlab.errors import ConfigError, DataError
 from outlierlab.fields import POSITIVE
 
@@ -37,7 +37,7 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--calib-batches", type=POSITIVE, default=2, help="training batches (default 2)")
     p.add_argument("--batch-size", type=POSITIVE, default=4, help="windows per forward (default 4)")
     p.add_argument("--seed", type=int, default=0, help="seed of the calibration batch sampler")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="cpu", type=device)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
 

@@ -13,7 +13,7 @@ import contextlib
 from pathlib import Path
 from typing import Any
 
-from outlierlab.cli import output_file
+from outlierlab.cli import device, output_file
 from outlierlab.errors import ConfigError, DataError, ModelLoadError
 from outlierlab.fields import POSITIVE
 from outlierlab.run_folder import RunFolder, write_json
@@ -65,7 +65,7 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--eval-windows", type=POSITIVE, default=64,
                    help="validation windows (default 64)")
     p.add_argument("--stats-windows", type=POSITIVE, default=16, help="windows for the layer table")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="cpu", type=device)
     p.add_argument("--seed", type=int, default=0, help="seed of the calibration batch sampler")
     p.add_argument("--json", metavar="OUT", type=output_file, help="write the result as JSON here")
     p.add_argument(
@@ -132,6 +132,8 @@ def split_tokens(
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.save and args.no_save:
+        raise ConfigError("--save and --no-save contradict each other; allowed: one of them")
     cfg = build_config(args)  # user mistakes in options fail before anything loads
     path = Path(args.path)
     if not path.is_dir() and path.suffix.lower() != ".gguf":

@@ -405,6 +405,10 @@ def _check_header(weights: Path, cfg: GPTConfig) -> None:
             header = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118 (safe_open is no dict)
     except Exception as exc:  # safetensors raises several types for corrupt files
         raise ModelLoadError(f"{weights}: cannot load ({_one_line(exc)})") from exc
+    layers = {k.split(".")[1] for k in header if k.startswith("blocks.")}
+    if len(layers) != cfg.n_layer:  # before building anything the size of the config
+        raise ModelLoadError(f"{weights}: the file has {len(layers)} blocks, {CONFIG_FILE} asks "
+                             f"for n_layer={cfg.n_layer}")
     with torch.device("meta"):
         wanted = GPT(cfg).state_dict(keep_vars=True)  # tied weights: one object, several names
     for name, t in wanted.items():

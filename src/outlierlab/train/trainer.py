@@ -130,7 +130,8 @@ class Trainer:
         self._stack = contextlib.ExitStack()
         self._writer: MetricsWriter | None = None
         self._sinks: Sinks | None = None
-        self._closed = self._began = self.show = False
+        self._closed = self._began = self.show = self._opened = False
+        self._resume = resume
         self.dist = distributed.init(cfg.train.device)
         try:
             self._build(cfg, resume, progress, allow_data_change)
@@ -213,6 +214,7 @@ class Trainer:
         if last is None:
             return
         state = ckpt.load_checkpoint(last, self.model, self.optimizer, dist.device)
+        ckpt.check_state(state, last)
         self.saved_at = int(state["step"])
         if state.get("global_batch", self.global_batch) != self.global_batch:
             raise ConfigError(
@@ -220,9 +222,14 @@ class Trainer:
                 f"ranks) was {state['global_batch']}, now {self.global_batch}"
             )
         self.step, self.tokens = int(state["step"]), int(state["tokens"])
-        self.sampler.load_state_dict(state["sampler"])
         rngs = state["rng"]
-        ckpt.set_rng_state(rngs[dist.rank] if dist.rank < len(rngs) else rngs[0])
+        try:
+            self.sampler.load_state_dict(state["sampler"])
+            ckpt.set_rng_state(rngs[dist.rank] if dist.rank < len(rngs) else rngs[0])
+        except (ValueError, TypeError, KeyError, IndexError, RuntimeError) as exc:
+            raise CheckpointError(f"{last}/state.json: cannot restore the sampler or RNG "
+                                  f"state ({first_line(exc)}); delete this checkpoint to use "
+                                  "an older one") from None
 
     def _wrap(self) -> None:
         """DDP, ``torch.compile`` and autocast around the bare model: :attr:`step_fn`."""
@@ -250,14 +257,11 @@ class Trainer:
         run, cfg = self.run, self.cfg
         self._lock = run.lock("outlierlab train")
         if not resume:
-            if run.config_file.exists():
-                raise ConfigError(
-                    f"{run.path} already holds a run; resume it with --resume {run.path} or "
-                    "choose another out="
-                )
+            run.check_new()
             return
         if not run.is_run:
             raise CheckpointError(f"{run.path} is not a run folder (no config.json) to resume")
+        run.check_resumable()
         saved = RunConfig.from_dict(run.config)
         changed = changed_maths_fields(saved, cfg)
         if changed:
@@ -285,6 +289,7 @@ class Trainer:
             print(cfg.to_toml(), flush=True)
         if not self.dist.is_main:
             return
+        self._opened = True  # from here on, a failure is this run's: "crashed"
         self._sinks = Sinks(cfg.log, run, cfg.to_dict())  # fails early if wandb is missing
         if run.final_model:  # extending a finished run: its root weights go stale
             run.remove_final_model()
@@ -307,7 +312,11 @@ class Trainer:
     def _set_status(self, status: str, message: str) -> None:
         """Rank 0, holding the lock: the run's final status, if the run folder has one."""
         if self.dist.is_main and self._lock is not None and self.run.status_file.exists():
-            self.run.set_status(status, self.step, message)
+            with contextlib.suppress(OSError):  # a full disk: the last status stays
+                if self._opened:
+                    self.run.set_status(status, self.step, message)
+                else:  # failed before writing anything: the run's own status stays
+                    self.run.note(resume_failed={"at": utc_now(), "message": message})
 
     # -- the steps ------------------------------------------------------------------------------
 
@@ -527,6 +536,9 @@ class Trainer:
         if isinstance(exc, KeyboardInterrupt):
             self.status = "interrupted"
             self._set_status(self.status, "KeyboardInterrupt")
+        elif not self._opened:  # before anything was written (a resume that failed)
+            if isinstance(exc, Exception) and self._resume:
+                self._set_status("", first_line(exc))
         elif not isinstance(exc, (ConfigError, CheckpointError, RunFolderError)):
             self.status = "crashed"
             self._set_status(self.status, first_line(exc))
