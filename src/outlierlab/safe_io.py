@@ -108,3 +108,19 @@ def save_figure(fig, path: str | os.PathLike, **kwargs) -> Path:
     with replacing(path) as tmp:
         fig.savefig(tmp, format=fmt, **kwargs)
     return path
+
+
+@contextlib.contextmanager
+def pinned(path: str | os.PathLike) -> Iterator[str]:
+    """A name for ``path`` that libraries taking a UTF-8 ``str`` can open, pinned to the file
+    as it is now: on Linux ``/proc/self/fd/N`` of an open descriptor, so a file renamed or
+    deleted meanwhile (a checkpoint rotated away by a training run) is still read whole, and a
+    name that is not UTF-8 still opens. Elsewhere the path itself."""
+    if not Path("/proc/self/fd").is_dir():
+        yield str(path)
+        return
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+    try:
+        yield f"/proc/self/fd/{fd}"
+    finally:
+        os.close(fd)

@@ -88,15 +88,21 @@ def read_text(path: Path) -> list[str]:
         f for f in path.rglob("*")
         if f.is_file() and not any(part.startswith(".") for part in f.relative_to(path).parts)
     )  # fmt: skip
-    docs = []
+    docs, not_utf8 = [], []
     for f in files:
         try:
             text = f.read_bytes().decode("utf-8")
-        except (OSError, UnicodeDecodeError):
+        except UnicodeDecodeError:
+            not_utf8.append(f)
+            continue
+        except OSError:
             continue
         if "\x00" not in text and text.strip():
             docs.append(text)
     if not docs:
+        if not_utf8:
+            raise DataError(f"--data {path} holds no UTF-8 text ({len(not_utf8)} file(s) are "
+                            f"not UTF-8, e.g. {not_utf8[0]}); allowed: UTF-8 text files")
         raise DataError(f"--data {path} holds no text")
     return docs
 

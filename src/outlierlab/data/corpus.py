@@ -62,7 +62,8 @@ class Corpus:
 
 def _unit_hash(name: str) -> float:
     """A stable number in [0, 1) from a document name (sha1, first 8 bytes)."""
-    return int.from_bytes(hashlib.sha1(name.encode("utf-8")).digest()[:8], "big") / 2**64
+    digest = hashlib.sha1(name.encode("utf-8", "surrogateescape")).digest()  # any file name
+    return int.from_bytes(digest[:8], "big") / 2**64
 
 
 def stdlib_root() -> Path:

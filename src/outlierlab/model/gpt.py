@@ -20,6 +20,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from outlierlab import safe_io
 from outlierlab.errors import ConfigError, ModelLoadError
 from outlierlab.metrics import causal_attention_probs
 from outlierlab.model.config import GPTConfig
@@ -382,18 +383,20 @@ class GPT(nn.Module):
         except ConfigError as exc:
             raise ModelLoadError(f"{cfg_path}: {exc}") from exc
         expected = meta.get("weights_sha256")
-        if expected is not None and _sha256(weights) != expected:
-            raise ModelLoadError(f"{weights}: checksum does not match {CONFIG_FILE} (tampered?)")
-        _check_header(weights, cfg)  # before allocating what the config asks for
-        model = cls(cfg)
-        try:  # names and shapes already match: strict only guards the invariant
-            load_model(model, str(weights), strict=True, device=str(map_location))
-        except Exception as exc:  # safetensors raises several types for corrupt files
-            raise ModelLoadError(f"{weights}: cannot load ({_one_line(exc)})") from exc
+        with safe_io.pinned(weights) as name:  # the file as it is now, whatever its name
+            if expected is not None and _sha256(name) != expected:
+                raise ModelLoadError(f"{weights}: checksum does not match {CONFIG_FILE} "
+                                     "(tampered?)")
+            _check_header(weights, cfg, name)  # before allocating what the config asks for
+            model = cls(cfg)
+            try:  # names and shapes already match: strict only guards the invariant
+                load_model(model, name, strict=True, device=str(map_location))
+            except Exception as exc:  # safetensors raises several types for corrupt files
+                raise ModelLoadError(f"{weights}: cannot load ({_one_line(exc)})") from exc
         return model.to(map_location).eval()
 
 
-def _check_header(weights: Path, cfg: GPTConfig) -> None:
+def _check_header(weights: Path, cfg: GPTConfig, name: str | None = None) -> None:
     """Compare the tensor names and shapes in the safetensors header of ``weights`` with those
     ``cfg`` builds (on the meta device: no memory), so a tampered config cannot make
     :meth:`GPT.load` allocate more than the file holds. ``ModelLoadError`` names the first
@@ -401,7 +404,7 @@ def _check_header(weights: Path, cfg: GPTConfig) -> None:
     from safetensors import safe_open
 
     try:
-        with safe_open(str(weights), framework="pt") as f:
+        with safe_open(name or str(weights), framework="pt") as f:
             header = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118 (safe_open is no dict)
     except Exception as exc:  # safetensors raises several types for corrupt files
         raise ModelLoadError(f"{weights}: cannot load ({_one_line(exc)})") from exc
