@@ -183,11 +183,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if getattr(args, "func", None) is None:
         parser.print_help()
         return 2
-    for stream in (sys.stdout, sys.stderr):  # file names that are not UTF-8 print as bytes
-        with contextlib.suppress(AttributeError, ValueError):
-            stream.reconfigure(errors="surrogateescape")
     try:
-        with quiet_libraries(getattr(args, "verbose", False)):
+        with quiet_libraries(getattr(args, "verbose", False)), _printable_names():
             return int(args.func(args) or 0)
     except OutlierlabError as exc:
         return _error(args.command, str(exc))
@@ -206,6 +203,22 @@ def _error(command: str, message: str) -> int:
     """Print ``outlierlab COMMAND: error: MESSAGE`` (one line) on stderr; the exit code 2."""
     print(f"outlierlab {command}: error: {' '.join(message.split())}", file=sys.stderr)
     return 2
+
+
+@contextlib.contextmanager
+def _printable_names() -> Iterator[None]:
+    """stdout prints a file name that is not UTF-8 (``\\udcff``) instead of failing."""
+    old = getattr(sys.stdout, "errors", None)
+    try:
+        sys.stdout.reconfigure(errors="backslashreplace")  # type: ignore[union-attr]
+    except (AttributeError, ValueError):
+        old = None
+    try:
+        yield
+    finally:
+        if old is not None:
+            with contextlib.suppress(AttributeError, ValueError):
+                sys.stdout.reconfigure(errors=old)  # type: ignore[union-attr]
 
 
 @contextlib.contextmanager
