@@ -102,10 +102,7 @@ def test_item_3_resume_without_checkpoint_keeps_the_finished_run(run, capsys, ho
     before = snapshot(run)
     err = one_line_error(capsys, "train", "--resume", str(run), "--quiet")
     assert f"cannot resume {run}" in err
-    after = snapshot(run)
-    assert after.pop("status.json") != before.pop("status.json")  # the failure is noted ...
-    assert after == before  # ... and the model and the 9 metrics rows are kept
-    assert RunFolder(run).status["status"] == "finished"
+    assert snapshot(run) == before  # the model and the 9 metrics rows are kept
     assert len(RunFolder(run).metrics) == 9
 
 

@@ -138,7 +138,8 @@ def run(args: argparse.Namespace) -> int:
     path = Path(args.path)
     if not path.is_dir() and path.suffix.lower() != ".gguf":
         raise ModelLoadError(
-            f"{path} is not a folder; expected a run folder, an HF model folder or a .gguf file"
+            f"{path} {'is not a folder' if path.exists() else 'does not exist'}; expected a "
+            "run folder, an HF model folder or a .gguf file"
         )
     run_folder = RunFolder(path)
     if not run_folder.is_run:

@@ -23,7 +23,8 @@ ends with status ``diverged`` naming the step; any other exception marks the run
 changed config or data on resume, a folder another process holds) is raised with its own
 type on every rank. Rank 0 holds the run folder's lock from the check until :meth:`close`.
 
-Run-folder I/O goes through four methods only: :meth:`_check_run_folder`,
+Run-folder I/O goes through five methods only: :meth:`_claim_run_folder`,
+:meth:`_check_run_folder`,
 :meth:`_open_run_folder`, :meth:`_write_row` and :meth:`_set_status`.
 """
 
@@ -131,7 +132,7 @@ class Trainer:
         self._writer: MetricsWriter | None = None
         self._sinks: Sinks | None = None
         self._closed = self._began = self.show = self._opened = False
-        self._resume = resume
+        self._restoring = False  # in _restore: a failure there is noted as resume_failed
         self.dist = distributed.init(cfg.train.device)
         try:
             self._build(cfg, resume, progress, allow_data_change)
@@ -153,6 +154,7 @@ class Trainer:
         self.cfg, self.run = cfg, RunFolder(cfg.out)
         self.show = progress and dist.is_main
         tc = cfg.train
+        self._on_all_ranks(lambda: self._claim_run_folder(resume))  # before any slow work
         if dist.is_main:  # rank 0 builds the token cache, then the others read it
             self.data = prepare(cfg.data, progress=self.show)
         if dist.enabled:
@@ -208,6 +210,7 @@ class Trainer:
     def _restore(self) -> None:
         """Load the newest checkpoint: weights, optimiser, step, tokens, sampler, RNGs."""
         run, dist = self.run, self.dist
+        self._restoring = True
         if dist.is_main:
             ckpt.clean_partial(run)
         last = run.latest_checkpoint
@@ -250,11 +253,10 @@ class Trainer:
 
     # -- the run folder (rank 0 writes; the only methods that touch it) --------------------------
 
-    def _check_run_folder(self, resume: bool, allow_data_change: bool) -> None:
-        """Before anything is written: take the folder's lock; a resumed run must exist with
-        the same maths and data (unless ``allow_data_change``); a new one must not overwrite a
-        run."""
-        run, cfg = self.run, self.cfg
+    def _claim_run_folder(self, resume: bool) -> None:
+        """Take the folder's lock; a new run needs an absent or empty folder, a resumed one a
+        run with a checkpoint to continue from (or nothing to lose)."""
+        run = self.run
         self._lock = run.lock("outlierlab train")
         if not resume:
             run.check_new()
@@ -262,6 +264,13 @@ class Trainer:
         if not run.is_run:
             raise CheckpointError(f"{run.path} is not a run folder (no config.json) to resume")
         run.check_resumable()
+
+    def _check_run_folder(self, resume: bool, allow_data_change: bool) -> None:
+        """Before anything is written: a resumed run must have the same maths and data (unless
+        ``allow_data_change``)."""
+        run, cfg = self.run, self.cfg
+        if not resume:
+            return
         saved = RunConfig.from_dict(run.config)
         changed = changed_maths_fields(saved, cfg)
         if changed:
@@ -536,8 +545,8 @@ class Trainer:
         if isinstance(exc, KeyboardInterrupt):
             self.status = "interrupted"
             self._set_status(self.status, "KeyboardInterrupt")
-        elif not self._opened:  # before anything was written (a resume that failed)
-            if isinstance(exc, Exception) and self._resume:
+        elif not self._opened:  # nothing written: a failed restore is noted, status kept
+            if isinstance(exc, Exception) and self._restoring:
                 self._set_status("", first_line(exc))
         elif not isinstance(exc, (ConfigError, CheckpointError, RunFolderError)):
             self.status = "crashed"
