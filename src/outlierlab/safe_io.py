@@ -95,6 +95,11 @@ def write_text(path: str | os.PathLike, text: str) -> Path:
     return write_bytes(path, text.encode("utf-8", "surrogateescape"))
 
 
+def printable(text: str) -> str:
+    """``text`` with the undecodable bytes of a file name (surrogates) shown as U+FFFD."""
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+
+
 def open_append(path: str | os.PathLike):
     """A text file opened for appending, never through a symlink (``ELOOP`` → ``OSError``)."""
     fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | NOFOLLOW, 0o644)

@@ -204,12 +204,19 @@ def test_item_5_6_lock_on_a_full_disk(small_disk, run, capsys):
     assert _debris(small_disk) == [] and not (target / ".lock").exists()
 
 
-@pytest.mark.parametrize("command", ["report", "measure", "quantize"])
+@pytest.mark.parametrize("command", ["report", "measure", "quantize", "quantize-save", "price"])
 def test_item_5_6_outputs_on_a_full_disk(small_disk, run, capsys, command):
     args = {"report": ["report", str(run), "--out", str(small_disk / "rep")],
             "measure": ["measure", str(run), "--json", str(small_disk / "m.json")],
             "quantize": ["quantize", str(run), *FAST_Q, "--no-save", "--json",
-                         str(small_disk / "q" / ("x" * 200) / "q.json")]}[command]
+                         str(small_disk / "q" / ("x" * 200) / "q.json")],
+            "quantize-save": ["quantize", str(small_disk / "run"), *FAST_Q],
+            "price": ["price", str(run), "--out", str(small_disk / "price"), "--eval-windows",
+                      "1", "--stats-windows", "1", "--calib-batches", "1", "--seq-len", "16",
+                      "--quiet"]}[command]
+    if command == "quantize-save":  # the run itself on the full disk: saving into RUN/quant/
+        shutil.copytree(run, small_disk / "run", ignore=shutil.ignore_patterns(
+            "checkpoints", "metrics.jsonl"))
     _fill(small_disk)
     err = one_line_error(capsys, *args)
     assert "no space left" in err
@@ -244,14 +251,15 @@ def test_item_8_non_utf8_names(tmp_path, capsys, cache_dir):
     corpus = make_corpus(tmp_path / "corpus", files=10)
     os.rename(corpus / "m0.py", os.fsencode(corpus) + b"/\xff\xfe.py")
     out = Path(os.fsdecode(os.fsencode(tmp_path) + b"/\xff\xfe"))
-    rc = main(["train", "--preset", "tiny", *TINY, f"data.source={corpus}", "train.steps=3",
-               "--quiet", f"out={out}"])
+    rc = main(["train", "--preset", "tiny", *TINY, f"data.source={corpus}", "train.steps=4",
+               "log.kurtosis_every=2", "train.log_every=2", "--quiet", f"out={out}"])
     assert rc == 0
     for argv in (["measure", str(out)], ["quantize", str(out), "--no-save", *FAST_Q],
                  ["report", str(out), "--out", str(tmp_path / "rep")]):
         rc, err = cli(capsys, *argv)
         assert rc == 0, (argv, err)
     assert (tmp_path / "rep" / "report.html").stat().st_size > 0
+    assert (tmp_path / "rep" / "figures" / "kurtosis_vs_step.png").stat().st_size > 0
 
 
 # -- wrong behaviour ----------------------------------------------------------------------------
