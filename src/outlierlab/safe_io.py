@@ -129,3 +129,4 @@ def pinned(path: str | os.PathLike) -> Iterator[str]:
         yield f"/proc/self/fd/{fd}"
     finally:
         os.close(fd)
+

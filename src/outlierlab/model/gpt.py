@@ -347,14 +347,11 @@ class GPT(nn.Module):
 
         out = Path(directory)
         out.mkdir(parents=True, exist_ok=True)
-        tmp = out / f".{WEIGHTS_FILE}.tmp-{os.getpid()}"
-        save_model(self, str(tmp), metadata={"format": "pt"})
-        digest = _sha256(tmp)
-        os.replace(tmp, out / WEIGHTS_FILE)
+        with safe_io.replacing(out / WEIGHTS_FILE) as tmp:  # a stale link there is removed
+            save_model(self, str(tmp), metadata={"format": "pt"})
+            digest = _sha256(tmp)
         meta = {"format": FORMAT, "config": self.config.to_dict(), "weights_sha256": digest}
-        tmp = out / f".{CONFIG_FILE}.tmp-{os.getpid()}"
-        tmp.write_text(json.dumps(meta, indent=2) + "\n")
-        os.replace(tmp, out / CONFIG_FILE)
+        safe_io.write_text(out / CONFIG_FILE, json.dumps(meta, indent=2) + "\n")
         return out
 
     @classmethod
