@@ -71,6 +71,9 @@ def path_reason(exc: OSError) -> str | None:
     if exc.errno == errno.ENOTDIR:  # name the file that stands where a folder should be
         blocker = next((p for p in Path(exc.filename).parents if p.is_file()), None)
         why = f"{blocker} is a file, not a folder" if blocker else why
+    elif exc.errno == errno.ELOOP and Path(exc.filename).is_symlink() and Path(
+            exc.filename).exists():  # O_NOFOLLOW refused a link to a real file
+        why = "is a symbolic link; outlierlab never writes through links: remove it"
     elif exc.errno == errno.EEXIST and Path(exc.filename).is_symlink() and not Path(
             exc.filename).exists():  # mkdir on a link that leads nowhere
         why = "a symbolic link that leads nowhere (a loop, or its target is missing)"

@@ -63,7 +63,7 @@ VALUE_ONLY = {"model", "optim.name", "model.block", "model.norm", "model.activat
 ABBREV = {"n_layer": "L", "d_model": "d", "n_head": "h", "weight_decay": "wd",
           "batch_size": "bs", "seq_len": "T", "steps": "steps", "warmup": "wu"}
 MAX_NAME = 96
-MAX_POINTS = 10_000
+MAX_POINTS = 4096
 """The most points one grid may expand to (a typo such as a 10⁶-point grid is refused at once)."""
 
 
