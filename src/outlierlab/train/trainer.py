@@ -19,13 +19,16 @@ ranks with the same global batch continues the same data stream.
 Faults: SIGINT/SIGTERM finish the current step, save a checkpoint and end with status
 ``interrupted``; a non-finite loss or gradient norm skips the update, writes no checkpoint and
 ends with status ``diverged`` naming the step; any other exception marks the run ``crashed``
-(a second Ctrl-C: ``interrupted`` at once). A mistake found on rank 0 (an existing run, a
-changed config or data on resume, a folder another process holds) is raised with its own
-type on every rank. Rank 0 holds the run folder's lock from the check until :meth:`close`.
+(a second Ctrl-C: ``interrupted`` at once). A failure before the run folder is written (a
+resume whose checkpoint cannot be restored) keeps the run's own status and adds a
+``resume_failed`` note; a full disk keeps the last status written. A mistake found on rank 0
+(an existing run, a changed config or data on resume, a folder another process holds) is
+raised with its own type on every rank. Rank 0 holds the run folder's lock from the check
+until :meth:`close`.
 
-Run-folder I/O goes through five methods only: :meth:`_claim_run_folder`,
-:meth:`_check_run_folder`,
-:meth:`_open_run_folder`, :meth:`_write_row` and :meth:`_set_status`.
+Run-folder I/O goes through six methods only: :meth:`_claim_run_folder`,
+:meth:`_check_run_folder`, :meth:`_open_run_folder`, :meth:`_write_row`, :meth:`_set_status`
+and :meth:`_note_resume_failure`.
 """
 
 from __future__ import annotations
@@ -319,13 +322,19 @@ class Trainer:
                 self.run.set_status("running", row["step"])
 
     def _set_status(self, status: str, message: str) -> None:
-        """Rank 0, holding the lock: the run's final status, if the run folder has one."""
-        if self.dist.is_main and self._lock is not None and self.run.status_file.exists():
-            with contextlib.suppress(OSError):  # a full disk: the last status stays
-                if self._opened:
-                    self.run.set_status(status, self.step, message)
-                else:  # failed before writing anything: the run's own status stays
-                    self.run.note(resume_failed={"at": utc_now(), "message": message})
+        """Rank 0, holding the lock, once this run has written its folder: the run's status (a
+        full disk keeps the last one written)."""
+        if (self.dist.is_main and self._lock is not None and self._opened
+                and self.run.status_file.exists()):
+            with contextlib.suppress(OSError):
+                self.run.set_status(status, self.step, message)
+
+    def _note_resume_failure(self, message: str) -> None:
+        """Rank 0, holding the lock: a restore that failed is noted in ``status.json``
+        (``resume_failed``), the run's own status kept: it did not crash."""
+        if self.dist.is_main and self._lock is not None:
+            with contextlib.suppress(OSError):
+                self.run.note(resume_failed={"at": utc_now(), "message": message})
 
     # -- the steps ------------------------------------------------------------------------------
 
@@ -545,9 +554,9 @@ class Trainer:
         if isinstance(exc, KeyboardInterrupt):
             self.status = "interrupted"
             self._set_status(self.status, "KeyboardInterrupt")
-        elif not self._opened:  # nothing written: a failed restore is noted, status kept
+        elif not self._opened:  # nothing of this run written: the folder's status stays
             if isinstance(exc, Exception) and self._restoring:
-                self._set_status("", first_line(exc))
+                self._note_resume_failure(first_line(exc))
         elif not isinstance(exc, (ConfigError, CheckpointError, RunFolderError)):
             self.status = "crashed"
             self._set_status(self.status, first_line(exc))
