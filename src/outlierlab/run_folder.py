@@ -189,7 +189,7 @@ class RunFolder:
             names = sorted(p.name for p in self.path.iterdir() if p.name not in OWN_FILES)
         except FileNotFoundError:
             return
-        if self.config_file.exists() or self.config_file.is_symlink():
+        if self.is_run or (self.config_file.is_symlink() and not self.config_file.exists()):
             raise ConfigError(f"{self.path} already holds a run; resume it with --resume "
                               f"{self.path} or choose another out=")
         if names:

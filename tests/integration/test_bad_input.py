@@ -44,6 +44,8 @@ def base(tmp_path_factory) -> Path:
     (ws / "notrun" / "notes.txt").write_text("mine")
     (ws / "notrun" / "model.safetensors").write_bytes(b"mine")
     (ws / "loop").symlink_to(ws / "loop")
+    (ws / "hf").mkdir()
+    (ws / "hf" / "config.json").write_text('{"model_type": "gpt2"}')
     for name, text in GRIDS.items():
         (ws / f"{name}.toml").write_text(text)
     (ws / "notoml.toml").write_text("this is [ not toml")
@@ -126,6 +128,11 @@ for field, values in {
 for argv, needle in [
     ("train --preset tiny out={ws}/notrun", "is not empty and is not a run"),
     ("train --preset tiny out={ws}/run", "already holds a run"),
+    ("train --preset tiny out={ws}/hf", "is not empty and is not a run (it holds config.json)"),
+    ("train --preset tiny out={ws}/cache", "is not empty and is not a run"),
+    ("train --preset tiny out={ws}/corpus", "is not empty and is not a run"),
+    ("train --preset tiny out={ws}", "is not empty and is not a run"),
+    ("train --resume {ws}/hf", "not a run folder"),
     ("train --preset tiny out={ws}/file.txt", "file.txt"),
     ("train --preset tiny out={ws}/file.txt/x", "is a file, not a folder"),
     ("train --preset tiny out={ws}/loop", "leads nowhere"),
