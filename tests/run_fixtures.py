@@ -100,3 +100,20 @@ def dead_pid() -> int:
     proc = subprocess.Popen([sys.executable, "-c", "pass"])
     proc.wait()
     return proc.pid
+
+
+def snapshot(folder: str | Path) -> dict[str, Any]:
+    """Every entry under ``folder`` (links not followed): a file's bytes, a link's target, a
+    folder's name; to assert that a command changed nothing there."""
+    out: dict[str, Any] = {}
+    for dirpath, dirnames, filenames in os.walk(folder):
+        for name in dirnames + filenames:
+            p = Path(dirpath, name)
+            rel = str(p.relative_to(folder))
+            if p.is_symlink():
+                out[rel] = ("link", os.readlink(p))
+            elif p.is_dir():
+                out[rel] = ("dir",)
+            else:
+                out[rel] = ("file", p.read_bytes())
+    return out

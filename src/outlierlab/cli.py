@@ -11,14 +11,17 @@ are checked before any work starts (:func:`output_file`, :func:`output_dir`).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import os
 import re
 import sys
-from collections.abc import Sequence
+import warnings
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from outlierlab.errors import OutlierlabError, path_error
+from outlierlab.errors import ConfigError, OutlierlabError, path_error, path_reason
+from outlierlab.safe_io import NOFOLLOW, is_no_space
 
 # name -> module under outlierlab.commands; the order is the order of `outlierlab --help`.
 COMMANDS: dict[str, str] = {
@@ -77,6 +80,12 @@ def _unusable_folder(folder: Path) -> str | None:
         return f"{p} is a file, not a folder"
     if not os.access(p, os.W_OK | os.X_OK):
         return f"{p} is not writable (permission, read-only or immutable)"
+    probe = p / f".outlierlab-probe-{os.getpid()}"
+    try:  # root passes os.access everywhere: /proc, a read-only mount; try for real
+        os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL | NOFOLLOW, 0o600))
+    except OSError as exc:
+        return f"{p} is not writable ({path_reason(exc) or exc.strerror})"
+    probe.unlink()
     return None
 
 
@@ -103,13 +112,60 @@ def output_dir(path: str) -> str:
     return path
 
 
+_DEVICE = re.compile(r"cpu|mps|cuda(:\d+)?")
+
+
+def device(spec: str) -> str:
+    """argparse ``type=`` for ``--device``: ``cpu``, ``cuda``, ``cuda:N`` or ``mps``, and one
+    this machine has (so a bad device is not blamed on the weights later)."""
+    if not _DEVICE.fullmatch(spec):
+        raise argparse.ArgumentTypeError(
+            f"{spec!r} is not a device; allowed: cpu, cuda, cuda:N (N = 0, 1, ...), mps")
+    if spec == "cpu":
+        return spec
+    import torch
+
+    if spec == "mps":
+        if not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+            raise argparse.ArgumentTypeError("'mps' is not available on this machine; "
+                                             "allowed: cpu")
+        return spec
+    n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if int(spec.partition(":")[2] or 0) >= n:
+        have = f"cpu, cuda:0..cuda:{n - 1}" if n else "cpu (no CUDA device on this machine)"
+        raise argparse.ArgumentTypeError(f"{spec!r} is not on this machine; allowed: {have}")
+    return spec
+
+
 # -- the command line -------------------------------------------------------------------------
+
+class _RaisingParser(_Parser):
+    """A parser whose usage errors raise :class:`ConfigError` instead of exiting."""
+
+    where = ""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise ConfigError(f"{self.where}: {message}")
+
+
+def parse_args_of(command: str, argv: Sequence[str], where: str) -> argparse.Namespace:
+    """Parse ``argv`` as ``outlierlab COMMAND``'s arguments without running it (a grid's
+    ``quant.args``); a usage error is a :class:`ConfigError` starting with ``where``."""
+    parser = _RaisingParser(prog=f"outlierlab {command}")
+    _RaisingParser.where = where
+    sub = parser.add_subparsers(dest="command", parser_class=_RaisingParser)
+    importlib.import_module(f"outlierlab.commands.{COMMANDS[command]}").add_parser(sub)
+    return parser.parse_args([command, *argv])
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="outlierlab", description=DESCRIPTION)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     for module in COMMANDS.values():
         importlib.import_module(f"outlierlab.commands.{module}").add_parser(sub)
+    for command in sub.choices.values():
+        command.add_argument("--verbose", action="store_true",
+                             help="show other libraries' warnings and tracebacks")
     return parser
 
 
@@ -128,19 +184,69 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
-        return int(args.func(args) or 0)
+        with quiet_libraries(getattr(args, "verbose", False)), _printable_names():
+            return int(args.func(args) or 0)
     except OutlierlabError as exc:
-        print(f"outlierlab {args.command}: error: {exc}", file=sys.stderr)
-        return 2
+        return _error(args.command, str(exc))
     except OSError as exc:
-        message = path_error(exc)
+        message = path_error(exc) or (f"cannot write: {exc.strerror.lower()}"
+                                      if is_no_space(exc) and exc.strerror else None)
         if message is None:
             raise
-        print(f"outlierlab {args.command}: error: {message}", file=sys.stderr)
-        return 2
+        return _error(args.command, message)
     except KeyboardInterrupt:
         print(f"outlierlab {args.command}: interrupted", file=sys.stderr)
         return 130
+
+
+def _error(command: str, message: str) -> int:
+    """Print ``outlierlab COMMAND: error: MESSAGE`` (one line) on stderr; the exit code 2."""
+    print(f"outlierlab {command}: error: {' '.join(message.split())}", file=sys.stderr)
+    return 2
+
+
+@contextlib.contextmanager
+def _printable_names() -> Iterator[None]:
+    """stdout prints a file name that is not UTF-8 (``\\udcff``) instead of failing."""
+    old = getattr(sys.stdout, "errors", None)
+    try:
+        sys.stdout.reconfigure(errors="backslashreplace")  # type: ignore[union-attr]
+    except (AttributeError, ValueError):
+        old = None
+    try:
+        yield
+    finally:
+        if old is not None:
+            with contextlib.suppress(AttributeError, ValueError):
+                sys.stdout.reconfigure(errors=old)  # type: ignore[union-attr]
+
+
+@contextlib.contextmanager
+def quiet_libraries(verbose: bool) -> Iterator[None]:
+    """Unless ``verbose``: no Python warnings and no transformers/HF hub log lines (loading
+    reports, deprecation notes) before our own one-line messages."""
+    if verbose:
+        yield
+        return
+    import logging
+
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    names = ("transformers", "huggingface_hub", "accelerate", "torch", "safetensors")
+    loggers = [logging.getLogger(n) for n in names]
+    levels = [lg.level for lg in loggers]
+    if "transformers" in sys.modules:
+        with contextlib.suppress(Exception):
+            sys.modules["transformers"].utils.logging.set_verbosity_error()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            for lg in loggers:
+                lg.setLevel(max(lg.level, logging.ERROR))
+            yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
 
 
 if __name__ == "__main__":

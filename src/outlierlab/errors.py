@@ -39,6 +39,8 @@ class RunInUseError(RunFolderError):
 def first_line(exc: BaseException) -> str:
     """The first line of an exception's message (its type name when the message is empty): what
     a one-line error or a status message quotes of an error from another library."""
+    if isinstance(exc, OSError) and (message := path_error(exc)):
+        return message  # not "[Errno 17] File exists: ..."
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
 
@@ -54,6 +56,7 @@ _PATH_ERRNOS = {
     errno.EEXIST: "already exists",
     errno.ENOENT: "no such file or folder",
     errno.ENOSPC: "no space left on the device",
+    errno.EDQUOT: "disk quota exceeded",
     errno.ENAMETOOLONG: "name too long",
     errno.ELOOP: "too many levels of symbolic links",
 }
@@ -68,6 +71,12 @@ def path_reason(exc: OSError) -> str | None:
     if exc.errno == errno.ENOTDIR:  # name the file that stands where a folder should be
         blocker = next((p for p in Path(exc.filename).parents if p.is_file()), None)
         why = f"{blocker} is a file, not a folder" if blocker else why
+    elif exc.errno == errno.ELOOP and Path(exc.filename).is_symlink() and Path(
+            exc.filename).exists():  # O_NOFOLLOW refused a link to a real file
+        why = "is a symbolic link; outlierlab never writes through links: remove it"
+    elif exc.errno == errno.EEXIST and Path(exc.filename).is_symlink() and not Path(
+            exc.filename).exists():  # mkdir on a link that leads nowhere
+        why = "a symbolic link that leads nowhere (a loop, or its target is missing)"
     elif exc.errno == errno.EEXIST and Path(exc.filename).is_file():  # mkdir on a file
         why = f"{exc.filename} is a file, not a folder"
     return why

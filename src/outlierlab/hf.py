@@ -88,7 +88,9 @@ def _load(transformers: Any, path: Path, device: str | torch.device):
         else:
             model = model_cls.from_pretrained(path, **opts)
     except Exception as exc:  # safetensors and torch raise several types for bad files
-        raise ModelLoadError(f"cannot load the weights in {path}: {first_line(exc)}") from exc
+        why = first_line(exc).replace("For details look at the above report!",
+                                      "--verbose shows transformers' loading report")
+        raise ModelLoadError(f"cannot load the weights in {path}: {why}") from exc
     try:
         tok = transformers.AutoTokenizer.from_pretrained(path, **opts)
     except (OSError, ValueError, TypeError) as exc:

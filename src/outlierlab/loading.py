@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from outlierlab.errors import ModelLoadError, RunFolderError
-from outlierlab.run_folder import RunFolder
+from outlierlab.run_folder import MODEL_FILE, RunFolder
 
 
 @dataclass
@@ -84,10 +84,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> LoadedMo
     run = RunFolder(path)
     try:
         if run.is_run:  # its newest weights: the final model once finished, else a checkpoint
-            newest = run.newest_model()
-            if newest is None:
-                raise ModelLoadError(f"run folder {path} has no final model and no checkpoint yet")
-            return _load_outlierlab(*newest, run, device)
+            return _load_newest(run, device)
         if (path / CONFIG_FILE).is_file():  # a saved GPT folder, or RUN/checkpoints/step-N
             owner = RunFolder.of_checkpoint(path)
             step = int(path.name.split("-")[1]) if owner else None
@@ -104,6 +101,23 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> LoadedMo
         f"{path} holds no model: expected {CONFIG_FILE} (outlierlab) or config.json with "
         f"model_type (Hugging Face)"
     )
+
+
+def _load_newest(run: RunFolder, device, tries: int = 5) -> LoadedModel:
+    """The run's newest weights. A run being trained rotates its checkpoints away while we
+    read one: then the newest one is picked again (the weights, once read, are ours)."""
+    for attempt in range(tries):
+        newest = run.newest_model()
+        if newest is None:
+            raise ModelLoadError(f"run folder {run.path} has no final model and no checkpoint "
+                                 "yet")
+        try:
+            return _load_outlierlab(*newest, run, device)
+        except (ModelLoadError, OSError):
+            gone = not (newest[0] / MODEL_FILE).is_file()
+            if not gone or attempt == tries - 1:
+                raise
+    raise AssertionError("unreachable")
 
 
 def _load_outlierlab(folder: Path, step: int | None, what: str, run: RunFolder | None,

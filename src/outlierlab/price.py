@@ -174,6 +174,8 @@ def _figures(res: dict[str, Any], out: Path) -> list[tuple[str, str]]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from outlierlab.safe_io import save_figure
+
     pts = res["profile"]["points"]
     fig, ax = plt.subplots(1, 2, figsize=(11, 3.6))
     xs = range(len(pts))
@@ -188,7 +190,7 @@ def _figures(res: dict[str, Any], out: Path) -> list[tuple[str, str]]:
     ax[1].legend()
     fig.tight_layout()
     figs = [("price_kurt.png", "Per-layer Kurt and max |x|")]
-    fig.savefig(out / figs[0][0], dpi=110)
+    save_figure(fig, out / figs[0][0], dpi=110)  # atomic: no 0-byte PNG on a full disk
     plt.close(fig)
     fig, ax = plt.subplots(figsize=(11, 3.6))
     for r in res["schemes"]:
@@ -201,7 +203,7 @@ def _figures(res: dict[str, Any], out: Path) -> list[tuple[str, str]]:
     ax.legend(fontsize=7, ncol=3)
     fig.tight_layout()
     figs.append(("price_sqnr.png", "Per-layer activation SQNR per scheme"))
-    fig.savefig(out / figs[1][0], dpi=110)
+    save_figure(fig, out / figs[1][0], dpi=110)  # atomic: no 0-byte PNG on a full disk
     plt.close(fig)
     return figs
 
@@ -212,6 +214,7 @@ def write_page(res: dict[str, Any], out: str | Path, title: str,
     ``out``."""
     from outlierlab.experiments.report import html_table, md_table
     from outlierlab.run_folder import write_json
+    from outlierlab.safe_io import write_text
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -240,9 +243,10 @@ def write_page(res: dict[str, Any], out: str | Path, title: str,
         md += [f"![{caption}]({fname})", ""]
         body.append(f'<figure><img src="{fname}"><figcaption>{caption}</figcaption></figure>')
     paths = {"md": out / "price.md", "html": out / "price.html", "json": out / "price.json"}
-    paths["md"].write_text("\n".join(md))
+    write_text(paths["md"], "\n".join(md))
     style = "body{font-family:sans-serif;max-width:1100px}td,th{padding:2px 8px;text-align:right}"
-    paths["html"].write_text(
+    write_text(
+        paths["html"],
         f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
         f"<style>{style}</style></head><body>{''.join(body)}</body></html>\n"
     )

@@ -23,7 +23,14 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from outlierlab.errors import RunFolderError, RunInUseError, first_line, path_reason
+from outlierlab import safe_io
+from outlierlab.errors import (
+    ConfigError,
+    RunFolderError,
+    RunInUseError,
+    first_line,
+    path_reason,
+)
 
 CONFIG_FILE = "config.json"
 STATUS_FILE = "status.json"
@@ -38,6 +45,8 @@ LOCK_FILE = ".lock"
 TB_DIR = "tb"
 SECTIONS = ("model", "data", "optim", "train", "log")
 STATUSES = ("running", "finished", "crashed", "diverged", "interrupted")
+OWN_FILES = frozenset({LOCK_FILE, "sweep.log"})
+"""What may stand in a folder before a new run starts in it (the lock, a sweep's log)."""
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 
 
@@ -57,14 +66,12 @@ def json_safe(obj: Any) -> Any:
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> Path:
-    """Write ``obj`` as JSON atomically (``.NAME.tmp-PID`` then ``os.replace``), creating the
-    parent folder; NaN/inf become ``null``."""
+    """Write ``obj`` as JSON atomically (:mod:`~outlierlab.safe_io`: an ``O_EXCL|O_NOFOLLOW``
+    temporary file, then ``os.replace``; removed on any error), creating the parent folder;
+    NaN/inf become ``null``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(json_safe(obj), indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
-    return path
+    return safe_io.write_text(path, json.dumps(json_safe(obj), indent=2) + "\n")
 
 
 def read_json_object(path: Path) -> dict[str, Any]:
@@ -175,6 +182,41 @@ class RunFolder:
             )
         return load_tokenizer(spec)
 
+    def check_new(self) -> None:
+        """A new run is written only into a folder that is absent or empty (its lock and a
+        sweep's log aside): a folder holding anything else is not ours to overwrite."""
+        try:
+            names = sorted(p.name for p in self.path.iterdir() if p.name not in OWN_FILES)
+        except FileNotFoundError:
+            return
+        if self.is_run or (self.config_file.is_symlink() and not self.config_file.exists()):
+            raise ConfigError(f"{self.path} already holds a run; resume it with --resume "
+                              f"{self.path} or choose another out=")
+        if names:
+            shown = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
+            raise RunFolderError(
+                f"{self.path} is not empty and is not a run (it holds {shown}); outlierlab "
+                "writes a new run only into a new or empty folder: choose another out=")
+
+    def check_resumable(self) -> None:
+        """A run resumes from a complete checkpoint; without one it may only restart from step
+        0 when it never got anywhere (no final model, not finished or interrupted)."""
+        if (self.checkpoints.exists() and not self.checkpoints.is_dir()) or (
+                self.checkpoints.is_symlink()):
+            raise RunFolderError(f"cannot resume {self.path}: {self.checkpoints} is not a "
+                                 "folder; allowed: the run's own checkpoints/ folder")
+        if self.checkpoint_list():
+            return
+        try:
+            status = self.status.get("status")
+        except RunFolderError:
+            status = None
+        if self.final_model or status in ("finished", "interrupted"):
+            raise RunFolderError(
+                f"cannot resume {self.path}: it has no complete checkpoint in "
+                f"{self.checkpoints} to continue from, and restarting would replace its "
+                "weights and metrics; train a new run with another out=")
+
     # -- status ---------------------------------------------------------------------------------
 
     @property
@@ -204,6 +246,16 @@ class RunFolder:
         self._status.update(status=status, step=int(step), message=message, updated=utc_now())
         self._status.setdefault("started", self._status["updated"])
         write_json(self.status_file, self._status)
+
+    def note(self, **fields: Any) -> None:
+        """Add ``fields`` to a readable ``status.json`` without changing the run's status (a
+        resume that failed before writing anything: ``resume_failed``)."""
+        try:
+            status = self.status
+        except RunFolderError:
+            return
+        if status:
+            write_json(self.status_file, {**status, **fields})
 
     def data_changes(self, fingerprint: dict[str, Any]) -> list[str]:
         """Fields of the recorded data fingerprint that differ from ``fingerprint`` (none when
@@ -248,9 +300,7 @@ class RunFolder:
         if not self.metrics_file.is_file():
             return
         keep = [json.dumps(r) + "\n" for r in self._metric_rows() if r["step"] <= step]
-        tmp = self.metrics_file.with_name(f".{METRICS_FILE}.tmp-{os.getpid()}")
-        tmp.write_text("".join(keep), encoding="utf-8")
-        os.replace(tmp, self.metrics_file)
+        safe_io.write_text(self.metrics_file, "".join(keep))
 
     # -- checkpoints and weights ----------------------------------------------------------------
 
@@ -318,10 +368,14 @@ class MetricsWriter:
     """Appends one JSON object per line to ``metrics.jsonl`` (flushed at once)."""
 
     def __init__(self, path: Path) -> None:
-        self._f = open(path, "a", buffering=1, encoding="utf-8")  # noqa: SIM115 (close())
+        self.path = path
+        self._f = safe_io.open_append(path)  # never through a symlink
 
     def write(self, row: dict[str, Any]) -> None:
-        self._f.write(json.dumps(json_safe(row)) + "\n")
+        try:
+            self._f.write(json.dumps(json_safe(row)) + "\n")
+        except OSError as exc:  # a full disk: name the file
+            raise safe_io.as_os_error(exc, self.path) from None
 
     def close(self) -> None:
         self._f.close()
@@ -353,8 +407,12 @@ class RunLock:
         while True:
             try:
                 self.run.path.mkdir(parents=True, exist_ok=True)
-                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT | safe_io.NOFOLLOW, 0o644)
             except OSError as exc:
+                if self.path.is_symlink():
+                    raise RunFolderError(
+                        f"{self.path} is a symbolic link; outlierlab never writes through "
+                        "links: remove it, then retry") from None
                 why = path_reason(exc) or exc.strerror or str(exc)
                 raise RunFolderError(f"cannot write the run folder {self.run.path} ({why}); "
                                      "choose a writable folder") from None
@@ -373,8 +431,13 @@ class RunLock:
             os.close(fd)
         info = {"pid": os.getpid(), "host": socket.gethostname(), "purpose": self.purpose,
                 "started": utc_now()}
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, (json.dumps(info) + "\n").encode(), 0)
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, (json.dumps(info) + "\n").encode(), 0)
+        except OSError as exc:  # a full disk: leave no empty lock file or folder behind
+            self._fd = fd
+            self.release()
+            raise safe_io.as_os_error(exc, self.path) from None
         self._fd = fd
         return self
 

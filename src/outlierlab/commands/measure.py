@@ -14,7 +14,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from outlierlab.cli import output_file
+from outlierlab.cli import device, output_file
 from outlierlab.fields import POSITIVE
 from outlierlab.model_data import DEFAULT_MEASURE_TOKENS, DEFAULT_SEQ_LEN
 from outlierlab.run_folder import write_json
@@ -73,7 +73,7 @@ def add_parser(subparsers: Any) -> None:
         help="also show the authors' metrics: their kurtosis (Kurt − 1 of token-centred x, "
         "unbiased) and batch_corr_mean (always in --json)",
     )
-    p.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    p.add_argument("--device", default="cpu", type=device, help="torch device (default cpu)")
     p.set_defaults(func=run)
 
 

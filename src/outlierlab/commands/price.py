@@ -10,7 +10,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from outlierlab.cli import output_dir
+from outlierlab.cli import device, output_dir
 from outlierlab.commands.quantize import add_data_options
 
 
@@ -25,7 +25,7 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--out", metavar="DIR", type=output_dir,
                    help="output folder (default: price-<model name>)")
     add_data_options(p)
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="cpu", type=device)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--no-figures", action="store_true",
                    help="tables only, no PNG figures (faster: for many models in a row)")

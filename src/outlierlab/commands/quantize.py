@@ -13,8 +13,8 @@ import contextlib
 from pathlib import Path
 from typing import Any
 
-from outlierlab.cli import output_file
-from outlierlab.errors import ModelLoadError
+from outlierlab.cli import device, output_file
+from outlierlab.errors import ConfigError, ModelLoadError
 from outlierlab.fields import POSITIVE
 from outlierlab.run_folder import RunFolder, write_json
 
@@ -81,7 +81,7 @@ def add_parser(subparsers: Any) -> None:
     )
     p.add_argument("--smooth", type=float, metavar="ALPHA", help="SmoothQuant migration, 0..1")
     add_data_options(p)
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="cpu", type=device)
     p.add_argument("--json", metavar="OUT", type=output_file, help="write the result as JSON here")
     p.add_argument(
         "--save",
@@ -119,11 +119,14 @@ def build_config(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.save and args.no_save:
+        raise ConfigError("--save and --no-save contradict each other; allowed: one of them")
     cfg = build_config(args)  # user mistakes in options fail before anything loads
     path = Path(args.path)
     if not path.is_dir() and path.suffix.lower() != ".gguf":
         raise ModelLoadError(
-            f"{path} is not a folder; expected a run folder, an HF model folder or a .gguf file"
+            f"{path} {'is not a folder' if path.exists() else 'does not exist'}; expected a "
+            "run folder, an HF model folder or a .gguf file"
         )
     run_folder = RunFolder(path)
     if not run_folder.is_run:

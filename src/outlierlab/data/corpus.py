@@ -62,7 +62,8 @@ class Corpus:
 
 def _unit_hash(name: str) -> float:
     """A stable number in [0, 1) from a document name (sha1, first 8 bytes)."""
-    return int.from_bytes(hashlib.sha1(name.encode("utf-8")).digest()[:8], "big") / 2**64
+    digest = hashlib.sha1(name.encode("utf-8", "surrogateescape")).digest()  # any file name
+    return int.from_bytes(digest[:8], "big") / 2**64
 
 
 def stdlib_root() -> Path:
@@ -225,6 +226,12 @@ def collect(source: str, *, include_tests: bool = False, text_field: str = "text
             )
     corpus = _dedupe(corpus)
     if not corpus.documents:
+        bad = corpus.skipped_non_utf8
+        if bad:
+            raise DataError(
+                f"data source {source} holds no UTF-8 text ({len(bad)} file(s) are not UTF-8, "
+                f"e.g. {bad[0]}); allowed: UTF-8 text files"
+            )
         raise DataError(f"data source {source} holds no non-empty UTF-8 documents")
     return corpus
 

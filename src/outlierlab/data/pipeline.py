@@ -82,7 +82,7 @@ def _docs_hash(docs: Iterable[Document]) -> str:
     """sha256 over the sorted (name, sha256(text)) pairs."""
     h = hashlib.sha256()
     for d in sorted(docs, key=lambda d: d.name):
-        h.update(d.name.encode("utf-8") + b"\0" + d.digest)
+        h.update(d.name.encode("utf-8", "surrogateescape") + b"\0" + d.digest)
     return h.hexdigest()
 
 

@@ -128,10 +128,9 @@ class HFTokenizer:
         """Write ``directory/tokenizer.json`` (atomically) and return its path."""
         path = Path(directory) / TOKENIZER_FILE
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(self.to_json(), encoding="utf-8")
-        tmp.replace(path)
-        return path
+        from outlierlab.safe_io import write_text
+
+        return write_text(path, self.to_json())  # never through a link; no debris on failure
 
     def __repr__(self) -> str:
         return f"HFTokenizer(name={self.name!r}, vocab_size={self.vocab_size})"

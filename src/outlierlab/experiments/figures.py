@@ -35,8 +35,12 @@ def _colour(arch: str) -> str:
 
 
 def _save(fig: plt.Figure, path: Path) -> Path:
-    fig.savefig(path, dpi=DPI)
-    plt.close(fig)
+    from outlierlab.safe_io import save_figure
+
+    try:
+        save_figure(fig, path, dpi=DPI)  # a full disk leaves no 0-byte image
+    finally:
+        plt.close(fig)
     return path
 
 

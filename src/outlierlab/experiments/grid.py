@@ -35,6 +35,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import math
 import re
 import sys
 from dataclasses import dataclass, field
@@ -62,6 +63,8 @@ VALUE_ONLY = {"model", "optim.name", "model.block", "model.norm", "model.activat
 ABBREV = {"n_layer": "L", "d_model": "d", "n_head": "h", "weight_decay": "wd",
           "batch_size": "bs", "seq_len": "T", "steps": "steps", "warmup": "wu"}
 MAX_NAME = 96
+MAX_POINTS = 4096
+"""The most points one grid may expand to (a typo such as a 10⁶-point grid is refused at once)."""
 
 
 @dataclass(frozen=True)
@@ -114,6 +117,8 @@ def format_value(v: Any) -> str:
 def short_number(v: float | int) -> str:
     """Compact, exact-enough number for a folder name: 0.01 → 1e-2, 3e-4 → 3e-4, 0.5 → 0.5."""
     if isinstance(v, int):
+        return str(v)
+    if not math.isfinite(v):  # refused by the config check; named, not crashed on, before
         return str(v)
     g = f"{v:.6g}"
     if "e" not in g and (v == 0 or abs(v) >= 0.1):
@@ -216,6 +221,11 @@ def parse_grid(data: dict[str, Any], *, default_name: str = "sweep", source: str
         keys += [k for k in table if k not in keys]
     keys.sort(key=lambda k: k.rsplit(".", 1)[-1] == "seed")  # seeds last, else as declared
 
+    size = (math.prod(len(v) for v in axes.values()) if axes or not includes else 0) + sum(
+        math.prod(len(v) for v in t.values()) for t in includes)
+    if size > MAX_POINTS:
+        raise ConfigError(f"{source or 'grid'}: {size:,} points; allowed: at most "
+                          f"{MAX_POINTS:,} per sweep (split it into several grids)")
     raw = (_product(axes) if axes or not includes else []) + [
         p for t in includes for p in _product(t)]
     points: list[GridPoint] = []
@@ -280,6 +290,23 @@ def check_grid(grid: Grid) -> None:
             config.load(grid.preset, None, p.args())
         except ConfigError as exc:
             raise ConfigError(f"grid point {p.name}: {exc}") from None
+    check_quant_args(grid)
+
+
+def check_quant_args(grid: Grid) -> None:
+    """``quant.args`` parse as ``outlierlab quantize`` options and give a valid scheme with every
+    one of ``quant.schemes`` (so no point trains only for its quantisation to fail)."""
+    from outlierlab.cli import parse_args_of
+    from outlierlab.commands.quantize import build_config
+
+    where = f"{grid.source or 'grid'}: quant.args"
+    args = parse_args_of("quantize", ["RUN", *grid.quant_args], where)
+    for s in grid.schemes:
+        args.scheme = s
+        try:
+            build_config(args)
+        except ConfigError as exc:
+            raise ConfigError(f"{where} with scheme {s}: {exc}") from None
 
 
 def load_grid(spec: str | Path) -> Grid:

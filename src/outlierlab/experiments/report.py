@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from outlierlab import safe_io
 from outlierlab.experiments.claims import (
     ALPHA,
     HELD,
@@ -176,11 +177,12 @@ def write_report(runs: Sequence[RunRecord], out_dir: str | Path, *, title: str =
              f"it). Claims about lowering OFs are tested only where the reference configuration "
              f"has some (Kurt ≥ {MIN_KURT}).")
     note = seeds_note(runs)
-    (out / "report.md").write_text(_markdown(title, intro, note, about, claims, runs, figures))
-    (out / "report.html").write_text(_html(title, intro, note, about, claims, runs, figures))
+    parts = (title, intro, note, about, claims, runs, figures)
+    safe_io.write_text(out / "report.md", _markdown(*parts))
+    safe_io.write_text(out / "report.html", _html(*parts))
     summary = {"title": title, "written": when, "command": command, "seeds_note": note,
                "claims": [c.to_dict() for c in claims], "runs": [_run_summary(r) for r in runs]}
-    (out / "results.json").write_text(json.dumps(summary, indent=1, default=_json_default))
+    safe_io.write_text(out / "results.json", json.dumps(summary, indent=1, default=_json_default))
     return Report(out / "report.html", out / "report.md", out / "results.json", claims, runs,
                   note.replace("**", "").replace("`", ""))
 

@@ -106,7 +106,11 @@ class RunRecord:
 
     @property
     def name(self) -> str:
-        return self.path.name
+        """The folder's name, printable (bytes that are not UTF-8 shown as U+FFFD: fonts and
+        pages cannot show surrogates)."""
+        from outlierlab.safe_io import printable
+
+        return printable(self.path.name)
 
     @property
     def flat(self) -> dict[str, Any]:

@@ -24,6 +24,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from outlierlab import safe_io
 from outlierlab.errors import ConfigError, RunFolderError
 from outlierlab.experiments.grid import Grid, GridPoint, check_grid
 from outlierlab.run_folder import RunFolder, utc_now, write_json
@@ -131,7 +132,7 @@ def _run(cmd: list[str], log: Path, env: dict[str, str]) -> int:
     """Run ``cmd`` with its output appended to ``log``. On Ctrl-C the child (same process
     group, so it got the SIGINT too) is given a minute to checkpoint and exit."""
     log.parent.mkdir(parents=True, exist_ok=True)
-    with open(log, "a") as f:
+    with safe_io.open_append(log) as f:  # never through a symlink
         f.write(f"\n$ {shlex.join(cmd)}\n")
         f.flush()
         proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env,

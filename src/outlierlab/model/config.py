@@ -50,6 +50,12 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
+MAX_SIZE = {"vocab_size": 2**24, "n_layer": 1024, "d_model": 2**17, "n_head": 2**12,
+            "seq_len": 2**22}
+"""Caps on a GPT's sizes: beyond them a config (or a tampered model_config.json) is refused at
+once instead of hanging in allocation."""
+
+
 @dataclass
 class GPTConfig:
     """A decoder-only GPT whose block switches between the architectures of SPEC §2.
@@ -110,8 +116,9 @@ class GPTConfig:
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "n_layer", "d_model", "n_head", "seq_len"):
-            number(f"model.{name}", getattr(self, name), lo=1, integer=True)
-        number("model.d_mlp", self.d_mlp, lo=1, integer=True, none=True)
+            number(f"model.{name}", getattr(self, name), lo=1, hi=MAX_SIZE[name], integer=True)
+        number("model.d_mlp", self.d_mlp, lo=1, hi=MAX_SIZE["d_model"] * 8, integer=True,
+               none=True)
         if self.d_model % self.n_head:
             raise ConfigError(
                 f"model.d_model={self.d_model} is not divisible by model.n_head={self.n_head}; "

@@ -20,6 +20,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from outlierlab import safe_io
 from outlierlab.errors import ConfigError, ModelLoadError
 from outlierlab.metrics import causal_attention_probs
 from outlierlab.model.config import GPTConfig
@@ -346,14 +347,11 @@ class GPT(nn.Module):
 
         out = Path(directory)
         out.mkdir(parents=True, exist_ok=True)
-        tmp = out / f".{WEIGHTS_FILE}.tmp-{os.getpid()}"
-        save_model(self, str(tmp), metadata={"format": "pt"})
-        digest = _sha256(tmp)
-        os.replace(tmp, out / WEIGHTS_FILE)
+        with safe_io.replacing(out / WEIGHTS_FILE) as tmp:  # a stale link there is removed
+            save_model(self, str(tmp), metadata={"format": "pt"})
+            digest = _sha256(tmp)
         meta = {"format": FORMAT, "config": self.config.to_dict(), "weights_sha256": digest}
-        tmp = out / f".{CONFIG_FILE}.tmp-{os.getpid()}"
-        tmp.write_text(json.dumps(meta, indent=2) + "\n")
-        os.replace(tmp, out / CONFIG_FILE)
+        safe_io.write_text(out / CONFIG_FILE, json.dumps(meta, indent=2) + "\n")
         return out
 
     @classmethod
@@ -382,18 +380,20 @@ class GPT(nn.Module):
         except ConfigError as exc:
             raise ModelLoadError(f"{cfg_path}: {exc}") from exc
         expected = meta.get("weights_sha256")
-        if expected is not None and _sha256(weights) != expected:
-            raise ModelLoadError(f"{weights}: checksum does not match {CONFIG_FILE} (tampered?)")
-        _check_header(weights, cfg)  # before allocating what the config asks for
-        model = cls(cfg)
-        try:  # names and shapes already match: strict only guards the invariant
-            load_model(model, str(weights), strict=True, device=str(map_location))
-        except Exception as exc:  # safetensors raises several types for corrupt files
-            raise ModelLoadError(f"{weights}: cannot load ({_one_line(exc)})") from exc
+        with safe_io.pinned(weights) as name:  # the file as it is now, whatever its name
+            if expected is not None and _sha256(name) != expected:
+                raise ModelLoadError(f"{weights}: checksum does not match {CONFIG_FILE} "
+                                     "(tampered?)")
+            _check_header(weights, cfg, name)  # before allocating what the config asks for
+            model = cls(cfg)
+            try:  # names and shapes already match: strict only guards the invariant
+                load_model(model, name, strict=True, device=str(map_location))
+            except Exception as exc:  # safetensors raises several types for corrupt files
+                raise ModelLoadError(f"{weights}: cannot load ({_one_line(exc)})") from exc
         return model.to(map_location).eval()
 
 
-def _check_header(weights: Path, cfg: GPTConfig) -> None:
+def _check_header(weights: Path, cfg: GPTConfig, name: str | None = None) -> None:
     """Compare the tensor names and shapes in the safetensors header of ``weights`` with those
     ``cfg`` builds (on the meta device: no memory), so a tampered config cannot make
     :meth:`GPT.load` allocate more than the file holds. ``ModelLoadError`` names the first
@@ -401,10 +401,14 @@ def _check_header(weights: Path, cfg: GPTConfig) -> None:
     from safetensors import safe_open
 
     try:
-        with safe_open(str(weights), framework="pt") as f:
+        with safe_open(name or str(weights), framework="pt") as f:
             header = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118 (safe_open is no dict)
     except Exception as exc:  # safetensors raises several types for corrupt files
         raise ModelLoadError(f"{weights}: cannot load ({_one_line(exc)})") from exc
+    layers = {k.split(".")[1] for k in header if k.startswith("blocks.")}
+    if len(layers) != cfg.n_layer:  # before building anything the size of the config
+        raise ModelLoadError(f"{weights}: the file has {len(layers)} blocks, {CONFIG_FILE} asks "
+                             f"for n_layer={cfg.n_layer}")
     with torch.device("meta"):
         wanted = GPT(cfg).state_dict(keep_vars=True)  # tied weights: one object, several names
     for name, t in wanted.items():

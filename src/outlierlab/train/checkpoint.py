@@ -14,6 +14,7 @@ import base64
 import os
 import random
 import shutil
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from outlierlab import safe_io
 from outlierlab.errors import CheckpointError, first_line
 from outlierlab.run_folder import (
     CHECKPOINT_STATE,
@@ -73,18 +75,24 @@ def save_checkpoint(
     root = run.checkpoints
     root.mkdir(parents=True, exist_ok=True)
     tmp = root / f"{_TMP}{step}-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    if hasattr(model, "save"):
-        model.save(tmp)
-    else:
-        from safetensors.torch import save_model
-
-        save_model(model, str(tmp / MODEL_FILE))
-    torch.save(optimizer.state_dict(), tmp / OPTIM_FILE)
-    write_json(tmp / CHECKPOINT_STATE, {**state, "step": step})
     final = run.checkpoint_path(step)
+    safe_io.remove(tmp)
+    try:
+        tmp.mkdir()
+        if hasattr(model, "save"):
+            model.save(tmp)
+        else:
+            from safetensors.torch import save_model
+
+            save_model(model, str(tmp / MODEL_FILE))
+        torch.save(optimizer.state_dict(), tmp / OPTIM_FILE)
+        write_json(tmp / CHECKPOINT_STATE, {**state, "step": step})
+    except BaseException as exc:  # a full disk, a kill: no half-written folder is left
+        safe_io.remove(tmp)
+        new = safe_io.as_os_error(exc, final)
+        if new is exc:
+            raise
+        raise new from None
     if final.exists():
         _delete(final)
     os.replace(tmp, final)
@@ -138,3 +146,34 @@ def load_checkpoint(
     except Exception as exc:  # corrupt or foreign files
         raise CheckpointError(
             f"{path}: cannot resume from this checkpoint ({first_line(exc)})") from exc
+
+
+MAX_STEP = 10**9
+"""The largest step a checkpoint (or ``train.steps``) may hold."""
+
+
+def check_state(state: Mapping[str, Any], path: Path, world_size: int = 1) -> None:
+    """``state.json`` of a checkpoint holds what a resume needs, of the right types
+    (→ :class:`CheckpointError` naming the file and the field)."""
+    where = path / CHECKPOINT_STATE
+
+    def bad(field: str, allowed: str) -> CheckpointError:
+        shown = repr(state[field])[:40] if field in state else "missing"
+        return CheckpointError(f"{where}: {field} is {shown}; allowed: {allowed}; this "
+                               "checkpoint cannot be resumed (delete it to use an older one)")
+
+    for field in ("step", "tokens"):
+        v = state.get(field)
+        if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= MAX_STEP * 10**9:
+            raise bad(field, "an integer ≥ 0" + (f" and ≤ {MAX_STEP}" if field == "step" else ""))
+    if state["step"] > MAX_STEP:
+        raise bad("step", f"an integer ≥ 0 and ≤ {MAX_STEP}")
+    if not isinstance(state.get("sampler"), dict):
+        raise bad("sampler", "the sampler's state (a JSON object)")
+    rng = state.get("rng")
+    if not (isinstance(rng, list) and rng and all(
+            isinstance(r, dict) and {"torch", "numpy", "python"} <= r.keys() for r in rng)):
+        raise bad("rng", "a list of RNG states (torch, numpy, python), one per rank")
+    gb = state.get("global_batch")
+    if gb is not None and (isinstance(gb, bool) or not isinstance(gb, int) or gb < 1):
+        raise bad("global_batch", "an integer ≥ 1")

@@ -11,6 +11,10 @@ from outlierlab.fields import bad, choice, flag, number
 DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
 
 
+MAX_COUNT = 10**9
+"""The largest step count (or batch size, cadence, ...) a config may ask for."""
+
+
 @dataclass
 class TrainConfig:
     """Loop length, batch, evaluation and checkpoint cadence, device and precision."""
@@ -47,8 +51,10 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         for k in ("steps", "batch_size", "grad_accum", "log_every", "eval_windows", "keep_ckpts"):
-            number(f"train.{k}", getattr(self, k), lo=1, integer=True)
-        for k in ("seed", "eval_every", "ckpt_every", "threads"):
+            number(f"train.{k}", getattr(self, k), lo=1, hi=MAX_COUNT, integer=True)
+        for k in ("eval_every", "ckpt_every"):
+            number(f"train.{k}", getattr(self, k), lo=0, hi=MAX_COUNT, integer=True)
+        for k in ("seed", "threads"):
             number(f"train.{k}", getattr(self, k), lo=0, integer=True)
         choice("train.precision", self.precision, ("auto", "fp32", "bf16"))
         if not (isinstance(self.device, str) and DEVICE.fullmatch(self.device)):

@@ -19,12 +19,16 @@ ranks with the same global batch continues the same data stream.
 Faults: SIGINT/SIGTERM finish the current step, save a checkpoint and end with status
 ``interrupted``; a non-finite loss or gradient norm skips the update, writes no checkpoint and
 ends with status ``diverged`` naming the step; any other exception marks the run ``crashed``
-(a second Ctrl-C: ``interrupted`` at once). A mistake found on rank 0 (an existing run, a
-changed config or data on resume, a folder another process holds) is raised with its own
-type on every rank. Rank 0 holds the run folder's lock from the check until :meth:`close`.
+(a second Ctrl-C: ``interrupted`` at once). A failure before the run folder is written (a
+resume whose checkpoint cannot be restored) keeps the run's own status and adds a
+``resume_failed`` note; a full disk keeps the last status written. A mistake found on rank 0
+(an existing run, a changed config or data on resume, a folder another process holds) is
+raised with its own type on every rank. Rank 0 holds the run folder's lock from the check
+until :meth:`close`.
 
-Run-folder I/O goes through four methods only: :meth:`_check_run_folder`,
-:meth:`_open_run_folder`, :meth:`_write_row` and :meth:`_set_status`.
+Run-folder I/O goes through six methods only: :meth:`_claim_run_folder`,
+:meth:`_check_run_folder`, :meth:`_open_run_folder`, :meth:`_write_row`, :meth:`_set_status`
+and :meth:`_note_resume_failure`.
 """
 
 from __future__ import annotations
@@ -130,7 +134,8 @@ class Trainer:
         self._stack = contextlib.ExitStack()
         self._writer: MetricsWriter | None = None
         self._sinks: Sinks | None = None
-        self._closed = self._began = self.show = False
+        self._closed = self._began = self.show = self._opened = False
+        self._restoring = False  # in _restore: a failure there is noted as resume_failed
         self.dist = distributed.init(cfg.train.device)
         try:
             self._build(cfg, resume, progress, allow_data_change)
@@ -152,6 +157,7 @@ class Trainer:
         self.cfg, self.run = cfg, RunFolder(cfg.out)
         self.show = progress and dist.is_main
         tc = cfg.train
+        self._on_all_ranks(lambda: self._claim_run_folder(resume))  # before any slow work
         if dist.is_main:  # rank 0 builds the token cache, then the others read it
             self.data = prepare(cfg.data, progress=self.show)
         if dist.enabled:
@@ -207,12 +213,14 @@ class Trainer:
     def _restore(self) -> None:
         """Load the newest checkpoint: weights, optimiser, step, tokens, sampler, RNGs."""
         run, dist = self.run, self.dist
+        self._restoring = True
         if dist.is_main:
             ckpt.clean_partial(run)
         last = run.latest_checkpoint
         if last is None:
             return
         state = ckpt.load_checkpoint(last, self.model, self.optimizer, dist.device)
+        ckpt.check_state(state, last)
         self.saved_at = int(state["step"])
         if state.get("global_batch", self.global_batch) != self.global_batch:
             raise ConfigError(
@@ -220,9 +228,14 @@ class Trainer:
                 f"ranks) was {state['global_batch']}, now {self.global_batch}"
             )
         self.step, self.tokens = int(state["step"]), int(state["tokens"])
-        self.sampler.load_state_dict(state["sampler"])
         rngs = state["rng"]
-        ckpt.set_rng_state(rngs[dist.rank] if dist.rank < len(rngs) else rngs[0])
+        try:
+            self.sampler.load_state_dict(state["sampler"])
+            ckpt.set_rng_state(rngs[dist.rank] if dist.rank < len(rngs) else rngs[0])
+        except (ValueError, TypeError, KeyError, IndexError, RuntimeError) as exc:
+            raise CheckpointError(f"{last}/state.json: cannot restore the sampler or RNG "
+                                  f"state ({first_line(exc)}); delete this checkpoint to use "
+                                  "an older one") from None
 
     def _wrap(self) -> None:
         """DDP, ``torch.compile`` and autocast around the bare model: :attr:`step_fn`."""
@@ -243,21 +256,24 @@ class Trainer:
 
     # -- the run folder (rank 0 writes; the only methods that touch it) --------------------------
 
-    def _check_run_folder(self, resume: bool, allow_data_change: bool) -> None:
-        """Before anything is written: take the folder's lock; a resumed run must exist with
-        the same maths and data (unless ``allow_data_change``); a new one must not overwrite a
-        run."""
-        run, cfg = self.run, self.cfg
+    def _claim_run_folder(self, resume: bool) -> None:
+        """Take the folder's lock; a new run needs an absent or empty folder, a resumed one a
+        run with a checkpoint to continue from (or nothing to lose)."""
+        run = self.run
         self._lock = run.lock("outlierlab train")
         if not resume:
-            if run.config_file.exists():
-                raise ConfigError(
-                    f"{run.path} already holds a run; resume it with --resume {run.path} or "
-                    "choose another out="
-                )
+            run.check_new()
             return
         if not run.is_run:
             raise CheckpointError(f"{run.path} is not a run folder (no config.json) to resume")
+        run.check_resumable()
+
+    def _check_run_folder(self, resume: bool, allow_data_change: bool) -> None:
+        """Before anything is written: a resumed run must have the same maths and data (unless
+        ``allow_data_change``)."""
+        run, cfg = self.run, self.cfg
+        if not resume:
+            return
         saved = RunConfig.from_dict(run.config)
         changed = changed_maths_fields(saved, cfg)
         if changed:
@@ -285,6 +301,7 @@ class Trainer:
             print(cfg.to_toml(), flush=True)
         if not self.dist.is_main:
             return
+        self._opened = True  # from here on, a failure is this run's: "crashed"
         self._sinks = Sinks(cfg.log, run, cfg.to_dict())  # fails early if wandb is missing
         if run.final_model:  # extending a finished run: its root weights go stale
             run.remove_final_model()
@@ -305,9 +322,19 @@ class Trainer:
                 self.run.set_status("running", row["step"])
 
     def _set_status(self, status: str, message: str) -> None:
-        """Rank 0, holding the lock: the run's final status, if the run folder has one."""
-        if self.dist.is_main and self._lock is not None and self.run.status_file.exists():
-            self.run.set_status(status, self.step, message)
+        """Rank 0, holding the lock, once this run has written its folder: the run's status (a
+        full disk keeps the last one written)."""
+        if (self.dist.is_main and self._lock is not None and self._opened
+                and self.run.status_file.exists()):
+            with contextlib.suppress(OSError):
+                self.run.set_status(status, self.step, message)
+
+    def _note_resume_failure(self, message: str) -> None:
+        """Rank 0, holding the lock: a restore that failed is noted in ``status.json``
+        (``resume_failed``), the run's own status kept: it did not crash."""
+        if self.dist.is_main and self._lock is not None:
+            with contextlib.suppress(OSError):
+                self.run.note(resume_failed={"at": utc_now(), "message": message})
 
     # -- the steps ------------------------------------------------------------------------------
 
@@ -527,6 +554,9 @@ class Trainer:
         if isinstance(exc, KeyboardInterrupt):
             self.status = "interrupted"
             self._set_status(self.status, "KeyboardInterrupt")
+        elif not self._opened:  # nothing of this run written: the folder's status stays
+            if isinstance(exc, Exception) and self._restoring:
+                self._note_resume_failure(first_line(exc))
         elif not isinstance(exc, (ConfigError, CheckpointError, RunFolderError)):
             self.status = "crashed"
             self._set_status(self.status, first_line(exc))
