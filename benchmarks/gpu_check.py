@@ -1,7 +1,8 @@
 """GPU check: outlierlab's CUDA paths are correct, and how well a 124M-class GPT uses the card.
 
-One prepared script for one H100 in under 10 minutes (``benchmarks/gpu_check.sh`` runs it);
-installs nothing. Sections, each with a time budget (a section that would overrun is skipped and
+One prepared script for one H100/H200 in under 10 minutes (``benchmarks/gpu_check.sh`` runs
+it, after installing the wheels ``benchmarks/gpu_wheels.sh`` put in ``.whl/``). Sections, each
+with a time budget (a section that would overrun is skipped and
 reported as such):
 
 1. ``matmul``: the card's bf16 (and tf32) matmul ceiling, a large ``torch.matmul`` timed with
@@ -19,9 +20,13 @@ reported as such):
    Then the same size through the real training loop (``compile=true``, bytes corpus).
 5. ``monitor``: monitor overhead on the GPU: eager steps with the monitor every step / every 10
    steps vs off, and compiled steps plus the loop's extra eager monitor forward every 10 steps.
+6. ``ddp``: ``torchrun --nproc_per_node=2`` training on the one GPU (gloo: NCCL refuses two ranks
+   on one device) against one process accumulating the same global batch: same final loss.
+   Not yet: an FSDP check (outlierlab trains with DDP only so far; issue 24).
 
 Writes ``gpu_results.json`` and ``gpu_results.md`` to ``$OUT`` if set, else to ``benchmarks/``
-(a dry run: ``gpu_results_dry.*`` to ``$OUT`` or a temporary folder).
+(a dry run: ``gpu_results_dry.*`` to ``$OUT`` or a temporary folder), after every section, so a
+time-out keeps what was measured.
 Exit status 1 if any correctness check fails (or errors), else 0. ``--dry-run`` runs every code
 path on the CPU with tiny sizes (compile with the ``eager`` backend) to check the script itself.
 
@@ -96,6 +101,7 @@ class GpuReport:
                                             "detail": sec["status"]})  # fmt: skip
         finally:
             sec["seconds"] = round(time.perf_counter() - t, 1)
+            self.write()  # after every section: a time-out keeps what was measured
 
     @property
     def failed(self) -> list[dict]:
@@ -104,8 +110,12 @@ class GpuReport:
     def write(self) -> Path:
         if os.environ.get("OUT"):
             out = Path(os.environ["OUT"])
-        else:  # a dry run's figures are not results: keep them out of the checkout
-            out = Path(tempfile.mkdtemp(prefix="gpu-check-dry-")) if self.dry else HERE
+        elif self.dry:  # a dry run's figures are not results: keep them out of the checkout
+            self._dry_out = getattr(self, "_dry_out", None) or Path(
+                tempfile.mkdtemp(prefix="gpu-check-dry-"))
+            out = self._dry_out
+        else:
+            out = HERE
         out.mkdir(parents=True, exist_ok=True)
         self.data["wall_s"] = round(time.perf_counter() - self.t0, 1)
         self.data["correct"] = not self.failed
@@ -418,6 +428,40 @@ def monitor_overhead(rep: GpuReport, sec: dict, dev, dry: bool, st: dict) -> Non
           f"{sec['compiled_every10_slowdown']:+.1%}", flush=True)
 
 
+# ================================================================ 6. DDP over two processes
+def ddp(rep: GpuReport, sec: dict, dev, dry: bool, tmp: Path) -> None:
+    """``torchrun --nproc_per_node=2 -m outlierlab train`` on one device (two ranks on one GPU
+    over gloo, which NCCL refuses), against one process with the same global batch through
+    gradient accumulation: the same final loss (the trainer's DDP contract)."""
+    import subprocess
+
+    steps = 6 if dry else 20
+    common = ["--preset", "tiny", f"train.steps={steps}", "train.eval_every=0",
+              "train.ckpt_every=0", "train.batch_size=8", "log.kurtosis_every=2",
+              f"train.device={'cpu' if dev.type == 'cpu' else 'cuda:0'}",
+              "train.precision=fp32", "optim.warmup=0"]  # fmt: skip
+    env = {**os.environ, "OUTLIERLAB_DIST_BACKEND": "gloo", "OMP_NUM_THREADS": "1"}
+    one = [sys.executable, "-m", "outlierlab", "train", *common, "train.grad_accum=2",
+           f"out={tmp / 'ddp1'}"]  # fmt: skip
+    two = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           "-m", "outlierlab", "train", *common, f"out={tmp / 'ddp2'}"]  # fmt: skip
+    for name, cmd in (("one_process", one), ("two_ranks", two)):
+        t = time.perf_counter()
+        r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+        sec[f"{name}_s"] = round(time.perf_counter() - t, 1)
+        sec[f"{name}_rc"] = r.returncode
+        if r.returncode:
+            print(r.stdout[-2000:], r.stderr[-2000:], flush=True)
+    rows = {}
+    for name in ("ddp1", "ddp2"):
+        lines = (tmp / name / "metrics.jsonl").read_text().splitlines()
+        rows[name] = [json.loads(x) for x in lines if '"loss"' in x][-1]
+    sec["loss_one_process"] = rows["ddp1"]["loss"]
+    sec["loss_two_ranks"] = rows["ddp2"]["loss"]
+    rep.check("DDP 2 ranks vs 1 process (accumulation): final loss (rel)",
+              rel(rows["ddp2"]["loss"], rows["ddp1"]["loss"]), 1e-4, f"{steps} steps")
+
+
 # ================================================================ main
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -483,6 +527,9 @@ def main(argv=None) -> int:
         with rep.section("train_loop_throughput", 120) as sec:
             if sec is not None:
                 loop_throughput(rep, sec, dev, dry, peak, tmp)
+        with rep.section("ddp", 60, correctness=True) as sec:
+            if sec is not None:
+                ddp(rep, sec, dev, dry, tmp)
     path = rep.write()
     print(path.read_text())
     bad = rep.failed

@@ -1,16 +1,11 @@
-"""Hugging Face support: residual-stream points of known families and offline loading.
+"""Hugging Face support: offline loading of a local folder and logits of any HF causal LM.
 
 Imported lazily: ``import outlierlab`` never imports ``transformers``; this module imports it only
-inside :func:`load` (point discovery needs nothing but the model object).
-
-Point names follow ARCHITECTURE.md: ``embed.resid_post`` is the embedding output as the first
-block sees it (HF ``hidden_states[0]``: positions, scaling and embedding norm included) and
-``blocks.{i}.resid_post`` the output of block i, before any final norm.
+inside :func:`load`. Where to measure an HF model is :mod:`outlierlab.structure`'s job.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -18,65 +13,6 @@ import torch
 from torch import nn
 
 from outlierlab.errors import DataError, ModelLoadError, first_line
-
-# model_type → (block list, embedding-output module) relative to ``model.base_model``.
-# ``None`` for the embedding: no single module outputs hidden_states[0] (OPT adds positions,
-# Gemma scales, inside forward), so the input of block 0 is taken instead.
-FAMILIES: dict[str, tuple[str, str | None]] = {
-    "gpt2": ("h", "drop"),
-    "opt": ("decoder.layers", None),
-    "gpt_neox": ("layers", "emb_dropout"),
-    "llama": ("layers", "embed_tokens"),
-    "mistral": ("layers", "embed_tokens"),
-    "mixtral": ("layers", "embed_tokens"),
-    "qwen2": ("layers", "embed_tokens"),
-    "qwen3": ("layers", "embed_tokens"),
-    "phi3": ("layers", "embed_tokens"),
-    "olmo": ("layers", "embed_tokens"),
-    "olmo2": ("layers", "embed_tokens"),
-    "gemma": ("layers", None),
-    "gemma2": ("layers", None),
-    "bert": ("encoder.layer", "embeddings"),
-    "roberta": ("encoder.layer", "embeddings"),
-}
-
-
-@dataclass(frozen=True)
-class Point:
-    """A measurement point: the ``output`` of ``module``, or its first ``input``."""
-
-    name: str
-    module: nn.Module
-    kind: str = "output"
-
-
-def points(model: nn.Module) -> list[Point] | None:
-    """Residual-stream points of a known HF family, in model order; None when unknown."""
-    cfg = getattr(model, "config", None)
-    family = FAMILIES.get(getattr(cfg, "model_type", None) or "")
-    if family is None:
-        return None
-    base = getattr(model, "base_model", model)
-    blocks_path, embed_path = family
-    try:
-        blocks = base.get_submodule(blocks_path)
-        embed = base.get_submodule(embed_path) if embed_path else blocks[0]
-    except (AttributeError, IndexError, TypeError):
-        return None
-    out = [Point("embed.resid_post", embed, "output" if embed_path else "input")]
-    out += [Point(f"blocks.{i}.resid_post", b) for i, b in enumerate(blocks)]
-    return out
-
-
-def residual_points(model: nn.Module) -> dict[str, nn.Module] | None:
-    """The ``residual_points()`` protocol for HF models: point name → module whose *output* is
-    the point. Families whose embedding output is no module's output (OPT, Gemma) lack
-    ``embed.resid_post`` here; :class:`~outlierlab.monitor.OutlierMonitor` measures it anyway."""
-    found = points(model)
-    if found is None:
-        return None
-    return {p.name: p.module for p in found if p.kind == "output"}
-
 
 # --- loading ---------------------------------------------------------------------------------
 
@@ -164,7 +100,8 @@ def _load(transformers: Any, path: Path, device: str | torch.device):
     model.to(device).eval()
     seq_len = None
     for key in ("max_position_embeddings", "n_positions", "n_ctx"):
-        if isinstance(getattr(cfg, key, None), int):
+        value = getattr(cfg, key, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:  # XLNet: -1
             seq_len = getattr(cfg, key)
             break
     return model, TransformersTokenizer(tok), seq_len
@@ -172,7 +109,9 @@ def _load(transformers: Any, path: Path, device: str | torch.device):
 
 def logits(model: nn.Module, idx: torch.Tensor) -> torch.Tensor:
     """(B, T) token ids → (B, T, vocab) logits of an HF model with an LM head."""
-    out = model(input_ids=idx)
+    from outlierlab.structure import forward_tokens
+
+    out = forward_tokens(model, idx)
     lg = getattr(out, "logits", None)
     if lg is None:
         raise ModelLoadError(f"{type(model).__name__} has no language-model head (no logits)")

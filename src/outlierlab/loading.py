@@ -51,7 +51,9 @@ class LoadedModel:
 
     def __call__(self, idx: torch.Tensor) -> Any:
         """A forward pass on (B, T) token ids (whatever the model returns)."""
-        return self.model(input_ids=idx) if self.kind == "hf" else self.model(idx)
+        from outlierlab.structure import forward_tokens
+
+        return forward_tokens(self.model, idx)
 
     def logits(self, idx: torch.Tensor) -> torch.Tensor:
         """(B, T) token ids → (B, T, vocab) logits, for either kind."""

@@ -4,10 +4,11 @@
         model(batch)
     mon.results()   # {"embed.resid_post": {"kurtosis": ..., "mmr": ..., ...}, ...}
 
-Points: ``"auto"`` uses ``model.residual_points()`` (outlierlab's GPT, or any model that defines
-it) or the Hugging Face families :mod:`outlierlab.hf` knows; otherwise glob patterns over point
-names and module names (``["blocks.*.resid_post"]``, ``["transformer.h.*.mlp"]``); ``*`` stays
-within one dotted component, ``**`` crosses them (:func:`glob_regex`).
+Points: ``"auto"`` is the residual stream that :func:`outlierlab.structure.discover` finds
+(``model.residual_points()``, or the block list of any Hugging Face model); otherwise glob
+patterns over point names and module names (``["blocks.*.resid_post"]``,
+``["transformer.h.*.mlp"]``); ``*`` stays within one dotted component, ``**`` crosses them
+(:func:`glob_regex`).
 
 Per measured forward and point the hook (under ``no_grad``, on a detached tensor, no ``.item()``)
 adds to a :class:`~outlierlab.stats.StatsAccumulator`: per-neuron Σx² over all non-padding
@@ -19,22 +20,23 @@ forwards. It also keeps the token-centred per-neuron sums of the authors' metric
 (``kurtosis_authors``, ``corr_authors``: exact over all tokens). Nothing else is kept: no
 activations, no graphs.
 
-Attention entropy (``attn_entropy``, on by default): for models that define
-``attention_points() -> {name: module}`` whose modules have a ``probs_sink`` attribute
-(outlierlab's GPT: ``blocks.{i}.attn``), the monitor sets each sink for the measured forwards
-only and sums the entropy of every query's attention distribution
+Attention entropy (``attn_entropy``): the monitor gives each attention point
+(:class:`outlierlab.structure.AttentionPoint`, ``blocks.{i}.attn``) a sink for the measured
+forwards only and sums the entropy of every query's attention distribution
 (:func:`~outlierlab.metrics.attention_entropy_sum`) over a seeded subsample of whole sequences
 holding at most ``attn_max_tokens`` query tokens (at least one sequence; the same sequences
-for every layer); :meth:`OutlierMonitor.attention_entropy` gives the mean per layer. Other
-models (Hugging Face ones included) give none.
+for every layer); :meth:`OutlierMonitor.attention_entropy` gives the mean per layer.
+``"auto"`` (the default) measures it where the model computes the probabilities itself at no
+cost off measured forwards (outlierlab's GPT); ``True`` also for Hugging Face models, which then
+run eager attention while hooked (the only kind that returns probabilities); ``False`` never.
 """
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import json
 import math
-import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -45,119 +47,16 @@ from outlierlab.errors import ConfigError
 from outlierlab.metrics import OUTLIER_K, attention_entropy_sum
 from outlierlab.run_folder import json_safe
 from outlierlab.stats import StatsAccumulator, offdiag_cosine_fast
-
-
-class _Point:
-    __slots__ = ("kind", "module", "name")
-
-    def __init__(self, name: str, module: nn.Module, kind: str = "output"):
-        self.name, self.module, self.kind = name, module, kind
-
-
-def _unwrap(model: nn.Module) -> nn.Module:
-    """The model inside DDP / FSDP (``.module``) or ``torch.compile`` (``._orig_mod``)."""
-    for attr in ("_orig_mod", "module"):
-        inner = getattr(model, attr, None)
-        if isinstance(inner, nn.Module):
-            return _unwrap(inner)
-    return model
-
-
-def auto_points(model: nn.Module) -> list[_Point] | None:
-    """Residual-stream points of ``model``: its ``residual_points()``, else a known HF family."""
-    inner = _unwrap(model)
-    rp = getattr(inner, "residual_points", None)
-    if callable(rp):
-        return [_Point(n, m) for n, m in rp().items()]
-    if any(c.__module__.startswith("transformers.") for c in type(inner).__mro__):
-        from outlierlab import hf
-
-        found = hf.points(inner)
-        if found:
-            return [_Point(p.name, p.module, p.kind) for p in found]
-    return None
-
-
-def resolve_points(model: nn.Module, points: str | Sequence[str] = "auto") -> list[_Point]:
-    """``"auto"`` or glob patterns → ordered measurement points (see the module docstring)."""
-    auto = auto_points(model)
-    if isinstance(points, str) and points == "auto":
-        if auto is None:
-            blocks = block_list_name(model)
-            example = (
-                f"{blocks}.*" if blocks else next((n for n, _ in model.named_modules() if n), "*")
-            )
-            raise ConfigError(
-                f"no residual points known for {type(_unwrap(model)).__name__}; pass module-name "
-                f"globs as points (e.g. '{example}')"
-            )
-        return auto
-    globs = [points] if isinstance(points, str) else list(points)
-    if not globs or not all(isinstance(g, str) and g for g in globs):
-        raise ConfigError(f"points must be 'auto' or a list of glob patterns, got {points!r}")
-
-    pats = [glob_regex(g) for g in globs]
-
-    def hit(name: str) -> bool:
-        return any(p.fullmatch(name) for p in pats)
-
-    chosen = [p for p in auto or [] if hit(p.name)]
-    chosen += [_Point(n, m) for n, m in model.named_modules() if n and hit(n)]
-    if not chosen:
-        names = [p.name for p in auto or []][:2] + [n for n, _ in model.named_modules() if n][:3]
-        raise ConfigError(
-            f"points {' '.join(globs)} match nothing in {type(_unwrap(model)).__name__}; "
-            f"names look like {', '.join(names)}"
-        )
-    return chosen
-
-
-def glob_regex(glob: str) -> re.Pattern:
-    """A module-name glob as a regex: ``*`` matches within one dotted component, ``**`` across
-    components, ``?`` one character other than a dot, ``[...]`` a character class."""
-    out, i = [], 0
-    while i < len(glob):
-        c = glob[i]
-        if glob.startswith("**", i):
-            out.append(".*")
-            i += 2
-            continue
-        if c == "*":
-            out.append("[^.]*")
-        elif c == "?":
-            out.append("[^.]")
-        elif c == "[" and "]" in glob[i + 1 :]:
-            j = glob.index("]", i + 1)
-            body = glob[i + 1 : j]
-            out.append("[" + ("^" + body[1:] if body.startswith("!") else body) + "]")
-            i = j
-        else:
-            out.append(re.escape(c))
-        i += 1
-    return re.compile("".join(out))
-
-
-def block_list_name(model: nn.Module) -> str | None:
-    """The name of the longest ``nn.ModuleList`` in ``model`` (most likely its blocks)."""
-    lists = [(len(m), n) for n, m in model.named_modules() if n and isinstance(m, nn.ModuleList)]
-    return max(lists)[1] if lists else None
-
-
-def _first_tensor(out: Any) -> torch.Tensor | None:
-    """The hidden states in a module output: a tensor, element 0 of a tuple/list, the first
-    tensor of a mapping (HF ``ModelOutput``) or of a dataclass."""
-    if isinstance(out, torch.Tensor):
-        return out
-    if isinstance(out, (tuple, list)):
-        return _first_tensor(out[0]) if out else None
-    if isinstance(out, dict):
-        return next((v for v in out.values() if isinstance(v, torch.Tensor)), None)
-    fields = getattr(out, "__dataclass_fields__", None)
-    if fields:
-        return next(
-            (v for f in fields if isinstance(v := getattr(out, f, None), torch.Tensor)), None
-        )
-    return None
+from outlierlab.structure import (  # noqa: F401 — auto_points, glob_regex: public here too
+    AttentionPoint,
+    StructureError,
+    attention_points,
+    auto_points,
+    discover,
+    glob_regex,
+    hook_points,
+    resolve_points,
+)
 
 
 class OutlierMonitor:
@@ -183,7 +82,7 @@ class OutlierMonitor:
         mmr_max_tokens: int | None = 256,
         k: float = OUTLIER_K,
         extras: bool = False,
-        attn_entropy: bool = True,
+        attn_entropy: bool | str = "auto",
         attn_max_tokens: int | None = 128,
     ):
         if not isinstance(every, int) or every < 1:
@@ -197,8 +96,13 @@ class OutlierMonitor:
         self.extras = extras
         self.points = resolve_points(model, points)
         self.attn_max_tokens = attn_max_tokens
-        self.attn_points = attention_points(model) if attn_entropy else {}
-        self._sinks = {name: _EntropySink(self, name) for name in self.attn_points}
+        if attn_entropy not in (True, False, "auto"):
+            raise ConfigError(f"attn_entropy={attn_entropy!r} is not allowed; allowed: True, "
+                              "False, 'auto'")  # fmt: skip
+        self.attn_entropy = attn_entropy
+        self.attn_points: dict[str, AttentionPoint] = {}  # filled while hooked
+        self._attn_ctx: contextlib.ExitStack | None = None
+        self._sinks: dict[str, _EntropySink] = {}
         self._entropy: dict[str, torch.Tensor] = {}  # name → float64 [Σ entropy, query rows]
         self.enabled = True
         self._acc: dict[str, StatsAccumulator] = {}
@@ -231,14 +135,8 @@ class OutlierMonitor:
             self._handles.append(
                 self.model.register_forward_hook(self._root_post, always_call=True)
             )
-            for p in self.points:
-                if p.kind == "input":
-                    h = p.module.register_forward_pre_hook(
-                        self._input_hook(p.name), with_kwargs=True
-                    )
-                else:
-                    h = p.module.register_forward_hook(self._output_hook(p.name))
-                self._handles.append(h)
+            self._handles += hook_points(self.points, self._on_point)
+            self._open_attention()
         except BaseException:
             self.close()
             raise
@@ -252,6 +150,9 @@ class OutlierMonitor:
         while self._handles:
             self._handles.pop().remove()
         self._set_sinks(False)
+        if self._attn_ctx is not None:  # the points stay listed: their results are kept
+            ctx, self._attn_ctx = self._attn_ctx, None
+            ctx.close()
         self._active = False
         self._fwd_mask = None
 
@@ -278,10 +179,26 @@ class OutlierMonitor:
         self._active = False
         self._fwd_mask = None
 
+    def _open_attention(self) -> None:
+        """Open the attention points (:mod:`outlierlab.structure`): with ``attn_entropy``
+        ``"auto"`` only those the model computes itself (outlierlab's GPT: no cost off measured
+        forwards); with True also an HF model's, switching it to eager attention meanwhile."""
+        if not self.attn_entropy:
+            return
+        try:
+            structure = discover(self.model)
+        except StructureError:
+            return
+        if self.attn_entropy == "auto" and any(i >= 0 for _, i in structure.attention.values()):
+            return
+        self._attn_ctx = contextlib.ExitStack()
+        self.attn_points = self._attn_ctx.enter_context(attention_points(self.model, structure))
+        self._sinks = {name: _EntropySink(self, name) for name in self.attn_points}
+
     def _set_sinks(self, on: bool) -> None:
-        """Point every attention module's ``probs_sink`` at this monitor (``on``) or at None."""
-        for name, module in self.attn_points.items():
-            module.probs_sink = self._sinks[name] if on else None
+        """Give every attention point this monitor's sink (``on``) or None."""
+        for name, point in self.attn_points.items():
+            point.set_sink(self._sinks[name] if on else None)
 
     def _sequences(self, batch: int, seq_len: int, device: torch.device) -> torch.Tensor | None:
         """The batch rows whose attention entropy this forward measures: a seeded subsample
@@ -297,20 +214,9 @@ class OutlierMonitor:
             self._perms[key] = idx.to(device)
         return self._perms[key]
 
-    def _output_hook(self, name: str):
-        def hook(module: nn.Module, args: tuple, out: Any) -> None:
-            if self._active:
-                self._record(name, _first_tensor(out))
-
-        return hook
-
-    def _input_hook(self, name: str):
-        def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
-            if self._active:
-                x = args[0] if args else kwargs.get("hidden_states")
-                self._record(name, _first_tensor(x))
-
-        return hook
+    def _on_point(self, name: str, x: torch.Tensor) -> None:
+        if self._active:
+            self._record(name, x)
 
     def _record(self, name: str, x: torch.Tensor | None) -> None:
         if x is None or not x.is_floating_point() or x.dim() < 2:
@@ -459,14 +365,6 @@ class _EntropySink:
             self.mon._entropy[self.name] = acc
         acc[0] += attention_entropy_sum(probs)
         acc[1] += probs[..., 0].numel()
-
-
-def attention_points(model: nn.Module) -> dict[str, nn.Module]:
-    """The model's ``attention_points()`` whose modules accept a ``probs_sink``; else {}."""
-    ap = getattr(_unwrap(model), "attention_points", None)
-    if not callable(ap):
-        return {}
-    return {n: m for n, m in ap().items() if hasattr(m, "probs_sink")}
 
 
 def due(count: int, every: int) -> bool:

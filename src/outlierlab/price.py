@@ -22,7 +22,7 @@ from __future__ import annotations
 import html
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -55,18 +55,20 @@ def run_price(
     val_y: torch.Tensor,
     batch_size: int = 8,
     stats_windows: int = 4,
-    step: Callable[[str], None] | None = None,
+    progress: Callable[[str], None] | None = None,
+    points: str | Sequence[str] = "auto",
 ) -> dict[str, Any]:
-    """The whole comparison (module docstring); ``step(label)`` is called as each stage ends
-    (the CLI's progress bar). Returns the JSON-able result."""
+    """The whole comparison (module docstring); ``progress(label)`` is called as each stage
+    ends (the CLI's progress bar); ``points``: where the profile measures (monitor globs;
+    ``auto``: the residual stream). Returns the JSON-able result."""
     from outlierlab.profile import profile
     from outlierlab.quant import CalibCache, perplexity, quantize_and_evaluate
     from outlierlab.quant.rotate import rotate
 
-    step = step or (lambda label: None)
+    step = progress or (lambda label: None)
     t_start = time.perf_counter()
     sx = val_x[: max(1, min(stats_windows, val_x.shape[0]))]
-    prof = profile(model, sx, batch_size)
+    prof = profile(model, sx, batch_size, points)
     step("profile")
     kurts = {p["name"]: p["kurtosis"] for p in prof["points"]}
     finite = [k for k in kurts.values() if math.isfinite(k)]
@@ -206,15 +208,17 @@ def _figures(res: dict[str, Any], out: Path) -> list[tuple[str, str]]:
     return figs
 
 
-def write_page(res: dict[str, Any], out: str | Path, title: str) -> dict[str, Path]:
-    """Write ``price.md``, ``price.html``, ``price.json`` and the PNG figures into ``out``."""
+def write_page(res: dict[str, Any], out: str | Path, title: str,
+               figures: bool = True) -> dict[str, Path]:  # fmt: skip
+    """Write ``price.md``, ``price.html``, ``price.json`` and (``figures``) the PNG figures into
+    ``out``."""
     from outlierlab.experiments.report import html_table, md_table
     from outlierlab.run_folder import write_json
     from outlierlab.safe_io import write_text
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    figs = _figures(res, out)
+    figs = _figures(res, out) if figures else []
     intro = (
         f"{res['eval_windows']} validation windows × {res['seq_len']} tokens for perplexity; "
         f"profile and per-layer statistics on the first {res['stats_windows']}; calibration on "

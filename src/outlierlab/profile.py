@@ -20,12 +20,13 @@ Per measurement point (the monitor's points, residual stream by default), stream
 Per attention layer, the **attention sink** (Xiao et al. 2024; Sun et al. §3): ``m_h`` = the mean
 over windows and query positions q ≥ 1 of head h's attention probability on token 0 (query 0 can
 only attend to itself); reported as the fraction of heads with ``m_h > 0.5`` and the mean of m_h
-over heads. HF models run with eager attention and ``output_attentions=True`` for this;
-outlierlab's GPT through its ``attention_logits`` (softmax under the causal mask).
+over heads. The attention probabilities come from :mod:`outlierlab.structure`'s attention points
+(an HF model runs eager attention meanwhile; outlierlab's GPT recomputes them in float32).
 """
 
 from __future__ import annotations
 
+import contextlib
 import heapq
 from collections.abc import Sequence
 from typing import Any
@@ -34,18 +35,17 @@ import torch
 from torch import nn
 
 from outlierlab import metrics
+from outlierlab.structure import (
+    StructureError,
+    attention_points,
+    discover,
+    forward_tokens,
+    hook_points,
+)
 
 DEFAULT_TOP_K = 10
 SINK_THRESHOLD = 0.5
 MEDIAN_SAMPLES = 1 << 16  # values per batch per point kept for the whole-tensor median
-
-
-def _first_tensor(out: Any) -> torch.Tensor | None:
-    if isinstance(out, torch.Tensor):
-        return out
-    if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
-        return out[0]
-    return getattr(out, "last_hidden_state", None)
 
 
 class PointProfile:
@@ -66,6 +66,8 @@ class PointProfile:
         x = x.detach().double()
         if x.dim() == 2:
             x = x.unsqueeze(0)
+        elif x.dim() > 3:  # parallel streams per token (hyper-connections, AltUp): rows of d
+            x = x.reshape(x.shape[0], -1, x.shape[-1])
         b, t, d = x.shape
         sq = x.square()
         all_, rest = sq.sum((0, 1)), sq[:, 1:].sum((0, 1))
@@ -142,26 +144,18 @@ class SinkAccumulator:
         return rows
 
 
-def _gpt_attention_hooks(model: nn.Module, sinks: SinkAccumulator) -> list[Any]:
-    """outlierlab GPT: recompute each attention's probabilities from its input."""
-    hooks = []
-    for name, mod in model.named_modules():
-        logits_fn = getattr(mod, "attention_logits", None)
-        if not callable(logits_fn):
-            continue
+class _SinkTap:
+    """An attention point's sink (:class:`outlierlab.structure.AttentionPoint`): every
+    sequence, its probabilities added to the layer's :class:`SinkAccumulator` sums."""
 
-        def hook(module: nn.Module, args: tuple, name: str = name) -> None:
-            att = module.attention_logits(args[0]).double()
-            t = att.shape[-1]
-            mask = torch.ones(t, t, dtype=torch.bool, device=att.device).tril()
-            sinks.update(name, att.masked_fill(~mask, float("-inf")).softmax(-1))
+    def __init__(self, sinks: SinkAccumulator, layer: str) -> None:
+        self.sinks, self.layer = sinks, layer
 
-        hooks.append(mod.register_forward_pre_hook(hook))
-    return hooks
+    def rows(self, batch: int, seq_len: int, device: torch.device) -> None:
+        return None
 
-
-def _is_hf(model: nn.Module) -> bool:
-    return any(c.__module__.startswith("transformers.") for c in type(model).__mro__)
+    def __call__(self, probs: torch.Tensor) -> None:
+        self.sinks.update(self.layer, probs)
 
 
 @torch.no_grad()
@@ -174,60 +168,37 @@ def profile(
     attention: bool = True,
 ) -> dict[str, Any]:
     """The massive-activation profile of ``model`` on token windows ``x`` (N, T):
-    ``{"points": [...], "attention": [...] or None}`` (module docstring for every field)."""
+    ``{"points": [...], "attention": [...] or None}`` (module docstring for every field).
+    Points and attention layers are :mod:`outlierlab.structure`'s, as the monitor's."""
     from outlierlab.monitor import resolve_points
 
     chosen = resolve_points(model, points)
     profs = {p.name: PointProfile(p.name, top_k) for p in chosen}
     sinks = SinkAccumulator() if attention else None
-    state = {"window0": 0}
-    hooks = []
-    for p in chosen:
+    window0 = [0]
 
-        def rec(t: torch.Tensor | None, name: str = p.name) -> None:
-            if t is not None and t.is_floating_point():
-                profs[name].update(t, state["window0"])
+    def record(name: str, t: torch.Tensor) -> None:
+        if t.is_floating_point():
+            profs[name].update(t, window0[0])
 
-        if p.kind == "input":
-            h = p.module.register_forward_pre_hook(lambda m, a, rec=rec: rec(a[0]))
-        else:
-            h = p.module.register_forward_hook(lambda m, a, o, rec=rec: rec(_first_tensor(o)))
-        hooks.append(h)
-    hf = _is_hf(model)
-    restore = _eager_attention(model) if (hf and attention) else None
-    if attention and not hf:
-        hooks += _gpt_attention_hooks(model, sinks)
     device = next(model.parameters()).device
-    try:
+    with contextlib.ExitStack() as stack:
+        for h in hook_points(chosen, record):
+            stack.callback(h.remove)
+        if sinks is not None:
+            try:
+                structure = discover(model)
+            except StructureError:
+                structure = None  # glob points on a model without blocks: no attention
+            if structure is not None:
+                taps = stack.enter_context(attention_points(model, structure))
+                for name, tap in taps.items():
+                    tap.set_sink(_SinkTap(sinks, name))
         for i in range(0, x.shape[0], batch_size):
-            state["window0"] = i
-            xb = x[i : i + batch_size].to(device)
-            if hf:
-                out = model(input_ids=xb, output_attentions=attention)
-                for j, a in enumerate((getattr(out, "attentions", None) or ()) if sinks else ()):
-                    if a is not None:
-                        sinks.update(f"blocks.{j}.attn", a)
-            else:
-                model(xb)
-    finally:
-        for h in hooks:
-            h.remove()
-        if restore is not None:
-            restore()
+            window0[0] = i
+            forward_tokens(model, x[i : i + batch_size].to(device))
     att = sinks.result() if sinks is not None else None
     return {"points": [p.result() for p in profs.values()], "attention": att or None}
-
-
-def _eager_attention(model: nn.Module):
-    """Switch an HF model to eager attention (the only kind that returns probabilities);
-    returns the function that switches it back."""
-    cfg = getattr(model, "config", None)
-    old = getattr(cfg, "_attn_implementation", None)
-    setter = getattr(model, "set_attn_implementation", None)
-    if not callable(setter) or old in (None, "eager"):
-        return None
-    setter("eager")
-    return lambda: setter(old)
 
 
 def print_profile(prof: dict[str, Any], console: Any = None) -> None:

@@ -99,7 +99,11 @@ def test_measure_hf_gpt2_table_and_json(tmp_path, gpt2_dir, text_file, capsys):
     printed = capsys.readouterr().out
     assert "blocks.1.resid_post" in printed and "Kurt" in printed
     data = json.loads(out.read_text())
-    assert set(data) == {"model", "tokens", "points"}  # no attention entropy from HF models
+    assert set(data) == {"model", "tokens", "points", "attn_entropy", "attn_entropy_min"}
+    # HF attention probabilities (eager, hooked): a causal row of length t has entropy ≤ log t
+    ent = data["attn_entropy"]
+    assert list(ent) == ["blocks.0.attn", "blocks.1.attn"]
+    assert all(0 < v <= math.log(16) for v in ent.values())
     assert data["model"] == str(folder) and data["tokens"] == 6 * 16  # 100 // 16 windows
     assert [p["name"] for p in data["points"]] == [
         "embed.resid_post",
@@ -233,43 +237,33 @@ def test_bad_input_one_line_exit_2(tmp_path, gpt2_dir, text_file, capsys):
     )
 
 
-def test_hf_folder_without_data_measures_the_stdlib_validation_split(gpt2_dir, tmp_path):
-    """Issue 15: --data defaults to the stdlib corpus for every model kind (as in quantize)."""
-    from outlierlab.commands.measure import stdlib_val_docs
+def test_hf_folder_without_data_measures_quantizes_validation_windows(gpt2_dir, tmp_path):
+    """Without --data, measure measures the validation windows quantize and price evaluate on
+    (model_data: the stdlib corpus's validation split, the model's tokenizer): the same ids."""
+    from outlierlab import model_data
+    from outlierlab.loading import load_model
 
     out = tmp_path / "m.json"
     assert main(["measure", str(gpt2_dir), "--max-tokens", "256", "--json", str(out)]) == 0
     assert json.loads(out.read_text())["tokens"] == 256
-    docs = stdlib_val_docs()
-    assert docs and all(isinstance(d, str) and d.strip() for d in docs)
+    loaded = load_model(gpt2_dir)
+    seq = model_data.seq_len_for(loaded, None)
+    assert seq == 64  # the default 256, capped at this model's context
+    data = model_data.load_data(loaded, None, seq, 16, 2 * 4 * seq + 1)
+    x16, _ = data.windows(16)
+    x4, _ = model_data.load_data(loaded, None, seq, 4).windows(4)
+    assert torch.equal(x4, x16[:4])  # fewer windows: a prefix of the same windows
+    assert data.source == "stdlib" and len(data.train) > 0
 
 
-def test_unsupported_architecture_names_points(tmp_path, text_file, capsys):
+def test_bloom_measured_from_its_discovered_structure(tmp_path, text_file, capsys):
+    """Bloom was refused before structure discovery ("not a supported architecture")."""
     folder = hf_folder(tmp_path, "bloom")
-    one_line_error(
-        capsys,
-        [str(folder), "--data", str(text_file), "--seq-len", "16"],
-        "not a supported architecture",
-        "--points 'transformer.h.*'",
-    )
     out = tmp_path / "b.json"
-    assert (
-        main(
-            [
-                "measure",
-                str(folder),
-                "--data",
-                str(text_file),
-                "--seq-len",
-                "16",
-                "--max-tokens",
-                "64",
-                "--points",
-                "transformer.h.*",
-                "--json",
-                str(out),
-            ]
-        )
-        == 0
-    )
+    argv = [str(folder), "--data", str(text_file), "--seq-len", "16", "--max-tokens", "64"]
+    assert main(["measure", *argv, "--json", str(out)]) == 0
+    assert "structure: 2 blocks at transformer.h (discovered)" in capsys.readouterr().out
+    names = [p["name"] for p in json.loads(out.read_text())["points"]]
+    assert names == ["embed.resid_post", "blocks.0.resid_post", "blocks.1.resid_post"]
+    assert main(["measure", *argv, "--points", "transformer.h.*", "--json", str(out)]) == 0
     assert len(json.loads(out.read_text())["points"]) == 2

@@ -149,13 +149,49 @@ def test_planted_outlier_neuron_is_flagged_and_hooks_go():
     assert res["embed.resid_post"]["kurtosis"] > 10
 
 
-def test_hf_residual_points_protocol():
-    from outlierlab import hf
+@pytest.mark.parametrize("family", ["gpt2", "opt", "llama", "neox", "bert"])
+def test_structure_discovers_blocks_final_norm_and_attention(family):
+    from outlierlab.structure import discover
 
-    gpt2, _ = build("gpt2")
-    pts = hf.residual_points(gpt2)
-    assert list(pts)[:2] == ["embed.resid_post", "blocks.0.resid_post"]
-    assert pts["embed.resid_post"] is gpt2.transformer.drop
-    opt, _ = build("opt")
-    assert "embed.resid_post" not in hf.residual_points(opt)  # measured via block 0's input
-    assert len(hf.residual_points(opt)) == L
+    model, blocks = build(family)
+    st = discover(model)
+    assert st.source == "discovered"
+    assert st.blocks == list(blocks)
+    pts = st.points()
+    want = ["embed.resid_post"] + [f"blocks.{i}.resid_post" for i in range(L)]
+    assert [p.name for p in pts] == want
+    assert pts[0].module is blocks[0] and pts[0].kind == "input"  # what block 0 sees
+    assert list(st.attention) == [f"blocks.{i}.attn" for i in range(L)]
+    assert all("Attention" in type(m).__name__ for m, _ in st.attention.values())
+    if family != "bert":  # post-norm encoder: no final norm beside its layers
+        assert st.final_norm is not None and st.final_norm.rsplit(".", 1)[-1] in (
+            "ln_f", "final_layer_norm", "norm", "final_layernorm")  # fmt: skip
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama", "opt", "neox"])
+def test_attention_entropy_of_hf_models_leaves_outputs_unchanged(family):
+    """attn_entropy=True reads HF attention probabilities through eager attention while hooked:
+    the logits meanwhile equal SDPA's to rounding, the implementation is switched back after,
+    and each layer's mean entropy matches the eager attentions transformers returns."""
+    model, _ = build(family)
+    model.eval()
+    impl = model.config._attn_implementation
+    ids = torch.randint(0, V, (2, 12), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        before = model(input_ids=ids).logits
+        with OutlierMonitor(model, attn_entropy=True, attn_max_tokens=None) as mon:
+            during = model(input_ids=ids).logits
+        after = model(input_ids=ids).logits
+    assert model.config._attn_implementation == impl
+    torch.testing.assert_close(during, before, rtol=0, atol=1e-5)
+    assert torch.equal(after, before)
+    ent = mon.attention_entropy()
+    assert list(ent) == [f"blocks.{i}.attn" for i in range(L)]
+    model.set_attn_implementation("eager")
+    with torch.no_grad():
+        att = model(input_ids=ids, output_attentions=True).attentions
+    model.set_attn_implementation(impl)
+    for i, a in enumerate(att):
+        p = a.double()
+        want = float(-(p * torch.log(p.clamp_min(1e-300))).sum(-1).mean())
+        assert ent[f"blocks.{i}.attn"] == pytest.approx(want, rel=1e-5)

@@ -4,14 +4,14 @@ written as a GGUF file with the ``gguf`` package's ``GGUFWriter`` (nothing downl
 The GGUF holds what llama.cpp's converter writes for a Llama: ``llama.*`` hyper-parameters,
 tensors under llama.cpp names with q/k rows permuted to its rotary layout (transformers permutes
 them back on load), and a byte-level BPE tokenizer (``tokenizer.ggml.model = gpt2``) of the 256
-byte symbols plus one merge and ``<eos>``.
+byte symbols plus one merge and ``<eos>``; :mod:`tiny_gguf` writes it, as it writes the other
+architectures.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import torch
 
 SEQ, D, LAYERS, HEADS, KV_HEADS, MLP = 64, 32, 3, 4, 2, 64
@@ -58,55 +58,9 @@ def plant_massive(model, unit: int = 0, gain: float = 3.0):
     return model
 
 
-def _permute(w: np.ndarray, n_head: int) -> np.ndarray:
-    """llama.cpp's q/k row order (convert_hf_to_gguf ``LlamaModel.permute``)."""
-    return (
-        w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:])
-        .swapaxes(1, 2)
-        .reshape(w.shape)
-    )
-
-
 def write_gguf(model, path: Path) -> Path:
-    """Write ``model`` (a :func:`tiny_llama`) as an F32 GGUF file at ``path``."""
-    import gguf
-    from transformers.convert_slow_tokenizer import bytes_to_unicode
+    """Write ``model`` (a :func:`tiny_llama`) as an F32 GGUF file at ``path`` (tiny_gguf's writer,
+    which handles every architecture transformers' GGUF loader reads)."""
+    from tiny_gguf import write_gguf as write
 
-    cfg = model.config
-    w = gguf.GGUFWriter(str(path), "llama")
-    w.add_name("tiny-llama")
-    w.add_context_length(cfg.max_position_embeddings)
-    w.add_embedding_length(cfg.hidden_size)
-    w.add_block_count(cfg.num_hidden_layers)
-    w.add_feed_forward_length(cfg.intermediate_size)
-    w.add_head_count(cfg.num_attention_heads)
-    w.add_head_count_kv(cfg.num_key_value_heads)
-    w.add_rope_freq_base(float(cfg.rope_theta if hasattr(cfg, "rope_theta") else 10000.0))
-    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
-    w.add_rope_dimension_count(cfg.hidden_size // cfg.num_attention_heads)
-    w.add_vocab_size(cfg.vocab_size)
-    byte_chars = bytes_to_unicode()
-    w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre("default")
-    space = byte_chars[ord(" ")]
-    w.add_token_list([byte_chars[b] for b in range(256)] + [space * 2, "<eos>"])
-    w.add_token_types([1] * 257 + [3])
-    w.add_token_merges([f"{space} {space}"])  # transformers needs one merge at least
-    w.add_bos_token_id(EOS)
-    w.add_eos_token_id(EOS)
-    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, cfg.num_hidden_layers)
-    for hf_name, t in model.state_dict().items():
-        arr = t.detach().float().numpy().copy()
-        if hf_name.endswith("q_proj.weight"):
-            arr = _permute(arr, cfg.num_attention_heads)
-        elif hf_name.endswith("k_proj.weight"):
-            arr = _permute(arr, cfg.num_key_value_heads)
-        name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
-        if name is None:
-            raise KeyError(hf_name)
-        w.add_tensor(name, arr)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    return path
+    return write(model, path)

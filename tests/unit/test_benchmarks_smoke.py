@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 BENCH = Path(__file__).resolve().parents[2] / "benchmarks"
-SCRIPTS = ["train_step", "compile", "monitor_train", "quant_eval", "optim", "gpu_check"]
+SCRIPTS = ["train_step", "compile", "monitor_train", "quant_eval", "optim", "gpu_check",
+           "real_model"]
 
 
 def load(name: str):
@@ -34,7 +35,7 @@ def test_help(name, capsys):
     assert exc.value.code == 0
     out = capsys.readouterr().out
     assert "usage:" in out
-    if name != "gpu_check":
+    if name not in ("gpu_check", "real_model"):  # no interleaved rounds: one run each
         assert "--quick" in out
 
 

@@ -195,7 +195,7 @@ def test_globs_over_point_and_module_names():
         model(ids())
     assert list(mon.results()) == [f"blocks.{i}.resid_post" for i in range(3)] + ["blocks.1.mlp"]
     plain = nn.Sequential(nn.Linear(D, D), nn.ReLU(), nn.Linear(D, D))
-    with pytest.raises(ConfigError, match="no residual points known for Sequential"):
+    with pytest.raises(ConfigError, match="Sequential has no block list"):
         OutlierMonitor(plain)
     with OutlierMonitor(plain, points="[02]") as mon:
         plain(torch.randn(5, 7, D))

@@ -90,7 +90,7 @@ def test_gpt_attention_sink_matches_softmax_by_hand():
     m = probs[:, :, 1:, 0].mean((0, 2))  # per head, queries ≥ 1
     got = rows["blocks.1.attn"]
     assert got["heads"] == 2
-    np.testing.assert_allclose(got["mass_token0_per_head"], m, rtol=1e-9)
-    assert got["mass_token0"] == pytest.approx(float(m.mean()), rel=1e-9)
+    np.testing.assert_allclose(got["mass_token0_per_head"], m, rtol=1e-6)  # float32 probs
+    assert got["mass_token0"] == pytest.approx(float(m.mean()), rel=1e-6)
     assert got["sink_share"] == float((m > SINK_THRESHOLD).mean())
     assert all(math.isfinite(p["kurtosis"]) for p in res["points"])

@@ -15,12 +15,9 @@ from pathlib import Path
 from typing import Any
 
 from outlierlab.cli import device, output_file
-from outlierlab.errors import ConfigError, DataError
 from outlierlab.fields import POSITIVE
-from outlierlab.run_folder import RunFolder, write_json
-
-DEFAULT_SEQ_LEN = 128
-DEFAULT_MAX_TOKENS = 16384
+from outlierlab.model_data import DEFAULT_MEASURE_TOKENS, DEFAULT_SEQ_LEN
+from outlierlab.run_folder import write_json
 
 
 def add_parser(subparsers: Any) -> None:
@@ -30,12 +27,13 @@ def add_parser(subparsers: Any) -> None:
         description="Per-layer outlier-feature metrics (Kurt, MMR, cos-sim, outlier neurons) of a "
         "model on text.",
     )
-    p.add_argument("model_dir", metavar="MODEL_DIR", help="run folder, saved GPT or HF folder")
+    p.add_argument("model_dir", metavar="MODEL",
+                   help="run folder, saved GPT, HF folder or .gguf file")
     p.add_argument(
         "--data",
-        metavar="TEXTFILE_OR_DIR",
-        help="text to measure on (a file, or a folder of text files); default: a run folder's "
-        "own validation split, else the stdlib corpus's validation split",
+        metavar="SOURCE",
+        help="text to measure on, all of it (a file, folder, glob or .jsonl); default: the "
+        "validation windows quantize and price evaluate on (a run's own data, else stdlib)",
     )
     p.add_argument(
         "--seq-len",
@@ -46,8 +44,8 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument(
         "--max-tokens",
         type=POSITIVE,
-        default=DEFAULT_MAX_TOKENS,
-        help=f"measure at most this many tokens (default {DEFAULT_MAX_TOKENS})",
+        default=DEFAULT_MEASURE_TOKENS,
+        help=f"measure at most this many tokens (default {DEFAULT_MEASURE_TOKENS})",
     )
     p.add_argument("--batch-size", type=POSITIVE, default=8,
                    help="windows per forward (default 8)")
@@ -79,76 +77,6 @@ def add_parser(subparsers: Any) -> None:
     p.set_defaults(func=run)
 
 
-def read_text(path: Path) -> list[str]:
-    """The documents under ``path``: the file itself, or every non-hidden text file below a
-    folder (sorted; files that are not UTF-8 text are skipped)."""
-    if not path.exists():
-        raise DataError(f"--data {path} does not exist")
-    files = [path] if path.is_file() else sorted(
-        f for f in path.rglob("*")
-        if f.is_file() and not any(part.startswith(".") for part in f.relative_to(path).parts)
-    )  # fmt: skip
-    docs, not_utf8 = [], []
-    for f in files:
-        try:
-            text = f.read_bytes().decode("utf-8")
-        except UnicodeDecodeError:
-            not_utf8.append(f)
-            continue
-        except OSError:
-            continue
-        if "\x00" not in text and text.strip():
-            docs.append(text)
-    if not docs:
-        if not_utf8:
-            raise DataError(f"--data {path} holds no UTF-8 text ({len(not_utf8)} file(s) are "
-                            f"not UTF-8, e.g. {not_utf8[0]}); allowed: UTF-8 text files")
-        raise DataError(f"--data {path} holds no text")
-    return docs
-
-
-def windows(tokenizer: Any, docs: list[str], seq_len: int, max_tokens: int):
-    """Documents → int64 (n, T) windows: the token stream (documents joined by the tokenizer's
-    end-of-text id when it has one) cut into consecutive windows of ``seq_len``, at most
-    ``max_tokens // seq_len`` of them; a stream shorter than one window gives one short window."""
-    import torch
-
-    stream: list[int] = []
-    for i, doc in enumerate(docs):
-        if i and tokenizer.eot_id is not None:
-            stream.append(tokenizer.eot_id)
-        stream.extend(tokenizer.encode(doc))
-        if len(stream) >= max(max_tokens, seq_len):
-            break  # the rest would be cut off below
-    if len(stream) < 2:
-        raise DataError(f"the text gives {len(stream)} token(s); need at least 2")
-    if len(stream) < seq_len:
-        return torch.tensor([stream], dtype=torch.long)
-    n = max(1, min(len(stream) // seq_len, max_tokens // seq_len))
-    return torch.tensor(stream[: n * seq_len], dtype=torch.long).view(n, seq_len)
-
-
-def stdlib_val_docs() -> list[str]:
-    """The validation documents of the stdlib corpus (the split ``quantize`` evaluates on)."""
-    from outlierlab.data import DataConfig, collect, split_documents
-
-    docs = collect("stdlib").documents
-    return [d.text for d in split_documents(docs, DataConfig.val_fraction)[1]]
-
-
-def _run_windows(run: RunFolder, seq_len: int, max_tokens: int):
-    """Validation windows of an outlierlab run folder (its own data config)."""
-    import warnings
-
-    from outlierlab.data import prepare, validation_windows
-
-    data = prepare(run.data_config, progress=False)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # fewer windows than asked: the token count says so
-        x, _ = validation_windows(data.val, seq_len, max(1, max_tokens // seq_len))
-    return x
-
-
 def measure(
     loaded: Any,
     x: Any,
@@ -161,20 +89,8 @@ def measure(
 
     from outlierlab.monitor import OutlierMonitor
 
-    try:
-        mon = OutlierMonitor(loaded.model, points=points or "auto", mmr_max_tokens=None,
-                             attn_max_tokens=None)  # fmt: skip
-    except ConfigError as exc:
-        if points:
-            raise
-        from outlierlab.monitor import block_list_name
-
-        blocks = block_list_name(loaded.model)
-        example = f" (e.g. --points '{blocks}.*')" if blocks else ""
-        raise ConfigError(
-            f"{type(loaded.model).__name__} is not a supported architecture for automatic points; "
-            f"pass --points GLOB [GLOB ...] with module names{example}"
-        ) from exc
+    mon = OutlierMonitor(loaded.model, points=points or "auto", mmr_max_tokens=None,
+                         attn_max_tokens=None, attn_entropy=True)  # fmt: skip
     device = next(iter(loaded.model.parameters())).device
     with mon, torch.no_grad():
         for i in range(0, len(x), batch_size):
@@ -183,23 +99,19 @@ def measure(
 
 
 def run(args: argparse.Namespace) -> int:
-    path = Path(args.model_dir)
-
+    from outlierlab import model_data
     from outlierlab.loading import load_model
+    from outlierlab.structure import check
 
+    path = Path(args.model_dir)
     loaded = load_model(path, device=args.device)
     print(loaded.describe())
-    if args.seq_len is None:
-        args.seq_len = min(DEFAULT_SEQ_LEN, loaded.seq_len or DEFAULT_SEQ_LEN)
-    elif loaded.seq_len is not None and args.seq_len > loaded.seq_len:
-        raise ConfigError(f"--seq-len {args.seq_len} exceeds the model's context {loaded.seq_len}")
-    if args.data is not None:
-        docs = read_text(Path(args.data))
-        x = windows(loaded.tokenizer, docs, args.seq_len, args.max_tokens)
-    elif loaded.kind == "outlierlab" and RunFolder(loaded.path).is_run:
-        x = _run_windows(RunFolder(loaded.path), args.seq_len, args.max_tokens)
-    else:  # HF, GGUF or bare model: the stdlib corpus's validation documents
-        x = windows(loaded.tokenizer, stdlib_val_docs(), args.seq_len, args.max_tokens)
+    print(check(loaded.model, args.points or "auto"))  # a refusal comes now, not after the text
+    seq_len = model_data.seq_len_for(loaded, args.seq_len)
+    n = max(1, args.max_tokens // seq_len)
+    data = model_data.load_data(loaded, args.data, seq_len, n, whole=True)
+    data.check_vocab(loaded)
+    x, _ = data.windows(n)
 
     res, entropy = measure(loaded, x, args.batch_size, args.points)
     tokens = max((r["tokens"] for r in res.values()), default=0)

@@ -11,10 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from outlierlab.cli import device, output_dir
-from outlierlab.errors import ConfigError, DataError
-from outlierlab.fields import POSITIVE
-
-DEFAULT_SEQ_LEN = 512
+from outlierlab.commands.quantize import add_data_options
 
 
 def add_parser(subparsers: Any) -> None:
@@ -25,61 +22,42 @@ def add_parser(subparsers: Any) -> None:
         "writes price.md, price.html, price.json and figures.",
     )
     p.add_argument("model", metavar="MODEL", help="run folder, model folder, HF folder or .gguf")
-    p.add_argument("--data", help="text source (default: a run's own data, else stdlib)")
     p.add_argument("--out", metavar="DIR", type=output_dir,
                    help="output folder (default: price-<model name>)")
-    p.add_argument("--eval-windows", type=POSITIVE, default=8,
-                   help="validation windows (default 8)")
-    p.add_argument("--stats-windows", type=POSITIVE, default=4, help="windows for the profile and "
-                   "the per-layer SQNR (default 4)")  # fmt: skip
-    p.add_argument("--seq-len", type=POSITIVE, help=f"window length (default {DEFAULT_SEQ_LEN}, or "
-                   "the model's context if shorter)")  # fmt: skip
-    p.add_argument("--calib-batches", type=POSITIVE, default=2, help="training batches (default 2)")
-    p.add_argument("--batch-size", type=POSITIVE, default=4, help="windows per forward (default 4)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the calibration batch sampler")
+    add_data_options(p)
     p.add_argument("--device", default="cpu", type=device)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--no-figures", action="store_true",
+                   help="tables only, no PNG figures (faster: for many models in a row)")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    import warnings
-
-    from outlierlab.commands.quantize import split_tokens
-    from outlierlab.data import prepare, validation_windows
+    from outlierlab import model_data
     from outlierlab.loading import load_model
     from outlierlab.price import run_price, schemes, write_page
-    from outlierlab.quant import calibration_batches
-    from outlierlab.run_folder import RunFolder
+    from outlierlab.structure import check
 
     path = Path(args.model)
     loaded = load_model(path, device=args.device)
-    seq_len = args.seq_len or min(DEFAULT_SEQ_LEN, loaded.seq_len or DEFAULT_SEQ_LEN)
-    if seq_len < 2 or (loaded.seq_len is not None and seq_len > loaded.seq_len):
-        raise ConfigError(f"--seq-len {seq_len} must be in 2..{loaded.seq_len or 'any'}")
-    run = RunFolder(path) if args.data is None and path.is_dir() else None
-    data_cfg = run.data_config if run is not None and run.is_run else None
-    if data_cfg is not None:
-        data = prepare(data_cfg, progress=False)
-        train, val = data.train, data.val
-    else:
-        need_train = args.calib_batches * args.batch_size * seq_len + 1
-        train, val = split_tokens(
-            args.data or "stdlib", loaded.tokenizer, need_train, args.eval_windows * seq_len + 1
-        )
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        val_x, val_y = validation_windows(val, seq_len, args.eval_windows)
-    if val_x.shape[0] == 0:
-        raise DataError(f"the validation text holds fewer than {seq_len + 1} tokens")
-    calib = calibration_batches(train, seq_len, args.batch_size, args.calib_batches, args.seed)
+    print(loaded.describe())
+    points = args.points or "auto"
+    print(check(loaded.model, points))  # a refusal comes now, not after calibration
+    seq_len = model_data.seq_len_for(loaded, args.seq_len)
+    need_train = args.calib_batches * args.batch_size * seq_len + 1
+    data = model_data.load_data(loaded, args.data, seq_len, args.eval_windows, need_train)
+    val_x, val_y = data.windows(args.eval_windows)
+    calib = data.calibration(args.calib_batches, args.batch_size, args.seed)
+    data.check_vocab(loaded)
     out = Path(args.out or f"price-{path.stem if path.is_file() else path.name}")
     steps = ["profile", "FP perplexity"] + [label for label, _ in schemes()]
     with _progress(args.quiet, len(steps)) as step:
         res = run_price(loaded.model, calib, val_x, val_y, args.batch_size, args.stats_windows,
-                        step=step)  # fmt: skip
+                        progress=step, points=points)  # fmt: skip
     res["model"] = str(path)
-    paths = write_page(res, out, title=f"What outlier features cost: {path.name}")
+    res["data"] = data.source
+    paths = write_page(res, out, title=f"What outlier features cost: {path.name}",
+                       figures=not args.no_figures)  # fmt: skip
     _print_summary(res, paths)
     return 0
 

@@ -1,9 +1,9 @@
 """``outlierlab quantize``: FP vs fake-quantised perplexity and the per-layer damage (SPEC §4).
 
-Calibration batches come from the TRAIN split, perplexity from the first validation windows:
-for a run folder, the run's own data config; for a Hugging Face folder (or a bare model folder),
-``--data`` (default: the stdlib corpus) split by document and tokenised with the model's own
-tokenizer.
+Calibration batches come from the TRAIN split, perplexity from the first validation windows,
+both from :mod:`outlierlab.model_data` (the loader and defaults ``measure`` and ``price`` share):
+for a run folder, the run's own data; otherwise ``--data`` (default stdlib) split by document and
+tokenised with the model's own tokenizer.
 """
 
 from __future__ import annotations
@@ -14,12 +14,35 @@ from pathlib import Path
 from typing import Any
 
 from outlierlab.cli import device, output_file
-from outlierlab.errors import ConfigError, DataError, ModelLoadError
+from outlierlab.errors import ConfigError, ModelLoadError
 from outlierlab.fields import POSITIVE
 from outlierlab.run_folder import RunFolder, write_json
 
 DEFAULT_SCHEME = "w8a8-tensor"
-HF_DEFAULT_SEQ_LEN = 256
+
+
+def add_data_options(p: Any) -> None:
+    """The text and window options ``quantize`` and ``price`` share, with the defaults of
+    :mod:`outlierlab.model_data`."""
+    from outlierlab import model_data as md
+
+    p.add_argument("--data", metavar="SOURCE", help="text: stdlib, a file, folder, glob or "
+                   ".jsonl, split by document (default: a run's own data, else stdlib)")
+    p.add_argument("--seq-len", type=POSITIVE, help=f"window length (default "
+                   f"{md.DEFAULT_SEQ_LEN}, or the model's context if shorter)")
+    p.add_argument("--eval-windows", type=POSITIVE, default=md.DEFAULT_EVAL_WINDOWS,
+                   help=f"validation windows for perplexity (default {md.DEFAULT_EVAL_WINDOWS})")
+    p.add_argument("--stats-windows", type=POSITIVE, default=md.DEFAULT_STATS_WINDOWS,
+                   help="of those, windows for the per-layer tables (default "
+                   f"{md.DEFAULT_STATS_WINDOWS})")
+    p.add_argument("--calib-batches", type=POSITIVE, default=md.DEFAULT_CALIB_BATCHES,
+                   help=f"calibration batches from the train split (default "
+                   f"{md.DEFAULT_CALIB_BATCHES})")
+    p.add_argument("--batch-size", type=POSITIVE, default=md.DEFAULT_BATCH_SIZE,
+                   help=f"windows per batch (default {md.DEFAULT_BATCH_SIZE})")
+    p.add_argument("--seed", type=int, default=0, help="seed of the calibration batch sampler")
+    p.add_argument("--points", nargs="+", metavar="GLOB", help="where to measure Kurt instead "
+                   "of the residual stream: module-name globs (as measure --points)")
 
 
 def add_parser(subparsers: Any) -> None:
@@ -57,16 +80,8 @@ def add_parser(subparsers: Any) -> None:
         help="also quantise the residual stream (embedding output and every block output)",
     )
     p.add_argument("--smooth", type=float, metavar="ALPHA", help="SmoothQuant migration, 0..1")
-    p.add_argument("--calib-batches", type=POSITIVE, default=16,
-                   help="training batches (default 16)")
-    p.add_argument("--batch-size", type=POSITIVE, default=8)
-    p.add_argument("--seq-len", type=POSITIVE, help="window length (default: the model's context)")
-    p.add_argument("--data", help="text source for HF/model folders (default: stdlib)")
-    p.add_argument("--eval-windows", type=POSITIVE, default=64,
-                   help="validation windows (default 64)")
-    p.add_argument("--stats-windows", type=POSITIVE, default=16, help="windows for the layer table")
+    add_data_options(p)
     p.add_argument("--device", default="cpu", type=device)
-    p.add_argument("--seed", type=int, default=0, help="seed of the calibration batch sampler")
     p.add_argument("--json", metavar="OUT", type=output_file, help="write the result as JSON here")
     p.add_argument(
         "--save",
@@ -101,34 +116,6 @@ def build_config(args: argparse.Namespace):
     if args.quantize_residual:
         overrides["quantize_residual"] = True
     return scheme(args.scheme, **overrides)
-
-
-def split_tokens(
-    source: str, tokenizer: Any, need_train: int, need_val: int, val_fraction: float = 0.05
-) -> tuple[Any, Any]:
-    """Train and validation token arrays for a model that brings its own tokenizer.
-
-    The corpus is split by document as the data module does (:func:`split_documents`); each
-    side is tokenised with the model's tokenizer (documents joined by its end-of-text id, if
-    any) only until it holds ``need`` tokens (4 × for train, so calibration batches vary).
-    """
-    import numpy as np
-
-    from outlierlab.data import collect, split_documents
-
-    train_docs, val_docs = split_documents(collect(source).documents, val_fraction)
-
-    def encode(docs, need: int) -> np.ndarray:
-        ids: list[int] = []
-        for doc in docs:
-            ids += tokenizer.encode(doc.text)
-            if tokenizer.eot_id is not None:
-                ids.append(tokenizer.eot_id)
-            if len(ids) >= need:
-                break
-        return np.asarray(ids, dtype=np.int64)
-
-    return encode(train_docs, 4 * need_train), encode(val_docs, need_val)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -170,53 +157,29 @@ def _check_status(run: RunFolder) -> None:
 
 
 def evaluate(args: argparse.Namespace, cfg: Any, path: Path, run: RunFolder | None) -> dict:
-    """Load, calibrate and evaluate; print and return the result."""
-    import warnings
-
+    """Load, check the structure, calibrate and evaluate; print and return the result."""
     import torch
 
-    from outlierlab.data import prepare, validation_windows
+    from outlierlab import model_data
     from outlierlab.loading import load_model
-    from outlierlab.quant.evaluate import calibration_batches, quantize_and_evaluate
+    from outlierlab.quant.evaluate import quantize_and_evaluate
+    from outlierlab.structure import check
 
     loaded = load_model(path, device=args.device)
     print(loaded.describe())
-    seq_len = args.seq_len
-    if seq_len is None:
-        seq_len = loaded.seq_len or HF_DEFAULT_SEQ_LEN
-        if loaded.kind == "hf":
-            seq_len = min(seq_len, HF_DEFAULT_SEQ_LEN)
-    if loaded.seq_len is not None and seq_len > loaded.seq_len:
-        raise ConfigError(f"--seq-len {seq_len} exceeds the model's context {loaded.seq_len}")
-
-    data_cfg = None
-    if args.data is None and run is not None and isinstance(run.config.get("data"), dict):
-        data_cfg = run.data_config
-    if data_cfg is not None:  # a run folder: its own corpus, split and tokenizer
-        data = prepare(data_cfg, progress=False)
-        train, val = data.train, data.val
-    else:  # HF or bare model folder: --data (default stdlib) with the model's tokenizer
-        need_train = args.calib_batches * args.batch_size * seq_len + 1
-        train, val = split_tokens(
-            args.data or "stdlib", loaded.tokenizer, need_train, args.eval_windows * seq_len + 1
-        )
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # fewer windows than asked: reported in the result
-        val_x, val_y = validation_windows(val, seq_len, args.eval_windows)
-    calib = calibration_batches(train, seq_len, args.batch_size, args.calib_batches, args.seed)
-    vocab = int(max(val_x.max(), max(int(b.max()) for b in calib))) + 1
-    out_vocab = loaded.logits(val_x[:1, :2].to(args.device)).shape[-1]
-    if vocab > out_vocab:
-        raise DataError(
-            f"the data holds token id {vocab - 1} but the model's vocabulary is {out_vocab}"
-        )
-
+    points = args.points or "auto"
+    print(check(loaded.model, points))  # a refusal comes now, not after calibration
+    seq_len = model_data.seq_len_for(loaded, args.seq_len)
+    need_train = args.calib_batches * args.batch_size * seq_len + 1
+    data = model_data.load_data(loaded, args.data, seq_len, args.eval_windows, need_train)
+    val_x, val_y = data.windows(args.eval_windows)
+    calib = data.calibration(args.calib_batches, args.batch_size, args.seed)
+    data.check_vocab(loaded)
     with torch.no_grad():
-        result = quantize_and_evaluate(
-            loaded.model, cfg, calib, val_x, val_y, args.batch_size, args.stats_windows
-        )
+        result = quantize_and_evaluate(loaded.model, cfg, calib, val_x, val_y, args.batch_size,
+                                       args.stats_windows, points=points)  # fmt: skip
     step = {"step": loaded.step} if loaded.step is not None else {}
-    result = {"model": str(path), "kind": loaded.kind, **step, **result}
+    result = {"model": str(path), "kind": loaded.kind, **step, "data": data.source, **result}
     _print(result, quiet=args.quiet)
     return result
 

@@ -63,8 +63,6 @@ class OutlierCallback(Callback, MeasuringCallback):
     def _target(self, pl_module: Any) -> Any:
         """The module to measure: ``model_attr``, else the LightningModule itself, else (with
         ``points="auto"``) its only child whose residual points are known."""
-        from outlierlab.monitor import auto_points
-
         if self.model_attr is not None:
             target = getattr(pl_module, self.model_attr, None)
             if target is None:
@@ -72,9 +70,10 @@ class OutlierCallback(Callback, MeasuringCallback):
                     f"model_attr={self.model_attr!r}: the LightningModule has no such attribute"
                 )
             return target
-        if self.points != "auto" or auto_points(pl_module) is not None:
+        if self.points != "auto" or _known(pl_module):
             return pl_module
-        known = [c for c in pl_module.children() if auto_points(c) is not None]
+        # Lightning calls training_step, not the module's forward: measure the network inside
+        known = [c for c in pl_module.children() if _known(c)]
         return known[0] if len(known) == 1 else pl_module  # else the monitor says what is wrong
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
@@ -99,3 +98,14 @@ class OutlierCallback(Callback, MeasuringCallback):
 
     def on_exception(self, trainer, pl_module, exception) -> None:
         self.close()
+
+
+def _known(module: Any) -> bool:
+    """Whether ``module``'s residual stream is known, not guessed (a LightningModule holding a
+    network is not itself one: its block list would be the network's, its forward unused)."""
+    from outlierlab.structure import StructureError, discover
+
+    try:
+        return discover(module).source != "guessed"
+    except StructureError:
+        return False

@@ -31,6 +31,7 @@ from outlierlab.quant.wrap import (
     QuantLinear,
     act_quantizers,
     head_names,
+    quant_experts,
     quant_linears,
     set_act_mode,
 )
@@ -115,7 +116,9 @@ def _smooth_xmax(
     finally:
         for m in layers.values():
             m.smooth_observe = False
-    xmax = {name: m.take_xmax() for name, m in layers.items()}
+    # a linear no calibration batch reached (a decoder's cross-attention without an encoder, a
+    # vision tower on text) has no statistics: it stays unsmoothed (None)
+    xmax = {name: (m.take_xmax() if m.observed else None) for name, m in layers.items()}
     if cache is not None:
         cache.xmax = xmax
     return xmax
@@ -178,7 +181,10 @@ def calibrate(
     if cfg.smooth_alpha is not None:
         xmax = _smooth_xmax(layers, qmodel, batches, forward, cache)
         for name, m in layers.items():
-            m.set_smoothing(float(cfg.smooth_alpha), xmax[name])
+            if xmax[name] is not None:
+                m.set_smoothing(float(cfg.smooth_alpha), xmax[name])
     _quantize_weights(layers, cfg, cache)
+    for experts in quant_experts(qmodel).values():
+        experts.quantize_weight()
     _static_ranges(qmodel, cfg, batches, forward, cache)
     set_act_mode(qmodel, "quant")

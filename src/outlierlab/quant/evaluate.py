@@ -21,14 +21,22 @@ from outlierlab.errors import DataError
 from outlierlab.quant.calibrate import CalibCache, calibrate, stop_at_head
 from outlierlab.quant.config import QuantConfig
 from outlierlab.quant.quantizers import sqnr_db
-from outlierlab.quant.wrap import ActStats, quant_linears, residual_quantizers, wrap
+from outlierlab.quant.wrap import (
+    ActStats,
+    quant_experts,
+    quant_linears,
+    residual_quantizers,
+    wrap,
+)
 from outlierlab.stats import StatsAccumulator
 
 
 def logits_of(model: nn.Module, idx: torch.Tensor) -> torch.Tensor:
     """Logits (B, T, vocab) of an outlierlab GPT (tensor), a tuple-returning model, or an HF
     causal LM (``.logits``)."""
-    out = model(idx)
+    from outlierlab.structure import forward_tokens
+
+    out = forward_tokens(model, idx)
     if isinstance(out, torch.Tensor):
         return out
     if isinstance(out, tuple):
@@ -114,6 +122,9 @@ def layer_stats(
     :func:`layer_report` rows of what those forwards saw."""
     layers = quant_linears(qmodel)
     resid = residual_quantizers(qmodel)
+    experts = quant_experts(qmodel)
+    for m in experts.values():
+        m.act.stats = ActStats()
     for m in layers.values():
         m.act.stats = ActStats()
         if kurtosis:  # Kurt of the layer input (SPEC §1 Eq. 1); Kurt and MMR only: half the work
@@ -121,13 +132,33 @@ def layer_stats(
     for aq in resid.values():
         aq.stats = ActStats()
     try:
-        yield lambda: _report_rows(layers, resid, kurtosis)
+        yield lambda: _report_rows(layers, resid, kurtosis) + _experts_rows(experts)
     finally:
+        for m in experts.values():
+            m.act.stats = None
         for m in layers.values():
             m.act.stats = None
             m.kurt_acc = None
         for aq in resid.values():
             aq.stats = None
+
+
+def _experts_rows(experts: dict[str, Any]) -> list[dict[str, Any]]:
+    return [
+        {
+            "name": name,
+            "kind": m.kind,
+            "shape": m.shape(),
+            "act_sqnr_db": _finite(sqnr_db(m.act.stats.signal, m.act.stats.noise)),
+            "weight_sqnr_db": _finite(sqnr_db(m.weight_signal, m.weight_noise)),
+            "act_min": m.act.stats.lo,
+            "act_max": m.act.stats.hi,
+            "calib_min": m.act.calib_lo,
+            "calib_max": m.act.calib_hi,
+            "kurtosis": None,
+        }
+        for name, m in experts.items()
+    ]
 
 
 def _report_rows(
@@ -187,13 +218,14 @@ def perplexity_and_report(
 
 
 @torch.no_grad()
-def residual_kurtosis(model: nn.Module, x: torch.Tensor, batch_size: int = 8) -> dict[str, Any]:
-    """Residual-stream Kurt of the full-precision model (the monitor's ``auto`` points) on x:
-    ``{"points": {name: kurt}, "kurtosis_mean": ..., "kurtosis_max": ...}``."""
+def residual_kurtosis(model: nn.Module, x: torch.Tensor, batch_size: int = 8,
+                      points: str | Sequence[str] = "auto") -> dict[str, Any]:  # fmt: skip
+    """Kurt of the full-precision model at the monitor's ``points`` (``auto``: the residual
+    stream) on x: ``{"points": {name: kurt}, "kurtosis_mean": ..., "kurtosis_max": ...}``."""
     from outlierlab.monitor import OutlierMonitor
 
     device = _device(model)
-    with OutlierMonitor(model) as mon, stop_at_head(model) as run:
+    with OutlierMonitor(model, points=points) as mon, stop_at_head(model) as run:
         for i in range(0, x.shape[0], batch_size):
             run(logits_of, x[i : i + batch_size].to(device))
         results = mon.results()
@@ -217,6 +249,7 @@ def quantize_and_evaluate(
     resid: dict[str, Any] | None = None,
     layer_kurtosis: bool = True,
     cache: CalibCache | None = None,
+    points: str | Sequence[str] = "auto",
 ) -> dict[str, Any]:
     """The whole pipeline on ``model`` (never modified): FP perplexity, a wrapped copy calibrated
     on ``calib`` (train batches), quantised perplexity on the same windows, the per-layer report
@@ -225,7 +258,8 @@ def quantize_and_evaluate(
     ``fp`` (``{"ppl", "loss", "seconds"}``) reuses an FP evaluation of the same windows, ``resid``
     a :func:`residual_kurtosis` result on the same stats windows; ``layer_kurtosis=False`` leaves
     the linear inputs' Kurt out of the layer report; ``cache`` (:class:`CalibCache`) shares
-    calibration work with other schemes on the same model and ``calib`` batches.
+    calibration work with other schemes on the same model and ``calib`` batches; ``points``
+    (monitor globs) where the residual Kurt is measured.
     The quantised perplexity and the layer report come from one pass
     (:func:`perplexity_and_report`); ``quant_eval_s`` times that pass.
     Returns the JSON-able result (top-level ``fp_ppl``, ``quant_ppl``, ``scheme``, ``config``,
@@ -248,7 +282,7 @@ def quantize_and_evaluate(
     )
     q_s = time.perf_counter() - t0
     sx = val_x[: max(1, min(stats_windows, val_x.shape[0]))]
-    resid = resid or residual_kurtosis(model, sx, batch_size)
+    resid = resid or residual_kurtosis(model, sx, batch_size, points)
     for row in layers:
         if row["kind"] == "residual":
             row["kurtosis"] = resid["points"].get(row["name"])

@@ -44,8 +44,8 @@ def _layers(model: nn.Module) -> tuple[nn.Module, list[nn.Module]]:
     layers = getattr(base, "layers", None)
     ok = layers is not None and all(
         hasattr(b, "input_layernorm") and hasattr(b, "post_attention_layernorm")
-        and all(hasattr(b.self_attn, f"{n}_proj") for n in "qkvo")
-        and all(hasattr(b.mlp, f"{n}_proj") for n in ("gate", "up", "down"))
+        and all(hasattr(getattr(b, "self_attn", None), f"{n}_proj") for n in "qkvo")
+        and all(hasattr(getattr(b, "mlp", None), f"{n}_proj") for n in ("gate", "up", "down"))
         for b in layers
     )  # fmt: skip
     if not ok or not hasattr(base, "norm") or getattr(model, "lm_head", None) is None:

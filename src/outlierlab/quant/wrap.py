@@ -12,6 +12,7 @@ output) passes through an activation quantiser too, via forward hooks on the cop
 from __future__ import annotations
 
 import copy
+import re
 from collections.abc import Iterator
 from typing import Any
 
@@ -28,6 +29,7 @@ from outlierlab.quant.quantizers import (
     quantize_weight,
     scale_zero_point,
 )
+from outlierlab.structure import Point
 
 HEAD_NAMES = ("lm_head", "head", "unembed")
 RESERVOIR_PER_BATCH = 1 << 16  # values kept per calibration batch for percentile ranges
@@ -39,7 +41,16 @@ def is_conv1d(module: nn.Module) -> bool:
 
 
 def is_linear(module: nn.Module) -> bool:
-    return isinstance(module, nn.Linear) or is_conv1d(module)
+    """An ``nn.Linear`` computing x Wᵀ + b (its own forward), or HF ``Conv1D``."""
+    if isinstance(module, nn.Linear):
+        return type(module).forward is nn.Linear.forward
+    return is_conv1d(module)
+
+
+def is_custom_linear(module: nn.Module) -> bool:
+    """An ``nn.Linear`` subclass with a forward of its own (DeepSeek-V4's grouped output
+    projection): wrapped like experts, its weight quantised in place and its forward kept."""
+    return isinstance(module, nn.Linear) and not is_linear(module)
 
 
 class ActStats:
@@ -81,6 +92,7 @@ class ActQuant(nn.Module):
         self._samples: list[torch.Tensor] = []
         self._batches = 0
         self.stats: ActStats | None = None
+        self.uncalibrated = False  # saw no calibration batch (see finalize)
 
     def observe(self, x: torch.Tensor) -> None:
         """Widen the running [min, max] (``minmax``) or keep a subsample (``percentile``)."""
@@ -105,7 +117,11 @@ class ActQuant(nn.Module):
             self.calib_lo, self.calib_hi = float(lo), float(hi)
             self._samples = []
         if self.calib_lo is None or self.calib_hi is None:
-            raise RuntimeError("activation quantiser saw no calibration data")
+            # never reached by a calibration batch (a decoder's cross-attention without an
+            # encoder, an expert no calibration token was routed to): at evaluation its range
+            # comes from its own input (dynamic per tensor), and the report says so
+            self.uncalibrated = True
+            return
         lo = torch.tensor(self.calib_lo, dtype=torch.float32)
         hi = torch.tensor(self.calib_hi, dtype=torch.float32)
         self.scale, self.zero = scale_zero_point(lo, hi, self.bits, self.symmetric)
@@ -119,9 +135,11 @@ class ActQuant(nn.Module):
             return x
         if self.granularity == "token":
             q = quantize_dynamic(x, self.bits, self.symmetric, "token")
-        else:
-            if self._static is None:
+        elif self._static is None:
+            if not self.uncalibrated:
                 raise RuntimeError("static activation quantiser used before calibration")
+            q = quantize_dynamic(x, self.bits, self.symmetric, "tensor")
+        else:
             q = fake_quant(x, *self._static, self.bits, self.symmetric)
         if self.stats is not None:
             self.stats.update(x, q)
@@ -165,6 +183,11 @@ class QuantLinear(nn.Module):
     @property
     def out_features(self) -> int:
         return self.weight.shape[0]
+
+    @property
+    def observed(self) -> bool:
+        """Whether ``smooth_observe`` recorded any input (see :meth:`take_xmax`)."""
+        return self._xmax is not None
 
     def take_xmax(self) -> torch.Tensor:
         """The per-input-channel max|X_j| observed with ``smooth_observe`` (then forgotten)."""
@@ -217,6 +240,87 @@ class QuantLinear(nn.Module):
         )
 
 
+def is_experts(module: nn.Module) -> bool:
+    """A mixture-of-experts layer storing its experts' weights as 3-D parameters (E, out, in)
+    (or (E, in, out) with ``is_transposed``), as transformers 5 does (``gate_up_proj``,
+    ``down_proj``), instead of one ``nn.Linear`` per expert."""
+    if isinstance(module, (nn.Linear, nn.modules.conv._ConvNd)) or is_conv1d(module):
+        return False
+    named = [(n, p) for n, p in module.named_parameters(recurse=False) if p.dim() == 3]
+    return bool(named) and (bool(re.search("Expert|Moe|MoE", type(module).__name__))
+                            or any(n.endswith("_proj") for n, _ in named))  # fmt: skip
+
+
+class QuantExperts(nn.Module):
+    """A 3-D-parameter experts layer with every expert's weight fake-quantised per expert (per
+    output channel, or per expert matrix for ``tensor``) and its input, the hidden states routed
+    to the experts, through an activation quantiser. The activation between an expert's two
+    projections is computed inside transformers' expert kernel and stays unquantised (said in
+    docs/quant.md). SmoothQuant leaves experts unsmoothed."""
+
+    def __init__(self, experts: nn.Module, cfg: QuantConfig) -> None:
+        super().__init__()
+        self.experts = experts
+        self.kind = "linear" if is_custom_linear(experts) else "experts"
+        self.cfg = cfg
+        self.act = ActQuant(cfg)
+        self.transposed = bool(getattr(experts, "is_transposed", False))
+        self.weight_signal = self.weight_noise = 0.0
+        self.quantized = False
+
+    def _weights(self) -> list[nn.Parameter]:
+        """The 3-D expert weights, or a custom linear's (out, in) weight as one 'expert'."""
+        if self.kind == "linear":
+            return [self.experts.weight]
+        return [p for p in self.experts.parameters(recurse=False) if p.dim() == 3]
+
+    def shape(self) -> list[int]:
+        """A custom linear's weight shape; (experts, parameters, largest matrix size) else."""
+        ws = self._weights()
+        if self.kind == "linear":
+            return list(ws[0].shape)
+        return [ws[0].shape[0], len(ws), max(w[0].numel() for w in ws)]
+
+    def quantize_weight(self) -> None:
+        """Q(W_e) of every expert matrix, in place (the experts belong to a wrapped copy)."""
+        if self.quantized:
+            return
+        c = self.cfg
+        signal = noise = 0.0
+        for p in self._weights():
+            w = p.detach().float()
+            w = w[None] if w.dim() == 2 else w
+            w = w.transpose(1, 2) if self.transposed else w  # (E, out, in)
+            wq = torch.stack([quantize_weight(we, c.w_bits, c.w_symmetric, c.w_granularity,
+                                              c.w_range) for we in w])  # fmt: skip
+            signal += float(w.square().sum())
+            noise += float((w - wq).square().sum())
+            wq = wq.transpose(1, 2) if self.transposed else wq
+            p.data.copy_(wq.reshape(p.shape).to(p.dtype))
+        self.weight_signal, self.weight_noise, self.quantized = signal, noise, True
+
+    def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        return self.experts(self.act(hidden_states), *args, **kwargs)
+
+
+def router_names(model: nn.Module) -> set[str]:
+    """Linears that route tokens to experts (out features = the number of experts, named
+    ``gate``/``router``): serving engines keep them in 16-bit, and so do we."""
+    cfg = getattr(model, "config", None)
+    getter = getattr(cfg, "get_text_config", None)
+    cfg = getter() if callable(getter) else cfg
+    counts = {getattr(cfg, k, None) for k in ("num_experts", "num_local_experts",
+                                              "n_routed_experts", "moe_num_experts")}  # fmt: skip
+    counts = {c for c in counts if isinstance(c, int) and c > 1}
+    out = set()
+    for name, m in model.named_modules():
+        last = name.rsplit(".", 1)[-1]
+        if is_linear(m) and ("gate" in last or "router" in last) and (
+                m.weight.shape[0] in counts or "router" in last):  # fmt: skip
+            out.add(name)
+    return out
+
+
 def head_names(model: nn.Module) -> set[str]:
     """Names of the module(s) producing logits: HF ``get_output_embeddings()``, a linear whose
     weight is tied to an embedding, or a linear named ``lm_head``/``head``/``unembed``."""
@@ -239,15 +343,24 @@ def head_names(model: nn.Module) -> set[str]:
 
 def linear_names(model: nn.Module, include_head: bool = False) -> list[str]:
     """Names of every linear layer to quantise, in model order (the head only if asked)."""
-    heads = set() if include_head else head_names(model)
-    return [n for n, m in model.named_modules() if is_linear(m) and n and n not in heads]
+    keep = router_names(model) | (set() if include_head else head_names(model))
+    return [n for n, m in model.named_modules() if is_linear(m) and n and n not in keep]
+
+
+def experts_names(model: nn.Module) -> list[str]:
+    """Names of every 3-D-parameter experts layer (:func:`is_experts`) and custom-forward
+    linear (:func:`is_custom_linear`), in model order; routers and the head excluded."""
+    keep = router_names(model) | head_names(model)
+    return [n for n, m in model.named_modules()
+            if n and n not in keep and (is_experts(m) or is_custom_linear(m))]  # fmt: skip
 
 
 def wrap(model: nn.Module, cfg: QuantConfig) -> nn.Module:
     """A deep copy of ``model`` in eval mode with every selected linear replaced by a
     :class:`QuantLinear` (quantisers off until calibrated). The original is untouched."""
     names = linear_names(model, cfg.quantize_head)
-    if not names:
+    experts = experts_names(model)
+    if not names and not experts:
         raise ModelLoadError(
             f"{type(model).__name__} has no linear layers to quantise "
             "(nn.Linear or HF Conv1D, LM head excluded unless quantize_head)"
@@ -259,10 +372,15 @@ def wrap(model: nn.Module, cfg: QuantConfig) -> nn.Module:
         parent_name, _, child = name.rpartition(".")
         parent = qmodel.get_submodule(parent_name) if parent_name else qmodel
         setattr(parent, child, QuantLinear.from_module(getattr(parent, child), cfg))
+    for name in experts:
+        parent_name, _, child = name.rpartition(".")
+        parent = qmodel.get_submodule(parent_name) if parent_name else qmodel
+        setattr(parent, child, QuantExperts(getattr(parent, child), cfg))
     if cfg.quantize_residual:
         _attach_output_quant(residual_modules(qmodel), cfg, "residual")
     if cfg.quantize_norms:
-        _attach_output_quant(norm_modules(qmodel), cfg, "norm")
+        norms = [Point(n, m) for n, m in norm_modules(qmodel).items()]
+        _attach_output_quant(norms, cfg, "norm")
     return qmodel
 
 
@@ -277,44 +395,64 @@ def norm_modules(model: nn.Module) -> dict[str, nn.Module]:
     }
 
 
-def residual_modules(model: nn.Module) -> dict[str, nn.Module]:
-    """The residual-stream points (``embed.resid_post``, ``blocks.{i}.resid_post``) of a model
-    that advertises them (``model.residual_points()``, ARCHITECTURE.md) or that
-    :mod:`outlierlab.hf` knows."""
-    points = getattr(model, "residual_points", None)
-    if callable(points):
-        return dict(points())
+def residual_modules(model: nn.Module) -> list[Point]:
+    """The residual-stream points (``embed.resid_post``, ``blocks.{i}.resid_post``) that
+    :func:`outlierlab.structure.discover` finds, in model order."""
+    from outlierlab.structure import StructureError, discover
+
     try:
-        from outlierlab import hf
-
-        finder = getattr(hf, "residual_points", None)
-    except ImportError:
-        finder = None
-    if finder is not None:
-        found = finder(model)
-        if found:
-            return dict(found)
-    raise ConfigError(
-        f"residual-stream quantisation needs a model with residual_points(); "
-        f"{type(model).__name__} has none"
-    )
+        return discover(model).points()
+    except StructureError as exc:
+        raise ConfigError(f"residual-stream quantisation needs the model's blocks: {exc}") from None
 
 
-def _residual_hook(module: nn.Module, args: Any, out: Any) -> Any:
-    quant = module.outlierlab_output_quant
-    if isinstance(out, torch.Tensor):
-        return quant(out)
-    if isinstance(out, tuple) and out and isinstance(out[0], torch.Tensor):
-        return (quant(out[0]), *out[1:])
-    raise TypeError(f"cannot quantise the output of {type(module).__name__}: {type(out).__name__}")
+def _replace_first(value: Any, quant: ActQuant) -> Any:
+    """``value`` with its hidden states (the tensor, or the first element of a tuple, list,
+    named tuple or HF ``ModelOutput``) quantised."""
+    if isinstance(value, torch.Tensor):
+        return quant(value)
+    if isinstance(value, dict) and value:  # HF ModelOutput: its first field
+        key = next(iter(value))
+        if isinstance(value[key], torch.Tensor):
+            out = copy.copy(value)
+            out[key] = quant(value[key])
+            return out
+    if isinstance(value, (tuple, list)) and value and isinstance(value[0], torch.Tensor):
+        items = [quant(value[0]), *value[1:]]
+        if isinstance(value, list) or type(value) is tuple:
+            return items if isinstance(value, list) else tuple(items)
+        return type(value)(*items)  # a named tuple
+    raise TypeError(f"cannot quantise a {type(value).__name__}")
 
 
-def _attach_output_quant(modules: dict[str, nn.Module], cfg: QuantConfig, kind: str) -> None:
-    for name, module in modules.items():
+def _output_hook(module: nn.Module, args: Any, out: Any) -> Any:
+    return _replace_first(out, module.outlierlab_output_quant)
+
+
+def _input_hook(module: nn.Module, args: tuple, kwargs: dict) -> Any:
+    quant = module.outlierlab_input_quant
+    if args:
+        return (_replace_first(args[0], quant), *args[1:]), kwargs
+    return args, {**kwargs, "hidden_states": _replace_first(kwargs["hidden_states"], quant)}
+
+
+def _attach_output_quant(points: list[Point], cfg: QuantConfig, kind: str) -> None:
+    """An :class:`ActQuant` on each point's output (or first input, ``kind="input"`` points),
+    registered as a child of the hooked module."""
+    for p in points:
         aq = ActQuant(cfg)
-        aq.point_name, aq.kind = name, kind
-        module.outlierlab_output_quant = aq  # registered as a child of the hooked module
-        module.register_forward_hook(_residual_hook)
+        aq.point_name, aq.kind = p.name, kind
+        if p.kind == "input":
+            p.module.outlierlab_input_quant = aq
+            p.module.register_forward_pre_hook(_input_hook, with_kwargs=True)
+        else:
+            p.module.outlierlab_output_quant = aq
+            p.module.register_forward_hook(_output_hook)
+
+
+def quant_experts(qmodel: nn.Module) -> dict[str, QuantExperts]:
+    """Every :class:`QuantExperts` of a wrapped model, by module name, in model order."""
+    return {n: m for n, m in qmodel.named_modules() if isinstance(m, QuantExperts)}
 
 
 def quant_linears(qmodel: nn.Module) -> dict[str, QuantLinear]:

