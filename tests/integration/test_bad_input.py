@@ -205,8 +205,9 @@ for cmd in ("measure", "quantize", "price"):
         case(f"{cmd} {target}", needle)
 
 # -- --data that holds no text --------------------------------------------------------------------
-for target, needle in [("{ws}/latin", "holds no UTF-8 text"), ("{ws}/empty", "holds no"),
-                       ("{ws}/nothere", "does not exist"), ("{ws}/bin.bin", "not UTF-8 text")]:
+for target, needle in [("{ws}/latin", "1 file(s) are not UTF-8"),
+                       ("{ws}/empty", "holds no non-empty"), ("{ws}/nothere", "does not exist"),
+                       ("{ws}/bin.bin", "is not UTF-8 text")]:
     case(f"measure {{ws}}/run --data {target}", needle)
 
 # -- sweep grids -----------------------------------------------------------------------------------

@@ -386,7 +386,7 @@ def test_item_16_latin1_data_and_symlink_loop(run, tmp_path, capsys):
     latin.mkdir()
     (latin / "a.txt").write_bytes("café crème\n".encode("latin-1") * 20)
     err = one_line_error(capsys, "measure", str(run), "--data", str(latin))
-    assert "holds no UTF-8 text (1 file(s) are not UTF-8" in err
+    assert "holds no non-empty UTF-8 documents (1 file(s) are not UTF-8" in err
     loop = tmp_path / "loop"
     loop.symlink_to(loop)
     err = one_line_error(capsys, "train", "--preset", "tiny", f"out={loop}")

@@ -226,13 +226,11 @@ def collect(source: str, *, include_tests: bool = False, text_field: str = "text
             )
     corpus = _dedupe(corpus)
     if not corpus.documents:
-        bad = corpus.skipped_non_utf8
-        if bad:
-            raise DataError(
-                f"data source {source} holds no UTF-8 text ({len(bad)} file(s) are not UTF-8, "
-                f"e.g. {bad[0]}); allowed: UTF-8 text files"
-            )
-        raise DataError(f"data source {source} holds no non-empty UTF-8 documents")
+        skipped = corpus.skipped_non_utf8
+        why = (f" ({len(skipped)} file(s) are not UTF-8, e.g. {skipped[0]}: Latin-1 or binary?)"
+               if skipped else "")
+        raise DataError(f"data source {source} holds no non-empty UTF-8 documents{why}; "
+                        "allowed: UTF-8 text files")
     return corpus
 
 
