@@ -245,7 +245,7 @@ def test_tweo_penalty_matches_the_equation_and_is_added_to_the_loss():
     grad = torch.autograd.grad(pen, m.blocks[0].mlp.fc.weight)[0]
     [h.remove() for h in hooks]
     np.testing.assert_allclose(penalty, lam * float(pen.detach()), rtol=1e-5)
-    np.testing.assert_allclose(ce_loss, float(loss), rtol=1e-6)  # `loss` stays the CE
+    np.testing.assert_allclose(ce_loss, float(loss.detach()), rtol=1e-6)  # `loss`: the CE
     torch.testing.assert_close(w["tweo"] - w["ce"], -lam * grad, rtol=1e-6, atol=1e-9)
 
 

@@ -3,7 +3,9 @@
 Module names are stable and are what the monitor measures (ARCHITECTURE.md):
 ``tok_emb``, ``pos_emb``, ``drop``, ``embed_out`` (point ``embed.resid_post``),
 ``blocks.{i}`` (point ``blocks.{i}.resid_post``) with ``attn_norm``, ``attn`` (``q_norm``,
-``k_norm``), ``mlp_norm``, ``mlp``; then ``final_norm`` and ``lm_head``.
+``k_norm``, ``gate``, ``k_bias``, ``v_bias``), ``mlp_norm``, ``mlp``; then ``final_norm`` and
+``lm_head`` (with ``model.embed_proj``: ``embed_proj`` before ``embed_out`` and
+``unembed_proj`` before ``lm_head``).
 """
 
 from __future__ import annotations
