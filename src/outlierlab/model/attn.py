@@ -13,7 +13,7 @@ features (docs/mitigations.md, science.md §9), as a drop-in for
   smallest normal number instead, so a row of zeros gives zeros and any other row is exact);
   masked keys count 0 in the sum (|e^{−∞} − 1| would count 1).
 - ``clipped`` (Bondarenko et al. 2023, arXiv 2306.12929): p = clip((ζ − γ)·softmax(z) + γ, 0, 1),
-  ζ ≥ 1, γ ≤ 0; masked keys stay 0.
+  ζ ≥ 1, γ ≤ 0 (defaults ζ = 1, γ = −0.03, as ``GPTConfig``); masked keys stay 0.
 
 An attention bias (Sun et al. 2024, arXiv 2402.17762): ``k_bias``, ``v_bias`` (…, heads, n, d_head)
 are n extra keys and values prepended to every sequence, visible to every query, not rotated.
@@ -44,7 +44,7 @@ def attention_probs(
     mask: torch.Tensor | None = None,
     *,
     zeta: float = 1.0,
-    gamma: float = 0.0,
+    gamma: float = -0.03,
 ) -> torch.Tensor:
     """Attention weights (…, T_q, T_k) of ``kind`` (module docstring) from ``logits`` (already
     scaled and soft-capped); ``mask`` (bool, True = visible; default causal) entries are exactly 0.
@@ -79,7 +79,7 @@ def attention_weights(
     k_bias: torch.Tensor | None = None,
     softcap: float | None = None,
     zeta: float = 1.0,
-    gamma: float = 0.0,
+    gamma: float = -0.03,
     scale: float | None = None,
 ) -> torch.Tensor:
     """Causal weights (…, heads, T_q, n_bias + T_k) used by :func:`attention`: logits
@@ -107,7 +107,7 @@ def attention(
     v_bias: torch.Tensor | None = None,
     softcap: float | None = None,
     zeta: float = 1.0,
-    gamma: float = 0.0,
+    gamma: float = -0.03,
     dropout_p: float = 0.0,
     scale: float | None = None,
 ) -> torch.Tensor:
