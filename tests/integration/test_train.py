@@ -141,7 +141,7 @@ def test_divergence_stops_and_keeps_good_checkpoint(corpus, cache_dir, tmp_path,
 @pytest.mark.parametrize(
     ("override", "needle"),
     [
-        ("optim.name=foo", "allowed: adafactor, adamw, muon, sgd, shampoo, soap"),
+        ("optim.name=foo", "allowed: adafactor, adamw, muon, orthoadam, sgd, shampoo, soap"),
         ("model.n_head=7", "model.n_head=7"),
         ("train.steps=-1", "train.steps=-1"),
         ("model.heads=7", "did you mean model.n_head"),

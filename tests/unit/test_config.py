@@ -63,7 +63,7 @@ def test_switching_optimiser_family_takes_its_defaults():
 @pytest.mark.parametrize(
     ("override", "needle"),
     [
-        ("optim.name=foo", "adafactor, adamw, muon, sgd, shampoo, soap"),
+        ("optim.name=foo", "adafactor, adamw, muon, orthoadam, sgd, shampoo, soap"),
         ("model.n_head=7", "n_head"),
         ("train.steps=-1", "train.steps"),
         ("model.heads=7", "did you mean model.n_head"),

@@ -29,6 +29,12 @@ VARIANTS = [(p, {}) for p in PRESETS] + [
     ("pre-ln", {"logit_softcap": 5.0}),
     ("op", {"pos_encoding": "rotary"}),
     ("op", {"qk_norm": False, "logit_softcap": 30.0, "beta_trainable": True}),
+    # the published mitigations (docs/mitigations.md), composed with the blocks
+    ("pre-ln", {"attn": "softpick"}),
+    ("pre-ln", {"attn": "softmax1", "attn_bias_kv": True}),
+    ("op", {"attn": "clipped", "attn_gate": "elem"}),
+    ("op", {"attn_gate": "head", "attn_bias_kv": True, "pos_encoding": "rotary"}),
+    ("pre-srms", {"norm": "ssnorm", "embed_proj": True}),
 ]
 
 

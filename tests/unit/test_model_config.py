@@ -48,7 +48,7 @@ def test_unknown_key_names_it_and_lists_allowed():
     [
         ({"d_model": 100, "n_head": 3}, "d_model=100 is not divisible by model.n_head=3"),
         ({"block": "sandwich"}, "block='sandwich'.*allowed: pre, post, op"),
-        ({"norm": "batchnorm"}, "allowed: layernorm, rmsnorm, srmsnorm, none"),
+        ({"norm": "batchnorm"}, "allowed: layernorm, rmsnorm, srmsnorm, ssnorm, none"),
         ({"activation": "tanh"}, "allowed: relu, gelu"),
         ({"pos_encoding": "alibi"}, "allowed: learned, rotary"),
         ({"beta": 0.0}, "beta=0.0.*'auto'"),

@@ -20,7 +20,9 @@ def model():
     return GPT(GPTConfig(vocab_size=64, n_layer=1, d_model=16, n_head=2, seq_len=8))
 
 
-@pytest.mark.parametrize("name", ["adamw", "adafactor", "soap", "shampoo", "muon", "sgd"])
+@pytest.mark.parametrize(
+    "name", ["adamw", "adafactor", "soap", "shampoo", "orthoadam", "muon", "sgd"]
+)
 def test_each_optimiser_steps_and_round_trips_state(model, name):
     opt = optim.build_optimizer(model, OptimConfig(name=name))
     x = torch.randint(0, 64, (2, 8))

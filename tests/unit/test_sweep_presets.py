@@ -78,7 +78,7 @@ def test_cpu_pairs_differ_in_one_field_and_can_hold():
     assert len(res["soap_vs_adamw"].evidence) == 2
 
 
-@pytest.mark.parametrize("preset", ["quick", "cpu", "gpu-130m"])
+@pytest.mark.parametrize("preset", ["quick", "cpu", "gpu-130m", "mitigations"])
 def test_adamw_and_soap_share_their_hyperparameters(preset):
     """The optimiser pair the paper contrasts runs at the same lr, betas, ε, wd, schedule."""
     runs = {(r.arch, r.optimizer, r.lr, r.eps): r for r in records(preset)}
@@ -89,3 +89,36 @@ def test_adamw_and_soap_share_their_hyperparameters(preset):
         assert C.optimiser_keys(adam, soap) == [
             "optim.name", "optim.max_precond_dim", "optim.precondition_frequency"]
         assert C.config_diff(adam, soap, C.optimiser_keys(adam, soap)) == []
+
+
+def test_mitigations_applies_each_method_alone_to_the_baseline():
+    """Every method of docs/mitigations.md on Pre-LN + AdamW at the quick anchor, differing from
+    that baseline in the method's own fields only; the recipes and OP references beside."""
+    runs = records("mitigations")
+    assert len(runs) == 51 and {r.seed for r in runs} == {0, 1, 2}
+    base = next(r for r in runs if r.arch == "pre-ln" and r.optimizer == "adamw"
+                and r.flat.get("train.tweo_weight") == 0 and r.seed == 0)
+    quick = next(r for r in records("quick") if (r.arch, r.optimizer) == ("pre-ln", "adamw"))
+    assert C.config_diff(base, quick) == []  # the quick preset's setting
+    want = {
+        frozenset({"model.attn"}): 4,  # softmax1, softpick, clipped; orthoadam+softmax1 below
+        frozenset({"model.attn_gate"}): 2,
+        frozenset({"model.attn_bias_kv"}): 1,
+        frozenset({"train.tweo_weight"}): 1,
+        frozenset({"model.norm"}): 1,
+        frozenset({"model.embed_proj"}): 1,
+    }
+    seen: dict[frozenset, int] = {}
+    for r in (r for r in runs if r.seed == 0 and r is not base):
+        diff = frozenset(C.config_diff(base, r))
+        seen[diff] = seen.get(diff, 0) + 1
+    for fields, n in want.items():
+        assert seen.get(fields, 0) >= n - (fields == frozenset({"model.attn"})), (fields, seen)
+    labels = {(r.arch, r.optimizer) for r in runs}
+    assert {("pre-ssnorm+embproj", "muon"), ("pre-ln", "orthoadam"),
+            ("pre-ln+softmax1", "orthoadam"), ("op", "soap"), ("op", "adamw"),
+            ("op+gate-elem", "adamw"), ("pre-ln+softpick", "adamw"),
+            ("pre-ln+kv-bias", "adamw")} <= labels
+    orth = next(r for r in runs if (r.arch, r.optimizer, r.seed) == ("pre-ln", "orthoadam", 0))
+    # the adam family shares lr, betas, ε, wd (max_precond_dim: orthoadam's own, as SOAP's)
+    assert C.config_diff(base, orth) == ["optim.max_precond_dim", "optim.name"]

@@ -17,7 +17,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "quantise the finished ones.")
     add_sweep_args(p)
     p.add_argument("grid", metavar="GRID", help="a grid .toml file, or a preset: quick, cpu, "
-                   "gpu-130m (outlierlab/presets/sweeps)")
+                   "gpu-130m, mitigations (outlierlab/presets/sweeps)")
     p.add_argument("--dry-run", action="store_true",
                    help="print the exact commands (one line per run) and run nothing")
     p.set_defaults(func=run)

@@ -45,7 +45,13 @@ def is_seed_key(key: str) -> bool:
 
 def arch_label(model: dict[str, Any]) -> str:
     """``pre-ln``, ``pre-rms``, ``pre-srms``, ``post-ln``, ``op`` (``op-nofinal``) from a
-    model config (SPEC §2); unknown combinations read ``block-norm``."""
+    model config (SPEC §2); unknown combinations read ``block-norm``. The mitigations of
+    docs/mitigations.md are appended: ``pre-ln+softpick``, ``op+gate-elem``, ``+kv-bias``,
+    ``+embproj`` (``pre-ssnorm`` for single-scale RMSNorm)."""
+    return _block_label(model) + "".join(f"+{t}" for t in _mitigation_tags(model))
+
+
+def _block_label(model: dict[str, Any]) -> str:
     block = str(model.get("block", "pre"))
     norm = str(model.get("norm", "layernorm"))
     if block == "op":
@@ -55,6 +61,19 @@ def arch_label(model: dict[str, Any]) -> str:
     short = {"layernorm": "ln", "rmsnorm": "rms", "srmsnorm": "srms"}.get(norm, norm)
     beta = model.get("beta", 1.0)
     return f"{block}-{short}" + ("" if beta in (1, 1.0, None) else f" β={beta}")
+
+
+def _mitigation_tags(model: dict[str, Any]) -> list[str]:
+    tags = []
+    if model.get("attn", "softmax") != "softmax":
+        tags.append(str(model["attn"]))
+    if model.get("attn_gate", "none") != "none":
+        tags.append(f"gate-{model['attn_gate']}")
+    if model.get("attn_bias_kv"):
+        tags.append("kv-bias")
+    if model.get("embed_proj"):
+        tags.append("embproj")
+    return tags
 
 
 @dataclass(frozen=True)

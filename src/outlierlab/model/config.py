@@ -17,9 +17,11 @@ from outlierlab.errors import ConfigError
 from outlierlab.fields import bad, choice, flag, number
 
 BLOCKS = ("pre", "post", "op")
-NORMS = ("layernorm", "rmsnorm", "srmsnorm", "none")
+NORMS = ("layernorm", "rmsnorm", "srmsnorm", "ssnorm", "none")
 ACTIVATIONS = ("relu", "gelu", "gelu_tanh", "silu")
 POS_ENCODINGS = ("learned", "rotary")
+ATTENTIONS = ("softmax", "softmax1", "softpick", "clipped")  # model/attn.py
+ATTN_GATES = ("none", "head", "elem")
 
 # SPEC §2. Each preset overrides the defaults below (the defaults are `pre-ln`). No preset
 # sets the activation: every block uses the default (ReLU), so presets differ in the block only.
@@ -80,9 +82,11 @@ class GPTConfig:
     no norms in the block (SPEC §2). The MLP half follows the same pattern."""
     norm: str = "layernorm"
     """Norm for pre/post blocks, the first-block attention-input norm and the final norm:
-    ``layernorm``, ``rmsnorm``, ``srmsnorm`` (RMS normalisation, no weights) or ``none``."""
+    ``layernorm``, ``rmsnorm``, ``srmsnorm`` (RMS normalisation, no weights), ``ssnorm``
+    (single-scale RMSNorm, OSP: γ·x/rms(x) with one trainable scalar γ) or ``none``."""
     norm_affine: bool = True
-    """Trainable gain (and bias if ``bias``) in layernorm/rmsnorm; srmsnorm never has one."""
+    """Trainable gain (and bias if ``bias``) in layernorm/rmsnorm; srmsnorm never has one,
+    ssnorm always has its one scalar."""
     qk_norm: bool = False
     """RMSNorm each head's queries and keys before the dot product (gain of size d_head shared
     across heads): entropy regulation of SPEC §2."""
@@ -113,6 +117,25 @@ class GPTConfig:
     """Biases in linear layers (and layernorm, if affine)."""
     allow_unregulated: bool = False
     """Allow an ``op`` block with neither qk_norm nor logit_softcap (the paper: it fails)."""
+    # -- published mitigations of outlier features (docs/mitigations.md, science.md §9) --------
+    attn: str = "softmax"
+    """Attention weights from logits z (model/attn.py): ``softmax``; ``softmax1``
+    exp(z_i)/(1 + Σ exp z_j) (OrthoAdam, Kaul et al. 2025); ``softpick`` relu(e^z − 1)/Σ|e^z − 1|
+    (Zuhri et al. 2025); ``clipped`` clip((ζ−γ)·softmax(z) + γ, 0, 1) (Bondarenko et al. 2023)."""
+    clip_zeta: float = 1.0
+    """ζ ≥ 1 of ``attn="clipped"`` (stretch above 1; 1 = only γ clips)."""
+    clip_gamma: float = -0.03
+    """γ ≤ 0 of ``attn="clipped"``: weights below −γ/(ζ−γ) become exactly 0."""
+    attn_gate: str = "none"
+    """Gated attention (Qiu et al. 2025): y ← SDPA(q, k, v) ⊙ σ(x W_g), x the attention input,
+    before the output projection; ``head`` (one gate per head, W_g d × heads), ``elem`` (one per
+    element, W_g d × d) or ``none``. Composes with every ``attn``."""
+    attn_bias_kv: bool = False
+    """Attention bias (Sun et al. 2024): a learnable key and value per head prepended to every
+    sequence, visible to every query (QK-Norm and soft-cap apply to it; RoPE does not)."""
+    embed_proj: bool = False
+    """OSP's EmbProj (Park et al. 2025): a d × d linear after the token (+ position) embedding
+    and one before the unembedding, both initialised orthogonal (trained by Muon with ``muon``)."""
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "n_layer", "d_model", "n_head", "seq_len"):
@@ -128,6 +151,10 @@ class GPTConfig:
         choice("model.norm", self.norm, NORMS)
         choice("model.activation", self.activation, ACTIVATIONS)
         choice("model.pos_encoding", self.pos_encoding, POS_ENCODINGS)
+        choice("model.attn", self.attn, ATTENTIONS)
+        choice("model.attn_gate", self.attn_gate, ATTN_GATES)
+        self.clip_zeta = number("model.clip_zeta", self.clip_zeta, lo=1)
+        self.clip_gamma = number("model.clip_gamma", self.clip_gamma, hi=0)
         if self.pos_encoding == "rotary" and self.d_head % 2:
             raise ConfigError(
                 f"model.pos_encoding='rotary' needs an even d_head, got {self.d_head}; "
@@ -141,7 +168,7 @@ class GPTConfig:
         self.dropout = number("model.dropout", self.dropout, lo=0, hi=1, hi_open=True)
         for name in (
             "norm_affine", "qk_norm", "beta_trainable", "first_attn_norm", "final_norm",
-            "tie_embeddings", "bias", "allow_unregulated",
+            "tie_embeddings", "bias", "allow_unregulated", "attn_bias_kv", "embed_proj",
         ):  # fmt: skip
             flag(f"model.{name}", getattr(self, name))
         if (

@@ -3,7 +3,9 @@
 Module names are stable and are what the monitor measures (ARCHITECTURE.md):
 ``tok_emb``, ``pos_emb``, ``drop``, ``embed_out`` (point ``embed.resid_post``),
 ``blocks.{i}`` (point ``blocks.{i}.resid_post``) with ``attn_norm``, ``attn`` (``q_norm``,
-``k_norm``), ``mlp_norm``, ``mlp``; then ``final_norm`` and ``lm_head``.
+``k_norm``, ``gate``, ``k_bias``, ``v_bias``), ``mlp_norm``, ``mlp``; then ``final_norm`` and
+``lm_head`` (with ``model.embed_proj``: ``embed_proj`` before ``embed_out`` and
+``unembed_proj`` before ``lm_head``).
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import torch.nn.functional as F
 
 from outlierlab import safe_io
 from outlierlab.errors import ConfigError, ModelLoadError
-from outlierlab.metrics import causal_attention_probs
+from outlierlab.model.attn import attention, attention_weights
 from outlierlab.model.config import GPTConfig
 
 WEIGHTS_FILE = "model.safetensors"
@@ -42,6 +44,18 @@ class SRMSNorm(nn.RMSNorm):
         super().__init__(dim, eps=eps, elementwise_affine=False)
 
 
+class SSNorm(nn.RMSNorm):
+    """Single-scale RMSNorm (OSP, Park et al. 2025, arXiv 2506.19697): γ · x / rms(x) with one
+    trainable scalar γ (init 1) instead of RMSNorm's per-channel gain; SRMSNorm is γ ≡ 1."""
+
+    def __init__(self, dim: int, eps: float = RMS_EPS) -> None:
+        super().__init__(dim, eps=eps, elementwise_affine=False)
+        self.gain = nn.Parameter(torch.ones(()))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x) * self.gain
+
+
 def make_norm(kind: str, dim: int, affine: bool = True, bias: bool = False) -> nn.Module:
     """The norm ``kind`` of width ``dim``; ``"none"`` gives ``nn.Identity`` (no parameters)."""
     if kind == "layernorm":
@@ -50,12 +64,14 @@ def make_norm(kind: str, dim: int, affine: bool = True, bias: bool = False) -> n
         return nn.RMSNorm(dim, eps=RMS_EPS, elementwise_affine=affine)
     if kind == "srmsnorm":
         return SRMSNorm(dim)
+    if kind == "ssnorm":
+        return SSNorm(dim)
     if kind == "none":
         return nn.Identity()
     raise ValueError(f"unknown norm {kind!r}")
 
 
-NORM_TYPES = (nn.LayerNorm, nn.RMSNorm)  # SRMSNorm is an nn.RMSNorm
+NORM_TYPES = (nn.LayerNorm, nn.RMSNorm)  # SRMSNorm and SSNorm are nn.RMSNorms
 
 ACTIVATIONS = {
     "relu": nn.ReLU,
@@ -88,18 +104,24 @@ class Rotary(nn.Module):
 
 
 class CausalSelfAttention(nn.Module):
-    """Multi-head causal self-attention with optional QK-Norm and tanh soft-cap (SPEC §2).
+    """Multi-head causal self-attention with optional QK-Norm and tanh soft-cap (SPEC §2), and
+    the published mitigations of docs/mitigations.md (``model.attn``, ``attn_gate``,
+    ``attn_bias_kv``; weights computed by :mod:`outlierlab.model.attn`).
 
     QK-Norm: q̂ = g_q ⊙ q / rms(q) and k̂ = g_k ⊙ k / rms(k) per head (gains of size d_head,
     shared across heads), so |q̂·k̂| / √d_head ≤ √d_head · max|g_q| · max|g_k|.
     Soft-cap c: logits ← c · tanh(logits / c), so |logits| < c.
+    Gate (Qiu et al. 2025): y_h ← y_h ⊙ σ(x W_g) per head (``head``) or element (``elem``).
+    Attention bias (Sun et al. 2024): ``k_bias``, ``v_bias`` (heads, 1, d_head) prepended.
 
     ``probs_sink``: None except while a monitor measures a forward (``OutlierMonitor`` with
     ``attn_entropy``); then ``probs_sink.rows(batch, seq_len, device)`` says which sequences
     it wants (a LongTensor, or None for all) and ``probs_sink(probs)`` is called with their
-    causal attention probabilities, recomputed in float32 from the same q and k without grad,
-    a few sequences at a time. SDPA never returns them, so this is the only cost, and only on
-    measured forwards.
+    causal attention probabilities (B, heads, T, T), recomputed in float32 from the same q and k
+    without grad, a few sequences at a time, with the ``model.attn`` function actually used;
+    with ``attn_bias_kv`` the weight on the bias slot is left out (rows then sum to < 1, as
+    with ``softmax1``, ``softpick`` and ``clipped``). SDPA never returns them, so this is the
+    only cost, and only on measured forwards.
     """
 
     def __init__(self, cfg: GPTConfig) -> None:
@@ -107,6 +129,8 @@ class CausalSelfAttention(nn.Module):
         self.n_head, self.d_head = cfg.n_head, cfg.d_head
         self.softcap = cfg.logit_softcap
         self.dropout = cfg.dropout
+        self.kind = cfg.attn
+        self.clip = {"zeta": cfg.clip_zeta, "gamma": cfg.clip_gamma}
         self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=cfg.bias)
         self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=cfg.bias)
         self.resid_drop = nn.Dropout(cfg.dropout)
@@ -116,6 +140,13 @@ class CausalSelfAttention(nn.Module):
         else:
             self.q_norm = self.k_norm = None
         self.rotary = Rotary(cfg.d_head) if cfg.pos_encoding == "rotary" else None
+        gate_width = {"none": 0, "head": cfg.n_head, "elem": cfg.d_model}[cfg.attn_gate]
+        self.gate = nn.Linear(cfg.d_model, gate_width, bias=False) if gate_width else None
+        if cfg.attn_bias_kv:
+            self.k_bias = nn.Parameter(torch.zeros(cfg.n_head, 1, cfg.d_head))
+            self.v_bias = nn.Parameter(torch.zeros(cfg.n_head, 1, cfg.d_head))
+        else:
+            self.k_bias = self.v_bias = None
         self.probs_sink: Any = None
 
     def _qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -136,8 +167,15 @@ class CausalSelfAttention(nn.Module):
             att = self.softcap * torch.tanh(att / self.softcap)
         return att
 
+    def _k_bias(self) -> torch.Tensor | None:
+        """The bias key through the same QK-Norm as token keys (so OP's logit bound holds)."""
+        if self.k_bias is None:
+            return None
+        return self.k_norm(self.k_bias) if self.k_norm is not None else self.k_bias
+
     def attention_logits(self, x: torch.Tensor) -> torch.Tensor:
-        """Pre-softmax logits (B, nh, T, T) after scaling and soft-cap, before the causal mask."""
+        """Pre-softmax logits (B, nh, T, T) after scaling and soft-cap, before the causal mask
+        (token keys only, without an ``attn_bias_kv`` slot)."""
         q, k, _ = self._qkv(x)
         return self._logits(q, k)
 
@@ -147,14 +185,15 @@ class CausalSelfAttention(nn.Module):
         if self.probs_sink is not None:
             self._report_probs(self.probs_sink, q, k)
         p = self.dropout if self.training else 0.0
-        if self.softcap is None:
-            y = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)
-        else:  # the soft-cap acts on the logits, which SDPA does not expose
-            att = self._logits(q, k)
-            mask = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
-            att = att.masked_fill(~mask, float("-inf")).softmax(dim=-1)
-            y = F.dropout(att, p, self.training) @ v  # (B, nh, T, hs)
-        y = y.transpose(1, 2).contiguous().view(B, T, C)
+        y = attention(  # SDPA itself for plain softmax; the soft-cap etc. write the weights out
+            q, k, v, self.kind, k_bias=self._k_bias(), v_bias=self.v_bias, softcap=self.softcap,
+            dropout_p=p, **self.clip,
+        )  # fmt: skip
+        y = y.transpose(1, 2)  # (B, T, nh, hs)
+        if self.gate is not None:  # σ(x W_g): (B, T, nh) per head or (B, T, d) per element
+            g = torch.sigmoid(self.gate(x)).view(B, T, self.n_head, -1)
+            y = y * g.to(y.dtype)
+        y = y.contiguous().view(B, T, C)
         return self.resid_drop(self.proj(y))
 
     def _report_probs(self, sink: Any, q: torch.Tensor, k: torch.Tensor) -> None:
@@ -166,8 +205,14 @@ class CausalSelfAttention(nn.Module):
             if idx is not None:
                 q, k = q.index_select(0, idx), k.index_select(0, idx)
             step = max(1, PROBS_CHUNK // (q.shape[1] * q.shape[2] * k.shape[2]))
+            kb = self._k_bias()
+            kb = kb.float() if kb is not None else None
+            n = 0 if kb is None else kb.shape[-2]
             for qc, kc in zip(q.split(step), k.split(step)):
-                sink(causal_attention_probs(self._logits(qc.float(), kc.float())))
+                probs = attention_weights(
+                    qc.float(), kc.float(), self.kind, k_bias=kb, softcap=self.softcap, **self.clip
+                )
+                sink(probs[..., n:] if n else probs)
 
 
 class MLP(nn.Module):
@@ -243,6 +288,10 @@ class GPT(nn.Module):
             nn.Embedding(cfg.seq_len, cfg.d_model) if cfg.pos_encoding == "learned" else None
         )
         self.drop = nn.Dropout(cfg.dropout)
+        # OSP's EmbProj (rot1, rot2): d × d after the embeddings and before the unembedding
+        self.embed_proj = (
+            nn.Linear(cfg.d_model, cfg.d_model, bias=False) if cfg.embed_proj else None
+        )
         self.embed_out = nn.Identity()  # measurement point `embed.resid_post`
         self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
         self.final_norm = (
@@ -250,8 +299,18 @@ class GPT(nn.Module):
             if cfg.final_norm
             else nn.Identity()
         )
+        self.unembed_proj = (
+            nn.Linear(cfg.d_model, cfg.d_model, bias=False) if cfg.embed_proj else None
+        )
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         self.apply(self._init_weights)
+        for proj in (self.embed_proj, self.unembed_proj):
+            if proj is not None:
+                nn.init.orthogonal_(proj.weight)  # as OSP: a rotation at init
+        for block in self.blocks:
+            for bias_kv in (block.attn.k_bias, block.attn.v_bias):
+                if bias_kv is not None:
+                    nn.init.normal_(bias_kv, mean=0.0, std=cfg.init_std)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.tok_emb.weight
 
@@ -273,10 +332,15 @@ class GPT(nn.Module):
         x = self.tok_emb(idx)  # (B, T, d)
         if self.pos_emb is not None:
             x = x + self.pos_emb(torch.arange(T, device=idx.device))  # (T, d) broadcast
+        if self.embed_proj is not None:
+            x = self.embed_proj(x)
         x = self.embed_out(self.drop(x))
         for block in self.blocks:
             x = block(x)
-        logits = self.lm_head(self.final_norm(x))  # (B, T, vocab)
+        x = self.final_norm(x)
+        if self.unembed_proj is not None:
+            x = self.unembed_proj(x)
+        logits = self.lm_head(x)  # (B, T, vocab)
         if targets is None:
             return logits
         loss = F.cross_entropy(
@@ -323,10 +387,14 @@ class GPT(nn.Module):
 
     def param_groups(self, weight_decay: float) -> list[dict[str, Any]]:
         """Two optimizer groups: weight decay on the ≥2-D matmul weights only; none on norms,
-        biases, QK gains, β and embeddings (the tied lm head is the token embedding)."""
+        biases (attention-bias keys and values too), QK gains, β and embeddings (the tied lm
+        head is the token embedding)."""
         embeddings = {id(self.tok_emb.weight)}
         if self.pos_emb is not None:
             embeddings.add(id(self.pos_emb.weight))
+        for block in self.blocks:
+            if block.attn.k_bias is not None:
+                embeddings |= {id(block.attn.k_bias), id(block.attn.v_bias)}
         decay, no_decay = [], []
         for p in self.parameters():  # shared tensors appear once
             if p.dim() >= 2 and id(p) not in embeddings:

@@ -28,6 +28,10 @@ _REQUIRED = {
     "qk_norm": (False, "GPT-2 has no QK-Norm"),
     "logit_softcap": (None, "GPT-2 has no soft-cap"),
     "beta_trainable": (False, "GPT-2 has no branch gain"),
+    "attn": ("softmax", "GPT-2's attention is a softmax"),
+    "attn_gate": ("none", "GPT-2 has no attention gate"),
+    "attn_bias_kv": (False, "GPT-2 has no attention bias"),
+    "embed_proj": (False, "GPT-2 has no embedding projection"),
 }
 
 

@@ -6,7 +6,8 @@ hyperparameter (SPEC §7): ``adamw`` ↔ ``soap`` (Adam in Shampoo's eigenbasis)
 Shampoo's eigenbasis, "rotated AdaFactor"). ``adamw``, ``sgd`` come from ``torch.optim``, ``soap``
 from ``pytorch_optimizer``; ``adafactor`` and ``shampoo`` are :class:`factored.AdaFactor` (no
 library implements them exactly); ``muon`` is :mod:`muon` (torch's Muon, fp32 Newton–Schulz on
-the CPU, plus AdamW on embeddings, head, norms and gains).
+the CPU, plus AdamW on embeddings, head, norms and gains); ``orthoadam`` is :mod:`orthoadam`
+(Adam in a fixed random orthogonal basis per parameter, Kaul et al. 2025; docs/mitigations.md).
 
 Each optimiser declares, where it is registered (:func:`register`), its *family* and the
 hyperparameters it uses with their defaults: that registry is the one list of
@@ -56,7 +57,7 @@ class OptimConfig:
     """
 
     name: str = "adamw"
-    """adamw, soap, adafactor, shampoo, muon, sgd."""
+    """adamw, soap, adafactor, shampoo, orthoadam, muon, sgd."""
     lr: float | None = None
     """Peak learning rate (muon: of the Muon part; see ``aux_lr``)."""
     betas: tuple[float, float] | None = None
@@ -71,7 +72,8 @@ class OptimConfig:
     precondition_frequency: int | None = None
     """soap / shampoo: recompute the eigenbasis every this many steps."""
     max_precond_dim: int | None = None
-    """soap / shampoo: a side longer than this (a vocabulary) is not rotated (identity basis)."""
+    """soap / shampoo / orthoadam: a side longer than this (a vocabulary) is not rotated
+    (identity basis)."""
     aux_lr: float | None = None
     """muon: lr of the AdamW that trains embeddings, head, norms and gains."""
     schedule: str = "cosine"
@@ -228,6 +230,15 @@ def _shampoo(model, groups, hp):
     return AdaFactor(groups, lr=hp["lr"], betas=hp["betas"], eps=hp["eps"],
                      max_precond_dim=hp["max_precond_dim"],
                      precondition_frequency=hp["precondition_frequency"])  # fmt: skip
+
+
+# OrthoAdam shares the adam family's defaults, so adamw → orthoadam differs in the basis only.
+@register("orthoadam", family="adam", **ADAM, max_precond_dim=ROTATED["max_precond_dim"])
+def _orthoadam(model, groups, hp):
+    from outlierlab.optim.orthoadam import OrthoAdam
+
+    return OrthoAdam(groups, lr=hp["lr"], betas=hp["betas"], eps=hp["eps"],
+                     max_precond_dim=hp["max_precond_dim"])  # fmt: skip
 
 
 @register("sgd", lr=0.1, momentum=0.9, weight_decay=0.0)

@@ -48,6 +48,12 @@ class TrainConfig:
     """CPU threads for torch (``torch.set_num_threads``) during the run; 0 = leave as is. Tiny
     models run fastest on 1, and 2+ threads on an oversubscribed machine can be many times
     slower."""
+    tweo_weight: float = 0.0
+    """TWEO (Liang et al. 2025): λ of the penalty λ·(1/L)·Σ_l mean(|h_l|^p) on the block outputs
+    h_l added to the training loss (logged as ``loss_penalty``; ``loss`` stays the
+    cross-entropy); 0 = off. docs/mitigations.md."""
+    tweo_p: float = 4.0
+    """TWEO's exponent p ≥ 1 (high powers weigh the largest activations most)."""
 
     def __post_init__(self) -> None:
         for k in ("steps", "batch_size", "grad_accum", "log_every", "eval_windows", "keep_ckpts"):
@@ -60,6 +66,8 @@ class TrainConfig:
         if not (isinstance(self.device, str) and DEVICE.fullmatch(self.device)):
             raise bad("train.device", self.device, "auto, cpu, cuda, cuda:N (N = 0, 1, ...)")
         flag("train.compile", self.compile)
+        self.tweo_weight = number("train.tweo_weight", self.tweo_weight, lo=0)
+        self.tweo_p = number("train.tweo_p", self.tweo_p, lo=1)
 
 
 @dataclass

@@ -33,11 +33,13 @@ def autocast(device: torch.device, dtype: torch.dtype | None):
 
 @dataclass
 class StepResult:
-    """Loss and gradient norm averaged over ranks; ``stop``: some rank asked to stop."""
+    """Loss and gradient norm averaged over ranks; ``stop``: some rank asked to stop;
+    ``penalty``: the weighted TWEO term added to the loss (None without one)."""
 
     loss: float
     grad_norm: float
     stop: bool = False
+    penalty: float | None = None
 
     @property
     def finite(self) -> bool:
@@ -48,7 +50,9 @@ class TrainStep:
     """Forward + backward over ``accum`` micro-batches of ``micro`` sequences (this rank's
     share of the global batch, see ``loop.py``), global-norm clipping, then the update, skipped
     when the loss or gradient norm is not finite. ``net`` is the module that runs the forward
-    (``model`` itself, or it wrapped by DDP and/or ``torch.compile``)."""
+    (``model`` itself, or it wrapped by DDP and/or ``torch.compile``). ``tweo=(λ, p)`` with
+    λ > 0 adds λ·(1/L)·Σ_l mean|h_l|^p of the block outputs to the loss that is backpropagated
+    (:mod:`outlierlab.model.penalty`); the reported ``loss`` stays the model's own."""
 
     def __init__(
         self,
@@ -61,6 +65,7 @@ class TrainStep:
         clip: float = 0.0,
         dtype: torch.dtype | None = None,
         dist: distributed.Dist | None = None,
+        tweo: tuple[float, float] | None = None,
     ) -> None:
         self.model, self.optimizer = model, optimizer
         self.net = model if net is None else net
@@ -69,6 +74,11 @@ class TrainStep:
         self.dtype = dtype
         self.dist = dist or distributed.Dist(device=next(model.parameters()).device)
         self.params = [p for p in model.parameters() if p.requires_grad]
+        self.penalty = None
+        if tweo is not None and tweo[0] > 0:
+            from outlierlab.model.penalty import BlockOutputPenalty
+
+            self.tweo_weight, self.penalty = tweo[0], BlockOutputPenalty(model, tweo[1])
 
     def autocast(self):
         return autocast(self.dist.device, self.dtype)
@@ -83,25 +93,34 @@ class TrainStep:
     def __call__(self, x: torch.Tensor, y: torch.Tensor, stop: bool = False) -> StepResult:
         dist, dev = self.dist, self.dist.device
         loss_sum = torch.zeros((), device=dev)
+        pen_sum = torch.zeros((), device=dev)
+        if self.penalty is not None:
+            self.penalty.take()  # drop what forwards outside this step left
         for a, (xb, yb) in enumerate(zip(self.micro_batches(x), self.micro_batches(y))):
             xb = xb.to(dev, non_blocking=True)
             yb = yb.to(dev, non_blocking=True)
             sync = a == self.accum - 1 or not dist.enabled
             with (contextlib.nullcontext() if sync else self.net.no_sync()), self.autocast():
                 _, loss = self.net(xb, yb)
-            (loss / self.accum).backward()
+            total = loss
+            if self.penalty is not None and (pen := self.penalty.take()) is not None:
+                total = loss + self.tweo_weight * pen
+                pen_sum += self.tweo_weight * pen.detach().float()
+            (total / self.accum).backward()
             loss_sum += loss.detach().float()
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.clip)
         flags = torch.stack([
             loss_sum / self.accum,
             grad_norm.float().to(dev),
             torch.tensor(float(stop), device=dev),
+            pen_sum / self.accum,
         ])  # fmt: skip
         if dist.enabled:
             distributed.all_reduce_(flags, dist)
             flags[:2] /= dist.world_size
-        loss_v, gn_v, stop_v = flags.tolist()
-        out = StepResult(loss_v, gn_v, stop_v > 0)
+            flags[3] /= dist.world_size
+        loss_v, gn_v, stop_v, pen_v = flags.tolist()
+        out = StepResult(loss_v, gn_v, stop_v > 0, pen_v if self.penalty is not None else None)
         if out.finite:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)

@@ -252,6 +252,7 @@ class Trainer:
         self.step_fn = TrainStep(
             self.model, self.optimizer, net=net, micro=tc.batch_size, accum=tc.grad_accum,
             clip=self.cfg.optim.grad_clip, dtype=self.dtype, dist=dist,
+            tweo=(tc.tweo_weight, tc.tweo_p),
         )  # fmt: skip
 
     # -- the run folder (rank 0 writes; the only methods that touch it) --------------------------
@@ -358,7 +359,8 @@ class Trainer:
             return None
         self.step, self.tokens = n, self.tokens + self.global_batch * self.cfg.model.seq_len
         self.bar.update(self.step)
-        return {"loss": out.loss, "lr": lr, "grad_norm": out.grad_norm, "stop": out.stop}
+        return {"loss": out.loss, "lr": lr, "grad_norm": out.grad_norm, "stop": out.stop,
+                **({} if out.penalty is None else {"loss_penalty": out.penalty})}
 
     def local_micro_batches(self) -> list[torch.Tensor]:
         """This rank's micro-batches (inputs) of the last step's global batch."""
@@ -501,6 +503,8 @@ class Trainer:
         row = {"step": self.step, "tokens": self.tokens, "loss": out["loss"], "lr": out["lr"],
                "grad_norm": out["grad_norm"],
                "tokens_per_s": (self.tokens - self._tok_log) / busy, **extra}  # fmt: skip
+        if "loss_penalty" in out:  # TWEO (train.tweo_weight): λ·penalty, beside the CE loss
+            row["loss_penalty"] = out["loss_penalty"]
         self._t_log, self._tok_log, self._paused = now, self.tokens, 0.0
         return row
 
