@@ -16,13 +16,14 @@ Pipeline (all on the same windows; calibration batches from the train split, SPE
 
 Work is shared (:class:`outlierlab.quant.CalibCache`, one per model; results unchanged):
 ``w8a8-paper`` runs first so that its calibration pass also gives ``w8a8-tensor``'s ranges and
-weights; one SmoothQuant statistics pass serves every α, and ``smoothquant-search``'s ranges for
-α = 0.5 and 0.8 serve the fixed-α rows; ``w4a4-quarot``'s rotated copy has a cache of its own.
-Calibration passes per scheme (tested on a tiny model, ``tests/integration/test_price.py``):
-w8a8-paper 1, w8a8-tensor 0, w8a8-dynamic 0, smoothquant-search 13 (statistics + 6 α × (ranges +
-calibration cross-entropy)), α = 0.5 / 0.8 rows 0, rotation 1, fp8-tensor 1, fp8-dynamic 0,
-w4a16-rtn 0, w4a16-gptq 1 (XᵀX), w4a4-quarot 1 (XᵀX of the rotated copy); plus one evaluation
-of the validation windows each. ``stage_seconds`` in the result
+weights; one SmoothQuant statistics pass serves every α (``smoothquant-search`` included, and
+the fixed-α rows' ranges its chosen α when that is 0.5 or 0.8); ``w4a4-quarot``'s rotated copy has
+a cache of its own. Calibration passes per scheme (counted on a tiny model,
+``tests/integration/test_quant_serving.py``): w8a8-paper 1, w8a8-tensor 0, w8a8-dynamic 0,
+SmoothQuant α = 0.5 2 (statistics, ranges), α = 0.8 1, rotation 1, fp8-tensor 1, fp8-dynamic 0,
+w4a16-rtn 0, w4a16-gptq 1 (XᵀX), w4a4-quarot 1 (XᵀX of the rotated copy), smoothquant-search 6
+(one calibration cross-entropy pass per α) + 1 (ranges of the chosen α unless 0.5 or 0.8); plus
+one evaluation of the validation windows each. ``stage_seconds`` in the result
 (and the page's intro) says where the time went.
 """
 
@@ -64,9 +65,10 @@ def schemes() -> list[tuple[str, Any]]:
 
 
 def _compute_order(label: str) -> int:
-    """``w8a8-paper`` first (its ranges serve ``w8a8-tensor``), then ``smoothquant-search`` (its
-    statistics pass and the ranges of α = 0.5 and 0.8 serve the fixed-α rows), then the rest."""
-    return {"w8a8-paper": 0, "smoothquant-search": 1}.get(label, 2)
+    """``w8a8-paper`` first (its ranges serve ``w8a8-tensor``), ``smoothquant-search`` last (the
+    fixed-α rows' statistics pass serves it, and their ranges serve the chosen α if it is 0.5 or
+    0.8), the rest in page order."""
+    return {"w8a8-paper": 0, "smoothquant-search": 2}.get(label, 1)
 
 
 def run_price(

@@ -199,9 +199,11 @@ def _search_alpha(
     batches: Sequence[torch.Tensor], forward: Forward, cache: CalibCache,
     xmax: dict[str, torch.Tensor | None],
 ) -> tuple[float, dict[float, float]]:  # fmt: skip
-    """SmoothQuant's α per model: for every α of ``SMOOTH_GRID`` smooth, quantise weights, fix
-    the static ranges and measure the cross-entropy on the CALIBRATION batches (never the
-    validation windows); the lowest wins (the smaller α on ties). The model is restored."""
+    """SmoothQuant's α per model: for every α of ``SMOOTH_GRID`` smooth, quantise weights and
+    measure the cross-entropy on the CALIBRATION batches (never the validation windows); the
+    lowest wins (the smaller α on ties). One pass per α: static quantisers take each batch's own
+    min-max range meanwhile (per tensor, a proxy of the calibration range over all batches, which
+    only the chosen α then gets). The model is restored."""
     from outlierlab.quant.config import SMOOTH_GRID
 
     saved = {n: m.weight.data.clone() for n, m in layers.items()}
@@ -209,7 +211,8 @@ def _search_alpha(
     for alpha in SMOOTH_GRID:
         _smooth(layers, xmax, alpha)
         _quantize_weights(layers, cfg, cache, smoothed=True)
-        _static_ranges(qmodel, cfg, batches, forward, cache, alpha)
+        for aq in act_quantizers(qmodel):
+            aq.uncalibrated = aq.granularity == "tensor"  # per-batch range (ActQuant.forward)
         set_act_mode(qmodel, "quant")
         ce[alpha] = _calib_ce(qmodel, batches, forward)
         set_act_mode(qmodel, "off")
