@@ -22,10 +22,19 @@ from __future__ import annotations
 
 import torch
 
-from outlierlab.quant.quantizers import fake_quant, minmax_range, scale_zero_point
+from outlierlab.quant.quantizers import minmax_range, qrange, scale_zero_point
 
 DAMP = 0.01  # λ = DAMP · mean diag(H)
 BLOCK = 128  # columns per lazy-batch block
+
+
+def _grid(
+    w: torch.Tensor, bits: int, symmetric: bool, qmin: int, qmax: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(scale, qmin − z, qmax − z) per row of ``w`` from its min-max range, each of shape (out,)."""
+    scale, zero = scale_zero_point(*minmax_range(w, "channel"), bits, symmetric)
+    scale, zero = scale.reshape(-1), zero.reshape(-1)
+    return scale, qmin - zero, qmax - zero
 
 
 def gptq_quantize(
@@ -51,21 +60,23 @@ def gptq_quantize(
     U = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
     Q = torch.zeros_like(W)
     block = group_size if group_size is not None else block
-    scale = zero = None
+    qmin, qmax = qrange(bits, symmetric)
+    scale = lo = hi = None
     if group_size is None:
-        scale, zero = scale_zero_point(*minmax_range(W, "channel"), bits, symmetric)
+        scale, lo, hi = _grid(W, bits, symmetric, qmin, qmax)
     for i1 in range(0, n, block):
         i2 = min(i1 + block, n)
         W1, U1 = W[:, i1:i2].clone(), U[i1:i2, i1:i2]
-        err = torch.zeros_like(W1)
+        err = torch.empty_like(W1)
         if group_size is not None:  # the group starts here: its range from the updated columns
-            scale, zero = scale_zero_point(*minmax_range(W1, "channel"), bits, symmetric)
-        for i in range(i2 - i1):
-            w_col = W1[:, i : i + 1]
-            q = fake_quant(w_col, scale, zero, bits, symmetric)
-            Q[:, i1 + i] = q[:, 0]
-            e = (w_col - q) / U1[i, i]
-            W1[:, i:] -= e * U1[i : i + 1, i:]
-            err[:, i] = e[:, 0]
-        W[:, i2:] -= err @ U[i1:i2, i2:]
+            scale, lo, hi = _grid(W1, bits, symmetric, qmin, qmax)
+        diag = torch.diagonal(U1).tolist()
+        for i in range(i2 - i1):  # q = clamp(round(w/s), qmin − z, qmax − z)·s; rank-1 update
+            w_col = W1[:, i]
+            q = torch.div(w_col, scale).round_()
+            q = torch.clamp(q, lo, hi, out=q).mul_(scale)
+            Q[:, i1 + i] = q
+            e = torch.sub(w_col, q, out=err[:, i]).div_(diag[i])
+            W1[:, i + 1 :].addr_(e, U1[i, i + 1 :], alpha=-1.0)
+        W[:, i2:].addmm_(err, U[i1:i2, i2:], alpha=-1.0)
     return Q.to(w.dtype)
