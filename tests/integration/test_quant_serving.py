@@ -145,3 +145,23 @@ def test_calibration_passes_per_price_scheme():
         "w4a16-gptq": 1, "w4a4-quarot": 1,
         "smoothquant-search": 6 + (chosen not in (0.5, 0.8)),  # one CE pass per α, then ranges
     }  # fmt: skip
+
+
+def test_gptq_of_linears_sharing_an_input_equals_gptq_of_each():
+    """q/k/v (and gate/up) read the same input: one GPTQ over their stacked rows gives each
+    layer what its own GPTQ would (rows are independent given H)."""
+    from outlierlab.quant.calibrate import _fp_stats, _gptq_shared_inputs
+    from outlierlab.quant.gptq import gptq_quantize
+
+    model = tiny_llama(planted=True)
+    cfg = scheme("w4a16-gptq", w_group_size=8)
+    q = wrap(model, cfg)
+    layers = quant_linears(q)
+    xtx = _fp_stats(layers, q, [_windows(4, 1)], logits_of, None, "xtx")
+    done = _gptq_shared_inputs(layers, cfg, xtx)
+    attn, mlp = "model.layers.0.self_attn.", "model.layers.0.mlp."
+    assert {attn + p for p in ("q_proj", "k_proj", "v_proj")} | {mlp + "gate_proj"} <= done
+    assert attn + "o_proj" not in done and mlp + "down_proj" not in done
+    for name in (attn + "k_proj", mlp + "up_proj"):
+        own = gptq_quantize(layers[name].weight.float(), xtx[name], 4, False, 8)
+        torch.testing.assert_close(layers[name].weight_q, own, rtol=0, atol=1e-5)

@@ -141,21 +141,59 @@ def _quantize_weights(
     xtx: dict[str, torch.Tensor | None] | None = None, smoothed: bool = False,
 ) -> None:  # fmt: skip
     shared = cache is not None and not smoothed
+    done = set()
+    if cfg.w_method == "gptq" and xtx is not None:
+        todo = {n: m for n, m in layers.items()
+                if not (shared and (n, *_weight_key(cfg)) in cache.weights)}  # fmt: skip
+        done = _gptq_shared_inputs(todo, cfg, xtx)
     for name, m in layers.items():
         key = (name, *_weight_key(cfg))
-        if shared and key in cache.weights:
+        if name in done:
+            pass
+        elif shared and key in cache.weights:
             m.weight_q, m.weight_signal, m.weight_noise = cache.weights[key]
             continue
-        h = None if xtx is None else xtx.get(name)
-        if cfg.w_method == "gptq" and h is None:  # never reached by calibration: RTN
-            m.cfg = cfg.replace(w_method="rtn")
-        elif h is not None and m.inv_smooth is not None:  # inputs x / s: H → S⁻¹ H S⁻¹
-            inv = m.inv_smooth.float()
-            h = h * inv[:, None] * inv[None, :]
-        m.quantize_weight(h)
-        m.cfg = cfg
+        else:
+            h = None if xtx is None else xtx.get(name)
+            if cfg.w_method == "gptq" and h is None:  # never reached by calibration: RTN
+                m.cfg = cfg.replace(w_method="rtn")
+            elif h is not None and m.inv_smooth is not None:  # inputs x / s: H → S⁻¹ H S⁻¹
+                inv = m.inv_smooth.float()
+                h = h * inv[:, None] * inv[None, :]
+            m.quantize_weight(h)
+            m.cfg = cfg
         if shared:
             cache.weights[key] = (m.weight_q, m.weight_signal, m.weight_noise)
+
+
+def _gptq_shared_inputs(
+    layers: dict[str, QuantLinear], cfg: QuantConfig, xtx: dict[str, torch.Tensor | None]
+) -> set[str]:
+    """GPTQ once for consecutive unsmoothed linears reading the same input (q/k/v, gate/up: equal
+    XᵀX): their weights stacked by rows, which GPTQ treats independently given H (one column
+    loop instead of several). Returns the names quantised here."""
+    from outlierlab.quant.gptq import gptq_quantize
+
+    runs: list[list[str]] = []
+    for name, m in layers.items():
+        h = xtx.get(name)
+        if h is None or m.inv_smooth is not None:
+            continue
+        prev = runs[-1][-1] if runs else None
+        if prev is not None and xtx[prev].shape == h.shape and torch.equal(xtx[prev], h) \
+                and list(layers).index(prev) == list(layers).index(name) - 1:  # fmt: skip
+            runs[-1].append(name)
+        else:
+            runs.append([name])
+    done = set()
+    for run in (r for r in runs if len(r) > 1):
+        ws = [layers[n].weight.detach().float() for n in run]
+        wq = gptq_quantize(torch.cat(ws), xtx[run[0]], cfg.w_bits, cfg.w_symmetric,
+                           cfg.w_group_size)  # fmt: skip
+        for n, part in zip(run, wq.split([w.shape[0] for w in ws]), strict=True):
+            layers[n].set_weight_q(part)
+            done.add(n)
+    return done
 
 
 def _static_ranges(

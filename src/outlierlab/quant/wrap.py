@@ -270,6 +270,11 @@ class QuantLinear(nn.Module):
             )
         else:
             wq = quantize_weight(w.float(), c.w_bits, c.w_symmetric, c.w_granularity, c.w_range)
+        self.set_weight_q(wq)
+
+    def set_weight_q(self, wq: torch.Tensor) -> None:
+        """Cache Q(W) (out, in) and record the weight's signal and noise power."""
+        w = self.weight.detach()
         self.weight_signal = float(w.float().pow(2).sum())
         self.weight_noise = float((w.float() - wq).pow(2).sum())
         self.weight_q = wq.to(w.dtype)
