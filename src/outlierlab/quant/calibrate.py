@@ -262,7 +262,10 @@ def _search_alpha(
     return min(ce, key=lambda a: (ce[a], a)), ce
 
 
-def _smooth(layers: dict[str, QuantLinear], xmax: dict[str, torch.Tensor | None], alpha: float):
+def _smooth(
+    layers: dict[str, QuantLinear], xmax: dict[str, torch.Tensor | None], alpha: float
+) -> None:
+    """SmoothQuant with α on every linear that calibration reached (others unsmoothed)."""
     for name, m in layers.items():
         if xmax[name] is not None:
             m.set_smoothing(float(alpha), xmax[name])
