@@ -1,5 +1,6 @@
-"""``outlierlab price``: what a model's outlier features cost under common W8A8 schemes, as one
-page (Markdown + HTML + PNG figures + JSON).
+"""``outlierlab price``: what a model's outlier features cost under common W8A8 schemes and the
+schemes people serve with (FP8, W4A16 RTN / GPTQ, W4A4 QuaRot, SmoothQuant with α searched), as
+one page (Markdown + HTML + PNG figures + JSON).
 
 Pipeline (all on the same windows; calibration batches from the train split, SPEC §4):
 
@@ -9,11 +10,20 @@ Pipeline (all on the same windows; calibration batches from the train split, SPE
 3. per scheme, :func:`outlierlab.quant.quantize_and_evaluate` (quantised perplexity and the
    per-layer activation SQNR): ``w8a8-tensor``, ``w8a8-dynamic``, ``w8a8-paper``, SmoothQuant
    α = 0.5 and 0.8 on ``w8a8-tensor``, and the rotation baseline
-   (:func:`outlierlab.quant.rotate.rotate`, Llama family) quantised with ``w8a8-tensor``.
+   (:func:`outlierlab.quant.rotate.rotate`, Llama family) quantised with ``w8a8-tensor``;
+   then ``fp8-tensor``, ``fp8-dynamic``, ``w4a16-rtn``, ``w4a16-gptq``, ``w4a4-quarot`` and
+   ``smoothquant-search`` (:data:`outlierlab.quant.SCHEMES`).
 
 Work is shared (:class:`outlierlab.quant.CalibCache`, one per model; results unchanged):
 ``w8a8-paper`` runs first so that its calibration pass also gives ``w8a8-tensor``'s ranges and
-weights, and one SmoothQuant statistics pass serves both α. ``stage_seconds`` in the result
+weights; one SmoothQuant statistics pass serves every α (``smoothquant-search`` included, and
+the fixed-α rows' ranges its chosen α when that is 0.5 or 0.8); ``w4a4-quarot``'s rotated copy has
+a cache of its own. Calibration passes per scheme (counted on a tiny model,
+``tests/integration/test_quant_serving.py``): w8a8-paper 1, w8a8-tensor 0, w8a8-dynamic 0,
+SmoothQuant α = 0.5 2 (statistics, ranges), α = 0.8 1, rotation 1, fp8-tensor 1, fp8-dynamic 0,
+w4a16-rtn 0, w4a16-gptq 1 (XᵀX), w4a4-quarot 1 (XᵀX of the rotated copy), smoothquant-search 6
+(one calibration cross-entropy pass per α) + 1 (ranges of the chosen α unless 0.5 or 0.8); plus
+one evaluation of the validation windows each. ``stage_seconds`` in the result
 (and the page's intro) says where the time went.
 """
 
@@ -45,7 +55,20 @@ def schemes() -> list[tuple[str, Any]]:
         ("smoothquant α=0.5", scheme("w8a8-tensor", smooth_alpha=0.5)),
         ("smoothquant α=0.8", scheme("w8a8-tensor", smooth_alpha=0.8)),
         (ROTATION, scheme("w8a8-tensor")),
+        ("fp8-tensor", scheme("fp8-tensor")),
+        ("fp8-dynamic", scheme("fp8-dynamic")),
+        ("w4a16-rtn", scheme("w4a16-rtn")),
+        ("w4a16-gptq", scheme("w4a16-gptq")),
+        ("w4a4-quarot", scheme("w4a4-quarot")),
+        ("smoothquant-search", scheme("smoothquant-search")),
     ]
+
+
+def _compute_order(label: str) -> int:
+    """``w8a8-paper`` first (its ranges serve ``w8a8-tensor``), ``smoothquant-search`` last (the
+    fixed-α rows' statistics pass serves it, and their ranges serve the chosen α if it is 0.5 or
+    0.8), the rest in page order."""
+    return {"w8a8-paper": 0, "smoothquant-search": 2}.get(label, 1)
 
 
 def run_price(
@@ -86,22 +109,24 @@ def run_price(
     order = schemes()
     rows: dict[str, dict[str, Any]] = {}
     caches = {"model": CalibCache(), "rotated": CalibCache()}  # one per model (CalibCache)
-    for label, cfg in sorted(order, key=lambda s: s[0] != "w8a8-paper"):  # its pass serves both
+    for label, cfg in sorted(order, key=lambda s: _compute_order(s[0])):  # sharing (CalibCache)
         target = model
         t0 = time.perf_counter()
-        if label == ROTATION:
-            try:
+        try:
+            if label == ROTATION:
                 target = rotate(model)
-            except ConfigError as exc:
-                rows[label] = {"label": label, "error": str(exc)}
-                step(label)
-                continue
-        # layer_kurtosis off: the page shows the residual stream's Kurt, from the profile
-        opts = dict(fp=fp, resid=resid, layer_kurtosis=False)
-        cache = caches["rotated" if label == ROTATION else "model"]
-        res = quantize_and_evaluate(
-            target, cfg, calib, val_x, val_y, batch_size, stats_windows, cache=cache, **opts
-        )
+            # layer_kurtosis off: the page shows the residual stream's Kurt, from the profile
+            opts = dict(fp=fp, resid=resid, layer_kurtosis=False)
+            cache = caches["rotated" if label == ROTATION else "model"]
+            res = quantize_and_evaluate(
+                target, cfg, calib, val_x, val_y, batch_size, stats_windows, cache=cache, **opts
+            )
+        except ConfigError as exc:  # a rotation on a model that is not Llama-family
+            if label != ROTATION and cfg.rotation is None:
+                raise
+            rows[label] = {"label": label, "error": str(exc)}
+            step(label)
+            continue
         res.update(label=label, seconds=time.perf_counter() - t0)
         stages[label] = res["seconds"]
         rows[label] = res
@@ -138,7 +163,8 @@ def scheme_table(res: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
         worst = min(lin, key=lambda x: x["act_sqnr_db"], default=None)
         sq = sorted(x["act_sqnr_db"] for x in lin)
         rows.append([
-            r["label"], _f(r["quant_ppl"], ".3f"), f"{100 * (r['ppl_ratio'] - 1):+.1f} %",
+            r["label"] + (f" (α={r['smooth_alpha']:.1f})" if "smooth_search_ce" in r else ""),
+            _f(r["quant_ppl"], ".3f"), f"{100 * (r['ppl_ratio'] - 1):+.1f} %",
             "—" if worst is None else f"{worst['name']} ({worst['act_sqnr_db']:.1f})",
             _f(sq[len(sq) // 2] if sq else None, ".1f"),
         ])  # fmt: skip

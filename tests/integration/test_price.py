@@ -103,10 +103,14 @@ def test_price_cli_writes_the_page(tmp_path, capsys):
     res = json.loads((out / "price.json").read_text())
     labels = [r["label"] for r in res["schemes"]]
     assert labels == ["w8a8-tensor", "w8a8-dynamic", "w8a8-paper", "smoothquant α=0.5",
-                      "smoothquant α=0.8", "rotation + w8a8-tensor"]  # fmt: skip
+                      "smoothquant α=0.8", "rotation + w8a8-tensor", "fp8-tensor", "fp8-dynamic",
+                      "w4a16-rtn", "w4a16-gptq", "w4a4-quarot", "smoothquant-search"]  # fmt: skip
     assert all(r["quant_ppl"] > 1 for r in res["schemes"])
     assert len(res["profile"]["points"]) == LAYERS + 1 and res["profile"]["attention"]
     md = (out / "price.md").read_text()
+    search = res["schemes"][-1]
+    assert search["smooth_alpha"] in (0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
+    assert "smoothquant-search (α=" in md
     assert "w8a8-paper" in md and "Attention sinks" in md and "price_kurt.png" in md
     assert "page:" in capsys.readouterr().out
     with pytest.raises(SystemExit) as bad:  # argparse's one-line usage error

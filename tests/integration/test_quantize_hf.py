@@ -100,3 +100,27 @@ def test_conv1d_becomes_an_exact_linear(hf_dir):
     with torch.no_grad():
         torch.testing.assert_close(ql(x), conv(x))  # quantisers off, weight not yet quantised
     assert (ql.out_features, ql.in_features) == (128, 32)
+
+
+@pytest.mark.parametrize("name", ["smoothquant-search", "w4a16-gptq", "fp8-tensor"])
+def test_serving_schemes_through_the_cli(hf_dir, tmp_path, monkeypatch, capsys, name):
+    folder, corpus = hf_dir
+    monkeypatch.setenv("OUTLIERLAB_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "q.json"
+    argv = ["quantize", str(folder), "--data", str(corpus), "--seq-len", "32", "--quiet"]
+    argv += ["--eval-windows", "4", "--calib-batches", "2", "--batch-size", "4"]
+    argv += ["--stats-windows", "2", "--scheme", name, "--json", str(out)]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    result = json.loads(out.read_text())
+    assert result["scheme"] == name and result["quant_ppl"] > 1
+    if name == "smoothquant-search":  # the chosen α is in the JSON and printed
+        assert result["smooth_alpha"] in (0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
+        assert f"SmoothQuant α     {result['smooth_alpha']}" in printed
+
+
+def test_unknown_scheme_is_one_line_naming_the_allowed(hf_dir, capsys):
+    folder, _ = hf_dir
+    assert main(["quantize", str(folder), "--scheme", "int3"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "unknown scheme 'int3'" in err[0] and "w4a4-quarot" in err[0]

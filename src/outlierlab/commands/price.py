@@ -1,7 +1,9 @@
 """``outlierlab price MODEL``: one page with what the model's outlier features cost under
 W8A8 schemes (``w8a8-tensor``, ``w8a8-dynamic``, ``w8a8-paper``, SmoothQuant α 0.5 / 0.8, a
-rotation baseline), the per-layer Kurt and max |x|, where the massive activations sit, the
-attention sinks and the per-layer SQNR. See :mod:`outlierlab.price` and docs/real-models.md.
+rotation baseline) and the serving schemes (``fp8-tensor``, ``fp8-dynamic``, ``w4a16-rtn``,
+``w4a16-gptq``, ``w4a4-quarot``, ``smoothquant-search``), the per-layer Kurt and max |x|,
+where the massive activations sit, the attention sinks and the per-layer SQNR. See
+:mod:`outlierlab.price` and docs/real-models.md.
 """
 
 from __future__ import annotations
@@ -17,8 +19,9 @@ from outlierlab.commands.quantize import add_data_options
 def add_parser(subparsers: Any) -> None:
     p = subparsers.add_parser(
         "price",
-        help="one page: what outlier features cost under W8A8 schemes (ppl, SQNR, sinks)",
-        description="Profile a model's massive activations and price them under W8A8 schemes; "
+        help="one page: what outlier features cost under W8A8, FP8, W4A16, W4A4 schemes",
+        description="Profile a model's massive activations and price them under W8A8, FP8, "
+        "W4A16 (RTN, GPTQ), W4A4 (QuaRot) and SmoothQuant schemes; "
         "writes price.md, price.html, price.json and figures.",
     )
     p.add_argument("model", metavar="MODEL", help="run folder, model folder, HF folder or .gguf")

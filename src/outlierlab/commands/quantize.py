@@ -57,8 +57,10 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument(
         "--scheme",
         default=DEFAULT_SCHEME,
-        help="w8a8-tensor (default), w8a8-dynamic, w8a8-paper, w4a8, w8a4; the options below "
-        "override it",
+        help="w8a8-tensor (default), w8a8-dynamic, w8a8-paper, w4a8, w8a4, w8a6-tensor, "
+        "fp8-tensor, fp8-dynamic (FP8 E4M3), w4a16-rtn, w4a16-gptq (weight-only, groups of 128), "
+        "w4a4-quarot (rotated, Llama family), smoothquant-search (α picked on calibration data); "
+        "the options below override it (docs/quant.md)",
     )
     p.add_argument("--w-bits", type=int, help="weight bits, 2..16 (16 ≈ full precision)")
     p.add_argument("--a-bits", type=int, help="activation bits, 2..16")
@@ -205,6 +207,9 @@ def _print(result: dict[str, Any], quiet: bool = False) -> None:
         f"scheme {result['scheme']}  windows {result['eval_windows']}×{result['seq_len']}  "
         f"calib {result['calib_batches']} train batches"
     )
+    if "smooth_search_ce" in result:
+        tried = "  ".join(f"{a}: {v:.4f}" for a, v in result["smooth_search_ce"].items())
+        console.print(f"SmoothQuant α     {result['smooth_alpha']} (calibration CE  {tried})")
     console.print(f"FP perplexity     {fp:.3f}")
     console.print(f"quant perplexity  {q:.3f}")
     console.print(f"increase          {q - fp:+.3f} ({100 * (q / fp - 1):+.2f}%)")

@@ -13,6 +13,15 @@ W_GRANULARITIES = ("tensor", "channel")
 A_GRANULARITIES = ("tensor", "token")
 W_RANGES = ("minmax", "mse")
 A_RANGES = ("minmax", "percentile")
+W_FORMATS = ("int", "fp8")
+A_FORMATS = ("int", "fp8", "none")
+W_METHODS = ("rtn", "gptq")
+ROTATIONS = ("quarot",)
+SERVED = ("w_format", "a_format", "w_group_size", "w_method", "rotation", "smooth_search")
+"""Fields only the serving schemes set: with other bits their name keeps the scheme's own."""
+SMOOTH_GRID = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
+"""α tried by ``smooth_search`` (SmoothQuant's paper finds 0.4–0.6 for most models, 0.75–0.85
+for GLM-130B-like outliers; this grid spans both at SmoothQuant's own step of 0.1)."""
 
 
 @dataclass
@@ -47,6 +56,18 @@ class QuantConfig:
     """Also quantise every normalisation layer's output (LayerNorm / RMSNorm modules)."""
     smooth_alpha: float | None = None
     """SmoothQuant migration strength α in [0, 1]; None: no smoothing."""
+    smooth_search: bool = False
+    """Pick α from ``SMOOTH_GRID`` by the lowest cross-entropy on the calibration batches."""
+    w_format: str = "int"
+    """``int`` (the bits' integer grid) or ``fp8`` (E4M3, s = max|w| / 448; bits ignored)."""
+    a_format: str = "int"
+    """``int``, ``fp8`` (E4M3, s = max|x| / 448) or ``none`` (weight-only: inputs stay 16-bit)."""
+    w_group_size: int | None = None
+    """Per-channel weights with one range per this many input columns (None: whole rows)."""
+    w_method: str = "rtn"
+    """``rtn`` (round to nearest) or ``gptq`` (Frantar et al. 2022, Hessians from calibration)."""
+    rotation: str | None = None
+    """``quarot``: quantise a rotated copy (residual stream and online Hadamard on down_proj)."""
     name: str = field(default="custom", compare=False)
     """Scheme name, for reports."""
 
@@ -67,6 +88,24 @@ class QuantConfig:
             raise ConfigError(f"a_percentile must be in (50, 100], got {self.a_percentile}")
         if self.smooth_alpha is not None and not 0.0 <= float(self.smooth_alpha) <= 1.0:
             raise ConfigError(f"smooth alpha must be in [0, 1], got {self.smooth_alpha}")
+        _choice("w_format", self.w_format, W_FORMATS)
+        _choice("a_format", self.a_format, A_FORMATS)
+        _choice("w_method", self.w_method, W_METHODS)
+        if self.rotation is not None:
+            _choice("rotation", self.rotation, ROTATIONS)
+        g = self.w_group_size
+        if g is not None and (isinstance(g, bool) or not isinstance(g, int) or g < 1):
+            raise ConfigError(f"w_group_size must be a positive integer or None, got {g!r}")
+        if g is not None and self.w_granularity != "channel":
+            raise ConfigError("w_group_size needs w_granularity channel (groups split each row)")
+        if self.w_format == "fp8" and (self.w_range != "minmax" or self.w_method != "rtn"
+                                       or g is not None):  # fmt: skip
+            raise ConfigError("fp8 weights take s = max|w| / 448: w_range minmax, w_method rtn, "
+                              "no w_group_size")  # fmt: skip
+        if self.w_method == "gptq" and self.w_range != "minmax":
+            raise ConfigError("w_method gptq takes min-max ranges (w_range minmax)")
+        if self.smooth_search and self.smooth_alpha is not None:
+            raise ConfigError("give smooth_alpha or smooth_search, not both")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -119,19 +158,43 @@ SCHEMES: dict[str, dict[str, Any]] = {
     "w8a8-paper": dict(
         w_bits=8, a_bits=8, quantize_residual=True, quantize_outputs=True, quantize_norms=True
     ),
+    # FP8 E4M3 (vLLM / TensorRT-LLM / SGLang "fp8"): per-output-channel weights, s = max|w|/448;
+    # activations static per tensor (s = calibration max|x| / 448) or dynamic per token.
+    "fp8-tensor": dict(w_format="fp8", a_format="fp8", w_granularity="channel",
+                       w_range="minmax", a_symmetric=True),
+    "fp8-dynamic": dict(w_format="fp8", a_format="fp8", w_granularity="channel",
+                        w_range="minmax", a_symmetric=True, a_granularity="token"),
+    # Weight-only 4-bit, groups of 128 input columns, asymmetric min-max (AWQ/GPTQ layout in
+    # vLLM's Marlin, llama.cpp Q4-like); activations stay 16-bit.
+    "w4a16-rtn": dict(w_bits=4, w_symmetric=False, w_granularity="channel", w_range="minmax",
+                      w_group_size=128, a_format="none"),
+    "w4a16-gptq": dict(w_bits=4, w_symmetric=False, w_granularity="channel", w_range="minmax",
+                       w_group_size=128, a_format="none", w_method="gptq"),
+    # QuaRot (Ashkboos et al. 2024): rotated residual stream + online Hadamard on down_proj's
+    # input, 4-bit per-channel symmetric GPTQ weights, 4-bit symmetric per-token activations.
+    "w4a4-quarot": dict(w_bits=4, a_bits=4, w_granularity="channel", w_range="minmax",
+                        w_method="gptq", a_symmetric=True, a_granularity="token",
+                        rotation="quarot"),
+    # SmoothQuant (Xiao et al. 2023) on w8a8-tensor with α searched per model on calibration CE.
+    "smoothquant-search": dict(w_bits=8, a_bits=8, smooth_search=True),
 }
 
 
 def scheme(name: str, **overrides: Any) -> QuantConfig:
-    """The named scheme (``w8a8-tensor``, ``w8a8-dynamic``, ``w8a8-paper``, ``w4a8``, ``w8a4``,
-    ``w8a6-tensor``) with overrides;
+    """The named scheme (one of ``SCHEMES``: ``w8a8-tensor``, ``w8a8-dynamic``, ``w8a8-paper``,
+    ``w4a8``, ``w8a4``, ``w8a6-tensor``, ``fp8-tensor``, ``fp8-dynamic``, ``w4a16-rtn``,
+    ``w4a16-gptq``, ``w4a4-quarot``, ``smoothquant-search``) with overrides;
     other widths by overriding bits (``scheme("w8a8-tensor", w_bits=16, a_bits=16)``)."""
     if name not in SCHEMES:
         raise ConfigError(f"unknown scheme {name!r}; allowed: {', '.join(SCHEMES)}")
     fields = {**SCHEMES[name], **overrides}
-    bits_changed = any(fields[k] != SCHEMES[name][k] for k in ("w_bits", "a_bits"))
+    base_fields = {**dataclasses.asdict(QuantConfig()), **SCHEMES[name]}
+    bits = ("w_bits", "a_bits")
+    bits_changed = any(fields.get(k, base_fields[k]) != base_fields[k] for k in bits)
     base = QuantConfig(name=name)
     cfg = base.replace(**fields)
+    if bits_changed and set(SCHEMES[name]) & set(SERVED):  # fp8, w4a16, quarot, search
+        return cfg.replace(name=f"{name}-w{cfg.w_bits}a{cfg.a_bits}")
     if bits_changed:  # the name then says the real widths and the activation family
         family = "tensor" if cfg.a_granularity == "tensor" else "dynamic"
         cfg = cfg.replace(name=f"w{cfg.w_bits}a{cfg.a_bits}-{family}")

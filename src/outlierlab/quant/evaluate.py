@@ -219,6 +219,23 @@ def residual_kurtosis(model: nn.Module, x: torch.Tensor, batch_size: int = 8,
     }
 
 
+def prepared(
+    model: nn.Module, cfg: QuantConfig, cache: CalibCache | None = None
+) -> tuple[nn.Module, CalibCache | None]:
+    """The model a scheme quantises and the cache that goes with it: ``model`` itself, or for
+    ``rotation="quarot"`` its rotated copy with the online Hadamard on every down_proj
+    (:func:`outlierlab.quant.rotate.rotate`), built once per cache."""
+    if cfg.rotation is None:
+        return model, cache
+    from outlierlab.quant.rotate import rotate
+
+    if cache is None:
+        return rotate(model, online_hadamard=True), None
+    if cfg.rotation not in cache.derived:
+        cache.derived[cfg.rotation] = (rotate(model, online_hadamard=True), CalibCache())
+    return cache.derived[cfg.rotation]
+
+
 def quantize_and_evaluate(
     model: nn.Module,
     cfg: QuantConfig,
@@ -255,8 +272,9 @@ def quantize_and_evaluate(
         fp_ppl, fp_loss = perplexity(model, val_x, val_y, batch_size)
         fp = {"ppl": fp_ppl, "loss": fp_loss, "seconds": time.perf_counter() - t0}
     t0 = time.perf_counter()
-    qmodel = wrap(model, cfg)
-    calibrate(qmodel, cfg, calib, logits_of, cache)
+    target, cache = prepared(model, cfg, cache)
+    qmodel = wrap(target, cfg)
+    chosen = calibrate(qmodel, cfg, calib, logits_of, cache)
     calib_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     q_ppl, q_loss, layers = perplexity_and_report(
@@ -287,6 +305,9 @@ def quantize_and_evaluate(
         "quant_eval_s": q_s,
         "eval_time_ratio": q_s / fp["seconds"] if fp["seconds"] > 0 else None,
         "calib_s": calib_s,
+        **({"smooth_alpha": chosen["smooth_alpha"]} if chosen["smooth_alpha"] is not None else {}),
+        **({"smooth_search_ce": {str(a): v for a, v in chosen["smooth_search_ce"].items()}}
+           if "smooth_search_ce" in chosen else {}),
         "kurtosis_mean": resid["kurtosis_mean"],
         "kurtosis_max": resid["kurtosis_max"],
         "residual_kurtosis": resid["points"],

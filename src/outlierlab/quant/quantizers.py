@@ -213,3 +213,45 @@ def sqnr_db(signal_power: float, noise_power: float) -> float:
     if signal_power <= 0.0:
         return float("-inf")
     return 10.0 * float(torch.log10(torch.tensor(signal_power / noise_power, dtype=torch.float64)))
+
+
+# --- FP8 E4M3 (Micikevicius et al. 2022, "FP8 Formats for Deep Learning") ----------------------
+
+FP8_MAX = 448.0  # largest finite E4M3 value: 1.75 · 2^8 (the fn variant has no infinities)
+
+
+def fp8_e4m3(x: torch.Tensor) -> torch.Tensor:
+    """x rounded to the E4M3 grid (1 sign, 4 exponent bits with bias 7, 3 mantissa bits,
+    subnormals down to 2^-9), round half to even, saturating at ±448: clamp, cast to
+    ``torch.float8_e4m3fn`` and back (an unclamped cast would give NaN above 464)."""
+    return x.float().clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn).to(x.dtype)
+
+
+def fp8_scale(amax: torch.Tensor) -> torch.Tensor:
+    """s = max|x| / 448 (never below ``EPS``): the range maps onto E4M3's finite range."""
+    return (amax / FP8_MAX).clamp_min(EPS)
+
+
+def fake_quant_fp8(x: torch.Tensor, scale: torch.Tensor | float) -> torch.Tensor:
+    """q(x) = s · E4M3(x / s), broadcasting s (per tensor, channel or token)."""
+    return fp8_e4m3(x / scale) * scale
+
+
+def quantize_fp8(x: torch.Tensor, granularity: str) -> torch.Tensor:
+    """FP8 E4M3 with scales from x itself: per ``tensor``, output ``channel`` (weights) or
+    ``token`` (dynamic activations), s = max|x| / 448 over that slice."""
+    lo, hi = minmax_range(x, granularity)
+    return fake_quant_fp8(x, fp8_scale(torch.maximum(lo.abs(), hi.abs())))
+
+
+def quantize_weight_groups(
+    w: torch.Tensor, bits: int, symmetric: bool, group_size: int, method: str
+) -> torch.Tensor:
+    """Group-wise weight quantisation: one range per output channel and per ``group_size``
+    consecutive input columns (GPTQ/AWQ's W4 g128 layout); when ``group_size`` does not divide
+    the input width the last group is the remainder (narrower, its own range)."""
+    parts = [
+        quantize_weight(w[:, i : i + group_size], bits, symmetric, "channel", method)
+        for i in range(0, w.shape[1], group_size)
+    ]
+    return torch.cat(parts, 1)

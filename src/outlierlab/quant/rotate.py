@@ -27,13 +27,115 @@ from torch import nn
 from outlierlab.errors import ConfigError
 
 
+def _is_prime(q: int) -> bool:
+    return q > 1 and all(q % p for p in range(2, int(q**0.5) + 1))
+
+
+def _sylvester(n: int) -> torch.Tensor:
+    h = torch.ones(1, 1, dtype=torch.int64)
+    while h.shape[0] < n:
+        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
+    return h
+
+
+def _paley(n: int) -> torch.Tensor | None:
+    """A Hadamard matrix of order n by Paley's construction over GF(q), q prime (Paley 1933):
+    I for q = n − 1 ≡ 3 (mod 4), II for q = n/2 − 1 ≡ 1 (mod 4); None if neither applies."""
+    def jacobsthal(q: int) -> torch.Tensor:  # Q_ij = χ(j − i), χ the quadratic character
+        squares = {(i * i) % q for i in range(1, q)}
+        chi = torch.tensor([0] + [1 if a in squares else -1 for a in range(1, q)])
+        idx = (torch.arange(q)[None, :] - torch.arange(q)[:, None]) % q
+        return chi[idx]
+
+    q = n - 1
+    if q % 4 == 3 and _is_prime(q):
+        c = torch.zeros(n, n, dtype=torch.int64)  # skew conference matrix, H = I + C
+        c[0, 1:], c[1:, 0] = 1, -1
+        c[1:, 1:] = jacobsthal(q)
+        return torch.eye(n, dtype=torch.int64) + c
+    q = n // 2 - 1
+    if n % 2 == 0 and q % 4 == 1 and _is_prime(q):
+        c = torch.zeros(q + 1, q + 1, dtype=torch.int64)  # symmetric conference matrix
+        c[0, 1:], c[1:, 0] = 1, 1
+        c[1:, 1:] = jacobsthal(q)
+        a = torch.tensor([[1, -1], [-1, -1]])
+        b = torch.tensor([[1, 1], [1, -1]])
+        return torch.kron(c, a) + torch.kron(torch.eye(q + 1, dtype=torch.int64), b)
+    return None
+
+
+def hadamard_factors(n: int) -> list[torch.Tensor] | None:
+    """Integer Hadamard matrices whose Kronecker product has order n: [H_{2^k}, H_m1, ...] with
+    each H_m from :func:`_paley`, the power of two as large as possible (576 → [H_16, H_36],
+    1536 → [H_128, H_12]); None when no such factorisation exists (n = 9, 18, 3·2^k, …)."""
+    if n < 1:
+        return None
+    k = (n & -n).bit_length() - 1  # n = 2^k · odd
+    for twos in range(k, -1, -1):
+        tail = _paley_product(n >> twos)
+        if tail is not None:
+            return [f for f in [_sylvester(1 << twos), *tail] if f.shape[0] > 1] or [_sylvester(1)]
+    return None
+
+
+def _paley_product(rest: int) -> list[torch.Tensor] | None:
+    if rest == 1:
+        return []
+    for m in range(4, rest + 1, 4):
+        if rest % m == 0 and (pm := _paley(m)) is not None:
+            tail = _paley_product(rest // m)
+            if tail is not None:
+                return [pm, *tail]
+    return None
+
+
+def hadamard(n: int) -> torch.Tensor | None:
+    """An n × n matrix of ±1 with H Hᵀ = n I (int64), or None (:func:`hadamard_factors`)."""
+    factors = hadamard_factors(n)
+    if factors is None:
+        return None
+    h = factors[0]
+    for f in factors[1:]:
+        h = torch.kron(h, f)
+    return h
+
+
+def apply_hadamard(x: torch.Tensor, factors: list[torch.Tensor]) -> torch.Tensor:
+    """x · (H_1 ⊗ H_2 ⊗ …) / √n over the last dim, one small contraction per factor:
+    O(n Σ m_i) per row instead of O(n²). ``factors``: float matrices of the x's dtype."""
+    n = x.shape[-1]
+    sizes = [f.shape[0] for f in factors]
+    y = x.reshape(*x.shape[:-1], *sizes)
+    nd = len(sizes)
+    for i, f in enumerate(factors):  # contract axis i: y_..a.. → Σ_a y_..a.. f_ab
+        y = torch.movedim(torch.movedim(y, -nd + i, -1) @ f, -1, -nd + i)
+    return y.reshape(x.shape) * n**-0.5
+
+
+class OnlineHadamard(nn.Module):
+    """QuaRot's online rotation of a linear's input, x → x · H / √n, as a forward pre-hook
+    (``hook``); the linear's weight is rotated offline by the same H, so y is unchanged."""
+
+    def __init__(self, factors: list[torch.Tensor]) -> None:
+        super().__init__()
+        self.n_factors = len(factors)
+        for i, f in enumerate(factors):
+            self.register_buffer(f"f{i}", f.to(torch.float32))
+
+    def factors(self, dtype: torch.dtype) -> list[torch.Tensor]:
+        return [getattr(self, f"f{i}").to(dtype) for i in range(self.n_factors)]
+
+    def hook(self, module: nn.Module, args: tuple) -> tuple:
+        x = args[0]
+        return (apply_hadamard(x, self.factors(x.dtype)), *args[1:])
+
+
 def rotation_matrix(d: int, seed: int = 0) -> torch.Tensor:
-    """Orthogonal float64 (d, d): normalised Hadamard if d is a power of two, else random."""
-    if d & (d - 1) == 0:
-        h = torch.ones(1, 1, dtype=torch.float64)
-        while h.shape[0] < d:
-            h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
-        return h / d**0.5
+    """Orthogonal float64 (d, d): the normalised Hadamard matrix of :func:`hadamard` when d has
+    one (every power of two, 12·2^k, 576, …), else a seeded random (Haar) orthogonal matrix."""
+    h = hadamard(d)
+    if h is not None:
+        return h.double() / d**0.5
     g = torch.Generator().manual_seed(seed)
     q, r = torch.linalg.qr(torch.randn(d, d, generator=g, dtype=torch.float64))
     return q * torch.sign(torch.diagonal(r))  # a uniform (Haar) draw
@@ -79,9 +181,10 @@ def _write(lin: nn.Linear, q: torch.Tensor) -> None:
 
 
 @torch.no_grad()
-def rotate(model: nn.Module, seed: int = 0) -> nn.Module:
+def rotate(model: nn.Module, seed: int = 0, online_hadamard: bool = False) -> nn.Module:
     """A rotated, function-preserving deep copy of a Llama-family HF causal LM (module
-    docstring); ``model`` is untouched. ConfigError for other architectures."""
+    docstring; ``online_hadamard``: step 3 as well); ``model`` is untouched. ConfigError for
+    other architectures."""
     _layers(model)  # validate before copying
     model = copy.deepcopy(model).eval()
     base, layers = _layers(model)
@@ -98,6 +201,12 @@ def rotate(model: nn.Module, seed: int = 0) -> nn.Module:
             _read(lin, q)
         _write(a.o_proj, q)
         _write(m.down_proj, q)
+        factors = hadamard_factors(m.down_proj.weight.shape[1]) if online_hadamard else None
+        if factors is not None:  # W ← W·H/√n offline, x ← x·H/√n online
+            w = m.down_proj.weight
+            w.data = apply_hadamard(w.double(), [f.double() for f in factors]).to(w.dtype)
+            m.down_proj.online_hadamard = OnlineHadamard(factors)
+            m.down_proj.register_forward_pre_hook(m.down_proj.online_hadamard.hook)
     _fold(base.norm, [head])
     _read(head, q)
     emb = base.embed_tokens.weight

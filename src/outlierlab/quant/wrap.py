@@ -22,11 +22,16 @@ from torch import nn
 
 from outlierlab.errors import ConfigError, ModelLoadError
 from outlierlab.quant.config import QuantConfig
+from outlierlab.quant.gptq import gptq_quantize
 from outlierlab.quant.quantizers import (
     fake_quant,
+    fake_quant_fp8,
+    fp8_scale,
     percentile_range,
     quantize_dynamic,
+    quantize_fp8,
     quantize_weight,
+    quantize_weight_groups,
     scale_zero_point,
 )
 from outlierlab.structure import Point
@@ -79,6 +84,7 @@ class ActQuant(nn.Module):
     def __init__(self, cfg: QuantConfig) -> None:
         super().__init__()
         self.bits = cfg.a_bits
+        self.format = cfg.a_format  # int or fp8 (``none``: calibrate leaves the quantiser off)
         self.symmetric = cfg.a_symmetric
         self.granularity = cfg.a_granularity
         self.range_method = cfg.a_range
@@ -93,6 +99,13 @@ class ActQuant(nn.Module):
         self._batches = 0
         self.stats: ActStats | None = None
         self.uncalibrated = False  # saw no calibration batch (see finalize)
+
+    def reset(self) -> None:
+        """Forget the calibration (ranges, samples): ready for another observing pass."""
+        self.calib_lo = self.calib_hi = None
+        self._static, self._samples, self._batches = None, [], 0
+        self.scale = self.zero = None
+        self.uncalibrated = False
 
     def observe(self, x: torch.Tensor) -> None:
         """Widen the running [min, max] (``minmax``) or keep a subsample (``percentile``)."""
@@ -124,6 +137,10 @@ class ActQuant(nn.Module):
             return
         lo = torch.tensor(self.calib_lo, dtype=torch.float32)
         hi = torch.tensor(self.calib_hi, dtype=torch.float32)
+        if self.format == "fp8":  # s = calibration max|x| / 448
+            self.scale, self.zero = fp8_scale(torch.maximum(lo.abs(), hi.abs())), lo.new_zeros(())
+            self._static = (float(self.scale), 0.0)
+            return
         self.scale, self.zero = scale_zero_point(lo, hi, self.bits, self.symmetric)
         self._static = (float(self.scale), float(self.zero))  # python scalars: cheapest ops
 
@@ -133,7 +150,9 @@ class ActQuant(nn.Module):
         if self.mode == "observe":
             self.observe(x)
             return x
-        if self.granularity == "token":
+        if self.format == "fp8":
+            q = self._fp8(x)
+        elif self.granularity == "token":
             q = quantize_dynamic(x, self.bits, self.symmetric, "token")
         elif self._static is None:
             if not self.uncalibrated:
@@ -144,6 +163,16 @@ class ActQuant(nn.Module):
         if self.stats is not None:
             self.stats.update(x, q)
         return q
+
+    def _fp8(self, x: torch.Tensor) -> torch.Tensor:
+        """E4M3: per token (s = max_j |x_j| / 448 per row) or static per tensor."""
+        if self.granularity == "token":
+            return quantize_fp8(x, "token")
+        if self._static is None:
+            if not self.uncalibrated:
+                raise RuntimeError("static activation quantiser used before calibration")
+            return quantize_fp8(x, "tensor")
+        return fake_quant_fp8(x, self._static[0])
 
 
 class QuantLinear(nn.Module):
@@ -167,6 +196,8 @@ class QuantLinear(nn.Module):
         self.weight_signal = 0.0
         self.weight_noise = 0.0
         self.smooth_observe = False
+        self.xtx_observe = False  # GPTQ: accumulate XᵀX of the inputs (see take_xtx)
+        self._xtx: torch.Tensor | None = None
         self._xmax: torch.Tensor | None = None  # per input channel max|X_j| for SmoothQuant
         self.kurt_acc: Any = None  # a stats.StatsAccumulator while per-layer stats are on
         self.enabled = True  # False: the full-precision function (quant.sensitivity)
@@ -174,8 +205,19 @@ class QuantLinear(nn.Module):
     @classmethod
     def from_module(cls, module: nn.Module, cfg: QuantConfig) -> QuantLinear:
         if isinstance(module, nn.Linear):
-            return cls(module.weight, module.bias, cfg, "Linear")
-        return cls(module.weight.t(), module.bias, cfg, "Conv1D")  # Conv1D stores (in, out)
+            q = cls(module.weight, module.bias, cfg, "Linear")
+        else:
+            q = cls(module.weight.t(), module.bias, cfg, "Conv1D")  # Conv1D stores (in, out)
+        online = getattr(module, "online_hadamard", None)  # quant.rotate's x → x·H pre-hook
+        if online is not None:
+            q.online_hadamard = online
+            q.register_forward_pre_hook(online.hook)
+        return q
+
+    def take_xtx(self) -> torch.Tensor | None:
+        """Σ x xᵀ over every input row seen with ``xtx_observe`` (None if none; then forgotten)."""
+        xtx, self._xtx = self._xtx, None
+        return xtx
 
     @property
     def in_features(self) -> int:
@@ -211,11 +253,29 @@ class QuantLinear(nn.Module):
         self.weight.data.mul_(s.to(self.weight.dtype))
         self.inv_smooth = (1.0 / s).to(self.weight.dtype)
 
-    def quantize_weight(self) -> None:
-        """Q(W) once, cached in ``weight_q``; records the weight's signal and noise power."""
+    def quantize_weight(self, hessian: torch.Tensor | None = None) -> None:
+        """Q(W) once, cached in ``weight_q``; records the weight's signal and noise power.
+        FP8 (E4M3, s = max|w| / 448), integer round to nearest (per tensor, channel or group),
+        or GPTQ with ``hessian`` (XᵀX of this layer's calibration inputs, after smoothing)."""
         w = self.weight.detach()
         c = self.cfg
-        wq = quantize_weight(w.float(), c.w_bits, c.w_symmetric, c.w_granularity, c.w_range)
+        if c.w_format == "fp8":
+            wq = quantize_fp8(w.float(), c.w_granularity)
+        elif c.w_method == "gptq":
+            if hessian is None:
+                raise RuntimeError("GPTQ needs this layer's calibration inputs (XᵀX)")
+            wq = gptq_quantize(w.float(), hessian, c.w_bits, c.w_symmetric, c.w_group_size)
+        elif c.w_group_size is not None:
+            wq = quantize_weight_groups(
+                w.float(), c.w_bits, c.w_symmetric, c.w_group_size, c.w_range
+            )
+        else:
+            wq = quantize_weight(w.float(), c.w_bits, c.w_symmetric, c.w_granularity, c.w_range)
+        self.set_weight_q(wq)
+
+    def set_weight_q(self, wq: torch.Tensor) -> None:
+        """Cache Q(W) (out, in) and record the weight's signal and noise power."""
+        w = self.weight.detach()
         self.weight_signal = float(w.float().pow(2).sum())
         self.weight_noise = float((w.float() - wq).pow(2).sum())
         self.weight_q = wq.to(w.dtype)
@@ -224,6 +284,10 @@ class QuantLinear(nn.Module):
         if self.smooth_observe:
             m = x.detach().abs().reshape(-1, x.shape[-1]).amax(0)
             self._xmax = m if self._xmax is None else torch.maximum(self._xmax, m)
+        if self.xtx_observe:
+            rows = x.detach().reshape(-1, x.shape[-1]).float()
+            xtx = rows.T @ rows
+            self._xtx = xtx if self._xtx is None else self._xtx.add_(xtx)
         if self.kurt_acc is not None:
             self.kurt_acc.update(x.detach(), mmr_max_tokens=256)
         if self.inv_smooth is not None:
@@ -252,6 +316,16 @@ def is_experts(module: nn.Module) -> bool:
     named = [(n, p) for n, p in module.named_parameters(recurse=False) if p.dim() == 3]
     return bool(named) and (bool(re.search("Expert|Moe|MoE", type(module).__name__))
                             or any(n.endswith("_proj") for n, _ in named))  # fmt: skip
+
+
+def _rtn(w: torch.Tensor, c: QuantConfig) -> torch.Tensor:
+    """Round-to-nearest Q(W) of one (out, in) matrix: FP8, group-wise or per tensor/channel
+    (experts under a GPTQ scheme get this too: no per-expert Hessians are collected)."""
+    if c.w_format == "fp8":
+        return quantize_fp8(w, c.w_granularity)
+    if c.w_group_size is not None:
+        return quantize_weight_groups(w, c.w_bits, c.w_symmetric, c.w_group_size, c.w_range)
+    return quantize_weight(w, c.w_bits, c.w_symmetric, c.w_granularity, c.w_range)
 
 
 class QuantExperts(nn.Module):
@@ -294,8 +368,7 @@ class QuantExperts(nn.Module):
             w = p.detach().float()
             w = w[None] if w.dim() == 2 else w
             w = w.transpose(1, 2) if self.transposed else w  # (E, out, in)
-            wq = torch.stack([quantize_weight(we, c.w_bits, c.w_symmetric, c.w_granularity,
-                                              c.w_range) for we in w])  # fmt: skip
+            wq = torch.stack([_rtn(we, c) for we in w])
             signal += float(w.square().sum())
             noise += float((w - wq).square().sum())
             wq = wq.transpose(1, 2) if self.transposed else wq
