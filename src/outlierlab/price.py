@@ -80,10 +80,12 @@ def run_price(
     stats_windows: int = 4,
     progress: Callable[[str], None] | None = None,
     points: str | Sequence[str] = "auto",
+    labels: Sequence[str] | None = None,
 ) -> dict[str, Any]:
     """The whole comparison (module docstring); ``progress(label)`` is called as each stage
     ends (the CLI's progress bar); ``points``: where the profile measures (monitor globs;
-    ``auto``: the residual stream). Returns the JSON-able result."""
+    ``auto``: the residual stream); ``labels``: only these rows of :func:`schemes` (None: all).
+    Returns the JSON-able result."""
     from outlierlab.profile import profile
     from outlierlab.quant import CalibCache, perplexity, quantize_and_evaluate
     from outlierlab.quant.rotate import rotate
@@ -106,7 +108,7 @@ def run_price(
     fp = {"ppl": fp_ppl, "loss": fp_loss, "seconds": t_fp - t0}
     step("FP perplexity")
     stages = {"profile": t0 - t_start, "fp_eval": fp["seconds"]}
-    order = schemes()
+    order = [s for s in schemes() if labels is None or s[0] in labels]
     rows: dict[str, dict[str, Any]] = {}
     caches = {"model": CalibCache(), "rotated": CalibCache()}  # one per model (CalibCache)
     for label, cfg in sorted(order, key=lambda s: _compute_order(s[0])):  # sharing (CalibCache)

@@ -14,6 +14,7 @@ from typing import Any
 
 from outlierlab.cli import device, output_dir
 from outlierlab.commands.quantize import add_data_options
+from outlierlab.errors import ConfigError
 
 
 def add_parser(subparsers: Any) -> None:
@@ -30,6 +31,9 @@ def add_parser(subparsers: Any) -> None:
     add_data_options(p)
     p.add_argument("--device", default="cpu", type=device)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--schemes", nargs="+", metavar="LABEL",
+                   help="only these rows of the page (default: all; the labels are the page's, "
+                   "e.g. w8a8-tensor fp8-dynamic w4a16-gptq)")
     p.add_argument("--no-figures", action="store_true",
                    help="tables only, no PNG figures (faster: for many models in a row)")
     p.set_defaults(func=run)
@@ -39,14 +43,21 @@ def run(args: argparse.Namespace) -> int:
     from outlierlab.model_data import eval_set
     from outlierlab.price import run_price, schemes, write_page
 
+    labels = [label for label, _ in schemes()]
+    unknown = [x for x in args.schemes or [] if x not in labels]
+    if unknown:
+        raise ConfigError(f"--schemes {unknown[0]!r} is not allowed; allowed: "
+                          f"{', '.join(labels)}")  # fmt: skip
+    chosen = args.schemes or labels
     path = Path(args.model)
     ev = eval_set(path, args.device, args.points, args.data, args.seq_len, args.eval_windows,
                   args.calib_batches, args.batch_size, args.seed)  # fmt: skip
     out = Path(args.out or f"price-{path.stem if path.is_file() else path.name}")
-    steps = ["profile", "FP perplexity"] + [label for label, _ in schemes()]
+    steps = ["profile", "FP perplexity", *chosen]
     with _progress(args.quiet, len(steps)) as step:
         res = run_price(ev.loaded.model, ev.calib, ev.val_x, ev.val_y, args.batch_size,
-                        args.stats_windows, progress=step, points=ev.points)  # fmt: skip
+                        args.stats_windows, progress=step, points=ev.points,
+                        labels=chosen)  # fmt: skip
     res["model"] = str(path)
     res["data"] = ev.data.source
     paths = write_page(res, out, title=f"What outlier features cost: {path.name}",
