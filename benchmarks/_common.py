@@ -34,7 +34,7 @@ if str(ROOT / "src") not in sys.path:  # run from a checkout without an install
 SIZES: dict[str, tuple[int, int, int, int, int]] = {
     "S": (2, 64, 2, 64, 8),
     "M": (4, 128, 4, 128, 16),
-    "L": (6, 192, 6, 128, 16),  # the default preset (SPEC §6)
+    "L": (6, 192, 6, 128, 16),  # the default preset (science §6)
 }
 
 

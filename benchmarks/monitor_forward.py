@@ -20,7 +20,7 @@ def add_args(p) -> None:
     p.add_argument("--heads", type=int, default=6)
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--batch", type=int, default=16)
-    p.add_argument("--vocab", type=int, default=257, help="257 = byte tokenizer (SPEC §6)")
+    p.add_argument("--vocab", type=int, default=257, help="257 = byte tokenizer (science §6)")
     p.add_argument("--forwards", type=int, default=None, help="forwards per timed call")
 
 

@@ -1,6 +1,6 @@
 """Step time of SOAP, AdaFactor, Shampoo and Muon relative to AdamW (issue 14's targets).
 
-Two measurements, each optimiser with its registry defaults (``outlierlab.optim``, SPEC §3;
+Two measurements, each optimiser with its registry defaults (``outlierlab.optim``, science §3;
 SOAP and Shampoo, i.e. rotated AdaFactor, recompute their eigenbases every 10 steps):
 
 1. whole training step: one ``outlierlab.train.train(cfg)`` loop per optimiser in this process,

@@ -6,9 +6,9 @@ files and dotted ``field=value`` overrides (values typed by :func:`outlierlab.fi
 
 Layers, each on top of the last: the training preset (``presets/train/NAME.toml``, ``default``
 unless named) → a user TOML file → command-line overrides. In a TOML ``[model]`` table the key
-``preset`` names a model preset (SPEC §2); the override ``model=op`` changes it while keeping
+``preset`` names a model preset (science §2); the override ``model=op`` changes it while keeping
 the sizes the training preset set. Unset optimiser hyperparameters take the chosen optimiser's
-defaults (:data:`outlierlab.optim.REGISTRY`, SPEC §3) when the config is built.
+defaults (:data:`outlierlab.optim.REGISTRY`, science §3) when the config is built.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""``MeasureEvery(k)``: measure the residual stream (SPEC §1) on every k-th optimiser step.
+"""``MeasureEvery(k)``: measure the residual stream (science §1) on every k-th optimiser step.
 
 The one place that decides which training steps are measured and drives an
 :class:`~outlierlab.monitor.OutlierMonitor` through them: switched on when step s (1-based)

@@ -1,8 +1,8 @@
-"""The outlier-feature formulas of SPEC §1, one-shot, in the order SPEC §1 lists them.
+"""The outlier-feature formulas of science §1, one-shot, in the order science §1 lists them.
 
 All functions take activations ``x`` of shape ``(..., d)``: every leading index is one input
 (token), the last axis the d neurons. Any float dtype; sums are taken in float64.
-Notation (SPEC §1): n tokens, d neurons, neuron RMS ``s_j = sqrt(mean_α x_{α,j}²)``.
+Notation (science §1): n tokens, d neurons, neuron RMS ``s_j = sqrt(mean_α x_{α,j}²)``.
 
 The streaming form (O(d) memory, batches one at a time, merge, all-reduce) and the chunked
 kernels the monitor's hook uses live in :mod:`outlierlab.stats`; they compute these same
@@ -23,28 +23,28 @@ noise; one such neuron adds about k⁴/d to Kurt (≈ +1.7 at d = 768), i.e. it 
 neuron that moves Eq. 1; and 6 matches the LLM.int8 magnitude threshold of :func:`share_above`."""
 
 LLM_INT8_THRESHOLD = 6.0
-"""|x| above which LLM.int8 treats a value as an outlier (Dettmers et al. 2022; SPEC §1)."""
+"""|x| above which LLM.int8 treats a value as an outlier (Dettmers et al. 2022; science §1)."""
 
 _TINY = torch.finfo(torch.float64).tiny
 
 
 def rows64(x: torch.Tensor) -> torch.Tensor:
-    """(..., d) → (n, d) float64, detached: the n × d matrix X of SPEC §1."""
+    """(..., d) → (n, d) float64, detached: the n × d matrix X of science §1."""
     if x.dim() == 0:
         raise ValueError("activations must have shape (..., d), got a scalar")
     return x.detach().reshape(-1, x.shape[-1]).to(torch.float64)
 
 
-# -- neuron RMS and its kurtosis (SPEC §1, paper Eq. 1) ---------------------------------------
+# -- neuron RMS and its kurtosis (science §1, paper Eq. 1) ---------------------------------------
 
 
 def neuron_rms(x: torch.Tensor) -> torch.Tensor:
-    """SPEC §1: ``s_j = sqrt(mean_α x_{α,j}²)``, shape (d,), float64."""
+    """science §1: ``s_j = sqrt(mean_α x_{α,j}²)``, shape (d,), float64."""
     return rows64(x).square().mean(0).sqrt()
 
 
 def kurtosis_from_sq(sq: torch.Tensor) -> float:
-    """SPEC §1 Eq. 1 from ``s_j²`` (or any positive multiple of it, e.g. Σ_α x_αj²):
+    """science §1 Eq. 1 from ``s_j²`` (or any positive multiple of it, e.g. Σ_α x_αj²):
     ``mean_j s_j⁴ / (mean_j s_j²)²``; NaN when every s_j is 0."""
     m2 = sq.mean()
     if m2 <= 0:
@@ -53,20 +53,20 @@ def kurtosis_from_sq(sq: torch.Tensor) -> float:
 
 
 def kurtosis(x: torch.Tensor) -> float:
-    """Kurtosis of neuron RMS, SPEC §1 Eq. 1: ``mean_j s_j⁴ / (mean_j s_j²)²``, not centred over
+    """Kurtosis of neuron RMS, science §1 Eq. 1: ``mean_j s_j⁴ / (mean_j s_j²)²``, not centred over
     neurons. 1 when every neuron has the same RMS, d when one carries everything; NaN for zero x."""
     return kurtosis_from_sq(rows64(x).square().mean(0))
 
 
 def kurtosis_centred(x: torch.Tensor) -> float:
-    """The authors'-code variant of Eq. 1 (SPEC §1 [code]): centre each token over the width,
+    """The authors'-code variant of Eq. 1 (science §1 [code]): centre each token over the width,
     then ``var_j(s_j² / mean_j s_j²)`` (population variance), which equals Kurt − 1 of the
     centred activations. ≈ 0 at initialisation (Eq. 1 is ≈ 1)."""
     r = rows64(x)
     return kurtosis_from_sq((r - r.mean(1, keepdim=True)).square().mean(0)) - 1.0
 
 
-# -- the authors' code, literally (SPEC §1 [code]) --------------------------------------------
+# -- the authors' code, literally (science §1 [code]) --------------------------------------------
 # simplified_transformers/train_utils.py, ``compute_loss`` (bobby-he/simplified_transformers):
 #   x = x - x.mean(-1, keepdim=True);  x_rms = (x**2).mean().sqrt() + 1e-8;  flat_x = x / x_rms
 #   kurtosis        = diag(flat_xᵀ flat_x / n).var()            (torch's default: unbiased)
@@ -108,7 +108,7 @@ def corr_authors_from_sums(sum_centred: torch.Tensor, sq_centred: torch.Tensor, 
 
 
 def kurtosis_authors(x: torch.Tensor) -> float:
-    """The authors' logged "kurtosis" (SPEC §1 [code]; ``train_utils.py``, ``compute_loss``):
+    """The authors' logged "kurtosis" (science §1 [code]; ``train_utils.py``, ``compute_loss``):
     centre each token over the width, divide by the global RMS (+1e-8), and take the *unbiased*
     variance over neurons of ``s_j² / x_rms²``. Without the 1e-8 this is
     ``d/(d−1) · (Kurt(c) − 1)`` with Kurt of Eq. 1 on the centred ``c``: ≈ 0 at initialisation
@@ -121,7 +121,7 @@ def kurtosis_authors(x: torch.Tensor) -> float:
 
 
 def corr_authors(x: torch.Tensor) -> float:
-    """The authors' signal-propagation curve, ``batch_corr_mean`` (SPEC §1 [code];
+    """The authors' signal-propagation curve, ``batch_corr_mean`` (science §1 [code];
     ``train_utils.py``, ``compute_loss``): mean off-diagonal entry of the input-wise Gram
     ``flat_x flat_xᵀ / d`` of the token-centred x divided by its global RMS (+1e-8), over every
     token (no subsample: the sum identity makes it O(n d)). Unlike our
@@ -131,7 +131,7 @@ def corr_authors(x: torch.Tensor) -> float:
     return corr_authors_from_sums(c.sum(0), c.square().sum(0), c.shape[0])
 
 
-# -- attention entropy (SPEC §2 entropy regulation; the authors' ``attn.{i}.entropy``) ----------
+# -- attention entropy (science §2 entropy regulation; the authors' ``attn.{i}.entropy``) ----------
 
 
 def attention_entropy_sum(probs: torch.Tensor) -> torch.Tensor:
@@ -145,7 +145,7 @@ def attention_entropy(probs: torch.Tensor) -> float:
     """Mean entropy (nats) of the attention distributions ``probs`` (B, heads, T_q, T_k) over
     batch, heads and query positions: the authors' ``attn.{i}.entropy`` (``train_utils.py``).
     Collapse towards 0 (every query attends to one key) is the failure QK-Norm prevents in OP
-    blocks (SPEC §2). A causal row at position t has at most log(t + 1)."""
+    blocks (science §2). A causal row at position t has at most log(t + 1)."""
     rows = probs[..., 0].numel()
     return float(attention_entropy_sum(probs)) / rows if rows else math.nan
 
@@ -158,7 +158,7 @@ def causal_attention_probs(logits: torch.Tensor) -> torch.Tensor:
     return (logits.float() + future).softmax(-1)  # an add is cheaper than masked_fill
 
 
-# -- max-median ratio (SPEC §1, paper Eq. 2) --------------------------------------------------
+# -- max-median ratio (science §1, paper Eq. 2) --------------------------------------------------
 
 
 def median_abs(a: torch.Tensor) -> torch.Tensor:
@@ -174,7 +174,7 @@ def median_abs(a: torch.Tensor) -> torch.Tensor:
 
 
 def token_mmr(r: torch.Tensor) -> torch.Tensor:
-    """The summand of SPEC §1 Eq. 2 for each row of ``r`` (n, d): ``max_j |x_αj| / median_j
+    """The summand of science §1 Eq. 2 for each row of ``r`` (n, d): ``max_j |x_αj| / median_j
     |x_αj|``, shape (n,), float64 (inf where the median is 0)."""
     a = r.detach().abs()
     if a.dtype not in (torch.float32, torch.float64):
@@ -183,16 +183,16 @@ def token_mmr(r: torch.Tensor) -> torch.Tensor:
 
 
 def max_median_ratio(x: torch.Tensor) -> float:
-    """Max-median ratio, SPEC §1 Eq. 2: ``mean_α max_j |x_αj| / median_j |x_αj|`` (≥ 1)."""
+    """Max-median ratio, science §1 Eq. 2: ``mean_α max_j |x_αj| / median_j |x_αj|`` (≥ 1)."""
     r = token_mmr(x.detach().reshape(-1, x.shape[-1]))
     return float(r.mean()) if r.numel() else math.nan
 
 
-# -- signal propagation (SPEC §1) -------------------------------------------------------------
+# -- signal propagation (science §1) -------------------------------------------------------------
 
 
 def subsample_tokens(r: torch.Tensor, max_tokens: int | None, seed: int) -> torch.Tensor:
-    """SPEC §1 [choice]: a seeded random subset of at most ``max_tokens`` rows of ``r`` (all
+    """science §1 [choice]: a seeded random subset of at most ``max_tokens`` rows of ``r`` (all
     rows when there are fewer), bounding the n² cost of the Gram-based metrics."""
     n = r.shape[0]
     if max_tokens is None or n <= max_tokens:
@@ -203,7 +203,7 @@ def subsample_tokens(r: torch.Tensor, max_tokens: int | None, seed: int) -> torc
 
 
 def offdiag_cosine(r: torch.Tensor) -> torch.Tensor:
-    """SPEC §1 signal propagation: mean of cos(x_α, x_β) over α ≠ β of the rows of ``r`` (n, d),
+    """science §1 signal propagation: mean of cos(x_α, x_β) over α ≠ β of the rows of ``r`` (n, d),
     a float64 0-d tensor (no host sync). O(n d) rather than n²: with unit rows u_α,
     ``Σ_{α≠β} u_α·u_β = |Σ_α u_α|² − Σ_α |u_α|²`` (zero rows count as cosine 0). NaN for n < 2."""
     n = r.shape[0]
@@ -214,14 +214,14 @@ def offdiag_cosine(r: torch.Tensor) -> torch.Tensor:
 
 
 def token_cosine_similarity(x: torch.Tensor, max_tokens: int | None = 1024, seed: int = 0) -> float:
-    """SPEC §1: mean off-diagonal cosine similarity between token representations (the
+    """science §1: mean off-diagonal cosine similarity between token representations (the
     normalised input-wise Gram X Xᵀ/d), on a seeded subsample of at most ``max_tokens`` tokens.
     High means near rank collapse."""
     return float(offdiag_cosine(subsample_tokens(rows64(x), max_tokens, seed)))
 
 
 def feature_correlation_rms(x: torch.Tensor, max_tokens: int | None = 1024, seed: int = 0) -> float:
-    """SPEC §1: RMS of the off-diagonal entries of the feature Gram Σ_F = XᵀX/n normalised to
+    """science §1: RMS of the off-diagonal entries of the feature Gram Σ_F = XᵀX/n normalised to
     unit diagonal (uncentred correlations), on a seeded subsample of ≤ ``max_tokens`` tokens."""
     r = subsample_tokens(rows64(x), max_tokens, seed)
     d = r.shape[1]
@@ -234,11 +234,11 @@ def feature_correlation_rms(x: torch.Tensor, max_tokens: int | None = 1024, seed
     return float((off / (d * (d - 1))).sqrt())
 
 
-# -- other projects' "kurtosis" (SPEC §1: each under its own name) ----------------------------
+# -- other projects' "kurtosis" (science §1: each under its own name) ----------------------------
 
 
 def token_excess_kurtosis(x: torch.Tensor) -> float:
-    """SPEC §1, the Outlier-Safe Pre-Training paper's "kurtosis" (not Eq. 1): per-token excess
+    """science §1, the Outlier-Safe Pre-Training paper's "kurtosis" (not Eq. 1): per-token excess
     kurtosis over the width, clipped at 0, averaged over tokens:
     ``mean_α max(0, m4_α / m2_α² − 3)`` with moments centred over j."""
     c = rows64(x)
@@ -248,11 +248,11 @@ def token_excess_kurtosis(x: torch.Tensor) -> float:
     return float((m4 / m2.square().clamp_min(_TINY) - 3.0).clamp_min(0.0).mean())
 
 
-# -- which neurons, how many large values (SPEC §1 [choice]) ----------------------------------
+# -- which neurons, how many large values (science §1 [choice]) ----------------------------------
 
 
 def outliers_from_sq(sq: torch.Tensor, k: float = OUTLIER_K) -> list[int]:
-    """SPEC §1 [choice]: indices j with ``s_j > k × median_j s_j``, largest first, from
+    """science §1 [choice]: indices j with ``s_j > k × median_j s_j``, largest first, from
     ``s_j²`` or any positive multiple of it (RMS order = sum-of-squares order)."""
     s = sq.sort().values
     med = (s[(sq.numel() - 1) // 2] + s[sq.numel() // 2]) / 2
@@ -262,12 +262,12 @@ def outliers_from_sq(sq: torch.Tensor, k: float = OUTLIER_K) -> list[int]:
 
 
 def outlier_neurons(x: torch.Tensor, k: float = OUTLIER_K) -> list[int]:
-    """SPEC §1 [choice]: indices of neurons whose RMS exceeds ``k ×`` the median neuron RMS,
+    """science §1 [choice]: indices of neurons whose RMS exceeds ``k ×`` the median neuron RMS,
     largest RMS first. See :data:`OUTLIER_K` for the choice of k = 6."""
     return outliers_from_sq(rows64(x).square().sum(0), k)
 
 
 def share_above(x: torch.Tensor, threshold: float = LLM_INT8_THRESHOLD) -> float:
-    """SPEC §1 [choice]: fraction of all entries with ``|x| > threshold`` (6 = LLM.int8's)."""
+    """science §1 [choice]: fraction of all entries with ``|x| > threshold`` (6 = LLM.int8's)."""
     x = x.detach()
     return float((x.abs() > threshold).sum().double() / max(x.numel(), 1))

@@ -1,4 +1,4 @@
-"""``OutlierMonitor``: outlier-feature metrics (SPEC §1) of any ``nn.Module`` via forward hooks.
+"""``OutlierMonitor``: outlier-feature metrics (science §1) of any ``nn.Module`` via forward hooks.
 
     with OutlierMonitor(model) as mon:          # residual stream, found automatically
         model(batch)
@@ -60,7 +60,7 @@ from outlierlab.structure import (  # noqa: F401 — auto_points, glob_regex: pu
 
 
 class OutlierMonitor:
-    """Forward hooks that stream SPEC §1 metrics of chosen points (ARCHITECTURE.md contract).
+    """Forward hooks that stream science §1 metrics of chosen points (ARCHITECTURE.md contract).
 
     ``every=k`` measures forward calls 0, k, 2k, … of the root module (the rest cost an integer
     check); ``enabled`` switches measuring off altogether. Padding is excluded with

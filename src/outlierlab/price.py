@@ -2,7 +2,7 @@
 schemes people serve with (FP8, W4A16 RTN / GPTQ, W4A4 QuaRot, SmoothQuant with α searched), as
 one page (Markdown + HTML + PNG figures + JSON).
 
-Pipeline (all on the same windows; calibration batches from the train split, SPEC §4):
+Pipeline (all on the same windows; calibration batches from the train split, science §4):
 
 1. the massive-activation profile (:mod:`outlierlab.profile`) on the first ``stats_windows``
    validation windows: per-layer Kurt (Eq. 1), max |x| and where it sits, attention sinks;

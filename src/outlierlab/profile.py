@@ -10,7 +10,7 @@ Per measurement point (the monitor's points, residual stream by default), stream
   Eq. 2, which is a per-token mean, :func:`outlierlab.metrics.max_median_ratio`). The max is exact;
   the median is over all values while a point has seen ≤ ``MEDIAN_SAMPLES`` of them, else over a
   seeded uniform subsample of that many per batch;
-- **Kurt on all tokens and on tokens other than the first** (SPEC §1 Eq. 1 via
+- **Kurt on all tokens and on tokens other than the first** (science §1 Eq. 1 via
   :func:`outlierlab.metrics.kurtosis` on the per-neuron RMS vector): the gap is the first-token
   effect (attention sinks carry the massive activation, Sun et al. §3; OrthoAdam, Kaul et al.
   2025, attribute it to the optimiser's basis);

@@ -1,6 +1,6 @@
-"""Streaming SPEC §1 metrics: :class:`StatsAccumulator` and the chunked kernels of the hook.
+"""Streaming science §1 metrics: :class:`StatsAccumulator` and the chunked kernels of the hook.
 
-SPEC §1 "Streaming": Kurt (Eq. 1), MMR (Eq. 2) and the authors' ``kurtosis`` and
+science §1 "Streaming": Kurt (Eq. 1), MMR (Eq. 2) and the authors' ``kurtosis`` and
 ``batch_corr_mean`` (:func:`~outlierlab.metrics.kurtosis_authors`,
 :func:`~outlierlab.metrics.corr_authors`) need only per-neuron sums over tokens, so a
 layer's statistics fit in O(d) float64 numbers (:class:`LayerSums`) that can be added batch by
@@ -139,7 +139,7 @@ class _HostCounts:
 
 
 class StatsAccumulator:
-    """Streaming Eq. 1, Eq. 2 and friends (SPEC §1) for one layer of width d, O(d) memory.
+    """Streaming Eq. 1, Eq. 2 and friends (science §1) for one layer of width d, O(d) memory.
 
     Keeps the :class:`LayerSums` of all batches seen: per-neuron Σ x², the token count, Σ of
     per-token MMR, and a running sum/count of cosine-similarity values (:meth:`add_cos`, one
@@ -232,7 +232,7 @@ class StatsAccumulator:
             s.sq_centred.add_(col_sq.sub_(cross.mul_(2)).add_(mu.square().sum()))
 
     def _add_extras(self, r: torch.Tensor) -> None:
-        """Σx² plus the centred sums of SPEC §1's variants, from raw moments in one float64 pass
+        """Σx² plus the centred sums of science §1's variants, from raw moments in one float64 pass
         of matrix-vector products: Σ_α (x_αj − μ_α)² = Σ_α x_αj² − 2 Σ_α x_αj μ_α + Σ_α μ_α², and
         the per-token central 4th moment c4 = m4 − 4μ m3 + 6μ² m2 − 3μ⁴ (excess kurtosis)."""
         s, d = self.sums, self.d

@@ -1,4 +1,4 @@
-"""Quantisation of a tiny TRAINED outlierlab GPT (SPEC §4): W16A16 ≈ FP, W8A8 close, and a
+"""Quantisation of a tiny TRAINED outlierlab GPT (science §4): W16A16 ≈ FP, W8A8 close, and a
 planted outlier neuron that leaves FP perplexity unchanged but hurts per-tensor W8A8."""
 
 from __future__ import annotations

@@ -86,7 +86,7 @@ def test_run_folder_and_metrics_cadence(corpus, cache_dir, tmp_path, capsys):
     points = ["embed.resid_post", "blocks.0.resid_post", "blocks.1.resid_post"]
     for r in kurt.values():
         assert list(r["kurtosis"]) == points and list(r["mmr"]) == points
-        assert all(1.0 <= v <= 32 for v in r["kurtosis"].values())  # 1 ≤ Kurt ≤ d (SPEC §1)
+        assert all(1.0 <= v <= 32 for v in r["kurtosis"].values())  # 1 ≤ Kurt ≤ d (science §1)
         assert r["kurtosis_max"] == max(r["kurtosis"].values())
         assert math.isclose(r["kurtosis_mean"], sum(r["kurtosis"].values()) / 3)
     vals = {r["step"]: r for r in rows if "val_loss" in r}

@@ -1,4 +1,4 @@
-"""Claims of SPEC §5 and the ablations on synthetic run folders whose answer is known: held,
+"""Claims of science §5 and the ablations on synthetic run folders whose answer is known: held,
 did not hold, inconclusive (too few seeds, no significance), and not tested when the runs a
 claim needs are missing or differ in more than the field under test."""
 

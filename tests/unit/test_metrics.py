@@ -1,4 +1,4 @@
-"""OF metrics (SPEC §1): hand-computed tiny cases, a float64 numpy reference, properties."""
+"""OF metrics (science §1): hand-computed tiny cases, a float64 numpy reference, properties."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from hypothesis.extra.numpy import arrays
 
 from outlierlab import metrics as M
 
-# --- float64 numpy references, written straight from the SPEC formulas -----------------------
+# --- float64 numpy references, written straight from docs/science.md §1 ---------------------------
 
 
 def np_kurt(x):

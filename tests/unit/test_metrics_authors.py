@@ -1,4 +1,4 @@
-"""The authors' metrics (SPEC §1 [code]): kurtosis_authors, corr_authors, attention entropy.
+"""The authors' metrics (science §1 [code]): kurtosis_authors, corr_authors, attention entropy.
 
 The references are literal float64 numpy ports of bobby-he/simplified_transformers
 ``train_utils.py`` (``compute_loss``), written from that code, not from ours.

@@ -188,7 +188,7 @@ def _init_kurtosis(preset: str, **overrides) -> dict[str, float]:
 @pytest.mark.parametrize("preset", PRESETS)
 def test_kurtosis_near_one_at_init(preset):
     for name, k in _init_kurtosis(preset, activation="gelu").items():
-        assert 1.0 <= k < 1.2, (preset, name)  # SPEC §1: ≈ 1 at init
+        assert 1.0 <= k < 1.2, (preset, name)  # science §1: ≈ 1 at init
 
 
 @pytest.mark.parametrize("preset", PRESETS)

@@ -1,4 +1,4 @@
-"""GPTConfig: presets, (de)serialisation and one-line validation errors (SPEC §2)."""
+"""GPTConfig: presets, (de)serialisation and one-line validation errors (science §2)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Known answers and bounds for the fake quantisers (SPEC §4), checked in float64 by hand."""
+"""Known answers and bounds for the fake quantisers (science §4), checked in float64 by hand."""
 
 from __future__ import annotations
 
@@ -150,7 +150,7 @@ def test_planted_outlier_per_tensor_error_grows_per_token_does_not():
 
 
 def test_outlier_channel_on_every_token_hurts_per_token_too():
-    """An outlier *feature* (large RMS on every token, SPEC §1) defeats per-token ranges as
+    """An outlier *feature* (large RMS on every token, science §1) defeats per-token ranges as
     well: this is what SmoothQuant migrates into the weights."""
     g = torch.Generator().manual_seed(0)
     x = torch.randn(512, 64, generator=g, dtype=torch.float64)

@@ -1,4 +1,4 @@
-"""``outlierlab quantize``: FP vs fake-quantised perplexity and the per-layer damage (SPEC §4).
+"""``outlierlab quantize``: FP vs fake-quantised perplexity and the per-layer damage (science §4).
 
 Calibration batches come from the TRAIN split, perplexity from the first validation windows,
 both from :mod:`outlierlab.model_data` (the loader and defaults ``measure`` and ``price`` share):
@@ -49,7 +49,7 @@ def add_parser(subparsers: Any) -> None:
     p = subparsers.add_parser(
         "quantize",
         help="perplexity of a run or HF model after simulated W8A8 (or other) quantisation",
-        description="FP vs fake-quantised perplexity and the per-layer damage (SPEC §4).",
+        description="FP vs fake-quantised perplexity and the per-layer damage (science §4).",
     )
     p.add_argument(
         "path", metavar="RUN_DIR_OR_HF_DIR", help="run folder, model folder, HF folder or .gguf"

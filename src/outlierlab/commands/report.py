@@ -1,5 +1,5 @@
 """``outlierlab report RUN_DIRS... --out DIR``: figures, the results table and the paper's
-claims (SPEC §5) as one self-contained HTML page and Markdown."""
+claims (science §5) as one self-contained HTML page and Markdown."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from outlierlab.fields import arg_type
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "report", help="HTML + Markdown report (figures, table, claims) of run folders",
-        description="Figures, the results table and the paper's claims (SPEC §5) of run folders, "
+        description="Figures, the results table and the paper's claims (science §5) of runs, "
         "as one self-contained HTML page and Markdown.")
     p.add_argument("runs", nargs="+", metavar="RUN_DIR",
                    help="run folders, or a sweep folder holding them")

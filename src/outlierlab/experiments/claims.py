@@ -1,4 +1,4 @@
-"""The paper's claims (SPEC §5, last bullet) and its ablations, evaluated on a set of runs.
+"""The paper's claims (science §5.2) and its ablations, evaluated on a set of runs.
 
 **Pairing.** A claim compares two configurations only if their full resolved configs (model,
 data, optim, train) are equal except for the seed and the field under test (keys that never
@@ -22,7 +22,7 @@ A claim holds when every pair it tested held, did not hold when one pair did not
 paper's claims are about every block and setting), and is inconclusive otherwise; ``not
 tested`` when no pair could be formed. The W8A8 claim uses the Spearman ρ over runs and its
 exact permutation p the same way (the statistics live in :mod:`.significance`). Kurtosis is
-each run's final mean over layers of Kurt = mean_j s_j⁴ / (mean_j s_j²)² (SPEC §1, Eq. 1) on
+each run's final mean over layers of Kurt = mean_j s_j⁴ / (mean_j s_j²)² (science §1, Eq. 1) on
 the held-out validation windows.
 """
 
@@ -69,7 +69,7 @@ OPTIMISER_SPECIFIC = ("optim.name", *(f"optim.{k}" for k in hyperparameters()
 (:func:`outlierlab.optim.hyperparameters`) except lr and ε."""
 ARCH_KEYS = tuple(sorted({f"model.{k}" for p in PRESETS.values() for k in p}))
 """The model fields a preset sets: together they are "the block" the architecture claim tests
-(SPEC §2). Every other model field (sizes, activation, init, ...) must be equal in a pair."""
+(science §2). Every other model field (sizes, activation, init, ...) must be equal in a pair."""
 
 
 # -- configurations and pairs ----------------------------------------------------------------
@@ -287,7 +287,7 @@ def _pair_claim(key: str, statement: str, pairs: list[Pair], misses: list[str],
 
 def claim_op_vs_prenorm(runs: Sequence[RunRecord], loss_tol: float = 0.05,
                         min_kurt: float = MIN_KURT) -> Claim:
-    """OP has lower Kurt than Pre-Norm at matched loss (SPEC §5). The field under test is the
+    """OP has lower Kurt than Pre-Norm at matched loss (science §5). The field under test is the
     block (the preset's fields, :data:`ARCH_KEYS`); a pair counts when OP's seed-mean loss is
     at most ``loss_tol`` (relative) above Pre-Norm's (lower Kurt bought with a worse model
     does not count) and Pre-Norm has OFs (Kurt ≥ ``min_kurt``)."""
@@ -357,13 +357,13 @@ def _trend_claim(runs: Sequence[RunRecord], key: str, field_name: str, sign: int
 
 
 def claim_lr(runs: Sequence[RunRecord]) -> Claim:
-    """Lower learning rate → lower Kurt (SPEC §3, §5): the lowest lr of a series is lower."""
+    """Lower learning rate → lower Kurt (science §3, §5): the lowest lr of a series is lower."""
     return _trend_claim(runs, "lower_lr", "optim.lr", +1,
                         "A lower learning rate gives lower kurtosis.", "lr")
 
 
 def claim_eps(runs: Sequence[RunRecord]) -> Claim:
-    """Larger Adam ε → lower Kurt (SPEC §3, §5): the largest ε of a series is lower."""
+    """Larger Adam ε → lower Kurt (science §3, §5): the largest ε of a series is lower."""
     return _trend_claim(runs, "larger_eps", "optim.eps", -1,
                         "A larger Adam ε gives lower kurtosis.", "ε")
 
@@ -380,7 +380,7 @@ def optimiser_keys(a: RunRecord, b: RunRecord) -> list[str]:
 
 def _claim_rotated(runs: Sequence[RunRecord], key: str, rotated: str, diagonal: str,
                    statement: str) -> Claim:
-    """A rotated (non-diagonal) optimiser has lower Kurt than its diagonal twin (SPEC §3, §5):
+    """A rotated (non-diagonal) optimiser has lower Kurt than its diagonal twin (science §3, §5):
     pairs differ only in the optimiser (the name and the hyperparameters only one of them has,
     :func:`optimiser_keys`)."""
     pairs, misses = find_pairs(
@@ -418,7 +418,7 @@ def claim_final_norm(runs: Sequence[RunRecord]) -> Claim:
 
 def claim_small_beta(runs: Sequence[RunRecord]) -> Claim:
     """Ablation (signal propagation): Pre-LN with a residual gain β < 1 has lower Kurt than
-    Pre-LN at β = 1. Token cos-sim (SPEC §1) is shown beside it."""
+    Pre-LN at β = 1. Token cos-sim (science §1) is shown beside it."""
     def is_small(g: Group) -> bool:
         beta = g.first.config.get("model", {}).get("beta")
         return (_near(g.first, "pre-ln") == {"model.beta"} and isinstance(beta, (int, float))
@@ -437,7 +437,7 @@ def claim_small_beta(runs: Sequence[RunRecord]) -> Claim:
 
 
 def claim_qk_norm(runs: Sequence[RunRecord]) -> Claim:
-    """Ablation: OP without QK-norm (no entropy regulation, SPEC §2) collapses attention
+    """Ablation: OP without QK-norm (no entropy regulation, science §2) collapses attention
     entropy or diverges. Per seed the value is the final smallest attention entropy over
     layers (``attn_entropy_min``) and −∞ for a diverged run; OP with QK-norm is the ``high``
     side. Without entropy logged, only divergence can decide."""
@@ -489,7 +489,7 @@ def _entropies(values: dict[Any, float], logged: bool) -> str:
 
 def claim_quant(runs: Sequence[RunRecord], min_runs: int = 3,
                 min_effect: float = 1e-3) -> Claim:
-    """Higher Kurt ↔ larger W8A8 perplexity increase (SPEC §4, §5): Spearman ρ between each
+    """Higher Kurt ↔ larger W8A8 perplexity increase (science §4, §5): Spearman ρ between each
     run's final mean Kurt and its relative increase quant/FP − 1, with its exact one-sided
     permutation p: held when ρ > 0 with p ≤ ALPHA, did not hold when ρ < 0 with the other
     side's p ≤ ALPHA, else inconclusive. The verdict uses the first W8A8 scheme (w8a8-tensor,
@@ -547,7 +547,7 @@ def claim_quant(runs: Sequence[RunRecord], min_runs: int = 3,
 
 
 def evaluate_claims(runs: Sequence[RunRecord], loss_tol: float = 0.05) -> list[Claim]:
-    """The five claims of SPEC §5 in the paper's order, then the second optimiser pair
+    """The five claims of science §5 in the paper's order, then the second optimiser pair
     (AdaFactor ↔ Shampoo) and the three ablations (final norm, QK-norm, small β); those without
     their runs are left out."""
     claims = [claim_op_vs_prenorm(runs, loss_tol), claim_lr(runs), claim_eps(runs),

@@ -1,11 +1,11 @@
 """The report's figures (matplotlib, Agg backend), one function per figure, each returning
 a PNG path or ``None`` when the runs cannot draw it (e.g. no learning-rate sweep).
 
-The figures follow SPEC §5: per-layer Kurt vs step (one panel per configuration, shared axes,
+The figures follow science §5: per-layer Kurt vs step (one panel per configuration, shared axes,
 loss beside), Kurt vs lr and vs ε (one line per block), Kurt by optimiser, signal
 propagation vs Kurt, and the W8A8 perplexity increase vs Kurt; and, per layer over training
 (colour = depth), the paper's signal-propagation figure (our token cos-sim beside the authors'
-``batch_corr_mean``, SPEC §1), MMR (Eq. 2) and attention entropy (SPEC §2) where logged.
+``batch_corr_mean``, science §1), MMR (Eq. 2) and attention entropy (science §2) where logged.
 """
 
 from __future__ import annotations
@@ -239,12 +239,12 @@ def _trend(runs: Sequence[RunRecord], field: str, path: Path, xlabel: str) -> Pa
 
 
 def kurtosis_vs_lr(runs: Sequence[RunRecord], path: Path) -> Path | None:
-    """Final and peak mean Kurt vs learning rate, one line per block (SPEC §3)."""
+    """Final and peak mean Kurt vs learning rate, one line per block (science §3)."""
     return _trend(runs, "optim.lr", path, "learning rate")
 
 
 def kurtosis_vs_eps(runs: Sequence[RunRecord], path: Path) -> Path | None:
-    """Final and peak mean Kurt vs Adam ε, one line per block (SPEC §3)."""
+    """Final and peak mean Kurt vs Adam ε, one line per block (science §3)."""
     return _trend(runs, "optim.eps", path, "Adam ε")
 
 
@@ -270,7 +270,7 @@ def kurtosis_by_optimizer(runs: Sequence[RunRecord], path: Path) -> Path | None:
 
 
 def cos_sim_vs_kurtosis(runs: Sequence[RunRecord], path: Path) -> Path | None:
-    """Signal propagation: final mean token cosine similarity vs final mean Kurt (SPEC §1)."""
+    """Signal propagation: final mean token cosine similarity vs final mean Kurt (science §1)."""
     pts = [r for r in runs if r.finished and math.isfinite(r.final_cos_sim)
            and math.isfinite(r.final_kurt_mean)]
     if not pts:

@@ -1,7 +1,7 @@
 """The report: one self-contained HTML page (figures embedded as base64 PNG, opens offline)
 and the same content as Markdown (figures beside it as PNG files), plus ``results.json``.
 
-Sections: the claims of SPEC §5 and the ablations with computed verdicts, the pairs each
+Sections: the claims of science §5 and the ablations with computed verdicts, the pairs each
 claim compared (the one field that differs, seeds, p), the results table (config, val loss, FP
 and quantised perplexity per scheme, increase, mean/max Kurt), then the figures.
 """
@@ -192,7 +192,7 @@ def _markdown(title: str, intro: str, note: str, about: str, claims: Sequence[Cl
     """``report.md``: intro, claims with their details, the pairs, the results table, figures."""
     header, rows = results_table(runs)
     pair_header, pair_rows = pairs_table(claims)
-    md = [f"# {title}", "", intro, "", note, "", about, "", "## Claims (SPEC §5, ablations)",
+    md = [f"# {title}", "", intro, "", note, "", about, "", "## Claims (science §5, ablations)",
           "", md_table(["claim", "verdict", "numbers"],
                         [[c.statement, VERDICT_MARK.get(c.verdict, c.verdict), c.summary]
                          for c in claims]), ""]
@@ -217,7 +217,7 @@ def _html(title: str, intro: str, note: str, about: str, claims: Sequence[Claim]
          f"<h1>{html.escape(title)}</h1><p>{html.escape(intro)}</p>"
          + (f"<p class='note'>{html.escape(note.replace('**', '').replace('`', ''))}</p>"
             if note else "")
-         + f"<p>{html.escape(about.replace('*', ''))}</p>", "<h2>Claims (SPEC §5, ablations)</h2>",
+         + f"<p>{html.escape(about.replace('*', ''))}</p>", "<h2>Claims (§5, ablations)</h2>",
          html_table(["claim", "verdict", "numbers"],
                      [[html.escape(c.statement), _verdict_html(c.verdict), html.escape(c.summary)]
                       for c in claims], raw=True)]

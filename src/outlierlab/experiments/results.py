@@ -4,7 +4,7 @@ quantisation results; never the weights. "Final" kurtosis is the held-out value:
 over the fixed validation windows in the evaluation at the run's last step (``val_kurtosis_mean``
 / ``val_kurtosis_max``); runs logged without it fall back to the last training batch measured.
 "Peak" is the largest over training, "init" the step-0 value; "mean"/"max" are over the
-measured layers (SPEC §1, Eq. 1).
+measured layers (science §1, Eq. 1).
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ def is_seed_key(key: str) -> bool:
 
 def arch_label(model: dict[str, Any]) -> str:
     """``pre-ln``, ``pre-rms``, ``pre-srms``, ``post-ln``, ``op`` (``op-nofinal``) from a
-    model config (SPEC §2); unknown combinations read ``block-norm``. The mitigations of
+    model config (science §2); unknown combinations read ``block-norm``. The mitigations of
     docs/mitigations.md are appended: ``pre-ln+softpick``, ``op+gate-elem``, ``+kv-bias``,
     ``+embproj`` (``pre-ssnorm`` for single-scale RMSNorm)."""
     return _block_label(model) + "".join(f"+{t}" for t in _mitigation_tags(model))
@@ -241,7 +241,7 @@ class RunRecord:
 
     @property
     def final_cos_sim(self) -> float:
-        """Mean over points of the last measured token cosine similarity (SPEC §1)."""
+        """Mean over points of the last measured token cosine similarity (science §1)."""
         vals = [v[-1] for v in self.cos_sim.values() if v.size and np.isfinite(v[-1])]
         return float(np.mean(vals)) if vals else math.nan
 

@@ -34,7 +34,7 @@ def flatten_results(
     ``{prefix}kurtosis_mean`` / ``kurtosis_max`` / ``mmr_mean`` / ``cos_sim_mean`` (the summary),
     ``{prefix}tokens`` (tokens measured at the first point) and, with ``per_layer``,
     ``{prefix}kurtosis/{point}``, ``{prefix}mmr/{point}``, ``{prefix}cos_sim/{point}``,
-    ``{prefix}kurtosis_authors/{point}``, ``{prefix}corr_authors/{point}`` (SPEC §1 [code]).
+    ``{prefix}kurtosis_authors/{point}``, ``{prefix}corr_authors/{point}`` (science §1 [code]).
     Values that are None are left out; NaN is kept (a logger shows the gap).
     """
     out: dict[str, float] = {}

@@ -2,7 +2,7 @@
 
 `OutlierAlert` is pure: it reads the dict that `OutlierMonitor.results()` returns
 (``{point: {"kurtosis": ..., "outlier_neurons": ..., ...}}``, model order) and, the first time
-any point's Kurt (SPEC §1, paper Eq. 1) exceeds the threshold, logs ONE warning on the
+any point's Kurt (science §1, paper Eq. 1) exceeds the threshold, logs ONE warning on the
 ``logging.getLogger("outlierlab")`` logger naming the step, the worst layer, its value and its
 top outlier neuron indices. It stays silent for the rest of the run (until `reset()`).
 

@@ -1,6 +1,6 @@
 """Outlier features inside a Hugging Face ``transformers.Trainer`` (docs/integrations.md).
 
-`OutlierCallback` measures the residual stream (SPEC §1 "Where") on the training batch of every
+`OutlierCallback` measures the residual stream (science §1 "Where") on the training batch of every
 ``every``-th optimiser step — all micro-batches of that step under gradient accumulation — and
 adds Kurt (Eq. 1), MMR (Eq. 2) and token cos-sim, per layer and mean / max, to the log entry
 the Trainer writes at that step, so they reach ``trainer.state.log_history``, TensorBoard, W&B

@@ -1,6 +1,6 @@
 """Outlier features inside a Lightning ``Trainer`` (docs/integrations.md).
 
-`OutlierCallback` measures the residual stream (SPEC §1 "Where") on the training batch of every
+`OutlierCallback` measures the residual stream (science §1 "Where") on the training batch of every
 ``every``-th optimiser step — all micro-batches of that step under ``accumulate_grad_batches`` —
 and logs Kurt (Eq. 1), MMR (Eq. 2) and token cos-sim, per layer and mean / max:
 

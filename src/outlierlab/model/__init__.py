@@ -1,4 +1,4 @@
-"""The GPT of SPEC §2: ``GPTConfig`` (validated dataclass + presets) and ``GPT``.
+"""The GPT of science §2: ``GPTConfig`` (validated dataclass + presets) and ``GPT``.
 
 ``GPT``, ``export_hf`` and the drop-in mitigations (``attention``, ``attention_probs``,
 ``tweo_penalty``; docs/mitigations.md) are imported lazily, so reading ``GPTConfig`` or

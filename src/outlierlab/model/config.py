@@ -1,4 +1,4 @@
-"""``GPTConfig``: the validated model config and the named presets of SPEC §2.
+"""``GPTConfig``: the validated model config and the named presets of science §2.
 
 Every architecture the paper compares is one config of the same GPT; presets are plain
 dictionaries of field overrides, so a preset printed with :meth:`GPTConfig.to_dict` *is* the
@@ -23,7 +23,7 @@ POS_ENCODINGS = ("learned", "rotary")
 ATTENTIONS = ("softmax", "softmax1", "softpick", "clipped")  # model/attn.py
 ATTN_GATES = ("none", "head", "elem")
 
-# SPEC §2. Each preset overrides the defaults below (the defaults are `pre-ln`). No preset
+# science §2. Each preset overrides the defaults below (the defaults are `pre-ln`). No preset
 # sets the activation: every block uses the default (ReLU), so presets differ in the block only.
 PRESETS: dict[str, dict[str, Any]] = {
     "pre-ln": {},
@@ -60,7 +60,7 @@ once instead of hanging in allocation."""
 
 @dataclass
 class GPTConfig:
-    """A decoder-only GPT whose block switches between the architectures of SPEC §2.
+    """A decoder-only GPT whose block switches between the architectures of science §2.
 
     The defaults are the ``pre-ln`` preset at a CPU-friendly size (6 × 192, byte vocabulary).
     """
@@ -79,7 +79,7 @@ class GPTConfig:
     """Maximum context length T (size of the learned position table)."""
     block: str = "pre"
     """``pre``: x + β·Attn(Norm(x)); ``post``: Norm(x + β·Attn(x)); ``op``: x + β·Attn(x),
-    no norms in the block (SPEC §2). The MLP half follows the same pattern."""
+    no norms in the block (science §2). The MLP half follows the same pattern."""
     norm: str = "layernorm"
     """Norm for pre/post blocks, the first-block attention-input norm and the final norm:
     ``layernorm``, ``rmsnorm``, ``srmsnorm`` (RMS normalisation, no weights), ``ssnorm``
@@ -89,12 +89,12 @@ class GPTConfig:
     ssnorm always has its one scalar."""
     qk_norm: bool = False
     """RMSNorm each head's queries and keys before the dot product (gain of size d_head shared
-    across heads): entropy regulation of SPEC §2."""
+    across heads): entropy regulation of science §2."""
     logit_softcap: float | None = None
-    """Attention-logit tanh soft-cap c: logits ← c·tanh(logits/c) (SPEC §2 uses 30)."""
+    """Attention-logit tanh soft-cap c: logits ← c·tanh(logits/c) (science §2 uses 30)."""
     beta: float | str = 1.0
     """Residual-branch gain β: a positive number or ``"auto"`` = 1/√(2·n_layer)
-    (0.20 at 12 layers, 0.17 at 18, the authors' 0.2; O(1/√depth), SPEC §2)."""
+    (0.20 at 12 layers, 0.17 at 18, the authors' 0.2; O(1/√depth), science §2)."""
     beta_trainable: bool = False
     """Make each block's two β scalars trainable parameters (never weight-decayed)."""
     first_attn_norm: bool = False
@@ -104,11 +104,11 @@ class GPTConfig:
     activation: str = "relu"
     """MLP non-linearity: relu, gelu, gelu_tanh, silu. ReLU in every preset, as the authors
     (simplified_transformers: ``activation_function: leaky_relu`` with slope 0 for every block),
-    so an architecture comparison changes the block only (SPEC §7)."""
+    so an architecture comparison changes the block only (science §7)."""
     tie_embeddings: bool = True
     """Share the token embedding and the unembedding (lm head) matrix."""
     init_std: float = 0.02
-    """Every weight matrix and embedding is initialised N(0, init_std²) (SPEC §2); biases 0."""
+    """Every weight matrix and embedding is initialised N(0, init_std²) (science §2); biases 0."""
     pos_encoding: str = "learned"
     """``learned`` absolute position embeddings, or ``rotary`` (RoPE on queries and keys)."""
     dropout: float = 0.0
@@ -178,7 +178,7 @@ class GPTConfig:
             and not self.allow_unregulated
         ):
             raise ConfigError(
-                "model.block='op' needs entropy regulation (SPEC §2: OP fails to train without "
+                "model.block='op' needs entropy regulation (science §2: OP fails to train without "
                 "it); allowed: qk_norm=true, logit_softcap=<number>, or allow_unregulated=true"
             )
 
@@ -217,7 +217,7 @@ class GPTConfig:
 
     @classmethod
     def preset(cls, name: str, **overrides: Any) -> GPTConfig:
-        """The named preset of SPEC §2 with ``overrides`` applied (both validated)."""
+        """The named preset of science §2 with ``overrides`` applied (both validated)."""
         if name not in PRESETS:
             raise ConfigError(f"unknown model preset {name!r}; allowed: {', '.join(PRESETS)}")
         return cls.from_dict({**PRESETS[name], **overrides})

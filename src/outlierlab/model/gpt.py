@@ -1,4 +1,4 @@
-"""A nanoGPT-style decoder whose block is every architecture of SPEC §2.
+"""A nanoGPT-style decoder whose block is every architecture of science §2.
 
 Module names are stable and are what the monitor measures (ARCHITECTURE.md):
 ``tok_emb``, ``pos_emb``, ``drop``, ``embed_out`` (point ``embed.resid_post``),
@@ -38,7 +38,7 @@ PROBS_CHUNK = 1 << 24  # float32 elements of attention probabilities handed to a
 
 
 class SRMSNorm(nn.RMSNorm):
-    """Simple RMSNorm (SPEC §2): x / rms(x), no trainable weights."""
+    """Simple RMSNorm (science §2): x / rms(x), no trainable weights."""
 
     def __init__(self, dim: int, eps: float = RMS_EPS) -> None:
         super().__init__(dim, eps=eps, elementwise_affine=False)
@@ -104,7 +104,7 @@ class Rotary(nn.Module):
 
 
 class CausalSelfAttention(nn.Module):
-    """Multi-head causal self-attention with optional QK-Norm and tanh soft-cap (SPEC §2), and
+    """Multi-head causal self-attention with optional QK-Norm and tanh soft-cap (science §2), and
     the published mitigations of docs/mitigations.md (``model.attn``, ``attn_gate``,
     ``attn_bias_kv``; weights computed by :mod:`outlierlab.model.attn`).
 
@@ -230,7 +230,7 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    """One block, three architectures (SPEC §2), β the residual-branch gain:
+    """One block, three architectures (science §2), β the residual-branch gain:
 
     - ``pre``:  h = x + β·Attn(N₁(x));   out = h + β·MLP(N₂(h))
     - ``post``: h = N₁(x + β·Attn(x));   out = N₂(h + β·MLP(h))
@@ -315,7 +315,7 @@ class GPT(nn.Module):
             self.lm_head.weight = self.tok_emb.weight
 
     def _init_weights(self, module: nn.Module) -> None:
-        """SPEC §2: every weight matrix and embedding N(0, init_std²); biases zero."""
+        """science §2: every weight matrix and embedding N(0, init_std²); biases zero."""
         if isinstance(module, (nn.Linear, nn.Embedding)):
             nn.init.normal_(module.weight, mean=0.0, std=self.config.init_std)
             if getattr(module, "bias", None) is not None:
@@ -351,7 +351,7 @@ class GPT(nn.Module):
     # -- measurement ---------------------------------------------------------------------------
 
     def residual_points(self) -> dict[str, nn.Module]:
-        """SPEC §1 "Where": the residual stream after the embeddings (positions and dropout
+        """science §1 "Where": the residual stream after the embeddings (positions and dropout
         included) and after each block (before the final norm), in model order."""
         points: dict[str, nn.Module] = OrderedDict([("embed.resid_post", self.embed_out)])
         for i, block in enumerate(self.blocks):

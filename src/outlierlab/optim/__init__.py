@@ -1,7 +1,7 @@
-"""Optimiser config, registry (name → builder) and the entry point (SPEC §3, §7).
+"""Optimiser config, registry (name → builder) and the entry point (science §3, §7).
 
 The paper's contrast is diagonal vs rotated preconditioning, in pairs that share every
-hyperparameter (SPEC §7): ``adamw`` ↔ ``soap`` (Adam in Shampoo's eigenbasis) and ``adafactor``
+hyperparameter (science §7): ``adamw`` ↔ ``soap`` (Adam in Shampoo's eigenbasis) and ``adafactor``
 (factored second moment, with momentum) ↔ ``shampoo`` (power 1/2, EMA statistics: AdaFactor in
 Shampoo's eigenbasis, "rotated AdaFactor"). ``adamw``, ``sgd`` come from ``torch.optim``, ``soap``
 from ``pytorch_optimizer``; ``adafactor`` and ``shampoo`` are :class:`factored.AdaFactor` (no
@@ -13,7 +13,7 @@ Each optimiser declares, where it is registered (:func:`register`), its *family*
 hyperparameters it uses with their defaults: that registry is the one list of
 optimiser-specific hyperparameters (:func:`hyperparameters`); :class:`OptimConfig` fills and
 validates them from it. The four optimisers of the ``adam`` family have the same defaults (the
-authors' AdamW recipe, SPEC §3) and switching between them keeps the values already set
+authors' AdamW recipe, science §3) and switching between them keeps the values already set
 (:func:`kept_on_switch`), so a pair differs in ``optim.name`` only. Schedules:
 :mod:`schedule` (torch is imported only when building an optimiser).
 """
@@ -49,7 +49,7 @@ __all__ = [
 
 @dataclass
 class OptimConfig:
-    """Optimiser, its hyperparameters and the lr schedule (SPEC §3).
+    """Optimiser, its hyperparameters and the lr schedule (science §3).
 
     The fields that default to ``None`` are optimiser-specific: left ``None`` they take the chosen
     optimiser's defaults (:data:`REGISTRY`); those it does not use are set to ``None`` so the
@@ -192,7 +192,7 @@ def kept_on_switch(old: str, new: str) -> tuple[str, ...]:
 
 
 # --------------------------------------------------------------------------- builders
-# The adam family: one set of defaults (the authors' AdamW recipe, SPEC §3), so each diagonal ↔
+# The adam family: one set of defaults (the authors' AdamW recipe, science §3), so each diagonal ↔
 # rotated pair (adamw ↔ soap, adafactor ↔ shampoo) differs in the preconditioner only.
 ADAM = dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.1)
 ROTATED = dict(precondition_frequency=10, max_precond_dim=4096)

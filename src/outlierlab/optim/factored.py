@@ -1,4 +1,4 @@
-"""AdaFactor as the SOAP paper runs it, and the same step in Shampoo's eigenbasis (SPEC §3, §7).
+"""AdaFactor as the SOAP paper runs it, and the same step in Shampoo's eigenbasis (science §3, §7).
 
 One optimiser, two settings (Vyas et al. 2024, "SOAP: Improving and Stabilizing Shampoo using
 Adam", §3: Shampoo with power 1/2 is AdaFactor in the eigenbasis of Shampoo's preconditioner):

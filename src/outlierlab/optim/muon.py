@@ -1,4 +1,4 @@
-"""Muon as its authors run it (SPEC §3): Muon on the 2-D hidden matrices, AdamW on embeddings,
+"""Muon as its authors run it (science §3): Muon on the 2-D hidden matrices, AdamW on embeddings,
 the output head, norms and gains, seen by a training loop as one optimiser.
 
 :class:`Muon` is ``torch.optim.Muon`` with the Newton–Schulz iterations in float32 on the CPU

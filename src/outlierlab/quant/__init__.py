@@ -1,4 +1,4 @@
-"""Post-training fake quantisation: what outlier features cost (SPEC §4).
+"""Post-training fake quantisation: what outlier features cost (science §4).
 
 ``scheme("w8a8-tensor")`` → :class:`QuantConfig`; :func:`wrap` makes a fake-quantised deep copy
 of a model; :func:`calibrate` fixes its ranges on training batches;

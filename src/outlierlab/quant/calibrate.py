@@ -1,6 +1,6 @@
 """Calibration: SmoothQuant scales and static activation ranges from TRAINING batches.
 
-The validation windows used for perplexity are never seen here (SPEC §4); callers pass batches
+The validation windows used for perplexity are never seen here (science §4); callers pass batches
 drawn from the train split (:func:`outlierlab.quant.evaluate.calibration_batches`).
 
 Order, all under ``torch.no_grad``:

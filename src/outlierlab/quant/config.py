@@ -1,4 +1,4 @@
-"""Quantisation config: one validated dataclass and the named schemes (SPEC §4)."""
+"""Quantisation config: one validated dataclass and the named schemes (science §4)."""
 
 from __future__ import annotations
 
@@ -119,7 +119,7 @@ class QuantConfig:
 
 
 SCHEMES: dict[str, dict[str, Any]] = {
-    # SPEC §4, the paper's likely setting (Bondarenko et al.): per-tensor symmetric weights with
+    # science §4, the paper's likely setting (Bondarenko et al.): per-tensor symmetric weights with
     # MSE range search, asymmetric per-tensor activations with static min-max calibration.
     "w8a8-tensor": dict(w_bits=8, a_bits=8),
     # SmoothQuant / torchao: per-output-channel weights, symmetric per-token dynamic activations.

@@ -1,6 +1,6 @@
 """Perplexity of a full-precision and a fake-quantised model on fixed validation windows, and
 the per-layer damage report: activation and weight SQNR (dB), activation range and the layer
-input's Kurt (SPEC §1 Eq. 1 via :mod:`outlierlab.metrics`), so kurtosis and damage line up.
+input's Kurt (science §1 Eq. 1 via :mod:`outlierlab.metrics`), so kurtosis and damage line up.
 
 Perplexity = exp( Σ_tokens CE(logits, next token) / number of tokens ), all windows pooled.
 """
@@ -127,7 +127,7 @@ def layer_stats(
         m.act.stats = ActStats()
     for m in layers.values():
         m.act.stats = ActStats()
-        if kurtosis:  # Kurt of the layer input (SPEC §1 Eq. 1); Kurt and MMR only: half the work
+        if kurtosis:  # Kurt of the layer input (science §1 Eq. 1); Kurt and MMR only: half the work
             m.kurt_acc = StatsAccumulator(m.in_features, extras=False)
     for aq in resid.values():
         aq.stats = ActStats()

@@ -1,4 +1,4 @@
-"""Uniform fake quantisation (quantise then dequantise, round to nearest), SPEC §4.
+"""Uniform fake quantisation (quantise then dequantise, round to nearest), science §4.
 
 Every function maps a float tensor to the float tensor a b-bit integer kernel would see:
 

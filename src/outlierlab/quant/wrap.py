@@ -1,6 +1,6 @@
 """Fake-quantised copies of a model: every ``nn.Linear`` (and Hugging Face GPT-2's ``Conv1D``,
 a linear with a transposed weight) becomes a :class:`QuantLinear` on a deep copy, so the
-caller's model and the files on disk are never modified (SPEC §4).
+caller's model and the files on disk are never modified (science §4).
 
 A :class:`QuantLinear` computes ``F.linear(A(x / s), Q(W · s), b)``: ``A`` the activation
 quantiser of its input, ``Q`` the weight quantiser (applied once and cached), ``s`` the optional
