@@ -39,6 +39,8 @@ def main(argv: list[str] | None = None) -> float:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("model", help="a .gguf file, HF folder or run folder")
     p.add_argument("--data", default=None, help="--data for both commands (default: theirs)")
+    p.add_argument("--price-schemes", nargs="+", default=None, metavar="LABEL",
+                   help="price only these rows (price --schemes; default: the whole page)")
     args = p.parse_args(argv)
     py = sys.executable
     data = ["--data", args.data] if args.data else []
@@ -52,7 +54,8 @@ def main(argv: list[str] | None = None) -> float:
             "quantize": [py, "-m", "outlierlab", "quantize", args.model, *data, "--quiet",
                          "--json", str(q_json)],
             "price": [py, "-m", "outlierlab", "price", args.model, *data, "--quiet",
-                      "--out", str(page)],
+                      "--out", str(page),
+                      *(["--schemes", *args.price_schemes] if args.price_schemes else [])],
         }  # fmt: skip
         wall = {name: timed(cmd) for name, cmd in cmds.items()}
         q = json.loads(q_json.read_text())
