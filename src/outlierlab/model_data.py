@@ -88,17 +88,14 @@ class ModelData:
     def check_vocab(self, loaded: Any) -> None:
         """The token ids must fit the model's output vocabulary (a tokenizer larger than the
         model's embedding would index past it)."""
+        from outlierlab.quant.evaluate import model_device
+
         top = int(max(self.train.max(initial=0), self.val.max(initial=0)))
-        x = torch.tensor([[0, 0]], device=_device(loaded.model))
+        x = torch.tensor([[0, 0]], device=model_device(loaded.model))
         with torch.no_grad():
             vocab = loaded.logits(x).shape[-1]
         if top >= vocab:
             raise DataError(f"the data holds token id {top} but the model's vocabulary is {vocab}")
-
-
-def _device(model: torch.nn.Module) -> torch.device:
-    p = next(model.parameters(), None)
-    return p.device if p is not None else torch.device("cpu")
 
 
 def load_data(

@@ -147,7 +147,8 @@ def _from_protocol(model: nn.Module, rp: dict[str, nn.Module]) -> Structure:
                      attention=attention, extra_points=points)  # fmt: skip
 
 
-def _text_config(cfg: Any) -> Any:
+def text_config(cfg: Any) -> Any:
+    """An HF config's text config (a multimodal model's language model), else ``cfg``."""
     getter = getattr(cfg, "get_text_config", None)
     try:
         return getter() if callable(getter) else cfg
@@ -176,7 +177,7 @@ def _recorded(model: nn.Module, key: str) -> tuple[type | None, int, str | None]
 
 def _hf_blocks(model: nn.Module, names: dict[int, str]) -> tuple[list[nn.Module], str] | None:
     """The decoder's block list of an HF model: the ModuleList of num_hidden_layers blocks."""
-    cfg = _text_config(getattr(model, "config", None))
+    cfg = text_config(getattr(model, "config", None))
     try:
         n = getattr(cfg, "num_hidden_layers", None)
     except Exception:  # some configs raise on a per-layer attribute

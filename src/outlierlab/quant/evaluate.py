@@ -59,7 +59,7 @@ def _ce_sum(
 ) -> tuple[float, int]:
     """(Σ cross-entropy in nats, number of target tokens) over windows x, targets y."""
     total, count = 0.0, 0
-    device = _device(model)
+    device = model_device(model)
     for i in range(0, x.shape[0], batch_size):
         xb, yb = x[i : i + batch_size].to(device), y[i : i + batch_size].to(device)
         logits = logits_of(model, xb)
@@ -91,7 +91,8 @@ def calibration_batches(
     return [sampler.next()[0] for _ in range(n_batches)]
 
 
-def _device(model: nn.Module) -> torch.device:
+def model_device(model: nn.Module) -> torch.device:
+    """The device of ``model``'s parameters (cpu for a model without any)."""
     p = next(model.parameters(), None)
     return p.device if p is not None else torch.device("cpu")
 
@@ -107,7 +108,7 @@ def layer_report(
     """Per quantised layer: activation SQNR and range over the windows x, weight SQNR, the
     calibrated static range, and Kurt of the layer's (unquantised) input (None without
     ``kurtosis``: its float64 sums are a large share of this pass)."""
-    device = _device(qmodel)
+    device = model_device(qmodel)
     with layer_stats(qmodel, kurtosis) as rows, stop_at_head(qmodel) as run:
         for i in range(0, x.shape[0], batch_size):  # the FP head has no quantiser to report
             run(logits_of, x[i : i + batch_size].to(device))
@@ -206,7 +207,7 @@ def residual_kurtosis(model: nn.Module, x: torch.Tensor, batch_size: int = 8,
     stream) on x: ``{"points": {name: kurt}, "kurtosis_mean": ..., "kurtosis_max": ...}``."""
     from outlierlab.monitor import OutlierMonitor
 
-    device = _device(model)
+    device = model_device(model)
     with OutlierMonitor(model, points=points) as mon, stop_at_head(model) as run:
         for i in range(0, x.shape[0], batch_size):
             run(logits_of, x[i : i + batch_size].to(device))

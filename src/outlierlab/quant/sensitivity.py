@@ -34,16 +34,11 @@ from torch import nn
 
 from outlierlab.quant.calibrate import CalibCache, calibrate
 from outlierlab.quant.config import QuantConfig
-from outlierlab.quant.evaluate import logits_of
+from outlierlab.quant.evaluate import logits_of, model_device
 from outlierlab.quant.wrap import quant_linears, wrap
 
 MAX_TOP_BLOCKS = 4  # blocks whose linears are searched one by one
 MAX_VERIFY = 4  # real evaluations of the recommendation at most
-
-
-def _device(model: nn.Module) -> torch.device:
-    p = next(model.parameters(), None)
-    return p.device if p is not None else torch.device("cpu")
 
 
 class _Damage:
@@ -54,7 +49,7 @@ class _Damage:
                  batch_size: int) -> None:  # fmt: skip
         self.qmodel, self.x, self.y, self.bs = qmodel, x, y, batch_size
         self.layers = quant_linears(qmodel)
-        self.dev = _device(qmodel)
+        self.dev = model_device(qmodel)
         self.fp = [torch.log_softmax(logits_of(model, xb.to(self.dev)).float(), -1)
                    for xb in x.split(batch_size)]  # fmt: skip
         self.evaluations = 0

@@ -34,7 +34,7 @@ from outlierlab.quant.quantizers import (
     quantize_weight_groups,
     scale_zero_point,
 )
-from outlierlab.structure import Point
+from outlierlab.structure import Point, text_config
 
 HEAD_NAMES = ("lm_head", "head", "unembed")
 RESERVOIR_PER_BATCH = 1 << 16  # values kept per calibration batch for percentile ranges
@@ -382,9 +382,7 @@ class QuantExperts(nn.Module):
 def router_names(model: nn.Module) -> set[str]:
     """Linears that route tokens to experts (out features = the number of experts, named
     ``gate``/``router``): serving engines keep them in 16-bit, and so do we."""
-    cfg = getattr(model, "config", None)
-    getter = getattr(cfg, "get_text_config", None)
-    cfg = getter() if callable(getter) else cfg
+    cfg = text_config(getattr(model, "config", None))
     counts = {getattr(cfg, k, None) for k in ("num_experts", "num_local_experts",
                                               "n_routed_experts", "moe_num_experts")}  # fmt: skip
     counts = {c for c in counts if isinstance(c, int) and c > 1}
