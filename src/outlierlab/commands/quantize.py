@@ -141,7 +141,7 @@ def run(args: argparse.Namespace) -> int:
     with contextlib.ExitStack() as stack:
         if run_folder is not None and save:  # it writes into the run folder: own it meanwhile
             stack.enter_context(run_folder.lock("outlierlab quantize --save"))
-        result = evaluate(args, cfg, path, run_folder)
+        result = evaluate(args, cfg, path)
         for out in {p for p in (args.json, save) if p}:
             write_json(out, result)
     return 0
@@ -158,7 +158,7 @@ def _check_status(run: RunFolder) -> None:
         )
 
 
-def evaluate(args: argparse.Namespace, cfg: Any, path: Path, run: RunFolder | None) -> dict:
+def evaluate(args: argparse.Namespace, cfg: Any, path: Path) -> dict:
     """Load, check the structure, calibrate and evaluate; print and return the result."""
     import torch
 
