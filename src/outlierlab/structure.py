@@ -277,9 +277,9 @@ def block_list_name(model: nn.Module) -> str | None:
 def check(model: nn.Module, points: Any = "auto") -> str:
     """Right after loading: the structure (or the ``points`` globs) must be found; returns the
     one line saying what will be measured. Raises :class:`ConfigError` in seconds otherwise."""
+    if isinstance(points, str) and points == "auto":
+        return "structure: " + discover(model).describe()  # one discovery, not two
     chosen = resolve_points(model, points)
-    if points == "auto":
-        return "structure: " + discover(model).describe()
     return f"points: {len(chosen)} modules match {' '.join(points)}"
 
 
