@@ -9,6 +9,9 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# GGUF files convert afresh on every load in tests (no state kept between tests); the cache is
+# tested by itself (tests/integration/test_gguf_cache.py) with the `gguf_cache` fixture.
+os.environ["OUTLIERLAB_GGUF_CACHE"] = "off"
 # Tiny models run faster on one thread, and subprocess tests (DDP, CLI) need the other core.
 torch.set_num_threads(1)
 
@@ -31,3 +34,11 @@ def cache_dir(tmp_path, monkeypatch):
     d = tmp_path / "cache"
     monkeypatch.setenv("OUTLIERLAB_CACHE", str(d))
     return d
+
+
+@pytest.fixture
+def gguf_cache(tmp_path, monkeypatch):
+    """The GGUF conversion cache on, in a private folder; returns that folder's ``gguf``."""
+    monkeypatch.setenv("OUTLIERLAB_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("OUTLIERLAB_GGUF_CACHE", "on")
+    return tmp_path / "cache" / "gguf"

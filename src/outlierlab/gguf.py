@@ -7,10 +7,24 @@ hyper-parameters the file states but transformers does not read for its architec
 (:data:`UNREAD`: Qwen3's head width, Qwen-MoE expert widths, ...) are set from the file. The
 result is an ordinary HF causal LM, so everything that takes an HF model (``measure``,
 ``quantize``, ``price``, the monitor) takes a GGUF file. See docs/real-models.md.
+
+The conversion (parsing the file's vocabulary, dequantising every tensor) takes most of a
+command's loading time and gives the same model each time, so its result is kept as an
+ordinary HF folder (safetensors, config.json, tokenizer.json) under
+``$OUTLIERLAB_CACHE/gguf`` (default ``~/.cache/outlierlab/gguf``), keyed by the file's path, size
+and modification time and the transformers version; the next command loads that folder
+instead (:func:`cached`). ``OUTLIERLAB_GGUF_CACHE=off`` turns it off; models over
+:data:`CACHE_MAX_BYTES` of float32 weights are not kept.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
+import shutil
+import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +33,9 @@ import torch
 from outlierlab.errors import DataError, ModelLoadError, first_line
 
 SUFFIX = ".gguf"
+CACHE_ENV = "OUTLIERLAB_GGUF_CACHE"  # "off" (or 0/no/false): convert on every load
+CACHE_MAX_BYTES = 8 * 2**30  # float32 weights above this (a ~2B model) are not kept
+SOURCE_FILE = "outlierlab-gguf-source.json"  # in a cache entry: which file it was made from
 
 # Hyper-parameters llama.cpp writes that transformers' GGUF loader does not read for the
 # architecture, so the config class's default would stand (a size mismatch when loading, or
@@ -63,8 +80,102 @@ def load(path: Path, device: str | torch.device = "cpu") -> tuple[Any, Any, int 
 
     if not is_gguf_available():
         raise ModelLoadError(f"loading {path} needs the gguf package: pip install 'outlierlab[hf]'")
+    entry = cached(path)
+    if entry is not None and entry.is_dir():
+        try:
+            with _quiet_loading():
+                return _load_entry(transformers, entry, device)
+        except Exception as exc:  # a damaged entry: convert again, replace it
+            print(f"note: GGUF cache entry {entry} unreadable ({first_line(exc)}); "
+                  "converting again", file=sys.stderr)
+            shutil.rmtree(entry, ignore_errors=True)
     with _quiet_loading():  # the CLI's stderr is for one-line errors
-        return _load(transformers, path, device)
+        model, tok, ctx = _load(transformers, path, device)
+    if entry is not None:
+        _store(entry, path, model, tok.tok)
+    return model, tok, ctx
+
+
+def _save_hf(model: Any, tok: Any, folder: Path) -> None:
+    """``model`` and ``tok`` as an HF folder. transformers refuses ``save_pretrained`` on a model
+    loaded from GGUF (it counts as quantised, although its weights are plain float32 by now), so
+    the config is written without its ``quantization_config`` and the weights with safetensors'
+    ``save_model`` (tied weights stored once, as ``from_pretrained`` expects)."""
+    import copy
+
+    from safetensors.torch import save_model
+
+    config = copy.deepcopy(model.config)
+    for name in ("quantization_config", "_pre_quantization_dtype"):
+        if hasattr(config, name):
+            delattr(config, name)
+    config.save_pretrained(folder)
+    save_model(model, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    tok.save_pretrained(folder)
+    # Loaded back through its family's class, a tokenizer rebuilds its model from the saved
+    # vocabulary with that class's assumptions (Gemma's: an unknown token the file may lack);
+    # the generic class reads tokenizer.json as written: the tokenizer that was converted.
+    tok_config = folder / "tokenizer_config.json"
+    if (folder / "tokenizer.json").is_file() and tok_config.is_file():
+        settings = json.loads(tok_config.read_text())
+        settings["tokenizer_class"] = "PreTrainedTokenizerFast"
+        tok_config.write_text(json.dumps(settings, indent=2) + "\n")
+
+
+def cached(path: Path) -> Path | None:
+    """Where the converted model of the GGUF file ``path`` is (or would be) kept; None when the
+    cache is off (``$OUTLIERLAB_GGUF_CACHE``). The key changes when the file changes (path, size,
+    modification time) or transformers does (its conversion may)."""
+    if os.environ.get(CACHE_ENV, "").strip().lower() in ("off", "0", "no", "false"):
+        return None
+    import transformers
+
+    st = path.stat()
+    key = f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}|transformers {transformers.__version__}"
+    digest = hashlib.sha256(key.encode()).hexdigest()[:16]
+    env = os.environ.get("OUTLIERLAB_CACHE")  # the corpus cache's root (data.cache_root)
+    root = Path(env).expanduser() if env else Path.home() / ".cache" / "outlierlab"
+    return root / "gguf" / f"{path.stem}-{digest}"
+
+
+def _load_entry(transformers: Any, entry: Path, device: str | torch.device):
+    """A cache entry, loaded as the HF folder it is (offline, no remote code)."""
+    from outlierlab.hf import TransformersTokenizer
+
+    json.loads((entry / SOURCE_FILE).read_text())  # written last by _store: entry complete
+    opts = {"local_files_only": True, "trust_remote_code": False}
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        str(entry), dtype=torch.float32, **opts
+    )
+    tok = transformers.AutoTokenizer.from_pretrained(str(entry), **opts)
+    model.to(device).eval()
+    ctx = getattr(model.config, "max_position_embeddings", None)
+    return model, TransformersTokenizer(tok), ctx if isinstance(ctx, int) else None
+
+
+def _store(entry: Path, path: Path, model: Any, tok: Any) -> None:
+    """Keep the converted model as ``entry`` (a temporary folder renamed into place, so a crash
+    or a concurrent command never leaves half an entry); a failure only costs the next load
+    the conversion again."""
+    size = sum(p.numel() * 4 for p in model.parameters())
+    if size > CACHE_MAX_BYTES:
+        return
+    try:
+        entry.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{entry.name}-", dir=entry.parent))
+        try:
+            _save_hf(model, tok, tmp)
+            st = path.stat()
+            source = {"gguf": str(path.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+            (tmp / SOURCE_FILE).write_text(json.dumps(source, indent=1) + "\n")
+            os.replace(tmp, entry)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    except Exception as exc:  # read-only or full disk, an unsavable tokenizer,
+        # another command's entry already in place: the load itself has succeeded
+        if not (entry / SOURCE_FILE).is_file():
+            print(f"note: cannot keep the converted GGUF model in {entry.parent}: "
+                  f"{first_line(exc)}", file=sys.stderr)
 
 
 def _load(transformers: Any, path: Path, device: str | torch.device):

@@ -78,7 +78,10 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> LoadedMo
 
     if (gguf_file := gguf.find_gguf(path)) is not None:  # a .gguf file, or a folder holding one
         model, tok, seq_len = gguf.load(gguf_file, device)
-        return LoadedModel(model, tok, "hf", gguf_file, seq_len)
+        entry = gguf.cached(gguf_file)
+        kept = entry is not None and (entry / gguf.SOURCE_FILE).is_file()
+        what = f"GGUF; its HF conversion is kept in {entry}" if kept else "GGUF"
+        return LoadedModel(model, tok, "hf", gguf_file, seq_len, what=what)
     if not path.is_dir():
         raise ModelLoadError(f"{path} is not a folder; expected a model folder or a .gguf file")
     run = RunFolder(path)

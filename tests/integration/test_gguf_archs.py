@@ -67,6 +67,31 @@ def test_gguf_loads_as_the_hf_model(written):
     assert tok.decode(ids) == TEXT[:300] and max(ids) < EOS
 
 
+def test_the_kept_conversion_loads_as_the_same_model(written, gguf_cache, monkeypatch):
+    """The second load reads the cached HF folder (conversion not run), same logits and tokens."""
+    from outlierlab import gguf
+    from outlierlab.loading import load_model
+
+    _, _, path = written
+    first = load_model(path)
+    entry = gguf.cached(path)
+    assert (entry / gguf.SOURCE_FILE).is_file() and "kept in" in first.describe()
+
+    def no_conversion(*a, **k):
+        raise AssertionError("converted again although the entry is there")
+
+    monkeypatch.setattr(gguf, "_load", no_conversion)
+    again = load_model(path)
+    assert type(again.model) is type(first.model) and again.seq_len == first.seq_len
+    torch.manual_seed(1)
+    x = torch.randint(0, EOS, (2, 48))
+    with torch.no_grad():
+        torch.testing.assert_close(again.logits(x), first.logits(x), rtol=0, atol=0)
+    text = "Paragraph 3: ünïcödé and a tab\there"
+    assert again.tokenizer.encode(text) == first.tokenizer.encode(text)
+    assert again.tokenizer.eot_id == first.tokenizer.eot_id
+
+
 def test_hyperparameters_transformers_leaves_unread_come_from_the_file(written, monkeypatch):
     import sys
 
