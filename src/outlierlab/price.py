@@ -64,6 +64,28 @@ def schemes() -> list[tuple[str, Any]]:
     ]
 
 
+DEFAULT_SCHEMES = ("w8a8-tensor", "w8a8-dynamic", "fp8-dynamic", "w4a16-rtn")
+"""The page's rows unless asked for others (``--schemes``; ``--schemes all``: every row of
+:func:`schemes`): what outlier features cost at int8 with one static range per tensor against
+one range per token, and the two formats most served (FP8 with per-token scales, 4-bit
+weights). Four evaluations keep a 135M model's page within two minutes on two cores
+(benchmarks/real_model.py)."""
+
+
+def row_labels(asked: Sequence[str] | None) -> list[str]:
+    """The rows for ``--schemes asked`` in page order: None → :data:`DEFAULT_SCHEMES`, ``["all"]``
+    → every row; a label that is not a row is a :class:`ConfigError` naming the allowed ones."""
+    labels = [label for label, _ in schemes()]
+    if asked is None:
+        return list(DEFAULT_SCHEMES)
+    if list(asked) == ["all"]:
+        return labels
+    if unknown := [x for x in asked if x not in labels]:
+        raise ConfigError(f"--schemes {unknown[0]!r} is not allowed; allowed: all, "
+                          f"{', '.join(labels)}")  # fmt: skip
+    return [label for label in labels if label in asked]
+
+
 def _compute_order(label: str) -> int:
     """``w8a8-paper`` first (its ranges serve ``w8a8-tensor``), ``smoothquant-search`` last (the
     fixed-α rows' statistics pass serves it, and their ranges serve the chosen α if it is 0.5 or
@@ -84,7 +106,8 @@ def run_price(
 ) -> dict[str, Any]:
     """The whole comparison (module docstring); ``progress(label)`` is called as each stage
     ends (the CLI's progress bar); ``points``: where the profile measures (monitor globs;
-    ``auto``: the residual stream); ``labels``: only these rows of :func:`schemes` (None: all).
+    ``auto``: the residual stream); ``labels``: these rows of :func:`schemes` (None:
+    :data:`DEFAULT_SCHEMES`; see :func:`row_labels`).
     Returns the JSON-able result."""
     from outlierlab.profile import profile
     from outlierlab.quant import CalibCache, perplexity, quantize_and_evaluate
@@ -108,7 +131,8 @@ def run_price(
     fp = {"ppl": fp_ppl, "loss": fp_loss, "seconds": t_fp - t0}
     step("FP perplexity")
     stages = {"profile": t0 - t_start, "fp_eval": fp["seconds"]}
-    order = [s for s in schemes() if labels is None or s[0] in labels]
+    chosen = row_labels(labels)
+    order = [s for s in schemes() if s[0] in chosen]
     rows: dict[str, dict[str, Any]] = {}
     caches = {"model": CalibCache(), "rotated": CalibCache()}  # one per model (CalibCache)
     for label, cfg in sorted(order, key=lambda s: _compute_order(s[0])):  # sharing (CalibCache)

@@ -96,7 +96,7 @@ def test_price_cli_writes_the_page(tmp_path, capsys):
     g = write_gguf(plant_massive(tiny_llama()), tmp_path / "tiny.gguf")
     out = tmp_path / "page"
     rc = main(["price", str(g), "--out", str(out), "--seq-len", "32", "--eval-windows", "4",
-               "--stats-windows", "2", "--quiet"])  # fmt: skip
+               "--stats-windows", "2", "--quiet", "--schemes", "all"])  # fmt: skip
     assert rc == 0
     for f in ("price.md", "price.html", "price.json", "price_kurt.png", "price_sqnr.png"):
         assert (out / f).stat().st_size > 0
@@ -117,3 +117,23 @@ def test_price_cli_writes_the_page(tmp_path, capsys):
         main(["price", str(g), "--eval-windows", "0"])
     assert bad.value.code == 2
     assert "--eval-windows: '0' is not allowed" in capsys.readouterr().err
+
+
+def test_price_default_rows_and_the_schemes_option(tmp_path, capsys):
+    from outlierlab.price import DEFAULT_SCHEMES, row_labels, schemes
+
+    assert row_labels(None) == list(DEFAULT_SCHEMES)
+    assert row_labels(["all"]) == [label for label, _ in schemes()]
+    assert row_labels(["w4a16-rtn", "w8a8-tensor"]) == ["w8a8-tensor", "w4a16-rtn"]  # page order
+    with pytest.raises(ConfigError, match="'w8a8' is not allowed; allowed: all, w8a8-tensor"):
+        row_labels(["w8a8"])
+    g = write_gguf(plant_massive(tiny_llama()), tmp_path / "tiny.gguf")
+    out = tmp_path / "page"
+    assert main(["price", str(g), "--out", str(out), "--seq-len", "32", "--eval-windows", "2",
+                 "--stats-windows", "1", "--quiet", "--no-figures"]) == 0  # fmt: skip
+    res = json.loads((out / "price.json").read_text())
+    assert [r["label"] for r in res["schemes"]] == list(DEFAULT_SCHEMES)
+    assert set(res["stage_seconds"]) == {"profile", "fp_eval", *DEFAULT_SCHEMES}
+    capsys.readouterr()
+    assert main(["price", str(g), "--schemes", "w9a9"]) == 2  # refused before loading
+    assert "--schemes 'w9a9' is not allowed" in capsys.readouterr().err

@@ -1,9 +1,9 @@
-"""``outlierlab price MODEL``: one page with what the model's outlier features cost under
-W8A8 schemes (``w8a8-tensor``, ``w8a8-dynamic``, ``w8a8-paper``, SmoothQuant α 0.5 / 0.8, a
-rotation baseline) and the serving schemes (``fp8-tensor``, ``fp8-dynamic``, ``w4a16-rtn``,
-``w4a16-gptq``, ``w4a4-quarot``, ``smoothquant-search``), the per-layer Kurt and max |x|,
-where the massive activations sit, the attention sinks and the per-layer SQNR. See
-:mod:`outlierlab.price` and docs/real-models.md.
+"""``outlierlab price MODEL``: one page with what the model's outlier features cost: by default
+under ``w8a8-tensor``, ``w8a8-dynamic``, ``fp8-dynamic`` and ``w4a16-rtn``
+(:data:`outlierlab.price.DEFAULT_SCHEMES`); with ``--schemes all`` also ``w8a8-paper``,
+SmoothQuant α 0.5 / 0.8 / searched, a rotation baseline, ``fp8-tensor``, ``w4a16-gptq`` and
+``w4a4-quarot``; plus the per-layer Kurt and max |x|, where the massive activations sit, the
+attention sinks and the per-layer SQNR. See :mod:`outlierlab.price` and docs/real-models.md.
 """
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ from typing import Any
 
 from outlierlab.cli import device, output_dir
 from outlierlab.commands.quantize import add_data_options
-from outlierlab.errors import ConfigError
 
 
 def add_parser(subparsers: Any) -> None:
@@ -32,8 +31,9 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--device", default="cpu", type=device)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--schemes", nargs="+", metavar="LABEL",
-                   help="only these rows of the page (default: all; the labels are the page's, "
-                   "e.g. w8a8-tensor fp8-dynamic w4a16-gptq)")
+                   help="the page's rows (default: w8a8-tensor w8a8-dynamic fp8-dynamic "
+                   "w4a16-rtn; 'all': every row, adding w8a8-paper, SmoothQuant α 0.5 / 0.8 / "
+                   "searched, the rotation baseline, fp8-tensor, w4a16-gptq, w4a4-quarot)")
     p.add_argument("--no-figures", action="store_true",
                    help="tables only, no PNG figures (faster: for many models in a row)")
     p.set_defaults(func=run)
@@ -41,14 +41,9 @@ def add_parser(subparsers: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from outlierlab.model_data import eval_set
-    from outlierlab.price import run_price, schemes, write_page
+    from outlierlab.price import row_labels, run_price, write_page
 
-    labels = [label for label, _ in schemes()]
-    unknown = [x for x in args.schemes or [] if x not in labels]
-    if unknown:
-        raise ConfigError(f"--schemes {unknown[0]!r} is not allowed; allowed: "
-                          f"{', '.join(labels)}")  # fmt: skip
-    chosen = args.schemes or labels
+    chosen = row_labels(args.schemes)  # checked before the model is loaded
     path = Path(args.model)
     ev = eval_set(path, args.device, args.points, args.data, args.seq_len, args.eval_windows,
                   args.calib_batches, args.batch_size, args.seed)  # fmt: skip
