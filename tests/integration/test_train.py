@@ -219,19 +219,3 @@ def test_bpe_run_folder_loads_for_measure(corpus, cache_dir, tmp_path):
         assert loaded.kind == "outlierlab" and loaded.tokenizer.vocab_size == 300
         ids = loaded.tokenizer.encode("def add_1(x):")
         assert loaded.logits(torch.tensor([ids])).shape == (1, len(ids), 300)
-
-
-def test_divergence_on_an_unread_step_is_found_at_the_next_read(corpus, cache_dir, tmp_path):
-    """Steps that neither log nor checkpoint do not read their loss on the host (issue 24): a
-    non-finite one is found at the next read step and named; no checkpoint is written after
-    it and no final weights."""
-    out = tmp_path / "div"
-    cfg = tiny_cfg(corpus, out, "optim.lr=1e6", "optim.warmup=0", "train.steps=30",
-                   "train.log_every=8", "train.sync_every=8", "train.ckpt_every=8")
-    res = train(cfg, progress=False)
-    assert res.status == "diverged"
-    bad = int(res.message.split("at step ")[1].split(";")[0])
-    assert "found at step 8" in res.message and 1 <= bad <= 8
-    assert res.step == bad - 1
-    assert not (out / "checkpoints").exists() or not list((out / "checkpoints").glob("step-*"))
-    assert not (out / "model.safetensors").exists()
