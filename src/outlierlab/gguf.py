@@ -30,6 +30,7 @@ from typing import Any
 
 import torch
 
+from outlierlab.data.config import default_cache_root
 from outlierlab.errors import DataError, ModelLoadError, first_line
 
 SUFFIX = ".gguf"
@@ -68,8 +69,11 @@ def find_gguf(path: Path) -> Path | None:
     return found[0] if found else None
 
 
-def load(path: Path, device: str | torch.device = "cpu") -> tuple[Any, Any, int | None]:
-    """Load the GGUF file ``path`` offline: ``(model in eval mode, tokenizer, context)``."""
+def load(
+    path: Path, device: str | torch.device = "cpu"
+) -> tuple[Any, Any, int | None, Path | None]:
+    """Load the GGUF file ``path`` offline: ``(model in eval mode, tokenizer, context, the
+    cache entry its conversion is kept in or None)``."""
     try:
         import transformers
     except ImportError as exc:
@@ -84,16 +88,15 @@ def load(path: Path, device: str | torch.device = "cpu") -> tuple[Any, Any, int 
     if entry is not None and entry.is_dir():
         try:
             with _quiet_loading():
-                return _load_entry(transformers, entry, device)
+                return (*_load_entry(transformers, entry, device), entry)
         except Exception as exc:  # a damaged entry: convert again, replace it
             print(f"note: GGUF cache entry {entry} unreadable ({first_line(exc)}); "
                   "converting again", file=sys.stderr)
             shutil.rmtree(entry, ignore_errors=True)
     with _quiet_loading():  # the CLI's stderr is for one-line errors
         model, tok, ctx = _load(transformers, path, device)
-    if entry is not None:
-        _store(entry, path, model, tok.tok)
-    return model, tok, ctx
+    kept = entry is not None and _store(entry, path, model, tok.tok)
+    return model, tok, ctx, entry if kept else None
 
 
 def _save_hf(model: Any, tok: Any, folder: Path) -> None:
@@ -133,9 +136,7 @@ def cached(path: Path) -> Path | None:
     st = path.stat()
     key = f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}|transformers {transformers.__version__}"
     digest = hashlib.sha256(key.encode()).hexdigest()[:16]
-    env = os.environ.get("OUTLIERLAB_CACHE")  # the corpus cache's root (data.cache_root)
-    root = Path(env).expanduser() if env else Path.home() / ".cache" / "outlierlab"
-    return root / "gguf" / f"{path.stem}-{digest}"
+    return default_cache_root() / "gguf" / f"{path.stem}-{digest}"
 
 
 def _load_entry(transformers: Any, entry: Path, device: str | torch.device):
@@ -153,13 +154,13 @@ def _load_entry(transformers: Any, entry: Path, device: str | torch.device):
     return model, TransformersTokenizer(tok), ctx if isinstance(ctx, int) else None
 
 
-def _store(entry: Path, path: Path, model: Any, tok: Any) -> None:
+def _store(entry: Path, path: Path, model: Any, tok: Any) -> bool:
     """Keep the converted model as ``entry`` (a temporary folder renamed into place, so a crash
-    or a concurrent command never leaves half an entry); a failure only costs the next load
-    the conversion again."""
+    or a concurrent command never leaves half an entry); whether the entry is there now. A
+    failure only costs the next load the conversion again."""
     size = sum(p.numel() * 4 for p in model.parameters())
     if size > CACHE_MAX_BYTES:
-        return
+        return False
     try:
         entry.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{entry.name}-", dir=entry.parent))
@@ -176,6 +177,8 @@ def _store(entry: Path, path: Path, model: Any, tok: Any) -> None:
         if not (entry / SOURCE_FILE).is_file():
             print(f"note: cannot keep the converted GGUF model in {entry.parent}: "
                   f"{first_line(exc)}", file=sys.stderr)
+            return False
+    return True
 
 
 def _load(transformers: Any, path: Path, device: str | torch.device):

@@ -77,10 +77,8 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> LoadedMo
     from outlierlab import gguf
 
     if (gguf_file := gguf.find_gguf(path)) is not None:  # a .gguf file, or a folder holding one
-        model, tok, seq_len = gguf.load(gguf_file, device)
-        entry = gguf.cached(gguf_file)
-        kept = entry is not None and (entry / gguf.SOURCE_FILE).is_file()
-        what = f"GGUF; its HF conversion is kept in {entry}" if kept else "GGUF"
+        model, tok, seq_len, entry = gguf.load(gguf_file, device)
+        what = f"GGUF; its HF conversion is kept in {entry}" if entry else "GGUF"
         return LoadedModel(model, tok, "hf", gguf_file, seq_len, what=what)
     if not path.is_dir():
         raise ModelLoadError(f"{path} is not a folder; expected a model folder or a .gguf file")

@@ -13,6 +13,13 @@ from outlierlab.fields import bad, flag, number
 TOKENIZER_KINDS = ("bytes", "bpe")
 
 
+def default_cache_root() -> Path:
+    """outlierlab's cache (tokens, tokenizers, GGUF conversions): ``$OUTLIERLAB_CACHE``, else
+    ``~/.cache/outlierlab``."""
+    env = os.environ.get("OUTLIERLAB_CACHE")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "outlierlab"
+
+
 @dataclass
 class DataConfig:
     """The data section of a run config (validated on construction)."""
@@ -51,11 +58,10 @@ class DataConfig:
             self.cache_dir = str(self.cache_dir)
 
     def cache_root(self) -> Path:
-        """``cache_dir``, else ``$OUTLIERLAB_CACHE``, else ``~/.cache/outlierlab``."""
+        """``cache_dir``, else :func:`default_cache_root`."""
         if self.cache_dir:
             return Path(self.cache_dir).expanduser()
-        env = os.environ.get("OUTLIERLAB_CACHE")
-        return Path(env).expanduser() if env else Path.home() / ".cache" / "outlierlab"
+        return default_cache_root()
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
