@@ -17,8 +17,8 @@ from typing import Any
 
 import numpy as np
 
-from outlierlab.model.config import GPTConfig
 from outlierlab.jsonable import write_json
+from outlierlab.model.config import GPTConfig
 from outlierlab.run_folder import RunFolder
 
 

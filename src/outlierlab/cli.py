@@ -2,9 +2,10 @@
 
 Each command module defines ``add_parser(subparsers)`` (registering its arguments and setting
 ``func``) and keeps heavy imports inside its run function, so ``outlierlab --help`` is fast.
-Exit codes (:data:`~outlierlab.errors.EXIT_CODES`): an :class:`~outlierlab.errors.OutlierlabError`, a usage error
-or a path that cannot be used (an ``OSError`` naming a file: permission, read-only, a file
-where a folder should be, …) is one line on stderr and exit 2. Output paths given as options
+Exit codes (:data:`~outlierlab.errors.EXIT_CODES`): an
+:class:`~outlierlab.errors.OutlierlabError`, a usage error or a path that cannot be used (an
+``OSError`` naming a file: permission, read-only, a file where a folder should be, …) is one
+line on stderr and exit 2. Output paths given as options
 are checked before any work starts (:func:`output_file`, :func:`output_dir`).
 """
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 import errno
 from pathlib import Path
 
-
 EXIT_CODES: dict[str, int] = {
     "finished": 0,  # success (a training run: status ``finished``)
     "crashed": 1,  # an unexpected failure: a bug, with its traceback

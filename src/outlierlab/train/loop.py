@@ -11,7 +11,8 @@ from outlierlab.train.trainer import Trainer, TrainResult
 
 
 def train(cfg: RunConfig, resume: bool = False, *, progress: bool = True,
-          callbacks: Iterable[TrainerCallback] = (), allow_data_change: bool = False) -> TrainResult:
+          callbacks: Iterable[TrainerCallback] = (),
+          allow_data_change: bool = False) -> TrainResult:
     """Train ``cfg`` into the run folder ``cfg.out`` (see docs/ARCHITECTURE.md); with
     ``resume``, continue from its latest checkpoint (refused when its data changed, unless
     ``allow_data_change``). The folder is locked for the run. ``progress=False`` silences the
