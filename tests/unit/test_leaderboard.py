@@ -8,7 +8,6 @@ import json
 import math
 
 import pytest
-from tests.run_fixtures import write_run
 
 from outlierlab.experiments.leaderboard import (
     BASELINE,
@@ -21,6 +20,7 @@ from outlierlab.experiments.leaderboard import (
 from outlierlab.experiments.report import write_report
 from outlierlab.experiments.results import load_runs
 from outlierlab.run_folder import RunFolder
+from run_fixtures import write_run
 
 BASE_K = (6.0, 6.1, 6.2)
 QUANT_ALL = {"w8a8-tensor": (10.0, 10.1), "w6a6-tensor": (10.0, 11.0),

@@ -27,7 +27,7 @@ import numpy as np
 from outlierlab import safe_io
 from outlierlab.experiments.results import RunRecord
 from outlierlab.experiments.significance import SeedTest
-from outlierlab.run_folder import json_safe
+from outlierlab.jsonable import json_safe
 
 BASELINE = "pre-ln adamw"
 """The reference every method is paired with: the Pre-LN block with AdamW."""
