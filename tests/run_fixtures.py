@@ -17,8 +17,9 @@ from typing import Any
 
 import numpy as np
 
+from outlierlab.jsonable import write_json
 from outlierlab.model.config import GPTConfig
-from outlierlab.run_folder import RunFolder, write_json
+from outlierlab.run_folder import RunFolder
 
 
 def write_run(path: str | Path, *, arch: str = "pre-ln", optimizer: str = "adamw",

@@ -16,8 +16,8 @@ from typing import Any
 
 from outlierlab.cli import device, output_file
 from outlierlab.fields import POSITIVE
+from outlierlab.jsonable import write_json
 from outlierlab.model_data import DEFAULT_MEASURE_TOKENS, DEFAULT_SEQ_LEN
-from outlierlab.run_folder import write_json
 
 
 def add_parser(subparsers: Any) -> None:

@@ -16,7 +16,8 @@ from typing import Any
 from outlierlab.cli import device, output_file
 from outlierlab.errors import ConfigError, ModelLoadError
 from outlierlab.fields import POSITIVE
-from outlierlab.run_folder import RunFolder, write_json
+from outlierlab.jsonable import write_json
+from outlierlab.run_folder import RunFolder
 
 DEFAULT_SCHEME = "w8a8-tensor"
 
@@ -141,7 +142,7 @@ def run(args: argparse.Namespace) -> int:
     with contextlib.ExitStack() as stack:
         if run_folder is not None and save:  # it writes into the run folder: own it meanwhile
             stack.enter_context(run_folder.lock("outlierlab quantize --save"))
-        result = evaluate(args, cfg, path)
+        result = quantize_run(args, cfg, path)
         for out in {p for p in (args.json, save) if p}:
             write_json(out, result)
     return 0
@@ -158,7 +159,7 @@ def _check_status(run: RunFolder) -> None:
         )
 
 
-def evaluate(args: argparse.Namespace, cfg: Any, path: Path) -> dict:
+def quantize_run(args: argparse.Namespace, cfg: Any, path: Path) -> dict:
     """Load, check the structure, calibrate and evaluate; print and return the result."""
     import torch
 

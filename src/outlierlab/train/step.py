@@ -169,10 +169,11 @@ class TrainStep:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int,
-             dist: distributed.Dist, dtype: torch.dtype | None = None,
-             before: Callable[[int], None] | None = None) -> float:  # fmt: skip
-    """Mean next-token loss over the fixed validation windows. The windows form groups of
+def mean_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int,
+              dist: distributed.Dist, dtype: torch.dtype | None = None,
+              before: Callable[[int], None] | None = None) -> float:  # fmt: skip
+    """Mean next-token loss over the fixed windows ``x, y`` (the validation windows, or the
+    first training batch for step 0). The windows form groups of
     ``batch_size`` consecutive ones, one forward each, dealt to the ranks in turn (group g to
     rank g mod w): the same forwards whatever the rank count, so the monitor's per-forward
     statistics (cos-sim, subsamples) are too; ``before(g)`` is called before group g's."""

@@ -2,7 +2,7 @@
 run folder (docs/ARCHITECTURE.md), built once and driven by :meth:`Trainer.fit`.
 
     with Trainer(cfg, resume=False, progress=True, callbacks=[...]) as trainer:
-        result = trainer.fit()          # train_step / evaluate / log / save until done
+        result = trainer.fit()          # train_step / validate / log / save until done
 
 Construction joins the process group (``distributed.init``), prepares the data (rank 0 builds
 the token cache first), checks the run folder, builds the model, optimiser and sampler (seeded
@@ -49,17 +49,21 @@ import numpy as np
 import torch
 
 from outlierlab.config import RunConfig, changed_maths_fields
-from outlierlab.errors import CheckpointError, ConfigError, RunFolderError, first_line
+from outlierlab.errors import (
+    EXIT_CODES,
+    CheckpointError,
+    ConfigError,
+    RunFolderError,
+    first_line,
+)
 from outlierlab.optim import build_optimizer, lr_factor, set_lr
 from outlierlab.run_folder import MetricsWriter, RunFolder, RunLock, utc_now
 from outlierlab.train import checkpoint as ckpt
 from outlierlab.train import distributed
-from outlierlab.train.callbacks import Callbacks
+from outlierlab.train.callbacks import Callbacks, TrainerCallback
 from outlierlab.train.progress import Progress
 from outlierlab.train.sinks import Sinks
-from outlierlab.train.step import StepResult, TrainStep, evaluate, resolve_precision
-
-EXIT_CODES = {"finished": 0, "diverged": 3, "interrupted": 130, "crashed": 1}
+from outlierlab.train.step import StepResult, TrainStep, mean_loss, resolve_precision
 
 
 @dataclass
@@ -114,11 +118,12 @@ class Trainer:
     """Train ``cfg`` into the run folder ``cfg.out``; with ``resume``, continue from its newest
     checkpoint. ``progress=False`` silences the console. ``callbacks``: see
     :mod:`outlierlab.train.callbacks`; ``log.kurtosis_every`` adds a
-    :class:`~outlierlab.measuring.MeasureEvery`. Attributes a callback may read: ``cfg``,
-    ``dist``, ``model`` (the bare GPT), ``optimizer``, ``step``, ``tokens``, ``run``."""
+    :class:`~outlierlab.measuring.MeasureEvery`. A callback sees the trainer as a
+    :class:`~outlierlab.train.callbacks.TrainerView`."""
 
     def __init__(self, cfg: RunConfig, resume: bool = False, *, progress: bool = True,
-                 callbacks: Iterable[Any] = (), allow_data_change: bool = False) -> None:
+                 callbacks: Iterable[TrainerCallback] = (),
+                 allow_data_change: bool = False) -> None:
         self.t_start = time.perf_counter()
         self._threads = torch.get_num_threads()
         if cfg.train.threads:
@@ -400,7 +405,12 @@ class Trainer:
         """The training precision's autocast context (a no-op for fp32)."""
         return self.step_fn.autocast()
 
-    def evaluate(self) -> dict[str, Any]:
+    def should_validate(self, step: int) -> bool:
+        """Validation runs every ``train.eval_every`` steps and at the last step."""
+        every = self.cfg.train.eval_every
+        return bool(every and step % every == 0) or step == self.cfg.train.steps
+
+    def validate(self) -> dict[str, Any]:
         """Validation loss and perplexity on the fixed windows (``val_loss``, ``val_ppl``);
         with ``log.kurtosis_every`` also the monitor's fields measured in the same forwards,
         prefixed ``val_`` (``val_kurtosis``, ``val_kurtosis_mean``, ``val_kurtosis_max``, ...):
@@ -421,8 +431,8 @@ class Trainer:
                 meter.open(self.model)
                 meter.begin_step(self.step)
             with torch.no_grad():
-                loss = evaluate(self.model, x, y, self.cfg.train.batch_size, self.dist,
-                                self.dtype, before=meter.number if meter else None)  # fmt: skip
+                loss = mean_loss(self.model, x, y, self.cfg.train.batch_size, self.dist,
+                                 self.dtype, before=meter.number if meter else None)  # fmt: skip
             measured = meter.end_step(all_reduce=self.dist.enabled) if meter else None
         finally:
             if meter is not None:
@@ -436,7 +446,7 @@ class Trainer:
         x, y = self.sampler.next()
         self.sampler.load_state_dict(state)
         loss, measured = self.measure(x, y)
-        return {"step": 0, "tokens": 0, "loss": loss, **measured, **self.evaluate()}
+        return {"step": 0, "tokens": 0, "loss": loss, **measured, **self.validate()}
 
     def log(self, row: dict[str, Any]) -> None:
         """Write ``row`` (rank 0), show it, remember it, then ``on_log``."""
@@ -496,9 +506,9 @@ class Trainer:
         row: dict[str, Any] = {}
         self.callbacks.on_step_end(self, self.step, row)
         is_last = self.step == tc.steps
-        if (tc.eval_every and self.step % tc.eval_every == 0) or is_last:
+        if self.should_validate(self.step):
             with self._paused_clock():
-                row.update(self.evaluate())
+                row.update(self.validate())
         if row or self.step % tc.log_every == 0 or is_last:
             if "loss" not in out:  # a callback logged on an unread step: read it now
                 res = self.step_fn.read()
