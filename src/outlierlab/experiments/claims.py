@@ -63,7 +63,7 @@ MIN_KURT = 1.5
 """A comparison tests a claim about *lowering* OFs only where the reference configuration
 (Pre-Norm, AdamW, the series' largest value) has some: seed-mean Kurt ≥ this. Near 1 (≈
 initialisation) there is nothing to lower and differences are noise."""
-OPTIMISER_SPECIFIC = ("optim.name", *(f"optim.{k}" for k in hyperparameters()
+OPTIMISER_FIELDS = ("optim.name", *(f"optim.{k}" for k in hyperparameters()
                                        if k not in ("lr", "eps")))
 """The optimiser's name and every hyperparameter some optimiser declares
 (:func:`outlierlab.optim.hyperparameters`) except lr and ε."""
