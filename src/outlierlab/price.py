@@ -25,6 +25,12 @@ w4a16-rtn 0, w4a16-gptq 1 (XᵀX), w4a4-quarot 1 (XᵀX of the rotated copy), sm
 (one calibration cross-entropy pass per α) + 1 (ranges of the chosen α unless 0.5 or 0.8); plus
 one evaluation of the validation windows each. ``stage_seconds`` in the result
 (and the page's intro) says where the time went.
+
+Optional stages (``--sensitivity``, ``--crosscheck``, ``--full``; issue 22): the layer sensitivity
+of one scheme with its verified 16-bit recommendation (:mod:`outlierlab.quant.sensitivity`,
+calibration from the page's cache) and the predictor table (:mod:`outlierlab.quant.predictors`),
+and our ``w8a8-dynamic`` against torchao's real int8 path (:mod:`outlierlab.quant.crosscheck`).
+The page opens with :func:`headline`; :func:`write_compare` puts several models side by side.
 """
 
 from __future__ import annotations
@@ -106,13 +112,15 @@ def run_price(
     sensitivity: str | None = None,
     crosscheck: bool = False,
     share: float = 0.9,
+    sensitivity_windows: int = 2,
 ) -> dict[str, Any]:
     """The whole comparison (module docstring); ``progress(label)`` is called as each stage
     ends (the CLI's progress bar); ``points``: where the profile measures (monitor globs;
     ``auto``: the residual stream); ``labels``: these rows of :func:`schemes` (None:
     :data:`DEFAULT_SCHEMES`; see :func:`row_labels`); ``sensitivity``: a scheme name whose
-    layer sensitivity, verified 16-bit recommendation (``share`` of its damage) and predictor
-    table go on the page (:func:`add_sensitivity`); ``crosscheck``: our ``w8a8-dynamic``
+    layer sensitivity (on the first ``sensitivity_windows`` windows), verified 16-bit
+    recommendation (``share`` of its damage) and predictor table go on the page
+    (:func:`add_sensitivity`); ``crosscheck``: our ``w8a8-dynamic``
     against torchao's real int8 path (:func:`add_crosscheck`).
     Returns the JSON-able result, ``headline`` included (:func:`headline`)."""
     from outlierlab.profile import profile
@@ -177,7 +185,7 @@ def run_price(
     if sensitivity is not None:
         t0 = time.perf_counter()
         add_sensitivity(res, model, sensitivity, calib, val_x, val_y, batch_size, share,
-                        caches["model"])  # fmt: skip
+                        caches["model"], sensitivity_windows)  # fmt: skip
         stages["sensitivity"] = time.perf_counter() - t0
         stage_done("sensitivity")
     if crosscheck:
@@ -202,9 +210,10 @@ def check_sensitivity_scheme(name: str) -> None:
 
 def add_sensitivity(res: dict[str, Any], model: nn.Module, name: str, calib: list[torch.Tensor],
                     val_x: torch.Tensor, val_y: torch.Tensor, batch_size: int, share: float,
-                    cache: Any = None) -> None:  # fmt: skip
+                    cache: Any = None, windows: int = 2) -> None:  # fmt: skip
     """``res["sensitivity"]`` (:func:`outlierlab.quant.sensitivity.layer_sensitivity` of scheme
-    ``name`` on the stats windows, its recommendation checked on every evaluation window) and
+    ``name`` on the first ``windows`` evaluation windows: about 130 evaluations, so fewer
+    windows than the profile's; its recommendation checked on every evaluation window) and
     ``res["predictors"]`` (:func:`outlierlab.quant.predictors.predictor_table`)."""
     from outlierlab.quant import scheme
     from outlierlab.quant.predictors import predictor_table
@@ -212,7 +221,7 @@ def add_sensitivity(res: dict[str, Any], model: nn.Module, name: str, calib: lis
 
     check_sensitivity_scheme(name)
     row = next((r for r in res["schemes"] if r.get("label") == name and "quant_ppl" in r), None)
-    n = res["stats_windows"]
+    n = max(1, min(windows, val_x.shape[0]))
     sens = layer_sensitivity(model, scheme(name), calib, val_x[:n], val_y[:n], batch_size,
                              share, cache, check=(val_x, val_y),
                              check_full=row is None)  # fmt: skip

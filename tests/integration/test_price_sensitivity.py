@@ -32,7 +32,7 @@ def test_price_sensitivity_page(planted_gguf, tmp_path):
                  "w8a8-tensor", "fp8-dynamic", "--sensitivity"]) == 0  # fmt: skip
     res = json.loads((out / "price.json").read_text())
     sens = res["sensitivity"]
-    assert sens["scheme"] == "w8a8-tensor" and sens["windows"] == 2
+    assert sens["scheme"] == "w8a8-tensor" and sens["windows"] == 2  # --sensitivity-windows 2
     rec = sens["recommendation"]
     assert rec["keep_16bit"][0] == f"model.layers.{PLANT_LAYER}.mlp.down_proj"
     assert rec["verified_recovery"] >= 0.9 and rec["reached"]

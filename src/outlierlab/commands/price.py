@@ -3,7 +3,11 @@ under ``w8a8-tensor``, ``w8a8-dynamic``, ``fp8-dynamic`` and ``w4a16-rtn``
 (:data:`outlierlab.price.DEFAULT_SCHEMES`); with ``--schemes all`` also ``w8a8-paper``,
 SmoothQuant α 0.5 / 0.8 / searched, a rotation baseline, ``fp8-tensor``, ``w4a16-gptq`` and
 ``w4a4-quarot``; plus the per-layer Kurt and max |x|, where the massive activations sit, the
-attention sinks and the per-layer SQNR. See :mod:`outlierlab.price` and docs/real-models.md.
+attention sinks and the per-layer SQNR. ``--sensitivity [SCHEME]`` adds which blocks and linears
+do the damage, the verified 16-bit recommendation and which measurement predicts the damage;
+``--crosscheck`` our ``w8a8-dynamic`` against torchao's real int8 path; ``--full`` both.
+``price A B`` writes each page and a compare page side by side. The page opens with a headline.
+See :mod:`outlierlab.price`, docs/quant.md and docs/real-models.md.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from typing import Any
 
 from outlierlab.cli import device, output_dir
 from outlierlab.commands.quantize import add_data_options
+from outlierlab.fields import POSITIVE
 
 
 def add_parser(subparsers: Any) -> None:
@@ -40,6 +45,10 @@ def add_parser(subparsers: Any) -> None:
                    help="layer sensitivity under SCHEME (default w8a8-tensor): which blocks and "
                    "linears do the damage, the smallest 16-bit set verified to recover 90 %% of "
                    "it, and which measurement predicts the damage (Spearman ρ)")
+    p.add_argument("--sensitivity-windows", type=POSITIVE, default=2, metavar="N",
+                   help="of the evaluation windows, how many the sensitivity search uses "
+                   "(default 2: it runs about 130 evaluations; the recommendation is then "
+                   "checked on every window)")
     p.add_argument("--crosscheck", action="store_true",
                    help="our w8a8-dynamic perplexity against torchao's real int8 path (needs "
                    "pip install 'outlierlab[crosscheck]')")
@@ -99,7 +108,8 @@ def _one(args: argparse.Namespace, path: Path, out: Path, chosen: list[str],
     with _progress(args.quiet, len(steps)) as step:
         res = run_price(ev.loaded.model, ev.calib, ev.val_x, ev.val_y, args.batch_size,
                         args.stats_windows, progress=step, points=ev.points, labels=chosen,
-                        sensitivity=sensitivity, crosscheck=crosscheck)  # fmt: skip
+                        sensitivity=sensitivity, crosscheck=crosscheck,
+                        sensitivity_windows=args.sensitivity_windows)  # fmt: skip
     res["model"] = str(path)
     res["data"] = ev.data.source
     paths = write_page(res, out, title=f"What outlier features cost: {path.name}",

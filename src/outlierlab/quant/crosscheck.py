@@ -91,6 +91,7 @@ def crosscheck(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: i
         calibrate(qm, cfg, calib or [], logits_of, cache)
         ours_ppl = perplexity(qm, x, y, batch_size)[0]
     real = torchao_int8_perplexity(model, x, y, batch_size)
-    return {"scheme": "w8a8-dynamic", "ours_ppl": ours_ppl, "torchao_ppl": real["ppl"],
+    return {"scheme": "w8a8-dynamic", "library": real["library"], "ours_ppl": ours_ppl,
+            "torchao_ppl": real["ppl"],
             "relative_difference": real["ppl"] / ours_ppl - 1, "version": real["version"],
             "config": real["config"], "windows": int(x.shape[0]), "seq_len": int(x.shape[1])}
