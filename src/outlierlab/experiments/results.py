@@ -221,6 +221,16 @@ class RunRecord:
         return float(s[0]) if s.size and self.kurt_steps[0] == 0 else math.nan
 
     @property
+    def kurt_growth(self) -> float:
+        """Kurt growth log(Kurt − 1) − log(Kurt₀ − 1) of the layer-mean Kurt from step 0 to the
+        end (issue 23): an outcome free of the starting offset (Pre-LN starts near 1.4, OP near
+        1.1); nan without a step-0 measurement. Kurt − 1 is floored at 1e-12."""
+        k0, k = self.init_kurt_mean, self.final_kurt_mean
+        if not (math.isfinite(k0) and math.isfinite(k)):
+            return math.nan
+        return math.log(max(k - 1.0, 1e-12)) - math.log(max(k0 - 1.0, 1e-12))
+
+    @property
     def final_attn_entropy_min(self) -> float:
         """Smallest attention entropy over layers at the end (held-out when logged, else the
         last measured training batch); nan when the run did not log ``attn_entropy_min``."""
