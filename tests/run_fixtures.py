@@ -18,8 +18,9 @@ from typing import Any
 
 import numpy as np
 
+from outlierlab.jsonable import write_json
 from outlierlab.model.config import GPTConfig
-from outlierlab.run_folder import RunFolder, write_json
+from outlierlab.run_folder import RunFolder
 
 
 def write_run(path: str | Path, *, arch: str = "pre-ln", optimizer: str = "adamw",
@@ -28,8 +29,10 @@ def write_run(path: str | Path, *, arch: str = "pre-ln", optimizer: str = "adamw
               status: str = "finished", steps: int = 100, every: int = 20, n_layer: int = 4,
               cos_sim: float | None = None, extra: dict[str, Any] | None = None,
               held_out: float | None = None, entropy: float | None = None,
-              init: float | None = None) -> Path:
-    """Write a run folder; ``quant`` maps scheme → (fp_ppl, quant_ppl)."""
+              init: float | None = None, tokens_per_s: float = 8000.0,
+              measured: dict[str, Any] | None = None) -> Path:
+    """Write a run folder; ``quant`` maps scheme → (fp_ppl, quant_ppl); ``measured`` is
+    written as ``measure.json`` (what ``outlierlab measure RUN --save`` writes)."""
     run = RunFolder(path)
     model = GPTConfig.preset(
         arch, n_layer=n_layer, d_model=64, n_head=4, vocab_size=260, seq_len=64
@@ -56,7 +59,7 @@ def write_run(path: str | Path, *, arch: str = "pre-ln", optimizer: str = "adamw
         t = step / steps
         rec: dict[str, Any] = {"step": step, "tokens": step * 1024,
                                "loss": val_loss + 2.0 * (1 - t) ** 2, "lr": lr,
-                               "grad_norm": 1.0, "tokens_per_s": 8000.0}
+                               "grad_norm": 1.0, "tokens_per_s": tokens_per_s}
         ks = {p: float(1 + (kurt - 1) * s * t + 0.01 * rng.random())
               for p, s in zip(points, layer_scale)}
         mean_k = float(np.mean(list(ks.values())))
@@ -81,6 +84,8 @@ def write_run(path: str | Path, *, arch: str = "pre-ln", optimizer: str = "adamw
     for rec in rows:
         writer.write(rec)
     writer.close()
+    if measured is not None:
+        write_json(run.measure_file, measured)
     for scheme, (fp, q) in (quant or {}).items():
         write_json(run.quant_file(scheme),
                    {"scheme": scheme, "fp_ppl": fp, "quant_ppl": q, "layers": []})

@@ -9,7 +9,7 @@ See ARCHITECTURE.md "Loading". Which folder is which:
 - ``model_config.json`` in the folder → a saved GPT (``GPT.save``, or ``RUN/checkpoints/step-N``);
 - ``config.json`` with ``model_type`` → a Hugging Face folder (:func:`outlierlab.hf.load`).
 - a ``.gguf`` file, or a folder holding exactly one and no config → a GGUF model
-  (:func:`outlierlab.gguf.load`, an HF model, kind ``"hf"``).
+  (:func:`outlierlab.gguf.load`: converted to an HF model; kind ``"gguf"``).
 
 An outlierlab model's tokenizer comes from the run's ``config.json`` (``data.tokenizer``:
 ``bytes``, or ``tokenizer.json`` in the run folder); a bare saved model uses its folder's
@@ -36,7 +36,7 @@ class LoadedModel:
 
     model: nn.Module
     tokenizer: Any
-    kind: str  # "outlierlab" or "hf"
+    kind: str  # "outlierlab", "hf" or "gguf" (an HF model converted from a GGUF file)
     path: Path
     seq_len: int | None  # max context; None when the model has no limit
     step: int | None = None  # training step of the weights, when known
@@ -57,7 +57,7 @@ class LoadedModel:
 
     def logits(self, idx: torch.Tensor) -> torch.Tensor:
         """(B, T) token ids → (B, T, vocab) logits, for either kind."""
-        if self.kind == "hf":
+        if self.kind in ("hf", "gguf"):
             from outlierlab import hf
 
             return hf.logits(self.model, idx)
@@ -79,7 +79,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> LoadedMo
     if (gguf_file := gguf.find_gguf(path)) is not None:  # a .gguf file, or a folder holding one
         model, tok, seq_len, entry = gguf.load(gguf_file, device)
         what = f"GGUF; its HF conversion is kept in {entry}" if entry else "GGUF"
-        return LoadedModel(model, tok, "hf", gguf_file, seq_len, what=what)
+        return LoadedModel(model, tok, "gguf", gguf_file, seq_len, what=what)
     if not path.is_dir():
         raise ModelLoadError(f"{path} is not a folder; expected a model folder or a .gguf file")
     run = RunFolder(path)

@@ -2,8 +2,8 @@
 
 ``RunFolder(path)`` names every file of a run and reads and writes them: the resolved config,
 ``status.json``, ``metrics.jsonl``, the run's tokenizer, its checkpoints and final model, and
-an exclusive lock held by whoever writes into the folder. :func:`write_json` (atomic, NaN →
-null) is the package's one JSON writer; :func:`find_runs` its one run discovery.
+an exclusive lock held by whoever writes into the folder (JSON through
+:func:`~outlierlab.jsonable.write_json`, atomic). :func:`find_runs` is the one run discovery.
 
 Reading is strict: a malformed file raises :class:`~outlierlab.errors.RunFolderError` with one
 line naming it, so listings can show that run as unreadable and carry on with the others.
@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import os
 import re
 import socket
@@ -31,6 +30,7 @@ from outlierlab.errors import (
     first_line,
     path_reason,
 )
+from outlierlab.jsonable import json_safe, write_json
 
 CONFIG_FILE = "config.json"
 STATUS_FILE = "status.json"
@@ -41,6 +41,7 @@ CHECKPOINT_STATE = "state.json"
 MODEL_FILE = "model.safetensors"  # the final weights: a GPT.save folder at the run's root
 MODEL_CONFIG_FILE = "model_config.json"
 QUANT_DIR = "quant"
+MEASURE_FILE = "measure.json"  # `outlierlab measure RUN --save`: the final model on held-out text
 LOCK_FILE = ".lock"
 TB_DIR = "tb"
 SECTIONS = ("model", "data", "optim", "train", "log")
@@ -52,26 +53,6 @@ _STEP_DIR = re.compile(r"^step-(\d+)$")
 
 def utc_now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-
-
-def json_safe(obj: Any) -> Any:
-    """JSON-safe copy: non-finite floats become ``null`` (tuples become lists)."""
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    if isinstance(obj, dict):
-        return {k: json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [json_safe(v) for v in obj]
-    return obj
-
-
-def write_json(path: str | os.PathLike, obj: Any) -> Path:
-    """Write ``obj`` as JSON atomically (:mod:`~outlierlab.safe_io`: an ``O_EXCL|O_NOFOLLOW``
-    temporary file, then ``os.replace``; removed on any error), creating the parent folder;
-    NaN/inf become ``null``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return safe_io.write_text(path, json.dumps(json_safe(obj), indent=2) + "\n")
 
 
 def read_json_object(path: Path) -> dict[str, Any]:
@@ -100,6 +81,7 @@ class RunFolder:
         self.checkpoints = self.path / CHECKPOINTS_DIR
         self.model_file = self.path / MODEL_FILE
         self.quant_dir = self.path / QUANT_DIR
+        self.measure_file = self.path / MEASURE_FILE
         self.lock_file = self.path / LOCK_FILE
         self.tb_dir = self.path / TB_DIR
         self._status: dict[str, Any] = {}

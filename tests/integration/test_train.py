@@ -219,3 +219,41 @@ def test_bpe_run_folder_loads_for_measure(corpus, cache_dir, tmp_path):
         assert loaded.kind == "outlierlab" and loaded.tokenizer.vocab_size == 300
         ids = loaded.tokenizer.encode("def add_1(x):")
         assert loaded.logits(torch.tensor([ids])).shape == (1, len(ids), 300)
+
+
+def test_divergence_on_an_unread_step_is_found_at_the_next_read(corpus, cache_dir, tmp_path):
+    """Steps that neither log nor checkpoint do not read their loss on the host (issue 24): a
+    non-finite one is found at the next read step and named; no checkpoint is written after
+    it and no final weights."""
+    out = tmp_path / "div"
+    cfg = tiny_cfg(corpus, out, "optim.lr=1e6", "optim.warmup=0", "train.steps=30",
+                   "train.log_every=8", "train.sync_every=8", "train.ckpt_every=8")
+    res = train(cfg, progress=False)
+    assert res.status == "diverged"
+    bad = int(res.message.split("at step ")[1].split(";")[0])
+    assert "found at step 8" in res.message and 1 <= bad < 8
+    assert res.step == bad - 1
+    assert not (out / "checkpoints").exists() or not list((out / "checkpoints").glob("step-*"))
+    assert not (out / "model.safetensors").exists()
+
+
+def test_plain_steps_make_no_host_sync(corpus, cache_dir, tmp_path):
+    """Issue 24: ``Trainer.run_step`` on a step that neither logs, evaluates, checkpoints,
+    measures nor is a ``train.sync_every`` step reads nothing on the host; the others do."""
+    from outlierlab.train import Trainer
+    from outlierlab.train.syncs import SyncCounter
+
+    cfg = tiny_cfg(corpus, tmp_path / "s", "train.steps=12", "train.log_every=6",
+                   "train.sync_every=4", "log.kurtosis_every=5")
+    counts = {}
+    with Trainer(cfg, progress=False) as t:
+        t.begin()
+        while t.step < 12:
+            with SyncCounter("cpu") as c:
+                t.run_step()
+            counts[t.step] = c.count
+    reads = {4, 5, 6, 8, 10, 12}
+    assert all(counts[s] == 0 for s in counts if s not in reads), counts
+    assert all(counts[s] > 0 for s in reads), counts
+    rows = RunFolder(tmp_path / "s").metrics
+    assert [r["step"] for r in rows] == [0, 5, 6, 10, 12]

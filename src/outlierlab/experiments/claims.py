@@ -62,7 +62,15 @@ SIZE_KEYS = ("model.vocab_size", "model.n_layer", "model.d_model", "model.n_head
 PRIMARY_SCHEMES = ("w8a8-tensor", "w8a8-dynamic")
 FALLBACK_SCHEME = "w8a6-tensor"
 """Where W8A8 damages no run (CPU scale), :func:`claim_quant` ranks runs by this scheme."""
+<<<<<<< HEAD
 OPTIMISER_SPECIFIC = ("optim.name", *(f"optim.{k}" for k in hyperparameters()
+=======
+MIN_KURT = 1.5
+"""A comparison tests a claim about *lowering* OFs only where the reference configuration
+(Pre-Norm, AdamW, the series' largest value) has some: seed-mean Kurt ≥ this. Near 1 (≈
+initialisation) there is nothing to lower and differences are noise."""
+OPTIMISER_FIELDS = ("optim.name", *(f"optim.{k}" for k in hyperparameters()
+>>>>>>> main
                                        if k not in ("lr", "eps")))
 """The optimiser's name and every hyperparameter some optimiser declares
 (:func:`outlierlab.optim.hyperparameters`) except lr and ε."""
@@ -265,10 +273,11 @@ def _verdict_summary(verdicts: Sequence[str]) -> str:
 
 
 def outcome_metric(pairs: Sequence[Pair]) -> str:
-    """``kurt_growth`` when every run of the pairs has it (a step-0 Kurt), else
-    ``final_kurt_mean``."""
+    """``kurt_growth`` when every run of the pairs has it from step 0 (a step-0 Kurt), else
+    ``final_kurt_mean`` for all of them (no run is dropped for lacking it)."""
     runs = [r for p in pairs for g in (p.low, p.high) for r in g.runs]
-    return "kurt_growth" if all(math.isfinite(r.kurt_growth) for r in runs) else "final_kurt_mean"
+    growth = all(math.isfinite(r.init_kurt_mean) and math.isfinite(r.kurt_growth) for r in runs)
+    return "kurt_growth" if growth else "final_kurt_mean"
 
 
 OUTCOME_NAMES = {"kurt_growth": "Kurt growth log(Kurt−1) − log(Kurt₀−1)",

@@ -3,7 +3,9 @@ and the same content as Markdown (figures beside it as PNG files), plus ``result
 
 Sections: the claims of science §5 and the ablations with computed verdicts, the pairs each
 claim compared (the one field that differs, seeds, p), the results table (config, val loss, FP
-and quantised perplexity per scheme, increase, mean/max Kurt), then the figures.
+and quantised perplexity per scheme, increase, mean/max Kurt), then the figures; when the runs
+hold mitigation runs beside the Pre-LN + AdamW baseline, the mitigations leaderboard
+(:mod:`.leaderboard`: also ``leaderboard.md``, ``.json`` and ``.png``).
 """
 
 from __future__ import annotations
@@ -31,6 +33,9 @@ from outlierlab.experiments.claims import (
     group_runs,
 )
 from outlierlab.experiments.figures import make_figures
+from outlierlab.experiments.leaderboard import has_mitigations, write_leaderboard
+from outlierlab.experiments.leaderboard import markdown as leaderboard_md
+from outlierlab.experiments.leaderboard import table as leaderboard_table
 from outlierlab.experiments.results import RunRecord
 
 VERDICT_MARK = {HELD: "✅ held", NOT_HELD: "❌ did not hold", INCONCLUSIVE: "❔ inconclusive",
@@ -184,8 +189,21 @@ def write_report(runs: Sequence[RunRecord], out_dir: str | Path, *, title: str =
              "loss*.")
     note = seeds_note(runs)
     parts = (title, intro, note, about, claims, runs, figures)
-    safe_io.write_text(out / "report.md", _markdown(*parts))
-    safe_io.write_text(out / "report.html", _html(*parts))
+    md, page = _markdown(*parts), _html(*parts)
+    if has_mitigations(runs):  # issue 25: leaderboard.md/.json/.png beside the report
+        entries, paths = write_leaderboard(runs, out, command, when)
+        md += ("\n## Mitigations leaderboard\n\n" + leaderboard_md(entries, command, when)
+               + "\n![leaderboard](leaderboard.png)\n")
+        header, rows = leaderboard_table(entries)
+        img = ""
+        if "png" in paths:
+            data = base64.b64encode(paths["png"].read_bytes()).decode()
+            img = f"<img alt='leaderboard' src='data:image/png;base64,{data}'>"
+        page = page.replace("</body></html>", "<h2>Mitigations leaderboard</h2>"
+                            + html_table([h.replace("\\", "") for h in header], rows)
+                            + img + "</body></html>")
+    safe_io.write_text(out / "report.md", md)
+    safe_io.write_text(out / "report.html", page)
     summary = {"title": title, "written": when, "command": command, "seeds_note": note,
                "claims": [c.to_dict() for c in claims], "runs": [_run_summary(r) for r in runs]}
     safe_io.write_text(out / "results.json", json.dumps(summary, indent=1, default=_json_default))

@@ -27,7 +27,8 @@ from pathlib import Path
 from outlierlab import safe_io
 from outlierlab.errors import ConfigError, RunFolderError
 from outlierlab.experiments.grid import Grid, GridPoint, check_grid
-from outlierlab.run_folder import RunFolder, utc_now, write_json
+from outlierlab.jsonable import write_json
+from outlierlab.run_folder import RunFolder, utc_now
 
 LOG_NAME = "sweep.log"
 MANIFEST = "sweep.json"

@@ -37,6 +37,12 @@ class TrainConfig:
     """Checkpoint every k steps (and at the end); 0 = only at the end."""
     keep_ckpts: int = 2
     """Keep the last N checkpoints."""
+    sync_every: int = 50
+    """Read the loss, gradient norm and stop flag on the host every k steps (and on every
+    log, eval, checkpoint and measured step); the steps between run without a host-device
+    sync. A non-finite loss on such a step is found, and the run reported diverged naming
+    that step, at the next read; a stop signal is honoured at the next read (single process:
+    at once). docs/train.md."""
     device: str = "auto"
     """auto (cuda if available, else cpu), cpu, cuda, cuda:N. Whether this machine has it is
     checked when the run starts (``train.distributed.pick_device``)."""
@@ -56,7 +62,8 @@ class TrainConfig:
     """TWEO's exponent p ≥ 1 (high powers weigh the largest activations most)."""
 
     def __post_init__(self) -> None:
-        for k in ("steps", "batch_size", "grad_accum", "log_every", "eval_windows", "keep_ckpts"):
+        for k in ("steps", "batch_size", "grad_accum", "log_every", "eval_windows", "keep_ckpts",
+                  "sync_every"):
             number(f"train.{k}", getattr(self, k), lo=1, hi=MAX_COUNT, integer=True)
         for k in ("eval_every", "ckpt_every"):
             number(f"train.{k}", getattr(self, k), lo=0, hi=MAX_COUNT, integer=True)

@@ -2,7 +2,7 @@
 run folder (docs/ARCHITECTURE.md), built once and driven by :meth:`Trainer.fit`.
 
     with Trainer(cfg, resume=False, progress=True, callbacks=[...]) as trainer:
-        result = trainer.fit()          # train_step / evaluate / log / save until done
+        result = trainer.fit()          # train_step / validate / log / save until done
 
 Construction joins the process group (``distributed.init``), prepares the data (rank 0 builds
 the token cache first), checks the run folder, builds the model, optimiser and sampler (seeded
@@ -49,17 +49,21 @@ import numpy as np
 import torch
 
 from outlierlab.config import RunConfig, changed_maths_fields
-from outlierlab.errors import CheckpointError, ConfigError, RunFolderError, first_line
+from outlierlab.errors import (
+    EXIT_CODES,
+    CheckpointError,
+    ConfigError,
+    RunFolderError,
+    first_line,
+)
 from outlierlab.optim import build_optimizer, lr_factor, set_lr
 from outlierlab.run_folder import MetricsWriter, RunFolder, RunLock, utc_now
 from outlierlab.train import checkpoint as ckpt
 from outlierlab.train import distributed
-from outlierlab.train.callbacks import Callbacks
+from outlierlab.train.callbacks import Callbacks, TrainerCallback
 from outlierlab.train.progress import Progress
 from outlierlab.train.sinks import Sinks
-from outlierlab.train.step import TrainStep, evaluate, resolve_precision
-
-EXIT_CODES = {"finished": 0, "diverged": 3, "interrupted": 130, "crashed": 1}
+from outlierlab.train.step import StepResult, TrainStep, mean_loss, resolve_precision
 
 
 @dataclass
@@ -114,11 +118,12 @@ class Trainer:
     """Train ``cfg`` into the run folder ``cfg.out``; with ``resume``, continue from its newest
     checkpoint. ``progress=False`` silences the console. ``callbacks``: see
     :mod:`outlierlab.train.callbacks`; ``log.kurtosis_every`` adds a
-    :class:`~outlierlab.measuring.MeasureEvery`. Attributes a callback may read: ``cfg``,
-    ``dist``, ``model`` (the bare GPT), ``optimizer``, ``step``, ``tokens``, ``run``."""
+    :class:`~outlierlab.measuring.MeasureEvery`. A callback sees the trainer as a
+    :class:`~outlierlab.train.callbacks.TrainerView`."""
 
     def __init__(self, cfg: RunConfig, resume: bool = False, *, progress: bool = True,
-                 callbacks: Iterable[Any] = (), allow_data_change: bool = False) -> None:
+                 callbacks: Iterable[TrainerCallback] = (),
+                 allow_data_change: bool = False) -> None:
         self.t_start = time.perf_counter()
         self._threads = torch.get_num_threads()
         if cfg.train.threads:
@@ -341,26 +346,56 @@ class Trainer:
 
     def train_step(self) -> dict[str, Any] | None:
         """One optimiser step on the next global batch, with ``on_step_begin`` before it.
-        Returns ``{"loss", "lr", "grad_norm", "stop"}`` (averaged over ranks), or None when the
-        loss or gradient norm is not finite: no update, status ``diverged``."""
+        Returns ``{"loss", "lr", "grad_norm", "stop"}`` (averaged over ranks) on a read step
+        (:meth:`reads`), ``{"lr", "stop": False}`` on the others (nothing read on the host), or
+        None when a loss or gradient norm read was not finite: status ``diverged``."""
         n = self.step + 1  # the step being taken, 1-based
         lr = set_lr(self.optimizer, self._lr_factor(self.step))
         self.callbacks.on_step_begin(self, n)
-        self.batch = self.sampler.next()
-        out = self.step_fn(*self.batch, stop=self.stop.requested is not None)
-        if not out.finite:
-            what = "loss" if not math.isfinite(out.loss) else "gradient norm"
-            good = self.run.latest_checkpoint
-            self.status = "diverged"
-            self.message = (
-                f"non-finite {what} ({out.loss if what == 'loss' else out.grad_norm}) at step "
-                f"{n}; stopped; last good checkpoint: {good if good else 'none'}"
-            )
+        x, y = self.sampler.next()
+        if self.dist.device.type == "cuda":  # pinned: the copies to the GPU do not block
+            x, y = x.pin_memory(), y.pin_memory()
+        self.batch = (x, y)
+        read = self.reads(n)
+        out = self.step_fn(x, y, stop=self.stop.requested is not None, read=read)
+        if out is not None and not self._check(out, n):
             return None
         self.step, self.tokens = n, self.tokens + self.global_batch * self.cfg.model.seq_len
         self.bar.update(self.step)
+        if out is None:
+            return {"lr": lr, "stop": False}
         return {"loss": out.loss, "lr": lr, "grad_norm": out.grad_norm, "stop": out.stop,
                 **({} if out.penalty is None else {"loss_penalty": out.penalty})}
+
+    def reads(self, step: int) -> bool:
+        """Whether step ``step`` reads its loss on the host: every ``train.sync_every`` steps,
+        on log, eval, checkpoint, measured and the last step, and (one process) once a stop
+        signal came. The same on every rank (a stop read is an all-reduce)."""
+        tc, lc = self.cfg.train, self.cfg.log
+        every = (tc.sync_every, tc.log_every, tc.eval_every, tc.ckpt_every,
+                 lc.kurtosis_every, lc.profile_every)  # fmt: skip
+        return (step >= tc.steps or any(k and step % k == 0 for k in every)
+                or (self.stop.requested is not None and not self.dist.enabled))
+
+    def _check(self, out: StepResult, n: int) -> bool:
+        """False (status ``diverged``) when ``out``, read at step ``n``, holds a non-finite
+        loss or gradient norm: the first such step is named, and the run's step set to the
+        one before it."""
+        if out.finite:
+            return True
+        what = "loss" if not math.isfinite(out.loss) else "gradient norm"
+        bad = n - out.back
+        good = self.run.latest_checkpoint
+        self.status = "diverged"
+        self.step = bad - 1
+        self.tokens = self.step * self.global_batch * self.cfg.model.seq_len
+        found = (f"; found at step {n} (the loss is read every train.sync_every steps)"
+                 if out.back else "")
+        self.message = (
+            f"non-finite {what} ({out.loss if what == 'loss' else out.grad_norm}) at step "
+            f"{bad}{found}; stopped; last good checkpoint: {good if good else 'none'}"
+        )
+        return False
 
     def local_micro_batches(self) -> list[torch.Tensor]:
         """This rank's micro-batches (inputs) of the last step's global batch."""
@@ -370,7 +405,12 @@ class Trainer:
         """The training precision's autocast context (a no-op for fp32)."""
         return self.step_fn.autocast()
 
-    def evaluate(self) -> dict[str, Any]:
+    def should_validate(self, step: int) -> bool:
+        """Validation runs every ``train.eval_every`` steps and at the last step."""
+        every = self.cfg.train.eval_every
+        return bool(every and step % every == 0) or step == self.cfg.train.steps
+
+    def validate(self) -> dict[str, Any]:
         """Validation loss and perplexity on the fixed windows (``val_loss``, ``val_ppl``);
         with ``log.kurtosis_every`` also the monitor's fields measured in the same forwards,
         prefixed ``val_`` (``val_kurtosis``, ``val_kurtosis_mean``, ``val_kurtosis_max``, ...):
@@ -391,8 +431,8 @@ class Trainer:
                 meter.open(self.model)
                 meter.begin_step(self.step)
             with torch.no_grad():
-                loss = evaluate(self.model, x, y, self.cfg.train.batch_size, self.dist,
-                                self.dtype, before=meter.number if meter else None)  # fmt: skip
+                loss = mean_loss(self.model, x, y, self.cfg.train.batch_size, self.dist,
+                                 self.dtype, before=meter.number if meter else None)  # fmt: skip
             measured = meter.end_step(all_reduce=self.dist.enabled) if meter else None
         finally:
             if meter is not None:
@@ -406,7 +446,7 @@ class Trainer:
         x, y = self.sampler.next()
         self.sampler.load_state_dict(state)
         loss, measured = self.measure(x, y)
-        return {"step": 0, "tokens": 0, "loss": loss, **measured, **self.evaluate()}
+        return {"step": 0, "tokens": 0, "loss": loss, **measured, **self.validate()}
 
     def log(self, row: dict[str, Any]) -> None:
         """Write ``row`` (rank 0), show it, remember it, then ``on_log``."""
@@ -466,10 +506,16 @@ class Trainer:
         row: dict[str, Any] = {}
         self.callbacks.on_step_end(self, self.step, row)
         is_last = self.step == tc.steps
-        if (tc.eval_every and self.step % tc.eval_every == 0) or is_last:
+        if self.should_validate(self.step):
             with self._paused_clock():
-                row.update(self.evaluate())
+                row.update(self.validate())
         if row or self.step % tc.log_every == 0 or is_last:
+            if "loss" not in out:  # a callback logged on an unread step: read it now
+                res = self.step_fn.read()
+                if not self._check(res, self.step):
+                    return False
+                out = {**out, "loss": res.loss, "grad_norm": res.grad_norm,
+                       **({} if res.penalty is None else {"loss_penalty": res.penalty})}
             self.log(self._row(out, row))
         if (tc.ckpt_every and self.step % tc.ckpt_every == 0 and not is_last) or out["stop"]:
             with self._paused_clock():
