@@ -62,15 +62,7 @@ SIZE_KEYS = ("model.vocab_size", "model.n_layer", "model.d_model", "model.n_head
 PRIMARY_SCHEMES = ("w8a8-tensor", "w8a8-dynamic")
 FALLBACK_SCHEME = "w8a6-tensor"
 """Where W8A8 damages no run (CPU scale), :func:`claim_quant` ranks runs by this scheme."""
-<<<<<<< HEAD
-OPTIMISER_SPECIFIC = ("optim.name", *(f"optim.{k}" for k in hyperparameters()
-=======
-MIN_KURT = 1.5
-"""A comparison tests a claim about *lowering* OFs only where the reference configuration
-(Pre-Norm, AdamW, the series' largest value) has some: seed-mean Kurt ≥ this. Near 1 (≈
-initialisation) there is nothing to lower and differences are noise."""
 OPTIMISER_FIELDS = ("optim.name", *(f"optim.{k}" for k in hyperparameters()
->>>>>>> main
                                        if k not in ("lr", "eps")))
 """The optimiser's name and every hyperparameter some optimiser declares
 (:func:`outlierlab.optim.hyperparameters`) except lr and ε."""
