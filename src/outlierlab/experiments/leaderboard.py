@@ -224,7 +224,7 @@ def table(entries: Sequence[Entry]) -> tuple[list[str], list[list[str]]]:
     """Header and rows of the leaderboard (one row per method, in rank order)."""
     header = ["rank", "method", "seeds", "Kurt final", "Kurt growth", "max\\|x\\|/median",
               "first-token attn.", "val loss", *(f"{c} damage" for c, _ in SCHEMES),
-              "step time", "Kurt < base (pairs, p)", "growth < base (pairs, p)"]
+              "step time (logged)", "Kurt < base (pairs, p)", "growth < base (pairs, p)"]
     rows = []
     for e in entries:
         rows.append([
@@ -279,9 +279,11 @@ def markdown(entries: Sequence[Entry], command: str = "", when: str = "") -> str
            "(`outlierlab measure RUN --save`). Damage = quantised / FP perplexity − 1 "
            "(`w8a8-tensor`, `w6a6-tensor`, `w4a4-online`: W4A4 round-to-nearest after the "
            "QuaRot-style rotation with the online Hadamard on the MLP down-projection); "
-           "*missing* = not quantised with that scheme (never read as 0). *Step time* = "
-           "seconds per token relative to the baseline, from the logged tokens/s (a shared "
-           "machine: ±10 % is noise). *Kurt < base*: same-seed pairs where the method is "
+           "*missing* = not quantised with that scheme (never read as 0). *Step time "
+           "(logged)* = seconds per token relative to the baseline, from the tokens/s the runs "
+           "logged: wall time, so on a shared machine it says more about the load while a run "
+           "trained than about the method (benchmarks/mitigations_step.py measures CPU time "
+           "per step interleaved). *Kurt < base*: same-seed pairs where the method is "
            "below the Pre-LN + AdamW baseline, and the exact one-sided permutation p over "
            "seeds (3 v 3: smallest p = 0.05).")
     return "\n".join([*head, _md(*table(entries)), "", key, "",
