@@ -56,6 +56,8 @@ def sweep(tmp_path):
     write_run(root / "tweo-seed0", seed=0, held_out=3.0, extra={"train.tweo_weight": 1e-4})
     write_run(root / "softpick-crashed", seed=3, status="crashed", held_out=9.0,
               extra={"model.attn": "softpick"})
+    write_run(root / "softpick-diverged", seed=4, status="diverged",
+              extra={"model.attn": "softpick"})
     runs, _ = load_runs([root])
     return runs
 
@@ -65,7 +67,10 @@ def test_methods_are_ranked_by_final_kurt_with_their_seeds(sweep):
     assert [e.method for e in entries] == ["op adamw", "pre-ln+softpick adamw",
                                            "pre-ln+tweo adamw", "pre-ln+gate-elem adamw",
                                            BASELINE]
-    assert [len(e.runs) for e in entries] == [3, 3, 1, 3, 3]  # the crashed run is left out
+    assert [len(e.runs) for e in entries] == [3, 3, 1, 3, 3]  # crashed, diverged left out
+    assert [e.diverged for e in entries] == [0, 1, 0, 0, 0]
+    _, rows = table(entries)
+    assert rows[1][2] == "3 (+1 diverged)"
     soft = entries[1]
     assert soft.mean("kurt_final") == pytest.approx(2.1)
     assert has_mitigations(sweep)
@@ -110,7 +115,7 @@ def test_a_missing_scheme_is_missing_not_zero_and_partial_seeds_are_counted(swee
     gate = dict(zip(header, next(r for r in rows if r[1] == "pre-ln+gate-elem adamw")))
     assert gate["first-token attn."] == "missing" and gate["W8A8 damage"] == "missing"
     op = dict(zip(header, next(r for r in rows if r[1] == "op adamw")))
-    assert op["step time"] == "×2.00"  # half the tokens per second of the baseline
+    assert op["step time (logged)"] == "×2.00"  # half the tokens per second of the baseline
     _, paths = write_leaderboard(sweep, tmp_path / "lb", command="outlierlab report X")
     data = json.loads(paths["json"].read_text())
     soft = next(e for e in data["entries"] if e["method"] == "pre-ln+softpick adamw")

@@ -146,6 +146,8 @@ class Entry:
     step_time: float = math.nan
     """Seconds per token relative to the baseline's (seed means): 1.0 = the same compute."""
     headline: Headline | None = None
+    diverged: int = 0
+    """Runs of this method that diverged (not in ``runs``: they have no final values)."""
 
     @property
     def seeds(self) -> list[Any]:
@@ -162,6 +164,7 @@ class Entry:
     def to_dict(self) -> dict[str, Any]:
         return {
             "rank": self.rank, "method": self.method, "seeds": self.seeds,
+            "diverged": self.diverged,
             "runs": [r.name for r in self.runs],
             "mean": {m: self.mean(m) for m, _ in METRICS},
             "by_seed": {m: {str(s): v for s, v in vals.items()} for m, vals in self.values.items()},
@@ -177,11 +180,17 @@ def leaderboard(runs: Sequence[RunRecord]) -> list[Entry]:
     """The entries, ranked by seed-mean final Kurt (lowest first; methods without it last),
     each paired with the baseline where the baseline has finished runs."""
     groups: dict[str, list[RunRecord]] = {}
+    diverged: dict[str, int] = {}
     for r in runs:
+        if r.finished or r.diverged:
+            groups.setdefault(method_label(r), [])
         if r.finished:
-            groups.setdefault(method_label(r), []).append(r)
+            groups[method_label(r)].append(r)
+        elif r.diverged:
+            diverged[method_label(r)] = diverged.get(method_label(r), 0) + 1
     entries = [Entry(m, rs, {k: {r.seed: float(get(r)) for r in rs} for k, get in METRICS},
-                     headline=HEADLINES.get(m)) for m, rs in groups.items()]
+                     headline=HEADLINES.get(m), diverged=diverged.get(m, 0))
+               for m, rs in groups.items()]
     base = next((e for e in entries if e.method == BASELINE), None)
     for e in entries:
         if base is not None:
@@ -224,11 +233,13 @@ def table(entries: Sequence[Entry]) -> tuple[list[str], list[list[str]]]:
     """Header and rows of the leaderboard (one row per method, in rank order)."""
     header = ["rank", "method", "seeds", "Kurt final", "Kurt growth", "max\\|x\\|/median",
               "first-token attn.", "val loss", *(f"{c} damage" for c, _ in SCHEMES),
-              "step time", "Kurt < base (pairs, p)", "growth < base (pairs, p)"]
+              "step time (logged)", "Kurt < base (pairs, p)", "growth < base (pairs, p)"]
     rows = []
     for e in entries:
         rows.append([
-            str(e.rank), e.method, str(len(e.runs)), _cell(e, "kurt_final"),
+            str(e.rank), e.method,
+            str(len(e.runs)) + (f" (+{e.diverged} diverged)" if e.diverged else ""),
+            _cell(e, "kurt_final"),
             _cell(e, "kurt_growth", "+.2f"), _cell(e, "max_median", ".1f"),
             _cell(e, "first_token_mass", ".1%"), _cell(e, "val_loss", ".3f"),
             *(_cell(e, f"damage_{s}", pct=True) for _, s in SCHEMES),
@@ -266,10 +277,11 @@ def _md(header: list[str], rows: list[list[str]]) -> str:
 
 def markdown(entries: Sequence[Entry], command: str = "", when: str = "") -> str:
     """The leaderboard page: how it was made, the table, the published headlines, a key."""
-    n = {len(e.runs) for e in entries}
+    n = {len(e.runs) for e in entries if e.runs}
     seeds = (f"{min(n)}" if len(n) == 1 else f"{min(n)}–{max(n)}") if n else "0"
     head = [f"Made by `{command}`" + (f" on {when}" if when else "") + "." if command else "",
-            f"{len(entries)} methods, {seeds} finished seed(s) each (column *seeds*); our "
+            f"{len(entries)} methods, {seeds} finished seed(s) each (column *seeds*, with the "
+            "runs that diverged, which have no final values); our "
             f"scale: {OUR_SCALE}.", ""]
     key = ("Ranked by seed-mean final Kurt (science §1 Eq. 1, layer mean on the held-out "
            "windows; 1 = no outlier features). *Kurt growth* = log(Kurt − 1) − log(Kurt₀ − 1), "
@@ -279,9 +291,11 @@ def markdown(entries: Sequence[Entry], command: str = "", when: str = "") -> str
            "(`outlierlab measure RUN --save`). Damage = quantised / FP perplexity − 1 "
            "(`w8a8-tensor`, `w6a6-tensor`, `w4a4-online`: W4A4 round-to-nearest after the "
            "QuaRot-style rotation with the online Hadamard on the MLP down-projection); "
-           "*missing* = not quantised with that scheme (never read as 0). *Step time* = "
-           "seconds per token relative to the baseline, from the logged tokens/s (a shared "
-           "machine: ±10 % is noise). *Kurt < base*: same-seed pairs where the method is "
+           "*missing* = not quantised with that scheme (never read as 0). *Step time "
+           "(logged)* = seconds per token relative to the baseline, from the tokens/s the runs "
+           "logged: wall time, so on a shared machine it says more about the load while a run "
+           "trained than about the method (benchmarks/mitigations_step.py measures CPU time "
+           "per step interleaved). *Kurt < base*: same-seed pairs where the method is "
            "below the Pre-LN + AdamW baseline, and the exact one-sided permutation p over "
            "seeds (3 v 3: smallest p = 0.05).")
     return "\n".join([*head, _md(*table(entries)), "", key, "",
