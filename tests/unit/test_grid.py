@@ -138,7 +138,7 @@ def test_seed_roles_are_checked_on_every_point(tmp_path):
         check("tuning", [100, 2])
     f = tmp_path / "unset.toml"
     f.write_text('seeds = "tuning"\npreset = "tiny"\n[grid]\nmodel = ["op"]\n')
-    with pytest.raises(ConfigError, match="train.seed=0 is not allowed"):
+    with pytest.raises(ConfigError, match=r"train\.seed=0 is not allowed"):
         load_grid(f)
 
 
