@@ -1,5 +1,5 @@
 """The mitigations leaderboard (issue 25) on synthetic run folders: the ranking, the paired
-p-values against a hand count of the permutation splits, Kurt growth by hand, step time, sinks,
+p-values against a hand count of the sign flips, Kurt growth by hand, step time, sinks,
 and a scheme a run was not quantised with shown as missing (never as 0)."""
 
 from __future__ import annotations
@@ -56,6 +56,8 @@ def sweep(tmp_path):
     write_run(root / "tweo-seed0", seed=0, held_out=3.0, extra={"train.tweo_weight": 1e-4})
     write_run(root / "softpick-crashed", seed=3, status="crashed", held_out=9.0,
               extra={"model.attn": "softpick"})
+    write_run(root / "softpick-diverged", seed=4, status="diverged",
+              extra={"model.attn": "softpick"})
     runs, _ = load_runs([root])
     return runs
 
@@ -65,27 +67,30 @@ def test_methods_are_ranked_by_final_kurt_with_their_seeds(sweep):
     assert [e.method for e in entries] == ["op adamw", "pre-ln+softpick adamw",
                                            "pre-ln+tweo adamw", "pre-ln+gate-elem adamw",
                                            BASELINE]
-    assert [len(e.runs) for e in entries] == [3, 3, 1, 3, 3]  # the crashed run is left out
+    assert [len(e.runs) for e in entries] == [3, 3, 1, 3, 3]  # crashed, diverged left out
+    assert [e.diverged for e in entries] == [0, 1, 0, 0, 0]
+    _, rows = table(entries)
+    assert rows[1][2] == "3 (+1 diverged)"
     soft = entries[1]
     assert soft.mean("kurt_final") == pytest.approx(2.1)
     assert has_mitigations(sweep)
     assert not has_mitigations([r for r in sweep if method_label(r) == BASELINE])
 
 
-def test_pairs_against_the_baseline_match_a_hand_count_of_the_splits(sweep):
+def test_pairs_against_the_baseline_match_a_hand_count_of_the_sign_flips(sweep):
     by = {e.method: e for e in leaderboard(sweep)}
-    # softpick 2.0, 2.1, 2.2 v baseline 6.0, 6.1, 6.2: ranks {1, 2, 3}; of the C(6, 3) = 20
-    # splits only that one has a rank sum ≤ 6 → p = 1/20
+    # softpick 2.0, 2.1, 2.2 v baseline 6.0, 6.1, 6.2: d = 4, 4, 4; of the 2³ sign flips only
+    # the observed one has a mean ≥ 4 → p = 1/8
     t = by["pre-ln+softpick adamw"].tests["kurt_final"]
-    assert (t.seeds, t.in_direction, t.against) == (3, 3, 0)
-    assert t.p == pytest.approx(1 / 20)
-    # gate 4.0, 6.15, 5.0 among 6.0, 6.1, 6.2: ranks {1, 5, 2}, sum 8; splits with sum ≤ 8:
-    # {1,2,3}, {1,2,4}, {1,2,5}, {1,3,4} → p = 4/20, and seed 1 is against
+    assert (t.pairs, t.in_direction, t.against) == (3, 3, 0)
+    assert t.p == pytest.approx(1 / 8)
+    # gate 4.0, 6.15, 5.0: d = 2.0, −0.05, 1.2, sum 3.15; flips with a sum ≥ 3.15: the observed
+    # one and +2.0 +0.05 +1.2 = 3.25 → p = 2/8; seed 1 is against
     t = by["pre-ln+gate-elem adamw"].tests["kurt_final"]
-    assert (t.seeds, t.in_direction, t.against) == (3, 2, 1)
-    assert t.p == pytest.approx(4 / 20)
-    # one TWEO seed: a 1 v 3 split, rank 1 of 4 → p = 1/4
-    assert by["pre-ln+tweo adamw"].tests["kurt_final"].p == pytest.approx(1 / 4)
+    assert (t.pairs, t.in_direction, t.against) == (3, 2, 1)
+    assert t.p == pytest.approx(2 / 8)
+    # one TWEO seed (seed 0: 3.0 v 6.0): one pair, p = 1/2
+    assert by["pre-ln+tweo adamw"].tests["kurt_final"].p == pytest.approx(1 / 2)
     assert by[BASELINE].tests == {}
 
 
@@ -110,13 +115,13 @@ def test_a_missing_scheme_is_missing_not_zero_and_partial_seeds_are_counted(swee
     gate = dict(zip(header, next(r for r in rows if r[1] == "pre-ln+gate-elem adamw")))
     assert gate["first-token attn."] == "missing" and gate["W8A8 damage"] == "missing"
     op = dict(zip(header, next(r for r in rows if r[1] == "op adamw")))
-    assert op["step time"] == "×2.00"  # half the tokens per second of the baseline
+    assert op["step time (logged)"] == "×2.00"  # half the tokens per second of the baseline
     _, paths = write_leaderboard(sweep, tmp_path / "lb", command="outlierlab report X")
     data = json.loads(paths["json"].read_text())
     soft = next(e for e in data["entries"] if e["method"] == "pre-ln+softpick adamw")
     assert soft["mean"]["damage_w6a6-tensor"] is None  # null in JSON, not 0
     assert soft["by_seed"]["damage_w4a4-online"]["2"] is None
-    assert soft["vs_baseline"]["kurt_final"]["p_lower"] == pytest.approx(0.05)
+    assert soft["vs_baseline"]["kurt_final"]["p_lower"] == pytest.approx(1 / 8)
     assert "damage_w6a6-tensor" not in soft["vs_baseline"]
     assert paths["png"].stat().st_size > 1000
     assert "`outlierlab report X`" in paths["md"].read_text()

@@ -8,8 +8,9 @@ first-token attention mass of the final model (``measure.json``), validation los
 perplexity increase under W8A8 / W6A6 / W4A4 with rotation (:data:`SCHEMES`; a scheme a run was
 not quantised with is *missing*, never 0), and the step time relative to the baseline (from
 the logged tokens/s). Each method is paired with the Pre-LN + AdamW baseline (:data:`BASELINE`)
-seed by seed with the project's test (:class:`~.significance.SeedTest`: same-seed pairs in
-the direction and the exact permutation p). Methods are ranked by seed-mean final Kurt.
+seed by seed with the project's test of an effect (:class:`~.significance.EffectTest`: the
+same-seed differences baseline − method and the exact sign-flip permutation p; 3 pairs all one
+way give p = 1/8). Methods are ranked by seed-mean final Kurt.
 The published headline of each method's paper stands beside ours (:data:`HEADLINES`).
 """
 
@@ -26,7 +27,7 @@ import numpy as np
 
 from outlierlab import safe_io
 from outlierlab.experiments.results import RunRecord
-from outlierlab.experiments.significance import SeedTest
+from outlierlab.experiments.significance import EffectTest
 from outlierlab.jsonable import json_safe
 
 BASELINE = "pre-ln adamw"
@@ -141,11 +142,13 @@ class Entry:
     method: str
     runs: list[RunRecord]
     values: dict[str, dict[Any, float]]
-    tests: dict[str, SeedTest] = field(default_factory=dict)
+    tests: dict[str, EffectTest] = field(default_factory=dict)
     rank: int = 0
     step_time: float = math.nan
     """Seconds per token relative to the baseline's (seed means): 1.0 = the same compute."""
     headline: Headline | None = None
+    diverged: int = 0
+    """Runs of this method that diverged (not in ``runs``: they have no final values)."""
 
     @property
     def seeds(self) -> list[Any]:
@@ -162,11 +165,12 @@ class Entry:
     def to_dict(self) -> dict[str, Any]:
         return {
             "rank": self.rank, "method": self.method, "seeds": self.seeds,
+            "diverged": self.diverged,
             "runs": [r.name for r in self.runs],
             "mean": {m: self.mean(m) for m, _ in METRICS},
             "by_seed": {m: {str(s): v for s, v in vals.items()} for m, vals in self.values.items()},
             "step_time_vs_baseline": self.step_time,
-            "vs_baseline": {m: {"seed_pairs": t.seeds, "lower_in": t.in_direction,
+            "vs_baseline": {m: {"seed_pairs": t.pairs, "lower_in": t.in_direction,
                                 "higher_in": t.against, "p_lower": t.p, "p_higher": t.p_other,
                                 "verdict": t.verdict} for m, t in self.tests.items()},
             "published": None if self.headline is None else vars(self.headline),
@@ -177,23 +181,36 @@ def leaderboard(runs: Sequence[RunRecord]) -> list[Entry]:
     """The entries, ranked by seed-mean final Kurt (lowest first; methods without it last),
     each paired with the baseline where the baseline has finished runs."""
     groups: dict[str, list[RunRecord]] = {}
+    diverged: dict[str, int] = {}
     for r in runs:
+        if r.finished or r.diverged:
+            groups.setdefault(method_label(r), [])
         if r.finished:
-            groups.setdefault(method_label(r), []).append(r)
+            groups[method_label(r)].append(r)
+        elif r.diverged:
+            diverged[method_label(r)] = diverged.get(method_label(r), 0) + 1
     entries = [Entry(m, rs, {k: {r.seed: float(get(r)) for r in rs} for k, get in METRICS},
-                     headline=HEADLINES.get(m)) for m, rs in groups.items()]
+                     headline=HEADLINES.get(m), diverged=diverged.get(m, 0))
+               for m, rs in groups.items()]
     base = next((e for e in entries if e.method == BASELINE), None)
     for e in entries:
         if base is not None:
             e.step_time = e.mean("step_s_per_token") / base.mean("step_s_per_token")
             if e is not base:
-                e.tests = {m: SeedTest.of(e.values[m], base.values[m]) for m in TESTED
+                e.tests = {m: _versus(e.values[m], base.values[m]) for m in TESTED
                            if e.count(m) and base.count(m)}
     entries.sort(key=lambda e: (not math.isfinite(e.mean("kurt_final")), e.mean("kurt_final"),
                                 e.method))
     for i, e in enumerate(entries, 1):
         e.rank = i
     return entries
+
+
+def _versus(method: dict[Any, float], base: dict[Any, float]) -> EffectTest:
+    """Is the method below the baseline? One cell of same-seed differences baseline − method
+    (seeds with a finite value on both sides)."""
+    return EffectTest.of([{s: base[s] - v for s, v in method.items()
+                           if s in base and math.isfinite(v) and math.isfinite(base[s])}])
 
 
 # -- rendering ---------------------------------------------------------------------------------
@@ -217,18 +234,20 @@ def _test_cell(e: Entry, metric: str) -> str:
     t = e.tests.get(metric)
     if t is None:
         return "baseline" if e.method == BASELINE else "–"
-    return f"{t.in_direction}/{t.seeds}, p={t.p:.3f}"
+    return f"{t.in_direction}/{t.pairs}, p={t.p:.3f}" if t.pairs else "no common seed"
 
 
 def table(entries: Sequence[Entry]) -> tuple[list[str], list[list[str]]]:
     """Header and rows of the leaderboard (one row per method, in rank order)."""
     header = ["rank", "method", "seeds", "Kurt final", "Kurt growth", "max\\|x\\|/median",
               "first-token attn.", "val loss", *(f"{c} damage" for c, _ in SCHEMES),
-              "step time", "Kurt < base (pairs, p)", "growth < base (pairs, p)"]
+              "step time (logged)", "Kurt < base (pairs, p)", "growth < base (pairs, p)"]
     rows = []
     for e in entries:
         rows.append([
-            str(e.rank), e.method, str(len(e.runs)), _cell(e, "kurt_final"),
+            str(e.rank), e.method,
+            str(len(e.runs)) + (f" (+{e.diverged} diverged)" if e.diverged else ""),
+            _cell(e, "kurt_final"),
             _cell(e, "kurt_growth", "+.2f"), _cell(e, "max_median", ".1f"),
             _cell(e, "first_token_mass", ".1%"), _cell(e, "val_loss", ".3f"),
             *(_cell(e, f"damage_{s}", pct=True) for _, s in SCHEMES),
@@ -266,10 +285,11 @@ def _md(header: list[str], rows: list[list[str]]) -> str:
 
 def markdown(entries: Sequence[Entry], command: str = "", when: str = "") -> str:
     """The leaderboard page: how it was made, the table, the published headlines, a key."""
-    n = {len(e.runs) for e in entries}
+    n = {len(e.runs) for e in entries if e.runs}
     seeds = (f"{min(n)}" if len(n) == 1 else f"{min(n)}–{max(n)}") if n else "0"
     head = [f"Made by `{command}`" + (f" on {when}" if when else "") + "." if command else "",
-            f"{len(entries)} methods, {seeds} finished seed(s) each (column *seeds*); our "
+            f"{len(entries)} methods, {seeds} finished seed(s) each (column *seeds*, with the "
+            "runs that diverged, which have no final values); our "
             f"scale: {OUR_SCALE}.", ""]
     key = ("Ranked by seed-mean final Kurt (science §1 Eq. 1, layer mean on the held-out "
            "windows; 1 = no outlier features). *Kurt growth* = log(Kurt − 1) − log(Kurt₀ − 1), "
@@ -279,11 +299,14 @@ def markdown(entries: Sequence[Entry], command: str = "", when: str = "") -> str
            "(`outlierlab measure RUN --save`). Damage = quantised / FP perplexity − 1 "
            "(`w8a8-tensor`, `w6a6-tensor`, `w4a4-online`: W4A4 round-to-nearest after the "
            "QuaRot-style rotation with the online Hadamard on the MLP down-projection); "
-           "*missing* = not quantised with that scheme (never read as 0). *Step time* = "
-           "seconds per token relative to the baseline, from the logged tokens/s (a shared "
-           "machine: ±10 % is noise). *Kurt < base*: same-seed pairs where the method is "
-           "below the Pre-LN + AdamW baseline, and the exact one-sided permutation p over "
-           "seeds (3 v 3: smallest p = 0.05).")
+           "*missing* = not quantised with that scheme (never read as 0). *Step time "
+           "(logged)* = seconds per token relative to the baseline, from the tokens/s the runs "
+           "logged: wall time, so on a shared machine it says more about the load while a run "
+           "trained than about the method (benchmarks/mitigations_step.py measures CPU time "
+           "per step interleaved). *Kurt < base*: same-seed pairs in which the method "
+           "is below the Pre-LN + AdamW baseline, and the exact one-sided sign-flip p of the "
+           "mean difference (the project's test of an effect; 3 pairs all one way: p = 1/8, "
+           "so 3 seeds cannot reach p ≤ 0.1).")
     return "\n".join([*head, _md(*table(entries)), "", key, "",
                       "### Published headline beside ours", "",
                       _md(*headline_table(entries)), ""])
