@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from outlierlab.errors import DataError, RunFolderError
-from outlierlab.run_folder import RunFolder, find_runs, read_json_object
+from outlierlab.run_folder import RunFolder, find_runs
 
 IGNORED_FOR_IDENTITY = ("out", "log.", "train.ckpt_every", "train.keep_checkpoints",
                         "train.keep_last", "train.keep_ckpts", "train.device", "train.compile",
@@ -304,14 +304,8 @@ def _series(rows: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def _quant(run: RunFolder) -> dict[str, QuantResult]:
-    quant = {}
-    if run.quant_dir.is_dir():
-        for q in sorted(run.quant_dir.glob("*.json")):
-            d = read_json_object(q)
-            if "fp_ppl" in d and "quant_ppl" in d:
-                scheme = str(d.get("scheme", q.stem)) if q.stem == "results" else q.stem
-                quant[scheme] = QuantResult(scheme, _num(d["fp_ppl"]), _num(d["quant_ppl"]))
-    return quant
+    return {scheme: QuantResult(scheme, _num(d["fp_ppl"]), _num(d["quant_ppl"]))
+            for scheme, d in run.quant_results().items() if "fp_ppl" in d and "quant_ppl" in d}
 
 
 def load_run(path: str | Path | RunFolder) -> RunRecord:

@@ -26,9 +26,11 @@ resume whose checkpoint cannot be restored) keeps the run's own status and adds 
 raised with its own type on every rank. Rank 0 holds the run folder's lock from the check
 until :meth:`close`.
 
-Run-folder I/O goes through six methods only: :meth:`_claim_run_folder`,
-:meth:`_check_run_folder`, :meth:`_open_run_folder`, :meth:`_write_row`, :meth:`_set_status`
-and :meth:`_note_resume_failure`.
+Run-folder I/O goes through the :class:`~outlierlab.train.checkpoint.Checkpointer`
+(checkpoints) and six methods: :meth:`_claim_run_folder`, :meth:`_check_run_folder`,
+:meth:`_open_run_folder`, :meth:`_write_row`, :meth:`_set_status` and
+:meth:`_note_resume_failure`; each names files only through
+:class:`~outlierlab.run_folder.RunFolder`.
 """
 
 from __future__ import annotations
@@ -58,9 +60,9 @@ from outlierlab.errors import (
 )
 from outlierlab.optim import build_optimizer, lr_factor, set_lr
 from outlierlab.run_folder import MetricsWriter, RunFolder, RunLock, utc_now
-from outlierlab.train import checkpoint as ckpt
 from outlierlab.train import distributed
 from outlierlab.train.callbacks import Callbacks, TrainerCallback
+from outlierlab.train.checkpoint import Checkpointer, RNGState, RunProgress
 from outlierlab.train.progress import Progress
 from outlierlab.train.sinks import Sinks
 from outlierlab.train.step import TrainStep, mean_loss, resolve_precision
@@ -132,7 +134,6 @@ class Trainer:
         self.run: RunFolder | None = None
         self._lock: RunLock | None = None  # rank 0, from the run-folder check until close()
         self.step = self.tokens = 0
-        self.saved_at = -1  # step of the newest checkpoint (the same on every rank)
         self.status, self.message = "running", ""
         self.last: dict[str, Any] = {}  # the newest value of every logged field
         self.done = False  # nothing to do: resumed a finished run
@@ -140,7 +141,7 @@ class Trainer:
         self._writer: MetricsWriter | None = None
         self._sinks: Sinks | None = None
         self._closed = self._began = self.show = self._opened = False
-        self._restoring = False  # in _restore: a failure there is noted as resume_failed
+        self._restoring = False  # restoring a checkpoint: a failure there is noted as resume_failed
         self.dist = distributed.init(cfg.train.device)
         try:
             self._build(cfg, resume, progress, allow_data_change)
@@ -185,8 +186,14 @@ class Trainer:
         decay = round(oc.decay_frac * tc.steps)
         self._lr_factor = lambda step: lr_factor(step, tc.steps, oc.schedule, warmup,
                                                  oc.min_lr_ratio, decay)  # fmt: skip
+        self.checkpointer = Checkpointer(
+            self.run, {"model": self.model, "optimizer": self.optimizer,
+                       "progress": RunProgress(self, self.global_batch, dist.world_size),
+                       "sampler": self.sampler, "rng": RNGState(dist)},
+            dist, every=tc.ckpt_every, keep=tc.keep_ckpts)  # fmt: skip
         if resume:
-            self._restore()
+            self._restoring = True  # a failure from here on is noted as resume_failed
+            self.checkpointer.restore()
         if self.step >= tc.steps and resume and self.run.final_model:
             self.status, self.message, self.done = "finished", "already finished", True
             return
@@ -214,33 +221,6 @@ class Trainer:
         error = distributed.broadcast_object(error, self.dist)
         if error is not None:
             raise error
-
-    def _restore(self) -> None:
-        """Load the newest checkpoint: weights, optimiser, step, tokens, sampler, RNGs."""
-        run, dist = self.run, self.dist
-        self._restoring = True
-        if dist.is_main:
-            ckpt.clean_partial(run)
-        last = run.latest_checkpoint
-        if last is None:
-            return
-        state = ckpt.load_checkpoint(last, self.model, self.optimizer, dist.device)
-        ckpt.check_state(state, last)
-        self.saved_at = int(state["step"])
-        if state.get("global_batch", self.global_batch) != self.global_batch:
-            raise ConfigError(
-                f"cannot resume {run.path}: global batch (train.batch_size × grad_accum × "
-                f"ranks) was {state['global_batch']}, now {self.global_batch}"
-            )
-        self.step, self.tokens = int(state["step"]), int(state["tokens"])
-        rngs = state["rng"]
-        try:
-            self.sampler.load_state_dict(state["sampler"])
-            ckpt.set_rng_state(rngs[dist.rank] if dist.rank < len(rngs) else rngs[0])
-        except (ValueError, TypeError, KeyError, IndexError, RuntimeError) as exc:
-            raise CheckpointError(f"{last}/state.json: cannot restore the sampler or RNG "
-                                  f"state ({first_line(exc)}); delete this checkpoint to use "
-                                  "an older one") from None
 
     def _wrap(self) -> None:
         """DDP, ``torch.compile`` and autocast around the bare model: :attr:`step_fn`."""
@@ -355,7 +335,7 @@ class Trainer:
         out = self.step_fn(*self.batch, stop=self.stop.requested is not None)
         if not out.finite:
             what = "loss" if not math.isfinite(out.loss) else "gradient norm"
-            good = self.run.latest_checkpoint
+            good = self.checkpointer.latest
             self.status = "diverged"
             self.message = (
                 f"non-finite {what} ({out.loss if what == 'loss' else out.grad_norm}) at step "
@@ -425,19 +405,13 @@ class Trainer:
         self.bar.log(row)
         self.callbacks.on_log(self, row)
 
-    def save(self, step: int) -> Path | None:
-        """Checkpoint ``step`` (every rank gathers RNG states; rank 0 writes), then ``on_save``."""
-        self.saved_at = step
-        rng = distributed.all_gather_object(ckpt.rng_state(), self.dist)
-        path = None
-        if self.dist.is_main:
-            state = {"tokens": self.tokens, "global_batch": self.global_batch,
-                     "world_size": self.dist.world_size, "sampler": self.sampler.state_dict(),
-                     "rng": rng, "saved": utc_now()}  # fmt: skip
-            path = ckpt.save_checkpoint(self.run, step, self.model, self.optimizer,
-                                        state, self.cfg.train.keep_ckpts)  # fmt: skip
-        self.callbacks.on_save(self, step)
-        return path
+    def save(self, step: int, last_step: bool = False) -> bool:
+        """Checkpoint ``step`` when the checkpointer says so (every ``train.ckpt_every`` steps,
+        at the last step or a stop; never twice), then ``on_save``. Every rank calls it."""
+        saved = self.checkpointer.save(step, last_step)
+        if saved:
+            self.callbacks.on_save(self, step)
+        return saved
 
     # -- the loop -------------------------------------------------------------------------------
 
@@ -481,9 +455,9 @@ class Trainer:
                 row.update(self.validate())
         if row or self.step % tc.log_every == 0 or is_last:
             self.log(self._row(out, row))
-        if (tc.ckpt_every and self.step % tc.ckpt_every == 0 and not is_last) or out["stop"]:
+        if out["stop"] or not is_last:  # a finished run's last checkpoint: finish()
             with self._paused_clock():
-                self.save(self.step)
+                self.save(self.step, last_step=out["stop"])
         if out["stop"]:
             self.status = "interrupted"
             self.message = (
@@ -497,8 +471,7 @@ class Trainer:
         """After the loop: a finished run saves its last checkpoint and final weights;
         ``on_train_end``; the result."""
         if self.status == "running" and self.step >= self.cfg.train.steps:
-            if self.saved_at != self.step:
-                self.save(self.step)
+            self.save(self.step, last_step=True)
             if self.dist.is_main:
                 self.model.save(self.run.path)
             self.status, self.message = "finished", f"finished {self.step} steps"
