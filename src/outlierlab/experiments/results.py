@@ -1,8 +1,9 @@
 """Read a finished (or stopped) run folder into a typed :class:`RunRecord` for claims and the
 report, through :class:`~outlierlab.run_folder.RunFolder`: config, status, metrics and
-quantisation results; never the weights. "Final" kurtosis is the held-out value: the monitor
-over the fixed validation windows in the evaluation at the run's last step (``val_kurtosis_mean``
-/ ``val_kurtosis_max``); runs logged without it fall back to the last training batch measured.
+quantisation results; never the weights. "Final" kurtosis is
+:func:`~outlierlab.metric_rows.final_kurtosis`: the held-out value (the monitor over the fixed
+validation windows in the evaluation at the run's last step); runs logged without it fall back
+to the last training batch measured.
 "Peak" is the largest over training, "init" the step-0 value; "mean"/"max" are over the
 measured layers (science §1, Eq. 1).
 """
@@ -17,30 +18,16 @@ from typing import Any
 
 import numpy as np
 
+from outlierlab import config as run_config
 from outlierlab.errors import DataError, RunFolderError
+from outlierlab.fields import SEED, flatten
+from outlierlab.metric_rows import (
+    HELD_OUT,
+    MONITOR_POINT_FIELDS,
+    FinalKurtosis,
+    final_kurtosis,
+)
 from outlierlab.run_folder import RunFolder, find_runs
-
-IGNORED_FOR_IDENTITY = ("out", "log.", "train.ckpt_every", "train.keep_checkpoints",
-                        "train.keep_last", "train.keep_ckpts", "train.device", "train.compile",
-                        "data.cache_dir", "train.log_every", "train.eval_every",
-                        "train.progress", "train.threads", "model.allow_unregulated")
-"""Config keys that never change the maths: runs differing only here are the same config
-(``model.allow_unregulated`` only permits a config, it changes no computation)."""
-
-
-def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """``{"optim": {"lr": 1}}`` → ``{"optim.lr": 1}``."""
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
-def is_seed_key(key: str) -> bool:
-    return key.rsplit(".", 1)[-1] in ("seed", "data_seed", "init_seed")
 
 
 def arch_label(model: dict[str, Any]) -> str:
@@ -122,6 +109,11 @@ class RunRecord:
     """The last logged value of every numeric row field, with its step."""
     last_step: int = -1
     """The largest step in ``metrics.jsonl``."""
+    final_kurt: FinalKurtosis = field(default_factory=FinalKurtosis)
+    """The final Kurt and where it was measured (:func:`~outlierlab.metric_rows.final_kurtosis`,
+    the one ``outlierlab runs`` prints too)."""
+    data_fingerprint: dict[str, Any] | None = None
+    """The data the run trained on (``status.json``; None for runs that did not record it)."""
 
     @property
     def name(self) -> str:
@@ -153,7 +145,8 @@ class RunRecord:
 
     @property
     def seed(self) -> Any:
-        seeds = [v for k, v in self.flat.items() if is_seed_key(k)]
+        """The run's seed (the config fields whose role is ``seed``: ``train.seed``)."""
+        seeds = [v for k, v in self.flat.items() if run_config.role(k) == SEED]
         return seeds[0] if seeds else None
 
     @property
@@ -165,13 +158,15 @@ class RunRecord:
         return self.status == "diverged"
 
     def identity(self, ignore: tuple[str, ...] = ()) -> tuple[tuple[str, str], ...]:
-        """Config as a hashable key without seeds, maths-free keys and ``ignore`` keys
-        (a key ending in ``.`` ignores a whole section)."""
-        skip = IGNORED_FOR_IDENTITY + ignore
-        return tuple(sorted(
-            (k, json.dumps(v, sort_keys=True)) for k, v in self.flat.items()
-            if not is_seed_key(k) and not any(k == s or (s.endswith(".") and k.startswith(s))
-                                              for s in skip)))
+        """What pairs runs, as a hashable key: the config without the fields that are seeds or
+        change no computation (:data:`outlierlab.config.NOT_IDENTITY`, from the fields' roles)
+        and without ``ignore`` keys (a key ending in ``.`` ignores a whole section), plus the
+        data fingerprint (``data_fingerprint``: runs on different data never pair)."""
+        keep = {k: v for k, v in self.flat.items()
+                if k not in run_config.NOT_IDENTITY and not any(
+                    k == s or (s.endswith(".") and k.startswith(s)) for s in ignore)}
+        keep["data_fingerprint"] = self.data_fingerprint
+        return tuple(sorted((k, json.dumps(v, sort_keys=True)) for k, v in keep.items()))
 
     # --- kurtosis summaries -----------------------------------------------------------
     def _layer_matrix(self) -> np.ndarray:
@@ -197,22 +192,18 @@ class RunRecord:
     @property
     def held_out(self) -> bool:
         """Whether the final Kurt was measured on the validation windows at the last step."""
-        return math.isfinite(self.final("val_kurtosis_mean"))
+        return self.final_kurt.source == HELD_OUT
 
     @property
     def final_kurt_mean(self) -> float:
-        """Mean over layers of Kurt at the end: held-out (validation windows) when logged."""
-        if self.held_out:
-            return self.final("val_kurtosis_mean")
-        s = self.kurt_mean_series
-        return float(s[-1]) if s.size else math.nan
+        """Mean over layers of Kurt at the end (:func:`~outlierlab.metric_rows.final_kurtosis`:
+        held-out when logged at the last step, else the last training batch measured)."""
+        return self.final_kurt.mean
 
     @property
     def final_kurt_max(self) -> float:
-        if self.held_out:
-            return self.final("val_kurtosis_max")
-        s = self.kurt_max_series
-        return float(s[-1]) if s.size else math.nan
+        """Largest over layers of Kurt at the end (as :attr:`final_kurt_mean`)."""
+        return self.final_kurt.max
 
     @property
     def init_kurt_mean(self) -> float:
@@ -261,7 +252,7 @@ def _num(v: Any) -> float:
         return math.nan
 
 
-LAYER_METRICS = ("kurtosis", "cos_sim", "mmr", "kurtosis_authors", "corr_authors", "attn_entropy")
+LAYER_METRICS = MONITOR_POINT_FIELDS
 """The per-layer ``{point: value}`` fields of a monitor step's ``metrics.jsonl`` row."""
 
 
@@ -300,7 +291,8 @@ def _series(rows: list[dict[str, Any]]) -> dict[str, Any]:
         kurt_steps=np.array(k_steps, dtype=np.int64),
         kurtosis=arrays["kurtosis"], cos_sim=arrays["cos_sim"], layer_series=arrays,
         tokens_per_s=float(np.median(finite_tps)) if finite_tps else math.nan,
-        finals=finals, last_step=max((r["step"] for r in rows), default=-1))
+        finals=finals, last_step=max((r["step"] for r in rows), default=-1),
+        final_kurt=final_kurtosis(rows))
 
 
 def _quant(run: RunFolder) -> dict[str, QuantResult]:
@@ -320,7 +312,9 @@ def load_run(path: str | Path | RunFolder) -> RunRecord:
     return RunRecord(
         path=run.path, config=config, status=str(status.get("status", "unknown")),
         step=int(_num(step)) if math.isfinite(_num(step)) else 0,
-        message=str(status.get("message", "") or ""), quant=_quant(run), **_series(rows))
+        message=str(status.get("message", "") or ""), quant=_quant(run),
+        data_fingerprint=fp if isinstance(fp := status.get("data_fingerprint"), dict) else None,
+        **_series(rows))
 
 
 def load_runs(paths: list[str | Path]) -> tuple[list[RunRecord], list[tuple[Path, str]]]:

@@ -50,6 +50,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from outlierlab import version_info
 from outlierlab.config import RunConfig, changed_maths_fields
 from outlierlab.errors import (
     EXIT_CODES,
@@ -173,6 +174,9 @@ class Trainer:
         cfg.model = dataclasses.replace(cfg.model, vocab_size=self.data.tokenizer.vocab_size)
         self._on_all_ranks(lambda: self._check_run_folder(resume, allow_data_change))
 
+        # Same seed on every rank: identical initial weights without a broadcast, and the
+        # sampler (seeded alike) draws the same global batch everywhere; each rank then takes
+        # its own micro-batches of it (module docstring).
         random.seed(tc.seed)
         np.random.seed(tc.seed)
         torch.manual_seed(tc.seed)
@@ -295,8 +299,11 @@ class Trainer:
         if cfg.data.tokenizer != "bytes":
             self.data.tokenizer.save(run.path)
         run.truncate_metrics(self.step if self.step else -1)  # step 0 is logged again
+        dtype = resolve_precision(cfg.train.precision, self.dist.device)
         run.set_status("running", self.step, "", data_fingerprint=self.data.fingerprint,
-                       started=run.status.get("started", utc_now()))
+                       started=run.status.get("started", utc_now()),
+                       device=str(self.dist.device), precision="bf16" if dtype else "fp32",
+                       world_size=self.dist.world_size, code=version_info())  # fmt: skip
         self._writer = run.metrics_writer()
 
     def _write_row(self, row: dict[str, Any]) -> None:
@@ -394,7 +401,7 @@ class Trainer:
         first training batch, left in the sampler, and the validation metrics."""
         state = self.sampler.state_dict()
         x, y = self.sampler.next()
-        self.sampler.load_state_dict(state)
+        self.sampler.load_state_dict(state)  # put it back: step 1 trains on this very batch
         loss, measured = self.measure(x, y)
         return {"step": 0, "tokens": 0, "loss": loss, **measured, **self.validate()}
 
