@@ -281,7 +281,8 @@ def resume_config(run_dir: str | Path, overrides: list[str] | None = None) -> Ru
 
     run = RunFolder(run_dir)
     if not run.is_run:
-        raise ConfigError(f"{run_dir} is not a run folder (no config.json) to resume")
+        raise ConfigError(f"{run_dir} is not a run folder (no {run.config_file.name}) to "
+                          "resume")
     pairs = [parse_override(t) for t in overrides or []]
     for key, _ in pairs:
         if key in ("model", "out"):

@@ -112,32 +112,36 @@ def final_kurtosis(rows: Iterable[Mapping[str, Any]]) -> FinalKurtosis:
     """The held-out Kurt logged at the last step of ``rows`` (``val_kurtosis_mean`` / ``_max``,
     measured by the final evaluation), else the last training batch measured
     (``kurtosis_mean`` / ``_max``)."""
+    finals: dict[str, tuple[int, float]] = {}
     last_step = -1
-    last_row: dict[str, Any] | None = None
-    last_kurt: Mapping[str, Any] | None = None
     for row in rows:
         step = row.get("step")
         if not isinstance(step, int):
             continue
-        if step > last_step:
-            last_step, last_row = step, dict(row)
-        elif step == last_step and last_row is not None:
-            last_row.update(row)
-        if _number(row.get("kurtosis_mean")) is not None:
-            last_kurt = row
-    if last_row is not None and _number(last_row.get("val_kurtosis_mean")) is not None:
-        return FinalKurtosis(_num(last_row["val_kurtosis_mean"]),
-                             _num(last_row.get("val_kurtosis_max")), last_step, HELD_OUT)
-    if last_kurt is not None:
-        return FinalKurtosis(_num(last_kurt["kurtosis_mean"]),
-                             _num(last_kurt.get("kurtosis_max")), last_kurt["step"], TRAIN_BATCH)
+        last_step = max(last_step, step)
+        finals.update({k: (step, x) for k in _KURT if (x := _number(row.get(k))) is not None})
+    return final_kurtosis_of(finals, last_step)
+
+
+_KURT = ("val_kurtosis_mean", "val_kurtosis_max", "kurtosis_mean", "kurtosis_max")
+
+
+def final_kurtosis_of(finals: Mapping[str, tuple[int, float]], last_step: int) -> FinalKurtosis:
+    """:func:`final_kurtosis` from the last logged ``(step, value)`` of each field and the
+    run's last step (what :class:`~outlierlab.experiments.results.RunRecord` keeps)."""
+    held = finals.get("val_kurtosis_mean")
+    if held is not None and held[0] == last_step >= 0:
+        top = finals.get("val_kurtosis_max", (-1, math.nan))
+        return FinalKurtosis(held[1], top[1] if top[0] == last_step else math.nan, last_step,
+                             HELD_OUT)
+    train = finals.get("kurtosis_mean")
+    if train is not None:
+        top = finals.get("kurtosis_max", (-1, math.nan))
+        return FinalKurtosis(train[1], top[1] if top[0] == train[0] else math.nan, train[0],
+                             TRAIN_BATCH)
     return FinalKurtosis()
 
 
 def _number(v: Any) -> float | None:
     return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else None
 
-
-def _num(v: Any) -> float:
-    x = _number(v)
-    return math.nan if x is None else x

@@ -25,9 +25,9 @@ from outlierlab.metric_rows import (
     HELD_OUT,
     MONITOR_POINT_FIELDS,
     FinalKurtosis,
-    final_kurtosis,
+    final_kurtosis_of,
 )
-from outlierlab.run_folder import RunFolder, find_runs
+from outlierlab.run_folder import RUN_CONFIG_FILE, STATUS_FILE, RunFolder, find_runs
 
 
 def arch_label(model: dict[str, Any]) -> str:
@@ -109,9 +109,6 @@ class RunRecord:
     """The last logged value of every numeric row field, with its step."""
     last_step: int = -1
     """The largest step in ``metrics.jsonl``."""
-    final_kurt: FinalKurtosis = field(default_factory=FinalKurtosis)
-    """The final Kurt and where it was measured (:func:`~outlierlab.metric_rows.final_kurtosis`,
-    the one ``outlierlab runs`` prints too)."""
     data_fingerprint: dict[str, Any] | None = None
     """The data the run trained on (``status.json``; None for runs that did not record it)."""
 
@@ -188,6 +185,12 @@ class RunRecord:
         """Field ``name``'s value if it was logged at the run's last step, else nan."""
         step, value = self.finals.get(name, (-1, math.nan))
         return value if step == self.last_step >= 0 else math.nan
+
+    @property
+    def final_kurt(self) -> FinalKurtosis:
+        """The final Kurt and where it was measured (:func:`~outlierlab.metric_rows.final_kurtosis`,
+        the one ``outlierlab runs`` prints too)."""
+        return final_kurtosis_of(self.finals, self.last_step)
 
     @property
     def held_out(self) -> bool:
@@ -291,8 +294,7 @@ def _series(rows: list[dict[str, Any]]) -> dict[str, Any]:
         kurt_steps=np.array(k_steps, dtype=np.int64),
         kurtosis=arrays["kurtosis"], cos_sim=arrays["cos_sim"], layer_series=arrays,
         tokens_per_s=float(np.median(finite_tps)) if finite_tps else math.nan,
-        finals=finals, last_step=max((r["step"] for r in rows), default=-1),
-        final_kurt=final_kurtosis(rows))
+        finals=finals, last_step=max((r["step"] for r in rows), default=-1))
 
 
 def _quant(run: RunFolder) -> dict[str, QuantResult]:
@@ -305,7 +307,8 @@ def load_run(path: str | Path | RunFolder) -> RunRecord:
     ``RunFolderError`` if its files cannot be read)."""
     run = path if isinstance(path, RunFolder) else RunFolder(path)
     if not run.is_run:
-        raise DataError(f"{run.path} is not a run folder; allowed: a folder with config.json "
+        raise DataError(f"{run.path} is not a run folder; allowed: a folder with "
+                        f"{run.config_file.name} "
                         "written by outlierlab train")
     config, status, rows = run.config, run.status, run.metrics
     step = status.get("step", rows[-1]["step"] if rows else 0)
@@ -332,5 +335,5 @@ def load_runs(paths: list[str | Path]) -> tuple[list[RunRecord], list[tuple[Path
             unreadable.append((run.path, str(exc)))
     if not records and not unreadable:
         raise DataError(f"no run folders among {', '.join(map(str, paths))}; allowed: folders "
-                        "with config.json and status.json")
+                        f"with {RUN_CONFIG_FILE} and {STATUS_FILE}")
     return records, unreadable

@@ -255,7 +255,8 @@ class Trainer:
             run.check_new()
             return
         if not run.is_run:
-            raise CheckpointError(f"{run.path} is not a run folder (no config.json) to resume")
+            raise CheckpointError(f"{run.path} is not a run folder (no {run.config_file.name}) "
+                                  "to resume")
         run.check_resumable()
 
     def _check_run_folder(self, resume: bool, allow_data_change: bool) -> None:
@@ -277,7 +278,7 @@ class Trainer:
             raise ConfigError(
                 f"cannot resume {run.path}: its data changed since the run started "
                 f"({', '.join(changed[:4])} differ); pass --allow-data-change to continue on "
-                "the new data (the old fingerprint is kept in status.json)"
+                f"the new data (the old fingerprint is kept in {run.status_file.name})"
             )
 
     def _open_run_folder(self) -> None:
