@@ -252,6 +252,7 @@ def test_every_row_key_is_in_the_schema_and_runs_agrees_with_report(corpus, cach
     report = json.loads((tmp_path / "rep" / "results.json").read_text())["runs"][0]
     assert report["final_kurt_mean"] == listed["final_kurtosis_mean"]
     assert report["kurt_from"] == HELD_OUT
+    capsys.readouterr()
     # without the held-out copy at the last step both fall back to the last training batch
     (out / "metrics.jsonl").write_text("".join(
         json.dumps({k: v for k, v in r.items() if not k.startswith("val_kurtosis")}) + "\n"
