@@ -52,6 +52,7 @@ MODEL_CONFIG_FILE = "model_config.json"
 HF_CONFIG_FILE = "config.json"
 """A Hugging Face model folder's config (``model_type``); the same name as a run's config."""
 QUANT_DIR = "quant"
+MEASURE_FILE = "measure.json"  # `outlierlab measure RUN --save`: the final model on held-out text
 LOCK_FILE = ".lock"
 TB_DIR = "tb"
 SWEEP_LOG = "sweep.log"
@@ -93,6 +94,7 @@ class RunFolder:
         self.checkpoints = self.path / CHECKPOINTS_DIR
         self.model_file = self.path / MODEL_FILE
         self.quant_dir = self.path / QUANT_DIR
+        self.measure_file = self.path / MEASURE_FILE
         self.lock_file = self.path / LOCK_FILE
         self.tb_dir = self.path / TB_DIR
         self.sweep_log = self.path / SWEEP_LOG

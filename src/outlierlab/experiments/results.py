@@ -1,9 +1,10 @@
 """Read a finished (or stopped) run folder into a typed :class:`RunRecord` for claims and the
 report, through :class:`~outlierlab.run_folder.RunFolder`: config, status, metrics and
-quantisation results; never the weights. "Final" kurtosis is
-:func:`~outlierlab.metric_rows.final_kurtosis`: the held-out value (the monitor over the fixed
-validation windows in the evaluation at the run's last step); runs logged without it fall back
-to the last training batch measured.
+quantisation results and the post-hoc measurement of the final model (``measure.json``:
+massive activations and attention sinks, written by ``outlierlab measure RUN --save``); never
+the weights. "Final" kurtosis is :func:`~outlierlab.metric_rows.final_kurtosis`: the held-out
+value (the monitor over the fixed validation windows in the evaluation at the run's last step);
+runs logged without it fall back to the last training batch measured.
 "Peak" is the largest over training, "init" the step-0 value; "mean"/"max" are over the
 measured layers (science §1, Eq. 1).
 """
@@ -27,7 +28,13 @@ from outlierlab.metric_rows import (
     FinalKurtosis,
     final_kurtosis_of,
 )
-from outlierlab.run_folder import RUN_CONFIG_FILE, STATUS_FILE, RunFolder, find_runs
+from outlierlab.run_folder import (
+    RUN_CONFIG_FILE,
+    STATUS_FILE,
+    RunFolder,
+    find_runs,
+    read_json_object,
+)
 
 
 def arch_label(model: dict[str, Any]) -> str:
@@ -111,6 +118,8 @@ class RunRecord:
     """The largest step in ``metrics.jsonl``."""
     data_fingerprint: dict[str, Any] | None = None
     """The data the run trained on (``status.json``; None for runs that did not record it)."""
+    measured: dict[str, Any] = field(default_factory=dict)
+    """``measure.json`` (``outlierlab measure RUN --save``), or {} when not measured."""
 
     @property
     def name(self) -> str:
@@ -224,6 +233,35 @@ class RunRecord:
         return self.finals.get("attn_entropy_min", (-1, math.nan))[1]
 
     @property
+    def kurt_growth(self) -> float:
+        """log(Kurt − 1) − log(Kurt₀ − 1) of the layer-mean Kurt, Kurt the final value and Kurt₀
+        the first measured one (step 0 when logged): how much of the excess over 1 (science §1)
+        training added, on a log scale; nan when either is ≤ 1 or missing."""
+        s = self.kurt_mean_series
+        k0, k = (float(s[0]) if s.size else math.nan), self.final_kurt_mean
+        return math.log(k - 1) - math.log(k0 - 1) if k > 1 and k0 > 1 else math.nan
+
+    @property
+    def first_token_mass(self) -> float:
+        """Attention-sink share: the mean over layers and heads of the attention probability
+        on token 0 (queries ≥ 1) of the final model on held-out windows (``measure.json``'s
+        profile, Sun et al. 2024 §3); nan when not measured."""
+        att = (self.measured.get("profile") or {}).get("attention") or []
+        vals = [_num(a.get("mass_token0")) for a in att if isinstance(a, dict)]
+        vals = [v for v in vals if math.isfinite(v)]
+        return float(np.mean(vals)) if vals else math.nan
+
+    @property
+    def max_median(self) -> float:
+        """max |x| / median |x| over the whole residual tensor (Sun et al. 2024's massive
+        activation criterion), the largest over the measured points, of the final model on
+        held-out windows (``measure.json``); nan when not measured."""
+        pts = (self.measured.get("profile") or {}).get("points") or []
+        vals = [_num(p.get("max_median_ratio")) for p in pts if isinstance(p, dict)]
+        vals = [v for v in vals if not math.isnan(v)]
+        return float(max(vals)) if vals else math.nan
+
+    @property
     def peak_kurt_mean(self) -> float:
         s = self.kurt_mean_series
         return float(np.nanmax(s)) if s.size else math.nan
@@ -317,6 +355,7 @@ def load_run(path: str | Path | RunFolder) -> RunRecord:
         step=int(_num(step)) if math.isfinite(_num(step)) else 0,
         message=str(status.get("message", "") or ""), quant=_quant(run),
         data_fingerprint=fp if isinstance(fp := status.get("data_fingerprint"), dict) else None,
+        measured=read_json_object(run.measure_file) if run.measure_file.is_file() else {},
         **_series(rows))
 
 

@@ -33,10 +33,20 @@ class TrainConfig:
     """Validation loss every k steps (and at the end); 0 = only at the end."""
     eval_windows: int = setting(64, EXTENDABLE)
     """Number of fixed validation windows (seq_len tokens each)."""
+    eval_docs: int = setting(0, EXTENDABLE)
+    """Draw the validation windows across this many documents of the validation split
+    (:func:`outlierlab.data.document_windows`, fixed per corpus); 0 = the split's first
+    ``eval_windows`` consecutive windows (a few documents)."""
     ckpt_every: int = setting(250, RESUMABLE)
     """Checkpoint every k steps (and at the end); 0 = only at the end."""
     keep_ckpts: int = setting(2, RESUMABLE)
     """Keep the last N checkpoints."""
+    sync_every: int = setting(50, RESUMABLE)
+    """Read the loss, gradient norm and stop flag on the host every k steps (and on every
+    log, eval, checkpoint and measured step); the steps between run without a host-device
+    sync. A non-finite loss on such a step is found, and the run reported diverged naming
+    that step, at the next read; a stop signal is honoured at the next read (single process:
+    at once). docs/train.md."""
     device: str = setting("auto", RESUMABLE)
     """auto (cuda if available, else cpu), cpu, cuda, cuda:N. Whether this machine has it is
     checked when the run starts (``train.distributed.pick_device``)."""
@@ -56,12 +66,14 @@ class TrainConfig:
     """TWEO's exponent p ≥ 1 (high powers weigh the largest activations most)."""
 
     def __post_init__(self) -> None:
-        for k in ("steps", "batch_size", "grad_accum", "log_every", "eval_windows", "keep_ckpts"):
+        for k in ("steps", "batch_size", "grad_accum", "log_every", "eval_windows", "keep_ckpts",
+                  "sync_every"):
             number(f"train.{k}", getattr(self, k), lo=1, hi=MAX_COUNT, integer=True)
         for k in ("eval_every", "ckpt_every"):
             number(f"train.{k}", getattr(self, k), lo=0, hi=MAX_COUNT, integer=True)
         for k in ("seed", "threads"):
             number(f"train.{k}", getattr(self, k), lo=0, integer=True)
+        number("train.eval_docs", self.eval_docs, lo=0, hi=MAX_COUNT, integer=True)
         choice("train.precision", self.precision, ("auto", "fp32", "bf16"))
         if not (isinstance(self.device, str) and DEVICE.fullmatch(self.device)):
             raise bad("train.device", self.device, "auto, cpu, cuda, cuda:N (N = 0, 1, ...)")

@@ -66,7 +66,7 @@ from outlierlab.train.callbacks import Callbacks, TrainerCallback
 from outlierlab.train.checkpoint import Checkpointer, RNGState, RunProgress
 from outlierlab.train.progress import Progress
 from outlierlab.train.sinks import Sinks
-from outlierlab.train.step import TrainStep, mean_loss, resolve_precision
+from outlierlab.train.step import StepResult, TrainStep, mean_loss, resolve_precision
 
 
 @dataclass
@@ -154,7 +154,7 @@ class Trainer:
 
     def _build(self, cfg: RunConfig, resume: bool, progress: bool,
                allow_data_change: bool) -> None:  # fmt: skip
-        from outlierlab.data import BatchSampler, prepare, validation_windows
+        from outlierlab.data import BatchSampler, document_windows, prepare, validation_windows
         from outlierlab.model import GPT
 
         dist = self.dist
@@ -185,7 +185,11 @@ class Trainer:
         self.global_batch = tc.batch_size * tc.grad_accum * dist.world_size
         self.sampler = BatchSampler(self.data.train, cfg.model.seq_len, self.global_batch,
                                     seed=tc.seed)  # fmt: skip
-        self.val = validation_windows(self.data.val, cfg.model.seq_len, tc.eval_windows)
+        if tc.eval_docs:
+            self.val = document_windows(self.data.val, cfg.model.seq_len, tc.eval_windows,
+                                        tc.eval_docs, self.data.tokenizer.eot_id)  # fmt: skip
+        else:
+            self.val = validation_windows(self.data.val, cfg.model.seq_len, tc.eval_windows)
         oc, warmup = cfg.optim, cfg.optim.warmup_steps(tc.steps)
         decay = round(oc.decay_frac * tc.steps)
         self._lr_factor = lambda step: lr_factor(step, tc.steps, oc.schedule, warmup,
@@ -334,26 +338,56 @@ class Trainer:
 
     def train_step(self) -> dict[str, Any] | None:
         """One optimiser step on the next global batch, with ``on_step_begin`` before it.
-        Returns ``{"loss", "lr", "grad_norm", "stop"}`` (averaged over ranks), or None when the
-        loss or gradient norm is not finite: no update, status ``diverged``."""
+        Returns ``{"loss", "lr", "grad_norm", "stop"}`` (averaged over ranks) on a read step
+        (:meth:`reads`), ``{"lr", "stop": False}`` on the others (nothing read on the host), or
+        None when a loss or gradient norm read was not finite: status ``diverged``."""
         n = self.step + 1  # the step being taken, 1-based
         lr = set_lr(self.optimizer, self._lr_factor(self.step))
         self.callbacks.on_step_begin(self, n)
-        self.batch = self.sampler.next()
-        out = self.step_fn(*self.batch, stop=self.stop.requested is not None)
-        if not out.finite:
-            what = "loss" if not math.isfinite(out.loss) else "gradient norm"
-            good = self.checkpointer.latest
-            self.status = "diverged"
-            self.message = (
-                f"non-finite {what} ({out.loss if what == 'loss' else out.grad_norm}) at step "
-                f"{n}; stopped; last good checkpoint: {good if good else 'none'}"
-            )
+        x, y = self.sampler.next()
+        if self.dist.device.type == "cuda":  # pinned: the copies to the GPU do not block
+            x, y = x.pin_memory(), y.pin_memory()
+        self.batch = (x, y)
+        read = self.reads(n)
+        out = self.step_fn(x, y, stop=self.stop.requested is not None, read=read)
+        if out is not None and not self._check(out, n):
             return None
         self.step, self.tokens = n, self.tokens + self.global_batch * self.cfg.model.seq_len
         self.bar.update(self.step)
+        if out is None:
+            return {"lr": lr, "stop": False}
         return {"loss": out.loss, "lr": lr, "grad_norm": out.grad_norm, "stop": out.stop,
                 **({} if out.penalty is None else {"loss_penalty": out.penalty})}
+
+    def reads(self, step: int) -> bool:
+        """Whether step ``step`` reads its loss on the host: every ``train.sync_every`` steps,
+        on log, eval, checkpoint, measured and the last step, and (one process) once a stop
+        signal came. The same on every rank (a stop read is an all-reduce)."""
+        tc, lc = self.cfg.train, self.cfg.log
+        every = (tc.sync_every, tc.log_every, lc.kurtosis_every, lc.profile_every)
+        return (step >= tc.steps or any(k and step % k == 0 for k in every)
+                or self.should_validate(step) or self.checkpointer.should_save(step)
+                or (self.stop.requested is not None and not self.dist.enabled))
+
+    def _check(self, out: StepResult, n: int) -> bool:
+        """False (status ``diverged``) when ``out``, read at step ``n``, holds a non-finite
+        loss or gradient norm: the first such step is named, and the run's step set to the
+        one before it."""
+        if out.finite:
+            return True
+        what = "loss" if not math.isfinite(out.loss) else "gradient norm"
+        bad = n - out.back
+        good = self.checkpointer.latest
+        self.status = "diverged"
+        self.step = bad - 1
+        self.tokens = self.step * self.global_batch * self.cfg.model.seq_len
+        found = (f"; found at step {n} (the loss is read every train.sync_every steps)"
+                 if out.back else "")
+        self.message = (
+            f"non-finite {what} ({out.loss if what == 'loss' else out.grad_norm}) at step "
+            f"{bad}{found}; stopped; last good checkpoint: {good if good else 'none'}"
+        )
+        return False
 
     def local_micro_batches(self) -> list[torch.Tensor]:
         """This rank's micro-batches (inputs) of the last step's global batch."""
@@ -462,6 +496,12 @@ class Trainer:
             with self._paused_clock():
                 row.update(self.validate())
         if row or self.step % tc.log_every == 0 or is_last:
+            if "loss" not in out:  # a callback logged on an unread step: read it now
+                res = self.step_fn.read()
+                if not self._check(res, self.step):
+                    return False
+                out = {**out, "loss": res.loss, "grad_norm": res.grad_norm,
+                       **({} if res.penalty is None else {"loss_penalty": res.penalty})}
             self.log(self._row(out, row))
         if out["stop"] or not is_last:  # a finished run's last checkpoint: finish()
             with self._paused_clock():
