@@ -54,6 +54,7 @@ RESUMABLE = frozenset(
         "train.eval_windows",
         "train.ckpt_every",
         "train.keep_ckpts",
+        "train.sync_every",
         "train.device",
         "train.compile",
         "train.threads",
@@ -75,6 +76,12 @@ class RunConfig:
     log: LogConfig = field(default_factory=LogConfig)
     out: str = ""
     """Run folder; empty = runs/<block>-<optim>-<UTC time> chosen at start."""
+
+    def __post_init__(self) -> None:
+        if self.train.parallel == "fsdp":  # an optimiser that needs whole matrices: refused
+            from outlierlab.train.fsdp import check_optimizer
+
+            check_optimizer(self.optim.name)
 
     def to_dict(self) -> dict[str, Any]:
         d = {s: _asdict(getattr(self, s)) for s in SECTIONS}

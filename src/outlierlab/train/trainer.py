@@ -59,7 +59,7 @@ from outlierlab.errors import (
 from outlierlab.optim import build_optimizer, lr_factor, set_lr
 from outlierlab.run_folder import MetricsWriter, RunFolder, RunLock, utc_now
 from outlierlab.train import checkpoint as ckpt
-from outlierlab.train import distributed
+from outlierlab.train import distributed, fsdp
 from outlierlab.train.callbacks import Callbacks, TrainerCallback
 from outlierlab.train.progress import Progress
 from outlierlab.train.sinks import Sinks
@@ -176,6 +176,10 @@ class Trainer:
         np.random.seed(tc.seed)
         torch.manual_seed(tc.seed)
         self.model = GPT(cfg.model).to(dist.device)
+        self.dtype = resolve_precision(tc.precision, dist.device)
+        self.fsdp = tc.parallel == "fsdp"
+        if self.fsdp and dist.enabled:  # shard before the optimiser: it holds the shards
+            fsdp.shard(self.model, self.dtype, dist.device)
         self.optimizer = build_optimizer(self.model, cfg.optim)
         self.global_batch = tc.batch_size * tc.grad_accum * dist.world_size
         self.sampler = BatchSampler(self.data.train, cfg.model.seq_len, self.global_batch,
@@ -224,7 +228,14 @@ class Trainer:
         last = run.latest_checkpoint
         if last is None:
             return
-        state = ckpt.load_checkpoint(last, self.model, self.optimizer, dist.device)
+        if fsdp.is_dcp(last) != self.fsdp:
+            raise CheckpointError(
+                f"{last} is a {'DCP (train.parallel=fsdp)' if fsdp.is_dcp(last) else 'DDP'} "
+                f"checkpoint; this run trains with train.parallel={self.cfg.train.parallel}")
+        if self.fsdp:
+            state = fsdp.load_checkpoint(last, self.model, self.optimizer)
+        else:
+            state = ckpt.load_checkpoint(last, self.model, self.optimizer, dist.device)
         ckpt.check_state(state, last)
         self.saved_at = int(state["step"])
         if state.get("global_batch", self.global_batch) != self.global_batch:
@@ -245,7 +256,7 @@ class Trainer:
     def _wrap(self) -> None:
         """DDP, ``torch.compile`` and autocast around the bare model: :attr:`step_fn`."""
         tc, dist, net = self.cfg.train, self.dist, self.model
-        if dist.enabled:
+        if dist.enabled and not self.fsdp:  # FSDP: the model is sharded in place already
             from torch.nn.parallel import DistributedDataParallel as DDP
 
             net = DDP(self.model, device_ids=[dist.device] if dist.device.type == "cuda" else None)
@@ -253,7 +264,6 @@ class Trainer:
             net = torch.compile(net)
         if dist.device.type == "cuda":
             torch.set_float32_matmul_precision("high")
-        self.dtype = resolve_precision(tc.precision, dist.device)
         self.step_fn = TrainStep(
             self.model, self.optimizer, net=net, micro=tc.batch_size, accum=tc.grad_accum,
             clip=self.cfg.optim.grad_clip, dtype=self.dtype, dist=dist,
@@ -281,7 +291,10 @@ class Trainer:
         if not resume:
             return
         saved = RunConfig.from_dict(run.config)
-        changed = changed_maths_fields(saved, cfg)
+        # the per-rank split of the global batch may change (another rank count): the global
+        # batch itself is checked against the checkpoint in _restore
+        changed = [k for k in changed_maths_fields(saved, cfg)
+                   if k not in ("train.batch_size", "train.grad_accum")]
         if changed:
             a, b, k = saved.flat(), cfg.flat(), changed[0]
             raise ConfigError(
@@ -430,13 +443,19 @@ class Trainer:
             if meter is not None:
                 meter.open(self.model)
                 meter.begin_step(self.step)
+            pad = None
+            if fsdp.is_sharded(self.model):  # every rank runs as many forwards (collectives)
+                pad = meter.paused if meter is not None else contextlib.nullcontext
             with torch.no_grad():
                 loss = mean_loss(self.model, x, y, self.cfg.train.batch_size, self.dist,
-                                 self.dtype, before=meter.number if meter else None)  # fmt: skip
+                                 self.dtype, before=meter.number if meter else None,
+                                 pad=pad)  # fmt: skip
             measured = meter.end_step(all_reduce=self.dist.enabled) if meter else None
         finally:
             if meter is not None:
                 meter.close()
+            if fsdp.is_sharded(self.model):
+                fsdp.reshard(self.model)
         return loss, (measured.row() if measured is not None else {})
 
     def _step_zero(self) -> dict[str, Any]:
@@ -456,14 +475,18 @@ class Trainer:
         self.callbacks.on_log(self, row)
 
     def save(self, step: int) -> Path | None:
-        """Checkpoint ``step`` (every rank gathers RNG states; rank 0 writes), then ``on_save``."""
+        """Checkpoint ``step`` (every rank gathers RNG states; rank 0 writes, every rank its
+        shards with FSDP), then ``on_save``."""
         self.saved_at = step
         rng = distributed.all_gather_object(ckpt.rng_state(), self.dist)
         path = None
-        if self.dist.is_main:
-            state = {"tokens": self.tokens, "global_batch": self.global_batch,
-                     "world_size": self.dist.world_size, "sampler": self.sampler.state_dict(),
-                     "rng": rng, "saved": utc_now()}  # fmt: skip
+        state = {"tokens": self.tokens, "global_batch": self.global_batch,
+                 "world_size": self.dist.world_size, "sampler": self.sampler.state_dict(),
+                 "rng": rng, "saved": utc_now()}  # fmt: skip
+        if self.fsdp:  # every rank writes its shards
+            path = fsdp.save_checkpoint(self.run, step, self.model, self.optimizer, state,
+                                        self.cfg.train.keep_ckpts, self.dist)  # fmt: skip
+        elif self.dist.is_main:
             path = ckpt.save_checkpoint(self.run, step, self.model, self.optimizer,
                                         state, self.cfg.train.keep_ckpts)  # fmt: skip
         self.callbacks.on_save(self, step)
@@ -535,7 +558,9 @@ class Trainer:
         if self.status == "running" and self.step >= self.cfg.train.steps:
             if self.saved_at != self.step:
                 self.save(self.step)
-            if self.dist.is_main:
+            if self.fsdp:  # the full weights gathered to rank 0
+                fsdp.export(self.model, self.run.path, self.dist)
+            elif self.dist.is_main:
                 self.model.save(self.run.path)
             self.status, self.message = "finished", f"finished {self.step} steps"
         self.callbacks.on_train_end(self, self.status)
