@@ -41,6 +41,7 @@ CHECKPOINT_STATE = "state.json"
 MODEL_FILE = "model.safetensors"  # the final weights: a GPT.save folder at the run's root
 MODEL_CONFIG_FILE = "model_config.json"
 QUANT_DIR = "quant"
+MEASURE_FILE = "measure.json"  # `outlierlab measure RUN --save`: the final model on held-out text
 LOCK_FILE = ".lock"
 TB_DIR = "tb"
 SECTIONS = ("model", "data", "optim", "train", "log")
@@ -80,6 +81,7 @@ class RunFolder:
         self.checkpoints = self.path / CHECKPOINTS_DIR
         self.model_file = self.path / MODEL_FILE
         self.quant_dir = self.path / QUANT_DIR
+        self.measure_file = self.path / MEASURE_FILE
         self.lock_file = self.path / LOCK_FILE
         self.tb_dir = self.path / TB_DIR
         self._status: dict[str, Any] = {}

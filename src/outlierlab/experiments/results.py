@@ -1,6 +1,8 @@
 """Read a finished (or stopped) run folder into a typed :class:`RunRecord` for claims and the
 report, through :class:`~outlierlab.run_folder.RunFolder`: config, status, metrics and
-quantisation results; never the weights. "Final" kurtosis is the held-out value: the monitor
+quantisation results and the post-hoc measurement of the final model (``measure.json``:
+massive activations and attention sinks, written by ``outlierlab measure RUN --save``); never
+the weights. "Final" kurtosis is the held-out value: the monitor
 over the fixed validation windows in the evaluation at the run's last step (``val_kurtosis_mean``
 / ``val_kurtosis_max``); runs logged without it fall back to the last training batch measured.
 "Peak" is the largest over training, "init" the step-0 value; "mean"/"max" are over the
@@ -122,6 +124,8 @@ class RunRecord:
     """The last logged value of every numeric row field, with its step."""
     last_step: int = -1
     """The largest step in ``metrics.jsonl``."""
+    measured: dict[str, Any] = field(default_factory=dict)
+    """``measure.json`` (``outlierlab measure RUN --save``), or {} when not measured."""
 
     @property
     def name(self) -> str:
@@ -230,6 +234,35 @@ class RunRecord:
         return self.finals.get("attn_entropy_min", (-1, math.nan))[1]
 
     @property
+    def kurt_growth(self) -> float:
+        """log(Kurt − 1) − log(Kurt₀ − 1) of the layer-mean Kurt, Kurt the final value and Kurt₀
+        the first measured one (step 0 when logged): how much of the excess over 1 (science §1)
+        training added, on a log scale; nan when either is ≤ 1 or missing."""
+        s = self.kurt_mean_series
+        k0, k = (float(s[0]) if s.size else math.nan), self.final_kurt_mean
+        return math.log(k - 1) - math.log(k0 - 1) if k > 1 and k0 > 1 else math.nan
+
+    @property
+    def first_token_mass(self) -> float:
+        """Attention-sink share: the mean over layers and heads of the attention probability
+        on token 0 (queries ≥ 1) of the final model on held-out windows (``measure.json``'s
+        profile, Sun et al. 2024 §3); nan when not measured."""
+        att = (self.measured.get("profile") or {}).get("attention") or []
+        vals = [_num(a.get("mass_token0")) for a in att if isinstance(a, dict)]
+        vals = [v for v in vals if math.isfinite(v)]
+        return float(np.mean(vals)) if vals else math.nan
+
+    @property
+    def max_median(self) -> float:
+        """max |x| / median |x| over the whole residual tensor (Sun et al. 2024's massive
+        activation criterion), the largest over the measured points, of the final model on
+        held-out windows (``measure.json``); nan when not measured."""
+        pts = (self.measured.get("profile") or {}).get("points") or []
+        vals = [_num(p.get("max_median_ratio")) for p in pts if isinstance(p, dict)]
+        vals = [v for v in vals if not math.isnan(v)]
+        return float(max(vals)) if vals else math.nan
+
+    @property
     def peak_kurt_mean(self) -> float:
         s = self.kurt_mean_series
         return float(np.nanmax(s)) if s.size else math.nan
@@ -326,7 +359,9 @@ def load_run(path: str | Path | RunFolder) -> RunRecord:
     return RunRecord(
         path=run.path, config=config, status=str(status.get("status", "unknown")),
         step=int(_num(step)) if math.isfinite(_num(step)) else 0,
-        message=str(status.get("message", "") or ""), quant=_quant(run), **_series(rows))
+        message=str(status.get("message", "") or ""), quant=_quant(run),
+        measured=read_json_object(run.measure_file) if run.measure_file.is_file() else {},
+        **_series(rows))
 
 
 def load_runs(paths: list[str | Path]) -> tuple[list[RunRecord], list[tuple[Path, str]]]:
