@@ -52,6 +52,7 @@ RESUMABLE = frozenset(
         "train.log_every",
         "train.eval_every",
         "train.eval_windows",
+        "train.eval_docs",
         "train.ckpt_every",
         "train.keep_ckpts",
         "train.sync_every",

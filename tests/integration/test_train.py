@@ -10,6 +10,7 @@ import shutil
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -257,3 +258,26 @@ def test_plain_steps_make_no_host_sync(corpus, cache_dir, tmp_path):
     assert all(counts[s] > 0 for s in reads), counts
     rows = RunFolder(tmp_path / "s").metrics
     assert [r["step"] for r in rows] == [0, 5, 6, 10, 12]
+
+
+def test_validation_windows_across_documents(corpus, cache_dir, tmp_path):
+    """``train.eval_docs``: the trainer's validation windows are
+    :func:`~outlierlab.data.document_windows` of the validation split, one document each here;
+    0 keeps the first consecutive windows."""
+    from outlierlab.data import document_starts, document_windows, validation_windows
+    from outlierlab.train.trainer import Trainer
+
+    cfg = tiny_cfg(corpus, tmp_path / "docs", "train.steps=1", "train.eval_windows=4",
+                   "train.eval_docs=4", "data.val_fraction=0.2")
+    with Trainer(cfg, progress=False) as t:
+        val, eot = t.data.val, t.data.tokenizer.eot_id
+        want = document_windows(val, cfg.model.seq_len, 4, 4, eot)
+        assert all(torch.equal(a, b) for a, b in zip(t.val, want))
+        starts = document_starts(val, eot)
+        first = [int(np.flatnonzero(np.all(np.lib.stride_tricks.sliding_window_view(
+            val, cfg.model.seq_len) == row, axis=1))[0]) for row in t.val[0].numpy()]
+        assert len(set(np.searchsorted(starts, first, side="right"))) == 4  # 4 documents
+    plain = tiny_cfg(corpus, tmp_path / "plain", "train.steps=1", "train.eval_windows=4")
+    with Trainer(plain, progress=False) as t:
+        want = validation_windows(t.data.val, plain.model.seq_len, 4)
+        assert all(torch.equal(a, b) for a, b in zip(t.val, want))

@@ -106,7 +106,10 @@ def test_mitigations_applies_each_method_alone_to_the_baseline():
     base = next(r for r in runs if r.arch == "pre-ln" and r.optimizer == "adamw"
                 and r.flat.get("train.tweo_weight") == 0 and r.seed == 0)
     quick = next(r for r in records("quick") if (r.arch, r.optimizer) == ("pre-ln", "adamw"))
-    assert C.config_diff(base, quick) == []  # the quick preset's setting
+    # the quick preset's setting, but for its validation set (issue 23: 256 windows across 60
+    # documents of a 10 % split; the mitigations sweep kept the 32 first windows of 5 %)
+    assert C.config_diff(base, quick, ("train.eval_windows", "train.eval_docs",
+                                       "data.val_fraction")) == []
     want = {
         frozenset({"model.attn"}): 4,  # softmax1, softpick, clipped; orthoadam+softmax1 below
         frozenset({"model.attn_gate"}): 2,

@@ -33,6 +33,10 @@ class TrainConfig:
     """Validation loss every k steps (and at the end); 0 = only at the end."""
     eval_windows: int = 64
     """Number of fixed validation windows (seq_len tokens each)."""
+    eval_docs: int = 0
+    """Draw the validation windows across this many documents of the validation split
+    (:func:`outlierlab.data.document_windows`, fixed per corpus); 0 = the split's first
+    ``eval_windows`` consecutive windows (a few documents)."""
     ckpt_every: int = 250
     """Checkpoint every k steps (and at the end); 0 = only at the end."""
     keep_ckpts: int = 2
@@ -74,6 +78,7 @@ class TrainConfig:
             number(f"train.{k}", getattr(self, k), lo=0, hi=MAX_COUNT, integer=True)
         for k in ("seed", "threads"):
             number(f"train.{k}", getattr(self, k), lo=0, integer=True)
+        number("train.eval_docs", self.eval_docs, lo=0, hi=MAX_COUNT, integer=True)
         choice("train.precision", self.precision, ("auto", "fp32", "bf16"))
         choice("train.parallel", self.parallel, ("ddp", "fsdp"))
         if not (isinstance(self.device, str) and DEVICE.fullmatch(self.device)):

@@ -152,7 +152,7 @@ class Trainer:
 
     def _build(self, cfg: RunConfig, resume: bool, progress: bool,
                allow_data_change: bool) -> None:  # fmt: skip
-        from outlierlab.data import BatchSampler, prepare, validation_windows
+        from outlierlab.data import BatchSampler, document_windows, prepare, validation_windows
         from outlierlab.model import GPT
 
         dist = self.dist
@@ -184,7 +184,11 @@ class Trainer:
         self.global_batch = tc.batch_size * tc.grad_accum * dist.world_size
         self.sampler = BatchSampler(self.data.train, cfg.model.seq_len, self.global_batch,
                                     seed=tc.seed)  # fmt: skip
-        self.val = validation_windows(self.data.val, cfg.model.seq_len, tc.eval_windows)
+        if tc.eval_docs:
+            self.val = document_windows(self.data.val, cfg.model.seq_len, tc.eval_windows,
+                                        tc.eval_docs, self.data.tokenizer.eot_id)  # fmt: skip
+        else:
+            self.val = validation_windows(self.data.val, cfg.model.seq_len, tc.eval_windows)
         oc, warmup = cfg.optim, cfg.optim.warmup_steps(tc.steps)
         decay = round(oc.decay_frac * tc.steps)
         self._lr_factor = lambda step: lr_factor(step, tc.steps, oc.schedule, warmup,
