@@ -8,12 +8,12 @@
 - :func:`check_optimizer`: optimisers that need whole matrices (SOAP, Shampoo, OrthoAdam: an
   eigendecomposition or an orthogonal basis of each matrix) are refused in one line; AdamW,
   AdaFactor, Muon and SGD run on the shards (DTensor maths, tested against one process).
-- :func:`save_checkpoint` / :func:`load_checkpoint`: ``checkpoints/step-N/dcp/`` written by
-  ``torch.distributed.checkpoint`` (one ``__R_0.distcp`` file per rank and a ``.metadata``
-  index; model and optimiser state keyed by parameter name), beside ``state.json``. A DCP
-  checkpoint loads at any rank count (1 process: an unsharded model), so a run resumes on
-  another number of ranks. Written into a temporary folder that rank 0 renames into place,
-  like the DDP checkpoints (``checkpoint.py``).
+- :class:`DCPFormat`, the :class:`~outlierlab.train.checkpoint.Checkpointer`'s format for
+  FSDP runs: ``checkpoints/step-N/dcp/`` written by ``torch.distributed.checkpoint`` (one
+  ``__R_0.distcp`` file per rank and a ``.metadata`` index; model and optimiser state keyed by
+  parameter name), beside ``state.json``. A DCP checkpoint loads at any rank count (1 process:
+  an unsharded model), so a run resumes on another number of ranks. The Checkpointer writes it
+  into a temporary folder that rank 0 renames into place, as for DDP runs.
 - :func:`export`: the full weights gathered to rank 0 and written as ``model.safetensors`` +
   ``model_config.json`` (``GPT.save``) at the run's root, so ``measure`` / ``quantize`` load an
   FSDP run as any other. safetensors cannot hold a sharded state dict, hence the gather.
@@ -24,16 +24,15 @@ checkpoints are DCP all the same, so the run can continue on several ranks.
 
 from __future__ import annotations
 
-import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from outlierlab import safe_io
 from outlierlab.errors import CheckpointError, ConfigError, first_line
-from outlierlab.run_folder import CHECKPOINT_STATE, RunFolder, write_json
+from outlierlab.jsonable import write_json
 from outlierlab.train import distributed
 
 DCP_DIR = "dcp"
@@ -95,72 +94,59 @@ def is_dcp(path: Path) -> bool:
     return (path / DCP_DIR / ".metadata").is_file()
 
 
-def save_checkpoint(run: RunFolder, step: int, model: nn.Module, optimizer: Any,
-                    state: dict[str, Any], keep: int, dist: distributed.Dist) -> Path:  # fmt: skip
-    """Every rank: write ``checkpoints/step-{step}`` of ``run`` as DCP shards plus (rank 0)
-    ``state.json``, atomically (a temporary folder rank 0 renames), then rank 0 deletes all
-    but the newest ``keep``."""
-    import torch.distributed.checkpoint as dcp
+class DCPFormat:
+    """The :class:`~outlierlab.train.checkpoint.CheckpointFormat` of ``train.parallel=fsdp``:
+    the model and optimiser as DCP shards in ``dcp/`` (every rank writes its own), the other
+    states in ``state.json`` as :class:`~outlierlab.train.checkpoint.FolderFormat` writes it
+    (rank 0). Loads at any rank count."""
 
-    from outlierlab.train import checkpoint as ckpt
+    def save(self, folder: Path, states: Mapping[str, Any], dist: distributed.Dist) -> None:
+        import torch.distributed.checkpoint as dcp
 
-    root, final = run.checkpoints, run.checkpoint_path(step)
-    tmp = root / distributed.broadcast_object(f"{ckpt._TMP}{step}-{os.getpid()}", dist)
-    error: BaseException | None = None
-    if dist.is_main:
-        root.mkdir(parents=True, exist_ok=True)
-        safe_io.remove(tmp)
-        tmp.mkdir()
-    if dist.enabled:
-        torch.distributed.barrier()
-    try:
-        dcp.save(_state(model, optimizer), checkpoint_id=str(tmp / DCP_DIR))
-    except Exception as exc:  # every rank learns that one failed
-        error = exc
-    errors = [e for e in distributed.all_gather_object(
-        None if error is None else first_line(error), dist) if e]  # fmt: skip
-    try:
-        if errors:
-            raise OSError(f"{final}: writing the DCP checkpoint failed ({errors[0]})")
-        if dist.is_main:
-            write_json(tmp / CHECKPOINT_STATE, {**state, "step": step})
-            if final.exists():
-                ckpt._delete(final)
-            os.replace(tmp, final)
-            for _, p in run.checkpoint_list()[:-keep]:
-                ckpt._delete(p)
-    except BaseException as exc:
-        if dist.is_main:
-            safe_io.remove(tmp)
-        new = safe_io.as_os_error(exc, final) if isinstance(exc, Exception) else exc
-        if new is exc:
+        from outlierlab.run_folder import CheckpointFiles, utc_now
+
+        # every rank writes into rank 0's temporary folder (its name holds rank 0's pid)
+        folder = Path(distributed.broadcast_object(str(folder), dist))
+        rest = {name: s.state_dict() for name, s in states.items()
+                if name not in ("model", "optimizer")}  # collective (RNGState gathers)
+        dcp.save(_state(states["model"], states["optimizer"]),
+                 checkpoint_id=str(folder / DCP_DIR))  # fmt: skip
+        if not dist.is_main:
+            return
+        progress = rest.pop("progress", {})
+        rng = rest.pop("rng", None)
+        state = {**progress, **rest, "saved": utc_now()}
+        if rng is not None:
+            state["rng"] = rng["ranks"]
+        write_json(CheckpointFiles(folder).state, state)  # last: the folder is complete
+
+    def load(self, folder: Path, states: Mapping[str, Any], device: torch.device | str
+             ) -> dict[str, Any]:  # fmt: skip
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import set_state_dict
+
+        from outlierlab.run_folder import CheckpointFiles, read_json_object
+        from outlierlab.train.checkpoint import check_state
+
+        if not is_dcp(folder):
+            raise CheckpointError(f"{folder} is not a DCP checkpoint (train.parallel=ddp wrote "
+                                  "it); resume it with train.parallel=ddp")
+        model, optimizer = states["model"], states["optimizer"]
+        try:
+            sd = _state(model, optimizer)
+            dcp.load(sd, checkpoint_id=str(folder / DCP_DIR))
+            set_state_dict(model, optimizer, model_state_dict=sd["model"],
+                           optim_state_dict=sd["optim"])  # fmt: skip
+            state = read_json_object(CheckpointFiles(folder).state)
+        except CheckpointError:
             raise
-        raise new from None
-    finally:
-        if dist.enabled:
-            torch.distributed.barrier()
-    return final
-
-
-def load_checkpoint(path: Path, model: nn.Module, optimizer: Any) -> dict[str, Any]:
-    """Every rank: load a DCP checkpoint into ``model`` and ``optimizer`` (sharded or not, at
-    any rank count); return its ``state.json``."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import set_state_dict
-
-    from outlierlab.run_folder import read_json_object
-
-    try:
-        sd = _state(model, optimizer)
-        dcp.load(sd, checkpoint_id=str(path / DCP_DIR))
-        set_state_dict(model, optimizer, model_state_dict=sd["model"],
-                       optim_state_dict=sd["optim"])  # fmt: skip
-        return read_json_object(path / CHECKPOINT_STATE)
-    except CheckpointError:
-        raise
-    except Exception as exc:  # corrupt, foreign or mismatched files
-        raise CheckpointError(
-            f"{path}: cannot resume from this DCP checkpoint ({first_line(exc)})") from exc
+        except Exception as exc:  # corrupt, foreign or mismatched files
+            raise CheckpointError(f"{folder}: cannot resume from this DCP checkpoint "
+                                  f"({first_line(exc)})") from exc
+        check_state(state, folder)
+        return {"progress": state, "sampler": state["sampler"], "rng": {"ranks": state["rng"]},
+                **{k: state[k] for k in states if k not in ("model", "optimizer", "progress",
+                                                            "sampler", "rng") and k in state}}
 
 
 def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
