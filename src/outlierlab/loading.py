@@ -26,7 +26,13 @@ import torch
 from torch import nn
 
 from outlierlab.errors import ModelLoadError, RunFolderError
-from outlierlab.run_folder import MODEL_FILE, RunFolder
+from outlierlab.run_folder import (
+    HF_CONFIG_FILE,
+    MODEL_CONFIG_FILE,
+    CheckpointFiles,
+    RunFolder,
+    is_saved_model,
+)
 
 
 @dataclass
@@ -67,8 +73,6 @@ class LoadedModel:
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> LoadedModel:
     """Load an outlierlab run / saved GPT folder, a local Hugging Face folder or a GGUF file
     (offline)."""
-    from outlierlab.model.gpt import CONFIG_FILE
-
     path = Path(path)
     if not path.exists():
         raise ModelLoadError(
@@ -86,9 +90,9 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> LoadedMo
     try:
         if run.is_run:  # its newest weights: the final model once finished, else a checkpoint
             return _load_newest(run, device)
-        if (path / CONFIG_FILE).is_file():  # a saved GPT folder, or RUN/checkpoints/step-N
+        if is_saved_model(path):  # a saved GPT folder, or RUN/checkpoints/step-N
             owner = RunFolder.of_checkpoint(path)
-            step = int(path.name.split("-")[1]) if owner else None
+            step = RunFolder.checkpoint_step(path) if owner else None
             what = f"{owner.checkpoints.name}/{path.name}" if owner else "saved model"
             return _load_outlierlab(path, step, what, owner, device)
     except RunFolderError as exc:
@@ -99,8 +103,8 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> LoadedMo
         model, tok, seq_len = hf.load(path, device)
         return LoadedModel(model, tok, "hf", path, seq_len)
     raise ModelLoadError(
-        f"{path} holds no model: expected {CONFIG_FILE} (outlierlab) or config.json with "
-        f"model_type (Hugging Face)"
+        f"{path} holds no model: expected {MODEL_CONFIG_FILE} (outlierlab) or {HF_CONFIG_FILE} "
+        "with model_type (Hugging Face)"
     )
 
 
@@ -115,7 +119,7 @@ def _load_newest(run: RunFolder, device, tries: int = 5) -> LoadedModel:
         try:
             return _load_outlierlab(*newest, run, device)
         except (ModelLoadError, OSError):
-            gone = not (newest[0] / MODEL_FILE).is_file()
+            gone = not CheckpointFiles(newest[0]).weights.is_file()
             if not gone or attempt == tries - 1:
                 raise
     raise AssertionError("unreachable")

@@ -110,12 +110,14 @@ class MeasureEvery(Callback):
 
     def begin_step(self, step: int, rank: int = 0, world: int = 1) -> bool:
         """Step ``step`` begins: if it is due, measure every forward until :meth:`end_step`.
-        Rank ``rank`` of ``world`` numbers its forwards by global micro-batch (``loop.py``: rank
-        r takes micro-batch a·w + r at accumulation step a), so the subsamples do not depend on
+        Rank ``rank`` of ``world`` numbers its forwards by global micro-batch (``trainer.py``:
+        rank r takes micro-batch a·w + r at accumulation step a), so the subsamples do not depend on
         the rank count."""
         if self.monitor is None or self.measuring is not None or not self.due(step):
             return False
         self.monitor.reset()
+        # Subsample seeds derive from (step, global micro-batch), not from a running count:
+        # a resumed run, or one on another number of ranks, draws the same subsamples.
         self.monitor.number_forwards(step * FORWARDS_PER_STEP + rank, stride=world)
         self.monitor.enabled = True
         self.measuring = step

@@ -222,6 +222,49 @@ def test_bpe_run_folder_loads_for_measure(corpus, cache_dir, tmp_path):
         assert loaded.logits(torch.tensor([ids])).shape == (1, len(ids), 300)
 
 
+def test_every_row_key_is_in_the_schema_and_runs_agrees_with_report(corpus, cache_dir,
+                                                                    tmp_path, capsys):
+    """Every key the trainer, the monitor (and its held-out ``val_`` copies), the profile and
+    TWEO write is defined in :mod:`outlierlab.metric_rows`; ``runs`` and ``report`` print the
+    same final Kurt and say where it was measured."""
+    from outlierlab.experiments.results import load_run
+    from outlierlab.metric_rows import FIELDS, HELD_OUT, TRAIN_BATCH, unknown_fields
+
+    out = tmp_path / "run"
+    cfg = tiny_cfg(corpus, out, "train.steps=4", "train.log_every=1", "log.kurtosis_every=2",
+                   "log.profile_every=2", "train.tweo_weight=0.01")
+    assert train(cfg, progress=False).status == "finished"
+    status = RunFolder(out).status  # the resolved device and precision, not "auto"
+    assert (status["device"], status["precision"], status["world_size"]) == ("cpu", "fp32", 1)
+    assert status["code"]["version"] and len(status["code"].get("git_commit", "x" * 40)) == 40
+    rows = RunFolder(out).metrics
+    assert [unknown_fields(r) for r in rows] == [[]] * len(rows)
+    written = set().union(*rows)
+    assert {"val_kurtosis_mean", "massive_max", "loss_penalty", "kurtosis"} <= written
+    assert all(FIELDS[k].meaning for k in written)
+
+    assert main(["runs", str(tmp_path), "--json"]) == 0
+    listed = json.loads(capsys.readouterr().out.splitlines()[0])
+    record = load_run(out)
+    assert listed["kurtosis_from"] == record.final_kurt.source == HELD_OUT
+    assert listed["final_kurtosis_mean"] == record.final_kurt_mean == rows[-1]["val_kurtosis_mean"]
+    assert listed["final_kurtosis_max"] == record.final_kurt_max
+    assert main(["report", str(out), "--out", str(tmp_path / "rep")]) == 0
+    report = json.loads((tmp_path / "rep" / "results.json").read_text())["runs"][0]
+    assert report["final_kurt_mean"] == listed["final_kurtosis_mean"]
+    assert report["kurt_from"] == HELD_OUT
+    capsys.readouterr()
+    # without the held-out copy at the last step both fall back to the last training batch
+    (out / "metrics.jsonl").write_text("".join(
+        json.dumps({k: v for k, v in r.items() if not k.startswith("val_kurtosis")}) + "\n"
+        for r in rows))
+    assert main(["runs", str(tmp_path), "--json"]) == 0
+    listed = json.loads(capsys.readouterr().out.splitlines()[0])
+    assert listed["kurtosis_from"] == load_run(out).final_kurt.source == TRAIN_BATCH
+    assert listed["final_kurtosis_mean"] == rows[-1]["kurtosis_mean"] == load_run(
+        out).final_kurt_mean
+
+
 def test_divergence_on_an_unread_step_is_found_at_the_next_read(corpus, cache_dir, tmp_path):
     """Steps that neither log nor checkpoint do not read their loss on the host (issue 24): a
     non-finite one is found at the next read step and named; no checkpoint is written after

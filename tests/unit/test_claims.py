@@ -9,6 +9,7 @@ import pytest
 
 from outlierlab.experiments import claims as C
 from outlierlab.experiments.results import load_run, load_runs
+from outlierlab.run_folder import RunFolder
 from run_fixtures import write_run
 
 SEEDS = (0, 1, 2, 3)  # one cell of 4 same-seed pairs all in one direction: p = 2⁻⁴ = 0.0625
@@ -314,7 +315,10 @@ def test_final_kurtosis_is_the_held_out_value(tmp_path):
     assert r.kurt_mean_series[-1] == pytest.approx(3.0, abs=0.02)
     assert r.final_kurt_max == pytest.approx(1 + 1.5 * 1.4)
     plain = load_run(write_run(tmp_path / "b", kurt=3.0))
-    assert not plain.held_out and plain.final_kurt_mean == plain.kurt_mean_series[-1]
+    assert not plain.held_out and plain.final_kurt_mean == pytest.approx(
+        plain.kurt_mean_series[-1], rel=1e-12)
+    assert plain.final_kurt_mean == RunFolder(plain.path).metrics[-1]["kurtosis_mean"]
+    assert (r.final_kurt.source, plain.final_kurt.source) == ("held-out eval", "last train batch")
 
 
 def _ablation_runs(tmp_path, entropy_noqk=None, diverge=False):

@@ -1,8 +1,9 @@
 """The paper's claims (science §5.2) and its ablations, evaluated on a set of runs.
 
 **Pairing.** A claim compares two configurations only if their full resolved configs (model,
-data, optim, train) are equal except for the seed and the field under test (keys that never
-change the maths are left out: :data:`~outlierlab.experiments.results.IGNORED_FOR_IDENTITY`).
+data, optim, train) and their data fingerprints are equal except for the seed and the field
+under test (fields whose role is ``seed`` or ``resumable``, which change no computation, are
+left out: :data:`outlierlab.config.NOT_IDENTITY`, :meth:`RunRecord.identity`).
 Where the nearest candidate differs in more, the claim says ``not tested: runs differ in X``
 naming the fields. Each pair records the one field that differs (``optim.name: adamw → soap``).
 

@@ -53,7 +53,7 @@ from typing import Any
 
 from outlierlab import config
 from outlierlab.errors import ConfigError
-from outlierlab.fields import bad
+from outlierlab.fields import bad, flatten, preset_names
 from outlierlab.quant.config import SCHEMES
 
 if sys.version_info >= (3, 11):
@@ -175,22 +175,9 @@ def _digest(overrides: dict[str, Any]) -> str:
     return hashlib.sha1(blob).hexdigest()[:6]
 
 
-def _flatten(table: dict[str, Any], where: str, prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in table.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict):
-            out.update(_flatten(v, where, key + "."))
-        else:
-            if key in out:
-                raise ConfigError(f"{where}: key {key!r} given twice; allowed: each key once")
-            out[key] = v
-    return out
-
-
 def _alternatives(table: dict[str, Any], where: str) -> dict[str, list[Any]]:
     out = {}
-    for k, v in _flatten(table, where).items():
+    for k, v in flatten(table, where).items():
         vals = list(v) if isinstance(v, list) else [v]
         if not vals:
             raise ConfigError(f"{where}.{k} is an empty list; allowed: at least one value")
@@ -224,7 +211,7 @@ def parse_grid(data: dict[str, Any], *, default_name: str = "sweep", source: str
         if key in data and not (isinstance(data[key], list)
                                 and all(isinstance(t, dict) for t in data[key])):
             raise ConfigError(f"{source or 'grid'}: {key} must be an array of tables [[{key}]]")
-    base = _flatten(data.get("base", {}), "base")
+    base = flatten(data.get("base", {}), "base")
     axes = _alternatives(data.get("grid", {}), "grid")
     includes = [_alternatives(t, f"include[{i}]") for i, t in enumerate(data.get("include", []))]
     excludes = [_alternatives(t, f"exclude[{i}]") for i, t in enumerate(data.get("exclude", []))]
@@ -294,8 +281,7 @@ def parse_grid(data: dict[str, Any], *, default_name: str = "sweep", source: str
 
 def sweep_presets() -> list[str]:
     """Names of the sweep presets shipped in ``outlierlab/presets/sweeps``."""
-    folder = resources.files("outlierlab").joinpath("presets/sweeps")
-    return sorted(p.name[:-5] for p in folder.iterdir() if p.name.endswith(".toml"))
+    return preset_names("sweeps")
 
 
 def check_grid(grid: Grid) -> None:

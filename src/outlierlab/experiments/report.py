@@ -80,7 +80,7 @@ def results_table(runs: Sequence[RunRecord]) -> tuple[list[str], list[list[str]]
               "FP ppl"]
     for s in schemes:
         header += [f"{s} ppl", f"{s} increase"]
-    header += ["init mean Kurt", "final mean Kurt", "final max Kurt", "held-out",
+    header += ["init mean Kurt", "final mean Kurt", "final max Kurt", "Kurt from",
                "peak max Kurt", "tokens/s"]
     rows = []
     for r in runs:
@@ -91,7 +91,7 @@ def results_table(runs: Sequence[RunRecord]) -> tuple[list[str], list[list[str]]
             q = r.quant.get(s)
             row += [_fmt(q.quant_ppl), f"{q.rel_increase:+.2%}"] if q else ["–", "–"]
         row += [_fmt(r.init_kurt_mean), _fmt(r.final_kurt_mean), _fmt(r.final_kurt_max),
-                "yes" if r.held_out else "no", _fmt(r.peak_kurt_max), _fmt(r.tokens_per_s, 0)]
+                r.final_kurt.source or "–", _fmt(r.peak_kurt_max), _fmt(r.tokens_per_s, 0)]
         rows.append(row)
     return header, rows
 
@@ -266,6 +266,7 @@ def _run_summary(r: RunRecord) -> dict[str, Any]:
             "arch": r.arch, "optimizer": r.optimizer, "lr": r.lr, "eps": r.eps, "seed": r.seed,
             "val_loss": r.final_val_loss, "final_kurt_mean": r.final_kurt_mean,
             "final_kurt_max": r.final_kurt_max, "held_out": r.held_out,
+            "kurt_from": r.final_kurt.source,
             "init_kurt_mean": r.init_kurt_mean, "peak_kurt_max": r.peak_kurt_max,
             "final_cos_sim": r.final_cos_sim, "tokens_per_s": r.tokens_per_s,
             "quant": {s: {"fp_ppl": q.fp_ppl, "quant_ppl": q.quant_ppl}

@@ -51,7 +51,7 @@ class StepResult:
 
 class TrainStep:
     """Forward + backward over ``accum`` micro-batches of ``micro`` sequences (this rank's
-    share of the global batch, see ``loop.py``), global-norm clipping, then the update, skipped
+    share of the global batch, see ``trainer.py``), global-norm clipping, then the update, skipped
     when the loss or gradient norm is not finite. ``net`` is the module that runs the forward
     (``model`` itself, or it wrapped by DDP and/or ``torch.compile``). ``tweo=(λ, p)`` with
     λ > 0 adds λ·(1/L)·Σ_l mean|h_l|^p of the block outputs to the loss that is backpropagated
@@ -113,8 +113,11 @@ class TrainStep:
         if self.penalty is not None:
             self.penalty.take()  # drop what forwards outside this step left
         for a, (xb, yb) in enumerate(zip(self.micro_batches(x), self.micro_batches(y))):
+            # non_blocking: on CUDA the copy overlaps the previous micro-batch's backward
             xb = xb.to(dev, non_blocking=True)
             yb = yb.to(dev, non_blocking=True)
+            # DDP all-reduces gradients in backward; only the last micro-batch needs to (the
+            # others accumulate locally under no_sync), which saves accum − 1 all-reduces
             sync = a == self.accum - 1 or not dist.enabled
             with (contextlib.nullcontext() if sync else self.net.no_sync()), self.autocast():
                 _, loss = self.net(xb, yb)
@@ -123,7 +126,7 @@ class TrainStep:
                 total = loss + self.tweo_weight * pen
                 pen_sum += self.tweo_weight * pen.detach().float()
             (total / self.accum).backward()
-            loss_sum += loss.detach().float()
+            loss_sum += loss.detach().float()  # on the device: no host sync per micro-batch
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.clip)
         if hasattr(grad_norm, "full_tensor"):  # FSDP: a DTensor, the same on every rank
             grad_norm = grad_norm.full_tensor()

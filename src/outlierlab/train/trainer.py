@@ -26,9 +26,11 @@ resume whose checkpoint cannot be restored) keeps the run's own status and adds 
 raised with its own type on every rank. Rank 0 holds the run folder's lock from the check
 until :meth:`close`.
 
-Run-folder I/O goes through six methods only: :meth:`_claim_run_folder`,
-:meth:`_check_run_folder`, :meth:`_open_run_folder`, :meth:`_write_row`, :meth:`_set_status`
-and :meth:`_note_resume_failure`.
+Run-folder I/O goes through the :class:`~outlierlab.train.checkpoint.Checkpointer`
+(checkpoints) and six methods: :meth:`_claim_run_folder`, :meth:`_check_run_folder`,
+:meth:`_open_run_folder`, :meth:`_write_row`, :meth:`_set_status` and
+:meth:`_note_resume_failure`; each names files only through
+:class:`~outlierlab.run_folder.RunFolder`.
 """
 
 from __future__ import annotations
@@ -48,6 +50,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from outlierlab import version_info
 from outlierlab.config import RunConfig, changed_maths_fields
 from outlierlab.errors import (
     EXIT_CODES,
@@ -58,9 +61,9 @@ from outlierlab.errors import (
 )
 from outlierlab.optim import build_optimizer, lr_factor, set_lr
 from outlierlab.run_folder import MetricsWriter, RunFolder, RunLock, utc_now
-from outlierlab.train import checkpoint as ckpt
 from outlierlab.train import distributed
 from outlierlab.train.callbacks import Callbacks, TrainerCallback
+from outlierlab.train.checkpoint import Checkpointer, RNGState, RunProgress
 from outlierlab.train.progress import Progress
 from outlierlab.train.sinks import Sinks
 from outlierlab.train.step import StepResult, TrainStep, mean_loss, resolve_precision
@@ -132,7 +135,6 @@ class Trainer:
         self.run: RunFolder | None = None
         self._lock: RunLock | None = None  # rank 0, from the run-folder check until close()
         self.step = self.tokens = 0
-        self.saved_at = -1  # step of the newest checkpoint (the same on every rank)
         self.status, self.message = "running", ""
         self.last: dict[str, Any] = {}  # the newest value of every logged field
         self.done = False  # nothing to do: resumed a finished run
@@ -140,7 +142,7 @@ class Trainer:
         self._writer: MetricsWriter | None = None
         self._sinks: Sinks | None = None
         self._closed = self._began = self.show = self._opened = False
-        self._restoring = False  # in _restore: a failure there is noted as resume_failed
+        self._restoring = False  # restoring a checkpoint: a failure there is noted as resume_failed
         self.dist = distributed.init(cfg.train.device)
         try:
             self._build(cfg, resume, progress, allow_data_change)
@@ -172,6 +174,9 @@ class Trainer:
         cfg.model = dataclasses.replace(cfg.model, vocab_size=self.data.tokenizer.vocab_size)
         self._on_all_ranks(lambda: self._check_run_folder(resume, allow_data_change))
 
+        # Same seed on every rank: identical initial weights without a broadcast, and the
+        # sampler (seeded alike) draws the same global batch everywhere; each rank then takes
+        # its own micro-batches of it (module docstring).
         random.seed(tc.seed)
         np.random.seed(tc.seed)
         torch.manual_seed(tc.seed)
@@ -189,8 +194,14 @@ class Trainer:
         decay = round(oc.decay_frac * tc.steps)
         self._lr_factor = lambda step: lr_factor(step, tc.steps, oc.schedule, warmup,
                                                  oc.min_lr_ratio, decay)  # fmt: skip
+        self.checkpointer = Checkpointer(
+            self.run, {"model": self.model, "optimizer": self.optimizer,
+                       "progress": RunProgress(self, self.global_batch, dist.world_size),
+                       "sampler": self.sampler, "rng": RNGState(dist)},
+            dist, every=tc.ckpt_every, keep=tc.keep_ckpts)  # fmt: skip
         if resume:
-            self._restore()
+            self._restoring = True  # a failure from here on is noted as resume_failed
+            self.checkpointer.restore()
         if self.step >= tc.steps and resume and self.run.final_model:
             self.status, self.message, self.done = "finished", "already finished", True
             return
@@ -218,33 +229,6 @@ class Trainer:
         error = distributed.broadcast_object(error, self.dist)
         if error is not None:
             raise error
-
-    def _restore(self) -> None:
-        """Load the newest checkpoint: weights, optimiser, step, tokens, sampler, RNGs."""
-        run, dist = self.run, self.dist
-        self._restoring = True
-        if dist.is_main:
-            ckpt.clean_partial(run)
-        last = run.latest_checkpoint
-        if last is None:
-            return
-        state = ckpt.load_checkpoint(last, self.model, self.optimizer, dist.device)
-        ckpt.check_state(state, last)
-        self.saved_at = int(state["step"])
-        if state.get("global_batch", self.global_batch) != self.global_batch:
-            raise ConfigError(
-                f"cannot resume {run.path}: global batch (train.batch_size × grad_accum × "
-                f"ranks) was {state['global_batch']}, now {self.global_batch}"
-            )
-        self.step, self.tokens = int(state["step"]), int(state["tokens"])
-        rngs = state["rng"]
-        try:
-            self.sampler.load_state_dict(state["sampler"])
-            ckpt.set_rng_state(rngs[dist.rank] if dist.rank < len(rngs) else rngs[0])
-        except (ValueError, TypeError, KeyError, IndexError, RuntimeError) as exc:
-            raise CheckpointError(f"{last}/state.json: cannot restore the sampler or RNG "
-                                  f"state ({first_line(exc)}); delete this checkpoint to use "
-                                  "an older one") from None
 
     def _wrap(self) -> None:
         """DDP, ``torch.compile`` and autocast around the bare model: :attr:`step_fn`."""
@@ -275,7 +259,8 @@ class Trainer:
             run.check_new()
             return
         if not run.is_run:
-            raise CheckpointError(f"{run.path} is not a run folder (no config.json) to resume")
+            raise CheckpointError(f"{run.path} is not a run folder (no {run.config_file.name}) "
+                                  "to resume")
         run.check_resumable()
 
     def _check_run_folder(self, resume: bool, allow_data_change: bool) -> None:
@@ -297,7 +282,7 @@ class Trainer:
             raise ConfigError(
                 f"cannot resume {run.path}: its data changed since the run started "
                 f"({', '.join(changed[:4])} differ); pass --allow-data-change to continue on "
-                "the new data (the old fingerprint is kept in status.json)"
+                f"the new data (the old fingerprint is kept in {run.status_file.name})"
             )
 
     def _open_run_folder(self) -> None:
@@ -319,8 +304,11 @@ class Trainer:
         if cfg.data.tokenizer != "bytes":
             self.data.tokenizer.save(run.path)
         run.truncate_metrics(self.step if self.step else -1)  # step 0 is logged again
+        dtype = resolve_precision(cfg.train.precision, self.dist.device)
         run.set_status("running", self.step, "", data_fingerprint=self.data.fingerprint,
-                       started=run.status.get("started", utc_now()))
+                       started=run.status.get("started", utc_now()),
+                       device=str(self.dist.device), precision="bf16" if dtype else "fp32",
+                       world_size=self.dist.world_size, code=version_info())  # fmt: skip
         self._writer = run.metrics_writer()
 
     def _write_row(self, row: dict[str, Any]) -> None:
@@ -376,9 +364,9 @@ class Trainer:
         on log, eval, checkpoint, measured and the last step, and (one process) once a stop
         signal came. The same on every rank (a stop read is an all-reduce)."""
         tc, lc = self.cfg.train, self.cfg.log
-        every = (tc.sync_every, tc.log_every, tc.eval_every, tc.ckpt_every,
-                 lc.kurtosis_every, lc.profile_every)  # fmt: skip
+        every = (tc.sync_every, tc.log_every, lc.kurtosis_every, lc.profile_every)
         return (step >= tc.steps or any(k and step % k == 0 for k in every)
+                or self.should_validate(step) or self.checkpointer.should_save(step)
                 or (self.stop.requested is not None and not self.dist.enabled))
 
     def _check(self, out: StepResult, n: int) -> bool:
@@ -389,7 +377,7 @@ class Trainer:
             return True
         what = "loss" if not math.isfinite(out.loss) else "gradient norm"
         bad = n - out.back
-        good = self.run.latest_checkpoint
+        good = self.checkpointer.latest
         self.status = "diverged"
         self.step = bad - 1
         self.tokens = self.step * self.global_batch * self.cfg.model.seq_len
@@ -448,7 +436,7 @@ class Trainer:
         first training batch, left in the sampler, and the validation metrics."""
         state = self.sampler.state_dict()
         x, y = self.sampler.next()
-        self.sampler.load_state_dict(state)
+        self.sampler.load_state_dict(state)  # put it back: step 1 trains on this very batch
         loss, measured = self.measure(x, y)
         return {"step": 0, "tokens": 0, "loss": loss, **measured, **self.validate()}
 
@@ -459,19 +447,13 @@ class Trainer:
         self.bar.log(row)
         self.callbacks.on_log(self, row)
 
-    def save(self, step: int) -> Path | None:
-        """Checkpoint ``step`` (every rank gathers RNG states; rank 0 writes), then ``on_save``."""
-        self.saved_at = step
-        rng = distributed.all_gather_object(ckpt.rng_state(), self.dist)
-        path = None
-        if self.dist.is_main:
-            state = {"tokens": self.tokens, "global_batch": self.global_batch,
-                     "world_size": self.dist.world_size, "sampler": self.sampler.state_dict(),
-                     "rng": rng, "saved": utc_now()}  # fmt: skip
-            path = ckpt.save_checkpoint(self.run, step, self.model, self.optimizer,
-                                        state, self.cfg.train.keep_ckpts)  # fmt: skip
-        self.callbacks.on_save(self, step)
-        return path
+    def save(self, step: int, last_step: bool = False) -> bool:
+        """Checkpoint ``step`` when the checkpointer says so (every ``train.ckpt_every`` steps,
+        at the last step or a stop; never twice), then ``on_save``. Every rank calls it."""
+        saved = self.checkpointer.save(step, last_step)
+        if saved:
+            self.callbacks.on_save(self, step)
+        return saved
 
     # -- the loop -------------------------------------------------------------------------------
 
@@ -521,9 +503,9 @@ class Trainer:
                 out = {**out, "loss": res.loss, "grad_norm": res.grad_norm,
                        **({} if res.penalty is None else {"loss_penalty": res.penalty})}
             self.log(self._row(out, row))
-        if (tc.ckpt_every and self.step % tc.ckpt_every == 0 and not is_last) or out["stop"]:
+        if out["stop"] or not is_last:  # a finished run's last checkpoint: finish()
             with self._paused_clock():
-                self.save(self.step)
+                self.save(self.step, last_step=out["stop"])
         if out["stop"]:
             self.status = "interrupted"
             self.message = (
@@ -537,8 +519,7 @@ class Trainer:
         """After the loop: a finished run saves its last checkpoint and final weights;
         ``on_train_end``; the result."""
         if self.status == "running" and self.step >= self.cfg.train.steps:
-            if self.saved_at != self.step:
-                self.save(self.step)
+            self.save(self.step, last_step=True)
             if self.dist.is_main:
                 self.model.save(self.run.path)
             self.status, self.message = "finished", f"finished {self.step} steps"
