@@ -48,48 +48,47 @@ class Headline:
 
 HEADLINES: dict[str, Headline] = {
     "pre-ln+softmax1 orthoadam": Headline(
-        "OrthoAdam (Kaul et al., ICLR 2025)", "kurtosis 1657 → 3.1; first-token attention "
-        "65 % → 3.3 %", "GPT-2-size models, billions of tokens"),
+        "OrthoAdam (ICLR 2025)", "kurtosis 1657 → 3.1; first-token attention 65 % → 3.3 %",
+        "(not quoted in issue 25)"),
     "pre-ln orthoadam": Headline(
-        "OrthoAdam (Kaul et al., ICLR 2025)", "the optimiser half of OrthoAdam's recipe "
-        "(with softmax-plus-one)",
-        "GPT-2-size models"),
+        "OrthoAdam (ICLR 2025)", "the optimiser half of OrthoAdam's recipe (with "
+        "softmax-plus-one)", "(not quoted in issue 25)"),
     "pre-ln+softmax1 adamw": Headline(
-        "OrthoAdam (Kaul et al., ICLR 2025)", "the softmax-plus-one half of OrthoAdam's "
-        "recipe",
-        "GPT-2-size models"),
+        "OrthoAdam (ICLR 2025)", "the softmax-plus-one half of OrthoAdam's recipe",
+        "(not quoted in issue 25)"),
     "pre-ln+softpick adamw": Headline(
-        "Softpick (Zuhri et al. 2025)", "kurtosis 33 510 → 340; no attention sinks",
-        "340M parameters"),
+        "Softpick (2025)", "kurtosis 33 510 → 340; no attention sinks", "340M parameters"),
     "pre-ln+clipped adamw": Headline(
-        "Clipped softmax (Bondarenko et al. 2023)", "full INT8 (W8A8) without outliers",
-        "BERT-base, OPT-125M"),
+        "Clipped softmax (Bondarenko et al. 2023)", "full INT8 for BERT and OPT",
+        "BERT, OPT"),
     "pre-ln+gate-head adamw": Headline(
-        "Gated attention (Qiu et al., NeurIPS 2025)", "no attention sinks, no massive "
-        "activations", "1.7B dense / 15B MoE, 3.5T tokens"),
+        "Gated attention (Qiu et al., NeurIPS 2025)", "removes attention sinks and massive "
+        "activations (used in Qwen3-Next)", "(not quoted in issue 25)"),
     "pre-ln+gate-elem adamw": Headline(
-        "Gated attention (Qiu et al., NeurIPS 2025)", "no attention sinks, no massive "
-        "activations (the element-wise gate is their best)", "1.7B dense / 15B MoE"),
+        "Gated attention (Qiu et al., NeurIPS 2025)", "removes attention sinks and massive "
+        "activations (used in Qwen3-Next)", "(not quoted in issue 25)"),
     "pre-ln+kv-bias adamw": Headline(
         "Attention bias (Sun et al. 2024)", "GPT-2 retrained with it has no massive "
-        "activations", "GPT-2 (124M)"),
+        "activations", "GPT-2"),
     "pre-ln+tweo adamw": Headline(
-        "TWEO (2025)", "an Lp penalty on block outputs removes extreme outliers",
-        "(no number quoted in issue 25)"),
+        "TWEO (2025)", "an Lp penalty on block outputs added to the loss (no number quoted "
+        "in issue 25)", "(not quoted in issue 25)"),
     "pre-ssnorm+embproj muon": Headline(
-        "OSP (Park et al. 2025)", "excess kurtosis 1818 → 0.04; W4A4 (RTN) perplexity "
-        "14 475 → 45.9", "1.4B parameters, 1T tokens"),
-    "pre-ssnorm adamw": Headline("OSP (Park et al. 2025)", "one part of OSP's recipe (Muon + "
-                                 "SSNorm + EmbProj)", "1.4B"),
-    "pre-ln+embproj adamw": Headline("OSP (Park et al. 2025)", "one part of OSP's recipe (Muon "
-                                     "+ SSNorm + EmbProj)", "1.4B"),
-    "pre-ln muon": Headline("OSP (Park et al. 2025)", "one part of OSP's recipe (Muon + "
-                            "SSNorm + EmbProj)", "1.4B"),
-    "op adamw": Headline("OP block (He et al. 2024)", "OP removes OFs at matched loss "
-                         "(science §5)", "130M–1.2B"),
-    "op soap": Headline("OP + SOAP (He et al. 2024)", "lowest kurtosis of the paper "
-                        "(science §5)", "130M–1.2B"),
+        "OSP (2025)", "excess kurtosis 1818 → 0.04; W4A4 (RTN) perplexity 14 475 → 45.9",
+        "1.4B parameters"),
+    "pre-ssnorm adamw": Headline("OSP (2025)", "one part of OSP's recipe (Muon + SSNorm + "
+                                 "EmbProj)", "1.4B parameters"),
+    "pre-ln+embproj adamw": Headline("OSP (2025)", "one part of OSP's recipe (Muon + SSNorm "
+                                     "+ EmbProj)", "1.4B parameters"),
+    "pre-ln muon": Headline("OSP (2025)", "one part of OSP's recipe (Muon + SSNorm + "
+                            "EmbProj)", "1.4B parameters"),
+    "op adamw": Headline("OP block (He et al. 2024)", "peak kurtosis < 10 with OP, > 600 "
+                         "with Pre-Norm at 1.2B and 7B (science §4.3)", "100M–7B (science §5.1)"),
+    "op soap": Headline("OP + SOAP (He et al. 2024)", "average kurtosis 25.6 → 1.2; W8A8 "
+                        "perplexity 16.00 → 63.4 for Pre-Norm + Adam, 14.71 → 14.87 for OP + "
+                        "SOAP (science §4.3)", "OPT-125m"),
 }
+"""Each paper's headline as issue 25 quotes it; a method that is one part of a recipe says so."""
 
 OUR_SCALE = ("4 layers × 128 wide (≈0.8M parameters besides the byte embedding), 300 steps of "
              "2048 tokens (0.6M tokens) of Python source as bytes")
@@ -327,7 +326,7 @@ def figure(entries: Sequence[Entry], path: Path) -> Path | None:
     from outlierlab.safe_io import save_figure
 
     panels = (("kurt_final", "final Kurt (held-out)", 1.0),
-              ("first_token_mass", "first-token attention", 100.0),
+              ("first_token_mass", "first-token attention (%)", 100.0),
               ("damage_w4a4-online", "W4A4 rot. damage (%)", 100.0))
     fig, axes = plt.subplots(1, 3, figsize=(11, 0.28 * len(entries) + 1.4), sharey=True)
     y = np.arange(len(entries))[::-1]
