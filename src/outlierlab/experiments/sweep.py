@@ -74,6 +74,18 @@ def quant_done(run_dir: Path, scheme: str) -> bool:
     return q.is_file() and (not w.is_file() or q.stat().st_mtime >= w.stat().st_mtime)
 
 
+def measure_command(run_dir: Path, python: str, extra: tuple[str, ...] = ()) -> list[str]:
+    """The exact ``outlierlab measure`` command writing ``RUN_DIR/measure.json``."""
+    return [python, "-m", "outlierlab", "measure", str(run_dir), "--save", *extra]
+
+
+def measure_done(run_dir: Path) -> bool:
+    """A ``measure.json`` newer than the final weights exists."""
+    r = RunFolder(run_dir)
+    m, w = r.measure_file, r.model_file
+    return m.is_file() and (not w.is_file() or m.stat().st_mtime >= w.stat().st_mtime)
+
+
 @dataclass
 class Outcome:
     """What the sweep did with one point."""
@@ -89,6 +101,8 @@ class Outcome:
     quantized: list[str] = field(default_factory=list)
     quant_failed: list[str] = field(default_factory=list)
     quant_s: float = 0.0
+    measured: bool | None = None
+    """``measure --save`` succeeded (True), failed (False), or was not run (None)."""
     message: str = ""
 
 
@@ -158,6 +172,8 @@ def dry_run_lines(grid: Grid, out: Path, python: str, quantize: bool = True) -> 
         if quantize and state != "diverged":
             cmds += [quant_command(d, s, python, grid.quant_args) for s in grid.schemes
                      if not quant_done(d, s)]
+            if grid.measure_args is not None and not measure_done(d):
+                cmds.append(measure_command(d, python, grid.measure_args))
         if cmds:
             lines.append(" && ".join(shlex.join(c) for c in cmds))
         else:
@@ -224,6 +240,11 @@ def run_sweep(grid: Grid, out: str | Path, *, workers: int = 1, threads: int | N
                 bad = f", failed: {', '.join(o.quant_failed)}" if o.quant_failed else ""
                 say(f"{tag}: quantised {', '.join(o.quantized) or 'nothing'}{bad} "
                     f"in {o.quant_s:.0f} s")
+            if grid.measure_args is not None and not measure_done(d) and not stop.is_set():
+                rc = _run(measure_command(d, python, grid.measure_args), RunFolder(d), env)
+                o.measured = rc == 0 and measure_done(d)
+                say(f"{tag}: measured" if o.measured else f"{tag}: measure failed "
+                    f"(see {RunFolder(d).sweep_log})")
         return o
 
     pool = ThreadPoolExecutor(max_workers=workers)
