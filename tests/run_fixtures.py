@@ -4,7 +4,8 @@ listings), and another process holding a run folder's lock.
 
 Per-layer kurtosis rises from 1 towards ``kurt`` along a smooth curve, loss falls towards
 ``val_loss``; ``held_out`` adds the final held-out Kurt (``val_kurtosis*`` at the last step),
-``entropy`` the attention entropy fields; everything is deterministic in the arguments.
+``entropy`` the attention entropy fields; ``init`` a step-0 row whose per-layer Kurt is ``init``
+(so the run has a Kurt growth); everything is deterministic in the arguments.
 """
 
 from __future__ import annotations
@@ -17,8 +18,9 @@ from typing import Any
 
 import numpy as np
 
+from outlierlab.jsonable import write_json
 from outlierlab.model.config import GPTConfig
-from outlierlab.run_folder import RunFolder, write_json
+from outlierlab.run_folder import RunFolder
 
 
 def write_run(path: str | Path, *, arch: str = "pre-ln", optimizer: str = "adamw",
@@ -26,8 +28,11 @@ def write_run(path: str | Path, *, arch: str = "pre-ln", optimizer: str = "adamw
               val_loss: float = 1.7, quant: dict[str, tuple[float, float]] | None = None,
               status: str = "finished", steps: int = 100, every: int = 20, n_layer: int = 4,
               cos_sim: float | None = None, extra: dict[str, Any] | None = None,
-              held_out: float | None = None, entropy: float | None = None) -> Path:
-    """Write a run folder; ``quant`` maps scheme → (fp_ppl, quant_ppl)."""
+              held_out: float | None = None, entropy: float | None = None,
+              init: float | None = None, tokens_per_s: float = 8000.0,
+              measured: dict[str, Any] | None = None) -> Path:
+    """Write a run folder; ``quant`` maps scheme → (fp_ppl, quant_ppl); ``measured`` is
+    written as ``measure.json`` (what ``outlierlab measure RUN --save`` writes)."""
     run = RunFolder(path)
     model = GPTConfig.preset(
         arch, n_layer=n_layer, d_model=64, n_head=4, vocab_size=260, seq_len=64
@@ -46,11 +51,15 @@ def write_run(path: str | Path, *, arch: str = "pre-ln", optimizer: str = "adamw
     points = ["embed.resid_post"] + [f"blocks.{i}.resid_post" for i in range(n_layer)]
     layer_scale = np.linspace(0.6, 1.4, len(points))
     rows = []
+    if init is not None:
+        rows.append({"step": 0, "tokens": 0, "loss": val_loss + 2.0, "lr": 0.0,
+                     "kurtosis": dict.fromkeys(points, init), "kurtosis_mean": init,
+                     "kurtosis_max": init})
     for step in range(every, last + 1, every):
         t = step / steps
         rec: dict[str, Any] = {"step": step, "tokens": step * 1024,
                                "loss": val_loss + 2.0 * (1 - t) ** 2, "lr": lr,
-                               "grad_norm": 1.0, "tokens_per_s": 8000.0}
+                               "grad_norm": 1.0, "tokens_per_s": tokens_per_s}
         ks = {p: float(1 + (kurt - 1) * s * t + 0.01 * rng.random())
               for p, s in zip(points, layer_scale)}
         mean_k = float(np.mean(list(ks.values())))
@@ -75,6 +84,8 @@ def write_run(path: str | Path, *, arch: str = "pre-ln", optimizer: str = "adamw
     for rec in rows:
         writer.write(rec)
     writer.close()
+    if measured is not None:
+        write_json(run.measure_file, measured)
     for scheme, (fp, q) in (quant or {}).items():
         write_json(run.quant_file(scheme),
                    {"scheme": scheme, "fp_ppl": fp, "quant_ppl": q, "layers": []})

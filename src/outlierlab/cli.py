@@ -2,9 +2,10 @@
 
 Each command module defines ``add_parser(subparsers)`` (registering its arguments and setting
 ``func``) and keeps heavy imports inside its run function, so ``outlierlab --help`` is fast.
-Exit codes (:data:`EXIT_CODES`): an :class:`~outlierlab.errors.OutlierlabError`, a usage error
-or a path that cannot be used (an ``OSError`` naming a file: permission, read-only, a file
-where a folder should be, …) is one line on stderr and exit 2. Output paths given as options
+Exit codes (:data:`~outlierlab.errors.EXIT_CODES`): an
+:class:`~outlierlab.errors.OutlierlabError`, a usage error or a path that cannot be used (an
+``OSError`` naming a file: permission, read-only, a file where a folder should be, …) is one
+line on stderr and exit 2. Output paths given as options
 are checked before any work starts (:func:`output_file`, :func:`output_dir`).
 """
 
@@ -20,7 +21,13 @@ import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from outlierlab.errors import ConfigError, OutlierlabError, path_error, path_reason
+from outlierlab.errors import (
+    EXIT_CODES,
+    ConfigError,
+    OutlierlabError,
+    path_error,
+    path_reason,
+)
 from outlierlab.safe_io import NOFOLLOW, is_no_space
 
 # name -> module under outlierlab.commands; the order is the order of `outlierlab --help`.
@@ -36,11 +43,12 @@ COMMANDS: dict[str, str] = {
     "reproduce": "reproduce",
 }
 
-EXIT_CODES = {0: "success", 2: "bad input", 3: "training diverged", 130: "interrupted"}
 
+_SAID = {"finished": "success", "crashed": "unexpected failure", "diverged": "training diverged"}
 DESCRIPTION = (
     "Measure, avoid and price outlier features in transformers (He et al., NeurIPS 2024). "
-    "Exit codes: " + ", ".join(f"{code} {what}" for code, what in EXIT_CODES.items()) + "."
+    "Exit codes: " + ", ".join(f"{code} {_SAID.get(what, what)}" for what, code in
+                               sorted(EXIT_CODES.items(), key=lambda kv: kv[1])) + "."
 )
 
 _RST_ROLE = re.compile(r":[a-z]+:`(~?)([^`]+)`")
@@ -196,13 +204,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _error(args.command, message)
     except KeyboardInterrupt:
         print(f"outlierlab {args.command}: interrupted", file=sys.stderr)
-        return 130
+        return EXIT_CODES["interrupted"]
 
 
 def _error(command: str, message: str) -> int:
     """Print ``outlierlab COMMAND: error: MESSAGE`` (one line) on stderr; the exit code 2."""
     print(f"outlierlab {command}: error: {' '.join(message.split())}", file=sys.stderr)
-    return 2
+    return EXIT_CODES["bad input"]
 
 
 @contextlib.contextmanager

@@ -24,9 +24,10 @@ from typing import Any
 
 import tomli_w
 
+from outlierlab import fields
 from outlierlab.data.config import DataConfig
 from outlierlab.errors import ConfigError
-from outlierlab.fields import coerce, unknown
+from outlierlab.fields import SECTIONS, coerce, flatten, preset_names, unknown
 from outlierlab.model.config import GPTConfig
 from outlierlab.optim import OptimConfig, hyperparameters, kept_on_switch
 from outlierlab.train.config import LogConfig, TrainConfig
@@ -39,29 +40,17 @@ else:  # pragma: no cover
 __all__ = [
     "ConfigError", "DataConfig", "GPTConfig", "LogConfig", "OptimConfig", "RunConfig",
     "TrainConfig", "apply_overrides", "changed_maths_fields", "load", "merge", "preset_names",
-    "read_preset", "read_toml", "resume_config",
+    "read_preset", "read_toml", "resume_config", "role",
 ]  # fmt: skip
 
-SECTIONS = ("model", "data", "optim", "train", "log")
 
-# Fields that may differ when a run is resumed; every other field changes the maths.
-RESUMABLE = frozenset(
-    {
-        "out",
-        "train.steps",
-        "train.log_every",
-        "train.eval_every",
-        "train.eval_windows",
-        "train.ckpt_every",
-        "train.keep_ckpts",
-        "train.device",
-        "train.compile",
-        "train.threads",
-        "data.cache_dir",
-    }
-    | {f"log.{k}" for k in ("kurtosis_every", "profile_every", "tensorboard", "wandb",
-                           "wandb_project")}
-)
+
+def _roles() -> dict[str, str]:
+    """``{"train.steps": "extendable", ...}``: every field's role (:data:`outlierlab.fields.ROLES`),
+    from the section dataclasses' field metadata; ``out`` (a path) is resumable."""
+    roles = {f"{s}.{f.name}": fields.role_of(f)
+             for s, cls in SECTION_TYPES.items() for f in dataclasses.fields(cls)}
+    return {**roles, "out": fields.RESUMABLE}
 
 
 @dataclass
@@ -89,7 +78,7 @@ class RunConfig:
 
     def flat(self) -> dict[str, Any]:
         """``{"model.n_layer": 6, ..., "out": ...}``."""
-        return _flatten(self.to_dict())
+        return flatten(self.to_dict())
 
     def to_toml(self) -> str:
         """The resolved config as TOML, which ``--config`` reads back (fields that are ``None``
@@ -107,16 +96,6 @@ def _asdict(obj: Any) -> dict[str, Any]:
     return json.loads(json.dumps(d))
 
 
-def _flatten(d: dict[str, Any]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update({f"{k}.{kk}": vv for kk, vv in v.items()})
-        else:
-            out[k] = v
-    return out
-
-
 SECTION_TYPES: dict[str, type] = {
     "model": GPTConfig,
     "data": DataConfig,
@@ -124,6 +103,22 @@ SECTION_TYPES: dict[str, type] = {
     "train": TrainConfig,
     "log": LogConfig,
 }
+
+
+ROLES: dict[str, str] = _roles()
+"""Every config field's role: the one list of what pairs runs and what a resume may change."""
+RESUMABLE = frozenset(k for k, r in ROLES.items() if r in (fields.RESUMABLE, fields.EXTENDABLE))
+"""Fields that may differ when a run is resumed; every other field changes the maths."""
+NOT_IDENTITY = frozenset(k for k, r in ROLES.items() if r in (fields.RESUMABLE, fields.SEED))
+"""Fields left out when runs are paired (science §5.2): seeds and what changes no computation."""
+SEEDS = tuple(k for k, r in ROLES.items() if r == fields.SEED)
+"""The seed fields (a configuration's runs differ in them)."""
+
+
+def role(key: str) -> str:
+    """The role of dotted config field ``key``; a field this version does not have (an older
+    run's) counts as identity."""
+    return ROLES.get(key, fields.IDENTITY)
 
 
 def _fields(section: str) -> dict[str, Any]:
@@ -155,15 +150,15 @@ def _build(raw: Any) -> RunConfig:
     kw: dict[str, Any] = {}
     for s in SECTIONS:
         sec = dict(_table(raw, s))
-        fields = _fields(s)
+        known = _fields(s)
         preset = sec.pop("preset", None) if s == "model" else None
         for k, v in list(sec.items()):
             if k in RETIRED.get(s, ()) and v is None:  # written unset by an older version
                 del sec[k]
                 continue
-            if k not in fields:
-                raise unknown(f"{s}.{k}", [f"{s}.{f}" for f in fields])
-            sec[k] = coerce(v, fields[k], f"{s}.{k}")
+            if k not in known:
+                raise unknown(f"{s}.{k}", [f"{s}.{f}" for f in known])
+            sec[k] = coerce(v, known[k], f"{s}.{k}")
         if s == "model" and preset is not None:
             kw[s] = GPTConfig.preset(str(preset), **sec)
         else:
@@ -173,12 +168,6 @@ def _build(raw: Any) -> RunConfig:
 
 
 # --------------------------------------------------------------------------- presets and files
-
-
-def preset_names() -> list[str]:
-    """Training presets shipped in ``outlierlab/presets/train``."""
-    folder = resources.files("outlierlab") / "presets" / "train"
-    return sorted(p.name[:-5] for p in folder.iterdir() if p.name.endswith(".toml"))
 
 
 def read_preset(name: str) -> dict[str, Any]:
@@ -257,10 +246,10 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
         if section not in SECTIONS or not name:
             all_names = ["out", "model", *(f"{s}.{f}" for s in SECTIONS for f in _fields(s))]
             raise unknown(key, all_names)
-        fields = _fields(section)
-        if name not in fields:
-            raise unknown(key, [f"{section}.{f}" for f in fields])
-        _table(raw, section)[name] = coerce(value, fields[name], key)
+        known = _fields(section)
+        if name not in known:
+            raise unknown(key, [f"{section}.{f}" for f in known])
+        _table(raw, section)[name] = coerce(value, known[name], key)
     return raw
 
 
@@ -292,7 +281,8 @@ def resume_config(run_dir: str | Path, overrides: list[str] | None = None) -> Ru
 
     run = RunFolder(run_dir)
     if not run.is_run:
-        raise ConfigError(f"{run_dir} is not a run folder (no config.json) to resume")
+        raise ConfigError(f"{run_dir} is not a run folder (no {run.config_file.name}) to "
+                          "resume")
     pairs = [parse_override(t) for t in overrides or []]
     for key, _ in pairs:
         if key in ("model", "out"):

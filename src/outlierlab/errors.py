@@ -1,11 +1,21 @@
 """Typed errors. Every user-facing mistake raises a subclass of :class:`OutlierlabError`
 with a one-line message naming what is wrong and what is allowed; the CLI prints it and
-exits with status 2."""
+exits with status 2 (:data:`EXIT_CODES`)."""
 
 from __future__ import annotations
 
 import errno
 from pathlib import Path
+
+EXIT_CODES: dict[str, int] = {
+    "finished": 0,  # success (a training run: status ``finished``)
+    "crashed": 1,  # an unexpected failure: a bug, with its traceback
+    "bad input": 2,  # an OutlierlabError, a usage error or a path that cannot be used
+    "diverged": 3,  # training diverged (non-finite loss or gradient norm)
+    "interrupted": 130,  # SIGINT/SIGTERM (128 + SIGINT, as shells report it)
+}
+"""The process exit code of each outcome: the CLI's one-line errors, and a training run's
+final status (``TrainResult.exit_code``); a ``status.json`` status is a key here."""
 
 
 class OutlierlabError(Exception):

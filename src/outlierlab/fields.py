@@ -8,6 +8,7 @@ Every rejection is a :class:`~outlierlab.errors.ConfigError` in one style:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import difflib
 import math
 import types
@@ -187,3 +188,61 @@ def _int(value: Any, name: str) -> int:
 
 POSITIVE = arg_type(lo=1, integer=True)
 """argparse ``type=`` for counts (windows, batches, tokens): an integer ≥ 1."""
+
+
+# --------------------------------------------------------------------------- roles of fields
+
+IDENTITY = "identity"
+"""Changes the maths: runs pair only when equal (science §5.2), and a resume may not change it
+(the default role)."""
+EXTENDABLE = "extendable"
+"""Part of a run's identity, but a resume may change it (``train.steps``: extending a run)."""
+RESUMABLE = "resumable"
+"""Changes no computation (cadence, device, sinks, paths): a resume may change it and pairing
+ignores it."""
+SEED = "seed"
+"""A seed: a configuration's runs differ in it (pairing pools them); fixed on resume."""
+ROLES = (IDENTITY, EXTENDABLE, RESUMABLE, SEED)
+_ROLE = "outlierlab.role"
+
+
+def setting(default: Any, role: str = IDENTITY) -> Any:
+    """A config dataclass field with ``default`` and its ``role`` (:data:`ROLES`) kept in the
+    field's metadata: ``steps: int = setting(1000, EXTENDABLE)``."""
+    assert role in ROLES, role
+    return dataclasses.field(default=default, metadata={_ROLE: role})
+
+
+def role_of(field: dataclasses.Field) -> str:
+    """A dataclass field's role (:data:`IDENTITY` unless :func:`setting` said otherwise)."""
+    return field.metadata.get(_ROLE, IDENTITY)
+
+
+SECTIONS = ("model", "data", "optim", "train", "log")
+"""The sections of a run config (``config.json``), in order."""
+
+
+def flatten(table: dict[str, Any], where: str = "", prefix: str = "") -> dict[str, Any]:
+    """``{"optim": {"lr": 1}}`` → ``{"optim.lr": 1}`` (nested tables too); a key given twice
+    (``optim.lr`` nested and dotted) is a :class:`ConfigError` naming ``where``."""
+    out: dict[str, Any] = {}
+    for k, v in table.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            inner = flatten(v, where, key + ".")
+            twice = inner.keys() & out.keys()
+        else:
+            inner, twice = {key: v}, {key} & out.keys()
+        if twice:
+            raise ConfigError(f"{where or 'config'}: key {sorted(twice)[0]!r} given twice; "
+                              "allowed: each key once")
+        out.update(inner)
+    return out
+
+
+def preset_names(kind: str = "train") -> list[str]:
+    """The presets shipped in ``outlierlab/presets/<kind>`` (``train`` or ``sweeps``)."""
+    from importlib import resources
+
+    folder = resources.files("outlierlab").joinpath("presets", kind)
+    return sorted(p.name[:-5] for p in folder.iterdir() if p.name.endswith(".toml"))

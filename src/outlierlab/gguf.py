@@ -32,6 +32,7 @@ import torch
 
 from outlierlab.data.config import default_cache_root
 from outlierlab.errors import DataError, ModelLoadError, first_line
+from outlierlab.run_folder import holds_model_config
 
 SUFFIX = ".gguf"
 CACHE_ENV = "OUTLIERLAB_GGUF_CACHE"  # "off" (or 0/no/false): convert on every load
@@ -60,7 +61,7 @@ def find_gguf(path: Path) -> Path | None:
     A folder with several ``.gguf`` files is an error naming them (which one is meant?)."""
     if path.is_file():
         return path if path.suffix.lower() == SUFFIX else None
-    if not path.is_dir() or any((path / f).exists() for f in ("config.json", "model_config.json")):
+    if not path.is_dir() or holds_model_config(path):
         return None
     found = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() == SUFFIX)
     if len(found) > 1:

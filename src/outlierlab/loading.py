@@ -9,7 +9,7 @@ See ARCHITECTURE.md "Loading". Which folder is which:
 - ``model_config.json`` in the folder → a saved GPT (``GPT.save``, or ``RUN/checkpoints/step-N``);
 - ``config.json`` with ``model_type`` → a Hugging Face folder (:func:`outlierlab.hf.load`).
 - a ``.gguf`` file, or a folder holding exactly one and no config → a GGUF model
-  (:func:`outlierlab.gguf.load`, an HF model, kind ``"hf"``).
+  (:func:`outlierlab.gguf.load`: converted to an HF model; kind ``"gguf"``).
 
 An outlierlab model's tokenizer comes from the run's ``config.json`` (``data.tokenizer``:
 ``bytes``, or ``tokenizer.json`` in the run folder); a bare saved model uses its folder's
@@ -26,7 +26,13 @@ import torch
 from torch import nn
 
 from outlierlab.errors import ModelLoadError, RunFolderError
-from outlierlab.run_folder import MODEL_FILE, RunFolder
+from outlierlab.run_folder import (
+    HF_CONFIG_FILE,
+    MODEL_CONFIG_FILE,
+    CheckpointFiles,
+    RunFolder,
+    is_saved_model,
+)
 
 
 @dataclass
@@ -36,7 +42,7 @@ class LoadedModel:
 
     model: nn.Module
     tokenizer: Any
-    kind: str  # "outlierlab" or "hf"
+    kind: str  # "outlierlab", "hf" or "gguf" (an HF model converted from a GGUF file)
     path: Path
     seq_len: int | None  # max context; None when the model has no limit
     step: int | None = None  # training step of the weights, when known
@@ -57,7 +63,7 @@ class LoadedModel:
 
     def logits(self, idx: torch.Tensor) -> torch.Tensor:
         """(B, T) token ids → (B, T, vocab) logits, for either kind."""
-        if self.kind == "hf":
+        if self.kind in ("hf", "gguf"):
             from outlierlab import hf
 
             return hf.logits(self.model, idx)
@@ -67,8 +73,6 @@ class LoadedModel:
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> LoadedModel:
     """Load an outlierlab run / saved GPT folder, a local Hugging Face folder or a GGUF file
     (offline)."""
-    from outlierlab.model.gpt import CONFIG_FILE
-
     path = Path(path)
     if not path.exists():
         raise ModelLoadError(
@@ -79,16 +83,16 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> LoadedMo
     if (gguf_file := gguf.find_gguf(path)) is not None:  # a .gguf file, or a folder holding one
         model, tok, seq_len, entry = gguf.load(gguf_file, device)
         what = f"GGUF; its HF conversion is kept in {entry}" if entry else "GGUF"
-        return LoadedModel(model, tok, "hf", gguf_file, seq_len, what=what)
+        return LoadedModel(model, tok, "gguf", gguf_file, seq_len, what=what)
     if not path.is_dir():
         raise ModelLoadError(f"{path} is not a folder; expected a model folder or a .gguf file")
     run = RunFolder(path)
     try:
         if run.is_run:  # its newest weights: the final model once finished, else a checkpoint
             return _load_newest(run, device)
-        if (path / CONFIG_FILE).is_file():  # a saved GPT folder, or RUN/checkpoints/step-N
+        if is_saved_model(path):  # a saved GPT folder, or RUN/checkpoints/step-N
             owner = RunFolder.of_checkpoint(path)
-            step = int(path.name.split("-")[1]) if owner else None
+            step = RunFolder.checkpoint_step(path) if owner else None
             what = f"{owner.checkpoints.name}/{path.name}" if owner else "saved model"
             return _load_outlierlab(path, step, what, owner, device)
     except RunFolderError as exc:
@@ -99,8 +103,8 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> LoadedMo
         model, tok, seq_len = hf.load(path, device)
         return LoadedModel(model, tok, "hf", path, seq_len)
     raise ModelLoadError(
-        f"{path} holds no model: expected {CONFIG_FILE} (outlierlab) or config.json with "
-        f"model_type (Hugging Face)"
+        f"{path} holds no model: expected {MODEL_CONFIG_FILE} (outlierlab) or {HF_CONFIG_FILE} "
+        "with model_type (Hugging Face)"
     )
 
 
@@ -115,7 +119,7 @@ def _load_newest(run: RunFolder, device, tries: int = 5) -> LoadedModel:
         try:
             return _load_outlierlab(*newest, run, device)
         except (ModelLoadError, OSError):
-            gone = not (newest[0] / MODEL_FILE).is_file()
+            gone = not CheckpointFiles(newest[0]).weights.is_file()
             if not gone or attempt == tries - 1:
                 raise
     raise AssertionError("unreachable")

@@ -30,6 +30,7 @@ from torch import nn
 
 from outlierlab.errors import ConfigError
 from outlierlab.monitor import OutlierMonitor, due
+from outlierlab.train.callbacks import Callback, TrainerView
 
 FORWARDS_PER_STEP = 1 << 20
 """Stride of the forward numbering between steps (more measured forwards per step than this
@@ -62,7 +63,7 @@ class Measured:
         return row
 
 
-class MeasureEvery:
+class MeasureEvery(Callback):
     """Measure optimiser steps s (1-based) with ``s % every == 0``; ``every=0`` never measures.
 
     A loop calls :meth:`open` (hooks ``model``, switched off), then around each step
@@ -90,7 +91,7 @@ class MeasureEvery:
         self.every, self.points, self.seed, self.replay = every, points, seed, replay
         self.cos_max_tokens, self.mmr_max_tokens = cos_max_tokens, mmr_max_tokens
         self.monitor: OutlierMonitor | None = None
-        self.step: int | None = None  # the step being measured, between begin and end
+        self.measuring: int | None = None  # the step being measured, between begin and end
 
     def due(self, step: int) -> bool:
         """Whether optimiser step ``step`` (1-based) is measured."""
@@ -109,29 +110,31 @@ class MeasureEvery:
 
     def begin_step(self, step: int, rank: int = 0, world: int = 1) -> bool:
         """Step ``step`` begins: if it is due, measure every forward until :meth:`end_step`.
-        Rank ``rank`` of ``world`` numbers its forwards by global micro-batch (``loop.py``: rank
-        r takes micro-batch a·w + r at accumulation step a), so the subsamples do not depend on
+        Rank ``rank`` of ``world`` numbers its forwards by global micro-batch (``trainer.py``:
+        rank r takes micro-batch a·w + r at accumulation step a), so the subsamples do not depend on
         the rank count."""
-        if self.monitor is None or self.step is not None or not self.due(step):
+        if self.monitor is None or self.measuring is not None or not self.due(step):
             return False
         self.monitor.reset()
+        # Subsample seeds derive from (step, global micro-batch), not from a running count:
+        # a resumed run, or one on another number of ranks, draws the same subsamples.
         self.monitor.number_forwards(step * FORWARDS_PER_STEP + rank, stride=world)
         self.monitor.enabled = True
-        self.step = step
+        self.measuring = step
         return True
 
     def number(self, index: int) -> None:
         """Number the next forward of the measured step ``index`` (a global batch index, e.g.
         an evaluation group that does not depend on the rank count)."""
-        if self.monitor is not None and self.step is not None:
-            self.monitor.number_forwards(self.step * FORWARDS_PER_STEP + index)
+        if self.monitor is not None and self.measuring is not None:
+            self.monitor.number_forwards(self.measuring * FORWARDS_PER_STEP + index)
 
     def end_step(self, all_reduce: bool = False) -> Measured | None:
         """The measured step has ended: its results (summed over ranks with ``all_reduce``;
         every rank must call it then), or None if no step was being measured or nothing was."""
-        if self.monitor is None or self.step is None:
+        if self.monitor is None or self.measuring is None:
             return None
-        step, self.step = self.step, None
+        step, self.measuring = self.measuring, None
         self.monitor.enabled = False
         results = self.monitor.results(all_reduce=all_reduce)
         summary = self.monitor.summary(results)
@@ -144,18 +147,18 @@ class MeasureEvery:
         if self.monitor is not None:
             mon, self.monitor = self.monitor, None
             mon.close()
-        self.step = None
+        self.measuring = None
 
-    # -- as a Trainer callback (the protocol of outlierlab.train.callbacks.Callback) ---------
+    # -- as a Trainer callback (outlierlab.train.callbacks.TrainerCallback) ------------------
 
-    def on_train_begin(self, trainer: Any) -> None:
+    def on_train_begin(self, trainer: TrainerView) -> None:
         if not self.replay:
             self.open(trainer.model)
 
-    def on_step_begin(self, trainer: Any, step: int) -> None:
+    def on_step_begin(self, trainer: TrainerView, step: int) -> None:
         self.begin_step(step, trainer.dist.rank, trainer.dist.world_size)
 
-    def on_step_end(self, trainer: Any, step: int, row: dict[str, Any]) -> None:
+    def on_step_end(self, trainer: TrainerView, step: int, row: dict[str, Any]) -> None:
         if self.replay and self.due(step):
             self._replay(trainer, step)
         measured = self.end_step(all_reduce=trainer.dist.enabled)
@@ -164,7 +167,7 @@ class MeasureEvery:
         if measured is not None:
             row.update(measured.row())
 
-    def _replay(self, trainer: Any, step: int) -> None:
+    def _replay(self, trainer: TrainerView, step: int) -> None:
         """Measure this rank's micro-batches of the step in extra eager no-grad forwards."""
         self.open(trainer.model)
         self.begin_step(step, trainer.dist.rank, trainer.dist.world_size)
@@ -172,6 +175,6 @@ class MeasureEvery:
             for xb in trainer.local_micro_batches():
                 trainer.model(xb)
 
-    def on_train_end(self, trainer: Any, status: str) -> None:
+    def on_train_end(self, trainer: TrainerView, status: str) -> None:
         self.close()
 

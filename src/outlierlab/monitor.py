@@ -44,8 +44,8 @@ import torch
 from torch import nn
 
 from outlierlab.errors import ConfigError
+from outlierlab.jsonable import json_safe
 from outlierlab.metrics import OUTLIER_K, attention_entropy_sum
-from outlierlab.run_folder import json_safe
 from outlierlab.stats import StatsAccumulator, offdiag_cosine_fast
 from outlierlab.structure import (  # noqa: F401 — auto_points, glob_regex: public here too
     AttentionPoint,

@@ -113,11 +113,11 @@ def run_price(
     from outlierlab.quant import CalibCache, perplexity, quantize_and_evaluate
     from outlierlab.quant.rotate import rotate
 
-    step = progress or (lambda label: None)
+    stage_done = progress or (lambda label: None)
     t_start = time.perf_counter()
     sx = val_x[: max(1, min(stats_windows, val_x.shape[0]))]
     prof = profile(model, sx, batch_size, points)
-    step("profile")
+    stage_done("profile")
     kurts = {p["name"]: p["kurtosis"] for p in prof["points"]}
     finite = [k for k in kurts.values() if math.isfinite(k)]
     resid = {
@@ -129,7 +129,7 @@ def run_price(
     fp_ppl, fp_loss = perplexity(model, val_x, val_y, batch_size)
     t_fp = time.perf_counter()
     fp = {"ppl": fp_ppl, "loss": fp_loss, "seconds": t_fp - t0}
-    step("FP perplexity")
+    stage_done("FP perplexity")
     stages = {"profile": t0 - t_start, "fp_eval": fp["seconds"]}
     chosen = row_labels(labels)
     order = [s for s in schemes() if s[0] in chosen]
@@ -151,12 +151,12 @@ def run_price(
             if label != ROTATION and cfg.rotation is None:
                 raise
             rows[label] = {"label": label, "error": str(exc)}
-            step(label)
+            stage_done(label)
             continue
         res.update(label=label, seconds=time.perf_counter() - t0)
         stages[label] = res["seconds"]
         rows[label] = res
-        step(label)
+        stage_done(label)
     return {
         "fp_ppl": fp_ppl,
         "eval_windows": int(val_x.shape[0]),
@@ -265,7 +265,7 @@ def write_page(res: dict[str, Any], out: str | Path, title: str,
     """Write ``price.md``, ``price.html``, ``price.json`` and (``figures``) the PNG figures into
     ``out``."""
     from outlierlab.experiments.report import html_table, md_table
-    from outlierlab.run_folder import write_json
+    from outlierlab.jsonable import write_json
     from outlierlab.safe_io import write_text
 
     out = Path(out)

@@ -42,6 +42,7 @@ from outlierlab.structure import (
     forward_tokens,
     hook_points,
 )
+from outlierlab.train.callbacks import Callback, TrainerView
 
 DEFAULT_TOP_K = 10
 SINK_THRESHOLD = 0.5
@@ -250,7 +251,7 @@ def profile_row(prof: dict[str, Any]) -> dict[str, dict[str, float]]:
     return row
 
 
-class ProfileEvery:
+class ProfileEvery(Callback):
     """Trainer callback (``log.profile_every``): every ``every``-th optimiser step, the
     massive-activation profile of this rank's micro-batches of the step's batch, after the
     update, in one extra no-grad eval-mode forward, added to that step's metrics row
@@ -259,7 +260,7 @@ class ProfileEvery:
     def __init__(self, every: int) -> None:
         self.every = int(every)
 
-    def on_step_end(self, trainer: Any, step: int, row: dict[str, Any]) -> None:
+    def on_step_end(self, trainer: TrainerView, step: int, row: dict[str, Any]) -> None:
         from outlierlab.monitor import due
 
         if not due(step, self.every):

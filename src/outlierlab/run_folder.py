@@ -2,8 +2,8 @@
 
 ``RunFolder(path)`` names every file of a run and reads and writes them: the resolved config,
 ``status.json``, ``metrics.jsonl``, the run's tokenizer, its checkpoints and final model, and
-an exclusive lock held by whoever writes into the folder. :func:`write_json` (atomic, NaN →
-null) is the package's one JSON writer; :func:`find_runs` its one run discovery.
+an exclusive lock held by whoever writes into the folder (JSON through
+:func:`~outlierlab.jsonable.write_json`, atomic). :func:`find_runs` is the one run discovery.
 
 Reading is strict: a malformed file raises :class:`~outlierlab.errors.RunFolderError` with one
 line naming it, so listings can show that run as unreadable and carry on with the others.
@@ -14,12 +14,13 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import os
 import re
+import shutil
 import socket
 import time
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -31,47 +32,40 @@ from outlierlab.errors import (
     first_line,
     path_reason,
 )
+from outlierlab.fields import SECTIONS
+from outlierlab.jsonable import json_safe, write_json
 
-CONFIG_FILE = "config.json"
+RUN_CONFIG_FILE = "config.json"
+"""The resolved run config (``RunConfig.to_dict()``); a Hugging Face folder's ``config.json``
+has ``model_type`` instead."""
 STATUS_FILE = "status.json"
 METRICS_FILE = "metrics.jsonl"
 CHECKPOINTS_DIR = "checkpoints"
 CHECKPOINT_STATE = "state.json"
 """A checkpoint folder is complete once it holds this file (written last, then renamed in)."""
-MODEL_FILE = "model.safetensors"  # the final weights: a GPT.save folder at the run's root
+OPTIM_FILE = "optim.pt"
+"""A checkpoint's optimiser state (``torch.save``; loadable with ``weights_only=True``)."""
+MODEL_FILE = "model.safetensors"
+"""The weights of a saved GPT folder (``GPT.save``): a run's root, or a checkpoint."""
 MODEL_CONFIG_FILE = "model_config.json"
+"""A saved GPT folder's model config and weights checksum (``GPT.save``)."""
+HF_CONFIG_FILE = "config.json"
+"""A Hugging Face model folder's config (``model_type``); the same name as a run's config."""
 QUANT_DIR = "quant"
+MEASURE_FILE = "measure.json"  # `outlierlab measure RUN --save`: the final model on held-out text
 LOCK_FILE = ".lock"
 TB_DIR = "tb"
-SECTIONS = ("model", "data", "optim", "train", "log")
+SWEEP_LOG = "sweep.log"
+"""The console output of the ``train``/``quantize`` processes a sweep ran for this run."""
 STATUSES = ("running", "finished", "crashed", "diverged", "interrupted")
-OWN_FILES = frozenset({LOCK_FILE, "sweep.log"})
+OWN_FILES = frozenset({LOCK_FILE, SWEEP_LOG})
 """What may stand in a folder before a new run starts in it (the lock, a sweep's log)."""
+_TMP, _OLD = ".tmp-step-", ".old-step-"  # a checkpoint being written / being deleted
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 
 
 def utc_now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-
-
-def json_safe(obj: Any) -> Any:
-    """JSON-safe copy: non-finite floats become ``null`` (tuples become lists)."""
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    if isinstance(obj, dict):
-        return {k: json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [json_safe(v) for v in obj]
-    return obj
-
-
-def write_json(path: str | os.PathLike, obj: Any) -> Path:
-    """Write ``obj`` as JSON atomically (:mod:`~outlierlab.safe_io`: an ``O_EXCL|O_NOFOLLOW``
-    temporary file, then ``os.replace``; removed on any error), creating the parent folder;
-    NaN/inf become ``null``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return safe_io.write_text(path, json.dumps(json_safe(obj), indent=2) + "\n")
 
 
 def read_json_object(path: Path) -> dict[str, Any]:
@@ -94,14 +88,16 @@ class RunFolder:
 
     def __init__(self, path: str | os.PathLike) -> None:
         self.path = Path(path)
-        self.config_file = self.path / CONFIG_FILE
+        self.config_file = self.path / RUN_CONFIG_FILE
         self.status_file = self.path / STATUS_FILE
         self.metrics_file = self.path / METRICS_FILE
         self.checkpoints = self.path / CHECKPOINTS_DIR
         self.model_file = self.path / MODEL_FILE
         self.quant_dir = self.path / QUANT_DIR
+        self.measure_file = self.path / MEASURE_FILE
         self.lock_file = self.path / LOCK_FILE
         self.tb_dir = self.path / TB_DIR
+        self.sweep_log = self.path / SWEEP_LOG
         self._status: dict[str, Any] = {}
 
     def __repr__(self) -> str:
@@ -116,6 +112,17 @@ class RunFolder:
     def quant_file(self, scheme: str) -> Path:
         """``quant/<scheme>.json``: one quantisation result."""
         return self.quant_dir / f"{scheme}.json"
+
+    def quant_results(self) -> dict[str, dict[str, Any]]:
+        """Every saved quantisation result, ``{scheme: result}`` (``quant/<scheme>.json``; an
+        older ``quant/results.json`` is filed under the scheme it names)."""
+        found: dict[str, dict[str, Any]] = {}
+        if self.quant_dir.is_dir():
+            for q in sorted(self.quant_dir.glob("*.json")):
+                d = read_json_object(q)
+                scheme = str(d.get("scheme", q.stem)) if q.stem == "results" else q.stem
+                found[scheme] = d
+        return found
 
     @classmethod
     def of_checkpoint(cls, folder: str | os.PathLike) -> RunFolder | None:
@@ -318,6 +325,36 @@ class RunFolder:
                 found.append((int(m.group(1)), p))
         return sorted(found)
 
+    @staticmethod
+    def checkpoint_step(folder: str | os.PathLike) -> int | None:
+        """The step of a ``checkpoints/step-N`` folder (from its name), or None."""
+        m = _STEP_DIR.match(Path(folder).name)
+        return int(m.group(1)) if m else None
+
+    def checkpoint_tmp(self, step: int) -> Path:
+        """Where checkpoint ``step`` is written before it is renamed into place (the pid keeps
+        two writers apart; the run's lock keeps out a second trainer anyway)."""
+        return self.checkpoints / f"{_TMP}{step}-{os.getpid()}"
+
+    def retire_checkpoint(self, folder: Path) -> None:
+        """Rename ``folder`` out of the checkpoint namespace, then delete it: a kill half-way
+        through leaves a ``.old-step-*`` folder (removed by :meth:`clean_partial_checkpoints`),
+        never a half-deleted ``step-N`` that looks like a checkpoint."""
+        old = folder.with_name(f"{_OLD}{folder.name[len('step-'):]}-{os.getpid()}")
+        os.replace(folder, old)
+        shutil.rmtree(old, ignore_errors=True)
+
+    def clean_partial_checkpoints(self) -> None:
+        """Remove what killed writes and deletions left: temporary and renamed-away folders,
+        and ``step-N`` folders without their state file (half-deleted by older versions)."""
+        if not self.checkpoints.is_dir():
+            return
+        complete = {p for _, p in self.checkpoint_list()}
+        for p in self.checkpoints.iterdir():
+            if p.name.startswith((_TMP, _OLD)) or (
+                    p.is_dir() and _STEP_DIR.match(p.name) and p not in complete):
+                shutil.rmtree(p, ignore_errors=True)
+
     @property
     def latest_checkpoint(self) -> Path | None:
         found = self.checkpoint_list()
@@ -351,6 +388,11 @@ class RunFolder:
             return final, step, "final model"
         return None
 
+    def open_sweep_log(self):
+        """``sweep.log`` opened for appending (the folder created; never through a link)."""
+        self.path.mkdir(parents=True, exist_ok=True)
+        return safe_io.open_append(self.sweep_log)
+
     # -- the lock -------------------------------------------------------------------------------
 
     def lock(self, purpose: str) -> RunLock:
@@ -362,6 +404,38 @@ class RunFolder:
     def lock_holder(self) -> dict[str, Any] | None:
         """Who holds the lock now (``pid``, ``host``, ``purpose``, ``started``), or None."""
         return RunLock(self, "").holder()
+
+
+@dataclass(frozen=True)
+class CheckpointFiles:
+    """The files of one checkpoint folder (``checkpoints/step-N``, or its temporary name while
+    it is written): a saved GPT folder (weights and model config) plus the optimiser state and
+    ``state.json`` (step, tokens, sampler, RNG states)."""
+
+    folder: Path
+
+    @property
+    def weights(self) -> Path:
+        return self.folder / MODEL_FILE
+
+    @property
+    def optimizer(self) -> Path:
+        return self.folder / OPTIM_FILE
+
+    @property
+    def state(self) -> Path:
+        return self.folder / CHECKPOINT_STATE
+
+
+def is_saved_model(folder: str | os.PathLike) -> bool:
+    """``folder`` holds a saved GPT (``GPT.save``: a run's root, a checkpoint, a bare folder)."""
+    return (Path(folder) / MODEL_CONFIG_FILE).is_file()
+
+
+def holds_model_config(folder: str | os.PathLike) -> bool:
+    """``folder`` holds a model config of either kind (a saved GPT's, or a run's or Hugging
+    Face model's ``config.json``): it is not a folder of loose GGUF files."""
+    return any((Path(folder) / f).exists() for f in (RUN_CONFIG_FILE, MODEL_CONFIG_FILE))
 
 
 class MetricsWriter:

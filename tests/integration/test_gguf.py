@@ -32,7 +32,7 @@ def test_load_model_gguf_file_and_folder_equal_the_hf_model(gguf_file, tmp_path)
     x = torch.randint(0, EOS, (2, 12))
     for path in (gguf_file, gguf_file.parent):  # the file, or the folder holding only it
         loaded = load_model(path)
-        assert loaded.kind == "hf" and loaded.path == gguf_file and loaded.seq_len == 64
+        assert loaded.kind == "gguf" and loaded.path == gguf_file and loaded.seq_len == 64
         assert not loaded.model.training
         torch.testing.assert_close(loaded.logits(x), ref(x).logits, rtol=0, atol=1e-5)
         assert loaded.tokenizer.eot_id == EOS
@@ -68,7 +68,7 @@ def test_quantize_gguf(gguf_file, tmp_path):
                "--batch-size", "2", "--seq-len", "32", "--quiet", "--json", str(out)])  # fmt: skip
     assert rc == 0
     res = json.loads(out.read_text())
-    assert res["kind"] == "hf" and res["eval_windows"] == 4
+    assert res["kind"] == "gguf" and res["eval_windows"] == 4
     assert res["fp_ppl"] > 1 and res["quant_ppl"] > 1
     assert any(r["name"].endswith("down_proj") for r in res["layers"])
 

@@ -51,7 +51,7 @@ def test_gguf_loads_as_the_hf_model(written):
 
     arch, ref, path = written
     loaded = load_model(path)
-    assert loaded.kind == "hf" and loaded.path == path and not loaded.model.training
+    assert loaded.kind == "gguf" and loaded.path == path and not loaded.model.training
     torch.manual_seed(1)
     x = torch.randint(0, EOS, (2, 48))  # long enough for rotary settings to show
     with torch.no_grad():

@@ -204,6 +204,17 @@ def test_measure_outlierlab_model_and_run_folder(tmp_path, text_file, cache_dir,
     printed = capsys.readouterr().out
     assert "blocks.1.resid_post" in printed and "corr (a)" in printed
     assert "attention entropy" in printed and "blocks.1 " in printed
+    # --save: measure.json in the run folder, which the leaderboard reads (sinks, max/median)
+    assert main(["measure", str(run), "--seq-len", "16", "--max-tokens", "64", "--save"]) == 0
+    saved = json.loads((run / "measure.json").read_text())
+    assert [a["layer"] for a in saved["profile"]["attention"]] == ["blocks.0.attn",
+                                                                    "blocks.1.attn"]
+    from outlierlab.experiments.results import load_run
+
+    rec = load_run(run)
+    masses = [a["mass_token0"] for a in saved["profile"]["attention"]]
+    assert rec.first_token_mass == pytest.approx(sum(masses) / 2) and 0 < rec.first_token_mass < 1
+    assert rec.max_median == max(p["max_median_ratio"] for p in saved["profile"]["points"])
 
 
 def one_line_error(capsys, argv, *needles):
@@ -235,6 +246,7 @@ def test_bad_input_one_line_exit_2(tmp_path, gpt2_dir, text_file, capsys):
     one_line_error(
         capsys, [str(folder), "--data", str(text_file), "--points", "zzz*"], "match nothing"
     )
+    one_line_error(capsys, [str(folder), "--data", str(text_file), "--save"], "needs a run folder")
 
 
 def test_hf_folder_without_data_measures_quantizes_validation_windows(gpt2_dir, tmp_path):

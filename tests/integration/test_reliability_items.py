@@ -21,7 +21,6 @@ from outlierlab.cli import main
 from outlierlab.errors import first_line
 from outlierlab.loading import load_model
 from outlierlab.run_folder import RunFolder
-from outlierlab.train import checkpoint as ckpt
 from run_fixtures import snapshot
 
 FAST_Q = ["--calib-batches", "1", "--eval-windows", "2", "--stats-windows", "1", "--quiet"]
@@ -279,8 +278,8 @@ def test_item_8_non_utf8_names(tmp_path, capsys, cache_dir):
 # -- wrong behaviour ----------------------------------------------------------------------------
 
 def test_item_10_reading_a_checkpoint_rotated_away(run, monkeypatch):
-    """The trainer rotates the checkpoint a reader picked (its own ``_delete``) between the
-    pick and the read: the reader takes the next newest instead of failing."""
+    """The trainer rotates the checkpoint a reader picked (``RunFolder.retire_checkpoint``)
+    between the pick and the read: the reader takes the next newest instead of failing."""
     rf = RunFolder(run)
     (run / "model.safetensors").unlink()  # a run being extended: readers use checkpoints
     real = RunFolder.newest_model
@@ -289,7 +288,7 @@ def test_item_10_reading_a_checkpoint_rotated_away(run, monkeypatch):
     def racing(self):
         picked = real(self)
         if not calls:
-            ckpt._delete(picked[0])  # rotated away just after the pick
+            rf.retire_checkpoint(picked[0])  # rotated away just after the pick
         calls.append(picked)
         return picked
 

@@ -10,6 +10,7 @@ import shutil
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -219,3 +220,107 @@ def test_bpe_run_folder_loads_for_measure(corpus, cache_dir, tmp_path):
         assert loaded.kind == "outlierlab" and loaded.tokenizer.vocab_size == 300
         ids = loaded.tokenizer.encode("def add_1(x):")
         assert loaded.logits(torch.tensor([ids])).shape == (1, len(ids), 300)
+
+
+def test_every_row_key_is_in_the_schema_and_runs_agrees_with_report(corpus, cache_dir,
+                                                                    tmp_path, capsys):
+    """Every key the trainer, the monitor (and its held-out ``val_`` copies), the profile and
+    TWEO write is defined in :mod:`outlierlab.metric_rows`; ``runs`` and ``report`` print the
+    same final Kurt and say where it was measured."""
+    from outlierlab.experiments.results import load_run
+    from outlierlab.metric_rows import FIELDS, HELD_OUT, TRAIN_BATCH, unknown_fields
+
+    out = tmp_path / "run"
+    cfg = tiny_cfg(corpus, out, "train.steps=4", "train.log_every=1", "log.kurtosis_every=2",
+                   "log.profile_every=2", "train.tweo_weight=0.01")
+    assert train(cfg, progress=False).status == "finished"
+    status = RunFolder(out).status  # the resolved device and precision, not "auto"
+    assert (status["device"], status["precision"], status["world_size"]) == ("cpu", "fp32", 1)
+    assert status["code"]["version"] and len(status["code"].get("git_commit", "x" * 40)) == 40
+    rows = RunFolder(out).metrics
+    assert [unknown_fields(r) for r in rows] == [[]] * len(rows)
+    written = set().union(*rows)
+    assert {"val_kurtosis_mean", "massive_max", "loss_penalty", "kurtosis"} <= written
+    assert all(FIELDS[k].meaning for k in written)
+
+    assert main(["runs", str(tmp_path), "--json"]) == 0
+    listed = json.loads(capsys.readouterr().out.splitlines()[0])
+    record = load_run(out)
+    assert listed["kurtosis_from"] == record.final_kurt.source == HELD_OUT
+    assert listed["final_kurtosis_mean"] == record.final_kurt_mean == rows[-1]["val_kurtosis_mean"]
+    assert listed["final_kurtosis_max"] == record.final_kurt_max
+    assert main(["report", str(out), "--out", str(tmp_path / "rep")]) == 0
+    report = json.loads((tmp_path / "rep" / "results.json").read_text())["runs"][0]
+    assert report["final_kurt_mean"] == listed["final_kurtosis_mean"]
+    assert report["kurt_from"] == HELD_OUT
+    capsys.readouterr()
+    # without the held-out copy at the last step both fall back to the last training batch
+    (out / "metrics.jsonl").write_text("".join(
+        json.dumps({k: v for k, v in r.items() if not k.startswith("val_kurtosis")}) + "\n"
+        for r in rows))
+    assert main(["runs", str(tmp_path), "--json"]) == 0
+    listed = json.loads(capsys.readouterr().out.splitlines()[0])
+    assert listed["kurtosis_from"] == load_run(out).final_kurt.source == TRAIN_BATCH
+    assert listed["final_kurtosis_mean"] == rows[-1]["kurtosis_mean"] == load_run(
+        out).final_kurt_mean
+
+
+def test_divergence_on_an_unread_step_is_found_at_the_next_read(corpus, cache_dir, tmp_path):
+    """Steps that neither log nor checkpoint do not read their loss on the host (issue 24): a
+    non-finite one is found at the next read step and named; no checkpoint is written after
+    it and no final weights."""
+    out = tmp_path / "div"
+    cfg = tiny_cfg(corpus, out, "optim.lr=1e6", "optim.warmup=0", "train.steps=30",
+                   "train.log_every=8", "train.sync_every=8", "train.ckpt_every=8")
+    res = train(cfg, progress=False)
+    assert res.status == "diverged"
+    bad = int(res.message.split("at step ")[1].split(";")[0])
+    assert "found at step 8" in res.message and 1 <= bad < 8
+    assert res.step == bad - 1
+    assert not (out / "checkpoints").exists() or not list((out / "checkpoints").glob("step-*"))
+    assert not (out / "model.safetensors").exists()
+
+
+def test_plain_steps_make_no_host_sync(corpus, cache_dir, tmp_path):
+    """Issue 24: ``Trainer.run_step`` on a step that neither logs, evaluates, checkpoints,
+    measures nor is a ``train.sync_every`` step reads nothing on the host; the others do."""
+    from outlierlab.train import Trainer
+    from outlierlab.train.syncs import SyncCounter
+
+    cfg = tiny_cfg(corpus, tmp_path / "s", "train.steps=12", "train.log_every=6",
+                   "train.sync_every=4", "log.kurtosis_every=5")
+    counts = {}
+    with Trainer(cfg, progress=False) as t:
+        t.begin()
+        while t.step < 12:
+            with SyncCounter("cpu") as c:
+                t.run_step()
+            counts[t.step] = c.count
+    reads = {4, 5, 6, 8, 10, 12}
+    assert all(counts[s] == 0 for s in counts if s not in reads), counts
+    assert all(counts[s] > 0 for s in reads), counts
+    rows = RunFolder(tmp_path / "s").metrics
+    assert [r["step"] for r in rows] == [0, 5, 6, 10, 12]
+
+
+def test_validation_windows_across_documents(corpus, cache_dir, tmp_path):
+    """``train.eval_docs``: the trainer's validation windows are
+    :func:`~outlierlab.data.document_windows` of the validation split, one document each here;
+    0 keeps the first consecutive windows."""
+    from outlierlab.data import document_starts, document_windows, validation_windows
+    from outlierlab.train.trainer import Trainer
+
+    cfg = tiny_cfg(corpus, tmp_path / "docs", "train.steps=1", "train.eval_windows=4",
+                   "train.eval_docs=4", "data.val_fraction=0.2")
+    with Trainer(cfg, progress=False) as t:
+        val, eot = t.data.val, t.data.tokenizer.eot_id
+        want = document_windows(val, cfg.model.seq_len, 4, 4, eot)
+        assert all(torch.equal(a, b) for a, b in zip(t.val, want))
+        starts = document_starts(val, eot)
+        first = [int(np.flatnonzero(np.all(np.lib.stride_tricks.sliding_window_view(
+            val, cfg.model.seq_len) == row, axis=1))[0]) for row in t.val[0].numpy()]
+        assert len(set(np.searchsorted(starts, first, side="right"))) == 4  # 4 documents
+    plain = tiny_cfg(corpus, tmp_path / "plain", "train.steps=1", "train.eval_windows=4")
+    with Trainer(plain, progress=False) as t:
+        want = validation_windows(t.data.val, plain.model.seq_len, 4)
+        assert all(torch.equal(a, b) for a, b in zip(t.val, want))

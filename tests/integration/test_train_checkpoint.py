@@ -1,4 +1,5 @@
-"""Checkpoint files: atomic layout, keep-last-N, leftovers of a killed write, RNG round trip."""
+"""The Checkpointer: atomic layout, keep-last-N, its own timing, leftovers of a killed write,
+a restore of every Stateful, and the RNG round trip."""
 
 from __future__ import annotations
 
@@ -7,23 +8,37 @@ import random
 import numpy as np
 import torch
 
+from outlierlab.data import BatchSampler
 from outlierlab.model import GPT, GPTConfig
-from outlierlab.run_folder import RunFolder
+from outlierlab.run_folder import CheckpointFiles, RunFolder
 from outlierlab.train import checkpoint as ckpt
+from outlierlab.train import distributed
 
 
-def small():
+class Counters:
+    def __init__(self) -> None:
+        self.step = self.tokens = 0
+
+
+def small(run: RunFolder, every: int = 0, keep: int = 2):
     torch.manual_seed(0)
     m = GPT(GPTConfig(vocab_size=32, n_layer=1, d_model=8, n_head=2, seq_len=4))
-    return m, torch.optim.AdamW(m.parameters(), lr=1e-2)
+    opt = torch.optim.AdamW(m.parameters(), lr=1e-2)
+    counters = Counters()
+    sampler = BatchSampler(np.arange(200, dtype=np.uint16), 4, 2, seed=3)
+    dist = distributed.init("cpu")
+    states = {"model": m, "optimizer": opt, "progress": ckpt.RunProgress(counters, 2, 1),
+              "sampler": sampler, "rng": ckpt.RNGState(dist)}
+    return ckpt.Checkpointer(run, states, dist, every=every, keep=keep), m, opt, counters, sampler
 
 
 def test_keep_last_n_and_ignore_partial_writes(tmp_path):
-    m, opt = small()
     run = RunFolder(tmp_path)
+    saver, *_ , counters, _ = small(run)
     root = run.checkpoints
     for step in (1, 2, 3):
-        ckpt.save_checkpoint(run, step, m, opt, {"tokens": step}, keep=2)
+        counters.step = counters.tokens = step
+        assert saver.save(step, last_step=True)
     assert [s for s, _ in run.checkpoint_list()] == [2, 3]
     assert sorted(p.name for p in root.iterdir()) == ["step-2", "step-3"]
     (root / ".tmp-step-4-123").mkdir()  # a write killed half-way
@@ -31,27 +46,57 @@ def test_keep_last_n_and_ignore_partial_writes(tmp_path):
     (root / "step-5").mkdir()  # no state.json: not a checkpoint (half-deleted by old versions)
     (root / "step-5" / "optim.pt").write_bytes(b"x")
     assert run.latest_checkpoint == root / "step-3"
-    ckpt.clean_partial(run)
+    run.clean_partial_checkpoints()
     assert sorted(p.name for p in root.iterdir()) == ["step-2", "step-3"]
-    again = ckpt.save_checkpoint(run, 3, m, opt, {"tokens": 3}, keep=2)  # rewrite in place
-    assert again == root / "step-3" and (again / "optim.pt").is_file()
+    saver.saved_at = -1
+    assert saver.save(3, last_step=True)  # rewrite in place
+    again = saver.latest
+    assert again == root / "step-3" and CheckpointFiles(again).optimizer.is_file()
     assert sorted(p.name for p in root.iterdir()) == ["step-2", "step-3"]
 
 
-def test_load_restores_weights_and_optimizer(tmp_path):
-    m, opt = small()
+def test_the_checkpointer_decides_when(tmp_path):
+    saver, *_ = small(RunFolder(tmp_path), every=3)
+    assert [s for s in range(1, 8) if saver.should_save(s)] == [3, 6]
+    assert saver.should_save(7, last_step=True)  # the last step, or a stop
+    assert saver.save(3) and not saver.save(3, last_step=True)  # never twice
+    assert not saver.save(4)
+
+
+def test_restore_brings_back_every_state(tmp_path):
+    run = RunFolder(tmp_path)
+    saver, m, opt, counters, sampler = small(run)
     x = torch.randint(0, 32, (2, 4))
     _, loss = m(x, x)
     loss.backward()
     opt.step()
-    path = ckpt.save_checkpoint(RunFolder(tmp_path), 7, m, opt, {"tokens": 56}, keep=1)
-    m2, opt2 = small()
-    state = ckpt.load_checkpoint(path, m2, opt2)
-    assert state["step"] == 7 and state["tokens"] == 56
+    sampler.next()
+    counters.step, counters.tokens = 7, 56
+    torch.manual_seed(123)
+    assert saver.save(7, last_step=True)
+    after = (torch.rand(2), sampler.next()[0])
+    saver2, m2, opt2, counters2, sampler2 = small(run)
+    assert saver2.restore() == run.checkpoint_path(7)
+    assert (counters2.step, counters2.tokens, saver2.saved_at) == (7, 56, 7)
     assert all(torch.equal(a, b) for a, b in zip(m.state_dict().values(),
                                                   m2.state_dict().values()))
     s1, s2 = opt.state_dict()["state"], opt2.state_dict()["state"]
     assert all(torch.equal(s1[k]["exp_avg"], s2[k]["exp_avg"]) for k in s1)
+    assert torch.equal(torch.rand(2), after[0]) and torch.equal(sampler2.next()[0], after[1])
+
+
+def test_a_changed_global_batch_is_refused(tmp_path):
+    import pytest
+
+    from outlierlab.errors import ConfigError
+
+    run = RunFolder(tmp_path)
+    saver, *_ = small(run)
+    saver.save(1, last_step=True)
+    saver2, *_ = small(run)
+    saver2.states["progress"] = ckpt.RunProgress(Counters(), 4, 1)
+    with pytest.raises(ConfigError, match=r"global batch .* was 2, now 4"):
+        saver2.restore()
 
 
 def test_rng_state_round_trip():

@@ -12,7 +12,7 @@ import pytest
 
 BENCH = Path(__file__).resolve().parents[2] / "benchmarks"
 SCRIPTS = ["train_step", "compile", "monitor_train", "quant_eval", "optim", "gpu_check",
-           "real_model"]
+           "real_model", "host_syncs", "mitigations_step"]
 
 
 def load(name: str):

@@ -9,9 +9,10 @@ import pytest
 
 from outlierlab.experiments import claims as C
 from outlierlab.experiments.results import load_run, load_runs
+from outlierlab.run_folder import RunFolder
 from run_fixtures import write_run
 
-SEEDS = (0, 1, 2)
+SEEDS = (0, 1, 2, 3)  # one cell of 4 same-seed pairs all in one direction: p = 2⁻⁴ = 0.0625
 
 
 def test_rankdata_and_spearman_by_hand():
@@ -43,23 +44,59 @@ def test_rank_sum_permutation_p_by_hand():
     assert C.rank_sum_p([-math.inf] * 3, [0.5, 0.7, 0.6])[0] == pytest.approx(1 / 20)
 
 
+def test_sign_flip_p_by_hand():
+    # N pairs all up: only the identity flip (of 2ᴺ) reaches the observed sum
+    assert C.sign_flip_p([[1.0, 2.0, 3.0]]) == (pytest.approx(1 / 8), 1.0)
+    assert C.sign_flip_p([[1.0, 2.0, 3.0, 4.0]]) == (pytest.approx(1 / 16), 1.0)
+    # |d| = 1, 2, 3, 0.5 with the 0.5 down: sum 5.5 of 6.5; flips reaching it are {} and
+    # {0.5}: 2/16; the other way, 15 of 16 flips are ≤ 5.5 (all but the all-up one)
+    assert C.sign_flip_p([[1.0, 2.0, 3.0, -0.5]]) == (pytest.approx(2 / 16),
+                                                       pytest.approx(15 / 16))
+    # two cells, each cell's mean counts once: [10] and [1, 1] → weights 1, 1/2, 1/2; up:
+    # 10 + 0.5 + 0.5 = 11; flips ≥ 11: only all up → 1/8; the big cell does not drown the
+    # small one's sign (flipping it alone gives 10 + 0 = 10 < 11)
+    assert C.sign_flip_p([[10.0], [1.0, 1.0]])[0] == pytest.approx(1 / 8)
+    # stratified: 3 cells of 2 pairs all up: 1/64
+    assert C.sign_flip_p([[1, 2], [0.1, 0.2], [5, 6]])[0] == pytest.approx(1 / 64)
+    # many pairs: the Monte Carlo form, observed flip counted
+    p, q = C.sign_flip_p([[1.0] * 20])
+    assert p == pytest.approx(1 / 20001) and q == 1.0
+
+
+def test_effect_test_verdicts():
+    up4 = {s: 1.0 + s for s in SEEDS}
+    t = C.EffectTest.of([up4])
+    assert (t.verdict, t.pairs, t.seeds, t.in_direction) == (C.HELD, 4, 4, 4)
+    assert t.p == pytest.approx(1 / 16)
+    assert C.EffectTest.of([{s: -v for s, v in up4.items()}]).verdict == C.NOT_HELD
+    # three seeds in one cell: p = 1/8 > 0.1 either way: inconclusive, however clear
+    three = {0: 1.0, 1: 2.0, 2: 3.0}
+    assert C.EffectTest.of([three]).verdict == C.INCONCLUSIVE
+    # ... the same three seeds in two cells: 6 pairs, p = 1/64
+    assert C.EffectTest.of([three, three]).verdict == C.HELD
+    # every pair against is not enough: "did not hold" needs significance the other way
+    assert C.EffectTest.of([{0: -1.0, 1: -2.0, 2: -3.0}]).verdict == C.INCONCLUSIVE
+    # fewer than 3 seeds: indicative only, however many cells
+    two = {0: 1.0, 1: 2.0}
+    assert C.EffectTest.of([two, two, two]).verdict == C.INDICATIVE
+    assert C.EffectTest.of([]).verdict == C.NOT_TESTED
+
+
 def test_seed_test_verdicts():
-    three = dict(zip(SEEDS, [1.0, 1.1, 1.2])), dict(zip(SEEDS, [3.0, 3.1, 3.2]))
+    three = dict(zip((0, 1, 2), [1.0, 1.1, 1.2])), dict(zip((0, 1, 2), [3.0, 3.1, 3.2]))
     t = C.SeedTest.of(*three)
     assert (t.verdict, t.seeds, t.in_direction, t.p) == (C.HELD, 3, 3, pytest.approx(0.05))
     assert C.SeedTest.of(three[1], three[0]).verdict == C.NOT_HELD
-    # two seeds a side: every pair lower, but p = 1/6 > 0.1
-    assert C.SeedTest.of({0: 1.0, 1: 1.1}, {0: 3.0, 1: 3.1}).verdict == C.INCONCLUSIVE
-    # ... while every pair against with two pairs is enough to say it did not hold
-    assert C.SeedTest.of({0: 3.0, 1: 3.1}, {0: 1.0, 1: 1.1}).verdict == C.NOT_HELD
-    # one seed: indicative only
-    assert C.SeedTest.of({0: 1.0}, {0: 3.0}).verdict == C.INCONCLUSIVE
+    # two seeds a side: indicative only, even when every pair is against
+    assert C.SeedTest.of({0: 1.0, 1: 1.1}, {0: 3.0, 1: 3.1}).verdict == C.INDICATIVE
+    assert C.SeedTest.of({0: 3.0, 1: 3.1}, {0: 1.0, 1: 1.1}).verdict == C.INDICATIVE
     # significant but one seed pair the other way: not held, not "did not hold" either
     mixed = C.SeedTest.of({0: 1.0, 1: 1.1, 2: 3.5}, {0: 3.0, 1: 3.1, 2: 3.2})
     assert mixed.in_direction == 2 and mixed.verdict == C.INCONCLUSIVE
     assert C.combine([C.HELD, C.HELD]) == C.HELD
     assert C.combine([C.HELD, C.INCONCLUSIVE]) == C.INCONCLUSIVE
     assert C.combine([C.HELD, C.NOT_HELD]) == C.NOT_HELD
+    assert C.combine([C.INDICATIVE]) == C.INDICATIVE
     assert C.combine([]) == C.NOT_TESTED
 
 
@@ -76,7 +113,7 @@ def _seeded(specs, name, seeds=SEEDS, **kw):
                                     if q else None)
 
 
-def test_everything_held_with_three_seeds(tmp_path):
+def test_everything_held_with_four_seeds(tmp_path):
     specs = {}
     _seeded(specs, "pre", arch="pre-ln", kurt=4.0, quant={"w8a8-tensor": (5.0, 9.0)})
     _seeded(specs, "op", arch="op", kurt=2.0, val_loss=1.72, quant={"w8a8-tensor": (5.0, 5.6)})
@@ -91,20 +128,21 @@ def test_everything_held_with_three_seeds(tmp_path):
         "soap_vs_adamw": C.HELD, "kurt_vs_quant": C.HELD}
     ev = res["op_vs_prenorm"].evidence[0]
     # the numbers are the seeds' means of the final mean Kurt, not written-down values
-    pre = [r for r in runs if r.name in ("pre-0", "pre-1", "pre-2")]
+    pre = [r for r in runs if r.name in [f"pre-{s}" for s in SEEDS]]
     assert ev["kurt_high"] == pytest.approx(np.mean([r.final_kurt_mean for r in pre]))
-    assert (ev["seeds"], ev["in_direction"], ev["p"]) == (3, 3, pytest.approx(0.05))
+    assert (ev["seeds"], ev["in_direction"], ev["cell_p"]) == (4, 4, pytest.approx(1 / 16))
+    assert res["op_vs_prenorm"].test["p"] == pytest.approx(1 / 16)
     # each pair names the one field that differs
     assert ev["field"] == "model preset: pre-ln → op"
     assert res["soap_vs_adamw"].evidence[0]["field"] == "optim.name: adamw → soap"
     assert res["lower_lr"].evidence[0]["field"] == "optim.lr: 0.01 → 0.001"
     assert res["larger_eps"].evidence[0]["field"] == "optim.eps: 1e-12 → 0.0001"
-    assert "3 seeds" in res["op_vs_prenorm"].details[0]
+    assert "4 seeds" in res["op_vs_prenorm"].details[0]
     q = res["kurt_vs_quant"].evidence[0]
-    assert q["n"] == 9 and q["rho"] > 0.8 and q["p"] <= C.ALPHA
+    assert q["n"] == 12 and q["rho"] > 0.8 and q["p"] <= C.ALPHA
 
 
-def test_everything_did_not_hold_with_three_seeds(tmp_path):
+def test_everything_did_not_hold_with_four_seeds(tmp_path):
     specs = {}
     _seeded(specs, "pre", arch="pre-ln", kurt=2.0, quant={"w8a8-tensor": (5.0, 5.5)})
     _seeded(specs, "op", arch="op", kurt=3.0, quant={"w8a8-tensor": (5.0, 5.2)})
@@ -116,18 +154,17 @@ def test_everything_did_not_hold_with_three_seeds(tmp_path):
     assert {k: c.verdict for k, c in res.items()} == {
         "op_vs_prenorm": C.NOT_HELD, "lower_lr": C.NOT_HELD, "larger_eps": C.NOT_HELD,
         "soap_vs_adamw": C.NOT_HELD, "kurt_vs_quant": C.NOT_HELD}
-    assert "0 of 1 pair(s) held, 1 did not" in res["op_vs_prenorm"].summary
+    assert "0 of 1 cell(s) in direction, 1 against" in res["op_vs_prenorm"].summary
 
 
 def test_one_seed_is_indicative_only(tmp_path):
-    """The quick preset's single seed: the direction is shown, the verdict is inconclusive and
-    the summary says why."""
+    """A single seed: the direction is shown, no verdict, and the summary says why."""
     runs = _runs(tmp_path, {"pre": dict(arch="pre-ln", kurt=5.0), "op": dict(arch="op", kurt=2.0),
                             "pre-soap": dict(arch="pre-ln", optimizer="soap", kurt=1.6)})
     res = {c.key: c for c in C.evaluate_claims(runs)}
     for key in ("op_vs_prenorm", "soap_vs_adamw"):
-        assert res[key].verdict == C.INCONCLUSIVE
-        assert "1 seed(s) per configuration: indicative only" in res[key].summary
+        assert res[key].verdict == C.INDICATIVE
+        assert "1 seed(s): indicative only" in res[key].summary
         assert "lower in 1 of 1 seed pair(s)" in res[key].details[0]
 
 
@@ -197,39 +234,64 @@ def test_optimiser_pairs_allow_only_the_optimisers_own_hyperparameters(tmp_path)
     runs = _runs(tmp_path, specs)
     c = C.claim_soap(runs)
     assert c.verdict == C.HELD and len(c.evidence) == 1
-    assert C.optimiser_keys(runs[3], runs[0]) == ["optim.name", "optim.precondition_frequency"]
+    assert C.optimiser_keys(runs[len(SEEDS)], runs[0]) == ["optim.name",
+                                                            "optim.precondition_frequency"]
     specs2 = {k: dict(v, extra={**v["extra"], "optim.betas": [0.95, 0.95]})
               if k.startswith("soap") else v for k, v in specs.items()}
     c2 = C.claim_soap(_runs(tmp_path / "b", specs2))
     assert c2.verdict == C.NOT_TESTED and "runs differ in optim.betas" in c2.summary
 
 
-def test_unmatched_loss_is_left_out_and_diverged_runs_are_named(tmp_path):
+def test_unmatched_loss_is_flagged_not_dropped_and_diverged_runs_are_named(tmp_path):
     specs = {}
     _seeded(specs, "pre", arch="pre-ln", kurt=4.0, val_loss=1.5)
     _seeded(specs, "op", arch="op", kurt=1.5, val_loss=2.5)
     specs["post"] = dict(arch="post-ln", kurt=9.0, status="diverged")
     runs = _runs(tmp_path, specs)
     c = C.claim_op_vs_prenorm(runs)
-    assert c.verdict == C.NOT_TESTED and "not at matched loss" in c.summary
+    assert c.verdict == C.HELD and "1 cell(s) not at matched loss (flagged, counted)" in c.summary
+    assert "not at matched loss: OP's loss +65.8% against Pre-Norm's" in c.details[0]
     assert any("diverged: post" in d for d in c.details)
-    assert C.claim_op_vs_prenorm(runs, loss_tol=1.0).verdict == C.HELD
+    assert "not at matched loss" not in C.claim_op_vs_prenorm(runs, loss_tol=1.0).summary
 
 
-def test_comparisons_without_outlier_features_are_left_out(tmp_path):
-    """Near Kurt 1 there is nothing to lower: such pairs and series do not decide a claim."""
+def test_no_pair_is_dropped_for_its_outcome(tmp_path):
+    """Near Kurt 1 there used to be a filter (MIN_KURT) that left such pairs out: a reversal
+    there now counts, and with the pairs of the other cell the main effect is tested on all."""
     specs = {}
     _seeded(specs, "pre", arch="pre-ln", kurt=1.12, lr=3e-3)
-    _seeded(specs, "op", arch="op", kurt=1.10, lr=3e-3)
+    _seeded(specs, "op", arch="op", kurt=1.30, lr=3e-3)  # the reversal, near Kurt 1
     _seeded(specs, "pre-hi", arch="pre-ln", kurt=5.0)
     _seeded(specs, "op-hi", arch="op", kurt=2.0)
     runs = _runs(tmp_path, specs)
     c = C.claim_op_vs_prenorm(runs)
-    assert c.verdict == C.HELD and "1 of 1 pair(s) held" in c.summary
-    assert any("no OFs in Pre-Norm" in d for d in c.details)
+    assert [e["direction"] for e in c.evidence] == ["against", "in direction"]
+    assert c.test["pairs"] == 8 and c.test["cells"] == 2
+    # 4 pairs at −0.18 (weight 1/4 each) and 4 at +3 (1/4 each): sum 2.82; flips ≥ it leave
+    # every +3 up, any of the 16 sign patterns of the small ones: 16/256
+    assert c.test["p"] == pytest.approx(16 / 256) and c.verdict == C.HELD
     low = [r for r in runs if r.lr == 3e-3]
-    assert C.claim_op_vs_prenorm(low).verdict == C.NOT_TESTED
-    assert C.claim_lr(runs).verdict == C.HELD
+    one = C.claim_op_vs_prenorm(low)
+    assert one.verdict == C.NOT_HELD and one.test["p_other"] == pytest.approx(1 / 16)
+
+
+def test_kurt_growth_removes_the_starting_offset(tmp_path):
+    """Pre-LN starts at Kurt 1.4, OP at 1.1: OP ends lower (1.3 vs 1.5) but grew more
+    (log(0.3/0.1) = 1.10 vs log(0.5/0.4) = 0.22): on growth the claim is reversed."""
+    specs = {}
+    _seeded(specs, "pre", arch="pre-ln", kurt=1.5, held_out=1.5, init=1.4)
+    _seeded(specs, "op", arch="op", kurt=1.3, held_out=1.3, init=1.1)
+    runs = _runs(tmp_path, specs)
+    r = next(r for r in runs if r.name == "op-0")
+    assert r.kurt_growth == pytest.approx(math.log(0.3 / 0.1))
+    c = C.claim_op_vs_prenorm(runs)
+    assert c.test["outcome"] == "kurt_growth" and c.summary.startswith("Kurt growth")
+    assert c.verdict == C.NOT_HELD and c.evidence[0]["kurt_high"] > c.evidence[0]["kurt_low"]
+    # without step 0 the final Kurt decides, and the summary says which outcome it used
+    plain = _runs(tmp_path / "plain", {k: {**v, "init": None} for k, v in specs.items()})
+    c2 = C.claim_op_vs_prenorm(plain)
+    assert c2.test["outcome"] == "final_kurt_mean" and c2.verdict == C.HELD
+    assert "no step-0 Kurt" in c2.summary
 
 
 def test_final_kurtosis_is_the_held_out_value(tmp_path):
@@ -240,7 +302,10 @@ def test_final_kurtosis_is_the_held_out_value(tmp_path):
     assert r.kurt_mean_series[-1] == pytest.approx(3.0, abs=0.02)
     assert r.final_kurt_max == pytest.approx(1 + 1.5 * 1.4)
     plain = load_run(write_run(tmp_path / "b", kurt=3.0))
-    assert not plain.held_out and plain.final_kurt_mean == plain.kurt_mean_series[-1]
+    assert not plain.held_out and plain.final_kurt_mean == pytest.approx(
+        plain.kurt_mean_series[-1], rel=1e-12)
+    assert plain.final_kurt_mean == RunFolder(plain.path).metrics[-1]["kurtosis_mean"]
+    assert (r.final_kurt.source, plain.final_kurt.source) == ("held-out eval", "last train batch")
 
 
 def _ablation_runs(tmp_path, entropy_noqk=None, diverge=False):
@@ -273,10 +338,10 @@ def test_ablations_final_norm_qk_norm_and_small_beta(tmp_path):
 
 def test_qk_norm_ablation_diverged_or_not_logged(tmp_path):
     div = C.claim_qk_norm(_ablation_runs(tmp_path / "d", diverge=True))
-    assert div.verdict == C.HELD and "3 of 3 seed(s) diverged" in div.details[0]
+    assert div.verdict == C.HELD and "4 of 4 seed(s) diverged" in div.details[0]
     quiet = C.claim_qk_norm(_ablation_runs(tmp_path / "q"))  # finished, no entropy logged
     assert quiet.verdict == C.NOT_TESTED and "attention entropy not logged" in quiet.summary
-    assert quiet.summary.startswith("0 of 3 run(s) without QK-norm diverged")
+    assert quiet.summary.startswith("0 of 4 run(s) without QK-norm diverged")
     same = C.claim_qk_norm(_ablation_runs(tmp_path / "s", entropy_noqk=2.5))
     assert same.verdict == C.NOT_HELD
 

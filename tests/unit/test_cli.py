@@ -76,12 +76,14 @@ def test_every_help_text_is_plain_whole_sentences(capsys):
 def test_exit_codes_are_documented():
     from pathlib import Path
 
-    from outlierlab.cli import EXIT_CODES
+    from outlierlab.cli import DESCRIPTION
+    from outlierlab.errors import EXIT_CODES
 
     doc = (Path(__file__).parents[2] / "docs" / "ARCHITECTURE.md").read_text()
     section = doc[doc.index("exit code") :]
-    for code in EXIT_CODES:
+    for code in EXIT_CODES.values():
         assert f"`{code}`" in section, code
+        assert f" {code} " in DESCRIPTION, code
 
 
 def test_plain_text_drops_rest_markup_and_joins_lines():

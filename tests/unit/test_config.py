@@ -122,3 +122,44 @@ def test_old_run_config_with_a_retired_unset_field_still_loads():
     d["optim"]["beta2_decay"] = -0.8  # a value set for it is not silently dropped
     with pytest.raises(ConfigError, match="beta2_decay"):
         C.RunConfig.from_dict(d)
+
+
+def test_field_roles_are_the_one_identity_list():
+    """RESUMABLE and NOT_IDENTITY derive from the dataclass fields' roles and name only fields
+    that exist; a seed is found by its role, not by its name."""
+    from outlierlab import fields
+    from outlierlab.config import NOT_IDENTITY, RESUMABLE, ROLES, SEEDS, role
+
+    flat = C.RunConfig().flat()
+    assert not (RESUMABLE | NOT_IDENTITY) - flat.keys()
+    assert SEEDS == ("train.seed",) and role("train.seed") == fields.SEED
+    assert {"train.steps", "train.log_every", "log.kurtosis_every", "out"} <= RESUMABLE
+    assert "train.steps" not in NOT_IDENTITY  # extending changes what a run is
+    assert "train.seed" not in RESUMABLE and "train.seed" in NOT_IDENTITY
+    assert "optim.lr" not in RESUMABLE | NOT_IDENTITY and role("optim.lr") == fields.IDENTITY
+    assert role("optim.beta2_decay") == fields.IDENTITY  # a retired field: identity
+    assert set(ROLES.values()) <= set(fields.ROLES)
+
+
+def test_identity_pairs_by_role_and_data(tmp_path):
+    from outlierlab.experiments.results import load_run
+    from outlierlab.run_folder import RunFolder
+    from run_fixtures import write_run
+
+    a = load_run(write_run(tmp_path / "a", seed=1))
+    b = load_run(write_run(tmp_path / "b", seed=2, extra={"train.log_every": 5}))
+    assert (a.seed, b.seed) == (1, 2) and a.identity() == b.identity()
+    c = write_run(tmp_path / "c", seed=3)
+    RunFolder(c).set_status("finished", 100, data_fingerprint={"files_hash": "other"})
+    assert load_run(c).identity() != a.identity()  # other data: never paired
+    d = load_run(write_run(tmp_path / "d", seed=1, extra={"train.steps": 200}))
+    assert d.identity() != a.identity()
+
+
+def test_flatten_refuses_a_key_given_twice():
+    from outlierlab.fields import flatten
+
+    assert flatten({"optim": {"lr": 1, "x": {"y": 2}}, "out": "o"}) == {
+        "optim.lr": 1, "optim.x.y": 2, "out": "o"}
+    with pytest.raises(C.ConfigError, match=r"'optim\.lr' given twice"):
+        flatten({"optim.lr": 1, "optim": {"lr": 2}}, "base")

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from outlierlab.data import BatchSampler, validation_windows
+from outlierlab.data import BatchSampler, document_starts, document_windows, validation_windows
 from outlierlab.errors import DataError
 
 TOKENS = np.arange(1000, dtype=np.uint16)  # distinct values: a window's start is its first id
@@ -108,3 +108,44 @@ def test_validation_windows_cap_and_errors():
         DataError, match="seq_len 40 needs at least 41 tokens but the validation split has 31"
     ):
         validation_windows(TOKENS[:31], seq_len=40)
+
+
+def _docs(lengths, eot=0):
+    """Documents of the given lengths (tokens 1..9), each followed by ``eot``."""
+    rng = np.random.default_rng(0)
+    return np.concatenate([np.append(rng.integers(1, 10, n), eot) for n in lengths])
+
+
+def test_document_windows_spread_over_many_documents():
+    lengths = [5 + (7 * i) % 40 for i in range(120)]  # 120 documents of 5..44 tokens
+    toks = _docs(lengths)
+    starts = document_starts(toks, 0)
+    assert len(starts) == 120 and starts[1] == lengths[0] + 1
+    x, y = document_windows(toks, 8, 100, 60, eot_id=0)
+    assert x.shape == y.shape == (100, 8) and x.dtype == torch.int64
+    assert torch.equal(x[:, 1:], y[:, :-1])  # y is x shifted by one
+    begin = []
+    for row in x.numpy():  # where each window starts in the split (windows are unique)
+        hits = [i for i in range(len(toks) - 8) if np.array_equal(toks[i:i + 8], row)]
+        begin.append(hits[0])
+    doc = np.searchsorted(starts, begin, side="right") - 1
+    # 60 documents at evenly spaced places of the split, each with its first window
+    chosen = sorted(set(np.round(np.linspace(0, 119, 60)).astype(int)))
+    assert sorted(set(doc)) == chosen
+    for b, d in zip(begin, doc):
+        assert (b - starts[d]) % 8 == 0  # k · seq_len into its document
+        assert b == starts[d] or b + 9 <= starts[d] + lengths[d] + 1  # later ones fit inside
+    # fixed: the same tokens give the same windows
+    assert torch.equal(document_windows(toks, 8, 100, 60, eot_id=0)[0], x)
+
+
+def test_document_windows_warn_when_the_split_is_too_small():
+    toks = _docs([20] * 10)
+    with pytest.warns(UserWarning, match="only 10 documents"):
+        x, _ = document_windows(toks, 8, 12, 50, eot_id=0)
+    assert x.shape[0] == 12  # 10 documents hold 2 windows each of 8 + 1 tokens in 21
+    with pytest.warns(UserWarning, match="hold only 20 windows"):
+        x, _ = document_windows(toks, 8, 40, 10, eot_id=0)
+    assert x.shape[0] == 20
+    with pytest.raises(DataError, match="n_docs must be a positive integer"):
+        document_windows(toks, 8, 4, 0, eot_id=0)

@@ -99,6 +99,7 @@ def test_short_number(v, s):
     '[quant]\nbits = 8',
     'workers = 0',
     'threads = "2"',
+    'seeds = "all"',
     '[grid]\nmodel = ["op"]\n[[exclude]]\nmodel = "op"',
 ])
 def test_bad_grids_raise_one_line(text):
@@ -117,6 +118,45 @@ def test_presets_load_and_unknown_preset_names_allowed(tmp_path):
     with pytest.raises(ConfigError, match="not valid TOML"):
         (tmp_path / "bad.toml").write_text("[grid\n")
         load_grid(tmp_path / "bad.toml")
+
+
+def test_seed_roles_are_checked_on_every_point(tmp_path):
+    """Pre-registration: a "test" sweep uses seeds 0-2 only, a "tuning" one seeds ≥ 100 only
+    (the resolved seed: a point that sets none runs the training preset's 0)."""
+    def check(role, seeds):
+        f = tmp_path / f"{role}-{len(seeds)}-{seeds[-1]}.toml"
+        f.write_text(f'seeds = "{role}"\npreset = "tiny"\n[grid]\n"train.seed" = {seeds}\n')
+        return load_grid(f)
+
+    assert check("test", [0, 1, 2]).seeds == "test"
+    assert check("tuning", [100, 101]).seeds == "tuning"
+    with pytest.raises(ConfigError, match=r"train.seed=3 is not allowed in a seeds = \"test\" "
+                                          r"sweep; allowed: the test seeds 0, 1, 2"):
+        check("test", [0, 3])
+    with pytest.raises(ConfigError, match=r"point seed2: train.seed=2 is not allowed in a seeds "
+                                          r"= \"tuning\" sweep; allowed: tuning seeds ≥ 100"):
+        check("tuning", [100, 2])
+    f = tmp_path / "unset.toml"
+    f.write_text('seeds = "tuning"\npreset = "tiny"\n[grid]\nmodel = ["op"]\n')
+    with pytest.raises(ConfigError, match=r"train\.seed=0 is not allowed"):
+        load_grid(f)
+
+
+def test_every_shipped_sweep_says_which_seeds_it_uses():
+    """quick, cpu, mitigations, gpu-130m give verdicts on the test seeds; healthy-lr chooses the
+    lr on seeds 100 and 101: one short sweep per (block, optimiser), no quantisation."""
+    roles = {name: load_grid(name).seeds for name in sweep_presets()}
+    assert roles == {**dict.fromkeys(set(roles) - {"healthy-lr"}, "test"),
+                     "healthy-lr": "tuning"}
+    g = load_grid("healthy-lr")
+    assert g.schemes == () and {p.overrides["train.seed"] for p in g.points} == {100, 101}
+    lrs: dict[tuple, set] = {}
+    for p in g.points:
+        lrs.setdefault((p.overrides["model"], p.overrides["optim.name"]), set()).add(
+            p.overrides["optim.lr"])
+    assert set(lrs) == {(m, o) for m in ("pre-ln", "op")
+                        for o in ("adamw", "soap", "adafactor", "shampoo")}
+    assert all(len(v) == 5 and max(v) == 1e-2 for v in lrs.values())
 
 
 def test_quick_preset_compares_the_paper_configurations():

@@ -69,12 +69,12 @@ def test_unknown_optimiser_lists_allowed():
 def test_hyperparameters_are_one_list_the_registry_declares():
     import dataclasses
 
-    from outlierlab.experiments.claims import OPTIMISER_SPECIFIC
+    from outlierlab.experiments.claims import OPTIMISER_FIELDS
 
     declared = {k for name in optim.names() for k in optim.defaults(name)}
     assert set(optim.hyperparameters()) == declared
     assert declared == {f.name for f in dataclasses.fields(OptimConfig) if f.default is None}
-    assert set(OPTIMISER_SPECIFIC) == {"optim.name"} | {f"optim.{k}" for k in declared} - {
+    assert set(OPTIMISER_FIELDS) == {"optim.name"} | {f"optim.{k}" for k in declared} - {
         "optim.lr", "optim.eps"}
     with pytest.raises(TypeError, match="momentun"):
         optim.register("typo", momentun=0.9)

@@ -59,33 +59,69 @@ def rotate(x, ql, qr, back=False):
     return x
 
 
+def factored(m, gs_rot, b1, b2, s):
+    """AdaFactor's update from momentum m and the gradient history (each gradient in the basis
+    of its own step): m̂ / (√v̂ + ε), v̂ = r cᵀ / mean(r) with r, c the EMAs of the row / column
+    means of g²."""
+    rot = [x.square() for x in gs_rot]
+    r = ema([x.mean(1) for x in rot], b2)
+    c = ema([x.mean(0) for x in rot], b2)
+    v = torch.outer(r, c) / r.mean() / (1 - b2**s)
+    return m / (1 - b1**s) / (v.sqrt() + EPS)
+
+
 def reference(kind: str, k: int = 10) -> list[torch.Tensor]:
-    """``adam``, ``adafactor`` or ``rotated`` (AdaFactor in the eigenbasis of the EMA Kronecker
-    factors, refreshed at steps 1, 1+k, ...); decoupled wd on matrices only."""
+    """``adam`` or ``adafactor``; decoupled wd on matrices only."""
     b1, b2 = BETAS
     hist = gradients()
     out = []
     for i, p in enumerate(Params().ps):
         p = p.detach().clone()
-        gs, rot, bases = [h[i] for h in hist], [], None
+        gs = [h[i] for h in hist]
         for t in range(1, STEPS + 1):
-            g = gs[t - 1]
-            if kind == "rotated" and g.ndim == 2 and (t - 1) % k == 0:
-                L = ema([x @ x.T for x in gs[:t]], b2)
-                R = ema([x.T @ x for x in gs[:t]], b2)
-                bases = (eigvecs(L) if g.shape[0] <= 4 else torch.eye(g.shape[0], dtype=g.dtype),
-                         eigvecs(R) if g.shape[1] <= 4 else torch.eye(g.shape[1], dtype=g.dtype))
-            ql, qr = bases if bases is not None else (None, None)
-            rot.append(rotate(g, ql, qr).square())
-            m = rotate(ema(gs[:t], b1), ql, qr) / (1 - b1**t)
-            if kind == "adam" or g.ndim == 1:
-                v = ema(rot, b2) / (1 - b2**t)
+            m = ema(gs[:t], b1)
+            if kind == "adam" or p.ndim == 1:
+                u = m / (1 - b1**t) / ((ema([x.square() for x in gs[:t]], b2) / (1 - b2**t)).sqrt()
+                                       + EPS)  # fmt: skip
             else:
-                r = ema([x.mean(1) for x in rot], b2)
-                c = ema([x.mean(0) for x in rot], b2)
-                v = torch.outer(r, c) / r.mean() / (1 - b2**t)
-            u = m / (v.sqrt() + EPS)
-            u = rotate(u, ql, qr, back=True)
+                u = factored(m, gs[:t], b1, b2, t)
+            p = p * (1 - LR * (WD if p.ndim == 2 else 0)) - LR * u
+        out.append(p)
+    return out
+
+
+def shampoo_reference(k: int) -> list[torch.Tensor]:
+    """Rotated AdaFactor on SOAP's schedule, grafted to AdaFactor: step 1 only sets the basis from
+    g₁; step t ≥ 2 (s = t − 1) runs AdaFactor in the basis of L, R = EMA(g gᵀ), EMA(gᵀ g) over
+    g₁…g_{t−1} as of their last refresh (s a multiple of k, or step 1), rescaled per parameter to
+    the norm of plain AdaFactor's update on g₂…g_t; each gradient's square enters the second
+    moment in the basis of its own step (SOAP does not re-rotate its statistics); vectors: Adam
+    on g₂…g_t."""
+    b1, b2 = BETAS
+    hist = gradients()
+    out = []
+    for i, p in enumerate(Params().ps):
+        p = p.detach().clone()
+        gs = [h[i] for h in hist]
+        basis_upto, rotated = 1, []  # the basis was computed from g₁…g_basis_upto
+        for t in range(2, STEPS + 1):
+            s, seen = t - 1, gs[1:t]
+            m = ema(seen, b1)
+            if p.ndim == 1:
+                u = m / (1 - b1**s) / ((ema([x.square() for x in seen], b2) / (1 - b2**s)).sqrt()
+                                       + EPS)  # fmt: skip
+            else:
+                lr_, lc = gs[0].shape
+                L = ema([x @ x.T for x in gs[:basis_upto]], b2)
+                R = ema([x.T @ x for x in gs[:basis_upto]], b2)
+                ql = eigvecs(L) if lr_ <= 4 else None
+                qr = eigvecs(R) if lc <= 4 else None
+                rotated.append(rotate(gs[t - 1], ql, qr))
+                u = rotate(factored(rotate(m, ql, qr), rotated, b1, b2, s), ql, qr, back=True)
+                graft = factored(m, seen, b1, b2, s)
+                u = u * graft.norm() / u.norm()
+                if s % k == 0:
+                    basis_upto = t
             p = p * (1 - LR * (WD if p.ndim == 2 else 0)) - LR * u
         out.append(p)
     return out
@@ -107,14 +143,38 @@ def test_adafactor_factors_the_second_moment_with_momentum():
 
 
 @pytest.mark.parametrize("k", [1, 2, 10])
-def test_shampoo_is_adafactor_in_the_eigenbasis_of_its_ema_factors(k):
-    close(run("shampoo", precondition_frequency=k, **HP), reference("rotated", k))
+def test_shampoo_is_grafted_adafactor_in_the_eigenbasis_on_soaps_schedule(k):
+    close(run("shampoo", precondition_frequency=k, **HP), shampoo_reference(k))
 
 
 def test_rotation_changes_the_step():  # the references are not all the same thing
-    a, f, r = reference("adam"), reference("adafactor"), reference("rotated")
+    a, f, r = reference("adam"), reference("adafactor"), shampoo_reference(2)
     assert not torch.allclose(a[0], f[0]) and not torch.allclose(f[0], r[0])
     torch.testing.assert_close(a[3], f[3])  # a vector: AdaFactor is Adam
+
+
+def test_shampoo_steps_have_adafactors_size_and_a_different_direction():
+    """Grafting: each matrix's update has exactly AdaFactor's norm (from the same gradients, one
+    step later because of the skipped first step), not its direction."""
+    model = Params()
+    opt = optim.build_optimizer(model, OptimConfig(name="shampoo", precondition_frequency=1, **{
+        **HP, "weight_decay": 0.0}))  # fmt: skip
+    hist = gradients()
+    b1, b2 = BETAS
+    for t, grads in enumerate(hist, 1):
+        before = [p.detach().clone() for p in model.ps]
+        for p, g in zip(model.ps, grads):
+            p.grad = g.clone()
+        opt.step()
+        for j, (p, q) in enumerate(zip(model.ps, before)):
+            step = (q - p.detach()) / LR
+            if t == 1:
+                assert torch.equal(step, torch.zeros_like(step))  # SOAP's skipped first step
+            elif p.ndim == 2:
+                seen = [h[j] for h in hist[1:t]]
+                want = factored(ema(seen, b1), seen, b1, b2, t - 1)
+                torch.testing.assert_close(step.norm(), want.norm(), rtol=1e-9, atol=0)
+                assert (step - want).norm() > 1e-3 * want.norm()
 
 
 def test_soap_is_adam_in_the_eigenbasis_with_a_first_step_that_only_sets_the_basis():

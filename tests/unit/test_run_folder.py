@@ -12,7 +12,8 @@ import pytest
 
 from outlierlab.cli import main
 from outlierlab.errors import RunFolderError, RunInUseError
-from outlierlab.run_folder import RunFolder, find_runs, write_json
+from outlierlab.jsonable import write_json
+from outlierlab.run_folder import RunFolder, find_runs
 from run_fixtures import dead_pid, hold_lock, write_run
 
 

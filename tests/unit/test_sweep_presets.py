@@ -56,12 +56,12 @@ def test_quick_pairs_differ_in_one_field():
     assert len(res["op_vs_prenorm"].evidence) == len(res["soap_vs_adamw"].evidence) == 2
     for c in res.values():
         assert not any(d.startswith("not tested: ") for d in c.details), c.details
-    assert res["op_vs_prenorm"].verdict == C.INCONCLUSIVE  # one seed: indicative only
+    assert res["op_vs_prenorm"].verdict == C.INDICATIVE  # one seed
 
 
 def test_cpu_pairs_differ_in_one_field_and_can_hold():
     runs = records("cpu")
-    assert len(runs) == 63 and len({r.seed for r in runs}) == 3
+    assert len(runs) == 69 and len({r.seed for r in runs}) == 3
     res = {c.key: c for c in C.evaluate_claims(runs)}
     expected = {"op_vs_prenorm": {"model preset"}, "lower_lr": {"optim.lr"},
                 "larger_eps": {"optim.eps"}, "soap_vs_adamw": {"optim.name"},
@@ -71,11 +71,18 @@ def test_cpu_pairs_differ_in_one_field_and_can_hold():
     for key, fields in expected.items():
         assert _fields(res[key]) == fields, key
         assert not any(d.startswith("not tested: ") for d in res[key].details), res[key].details
-        assert res[key].verdict == C.HELD, (key, res[key].summary)
+        # one cell of 3 seeds cannot reach p ≤ 0.1 (p ≥ 1/8); the QK-norm ablation is a
+        # rank-sum test per pair (3 v 3: p = 1/20)
+        single = key in ("op_final_norm", "small_beta")
+        want = C.INCONCLUSIVE if single else C.HELD
+        assert res[key].verdict == want, (key, res[key].summary)
     # OP against Pre-LN, Pre-RMS, Pre-SRMS at the anchor; against Pre-LN at the two other lrs,
-    # the two other ε and with SOAP
-    assert len(res["op_vs_prenorm"].evidence) == 3 + 2 + 2 + 1
+    # the two other ε, with SOAP, AdaFactor and Shampoo: 10 cells, 30 same-seed pairs pooled
+    assert len(res["op_vs_prenorm"].evidence) == 3 + 2 + 2 + 1 + 2
+    assert res["op_vs_prenorm"].test["pairs"] == 30
     assert len(res["soap_vs_adamw"].evidence) == 2
+    assert len(res["shampoo_vs_adafactor"].evidence) == 2
+    assert res["op_final_norm"].test["p"] == pytest.approx(1 / 8)
 
 
 @pytest.mark.parametrize("preset", ["quick", "cpu", "gpu-130m", "mitigations"])
@@ -99,7 +106,10 @@ def test_mitigations_applies_each_method_alone_to_the_baseline():
     base = next(r for r in runs if r.arch == "pre-ln" and r.optimizer == "adamw"
                 and r.flat.get("train.tweo_weight") == 0 and r.seed == 0)
     quick = next(r for r in records("quick") if (r.arch, r.optimizer) == ("pre-ln", "adamw"))
-    assert C.config_diff(base, quick) == []  # the quick preset's setting
+    # the quick preset's setting, but for its validation set (issue 23: 256 windows across 60
+    # documents of a 10 % split; the mitigations sweep kept the 32 first windows of 5 %)
+    assert C.config_diff(base, quick, ("train.eval_windows", "train.eval_docs",
+                                       "data.val_fraction")) == []
     want = {
         frozenset({"model.attn"}): 4,  # softmax1, softpick, clipped; orthoadam+softmax1 below
         frozenset({"model.attn_gate"}): 2,

@@ -15,9 +15,11 @@ from pathlib import Path
 from typing import Any
 
 from outlierlab.cli import device, output_file
+from outlierlab.errors import ConfigError
 from outlierlab.fields import POSITIVE
+from outlierlab.jsonable import write_json
 from outlierlab.model_data import DEFAULT_MEASURE_TOKENS, DEFAULT_SEQ_LEN
-from outlierlab.run_folder import write_json
+from outlierlab.run_folder import RunFolder
 
 
 def add_parser(subparsers: Any) -> None:
@@ -73,6 +75,12 @@ def add_parser(subparsers: Any) -> None:
         help="also show the authors' metrics: their kurtosis (Kurt − 1 of token-centred x, "
         "unbiased) and batch_corr_mean (always in --json)",
     )
+    p.add_argument(
+        "--save",
+        action="store_true",
+        help="for a run folder: also write RUN/measure.json (with --profile's attention sinks "
+        "and max/median, which the mitigations leaderboard reads; implies --profile)",
+    )
     p.add_argument("--device", default="cpu", type=device, help="torch device (default cpu)")
     p.set_defaults(func=run)
 
@@ -104,6 +112,10 @@ def run(args: argparse.Namespace) -> int:
     from outlierlab.structure import check
 
     path = Path(args.model_dir)
+    run_folder = RunFolder(path)
+    if args.save and not run_folder.is_run:
+        raise ConfigError(f"--save writes RUN/measure.json and needs a run folder; {path} is not "
+                          "one (allowed: --json OUT for other models)")  # fmt: skip
     loaded = load_model(path, device=args.device)
     print(loaded.describe())
     print(check(loaded.model, args.points or "auto"))  # a refusal comes now, not after the text
@@ -135,13 +147,16 @@ def run(args: argparse.Namespace) -> int:
     if entropy:
         report["attn_entropy"] = entropy
         report["attn_entropy_min"] = min(entropy.values())
-    if args.profile:
+    if args.profile or args.save:
         from outlierlab.profile import profile
 
         report["profile"] = profile(loaded.model, x, args.batch_size, args.points or "auto")
     _print(report, tuple(x.shape), args.top, args.authors)
     if args.json:
         write_json(args.json, report)
+    if args.save:  # it writes into the run folder: own it meanwhile
+        with run_folder.lock("outlierlab measure --save"):
+            write_json(run_folder.measure_file, report)
     return 0
 
 

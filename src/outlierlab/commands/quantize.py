@@ -16,7 +16,8 @@ from typing import Any
 from outlierlab.cli import device, output_file
 from outlierlab.errors import ConfigError, ModelLoadError
 from outlierlab.fields import POSITIVE
-from outlierlab.run_folder import RunFolder, write_json
+from outlierlab.jsonable import write_json
+from outlierlab.run_folder import RunFolder
 
 DEFAULT_SCHEME = "w8a8-tensor"
 
@@ -58,9 +59,10 @@ def add_parser(subparsers: Any) -> None:
         "--scheme",
         default=DEFAULT_SCHEME,
         help="w8a8-tensor (default), w8a8-dynamic, w8a8-paper, w4a8, w8a4, w8a6-tensor, "
-        "fp8-tensor, fp8-dynamic (FP8 E4M3), w4a16-rtn, w4a16-gptq (weight-only, groups of 128), "
-        "w4a4-quarot (rotated, Llama family), smoothquant-search (α picked on calibration data); "
-        "the options below override it (docs/quant.md)",
+        "w6a6-tensor, fp8-tensor, fp8-dynamic (FP8 E4M3), w4a16-rtn, w4a16-gptq (weight-only, "
+        "groups of 128), w4a4-quarot (rotated, GPTQ weights; Llama family and outlierlab's GPT), "
+        "w4a4-online (the same rotation, RTN weights), smoothquant-search (α picked on "
+        "calibration data); the options below override it (docs/quant.md)",
     )
     p.add_argument("--w-bits", type=int, help="weight bits, 2..16 (16 ≈ full precision)")
     p.add_argument("--a-bits", type=int, help="activation bits, 2..16")
@@ -141,7 +143,7 @@ def run(args: argparse.Namespace) -> int:
     with contextlib.ExitStack() as stack:
         if run_folder is not None and save:  # it writes into the run folder: own it meanwhile
             stack.enter_context(run_folder.lock("outlierlab quantize --save"))
-        result = evaluate(args, cfg, path)
+        result = quantize_run(args, cfg, path)
         for out in {p for p in (args.json, save) if p}:
             write_json(out, result)
     return 0
@@ -158,7 +160,7 @@ def _check_status(run: RunFolder) -> None:
         )
 
 
-def evaluate(args: argparse.Namespace, cfg: Any, path: Path) -> dict:
+def quantize_run(args: argparse.Namespace, cfg: Any, path: Path) -> dict:
     """Load, check the structure, calibrate and evaluate; print and return the result."""
     import torch
 

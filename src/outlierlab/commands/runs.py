@@ -7,13 +7,14 @@ import json
 from pathlib import Path
 
 from outlierlab.errors import RunFolderError
+from outlierlab.metric_rows import final_kurtosis
 from outlierlab.run_folder import RunFolder, find_runs
 
 
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser(
         "runs",
-        help="list runs: status, steps, final val loss, final mean/max kurtosis",
+        help="list runs: status, steps, final val loss, final mean/max Kurt and where measured",
         description="List the run folders under DIR (searched up to 3 levels deep).",
     )
     p.add_argument("dir", nargs="?", default="runs", help="folder holding run folders")
@@ -22,24 +23,29 @@ def add_parser(subparsers) -> None:
 
 
 def summarize(run: RunFolder) -> dict:
-    """Status and the final logged values of one run folder; a folder whose files cannot be
-    read gets status ``unreadable`` and the reason in ``message``."""
+    """Status and the final logged values of one run folder; the final Kurt is
+    :func:`~outlierlab.metric_rows.final_kurtosis` (the report's), ``kurtosis_from`` saying
+    where it was measured (``held-out eval`` or ``last train batch``). A folder whose files
+    cannot be read gets status ``unreadable`` and the reason in ``message``."""
     row = {"run": str(run.path), "status": "?", "step": 0, "steps": None, "val_loss": None,
-           "kurtosis_mean": None, "kurtosis_max": None, "updated": None, "message": ""}
+           "final_kurtosis_mean": None, "final_kurtosis_max": None, "kurtosis_from": None,
+           "kurtosis_step": None, "updated": None, "message": ""}
     try:
         status, train, rows = run.status, run.section("train"), run.metrics
     except RunFolderError as exc:
         return {**row, "status": "unreadable", "message": str(exc)}
     val = [r for r in rows if "val_loss" in r]
-    kurt = [r for r in rows if "kurtosis_mean" in r]
+    kurt = final_kurtosis(rows)
     return {
         **row,
         "status": str(status.get("status", "?")),
         "step": status.get("step", 0),
         "steps": train.get("steps"),
         "val_loss": val[-1]["val_loss"] if val else None,
-        "kurtosis_mean": kurt[-1]["kurtosis_mean"] if kurt else None,
-        "kurtosis_max": kurt[-1]["kurtosis_max"] if kurt else None,
+        "final_kurtosis_mean": kurt.mean if kurt.source else None,
+        "final_kurtosis_max": kurt.max if kurt.source else None,
+        "kurtosis_from": kurt.source or None,
+        "kurtosis_step": kurt.step,
         "updated": status.get("updated"),
         "message": str(status.get("message") or ""),
     }
@@ -63,13 +69,16 @@ def run(args: argparse.Namespace) -> int:
         return format(v, fmt) if isinstance(v, (int, float)) else "-"
 
     table = Table(title=f"runs under {root}" if runs else f"no runs under {root}")
-    for col in ("run", "status", "steps", "val loss", "Kurt mean", "Kurt max", "updated"):
-        table.add_column(col, justify="left" if col in ("run", "status", "updated") else "right")
+    left = ("run", "status", "Kurt from", "updated")
+    for col in ("run", "status", "steps", "val loss", "Kurt mean", "Kurt max", "Kurt from",
+                "updated"):
+        table.add_column(col, justify="left" if col in left else "right")
     for r in runs:
         name = str(Path(r["run"]).relative_to(root)) if r["run"] != str(root) else root.name
         table.add_row(
             name, r["status"], f"{r['step']}/{r['steps'] or '?'}", num(r["val_loss"], ".4f"),
-            num(r["kurtosis_mean"], ".2f"), num(r["kurtosis_max"], ".2f"), str(r["updated"] or "-"),
+            num(r["final_kurtosis_mean"], ".2f"), num(r["final_kurtosis_max"], ".2f"),
+            r["kurtosis_from"] or "-", str(r["updated"] or "-"),
         )  # fmt: skip
     console = Console(width=max(100, Console().width))
     console.print(table)

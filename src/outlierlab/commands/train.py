@@ -4,12 +4,8 @@ from __future__ import annotations
 
 import argparse
 import sys
-from importlib import resources
 
-
-def _presets() -> list[str]:
-    folder = resources.files("outlierlab") / "presets" / "train"
-    return sorted(p.name[:-5] for p in folder.iterdir() if p.name.endswith(".toml"))
+from outlierlab.fields import preset_names
 
 
 def add_parser(subparsers) -> None:
@@ -23,7 +19,8 @@ def add_parser(subparsers) -> None:
             "3 diverged, 130 interrupted (resume with --resume RUN_DIR)."
         ),
     )
-    p.add_argument("--preset", help=f"training preset ({', '.join(_presets())}); default: default")
+    p.add_argument("--preset",
+                   help=f"training preset ({', '.join(preset_names())}); default: default")
     p.add_argument("--config", metavar="FILE.toml", help="TOML file on top of the preset")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its last checkpoint")
     p.add_argument(

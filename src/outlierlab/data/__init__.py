@@ -1,7 +1,8 @@
 """Data: corpus collection, tokenisers, the memory-mapped token cache, batches.
 
 ``from outlierlab.data import DataConfig, prepare, BatchSampler, validation_windows,
-load_tokenizer``. Names are imported lazily, so reading ``DataConfig`` does not import torch.
+document_windows, load_tokenizer``. Names are imported lazily, so reading ``DataConfig`` does
+not import torch.
 See docs/data.md.
 """
 
@@ -16,6 +17,8 @@ _LAZY = {
     "PreparedData": "outlierlab.data.pipeline",
     "BatchSampler": "outlierlab.data.batches",
     "validation_windows": "outlierlab.data.batches",
+    "document_windows": "outlierlab.data.batches",
+    "document_starts": "outlierlab.data.batches",
     "load_tokenizer": "outlierlab.data.tokenizer",
     "ByteTokenizer": "outlierlab.data.tokenizer",
     "HFTokenizer": "outlierlab.data.tokenizer",

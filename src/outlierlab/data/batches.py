@@ -161,3 +161,51 @@ def validation_windows(
     x = torch.from_numpy(flat[:-1].reshape(n, seq_len).copy())
     y = torch.from_numpy(flat[1:].reshape(n, seq_len).copy())
     return x, y
+
+
+def document_starts(tokens: np.ndarray, eot_id: int) -> np.ndarray:
+    """Where each document of a split begins: 0 and every position after an ``eot_id``
+    (documents are written each followed by ``eot``), last one left out when nothing follows."""
+    ends = np.flatnonzero(np.asarray(tokens) == eot_id) + 1
+    starts = np.concatenate([[0], ends[ends < len(tokens)]]).astype(np.int64)
+    return starts
+
+
+def document_windows(
+    tokens: np.ndarray, seq_len: int, n_windows: int, n_docs: int, eot_id: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``n_windows`` validation windows drawn across ``n_docs`` documents of the split (issue 23):
+    the documents at evenly spaced positions of the split's document order (its documents are
+    ordered by a stable hash of their names, :func:`outlierlab.data.split_documents`), then
+    round-robin over them: window j of a document starts ``j · seq_len`` tokens into it while
+    it fits inside the document (every chosen document gets its first window, which may run
+    into the next one). Depends on the tokens only, so it is fixed per corpus. Fewer
+    documents or fitting windows than asked for warn and use what there is. int64 tensors
+    (n, T) like :func:`validation_windows`."""
+    _check_len(tokens, seq_len, "validation")
+    for name, v in (("n_windows", n_windows), ("n_docs", n_docs)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise DataError(f"{name} must be a positive integer, got {v!r}")
+    last = len(tokens) - seq_len - 1  # the last start a window of seq_len + 1 tokens can have
+    starts = document_starts(tokens, eot_id)
+    ends = np.append(starts[1:], len(tokens))
+    keep = starts <= last
+    starts, ends = starts[keep], ends[keep]
+    if len(starts) < n_docs:
+        warnings.warn(f"validation split holds only {len(starts)} documents with a window of "
+                      f"seq_len {seq_len}; using {len(starts)}, not {n_docs}", stacklevel=2)
+    chosen = np.unique(np.round(np.linspace(0, len(starts) - 1, min(n_docs, len(starts))))
+                       .astype(np.int64))  # fmt: skip
+    per_doc = [np.arange(s, max(s, min(e - seq_len - 1, last)) + 1, seq_len)
+               for s, e in zip(starts[chosen], ends[chosen])]  # fmt: skip
+    picked: list[int] = []
+    for j in range(max(len(p) for p in per_doc)):
+        picked += [int(p[j]) for p in per_doc if j < len(p)]
+        if len(picked) >= n_windows:
+            break
+    if len(picked) < n_windows:
+        warnings.warn(f"{len(chosen)} validation documents hold only {len(picked)} windows of "
+                      f"seq_len {seq_len}; using {len(picked)}, not {n_windows}", stacklevel=2)
+    begin = np.sort(np.array(picked[:n_windows], dtype=np.int64))
+    w = np.asarray(tokens[begin[:, None] + np.arange(seq_len + 1)], dtype=np.int64)
+    return torch.from_numpy(w[:, :-1].copy()), torch.from_numpy(w[:, 1:].copy())

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from outlierlab.errors import ConfigError
-from outlierlab.fields import bad, flag, number
+from outlierlab.fields import RESUMABLE, bad, flag, number, setting
 
 TOKENIZER_KINDS = ("bytes", "bpe")
 
@@ -38,7 +38,7 @@ class DataConfig:
     """For ``stdlib``: also take the test packages (``test/``, ``tests/``, ``idle_test/`` ...)."""
     text_field: str = "text"
     """For ``.jsonl`` and ``datasets`` sources: the field holding each document's text."""
-    cache_dir: str | None = None
+    cache_dir: str | None = setting(None, RESUMABLE)
     """Token cache root; default ``$OUTLIERLAB_CACHE`` or ``~/.cache/outlierlab``."""
 
     def __post_init__(self) -> None:

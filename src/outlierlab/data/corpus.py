@@ -238,7 +238,9 @@ def split_documents(
     docs: list[Document], val_fraction: float
 ) -> tuple[list[Document], list[Document]]:
     """Stable train/validation split by document (see the module docstring), each side ordered
-    by the same hash so the first validation windows span many documents.
+    by the same hash (so documents from any folder follow each other; the first validation
+    windows still cover only the first few documents: :func:`~outlierlab.data.document_windows`
+    draws windows across many).
 
     At least one document goes to each side when there are two or more (the one with the
     smallest hash to validation, the largest to train). A single document is cut at the line

@@ -30,7 +30,7 @@ from outlierlab.data.tokenizer import (
     train_bpe,
 )
 from outlierlab.errors import DataError
-from outlierlab.run_folder import write_json
+from outlierlab.jsonable import write_json
 
 ENCODE_CHUNK = 64  # documents per encode_batch call
 

@@ -5,6 +5,8 @@ name = "quick"                   # default output folder name (runs/<name>)
 preset = "tiny"                  # optional training preset: `outlierlab train --preset tiny`
 workers = 2                      # optional defaults of --workers and --threads
 threads = 1
+seeds = "test"                   # optional pre-registration: "test" (seeds 0-2 only) or
+                                 # "tuning" (seeds >= 100 only), checked on every point
 [base]                           # overrides every run gets
 "train.steps" = 400
 [grid]                           # cartesian product; a list holds the alternatives
@@ -28,6 +30,12 @@ or scheme is an error naming the point before anything runs. Each point's run fo
 from the values of the *declared* keys (those in ``[grid]`` and ``[[include]]``), in the order
 they first appear (seeds last), e.g. ``op-soap-lr1e-2-seed0``; the name does not depend on
 which other points exist, so adding values to an axis never renames finished runs.
+
+**Pre-registration** (issue 23, docs/reproduce.md "How settings are chosen"): ``seeds`` says
+what a sweep is for. ``"tuning"`` sweeps choose settings and may use only seeds ≥
+:data:`TUNING_MIN` (100, 101, ...); ``"test"`` sweeps give the verdicts and may use only the test
+seeds :data:`TEST_SEEDS` (0, 1, 2), which never feed a choice. :func:`check_grid` checks every
+point's resolved ``train.seed``.
 """
 
 from __future__ import annotations
@@ -45,7 +53,7 @@ from typing import Any
 
 from outlierlab import config
 from outlierlab.errors import ConfigError
-from outlierlab.fields import bad
+from outlierlab.fields import bad, flatten, preset_names
 from outlierlab.quant.config import SCHEMES
 
 if sys.version_info >= (3, 11):
@@ -54,8 +62,13 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 DEFAULT_SCHEMES: tuple[str, ...] = ("w8a8-tensor", "w8a8-dynamic")
-TOP_KEYS = {"name", "description", "preset", "workers", "threads", "base", "grid", "include",
-            "exclude", "quant"}
+TOP_KEYS = {"name", "description", "preset", "workers", "threads", "seeds", "base", "grid",
+            "include", "exclude", "quant"}
+TEST_SEEDS = (0, 1, 2)
+"""The seeds verdicts are computed on (``seeds = "test"``); no setting is chosen on them."""
+TUNING_MIN = 100
+"""Settings are chosen on seeds ≥ this (``seeds = "tuning"``)."""
+SEED_ROLES = ("test", "tuning")
 # Name parts: the value alone for these keys (their values are self-describing names) ...
 VALUE_ONLY = {"model", "optim.name", "model.block", "model.norm", "model.activation",
               "data.tokenizer", "data.source", "optim.schedule"}
@@ -96,11 +109,13 @@ class Grid:
     description: str = ""
     base: dict[str, Any] = field(default_factory=dict)
     source: str = ""
+    seeds: str | None = None
+    """``"test"`` or ``"tuning"`` (pre-registration, module docstring); None: not declared."""
 
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "description": self.description, "preset": self.preset,
                 "schemes": list(self.schemes), "quant_args": list(self.quant_args),
-                "base": self.base, "source": self.source,
+                "base": self.base, "source": self.source, "seeds": self.seeds,
                 "points": [{"name": p.name, "overrides": p.overrides} for p in self.points]}
 
 
@@ -160,22 +175,9 @@ def _digest(overrides: dict[str, Any]) -> str:
     return hashlib.sha1(blob).hexdigest()[:6]
 
 
-def _flatten(table: dict[str, Any], where: str, prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in table.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict):
-            out.update(_flatten(v, where, key + "."))
-        else:
-            if key in out:
-                raise ConfigError(f"{where}: key {key!r} given twice; allowed: each key once")
-            out[key] = v
-    return out
-
-
 def _alternatives(table: dict[str, Any], where: str) -> dict[str, list[Any]]:
     out = {}
-    for k, v in _flatten(table, where).items():
+    for k, v in flatten(table, where).items():
         vals = list(v) if isinstance(v, list) else [v]
         if not vals:
             raise ConfigError(f"{where}.{k} is an empty list; allowed: at least one value")
@@ -209,7 +211,7 @@ def parse_grid(data: dict[str, Any], *, default_name: str = "sweep", source: str
         if key in data and not (isinstance(data[key], list)
                                 and all(isinstance(t, dict) for t in data[key])):
             raise ConfigError(f"{source or 'grid'}: {key} must be an array of tables [[{key}]]")
-    base = _flatten(data.get("base", {}), "base")
+    base = flatten(data.get("base", {}), "base")
     axes = _alternatives(data.get("grid", {}), "grid")
     includes = [_alternatives(t, f"include[{i}]") for i, t in enumerate(data.get("include", []))]
     excludes = [_alternatives(t, f"exclude[{i}]") for i, t in enumerate(data.get("exclude", []))]
@@ -265,17 +267,21 @@ def parse_grid(data: dict[str, Any], *, default_name: str = "sweep", source: str
         v = data.get(key)
         if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
             raise ConfigError(f"grid: {key} = {v!r}; allowed: an integer ≥ 1")
+    seeds = data.get("seeds")
+    if seeds is not None and seeds not in SEED_ROLES:
+        raise ConfigError(f"{source or 'grid'}: seeds = {seeds!r}; allowed: \"test\" (seeds "
+                          f"{', '.join(map(str, TEST_SEEDS))}) or \"tuning\" (seeds ≥ "
+                          f"{TUNING_MIN})")
     return Grid(name=_safe(str(data.get("name", default_name))), points=points, preset=preset,
                 schemes=tuple(schemes), quant_args=tuple(str(a) for a in qargs),
                 workers=data.get("workers"), threads=data.get("threads"),
                 description=str(data.get("description", "")),
-                base=base, source=source)
+                base=base, source=source, seeds=seeds)
 
 
 def sweep_presets() -> list[str]:
     """Names of the sweep presets shipped in ``outlierlab/presets/sweeps``."""
-    folder = resources.files("outlierlab").joinpath("presets/sweeps")
-    return sorted(p.name[:-5] for p in folder.iterdir() if p.name.endswith(".toml"))
+    return preset_names("sweeps")
 
 
 def check_grid(grid: Grid) -> None:
@@ -287,10 +293,24 @@ def check_grid(grid: Grid) -> None:
             raise bad(f"{grid.source or 'grid'}: quant.schemes", s, ", ".join(SCHEMES))
     for p in grid.points:
         try:
-            config.load(grid.preset, None, p.args())
+            cfg = config.load(grid.preset, None, p.args())
         except ConfigError as exc:
             raise ConfigError(f"grid point {p.name}: {exc}") from None
+        check_seed_role(grid, p.name, cfg.train.seed)
     check_quant_args(grid)
+
+
+def check_seed_role(grid: Grid, point: str, seed: int) -> None:
+    """A ``seeds = "test"`` grid uses only :data:`TEST_SEEDS`, a ``"tuning"`` one only seeds ≥
+    :data:`TUNING_MIN`; else a ``ConfigError`` naming the point and the seed."""
+    if grid.seeds == "test" and seed not in TEST_SEEDS:
+        allowed = f"the test seeds {', '.join(map(str, TEST_SEEDS))}"
+    elif grid.seeds == "tuning" and seed < TUNING_MIN:
+        allowed = f"tuning seeds ≥ {TUNING_MIN} (the test seeds never choose a setting)"
+    else:
+        return
+    raise ConfigError(f"grid point {point}: train.seed={seed} is not allowed in a "
+                      f"seeds = \"{grid.seeds}\" sweep; allowed: {allowed}")
 
 
 def check_quant_args(grid: Grid) -> None:

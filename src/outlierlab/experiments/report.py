@@ -3,7 +3,9 @@ and the same content as Markdown (figures beside it as PNG files), plus ``result
 
 Sections: the claims of science §5 and the ablations with computed verdicts, the pairs each
 claim compared (the one field that differs, seeds, p), the results table (config, val loss, FP
-and quantised perplexity per scheme, increase, mean/max Kurt), then the figures.
+and quantised perplexity per scheme, increase, mean/max Kurt), then the figures; when the runs
+hold mitigation runs beside the Pre-LN + AdamW baseline, the mitigations leaderboard
+(:mod:`.leaderboard`: also ``leaderboard.md``, ``.json`` and ``.png``).
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from outlierlab.experiments.claims import (
     ALPHA,
     HELD,
     INCONCLUSIVE,
-    MIN_KURT,
+    INDICATIVE,
     MIN_SEEDS,
     NOT_HELD,
     Claim,
@@ -31,11 +33,15 @@ from outlierlab.experiments.claims import (
     group_runs,
 )
 from outlierlab.experiments.figures import make_figures
+from outlierlab.experiments.leaderboard import has_mitigations, write_leaderboard
+from outlierlab.experiments.leaderboard import markdown as leaderboard_md
+from outlierlab.experiments.leaderboard import table as leaderboard_table
 from outlierlab.experiments.results import RunRecord
 
 VERDICT_MARK = {HELD: "✅ held", NOT_HELD: "❌ did not hold", INCONCLUSIVE: "❔ inconclusive",
-                "not tested": "– not tested"}
-VERDICT_CLASS = {HELD: "held", NOT_HELD: "notheld", INCONCLUSIVE: "inconclusive"}
+                INDICATIVE: "❔ indicative only", "not tested": "– not tested"}
+VERDICT_CLASS = {HELD: "held", NOT_HELD: "notheld", INCONCLUSIVE: "inconclusive",
+                 INDICATIVE: "inconclusive"}
 CSS = """body{font-family:system-ui,sans-serif;max-width:1200px;margin:2em auto;padding:0 1em;
 color:#222}table{border-collapse:collapse;font-size:13px;margin:1em 0}
 td,th{border:1px solid #ccc;padding:3px 7px;text-align:right}td:first-child,th:first-child{
@@ -74,7 +80,7 @@ def results_table(runs: Sequence[RunRecord]) -> tuple[list[str], list[list[str]]
               "FP ppl"]
     for s in schemes:
         header += [f"{s} ppl", f"{s} increase"]
-    header += ["init mean Kurt", "final mean Kurt", "final max Kurt", "held-out",
+    header += ["init mean Kurt", "final mean Kurt", "final max Kurt", "Kurt from",
                "peak max Kurt", "tokens/s"]
     rows = []
     for r in runs:
@@ -85,7 +91,7 @@ def results_table(runs: Sequence[RunRecord]) -> tuple[list[str], list[list[str]]
             q = r.quant.get(s)
             row += [_fmt(q.quant_ppl), f"{q.rel_increase:+.2%}"] if q else ["–", "–"]
         row += [_fmt(r.init_kurt_mean), _fmt(r.final_kurt_mean), _fmt(r.final_kurt_max),
-                "yes" if r.held_out else "no", _fmt(r.peak_kurt_max), _fmt(r.tokens_per_s, 0)]
+                r.final_kurt.source or "–", _fmt(r.peak_kurt_max), _fmt(r.tokens_per_s, 0)]
         rows.append(row)
     return header, rows
 
@@ -110,19 +116,22 @@ def _verdict_html(v: str) -> str:
 
 
 def pairs_table(claims: Sequence[Claim]) -> tuple[list[str], list[list[str]]]:
-    """Header and rows of the pairs table: every pair a claim compared, with the one field in
-    which the two configurations differ, their seed-mean Kurt, the seed pairs and p."""
+    """Header and rows of the pairs table: every pair (cell) a claim compared, with the one
+    field in which the two configurations differ, their seed-mean Kurt, the seed pairs in the
+    claimed direction, the cell's own sign-flip p (or the pair's rank-sum p) and its
+    direction; the claim's verdict pools every cell (the claims table)."""
     header = ["claim", "field that differs", "reference", "compared", "Kurt (ref → compared)",
-              "seed pairs in direction", "p", "verdict"]
+              "seed pairs in direction", "p", "direction"]
     rows = []
     for c in claims:
         for e in c.evidence:
             if "field" not in e:
                 continue
-            verdict = e["verdict"] if e.get("counted", True) else f"left out: {e['left_out']}"
+            verdict = e["verdict"] + (f" ({e['note']})" if e.get("note") else "")
             rows.append([c.key, e["field"], e["high"], e["low"],
                          f"{_fmt(e['kurt_high'])} → {_fmt(e['kurt_low'])}",
-                         f"{e['in_direction']} of {e['seeds']}", _fmt(e["p"], 3), verdict])
+                         f"{e['in_direction']} of {e['seeds']}",
+                         _fmt(e.get("cell_p", e["p"]), 3), verdict])
     return header, rows
 
 
@@ -136,12 +145,12 @@ def seeds_note(runs: Sequence[RunRecord]) -> str:
     if lo >= MIN_SEEDS:
         return f"{span} seeds per configuration."
     if hi >= MIN_SEEDS:
-        return (f"{span} seed(s) per configuration: a pair with fewer than {MIN_SEEDS} seeds a "
-                f"side cannot reach p ≤ {ALPHA} and reads *inconclusive*.")
-    return (f"**{span} seed(s) per configuration: the verdicts are indicative only.** A pair can "
-            f"hold only with {MIN_SEEDS} or more seeds a side (p ≤ {ALPHA} is out of reach "
-            "below that), so directions seen here are shown as *inconclusive*; run the `cpu` "
-            f"preset ({MIN_SEEDS} seeds) for verdicts.")
+        return (f"{span} seed(s) per configuration: a comparison with fewer than {MIN_SEEDS} "
+                "seeds reads *indicative only*.")
+    return (f"**{span} seed(s) per configuration: the verdicts are indicative only.** A claim "
+            f"gets a verdict only with {MIN_SEEDS} or more seeds, so directions seen here are "
+            f"shown as *indicative only*; run the `cpu` preset ({MIN_SEEDS} seeds) for "
+            "verdicts.")
 
 
 def write_report(runs: Sequence[RunRecord], out_dir: str | Path, *, title: str = "",
@@ -168,18 +177,33 @@ def write_report(runs: Sequence[RunRecord], out_dir: str | Path, *, title: str =
              "batch measured), *init* at step 0, *peak* is the largest over training. A claim "
              "compares two configurations only if their full resolved configs are equal except "
              "the seed and the field under test (the pairs table names it); otherwise it says "
-             "*not tested: runs differ in X*. A pair *held* when every same-seed pair is in the "
-             f"claimed direction and the exact one-sided permutation test over seeds gives p ≤ "
-             f"{ALPHA}; it *did not hold* when significant the other way or every seed pair is "
-             "against (2 or more); else it is *inconclusive*. A claim holds when all its pairs "
-             "held and did not hold when one did not. OP and Pre-Norm count as at matched loss "
-             f"when OP's validation loss is at most {loss_tol:.0%} above Pre-Norm's (or below "
-             f"it). Claims about lowering OFs are tested only where the reference configuration "
-             f"has some (Kurt ≥ {MIN_KURT}).")
+             "*not tested: runs differ in X*. A claim is a main effect over every *cell* (pair of "
+             "configurations) where its field varies; its outcome is each run's Kurt growth "
+             "log(Kurt−1) − log(Kurt₀−1) from step 0 (free of the starting offset; final Kurt "
+             "where a run lacks step 0). The stratified same-seed sign-flip permutation test "
+             "over all cells gives the one-sided p: the claim *held* when p ≤ "
+             f"{ALPHA}, *did not hold* only when p ≤ {ALPHA} the other way, else it is "
+             f"*inconclusive*; *indicative only* with fewer than {MIN_SEEDS} seeds. No pair "
+             "is left out because of its outcome: an OP cell whose validation loss is more "
+             f"than {loss_tol:.0%} above Pre-Norm's is counted and flagged *not at matched "
+             "loss*.")
     note = seeds_note(runs)
     parts = (title, intro, note, about, claims, runs, figures)
-    safe_io.write_text(out / "report.md", _markdown(*parts))
-    safe_io.write_text(out / "report.html", _html(*parts))
+    md, page = _markdown(*parts), _html(*parts)
+    if has_mitigations(runs):  # issue 25: leaderboard.md/.json/.png beside the report
+        entries, paths = write_leaderboard(runs, out, command, when)
+        md += ("\n## Mitigations leaderboard\n\n" + leaderboard_md(entries, command, when)
+               + "\n![leaderboard](leaderboard.png)\n")
+        header, rows = leaderboard_table(entries)
+        img = ""
+        if "png" in paths:
+            data = base64.b64encode(paths["png"].read_bytes()).decode()
+            img = f"<img alt='leaderboard' src='data:image/png;base64,{data}'>"
+        page = page.replace("</body></html>", "<h2>Mitigations leaderboard</h2>"
+                            + html_table([h.replace("\\", "") for h in header], rows)
+                            + img + "</body></html>")
+    safe_io.write_text(out / "report.md", md)
+    safe_io.write_text(out / "report.html", page)
     summary = {"title": title, "written": when, "command": command, "seeds_note": note,
                "claims": [c.to_dict() for c in claims], "runs": [_run_summary(r) for r in runs]}
     safe_io.write_text(out / "results.json", json.dumps(summary, indent=1, default=_json_default))
@@ -242,6 +266,7 @@ def _run_summary(r: RunRecord) -> dict[str, Any]:
             "arch": r.arch, "optimizer": r.optimizer, "lr": r.lr, "eps": r.eps, "seed": r.seed,
             "val_loss": r.final_val_loss, "final_kurt_mean": r.final_kurt_mean,
             "final_kurt_max": r.final_kurt_max, "held_out": r.held_out,
+            "kurt_from": r.final_kurt.source,
             "init_kurt_mean": r.init_kurt_mean, "peak_kurt_max": r.peak_kurt_max,
             "final_cos_sim": r.final_cos_sim, "tokens_per_s": r.tokens_per_s,
             "quant": {s: {"fp_ppl": q.fp_ppl, "quant_ppl": q.quant_ppl}

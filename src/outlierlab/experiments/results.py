@@ -1,8 +1,10 @@
 """Read a finished (or stopped) run folder into a typed :class:`RunRecord` for claims and the
 report, through :class:`~outlierlab.run_folder.RunFolder`: config, status, metrics and
-quantisation results; never the weights. "Final" kurtosis is the held-out value: the monitor
-over the fixed validation windows in the evaluation at the run's last step (``val_kurtosis_mean``
-/ ``val_kurtosis_max``); runs logged without it fall back to the last training batch measured.
+quantisation results and the post-hoc measurement of the final model (``measure.json``:
+massive activations and attention sinks, written by ``outlierlab measure RUN --save``); never
+the weights. "Final" kurtosis is :func:`~outlierlab.metric_rows.final_kurtosis`: the held-out
+value (the monitor over the fixed validation windows in the evaluation at the run's last step);
+runs logged without it fall back to the last training batch measured.
 "Peak" is the largest over training, "init" the step-0 value; "mean"/"max" are over the
 measured layers (science §1, Eq. 1).
 """
@@ -17,30 +19,22 @@ from typing import Any
 
 import numpy as np
 
+from outlierlab import config as run_config
 from outlierlab.errors import DataError, RunFolderError
-from outlierlab.run_folder import RunFolder, find_runs, read_json_object
-
-IGNORED_FOR_IDENTITY = ("out", "log.", "train.ckpt_every", "train.keep_checkpoints",
-                        "train.keep_last", "train.keep_ckpts", "train.device", "train.compile",
-                        "data.cache_dir", "train.log_every", "train.eval_every",
-                        "train.progress", "train.threads", "model.allow_unregulated")
-"""Config keys that never change the maths: runs differing only here are the same config
-(``model.allow_unregulated`` only permits a config, it changes no computation)."""
-
-
-def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """``{"optim": {"lr": 1}}`` → ``{"optim.lr": 1}``."""
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
-def is_seed_key(key: str) -> bool:
-    return key.rsplit(".", 1)[-1] in ("seed", "data_seed", "init_seed")
+from outlierlab.fields import SEED, flatten
+from outlierlab.metric_rows import (
+    HELD_OUT,
+    MONITOR_POINT_FIELDS,
+    FinalKurtosis,
+    final_kurtosis_of,
+)
+from outlierlab.run_folder import (
+    RUN_CONFIG_FILE,
+    STATUS_FILE,
+    RunFolder,
+    find_runs,
+    read_json_object,
+)
 
 
 def arch_label(model: dict[str, Any]) -> str:
@@ -122,6 +116,10 @@ class RunRecord:
     """The last logged value of every numeric row field, with its step."""
     last_step: int = -1
     """The largest step in ``metrics.jsonl``."""
+    data_fingerprint: dict[str, Any] | None = None
+    """The data the run trained on (``status.json``; None for runs that did not record it)."""
+    measured: dict[str, Any] = field(default_factory=dict)
+    """``measure.json`` (``outlierlab measure RUN --save``), or {} when not measured."""
 
     @property
     def name(self) -> str:
@@ -153,7 +151,8 @@ class RunRecord:
 
     @property
     def seed(self) -> Any:
-        seeds = [v for k, v in self.flat.items() if is_seed_key(k)]
+        """The run's seed (the config fields whose role is ``seed``: ``train.seed``)."""
+        seeds = [v for k, v in self.flat.items() if run_config.role(k) == SEED]
         return seeds[0] if seeds else None
 
     @property
@@ -165,13 +164,15 @@ class RunRecord:
         return self.status == "diverged"
 
     def identity(self, ignore: tuple[str, ...] = ()) -> tuple[tuple[str, str], ...]:
-        """Config as a hashable key without seeds, maths-free keys and ``ignore`` keys
-        (a key ending in ``.`` ignores a whole section)."""
-        skip = IGNORED_FOR_IDENTITY + ignore
-        return tuple(sorted(
-            (k, json.dumps(v, sort_keys=True)) for k, v in self.flat.items()
-            if not is_seed_key(k) and not any(k == s or (s.endswith(".") and k.startswith(s))
-                                              for s in skip)))
+        """What pairs runs, as a hashable key: the config without the fields that are seeds or
+        change no computation (:data:`outlierlab.config.NOT_IDENTITY`, from the fields' roles)
+        and without ``ignore`` keys (a key ending in ``.`` ignores a whole section), plus the
+        data fingerprint (``data_fingerprint``: runs on different data never pair)."""
+        keep = {k: v for k, v in self.flat.items()
+                if k not in run_config.NOT_IDENTITY and not any(
+                    k == s or (s.endswith(".") and k.startswith(s)) for s in ignore)}
+        keep["data_fingerprint"] = self.data_fingerprint
+        return tuple(sorted((k, json.dumps(v, sort_keys=True)) for k, v in keep.items()))
 
     # --- kurtosis summaries -----------------------------------------------------------
     def _layer_matrix(self) -> np.ndarray:
@@ -195,24 +196,26 @@ class RunRecord:
         return value if step == self.last_step >= 0 else math.nan
 
     @property
+    def final_kurt(self) -> FinalKurtosis:
+        """The final Kurt and where it was measured (:func:`~outlierlab.metric_rows.final_kurtosis`,
+        the one ``outlierlab runs`` prints too)."""
+        return final_kurtosis_of(self.finals, self.last_step)
+
+    @property
     def held_out(self) -> bool:
         """Whether the final Kurt was measured on the validation windows at the last step."""
-        return math.isfinite(self.final("val_kurtosis_mean"))
+        return self.final_kurt.source == HELD_OUT
 
     @property
     def final_kurt_mean(self) -> float:
-        """Mean over layers of Kurt at the end: held-out (validation windows) when logged."""
-        if self.held_out:
-            return self.final("val_kurtosis_mean")
-        s = self.kurt_mean_series
-        return float(s[-1]) if s.size else math.nan
+        """Mean over layers of Kurt at the end (:func:`~outlierlab.metric_rows.final_kurtosis`:
+        held-out when logged at the last step, else the last training batch measured)."""
+        return self.final_kurt.mean
 
     @property
     def final_kurt_max(self) -> float:
-        if self.held_out:
-            return self.final("val_kurtosis_max")
-        s = self.kurt_max_series
-        return float(s[-1]) if s.size else math.nan
+        """Largest over layers of Kurt at the end (as :attr:`final_kurt_mean`)."""
+        return self.final_kurt.max
 
     @property
     def init_kurt_mean(self) -> float:
@@ -228,6 +231,35 @@ class RunRecord:
         if math.isfinite(held):
             return held
         return self.finals.get("attn_entropy_min", (-1, math.nan))[1]
+
+    @property
+    def kurt_growth(self) -> float:
+        """log(Kurt − 1) − log(Kurt₀ − 1) of the layer-mean Kurt, Kurt the final value and Kurt₀
+        the first measured one (step 0 when logged): how much of the excess over 1 (science §1)
+        training added, on a log scale; nan when either is ≤ 1 or missing."""
+        s = self.kurt_mean_series
+        k0, k = (float(s[0]) if s.size else math.nan), self.final_kurt_mean
+        return math.log(k - 1) - math.log(k0 - 1) if k > 1 and k0 > 1 else math.nan
+
+    @property
+    def first_token_mass(self) -> float:
+        """Attention-sink share: the mean over layers and heads of the attention probability
+        on token 0 (queries ≥ 1) of the final model on held-out windows (``measure.json``'s
+        profile, Sun et al. 2024 §3); nan when not measured."""
+        att = (self.measured.get("profile") or {}).get("attention") or []
+        vals = [_num(a.get("mass_token0")) for a in att if isinstance(a, dict)]
+        vals = [v for v in vals if math.isfinite(v)]
+        return float(np.mean(vals)) if vals else math.nan
+
+    @property
+    def max_median(self) -> float:
+        """max |x| / median |x| over the whole residual tensor (Sun et al. 2024's massive
+        activation criterion), the largest over the measured points, of the final model on
+        held-out windows (``measure.json``); nan when not measured."""
+        pts = (self.measured.get("profile") or {}).get("points") or []
+        vals = [_num(p.get("max_median_ratio")) for p in pts if isinstance(p, dict)]
+        vals = [v for v in vals if not math.isnan(v)]
+        return float(max(vals)) if vals else math.nan
 
     @property
     def peak_kurt_mean(self) -> float:
@@ -261,7 +293,7 @@ def _num(v: Any) -> float:
         return math.nan
 
 
-LAYER_METRICS = ("kurtosis", "cos_sim", "mmr", "kurtosis_authors", "corr_authors", "attn_entropy")
+LAYER_METRICS = MONITOR_POINT_FIELDS
 """The per-layer ``{point: value}`` fields of a monitor step's ``metrics.jsonl`` row."""
 
 
@@ -304,14 +336,8 @@ def _series(rows: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def _quant(run: RunFolder) -> dict[str, QuantResult]:
-    quant = {}
-    if run.quant_dir.is_dir():
-        for q in sorted(run.quant_dir.glob("*.json")):
-            d = read_json_object(q)
-            if "fp_ppl" in d and "quant_ppl" in d:
-                scheme = str(d.get("scheme", q.stem)) if q.stem == "results" else q.stem
-                quant[scheme] = QuantResult(scheme, _num(d["fp_ppl"]), _num(d["quant_ppl"]))
-    return quant
+    return {scheme: QuantResult(scheme, _num(d["fp_ppl"]), _num(d["quant_ppl"]))
+            for scheme, d in run.quant_results().items() if "fp_ppl" in d and "quant_ppl" in d}
 
 
 def load_run(path: str | Path | RunFolder) -> RunRecord:
@@ -319,14 +345,18 @@ def load_run(path: str | Path | RunFolder) -> RunRecord:
     ``RunFolderError`` if its files cannot be read)."""
     run = path if isinstance(path, RunFolder) else RunFolder(path)
     if not run.is_run:
-        raise DataError(f"{run.path} is not a run folder; allowed: a folder with config.json "
+        raise DataError(f"{run.path} is not a run folder; allowed: a folder with "
+                        f"{run.config_file.name} "
                         "written by outlierlab train")
     config, status, rows = run.config, run.status, run.metrics
     step = status.get("step", rows[-1]["step"] if rows else 0)
     return RunRecord(
         path=run.path, config=config, status=str(status.get("status", "unknown")),
         step=int(_num(step)) if math.isfinite(_num(step)) else 0,
-        message=str(status.get("message", "") or ""), quant=_quant(run), **_series(rows))
+        message=str(status.get("message", "") or ""), quant=_quant(run),
+        data_fingerprint=fp if isinstance(fp := status.get("data_fingerprint"), dict) else None,
+        measured=read_json_object(run.measure_file) if run.measure_file.is_file() else {},
+        **_series(rows))
 
 
 def load_runs(paths: list[str | Path]) -> tuple[list[RunRecord], list[tuple[Path, str]]]:
@@ -344,5 +374,5 @@ def load_runs(paths: list[str | Path]) -> tuple[list[RunRecord], list[tuple[Path
             unreadable.append((run.path, str(exc)))
     if not records and not unreadable:
         raise DataError(f"no run folders among {', '.join(map(str, paths))}; allowed: folders "
-                        "with config.json and status.json")
+                        f"with {RUN_CONFIG_FILE} and {STATUS_FILE}")
     return records, unreadable

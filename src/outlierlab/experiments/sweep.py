@@ -23,13 +23,12 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from outlierlab import safe_io
 from outlierlab.errors import ConfigError, RunFolderError
 from outlierlab.experiments import launch
 from outlierlab.experiments.grid import Grid, GridPoint, check_grid
-from outlierlab.run_folder import RunFolder, utc_now, write_json
+from outlierlab.jsonable import write_json
+from outlierlab.run_folder import RunFolder, utc_now
 
-LOG_NAME = "sweep.log"
 MANIFEST = "sweep.json"
 
 
@@ -135,11 +134,10 @@ def _status(run_dir: Path) -> str:
     return str(status.get("status", "unknown")) if status else "missing"
 
 
-def _run(cmd: list[str], log: Path, env: dict[str, str]) -> int:
-    """Run ``cmd`` with its output appended to ``log``. On Ctrl-C the child (same process
-    group, so it got the SIGINT too) is given a minute to checkpoint and exit."""
-    log.parent.mkdir(parents=True, exist_ok=True)
-    with safe_io.open_append(log) as f:  # never through a symlink
+def _run(cmd: list[str], run: RunFolder, env: dict[str, str]) -> int:
+    """Run ``cmd`` with its output appended to the run's ``sweep.log``. On Ctrl-C the child
+    (same process group, so it got the SIGINT too) is given a minute to checkpoint and exit."""
+    with run.open_sweep_log() as f:
         f.write(f"\n$ {shlex.join(cmd)}\n")
         f.flush()
         proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env,
@@ -206,17 +204,17 @@ def run_point(grid: Grid, point: GridPoint, out: Path, *, tag: str = "", workers
         return o
     if state in ("new", "resume"):
         echo(f"{tag}: {'resuming' if state == 'resume' else 'training'} "
-             f"(log: {d / LOG_NAME})")
+             f"(log: {RunFolder(d).sweep_log})")
         d.mkdir(parents=True, exist_ok=True)
         t = time.perf_counter()
         rc = _run(train_command(grid, point, d, python, resume=state == "resume"),
-                  d / LOG_NAME, env)
+                  RunFolder(d), env)
         o.trained, o.train_s = True, time.perf_counter() - t
         o.status = _status(d)
         if rc not in (0, 3) and o.status in ("finished", "diverged"):
             o.status = "crashed"
         if o.status not in ("finished", "diverged"):
-            o.message = _failure(rc, d / LOG_NAME)
+            o.message = _failure(rc, RunFolder(d).sweep_log)
         echo(f"{tag}: {o.status} in {o.train_s:.0f} s")
     else:
         o.status = _status(d)
@@ -304,7 +302,7 @@ def _quantize_point(grid: Grid, d: Path, o: Outcome, python: str, env: dict[str,
     for s in grid.schemes:
         if quant_done(d, s):
             continue
-        rc = _run(quant_command(d, s, python, grid.quant_args), d / LOG_NAME, env)
+        rc = _run(quant_command(d, s, python, grid.quant_args), RunFolder(d), env)
         (o.quantized if rc == 0 and quant_path(d, s).is_file() else o.quant_failed).append(s)
     o.quant_s = time.perf_counter() - t
 

@@ -58,7 +58,7 @@ class MeasuringCallback:
     @property
     def _measuring_step(self) -> int | None:
         """The step whose micro-batches are being measured, if any."""
-        return self.measure.step
+        return self.measure.measuring
 
     @property
     def alert_fired(self) -> Alert | None:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from outlierlab.errors import ConfigError
-from outlierlab.fields import bad, choice, flag, number
+from outlierlab.fields import RESUMABLE, bad, choice, flag, number, setting
 
 BLOCKS = ("pre", "post", "op")
 NORMS = ("layernorm", "rmsnorm", "srmsnorm", "ssnorm", "none")
@@ -115,7 +115,7 @@ class GPTConfig:
     """Dropout on embeddings, attention probabilities and branch outputs; in [0, 1)."""
     bias: bool = False
     """Biases in linear layers (and layernorm, if affine)."""
-    allow_unregulated: bool = False
+    allow_unregulated: bool = setting(False, RESUMABLE)
     """Allow an ``op`` block with neither qk_norm nor logit_softcap (the paper: it fails)."""
     # -- published mitigations of outlier features (docs/mitigations.md, science.md §9) --------
     attn: str = "softmax"

@@ -26,9 +26,8 @@ from outlierlab import safe_io
 from outlierlab.errors import ConfigError, ModelLoadError
 from outlierlab.model.attn import attention, attention_weights
 from outlierlab.model.config import GPTConfig
+from outlierlab.run_folder import MODEL_CONFIG_FILE, MODEL_FILE
 
-WEIGHTS_FILE = "model.safetensors"
-CONFIG_FILE = "model_config.json"
 FORMAT = "outlierlab.gpt"
 LN_EPS = 1e-5
 RMS_EPS = 1e-6
@@ -415,11 +414,11 @@ class GPT(nn.Module):
 
         out = Path(directory)
         out.mkdir(parents=True, exist_ok=True)
-        with safe_io.replacing(out / WEIGHTS_FILE) as tmp:  # a stale link there is removed
+        with safe_io.replacing(out / MODEL_FILE) as tmp:  # a stale link there is removed
             save_model(self, str(tmp), metadata={"format": "pt"})
             digest = _sha256(tmp)
         meta = {"format": FORMAT, "config": self.config.to_dict(), "weights_sha256": digest}
-        safe_io.write_text(out / CONFIG_FILE, json.dumps(meta, indent=2) + "\n")
+        safe_io.write_text(out / MODEL_CONFIG_FILE, json.dumps(meta, indent=2) + "\n")
         return out
 
     @classmethod
@@ -431,11 +430,11 @@ class GPT(nn.Module):
         from safetensors.torch import load_model
 
         folder = Path(directory)
-        cfg_path, weights = folder / CONFIG_FILE, folder / WEIGHTS_FILE
+        cfg_path, weights = folder / MODEL_CONFIG_FILE, folder / MODEL_FILE
         for path in (cfg_path, weights):
             if not path.is_file():
                 raise ModelLoadError(
-                    f"{path}: missing; a saved GPT folder has {CONFIG_FILE} and {WEIGHTS_FILE}"
+                    f"{path}: missing; a saved GPT folder has {MODEL_CONFIG_FILE} and {MODEL_FILE}"
                 )
         try:
             meta = json.loads(cfg_path.read_text())
@@ -450,7 +449,7 @@ class GPT(nn.Module):
         expected = meta.get("weights_sha256")
         with safe_io.pinned(weights) as name:  # the file as it is now, whatever its name
             if expected is not None and _sha256(name) != expected:
-                raise ModelLoadError(f"{weights}: checksum does not match {CONFIG_FILE} "
+                raise ModelLoadError(f"{weights}: checksum does not match {MODEL_CONFIG_FILE} "
                                      "(tampered?)")
             _check_header(weights, cfg, name)  # before allocating what the config asks for
             model = cls(cfg)
@@ -475,15 +474,15 @@ def _check_header(weights: Path, cfg: GPTConfig, name: str | None = None) -> Non
         raise ModelLoadError(f"{weights}: cannot load ({_one_line(exc)})") from exc
     layers = {k.split(".")[1] for k in header if k.startswith("blocks.")}
     if len(layers) != cfg.n_layer:  # before building anything the size of the config
-        raise ModelLoadError(f"{weights}: the file has {len(layers)} blocks, {CONFIG_FILE} asks "
-                             f"for n_layer={cfg.n_layer}")
+        raise ModelLoadError(f"{weights}: the file has {len(layers)} blocks, "
+                             f"{MODEL_CONFIG_FILE} asks for n_layer={cfg.n_layer}")
     with torch.device("meta"):
         wanted = GPT(cfg).state_dict(keep_vars=True)  # tied weights: one object, several names
     for name, t in wanted.items():
         if name in header and header[name] != tuple(t.shape):
             raise ModelLoadError(
                 f"{weights}: size mismatch for tensor {name}: the file has {list(header[name])}, "
-                f"{CONFIG_FILE} asks for {list(t.shape)}"
+                f"{MODEL_CONFIG_FILE} asks for {list(t.shape)}"
             )
     present = {id(t) for name, t in wanted.items() if name in header}
     missing = sorted(n for n, t in wanted.items() if id(t) not in present)

@@ -152,6 +152,9 @@ SCHEMES: dict[str, dict[str, Any]] = {
     # w8a8-tensor with 6-bit activations: where int8 moves nothing at CPU scale (Kurt ≤ 10,
     # width 128), the report ranks runs by the damage at this narrower width instead.
     "w8a6-tensor": dict(w_bits=8, a_bits=6),
+    # w8a8-tensor at 6 bits on both sides: the middle column of the mitigations leaderboard
+    # (docs/mitigations.md) between W8A8 and W4A4.
+    "w6a6-tensor": dict(w_bits=6, a_bits=6),
     # The paper's setting as Bondarenko et al. (2023) define it (issue 14 item 7): static per-tensor
     # min-max ranges on every linear's input and output, the residual stream (embedding output and
     # block outputs) and every norm output; weights as w8a8-tensor; the head in full precision.
@@ -175,6 +178,10 @@ SCHEMES: dict[str, dict[str, Any]] = {
     "w4a4-quarot": dict(w_bits=4, a_bits=4, w_granularity="channel", w_range="minmax",
                         w_method="gptq", a_symmetric=True, a_granularity="token",
                         rotation="quarot"),
+    # The same rotation with round-to-nearest weights (OSP's W4A4 headline is RTN): 4-bit
+    # per-channel symmetric min-max weights, 4-bit per-token activations; the leaderboard's W4A4.
+    "w4a4-online": dict(w_bits=4, a_bits=4, w_granularity="channel", w_range="minmax",
+                        a_symmetric=True, a_granularity="token", rotation="quarot"),
     # SmoothQuant (Xiao et al. 2023) on w8a8-tensor with α searched per model on calibration CE.
     "smoothquant-search": dict(w_bits=8, a_bits=8, smooth_search=True),
 }
@@ -182,9 +189,10 @@ SCHEMES: dict[str, dict[str, Any]] = {
 
 def scheme(name: str, **overrides: Any) -> QuantConfig:
     """The named scheme (one of ``SCHEMES``: ``w8a8-tensor``, ``w8a8-dynamic``, ``w8a8-paper``,
-    ``w4a8``, ``w8a4``, ``w8a6-tensor``, ``fp8-tensor``, ``fp8-dynamic``, ``w4a16-rtn``,
-    ``w4a16-gptq``, ``w4a4-quarot``, ``smoothquant-search``) with overrides;
-    other widths by overriding bits (``scheme("w8a8-tensor", w_bits=16, a_bits=16)``)."""
+    ``w4a8``, ``w8a4``, ``w8a6-tensor``, ``w6a6-tensor``, ``fp8-tensor``, ``fp8-dynamic``,
+    ``w4a16-rtn``, ``w4a16-gptq``, ``w4a4-quarot``, ``w4a4-online``, ``smoothquant-search``)
+    with overrides; other widths by overriding bits
+    (``scheme("w8a8-tensor", w_bits=16, a_bits=16)``)."""
     if name not in SCHEMES:
         raise ConfigError(f"unknown scheme {name!r}; allowed: {', '.join(SCHEMES)}")
     fields = {**SCHEMES[name], **overrides}

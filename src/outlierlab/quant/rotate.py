@@ -1,4 +1,5 @@
-"""Rotation baseline (QuaRot-style, Ashkboos et al. 2024) for Llama-family HF models.
+"""Rotation baseline (QuaRot-style, Ashkboos et al. 2024) for Llama-family HF models and
+outlierlab's own GPT (:func:`rotate_gpt`).
 
 A function-preserving copy whose residual stream is rotated by an orthogonal Q (d × d), so an
 outlier channel is spread over all channels before quantisation:
@@ -13,8 +14,14 @@ outlier channel is spread over all channels before quantisation:
 Q is the normalised Sylvester Hadamard matrix when d is a power of two, else (SmolLM2: d = 576)
 a seeded random orthogonal matrix (QR of a Gaussian; QuaRot's paper reports random orthogonal
 rotations a little behind Hadamard). Not done here, unlike QuaRot: the online Hadamard on the
-down-projection input and the rotation of attention values / KV cache; the o_proj and
-down_proj inputs therefore keep their outliers.
+down-projection input (unless ``online_hadamard``) and the rotation of attention values /
+KV cache; the o_proj input therefore keeps its outliers.
+
+outlierlab's GPT (:func:`rotate_gpt`) has LayerNorms: LN(x) = γ ⊙ (x − μ)/σ + β is the
+RMS normalisation of x's component orthogonal to u = 1/√d (SliceGPT, Ashkboos et al. 2024),
+so in the rotated stream x' = x·Q it becomes :class:`CentredRMSNorm` with u' = u·Q, and γ, β
+fold into the linears that read it (W ← W·diag(γ), b ← b + W·β). Blocks without a norm (OP)
+read the stream directly: their linears take the rotation alone.
 """
 
 from __future__ import annotations
@@ -182,9 +189,13 @@ def _write(lin: nn.Linear, q: torch.Tensor) -> None:
 
 @torch.no_grad()
 def rotate(model: nn.Module, seed: int = 0, online_hadamard: bool = False) -> nn.Module:
-    """A rotated, function-preserving deep copy of a Llama-family HF causal LM (module
-    docstring; ``online_hadamard``: step 3 as well); ``model`` is untouched. ConfigError for
-    other architectures."""
+    """A rotated, function-preserving deep copy of a Llama-family HF causal LM or of
+    outlierlab's GPT (module docstring; ``online_hadamard``: the down-projection input rotated
+    online as well); ``model`` is untouched. ConfigError for other architectures."""
+    from outlierlab.model.gpt import GPT
+
+    if isinstance(model, GPT):
+        return rotate_gpt(model, seed, online_hadamard)
     _layers(model)  # validate before copying
     model = copy.deepcopy(model).eval()
     base, layers = _layers(model)
@@ -201,14 +212,95 @@ def rotate(model: nn.Module, seed: int = 0, online_hadamard: bool = False) -> nn
             _read(lin, q)
         _write(a.o_proj, q)
         _write(m.down_proj, q)
-        factors = hadamard_factors(m.down_proj.weight.shape[1]) if online_hadamard else None
-        if factors is not None:  # W ← W·H/√n offline, x ← x·H/√n online
-            w = m.down_proj.weight
-            w.data = apply_hadamard(w.double(), [f.double() for f in factors]).to(w.dtype)
-            m.down_proj.online_hadamard = OnlineHadamard(factors)
-            m.down_proj.register_forward_pre_hook(m.down_proj.online_hadamard.hook)
+        if online_hadamard:
+            _online(m.down_proj)
     _fold(base.norm, [head])
     _read(head, q)
     emb = base.embed_tokens.weight
     emb.data = (emb.double() @ q).to(emb.dtype)
+    return model
+
+
+def _online(lin: nn.Linear) -> None:
+    """QuaRot's online Hadamard on ``lin``'s input: W ← W·H/√n offline, x ← x·H/√n online (a
+    pre-hook the quantised linear keeps); nothing when n has no Hadamard matrix."""
+    factors = hadamard_factors(lin.weight.shape[1])
+    if factors is None:
+        return
+    w = lin.weight
+    w.data = apply_hadamard(w.double(), [f.double() for f in factors]).to(w.dtype)
+    lin.online_hadamard = OnlineHadamard(factors)
+    lin.register_forward_pre_hook(lin.online_hadamard.hook)
+
+
+class CentredRMSNorm(nn.Module):
+    """A LayerNorm without affine in a rotated basis: x − (x·u)u over rms of the same, eps as
+    the LayerNorm's (u: the rotated mean direction 1/√d · Q, a unit row)."""
+
+    def __init__(self, u: torch.Tensor, eps: float) -> None:
+        super().__init__()
+        self.register_buffer("u", u)
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        u = self.u.to(x.dtype)
+        x = x - (x @ u)[..., None] * u
+        return x * torch.rsqrt(x.square().mean(-1, keepdim=True) + self.eps)
+
+
+def _fold_gpt_norm(norm: nn.Module, readers: list[nn.Linear], q: torch.Tensor) -> nn.Module:
+    """Fold ``norm``'s per-channel affine into ``readers`` (in float64) and return the module
+    that replaces it in the rotated stream (the norm itself when it commutes with Q)."""
+    gamma = getattr(norm, "weight", None)
+    beta = getattr(norm, "bias", None)
+    for lin in readers:
+        w = lin.weight.double()
+        if beta is not None:
+            b = w @ beta.double() + (lin.bias.double() if lin.bias is not None else 0.0)
+            lin.bias = nn.Parameter(b.to(lin.weight.dtype), requires_grad=False)
+        if gamma is not None:
+            lin.weight.data = (w * gamma.double()).to(lin.weight.dtype)
+    if isinstance(norm, nn.LayerNorm):
+        d = q.shape[0]
+        u = (torch.full((1, d), d**-0.5, dtype=torch.float64, device=q.device) @ q)[0]
+        return CentredRMSNorm(u.to(torch.float32), norm.eps)
+    if gamma is not None:  # RMSNorm: the gain is folded
+        norm.weight.data.fill_(1.0)
+    return norm  # RMSNorm without gain, SSNorm (one scalar) and Identity commute with Q
+
+
+@torch.no_grad()
+def rotate_gpt(model: nn.Module, seed: int = 0, online_hadamard: bool = False) -> nn.Module:
+    """A rotated, function-preserving deep copy of outlierlab's GPT (pre or OP blocks, every
+    norm kind and mitigation): the residual stream x → x·Q, LayerNorms as
+    :class:`CentredRMSNorm` with their affine folded into the readers, the head untied;
+    ``online_hadamard``: each MLP down-projection's input rotated online as in QuaRot."""
+    if model.config.block == "post":
+        raise ConfigError("the rotation baseline needs pre or OP blocks; a post block "
+                          "normalises the residual stream itself")  # fmt: skip
+    model = copy.deepcopy(model).eval()
+    if model.lm_head.weight is model.tok_emb.weight:  # tied: the head gets its own copy
+        model.lm_head.weight = nn.Parameter(model.lm_head.weight.detach().clone(),
+                                            requires_grad=False)  # fmt: skip
+    q = rotation_matrix(model.config.d_model, seed).to(model.tok_emb.weight.device)
+    for b in model.blocks:
+        a, m = b.attn, b.mlp
+        attn_readers = [a.qkv] + ([a.gate] if a.gate is not None else [])
+        b.attn_norm = _fold_gpt_norm(b.attn_norm, attn_readers, q)
+        b.mlp_norm = _fold_gpt_norm(b.mlp_norm, [m.fc], q)
+        for lin in (*attn_readers, m.fc):
+            _read(lin, q)
+        _write(a.proj, q)
+        _write(m.proj, q)
+        if online_hadamard:
+            _online(m.proj)
+    head = model.unembed_proj if model.unembed_proj is not None else model.lm_head
+    model.final_norm = _fold_gpt_norm(model.final_norm, [head], q)
+    _read(head, q)
+    if model.embed_proj is not None:  # the projection writes the stream
+        _write(model.embed_proj, q)
+    else:
+        for emb in (model.tok_emb, model.pos_emb):
+            if emb is not None:
+                emb.weight.data = (emb.weight.double() @ q).to(emb.weight.dtype)
     return model

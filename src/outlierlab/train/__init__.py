@@ -16,6 +16,8 @@ _LAZY = {
     "TrainResult": "outlierlab.train.trainer",
     "TrainStep": "outlierlab.train.step",
     "Trainer": "outlierlab.train.trainer",
+    "TrainerCallback": "outlierlab.train.callbacks",
+    "TrainerView": "outlierlab.train.callbacks",
     "train": "outlierlab.train.loop",
 }
 

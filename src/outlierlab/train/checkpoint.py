@@ -1,6 +1,19 @@
-"""Checkpoints: a run's ``checkpoints/step-N/`` (named by ``RunFolder``) holding the weights
-(``GPT.save``), ``optim.pt`` (optimiser state, loadable with ``torch.load(weights_only=True)``)
-and ``state.json`` (step, tokens, RNG states, sampler state).
+"""Checkpoints: the :class:`Checkpointer` component, which owns when a run is checkpointed, the
+atomic write, rotation and restore, and the :class:`Stateful` collection it saves.
+
+What is saved is collected from named :class:`Stateful` objects (``state_dict()`` /
+``load_state_dict()``): ``model``, ``optimizer``, ``progress`` (step, tokens, global batch),
+``sampler`` and ``rng`` (:class:`RNGState`: every rank's torch/numpy/python RNG states). The
+learning-rate schedule is a pure function of the step (:func:`outlierlab.optim.lr_factor`) and
+the monitor's subsample seeds are derived from the step (:mod:`outlierlab.measuring`), so the
+restored ``progress`` restores both: they hold no state of their own.
+
+How it is written is the :class:`CheckpointFormat`'s job, kept apart from the collection so a
+sharded writer (FSDP / ``torch.distributed.checkpoint``) can replace :class:`FolderFormat`,
+the one-writer format: the weights as a saved GPT folder (loadable on its own by
+``outlierlab measure`` / ``quantize``), the optimiser with ``torch.save`` (loadable with
+``weights_only=True``) and the rest as ``state.json``. The file names are the run-folder
+layer's (:class:`~outlierlab.run_folder.CheckpointFiles`).
 
 A checkpoint is written into a temporary folder and renamed into place, so a crash or SIGKILL
 at any moment leaves either the previous checkpoint or the new one, never half of one. Only
@@ -13,31 +26,38 @@ from __future__ import annotations
 import base64
 import os
 import random
-import shutil
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 import torch
-from torch import nn
 
 from outlierlab import safe_io
-from outlierlab.errors import CheckpointError, first_line
-from outlierlab.run_folder import (
-    CHECKPOINT_STATE,
-    MODEL_FILE,
-    RunFolder,
-    read_json_object,
-    write_json,
-)
+from outlierlab.errors import CheckpointError, ConfigError, first_line
+from outlierlab.jsonable import write_json
+from outlierlab.run_folder import CheckpointFiles, RunFolder, read_json_object, utc_now
+from outlierlab.train import distributed
 
-OPTIM_FILE = "optim.pt"
-_TMP, _OLD = ".tmp-step-", ".old-step-"
+MAX_STEP = 10**9
+"""The largest step a checkpoint (or ``train.steps``) may hold."""
+
+
+@runtime_checkable
+class Stateful(Protocol):
+    """Something a checkpoint saves and restores (``nn.Module`` and ``torch.optim.Optimizer``
+    are; so are the sampler, :class:`RNGState` and :class:`RunProgress`)."""
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> Any: ...
+
+
+# -- the RNG states -----------------------------------------------------------------------------
 
 
 def rng_state() -> dict[str, Any]:
-    """torch (CPU and CUDA), numpy and python RNG states, JSON-able."""
+    """torch (CPU and CUDA), numpy and python RNG states of this process, JSON-able."""
     kind, keys, pos, has_gauss, cached = np.random.get_state()
     version, words, gauss_next = random.getstate()
     state = {
@@ -53,6 +73,7 @@ def rng_state() -> dict[str, Any]:
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore what :func:`rng_state` returned."""
     torch.set_rng_state(
         torch.frombuffer(bytearray(base64.b64decode(state["torch"])), dtype=torch.uint8)
     )
@@ -67,95 +88,200 @@ def set_rng_state(state: dict[str, Any]) -> None:
         )
 
 
-def save_checkpoint(
-    run: RunFolder, step: int, model: nn.Module, optimizer: Any, state: dict[str, Any], keep: int
-) -> Path:
-    """Write ``checkpoints/step-{step}`` of ``run`` atomically, then delete all but the newest
-    ``keep``."""
-    root = run.checkpoints
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = root / f"{_TMP}{step}-{os.getpid()}"
-    final = run.checkpoint_path(step)
-    safe_io.remove(tmp)
-    try:
-        tmp.mkdir()
-        if hasattr(model, "save"):
-            model.save(tmp)
+class RNGState:
+    """:class:`Stateful` for the global RNGs of every rank: ``state_dict()`` gathers each
+    rank's :func:`rng_state` (a collective: every rank calls it) as ``{"ranks": [...]}``;
+    ``load_state_dict`` restores this rank's (rank 0's when the run now has more ranks than
+    saved: dropout masks then differ from a run that never stopped, the data do not)."""
+
+    def __init__(self, dist: distributed.Dist) -> None:
+        self.dist = dist
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"ranks": distributed.all_gather_object(rng_state(), self.dist)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        ranks = state["ranks"]
+        set_rng_state(ranks[self.dist.rank] if self.dist.rank < len(ranks) else ranks[0])
+
+
+class RunProgress:
+    """:class:`Stateful` for how far a run got: ``step`` and ``tokens``, read from and restored
+    into ``owner`` (the trainer), with the global batch and rank count they were counted in.
+    A resume must keep the global batch (``batch_size × grad_accum × ranks``): the sampler's
+    position and the schedule are counted in it."""
+
+    def __init__(self, owner: Any, global_batch: int, world_size: int) -> None:
+        self.owner, self.global_batch, self.world_size = owner, global_batch, world_size
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"step": self.owner.step, "tokens": self.owner.tokens,
+                "global_batch": self.global_batch, "world_size": self.world_size}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        saved = state.get("global_batch", self.global_batch)
+        if saved != self.global_batch:
+            raise ConfigError(f"global batch (train.batch_size × grad_accum × ranks) was {saved}, "
+                              f"now {self.global_batch}")
+        self.owner.step, self.owner.tokens = int(state["step"]), int(state["tokens"])
+
+
+# -- the file format ----------------------------------------------------------------------------
+
+
+class CheckpointFormat(Protocol):
+    """How a checkpoint's states are written into (and read from) one folder. ``save`` is
+    called on every rank (a state may be collective, e.g. :class:`RNGState`); ``load`` too."""
+
+    def save(self, folder: Path, states: Mapping[str, Stateful], dist: distributed.Dist) -> None:
+        ...
+
+    def load(self, folder: Path, states: Mapping[str, Stateful], device: torch.device | str
+             ) -> dict[str, Any]:
+        """Restore ``model`` and ``optimizer`` in place; return the other states' dicts
+        (checked by :func:`check_state`) for the :class:`Checkpointer` to restore."""
+        ...
+
+
+class FolderFormat:
+    """One writer (rank 0): the weights as a saved GPT folder, the optimiser with
+    ``torch.save``, every other state in ``state.json`` (``progress``'s fields at its top
+    level, the others under their names)."""
+
+    def save(self, folder: Path, states: Mapping[str, Stateful], dist: distributed.Dist) -> None:
+        # Every rank collects (RNGState gathers all ranks' states); only rank 0 writes.
+        rest = {name: s.state_dict() for name, s in states.items()
+                if name not in ("model", "optimizer")}
+        if not dist.is_main:
+            return
+        files, model = CheckpointFiles(folder), states["model"]
+        if hasattr(model, "save"):  # a GPT: a saved-model folder (weights + model config)
+            model.save(folder)
         else:
             from safetensors.torch import save_model
 
-            save_model(model, str(tmp / MODEL_FILE))
-        torch.save(optimizer.state_dict(), tmp / OPTIM_FILE)
-        write_json(tmp / CHECKPOINT_STATE, {**state, "step": step})
-    except BaseException as exc:  # a full disk, a kill: no half-written folder is left
-        safe_io.remove(tmp)
-        new = safe_io.as_os_error(exc, final)
-        if new is exc:
-            raise
-        raise new from None
-    if final.exists():
-        _delete(final)
-    os.replace(tmp, final)
-    for _, p in run.checkpoint_list()[:-keep]:
-        _delete(p)
-    return final
+            save_model(model, str(files.weights))
+        torch.save(states["optimizer"].state_dict(), files.optimizer)
+        progress = rest.pop("progress", {})
+        rng = rest.pop("rng", None)
+        state = {**progress, **rest, "saved": utc_now()}
+        if rng is not None:
+            state["rng"] = rng["ranks"]  # a list, one per rank, as earlier versions wrote
+        write_json(files.state, state)  # last: a folder with state.json is complete
 
+    def load(self, folder: Path, states: Mapping[str, Stateful], device: torch.device | str
+             ) -> dict[str, Any]:
+        from safetensors.torch import load_model
 
-def _delete(folder: Path) -> None:
-    """Rename ``folder`` out of the checkpoint namespace, then delete it: a kill half-way
-    through leaves a ``.old-step-*`` folder (removed by :func:`clean_partial`), never a
-    half-deleted ``step-N`` that looks like a checkpoint."""
-    old = folder.with_name(f"{_OLD}{folder.name[len('step-'):]}-{os.getpid()}")
-    os.replace(folder, old)
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def clean_partial(run: RunFolder) -> None:
-    """Remove what killed writes and deletions left: temporary and renamed-away folders, and
-    ``step-N`` folders without their state file (half-deleted by older versions)."""
-    root = run.checkpoints
-    if not root.is_dir():
-        return
-    complete = {p for _, p in run.checkpoint_list()}
-    for p in root.iterdir():
-        if p.name.startswith((_TMP, _OLD)) or (
-                p.is_dir() and p.name.startswith("step-") and p not in complete):
-            shutil.rmtree(p, ignore_errors=True)
-
-
-def load_checkpoint(
-    path: Path, model: nn.Module, optimizer: Any, device: torch.device | str = "cpu"
-) -> dict[str, Any]:
-    """Load weights and optimiser state in place; return ``state.json``."""
-    from safetensors.torch import load_model
-
-    try:
-        missing, unexpected = load_model(model, str(path / MODEL_FILE), strict=False,
-                                         device=str(device))
-        if missing or unexpected:
-            raise CheckpointError(
-                f"{path}: weights do not match the model (missing {sorted(missing)[:3]}, "
-                f"unexpected {sorted(unexpected)[:3]})"
+        files = CheckpointFiles(folder)
+        try:
+            missing, unexpected = load_model(states["model"], str(files.weights), strict=False,
+                                             device=str(device))
+            if missing or unexpected:
+                raise CheckpointError(
+                    f"{folder}: weights do not match the model (missing {sorted(missing)[:3]}, "
+                    f"unexpected {sorted(unexpected)[:3]})"
+                )
+            states["optimizer"].load_state_dict(
+                torch.load(files.optimizer, map_location=device, weights_only=True)
             )
-        optimizer.load_state_dict(
-            torch.load(path / OPTIM_FILE, map_location=device, weights_only=True)
-        )
-        return read_json_object(path / CHECKPOINT_STATE)
-    except CheckpointError:
-        raise
-    except Exception as exc:  # corrupt or foreign files
-        raise CheckpointError(
-            f"{path}: cannot resume from this checkpoint ({first_line(exc)})") from exc
+            state = read_json_object(files.state)
+        except CheckpointError:
+            raise
+        except Exception as exc:  # corrupt or foreign files
+            raise CheckpointError(
+                f"{folder}: cannot resume from this checkpoint ({first_line(exc)})") from exc
+        check_state(state, folder)
+        return {"progress": state, "sampler": state["sampler"], "rng": {"ranks": state["rng"]},
+                **{k: state[k] for k in states if k not in ("model", "optimizer", "progress",
+                                                            "sampler", "rng") and k in state}}
 
 
-MAX_STEP = 10**9
-"""The largest step a checkpoint (or ``train.steps``) may hold."""
+# -- the component ------------------------------------------------------------------------------
 
 
-def check_state(state: Mapping[str, Any], path: Path, world_size: int = 1) -> None:
+class Checkpointer:
+    """A run's checkpoints (``checkpoints/step-N`` of ``run``): decides when to save
+    (:meth:`should_save`), writes atomically, keeps the newest ``keep``, restores the newest.
+
+    ``states`` are the named :class:`Stateful` objects saved and restored (see the module
+    docstring); ``format`` writes them (:class:`FolderFormat` unless given)."""
+
+    def __init__(self, run: RunFolder, states: Mapping[str, Stateful], dist: distributed.Dist,
+                 *, every: int = 0, keep: int = 1, format: CheckpointFormat | None = None
+                 ) -> None:  # fmt: skip
+        self.run, self.states, self.dist = run, dict(states), dist
+        self.every, self.keep = every, keep
+        self.format: CheckpointFormat = format or FolderFormat()
+        self.saved_at = -1  # the step of the newest checkpoint (the same on every rank)
+
+    def should_save(self, step: int, last_step: bool = False) -> bool:
+        """Every ``every`` steps and at the last step (or a stop), unless ``step`` is saved."""
+        return step != self.saved_at and (last_step or bool(self.every and step % self.every == 0))
+
+    def save(self, step: int, last_step: bool = False) -> bool:
+        """Checkpoint ``step`` if :meth:`should_save` (on every rank: collective states; rank 0
+        writes). Returns whether it did."""
+        if not self.should_save(step, last_step):
+            return False
+        self.saved_at = step
+        if not self.dist.is_main:
+            self.format.save(self.run.checkpoint_tmp(step), self.states, self.dist)
+            return True
+        run = self.run
+        tmp, final = run.checkpoint_tmp(step), run.checkpoint_path(step)
+        run.checkpoints.mkdir(parents=True, exist_ok=True)
+        safe_io.remove(tmp)
+        try:
+            tmp.mkdir()
+            self.format.save(tmp, self.states, self.dist)
+        except BaseException as exc:  # a full disk, a kill: no half-written folder is left
+            safe_io.remove(tmp)
+            new = safe_io.as_os_error(exc, final)
+            if new is exc:
+                raise
+            raise new from None
+        if final.exists():
+            run.retire_checkpoint(final)
+        os.replace(tmp, final)
+        for _, p in run.checkpoint_list()[:-self.keep]:
+            run.retire_checkpoint(p)
+        return True
+
+    @property
+    def latest(self) -> Path | None:
+        """The newest complete checkpoint folder."""
+        return self.run.latest_checkpoint
+
+    def restore(self) -> Path | None:
+        """Restore every state from the newest checkpoint (after rank 0 removed what killed
+        writes left); returns its folder, or None when there is none."""
+        if self.dist.is_main:
+            self.run.clean_partial_checkpoints()
+        last = self.latest
+        if last is None:
+            return None
+        saved = self.format.load(last, self.states, self.dist.device)
+        try:
+            self.states["progress"].load_state_dict(saved["progress"])
+        except ConfigError as exc:
+            raise ConfigError(f"cannot resume {self.run.path}: {exc}") from None
+        self.saved_at = self.states["progress"].state_dict()["step"]
+        try:
+            for name, state in saved.items():
+                if name != "progress" and name in self.states:
+                    self.states[name].load_state_dict(state)
+        except (ValueError, TypeError, KeyError, IndexError, RuntimeError) as exc:
+            raise CheckpointError(f"{CheckpointFiles(last).state}: cannot restore the sampler "
+                                  f"or RNG state ({first_line(exc)}); delete this checkpoint "
+                                  "to use an older one") from None
+        return last
+
+
+def check_state(state: Mapping[str, Any], path: Path) -> None:
     """``state.json`` of a checkpoint holds what a resume needs, of the right types
     (→ :class:`CheckpointError` naming the file and the field)."""
-    where = path / CHECKPOINT_STATE
+    where = CheckpointFiles(path).state
 
     def bad(field: str, allowed: str) -> CheckpointError:
         shown = repr(state[field])[:40] if field in state else "missing"

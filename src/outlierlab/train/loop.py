@@ -4,14 +4,15 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any
 
 from outlierlab.config import RunConfig
+from outlierlab.train.callbacks import TrainerCallback
 from outlierlab.train.trainer import Trainer, TrainResult
 
 
 def train(cfg: RunConfig, resume: bool = False, *, progress: bool = True,
-          callbacks: Iterable[Any] = (), allow_data_change: bool = False) -> TrainResult:
+          callbacks: Iterable[TrainerCallback] = (),
+          allow_data_change: bool = False) -> TrainResult:
     """Train ``cfg`` into the run folder ``cfg.out`` (see docs/ARCHITECTURE.md); with
     ``resume``, continue from its latest checkpoint (refused when its data changed, unless
     ``allow_data_change``). The folder is locked for the run. ``progress=False`` silences the

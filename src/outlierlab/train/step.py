@@ -34,12 +34,15 @@ def autocast(device: torch.device, dtype: torch.dtype | None):
 @dataclass
 class StepResult:
     """Loss and gradient norm averaged over ranks; ``stop``: some rank asked to stop;
-    ``penalty``: the weighted TWEO term added to the loss (None without one)."""
+    ``penalty``: the weighted TWEO term added to the loss (None without one). A non-finite
+    step read late (``back`` > 0) reports the first non-finite step's loss and gradient norm,
+    ``back`` steps before the step that read it."""
 
     loss: float
     grad_norm: float
     stop: bool = False
     penalty: float | None = None
+    back: int = 0
 
     @property
     def finite(self) -> bool:
@@ -48,11 +51,19 @@ class StepResult:
 
 class TrainStep:
     """Forward + backward over ``accum`` micro-batches of ``micro`` sequences (this rank's
-    share of the global batch, see ``loop.py``), global-norm clipping, then the update, skipped
+    share of the global batch, see ``trainer.py``), global-norm clipping, then the update, skipped
     when the loss or gradient norm is not finite. ``net`` is the module that runs the forward
     (``model`` itself, or it wrapped by DDP and/or ``torch.compile``). ``tweo=(λ, p)`` with
     λ > 0 adds λ·(1/L)·Σ_l mean|h_l|^p of the block outputs to the loss that is backpropagated
-    (:mod:`outlierlab.model.penalty`); the reported ``loss`` stays the model's own."""
+    (:mod:`outlierlab.model.penalty`); the reported ``loss`` stays the model's own.
+
+    Host syncs: a step called with ``read=False`` reads nothing on the host (no ``.item()``,
+    no host-to-device copy of a flag, no all-reduce): its loss, gradient norm and penalty stay
+    on the device, its update is taken unconditionally, and it returns None. The next step
+    with ``read=True`` (or :meth:`read`) fetches them all in one transfer (one all-reduce
+    across ranks); if one of them was not finite it reports the first such step (``back``
+    steps earlier) and skips its own update: a run that diverges on an unread step is found
+    at the next read, its weights already spoiled (the trainer saves nothing after that)."""
 
     def __init__(
         self,
@@ -75,6 +86,7 @@ class TrainStep:
         self.dist = dist or distributed.Dist(device=next(model.parameters()).device)
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.penalty = None
+        self.pending: list[torch.Tensor] = []  # unread steps' [loss, grad norm, penalty]
         if tweo is not None and tweo[0] > 0:
             from outlierlab.model.penalty import BlockOutputPenalty
 
@@ -90,15 +102,22 @@ class TrainStep:
         w, r = self.dist.world_size, self.dist.rank
         return [x[(a * w + r) * micro : (a * w + r + 1) * micro] for a in range(self.accum)]
 
-    def __call__(self, x: torch.Tensor, y: torch.Tensor, stop: bool = False) -> StepResult:
+    def __call__(self, x: torch.Tensor, y: torch.Tensor, stop: bool = False,
+                 read: bool = True) -> StepResult | None:  # fmt: skip
+        """One step on the global batch ``x, y``; ``stop``: this rank asks to stop (passed to
+        the other ranks on a read step only). Returns the step's result, or None when
+        ``read`` is false."""
         dist, dev = self.dist, self.dist.device
         loss_sum = torch.zeros((), device=dev)
         pen_sum = torch.zeros((), device=dev)
         if self.penalty is not None:
             self.penalty.take()  # drop what forwards outside this step left
         for a, (xb, yb) in enumerate(zip(self.micro_batches(x), self.micro_batches(y))):
+            # non_blocking: on CUDA the copy overlaps the previous micro-batch's backward
             xb = xb.to(dev, non_blocking=True)
             yb = yb.to(dev, non_blocking=True)
+            # DDP all-reduces gradients in backward; only the last micro-batch needs to (the
+            # others accumulate locally under no_sync), which saves accum − 1 all-reduces
             sync = a == self.accum - 1 or not dist.enabled
             with (contextlib.nullcontext() if sync else self.net.no_sync()), self.autocast():
                 _, loss = self.net(xb, yb)
@@ -107,31 +126,57 @@ class TrainStep:
                 total = loss + self.tweo_weight * pen
                 pen_sum += self.tweo_weight * pen.detach().float()
             (total / self.accum).backward()
-            loss_sum += loss.detach().float()
+            loss_sum += loss.detach().float()  # on the device: no host sync per micro-batch
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.clip)
-        flags = torch.stack([
-            loss_sum / self.accum,
-            grad_norm.float().to(dev),
-            torch.tensor(float(stop), device=dev),
-            pen_sum / self.accum,
-        ])  # fmt: skip
-        if dist.enabled:
-            distributed.all_reduce_(flags, dist)
-            flags[:2] /= dist.world_size
-            flags[3] /= dist.world_size
-        loss_v, gn_v, stop_v, pen_v = flags.tolist()
-        out = StepResult(loss_v, gn_v, stop_v > 0, pen_v if self.penalty is not None else None)
+        if hasattr(grad_norm, "full_tensor"):  # FSDP: a DTensor, the same on every rank
+            grad_norm = grad_norm.full_tensor()
+        self.pending.append(torch.stack([loss_sum / self.accum, grad_norm.float().to(dev),
+                                         pen_sum / self.accum]))  # fmt: skip
+        if not read:
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            return None
+        out = self.read(stop)
         if out.finite:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return out
 
+    def read(self, stop: bool = False) -> StepResult:
+        """Fetch the unread steps' values (one device-to-host transfer; one all-reduce over
+        ranks, every rank must call it at the same step): the newest step's result, or the
+        first non-finite one's with ``back`` = how many steps before the newest it was."""
+        dist, dev = self.dist, self.dist.device
+        if not self.pending:
+            raise RuntimeError("TrainStep.read: no step to read")
+        rows = torch.stack(self.pending).float()
+        self.pending = []
+        # the grad norm is already global (DDP/FSDP reduce the gradients); loss and penalty
+        # are this rank's: averaged over ranks. The stop flag rides in an extra column.
+        flags = torch.cat([rows, torch.zeros(len(rows), 1, device=dev)], dim=1)
+        if stop:
+            flags[-1, 3] = 1.0
+        if dist.enabled:
+            distributed.all_reduce_(flags, dist)
+            flags[:, 0] /= dist.world_size
+            flags[:, 1] /= dist.world_size
+            flags[:, 2] /= dist.world_size
+        values = flags.tolist()
+        back, row = 0, values[-1]
+        for i, r in enumerate(values):
+            if not (math.isfinite(r[0]) and math.isfinite(r[1])):
+                back, row = len(values) - 1 - i, r
+                break
+        return StepResult(row[0], row[1], values[-1][3] > 0,
+                          row[2] if self.penalty is not None else None, back)  # fmt: skip
+
 
 @torch.no_grad()
-def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int,
-             dist: distributed.Dist, dtype: torch.dtype | None = None,
-             before: Callable[[int], None] | None = None) -> float:  # fmt: skip
-    """Mean next-token loss over the fixed validation windows. The windows form groups of
+def mean_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int,
+              dist: distributed.Dist, dtype: torch.dtype | None = None,
+              before: Callable[[int], None] | None = None) -> float:  # fmt: skip
+    """Mean next-token loss over the fixed windows ``x, y`` (the validation windows, or the
+    first training batch for step 0). The windows form groups of
     ``batch_size`` consecutive ones, one forward each, dealt to the ranks in turn (group g to
     rank g mod w): the same forwards whatever the rank count, so the monitor's per-forward
     statistics (cos-sim, subsamples) are too; ``before(g)`` is called before group g's."""

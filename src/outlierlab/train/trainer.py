@@ -2,7 +2,7 @@
 run folder (docs/ARCHITECTURE.md), built once and driven by :meth:`Trainer.fit`.
 
     with Trainer(cfg, resume=False, progress=True, callbacks=[...]) as trainer:
-        result = trainer.fit()          # train_step / evaluate / log / save until done
+        result = trainer.fit()          # train_step / validate / log / save until done
 
 Construction joins the process group (``distributed.init``), prepares the data (rank 0 builds
 the token cache first), checks the run folder, builds the model, optimiser and sampler (seeded
@@ -26,9 +26,11 @@ resume whose checkpoint cannot be restored) keeps the run's own status and adds 
 raised with its own type on every rank. Rank 0 holds the run folder's lock from the check
 until :meth:`close`.
 
-Run-folder I/O goes through six methods only: :meth:`_claim_run_folder`,
-:meth:`_check_run_folder`, :meth:`_open_run_folder`, :meth:`_write_row`, :meth:`_set_status`
-and :meth:`_note_resume_failure`.
+Run-folder I/O goes through the :class:`~outlierlab.train.checkpoint.Checkpointer`
+(checkpoints) and six methods: :meth:`_claim_run_folder`, :meth:`_check_run_folder`,
+:meth:`_open_run_folder`, :meth:`_write_row`, :meth:`_set_status` and
+:meth:`_note_resume_failure`; each names files only through
+:class:`~outlierlab.run_folder.RunFolder`.
 """
 
 from __future__ import annotations
@@ -48,18 +50,23 @@ from typing import Any
 import numpy as np
 import torch
 
+from outlierlab import version_info
 from outlierlab.config import RunConfig, changed_maths_fields
-from outlierlab.errors import CheckpointError, ConfigError, RunFolderError, first_line
+from outlierlab.errors import (
+    EXIT_CODES,
+    CheckpointError,
+    ConfigError,
+    RunFolderError,
+    first_line,
+)
 from outlierlab.optim import build_optimizer, lr_factor, set_lr
 from outlierlab.run_folder import MetricsWriter, RunFolder, RunLock, utc_now
-from outlierlab.train import checkpoint as ckpt
 from outlierlab.train import distributed
-from outlierlab.train.callbacks import Callbacks
+from outlierlab.train.callbacks import Callbacks, TrainerCallback
+from outlierlab.train.checkpoint import Checkpointer, RNGState, RunProgress
 from outlierlab.train.progress import Progress
 from outlierlab.train.sinks import Sinks
-from outlierlab.train.step import TrainStep, evaluate, resolve_precision
-
-EXIT_CODES = {"finished": 0, "diverged": 3, "interrupted": 130, "crashed": 1}
+from outlierlab.train.step import StepResult, TrainStep, mean_loss, resolve_precision
 
 
 @dataclass
@@ -114,11 +121,12 @@ class Trainer:
     """Train ``cfg`` into the run folder ``cfg.out``; with ``resume``, continue from its newest
     checkpoint. ``progress=False`` silences the console. ``callbacks``: see
     :mod:`outlierlab.train.callbacks`; ``log.kurtosis_every`` adds a
-    :class:`~outlierlab.measuring.MeasureEvery`. Attributes a callback may read: ``cfg``,
-    ``dist``, ``model`` (the bare GPT), ``optimizer``, ``step``, ``tokens``, ``run``."""
+    :class:`~outlierlab.measuring.MeasureEvery`. A callback sees the trainer as a
+    :class:`~outlierlab.train.callbacks.TrainerView`."""
 
     def __init__(self, cfg: RunConfig, resume: bool = False, *, progress: bool = True,
-                 callbacks: Iterable[Any] = (), allow_data_change: bool = False) -> None:
+                 callbacks: Iterable[TrainerCallback] = (),
+                 allow_data_change: bool = False) -> None:
         self.t_start = time.perf_counter()
         self._threads = torch.get_num_threads()
         if cfg.train.threads:
@@ -127,7 +135,6 @@ class Trainer:
         self.run: RunFolder | None = None
         self._lock: RunLock | None = None  # rank 0, from the run-folder check until close()
         self.step = self.tokens = 0
-        self.saved_at = -1  # step of the newest checkpoint (the same on every rank)
         self.status, self.message = "running", ""
         self.last: dict[str, Any] = {}  # the newest value of every logged field
         self.done = False  # nothing to do: resumed a finished run
@@ -135,7 +142,7 @@ class Trainer:
         self._writer: MetricsWriter | None = None
         self._sinks: Sinks | None = None
         self._closed = self._began = self.show = self._opened = False
-        self._restoring = False  # in _restore: a failure there is noted as resume_failed
+        self._restoring = False  # restoring a checkpoint: a failure there is noted as resume_failed
         self.dist = distributed.init(cfg.train.device)
         try:
             self._build(cfg, resume, progress, allow_data_change)
@@ -147,7 +154,7 @@ class Trainer:
 
     def _build(self, cfg: RunConfig, resume: bool, progress: bool,
                allow_data_change: bool) -> None:  # fmt: skip
-        from outlierlab.data import BatchSampler, prepare, validation_windows
+        from outlierlab.data import BatchSampler, document_windows, prepare, validation_windows
         from outlierlab.model import GPT
 
         dist = self.dist
@@ -167,6 +174,9 @@ class Trainer:
         cfg.model = dataclasses.replace(cfg.model, vocab_size=self.data.tokenizer.vocab_size)
         self._on_all_ranks(lambda: self._check_run_folder(resume, allow_data_change))
 
+        # Same seed on every rank: identical initial weights without a broadcast, and the
+        # sampler (seeded alike) draws the same global batch everywhere; each rank then takes
+        # its own micro-batches of it (module docstring).
         random.seed(tc.seed)
         np.random.seed(tc.seed)
         torch.manual_seed(tc.seed)
@@ -175,13 +185,23 @@ class Trainer:
         self.global_batch = tc.batch_size * tc.grad_accum * dist.world_size
         self.sampler = BatchSampler(self.data.train, cfg.model.seq_len, self.global_batch,
                                     seed=tc.seed)  # fmt: skip
-        self.val = validation_windows(self.data.val, cfg.model.seq_len, tc.eval_windows)
+        if tc.eval_docs:
+            self.val = document_windows(self.data.val, cfg.model.seq_len, tc.eval_windows,
+                                        tc.eval_docs, self.data.tokenizer.eot_id)  # fmt: skip
+        else:
+            self.val = validation_windows(self.data.val, cfg.model.seq_len, tc.eval_windows)
         oc, warmup = cfg.optim, cfg.optim.warmup_steps(tc.steps)
         decay = round(oc.decay_frac * tc.steps)
         self._lr_factor = lambda step: lr_factor(step, tc.steps, oc.schedule, warmup,
                                                  oc.min_lr_ratio, decay)  # fmt: skip
+        self.checkpointer = Checkpointer(
+            self.run, {"model": self.model, "optimizer": self.optimizer,
+                       "progress": RunProgress(self, self.global_batch, dist.world_size),
+                       "sampler": self.sampler, "rng": RNGState(dist)},
+            dist, every=tc.ckpt_every, keep=tc.keep_ckpts)  # fmt: skip
         if resume:
-            self._restore()
+            self._restoring = True  # a failure from here on is noted as resume_failed
+            self.checkpointer.restore()
         if self.step >= tc.steps and resume and self.run.final_model:
             self.status, self.message, self.done = "finished", "already finished", True
             return
@@ -209,33 +229,6 @@ class Trainer:
         error = distributed.broadcast_object(error, self.dist)
         if error is not None:
             raise error
-
-    def _restore(self) -> None:
-        """Load the newest checkpoint: weights, optimiser, step, tokens, sampler, RNGs."""
-        run, dist = self.run, self.dist
-        self._restoring = True
-        if dist.is_main:
-            ckpt.clean_partial(run)
-        last = run.latest_checkpoint
-        if last is None:
-            return
-        state = ckpt.load_checkpoint(last, self.model, self.optimizer, dist.device)
-        ckpt.check_state(state, last)
-        self.saved_at = int(state["step"])
-        if state.get("global_batch", self.global_batch) != self.global_batch:
-            raise ConfigError(
-                f"cannot resume {run.path}: global batch (train.batch_size × grad_accum × "
-                f"ranks) was {state['global_batch']}, now {self.global_batch}"
-            )
-        self.step, self.tokens = int(state["step"]), int(state["tokens"])
-        rngs = state["rng"]
-        try:
-            self.sampler.load_state_dict(state["sampler"])
-            ckpt.set_rng_state(rngs[dist.rank] if dist.rank < len(rngs) else rngs[0])
-        except (ValueError, TypeError, KeyError, IndexError, RuntimeError) as exc:
-            raise CheckpointError(f"{last}/state.json: cannot restore the sampler or RNG "
-                                  f"state ({first_line(exc)}); delete this checkpoint to use "
-                                  "an older one") from None
 
     def _wrap(self) -> None:
         """DDP, ``torch.compile`` and autocast around the bare model: :attr:`step_fn`."""
@@ -266,7 +259,8 @@ class Trainer:
             run.check_new()
             return
         if not run.is_run:
-            raise CheckpointError(f"{run.path} is not a run folder (no config.json) to resume")
+            raise CheckpointError(f"{run.path} is not a run folder (no {run.config_file.name}) "
+                                  "to resume")
         run.check_resumable()
 
     def _check_run_folder(self, resume: bool, allow_data_change: bool) -> None:
@@ -288,7 +282,7 @@ class Trainer:
             raise ConfigError(
                 f"cannot resume {run.path}: its data changed since the run started "
                 f"({', '.join(changed[:4])} differ); pass --allow-data-change to continue on "
-                "the new data (the old fingerprint is kept in status.json)"
+                f"the new data (the old fingerprint is kept in {run.status_file.name})"
             )
 
     def _open_run_folder(self) -> None:
@@ -310,8 +304,11 @@ class Trainer:
         if cfg.data.tokenizer != "bytes":
             self.data.tokenizer.save(run.path)
         run.truncate_metrics(self.step if self.step else -1)  # step 0 is logged again
+        dtype = resolve_precision(cfg.train.precision, self.dist.device)
         run.set_status("running", self.step, "", data_fingerprint=self.data.fingerprint,
-                       started=run.status.get("started", utc_now()))
+                       started=run.status.get("started", utc_now()),
+                       device=str(self.dist.device), precision="bf16" if dtype else "fp32",
+                       world_size=self.dist.world_size, code=version_info())  # fmt: skip
         self._writer = run.metrics_writer()
 
     def _write_row(self, row: dict[str, Any]) -> None:
@@ -341,26 +338,56 @@ class Trainer:
 
     def train_step(self) -> dict[str, Any] | None:
         """One optimiser step on the next global batch, with ``on_step_begin`` before it.
-        Returns ``{"loss", "lr", "grad_norm", "stop"}`` (averaged over ranks), or None when the
-        loss or gradient norm is not finite: no update, status ``diverged``."""
+        Returns ``{"loss", "lr", "grad_norm", "stop"}`` (averaged over ranks) on a read step
+        (:meth:`reads`), ``{"lr", "stop": False}`` on the others (nothing read on the host), or
+        None when a loss or gradient norm read was not finite: status ``diverged``."""
         n = self.step + 1  # the step being taken, 1-based
         lr = set_lr(self.optimizer, self._lr_factor(self.step))
         self.callbacks.on_step_begin(self, n)
-        self.batch = self.sampler.next()
-        out = self.step_fn(*self.batch, stop=self.stop.requested is not None)
-        if not out.finite:
-            what = "loss" if not math.isfinite(out.loss) else "gradient norm"
-            good = self.run.latest_checkpoint
-            self.status = "diverged"
-            self.message = (
-                f"non-finite {what} ({out.loss if what == 'loss' else out.grad_norm}) at step "
-                f"{n}; stopped; last good checkpoint: {good if good else 'none'}"
-            )
+        x, y = self.sampler.next()
+        if self.dist.device.type == "cuda":  # pinned: the copies to the GPU do not block
+            x, y = x.pin_memory(), y.pin_memory()
+        self.batch = (x, y)
+        read = self.reads(n)
+        out = self.step_fn(x, y, stop=self.stop.requested is not None, read=read)
+        if out is not None and not self._check(out, n):
             return None
         self.step, self.tokens = n, self.tokens + self.global_batch * self.cfg.model.seq_len
         self.bar.update(self.step)
+        if out is None:
+            return {"lr": lr, "stop": False}
         return {"loss": out.loss, "lr": lr, "grad_norm": out.grad_norm, "stop": out.stop,
                 **({} if out.penalty is None else {"loss_penalty": out.penalty})}
+
+    def reads(self, step: int) -> bool:
+        """Whether step ``step`` reads its loss on the host: every ``train.sync_every`` steps,
+        on log, eval, checkpoint, measured and the last step, and (one process) once a stop
+        signal came. The same on every rank (a stop read is an all-reduce)."""
+        tc, lc = self.cfg.train, self.cfg.log
+        every = (tc.sync_every, tc.log_every, lc.kurtosis_every, lc.profile_every)
+        return (step >= tc.steps or any(k and step % k == 0 for k in every)
+                or self.should_validate(step) or self.checkpointer.should_save(step)
+                or (self.stop.requested is not None and not self.dist.enabled))
+
+    def _check(self, out: StepResult, n: int) -> bool:
+        """False (status ``diverged``) when ``out``, read at step ``n``, holds a non-finite
+        loss or gradient norm: the first such step is named, and the run's step set to the
+        one before it."""
+        if out.finite:
+            return True
+        what = "loss" if not math.isfinite(out.loss) else "gradient norm"
+        bad = n - out.back
+        good = self.checkpointer.latest
+        self.status = "diverged"
+        self.step = bad - 1
+        self.tokens = self.step * self.global_batch * self.cfg.model.seq_len
+        found = (f"; found at step {n} (the loss is read every train.sync_every steps)"
+                 if out.back else "")
+        self.message = (
+            f"non-finite {what} ({out.loss if what == 'loss' else out.grad_norm}) at step "
+            f"{bad}{found}; stopped; last good checkpoint: {good if good else 'none'}"
+        )
+        return False
 
     def local_micro_batches(self) -> list[torch.Tensor]:
         """This rank's micro-batches (inputs) of the last step's global batch."""
@@ -370,7 +397,12 @@ class Trainer:
         """The training precision's autocast context (a no-op for fp32)."""
         return self.step_fn.autocast()
 
-    def evaluate(self) -> dict[str, Any]:
+    def should_validate(self, step: int) -> bool:
+        """Validation runs every ``train.eval_every`` steps and at the last step."""
+        every = self.cfg.train.eval_every
+        return bool(every and step % every == 0) or step == self.cfg.train.steps
+
+    def validate(self) -> dict[str, Any]:
         """Validation loss and perplexity on the fixed windows (``val_loss``, ``val_ppl``);
         with ``log.kurtosis_every`` also the monitor's fields measured in the same forwards,
         prefixed ``val_`` (``val_kurtosis``, ``val_kurtosis_mean``, ``val_kurtosis_max``, ...):
@@ -391,8 +423,8 @@ class Trainer:
                 meter.open(self.model)
                 meter.begin_step(self.step)
             with torch.no_grad():
-                loss = evaluate(self.model, x, y, self.cfg.train.batch_size, self.dist,
-                                self.dtype, before=meter.number if meter else None)  # fmt: skip
+                loss = mean_loss(self.model, x, y, self.cfg.train.batch_size, self.dist,
+                                 self.dtype, before=meter.number if meter else None)  # fmt: skip
             measured = meter.end_step(all_reduce=self.dist.enabled) if meter else None
         finally:
             if meter is not None:
@@ -404,9 +436,9 @@ class Trainer:
         first training batch, left in the sampler, and the validation metrics."""
         state = self.sampler.state_dict()
         x, y = self.sampler.next()
-        self.sampler.load_state_dict(state)
+        self.sampler.load_state_dict(state)  # put it back: step 1 trains on this very batch
         loss, measured = self.measure(x, y)
-        return {"step": 0, "tokens": 0, "loss": loss, **measured, **self.evaluate()}
+        return {"step": 0, "tokens": 0, "loss": loss, **measured, **self.validate()}
 
     def log(self, row: dict[str, Any]) -> None:
         """Write ``row`` (rank 0), show it, remember it, then ``on_log``."""
@@ -415,19 +447,13 @@ class Trainer:
         self.bar.log(row)
         self.callbacks.on_log(self, row)
 
-    def save(self, step: int) -> Path | None:
-        """Checkpoint ``step`` (every rank gathers RNG states; rank 0 writes), then ``on_save``."""
-        self.saved_at = step
-        rng = distributed.all_gather_object(ckpt.rng_state(), self.dist)
-        path = None
-        if self.dist.is_main:
-            state = {"tokens": self.tokens, "global_batch": self.global_batch,
-                     "world_size": self.dist.world_size, "sampler": self.sampler.state_dict(),
-                     "rng": rng, "saved": utc_now()}  # fmt: skip
-            path = ckpt.save_checkpoint(self.run, step, self.model, self.optimizer,
-                                        state, self.cfg.train.keep_ckpts)  # fmt: skip
-        self.callbacks.on_save(self, step)
-        return path
+    def save(self, step: int, last_step: bool = False) -> bool:
+        """Checkpoint ``step`` when the checkpointer says so (every ``train.ckpt_every`` steps,
+        at the last step or a stop; never twice), then ``on_save``. Every rank calls it."""
+        saved = self.checkpointer.save(step, last_step)
+        if saved:
+            self.callbacks.on_save(self, step)
+        return saved
 
     # -- the loop -------------------------------------------------------------------------------
 
@@ -466,14 +492,20 @@ class Trainer:
         row: dict[str, Any] = {}
         self.callbacks.on_step_end(self, self.step, row)
         is_last = self.step == tc.steps
-        if (tc.eval_every and self.step % tc.eval_every == 0) or is_last:
+        if self.should_validate(self.step):
             with self._paused_clock():
-                row.update(self.evaluate())
+                row.update(self.validate())
         if row or self.step % tc.log_every == 0 or is_last:
+            if "loss" not in out:  # a callback logged on an unread step: read it now
+                res = self.step_fn.read()
+                if not self._check(res, self.step):
+                    return False
+                out = {**out, "loss": res.loss, "grad_norm": res.grad_norm,
+                       **({} if res.penalty is None else {"loss_penalty": res.penalty})}
             self.log(self._row(out, row))
-        if (tc.ckpt_every and self.step % tc.ckpt_every == 0 and not is_last) or out["stop"]:
+        if out["stop"] or not is_last:  # a finished run's last checkpoint: finish()
             with self._paused_clock():
-                self.save(self.step)
+                self.save(self.step, last_step=out["stop"])
         if out["stop"]:
             self.status = "interrupted"
             self.message = (
@@ -487,8 +519,7 @@ class Trainer:
         """After the loop: a finished run saves its last checkpoint and final weights;
         ``on_train_end``; the result."""
         if self.status == "running" and self.step >= self.cfg.train.steps:
-            if self.saved_at != self.step:
-                self.save(self.step)
+            self.save(self.step, last_step=True)
             if self.dist.is_main:
                 self.model.save(self.run.path)
             self.status, self.message = "finished", f"finished {self.step} steps"
