@@ -65,6 +65,12 @@ class RunConfig:
     out: str = ""
     """Run folder; empty = runs/<block>-<optim>-<UTC time> chosen at start."""
 
+    def __post_init__(self) -> None:
+        if self.train.parallel == "fsdp":  # an optimiser that needs whole matrices: refused
+            from outlierlab.train.fsdp import check_optimizer
+
+            check_optimizer(self.optim.name)
+
     def to_dict(self) -> dict[str, Any]:
         d = {s: _asdict(getattr(self, s)) for s in SECTIONS}
         d["out"] = self.out

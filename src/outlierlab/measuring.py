@@ -20,6 +20,7 @@ neither transformers nor lightning.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -141,6 +142,18 @@ class MeasureEvery(Callback):
         entropy = self.monitor.attention_entropy(all_reduce=all_reduce)
         self.monitor.reset()
         return Measured(step, results, summary, entropy) if results else None
+
+    @contextlib.contextmanager
+    def paused(self):
+        """Forwards inside are not measured (FSDP's padding forwards, ``mean_loss``)."""
+        was = self.monitor is not None and self.monitor.enabled
+        if was:
+            self.monitor.enabled = False
+        try:
+            yield
+        finally:
+            if was:
+                self.monitor.enabled = True
 
     def close(self) -> None:
         """Remove the monitor's hooks (idempotent)."""

@@ -25,6 +25,12 @@ w4a16-rtn 0, w4a16-gptq 1 (XᵀX), w4a4-quarot 1 (XᵀX of the rotated copy), sm
 (one calibration cross-entropy pass per α) + 1 (ranges of the chosen α unless 0.5 or 0.8); plus
 one evaluation of the validation windows each. ``stage_seconds`` in the result
 (and the page's intro) says where the time went.
+
+Optional stages (``--sensitivity``, ``--crosscheck``, ``--full``; issue 22): the layer sensitivity
+of one scheme with its verified 16-bit recommendation (:mod:`outlierlab.quant.sensitivity`,
+calibration from the page's cache) and the predictor table (:mod:`outlierlab.quant.predictors`),
+and our ``w8a8-dynamic`` against torchao's real int8 path (:mod:`outlierlab.quant.crosscheck`).
+The page opens with :func:`headline`; :func:`write_compare` puts several models side by side.
 """
 
 from __future__ import annotations
@@ -103,12 +109,20 @@ def run_price(
     progress: Callable[[str], None] | None = None,
     points: str | Sequence[str] = "auto",
     labels: Sequence[str] | None = None,
+    sensitivity: str | None = None,
+    crosscheck: bool = False,
+    share: float = 0.9,
+    sensitivity_windows: int = 2,
 ) -> dict[str, Any]:
     """The whole comparison (module docstring); ``progress(label)`` is called as each stage
     ends (the CLI's progress bar); ``points``: where the profile measures (monitor globs;
     ``auto``: the residual stream); ``labels``: these rows of :func:`schemes` (None:
-    :data:`DEFAULT_SCHEMES`; see :func:`row_labels`).
-    Returns the JSON-able result."""
+    :data:`DEFAULT_SCHEMES`; see :func:`row_labels`); ``sensitivity``: a scheme name whose
+    layer sensitivity (on the first ``sensitivity_windows`` windows), verified 16-bit
+    recommendation (``share`` of its damage) and predictor table go on the page
+    (:func:`add_sensitivity`); ``crosscheck``: our ``w8a8-dynamic``
+    against torchao's real int8 path (:func:`add_crosscheck`).
+    Returns the JSON-able result, ``headline`` included (:func:`headline`)."""
     from outlierlab.profile import profile
     from outlierlab.quant import CalibCache, perplexity, quantize_and_evaluate
     from outlierlab.quant.rotate import rotate
@@ -157,7 +171,7 @@ def run_price(
         stages[label] = res["seconds"]
         rows[label] = res
         stage_done(label)
-    return {
+    res = {
         "fp_ppl": fp_ppl,
         "eval_windows": int(val_x.shape[0]),
         "seq_len": int(val_x.shape[1]),
@@ -166,9 +180,117 @@ def run_price(
         "calib_tokens": int(sum(b.numel() for b in calib)),
         "profile": prof,
         "schemes": [rows[label] for label, _ in order],
-        "seconds": time.perf_counter() - t_start,
         "stage_seconds": stages,
     }
+    if sensitivity is not None:
+        t0 = time.perf_counter()
+        add_sensitivity(res, model, sensitivity, calib, val_x, val_y, batch_size, share,
+                        caches["model"], sensitivity_windows)  # fmt: skip
+        stages["sensitivity"] = time.perf_counter() - t0
+        stage_done("sensitivity")
+    if crosscheck:
+        t0 = time.perf_counter()
+        add_crosscheck(res, model, calib, val_x, val_y, batch_size, caches["model"])
+        stages["crosscheck"] = time.perf_counter() - t0
+        stage_done("crosscheck")
+    res["headline"] = headline(res)
+    res["seconds"] = time.perf_counter() - t_start
+    return res
+
+
+def check_sensitivity_scheme(name: str) -> None:
+    """A :class:`ConfigError` unless ``name`` is a scheme that quantises the model's own linears
+    (any of :data:`outlierlab.quant.SCHEMES` without a rotation)."""
+    from outlierlab.quant import SCHEMES, scheme
+
+    allowed = [n for n in SCHEMES if scheme(n).rotation is None]
+    if name not in allowed:
+        raise ConfigError(f"--sensitivity {name!r} is not allowed; allowed: {', '.join(allowed)}")
+
+
+def add_sensitivity(res: dict[str, Any], model: nn.Module, name: str, calib: list[torch.Tensor],
+                    val_x: torch.Tensor, val_y: torch.Tensor, batch_size: int, share: float,
+                    cache: Any = None, windows: int = 2) -> None:  # fmt: skip
+    """``res["sensitivity"]`` (:func:`outlierlab.quant.sensitivity.layer_sensitivity` of scheme
+    ``name`` on the first ``windows`` evaluation windows: about 130 evaluations, so fewer
+    windows than the profile's; its recommendation checked on every evaluation window) and
+    ``res["predictors"]`` (:func:`outlierlab.quant.predictors.predictor_table`)."""
+    from outlierlab.quant import scheme
+    from outlierlab.quant.predictors import predictor_table
+    from outlierlab.quant.sensitivity import layer_sensitivity
+
+    check_sensitivity_scheme(name)
+    row = next((r for r in res["schemes"] if r.get("label") == name and "quant_ppl" in r), None)
+    n = max(1, min(windows, val_x.shape[0]))
+    sens = layer_sensitivity(model, scheme(name), calib, val_x[:n], val_y[:n], batch_size,
+                             share, cache, check=(val_x, val_y),
+                             check_full=row is None)  # fmt: skip
+    rec = sens["recommendation"]
+    full_ppl = row["quant_ppl"] if row is not None else rec.pop("check_full_ppl")
+    fp = res["fp_ppl"]
+    rec["check_full_ppl"] = full_ppl
+    rec["check_recovery"] = ((full_ppl - rec["check_ppl"]) / (full_ppl - fp)
+                             if full_ppl > fp else None)  # fmt: skip
+    res["sensitivity"] = sens
+    res["predictors"] = predictor_table(sens, res["profile"])
+
+
+def add_crosscheck(res: dict[str, Any], model: nn.Module, calib: list[torch.Tensor],
+                   val_x: torch.Tensor, val_y: torch.Tensor, batch_size: int,
+                   cache: Any = None) -> None:  # fmt: skip
+    """``res["crosscheck"]``: :func:`outlierlab.quant.crosscheck.crosscheck` on the evaluation
+    windows (our ``w8a8-dynamic`` row's perplexity when the page has it)."""
+    from outlierlab.quant.crosscheck import crosscheck
+
+    row = next((r for r in res["schemes"] if r.get("label") == "w8a8-dynamic"), None)
+    ours = row.get("quant_ppl") if row else None
+    res["crosscheck"] = crosscheck(model, val_x, val_y, batch_size, ours, cache, calib)
+
+
+def _bits(r: dict[str, Any]) -> int:
+    cfg = r.get("config") or {}
+    return int(cfg.get("w_bits", 16)) + int(cfg.get("a_bits", 16))
+
+
+def headline(res: dict[str, Any]) -> list[str]:
+    """Two or three sentences a person reads first: the cheapest priced scheme within 1 % of FP
+    (fewest weight + activation bits, then page order), what keeping the recommended layers in
+    16-bit buys (with a sensitivity), and where the largest activation sits."""
+    out = []
+    rows = [r for r in res["schemes"] if "quant_ppl" in r]
+    ok = sorted((r for r in rows if r["ppl_ratio"] <= 1.01), key=_bits)
+    if ok:
+        r = ok[0]
+        out.append(f"The cheapest scheme priced here within 1 % of FP perplexity is {r['label']} "
+                   f"({100 * (r['ppl_ratio'] - 1):+.1f} %, "
+                   f"{_bits(r)} weight + activation bits).")  # fmt: skip
+    elif rows:
+        r = min(rows, key=lambda r: r["ppl_ratio"])
+        out.append(f"No scheme priced here is within 1 % of FP perplexity; the closest is "
+                   f"{r['label']} ({100 * (r['ppl_ratio'] - 1):+.1f} %).")  # fmt: skip
+    sens = res.get("sensitivity")
+    if sens:
+        rec = sens["recommendation"]
+        fp, full, kept = res["fp_ppl"], rec["check_full_ppl"], rec["check_ppl"]
+        names = ", ".join(rec["keep_16bit"][:3]) + (" …" if len(rec["keep_16bit"]) > 3 else "")
+        rv = rec["verified_recovery"]
+        out.append(
+            f"Keeping {len(rec['keep_16bit'])} of {sum(b['linears'] for b in sens['blocks'])} "
+            f"linears in 16-bit ({names}) takes {sens['scheme']} from perplexity {full:.3f} "
+            f"({100 * (full / fp - 1):+.1f} %) to {kept:.3f} ({100 * (kept / fp - 1):+.1f} %): "
+            f"{_f(None if rv is None else 100 * rv, '.0f')} % of its damage (KL) recovered, "
+            "verified by a real evaluation.")  # fmt: skip
+    pts = [p for p in res["profile"]["points"] if p.get("top")]
+    if pts:
+        p = max(pts, key=lambda p: abs(p["top"][0]["value"]))
+        top = p["top"][0]
+        first = sum(1 for q in pts if q["top"][0]["token"] == 0)
+        out.append(
+            f"The largest activation, |x| = {abs(top['value']):.4g}, sits at {p['name']} "
+            f"(token {top['token']} of window {top['window']}, channel {top['channel']}, "
+            f"{_f(p['max_median_ratio'], '.0f')} × the median |x|); {first} of {len(pts)} "
+            "points have their largest value on token 0.")  # fmt: skip
+    return out
 
 
 # --- the page ---------------------------------------------------------------------------------
@@ -220,6 +342,82 @@ def sink_table(res: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     return ["layer", "heads", "share of heads > 0.5 on token 0", "mean mass on token 0"], rows
 
 
+def sensitivity_tables(res: dict[str, Any]) -> list[tuple[str, tuple[list[str], list[list[str]]]]]:
+    """The blocks' and the searched linears' damage (KL to FP, nats, and perplexity) when only
+    they are quantised and when all but they are, and the recommendation ([] without one)."""
+    sens = res.get("sensitivity")
+    if not sens:
+        return []
+    head = ["", "linears", "alone: KL", "alone: perplexity", "all but: KL recovered",
+            "all but: perplexity", "output error"]  # fmt: skip
+
+    def row(r: dict[str, Any]) -> list[str]:
+        return [r["name"], str(r["linears"]), _f(r["alone_kl"], ".4f"), _f(r["alone_ppl"], ".3f"),
+                _f(r["without_kl"], ".4f"), _f(r["without_ppl"], ".3f"),
+                _f(r.get("output_error"), ".4f")]  # fmt: skip
+
+    rec = sens["recommendation"]
+    fp = res["fp_ppl"]
+    rec_rows = [
+        ["all linears quantised", "—", _f(sens["full"]["kl"], ".4f"),
+         _f(sens["full"]["ppl"], ".3f"), _f(rec["check_full_ppl"], ".3f"), "0 %"],
+        [f"{len(rec['keep_16bit'])} kept in 16-bit: " + ", ".join(rec["keep_16bit"]),
+         _f(None if rec["predicted_recovery"] is None else 100 * rec["predicted_recovery"], ".1f")
+         + " %", _f(rec["verified_kl"], ".4f"), _f(rec["verified_ppl"], ".3f"),
+         _f(rec["check_ppl"], ".3f"),
+         _f(None if rec["verified_recovery"] is None else 100 * rec["verified_recovery"], ".1f")
+         + " % (KL)" + ("" if rec.get("check_recovery") is None else
+                        f", {100 * rec['check_recovery']:.1f} % (perplexity, all windows)")],
+        ["none (FP)", "—", "0", "—", _f(fp, ".3f"), "—"],
+    ]  # fmt: skip
+    rec_head = ["16-bit set", "predicted recovery", f"KL ({sens['windows']} windows)",
+                f"perplexity ({sens['windows']} windows)",
+                f"perplexity ({rec.get('check_windows', '—')} windows)",
+                "verified recovery"]  # fmt: skip
+    blocks = sorted(sens["blocks"], key=lambda r: (r["name"] == "other", _block_index(r["name"])))
+    return [
+        (f"Which layers: sensitivity under {sens['scheme']} per block",
+         (head, [row(r) for r in blocks])),
+        ("The searched blocks' linears (largest recoverable damage first)",
+         (head, [row(r) for r in sens["layers"]])),
+        (f"What to keep in 16-bit (target {100 * sens['share']:.0f} % of the damage)",
+         (rec_head, rec_rows)),
+    ]  # fmt: skip
+
+
+def _block_index(name: str) -> int:
+    try:
+        return int(name.split(".")[1])
+    except (IndexError, ValueError):
+        return 1 << 30
+
+
+def predictor_rows(res: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    pred = res.get("predictors")
+    if not pred:
+        return [], []
+    header = ["predictor (per block)", "ρ with damage alone", "ρ with damage recovered",
+              "blocks", "predicts when ρ is"]  # fmt: skip
+    rows = [[r["predictor"], _f(r["rho_alone"], "+.2f"), _f(r["rho_without"], "+.2f"), str(r["n"]),
+             "> 0" if r["sign"] > 0 else "< 0"] for r in pred["rows"]]  # fmt: skip
+    return header, rows
+
+
+def crosscheck_text(res: dict[str, Any]) -> str:
+    c = res.get("crosscheck")
+    if not c:
+        return ""
+    rd = 100 * c["relative_difference"]
+    verdict = "agree within 1 %" if abs(rd) <= 1 else "differ by more than 1 %"
+    return (f"Our fake-quantised w8a8-dynamic perplexity {c['ours_ppl']:.3f} against "
+            f"{c['library']} {c['version']}'s real int8 path ({c['config']}: int8 per-token "
+            f"activations, int8 per-channel weights, int32 accumulation) {c['torchao_ppl']:.3f} "
+            f"on the same {c['windows']} windows: {rd:+.2f} % relative; they {verdict}. The "
+            "grids differ by design: torchao's symmetric int8 is [−128, 127] with scale "
+            "max|x| / 127.5, ours [−127, 127] with max|x| / 127; torchao accumulates int8 "
+            "products in int32.")  # fmt: skip
+
+
 def _figures(res: dict[str, Any], out: Path) -> list[tuple[str, str]]:
     import matplotlib
 
@@ -257,6 +455,25 @@ def _figures(res: dict[str, Any], out: Path) -> list[tuple[str, str]]:
     figs.append(("price_sqnr.png", "Per-layer activation SQNR per scheme"))
     save_figure(fig, out / figs[1][0], dpi=110)  # atomic: no 0-byte PNG on a full disk
     plt.close(fig)
+    sens = res.get("sensitivity")
+    if sens:
+        blocks = sorted((b for b in sens["blocks"] if b["name"] != "other"),
+                        key=lambda r: _block_index(r["name"]))  # fmt: skip
+        fig, ax = plt.subplots(figsize=(11, 3.6))
+        xs = [_block_index(b["name"]) for b in blocks]
+        floor = 1e-6
+        ax.bar([x - 0.2 for x in xs], [max(b["alone_kl"], floor) for b in blocks], 0.4,
+               label="only this block quantised")
+        ax.bar([x + 0.2 for x in xs], [max(b["without_kl"], floor) for b in blocks], 0.4,
+               label="damage recovered by keeping it in 16-bit")
+        ax.axhline(sens["full"]["kl"], color="k", lw=0.8, ls="--", label="all quantised")
+        ax.set(yscale="log", xlabel="block", ylabel="KL to FP (nats / token)",
+               title=f"layer sensitivity under {sens['scheme']}")  # fmt: skip
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        figs.append(("price_sensitivity.png", f"Layer sensitivity under {sens['scheme']}"))
+        save_figure(fig, out / figs[-1][0], dpi=110)
+        plt.close(fig)
     return figs
 
 
@@ -282,15 +499,23 @@ def write_page(res: dict[str, Any], out: str | Path, title: str,
         intro += " Seconds per stage: " + ", ".join(f"{k} {v:.0f}" for k, v in stages.items()) + "."
     sections = [
         ("Perplexity per scheme", scheme_table(res)),
+        *sensitivity_tables(res),
+        ("Which measurement predicts the damage (Spearman ρ over blocks)", predictor_rows(res)),
         ("Where the massive activations sit (Sun et al. 2024)", massive_table(res)),
         ("Attention sinks", sink_table(res)),
     ]
-    md = [f"# {title}", "", intro, ""]
-    body = [f"<h1>{html.escape(title)}</h1>", f"<p>{html.escape(intro)}</p>"]
+    lead = " ".join(res.get("headline") or headline(res))
+    md = [f"# {title}", "", f"**{lead}**", "", intro, ""]
+    body = [f"<h1>{html.escape(title)}</h1>", f"<p><b>{html.escape(lead)}</b></p>",
+            f"<p>{html.escape(intro)}</p>"]  # fmt: skip
     for name, (header, rows) in sections:
         if rows:
             md += [f"## {name}", "", md_table(header, rows), ""]
             body += [f"<h2>{html.escape(name)}</h2>", html_table(header, rows)]
+    if text := crosscheck_text(res):
+        md += ["## Cross-check against a real int8 implementation", "", text, ""]
+        body += ["<h2>Cross-check against a real int8 implementation</h2>",
+                 f"<p>{html.escape(text)}</p>"]  # fmt: skip
     for fname, caption in figs:
         md += [f"![{caption}]({fname})", ""]
         body.append(f'<figure><img src="{fname}"><figcaption>{caption}</figcaption></figure>')
@@ -303,4 +528,95 @@ def write_page(res: dict[str, Any], out: str | Path, title: str,
         f"<style>{style}</style></head><body>{''.join(body)}</body></html>\n"
     )
     write_json(paths["json"], res)
+    return paths
+
+
+def compare_table(results: Sequence[dict[str, Any]],
+                  names: Sequence[str]) -> tuple[list[str], list[list[str]]]:  # fmt: skip
+    """Models side by side (one column each): FP perplexity, each scheme's increase, the
+    residual stream's largest Kurt and |x|, the verified 16-bit recommendation, the best
+    predictor and the real-int8 cross-check (— where a page lacks it)."""
+
+    def scheme_cell(res: dict[str, Any], label: str) -> str:
+        r = next((r for r in res["schemes"] if r.get("label") == label), None)
+        if r is None:
+            return "—"
+        if "quant_ppl" not in r:
+            return "n/a"
+        return f"{r['quant_ppl']:.3f} ({100 * (r['ppl_ratio'] - 1):+.1f} %)"
+
+    def top(res: dict[str, Any]) -> str:
+        pts = [p for p in res["profile"]["points"] if p.get("top")]
+        if not pts:
+            return "—"
+        p = max(pts, key=lambda p: abs(p["top"][0]["value"]))
+        return f"{abs(p['top'][0]['value']):.4g} at {p['name']}, token {p['top'][0]['token']}"
+
+    def rec(res: dict[str, Any]) -> str:
+        s = res.get("sensitivity")
+        if not s:
+            return "—"
+        r = s["recommendation"]
+        v = r["verified_recovery"]
+        return (f"{len(r['keep_16bit'])} linears under {s['scheme']}: {r['check_ppl']:.3f}, "
+                f"{_f(None if v is None else 100 * v, '.0f')} % recovered")  # fmt: skip
+
+    def best(res: dict[str, Any]) -> str:
+        rows = [r for r in (res.get("predictors") or {}).get("rows", [])
+                if r["rho_alone"] is not None]  # fmt: skip
+        if not rows:
+            return "—"
+        r = max(rows, key=lambda r: r["sign"] * r["rho_alone"])
+        return f"{r['predictor']} (ρ = {r['rho_alone']:+.2f})"
+
+    def cross(res: dict[str, Any]) -> str:
+        c = res.get("crosscheck")
+        return "—" if not c else f"{100 * c['relative_difference']:+.2f} %"
+
+    labels: list[str] = []
+    for res in results:
+        labels += [r["label"] for r in res["schemes"] if r["label"] not in labels]
+    rows = [["FP perplexity", *[_f(r["fp_ppl"], ".3f") for r in results]]]
+    rows += [[label, *[scheme_cell(r, label) for r in results]] for label in labels]
+    kmax = [max((p["kurtosis"] for p in r["profile"]["points"] if math.isfinite(p["kurtosis"])),
+                default=None) for r in results]  # fmt: skip
+    rows += [
+        ["largest residual Kurt", *[_f(k, ".1f") for k in kmax]],
+        ["largest |x|", *[top(r) for r in results]],
+        ["16-bit recommendation (verified)", *[rec(r) for r in results]],
+        ["best damage predictor", *[best(r) for r in results]],
+        ["torchao int8 vs ours", *[cross(r) for r in results]],
+    ]  # fmt: skip
+    return ["", *names], rows
+
+
+def write_compare(results: Sequence[dict[str, Any]], names: Sequence[str],
+                  out: str | Path) -> dict[str, Path]:  # fmt: skip
+    """``compare.md``, ``compare.html`` and ``compare.json`` in ``out``: each model's headline,
+    then :func:`compare_table` (each model's own page is in ``out/<name>/``)."""
+    from outlierlab.experiments.report import html_table, md_table
+    from outlierlab.jsonable import write_json
+    from outlierlab.safe_io import write_text
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    header, rows = compare_table(results, names)
+    title = "Side by side: " + " vs ".join(names)
+    md = [f"# {title}", ""]
+    body = [f"<h1>{html.escape(title)}</h1>"]
+    for name, res in zip(names, results):
+        lead = " ".join(res.get("headline") or [])
+        md += [f"**{name}** ([page]({name}/price.md)): {lead}", ""]
+        body.append(f"<p><b>{html.escape(name)}</b> (<a href='{html.escape(name)}/price.html'>"
+                    f"page</a>): {html.escape(lead)}</p>")  # fmt: skip
+    md += [md_table(header, rows), ""]
+    body.append(html_table(header, rows))
+    paths = {"md": out / "compare.md", "html": out / "compare.html", "json": out / "compare.json"}
+    write_text(paths["md"], "\n".join(md))
+    style = "body{font-family:sans-serif;max-width:1100px}td,th{padding:2px 8px;text-align:right}"
+    head = f"<meta charset='utf-8'><title>{html.escape(title)}</title><style>{style}</style>"
+    write_text(paths["html"], f"<!doctype html><html><head>{head}</head><body>"
+               f"{''.join(body)}</body></html>\n")  # fmt: skip
+    write_json(paths["json"], {"models": list(names), "header": header, "rows": rows,
+                               "headlines": [r.get("headline") for r in results]})  # fmt: skip
     return paths

@@ -102,6 +102,8 @@ for field, values in {
     "train.log_every": ["0"],
     "train.eval_windows": ["0"],
     "train.keep_ckpts": ["0"],
+    "train.sync_every": ["0", "-1", "x"],
+    "train.parallel": ["zero3", "1"],
     "train.ckpt_every": ["-1", str(10**12)],
     "train.eval_every": ["-1"],
     "train.threads": ["-1"],
@@ -189,6 +191,8 @@ for opt, v, needle in [("--w-bits", "99", "w_bits"), ("--w-bits", "1", "w_bits")
                        ("--scheme", "w3a3", "w3a3"), ("--w-granularity", "row", "row"),
                        ("--a-range", "max", "max"), ("--smooth", "x", "--smooth")]:
     case(f"quantize {{ws}}/run {opt} {v}", needle)
+case("train --preset tiny train.parallel=fsdp optim.name=soap out={ws}/new",
+     "optim.name=soap cannot train with train.parallel=fsdp", "{ws}/new")
 case("quantize {ws}/run --save {ws}/q.json --no-save", "--save and --no-save")
 for v in ("-1", "nan", "inf", "x"):
     case(f"report {{ws}}/run --out {{ws}}/rep --loss-tol {v}", "--loss-tol", "{ws}/rep")

@@ -40,12 +40,20 @@ def test_damage_of_no_layer_is_zero_and_of_all_is_the_quantised_model(planted):
     d = _Damage(planted, q, x, y, 2)
     assert d(set()) == {"kl": pytest.approx(0.0, abs=1e-9), "ppl": pytest.approx(
         torch.nn.functional.cross_entropy(logits_of(planted, x).reshape(-1, 258), y.reshape(-1))
-        .exp().item(), rel=1e-5)}  # fmt: skip
+        .exp().item(), rel=1e-5), "output_error": pytest.approx(0.0, abs=1e-6)}  # fmt: skip
     full = d(set(d.layers))
-    lp = torch.log_softmax(logits_of(planted, x).double(), -1)
-    lq = torch.log_softmax(logits_of(q, x).double(), -1)
+    zp, zq = logits_of(planted, x).double(), logits_of(q, x).double()
+    lp, lq = torch.log_softmax(zp, -1), torch.log_softmax(zq, -1)
     want = float((lp.exp() * (lp - lq)).sum(-1).mean())  # KL(p ‖ q) per token, float64
     assert full["kl"] == pytest.approx(want, rel=1e-3) and full["kl"] > 0
+    rel = float((zq - zp).norm() / zp.norm())  # relative error at the output, float64
+    assert full["output_error"] == pytest.approx(rel, rel=1e-3) and rel > 0
+    # a later evaluation that starts from the kept block outputs equals a full forward
+    one = f"model.layers.{PLANT_LAYER}.mlp.down_proj"
+    skipped = d({one})
+    assert d.block_passes < 3  # the none reference, the full pass, then blocks 1.. of 3
+    fresh = _Damage(planted, q, x, y, 2)({one})
+    assert skipped == pytest.approx(fresh, rel=1e-5, abs=1e-7)
 
 
 def test_recommendation_finds_the_planted_layer_and_is_verified(planted):
@@ -62,8 +70,8 @@ def test_recommendation_finds_the_planted_layer_and_is_verified(planted):
     assert rec["keep_16bit"][0] == worst["name"]
     assert rec["verified_recovery"] >= res["share"]  # a real evaluation, not the prediction
     assert rec["verified_kl"] < 0.1 * res["full"]["kl"] + 1e-12
-    # the search costs: full + 2 per block + 2 per searched linear + verifications
+    # the search costs: none + full + 2 per block + 2 per searched linear + verifications
     n_lin = sum(b["linears"] for b in res["blocks"] if b["name"] in res["searched_blocks"])
-    assert res["evaluations"] == 1 + 2 * len(res["blocks"]) + 2 * n_lin + rec["verifications"]
+    assert res["evaluations"] == 2 + 2 * len(res["blocks"]) + 2 * n_lin + rec["verifications"]
     with pytest.raises(ValueError, match="share"):
         layer_sensitivity(planted, scheme("w8a8-tensor"), calib, x, y, share=1.5)

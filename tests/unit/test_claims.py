@@ -255,6 +255,19 @@ def test_unmatched_loss_is_flagged_not_dropped_and_diverged_runs_are_named(tmp_p
     assert "not at matched loss" not in C.claim_op_vs_prenorm(runs, loss_tol=1.0).summary
 
 
+def test_pairs_outside_the_scope_are_shown_with_their_numbers(tmp_path):
+    """OP against Post-LN is no Pre-Norm comparison: listed with its numbers, not counted."""
+    specs = {}
+    _seeded(specs, "pre", arch="pre-ln", kurt=4.0)
+    _seeded(specs, "op", arch="op", kurt=2.0)
+    _seeded(specs, "post", arch="post-ln", kurt=1.2)
+    c = C.claim_op_vs_prenorm(_runs(tmp_path, specs))
+    assert c.verdict == C.HELD and c.test["cells"] == 1
+    out = [d for d in c.details if d.startswith("outside the claim's scope")]
+    assert len(out) == 1 and "post-ln adamw vs op adamw: Kurt 1.36" in out[0]
+    assert "lower in 0 of 4 seed pair(s)" in out[0]
+
+
 def test_no_pair_is_dropped_for_its_outcome(tmp_path):
     """Near Kurt 1 there used to be a filter (MIN_KURT) that left such pairs out: a reversal
     there now counts, and with the pairs of the other cell the main effect is tested on all."""

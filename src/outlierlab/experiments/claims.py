@@ -344,7 +344,25 @@ def claim_op_vs_prenorm(runs: Sequence[RunRecord], loss_tol: float = 0.05) -> Cl
     unmatched = sum(bool(e.get("note")) for e in claim.evidence)
     if unmatched:
         claim.summary += f"; {unmatched} cell(s) not at matched loss (flagged, counted)"
+    _out_of_scope(claim, find_pairs(
+        group_runs(runs), lambda g: preset_of(g.first) == "op",
+        lambda g: preset_of(g.first) == "post-ln", lambda a, b: ARCH_KEYS,
+        lambda a, b: f"model preset: {preset_of(b.first)} → {preset_of(a.first)}")[0],
+        "Post-LN is not a Pre-Norm block")
     return claim
+
+
+def _out_of_scope(claim: Claim, pairs: Sequence[Pair], why: str) -> None:
+    """Show pairs the runs allow but the claim is not about, with their numbers, uncounted
+    (so nothing is hidden; no outcome decides what is in scope)."""
+    for p in pairs:
+        diffs = p.diffs()
+        up = sum(v > 0 for v in diffs.values())
+        claim.details.append(
+            f"outside the claim's scope ({why}), not counted: {p.field}: {p.high.label()} vs "
+            f"{p.low.label()}: Kurt {p.high.describe()} vs {p.low.describe()}; loss "
+            f"{p.high.loss():.3f} vs {p.low.loss():.3f}; lower in {up} of {len(diffs)} seed "
+            "pair(s)")
 
 
 def _trend_claim(runs: Sequence[RunRecord], key: str, field_name: str, sign: int,

@@ -48,45 +48,47 @@ class Headline:
 
 HEADLINES: dict[str, Headline] = {
     "pre-ln+softmax1 orthoadam": Headline(
-        "OrthoAdam (Kaul et al., ICLR 2025)", "kurtosis 1657 → 3.1; first-token attention "
-        "65 % → 3.3 %", "GPT-2-size models, billions of tokens"),
+        "OrthoAdam (ICLR 2025)", "kurtosis 1657 → 3.1; first-token attention 65 % → 3.3 %",
+        "(not quoted in issue 25)"),
     "pre-ln orthoadam": Headline(
-        "OrthoAdam (Kaul et al., ICLR 2025)", "the optimiser half of the recipe above",
-        "GPT-2-size models"),
+        "OrthoAdam (ICLR 2025)", "the optimiser half of OrthoAdam's recipe (with "
+        "softmax-plus-one)", "(not quoted in issue 25)"),
     "pre-ln+softmax1 adamw": Headline(
-        "OrthoAdam (Kaul et al., ICLR 2025)", "the softmax-plus-one half of the recipe above",
-        "GPT-2-size models"),
+        "OrthoAdam (ICLR 2025)", "the softmax-plus-one half of OrthoAdam's recipe",
+        "(not quoted in issue 25)"),
     "pre-ln+softpick adamw": Headline(
-        "Softpick (Zuhri et al. 2025)", "kurtosis 33 510 → 340; no attention sinks",
-        "340M parameters"),
+        "Softpick (2025)", "kurtosis 33 510 → 340; no attention sinks", "340M parameters"),
     "pre-ln+clipped adamw": Headline(
-        "Clipped softmax (Bondarenko et al. 2023)", "full INT8 (W8A8) without outliers",
-        "BERT-base, OPT-125M"),
+        "Clipped softmax (Bondarenko et al. 2023)", "full INT8 for BERT and OPT",
+        "BERT, OPT"),
     "pre-ln+gate-head adamw": Headline(
-        "Gated attention (Qiu et al., NeurIPS 2025)", "no attention sinks, no massive "
-        "activations", "1.7B dense / 15B MoE, 3.5T tokens"),
+        "Gated attention (Qiu et al., NeurIPS 2025)", "removes attention sinks and massive "
+        "activations (used in Qwen3-Next)", "(not quoted in issue 25)"),
     "pre-ln+gate-elem adamw": Headline(
-        "Gated attention (Qiu et al., NeurIPS 2025)", "no attention sinks, no massive "
-        "activations (the element-wise gate is their best)", "1.7B dense / 15B MoE"),
+        "Gated attention (Qiu et al., NeurIPS 2025)", "removes attention sinks and massive "
+        "activations (used in Qwen3-Next)", "(not quoted in issue 25)"),
     "pre-ln+kv-bias adamw": Headline(
         "Attention bias (Sun et al. 2024)", "GPT-2 retrained with it has no massive "
-        "activations", "GPT-2 (124M)"),
+        "activations", "GPT-2"),
     "pre-ln+tweo adamw": Headline(
-        "TWEO (2025)", "an Lp penalty on block outputs removes extreme outliers",
-        "(no number quoted in issue 25)"),
+        "TWEO (2025)", "an Lp penalty on block outputs added to the loss (no number quoted "
+        "in issue 25)", "(not quoted in issue 25)"),
     "pre-ssnorm+embproj muon": Headline(
-        "OSP (Park et al. 2025)", "excess kurtosis 1818 → 0.04; W4A4 (RTN) perplexity "
-        "14 475 → 45.9", "1.4B parameters, 1T tokens"),
-    "pre-ssnorm adamw": Headline("OSP (Park et al. 2025)", "one part of the recipe above",
-                                 "1.4B"),
-    "pre-ln+embproj adamw": Headline("OSP (Park et al. 2025)", "one part of the recipe above",
-                                     "1.4B"),
-    "pre-ln muon": Headline("OSP (Park et al. 2025)", "one part of the recipe above", "1.4B"),
-    "op adamw": Headline("OP block (He et al. 2024)", "OP removes OFs at matched loss "
-                         "(science §5)", "130M–1.2B"),
-    "op soap": Headline("OP + SOAP (He et al. 2024)", "lowest kurtosis of the paper "
-                        "(science §5)", "130M–1.2B"),
+        "OSP (2025)", "excess kurtosis 1818 → 0.04; W4A4 (RTN) perplexity 14 475 → 45.9",
+        "1.4B parameters"),
+    "pre-ssnorm adamw": Headline("OSP (2025)", "one part of OSP's recipe (Muon + SSNorm + "
+                                 "EmbProj)", "1.4B parameters"),
+    "pre-ln+embproj adamw": Headline("OSP (2025)", "one part of OSP's recipe (Muon + SSNorm "
+                                     "+ EmbProj)", "1.4B parameters"),
+    "pre-ln muon": Headline("OSP (2025)", "one part of OSP's recipe (Muon + SSNorm + "
+                            "EmbProj)", "1.4B parameters"),
+    "op adamw": Headline("OP block (He et al. 2024)", "peak kurtosis < 10 with OP, > 600 "
+                         "with Pre-Norm at 1.2B and 7B (science §4.3)", "100M–7B (science §5.1)"),
+    "op soap": Headline("OP + SOAP (He et al. 2024)", "average kurtosis 25.6 → 1.2; W8A8 "
+                        "perplexity 16.00 → 63.4 for Pre-Norm + Adam, 14.71 → 14.87 for OP + "
+                        "SOAP (science §4.3)", "OPT-125m"),
 }
+"""Each paper's headline as issue 25 quotes it; a method that is one part of a recipe says so."""
 
 OUR_SCALE = ("4 layers × 128 wide (≈0.8M parameters besides the byte embedding), 300 steps of "
              "2048 tokens (0.6M tokens) of Python source as bytes")
@@ -169,7 +171,7 @@ class Entry:
             "runs": [r.name for r in self.runs],
             "mean": {m: self.mean(m) for m, _ in METRICS},
             "by_seed": {m: {str(s): v for s, v in vals.items()} for m, vals in self.values.items()},
-            "step_time_vs_baseline": self.step_time,
+            "step_time_vs_baseline_logged": self.step_time,
             "vs_baseline": {m: {"seed_pairs": t.pairs, "lower_in": t.in_direction,
                                 "higher_in": t.against, "p_lower": t.p, "p_higher": t.p_other,
                                 "verdict": t.verdict} for m, t in self.tests.items()},
@@ -241,7 +243,7 @@ def table(entries: Sequence[Entry]) -> tuple[list[str], list[list[str]]]:
     """Header and rows of the leaderboard (one row per method, in rank order)."""
     header = ["rank", "method", "seeds", "Kurt final", "Kurt growth", "max\\|x\\|/median",
               "first-token attn.", "val loss", *(f"{c} damage" for c, _ in SCHEMES),
-              "step time (logged)", "Kurt < base (pairs, p)", "growth < base (pairs, p)"]
+              "Kurt < base (pairs, p)", "growth < base (pairs, p)"]
     rows = []
     for e in entries:
         rows.append([
@@ -251,7 +253,6 @@ def table(entries: Sequence[Entry]) -> tuple[list[str], list[list[str]]]:
             _cell(e, "kurt_growth", "+.2f"), _cell(e, "max_median", ".1f"),
             _cell(e, "first_token_mass", ".1%"), _cell(e, "val_loss", ".3f"),
             *(_cell(e, f"damage_{s}", pct=True) for _, s in SCHEMES),
-            "–" if not math.isfinite(e.step_time) else f"×{e.step_time:.2f}",
             _test_cell(e, "kurt_final"), _test_cell(e, "kurt_growth"),
         ])  # fmt: skip
     return header, rows
@@ -299,12 +300,12 @@ def markdown(entries: Sequence[Entry], command: str = "", when: str = "") -> str
            "(`outlierlab measure RUN --save`). Damage = quantised / FP perplexity − 1 "
            "(`w8a8-tensor`, `w6a6-tensor`, `w4a4-online`: W4A4 round-to-nearest after the "
            "QuaRot-style rotation with the online Hadamard on the MLP down-projection); "
-           "*missing* = not quantised with that scheme (never read as 0). *Step time "
-           "(logged)* = seconds per token relative to the baseline, from the tokens/s the runs "
-           "logged: wall time, so on a shared machine it says more about the load while a run "
-           "trained than about the method (benchmarks/mitigations_step.py measures CPU time "
-           "per step interleaved). *Kurt < base*: same-seed pairs in which the method "
-           "is below the Pre-LN + AdamW baseline, and the exact one-sided sign-flip p of the "
+           "*missing* = not quantised with that scheme (never read as 0). Extra compute "
+           "per step: benchmarks/mitigations_step.py (CPU time per step, interleaved); the "
+           "runs' own tokens/s (`step_time_vs_baseline_logged` in leaderboard.json) is wall "
+           "time on a shared machine and says more about the load than the method. "
+           "*Kurt < base*: same-seed pairs in which the method is below the Pre-LN + AdamW "
+           "baseline, and the exact one-sided sign-flip p of the "
            "mean difference (the project's test of an effect; 3 pairs all one way: p = 1/8, "
            "so 3 seeds cannot reach p ≤ 0.1).")
     return "\n".join([*head, _md(*table(entries)), "", key, "",
@@ -325,7 +326,7 @@ def figure(entries: Sequence[Entry], path: Path) -> Path | None:
     from outlierlab.safe_io import save_figure
 
     panels = (("kurt_final", "final Kurt (held-out)", 1.0),
-              ("first_token_mass", "first-token attention", 100.0),
+              ("first_token_mass", "first-token attention (%)", 100.0),
               ("damage_w4a4-online", "W4A4 rot. damage (%)", 100.0))
     fig, axes = plt.subplots(1, 3, figsize=(11, 0.28 * len(entries) + 1.4), sharey=True)
     y = np.arange(len(entries))[::-1]

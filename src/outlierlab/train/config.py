@@ -50,6 +50,11 @@ class TrainConfig:
     device: str = setting("auto", RESUMABLE)
     """auto (cuda if available, else cpu), cpu, cuda, cuda:N. Whether this machine has it is
     checked when the run starts (``train.distributed.pick_device``)."""
+    parallel: str = "ddp"
+    """How several ranks (torchrun) share the work: ddp (every rank holds the whole model;
+    gradients all-reduced) or fsdp (FSDP2: parameters, gradients and optimiser state sharded
+    over the ranks; DCP checkpoints that resume at another rank count; full weights exported
+    at the end). Fixed for a run. docs/train.md."""
     precision: str = "auto"
     """auto (fp32 on CPU, bf16 autocast on CUDA), fp32, bf16."""
     compile: bool = setting(False, RESUMABLE)
@@ -75,6 +80,7 @@ class TrainConfig:
             number(f"train.{k}", getattr(self, k), lo=0, integer=True)
         number("train.eval_docs", self.eval_docs, lo=0, hi=MAX_COUNT, integer=True)
         choice("train.precision", self.precision, ("auto", "fp32", "bf16"))
+        choice("train.parallel", self.parallel, ("ddp", "fsdp"))
         if not (isinstance(self.device, str) and DEVICE.fullmatch(self.device)):
             raise bad("train.device", self.device, "auto, cpu, cuda, cuda:N (N = 0, 1, ...)")
         flag("train.compile", self.compile)

@@ -10,6 +10,7 @@ import contextlib
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -87,6 +88,7 @@ class TrainStep:
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.penalty = None
         self.pending: list[torch.Tensor] = []  # unread steps' [loss, grad norm, penalty]
+        self.sharded = hasattr(self.net, "set_requires_gradient_sync")  # an FSDP2 module
         if tweo is not None and tweo[0] > 0:
             from outlierlab.model.penalty import BlockOutputPenalty
 
@@ -119,7 +121,10 @@ class TrainStep:
             # DDP all-reduces gradients in backward; only the last micro-batch needs to (the
             # others accumulate locally under no_sync), which saves accum − 1 all-reduces
             sync = a == self.accum - 1 or not dist.enabled
-            with (contextlib.nullcontext() if sync else self.net.no_sync()), self.autocast():
+            if self.sharded:  # FSDP2: reduce-scatter the gradients on the last micro-batch only
+                self.net.set_requires_gradient_sync(sync)
+            quiet = contextlib.nullcontext() if sync or self.sharded else self.net.no_sync()
+            with quiet, self.autocast():
                 _, loss = self.net(xb, yb)
             total = loss
             if self.penalty is not None and (pen := self.penalty.take()) is not None:
@@ -174,24 +179,33 @@ class TrainStep:
 @torch.no_grad()
 def mean_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int,
               dist: distributed.Dist, dtype: torch.dtype | None = None,
-              before: Callable[[int], None] | None = None) -> float:  # fmt: skip
+              before: Callable[[int], None] | None = None,
+              pad: Callable[[], Any] | None = None) -> float:  # fmt: skip
     """Mean next-token loss over the fixed windows ``x, y`` (the validation windows, or the
     first training batch for step 0). The windows form groups of
     ``batch_size`` consecutive ones, one forward each, dealt to the ranks in turn (group g to
     rank g mod w): the same forwards whatever the rank count, so the monitor's per-forward
-    statistics (cos-sim, subsamples) are too; ``before(g)`` is called before group g's."""
+    statistics (cos-sim, subsamples) are too; ``before(g)`` is called before group g's.
+    ``pad`` (FSDP, where every forward is a collective): ranks left with fewer groups run
+    extra forwards of their first group inside ``pad()``, not counted, so every rank runs as
+    many forwards as rank 0."""
     was_training = model.training
     model.eval()
     groups = range(0, len(x), batch_size)
     tot = torch.zeros(2, dtype=torch.float64, device=dist.device)
-    for g in range(dist.rank, len(groups), dist.world_size):
-        j = torch.arange(groups[g], min(groups[g] + batch_size, len(x)))
-        if before is not None:
+    mine = list(range(dist.rank, len(groups), dist.world_size))
+    rounds = len(range(0, len(groups), dist.world_size)) if pad is not None else len(mine)
+    for i in range(rounds):
+        g = mine[i] if i < len(mine) else None
+        j = torch.arange(groups[g if g is not None else 0],
+                         min(groups[g if g is not None else 0] + batch_size, len(x)))
+        if g is not None and before is not None:
             before(g)
-        with autocast(dist.device, dtype):
+        with (contextlib.nullcontext() if g is not None else pad()), autocast(dist.device, dtype):
             _, loss = model(x[j].to(dist.device), y[j].to(dist.device))
-        tot[0] += loss.double() * len(j)
-        tot[1] += len(j)
+        if g is not None:
+            tot[0] += loss.double() * len(j)
+            tot[1] += len(j)
     distributed.all_reduce_(tot, dist)
     model.train(was_training)
     return float(tot[0] / tot[1])

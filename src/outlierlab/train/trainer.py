@@ -61,7 +61,7 @@ from outlierlab.errors import (
 )
 from outlierlab.optim import build_optimizer, lr_factor, set_lr
 from outlierlab.run_folder import MetricsWriter, RunFolder, RunLock, utc_now
-from outlierlab.train import distributed
+from outlierlab.train import distributed, fsdp
 from outlierlab.train.callbacks import Callbacks, TrainerCallback
 from outlierlab.train.checkpoint import Checkpointer, RNGState, RunProgress
 from outlierlab.train.progress import Progress
@@ -181,6 +181,10 @@ class Trainer:
         np.random.seed(tc.seed)
         torch.manual_seed(tc.seed)
         self.model = GPT(cfg.model).to(dist.device)
+        self.dtype = resolve_precision(tc.precision, dist.device)
+        self.fsdp = tc.parallel == "fsdp"
+        if self.fsdp and dist.enabled:  # shard before the optimiser: it holds the shards
+            fsdp.shard(self.model, self.dtype, dist.device)
         self.optimizer = build_optimizer(self.model, cfg.optim)
         self.global_batch = tc.batch_size * tc.grad_accum * dist.world_size
         self.sampler = BatchSampler(self.data.train, cfg.model.seq_len, self.global_batch,
@@ -198,7 +202,8 @@ class Trainer:
             self.run, {"model": self.model, "optimizer": self.optimizer,
                        "progress": RunProgress(self, self.global_batch, dist.world_size),
                        "sampler": self.sampler, "rng": RNGState(dist)},
-            dist, every=tc.ckpt_every, keep=tc.keep_ckpts)  # fmt: skip
+            dist, every=tc.ckpt_every, keep=tc.keep_ckpts,
+            format=fsdp.DCPFormat() if self.fsdp else None)  # fmt: skip
         if resume:
             self._restoring = True  # a failure from here on is noted as resume_failed
             self.checkpointer.restore()
@@ -233,7 +238,7 @@ class Trainer:
     def _wrap(self) -> None:
         """DDP, ``torch.compile`` and autocast around the bare model: :attr:`step_fn`."""
         tc, dist, net = self.cfg.train, self.dist, self.model
-        if dist.enabled:
+        if dist.enabled and not self.fsdp:  # FSDP: the model is sharded in place already
             from torch.nn.parallel import DistributedDataParallel as DDP
 
             net = DDP(self.model, device_ids=[dist.device] if dist.device.type == "cuda" else None)
@@ -241,7 +246,6 @@ class Trainer:
             net = torch.compile(net)
         if dist.device.type == "cuda":
             torch.set_float32_matmul_precision("high")
-        self.dtype = resolve_precision(tc.precision, dist.device)
         self.step_fn = TrainStep(
             self.model, self.optimizer, net=net, micro=tc.batch_size, accum=tc.grad_accum,
             clip=self.cfg.optim.grad_clip, dtype=self.dtype, dist=dist,
@@ -270,7 +274,10 @@ class Trainer:
         if not resume:
             return
         saved = RunConfig.from_dict(run.config)
-        changed = changed_maths_fields(saved, cfg)
+        # the per-rank split of the global batch may change (another rank count): the global
+        # batch itself is checked against the checkpoint (RunProgress)
+        changed = [k for k in changed_maths_fields(saved, cfg)
+                   if k not in ("train.batch_size", "train.grad_accum")]
         if changed:
             a, b, k = saved.flat(), cfg.flat(), changed[0]
             raise ConfigError(
@@ -422,13 +429,19 @@ class Trainer:
             if meter is not None:
                 meter.open(self.model)
                 meter.begin_step(self.step)
+            pad = None
+            if fsdp.is_sharded(self.model):  # every rank runs as many forwards (collectives)
+                pad = meter.paused if meter is not None else contextlib.nullcontext
             with torch.no_grad():
                 loss = mean_loss(self.model, x, y, self.cfg.train.batch_size, self.dist,
-                                 self.dtype, before=meter.number if meter else None)  # fmt: skip
+                                 self.dtype, before=meter.number if meter else None,
+                                 pad=pad)  # fmt: skip
             measured = meter.end_step(all_reduce=self.dist.enabled) if meter else None
         finally:
             if meter is not None:
                 meter.close()
+            if fsdp.is_sharded(self.model):
+                fsdp.reshard(self.model)
         return loss, (measured.row() if measured is not None else {})
 
     def _step_zero(self) -> dict[str, Any]:
@@ -520,7 +533,9 @@ class Trainer:
         ``on_train_end``; the result."""
         if self.status == "running" and self.step >= self.cfg.train.steps:
             self.save(self.step, last_step=True)
-            if self.dist.is_main:
+            if self.fsdp:  # the full weights gathered to rank 0
+                fsdp.export(self.model, self.run.path, self.dist)
+            elif self.dist.is_main:
                 self.model.save(self.run.path)
             self.status, self.message = "finished", f"finished {self.step} steps"
         self.callbacks.on_train_end(self, self.status)

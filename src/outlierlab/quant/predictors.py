@@ -1,0 +1,112 @@
+"""Which measurement predicts a layer's quantisation damage, on the user's own model (science
+§4; "Beyond Outliers", ICLR 2026, finds kurtosis and the max-median ratio can fail to).
+
+Over the blocks of a model, Spearman's ρ between the block's sensitivity (the damage when only
+its linears are quantised, ``alone``, and the damage keeping them in 16-bit recovers,
+``without``; :mod:`outlierlab.quant.sensitivity`) and each candidate predictor:
+
+- Kurt (science §1.2 Eq. 1), Kurt without token 0, max|x|/median (§1.3 Eq. 2) and OSP's per-token
+  excess kurtosis of the residual stream at the block's output (the profile's
+  ``blocks.{i}.resid_post``, :mod:`outlierlab.profile`, science §1.8);
+- the activation SQNR and the weight SQNR of the block's worst linear (lowest dB) under the
+  scheme (a damage predictor with the opposite sign: ρ < 0 when it predicts);
+- the output error: ‖z_L − z‖ / ‖z‖ of the logits when only the block is quantised, the
+  error-propagation measure "Beyond Outliers" proposes.
+
+ρ is Pearson's correlation of the ranks, ties taking their average rank (:func:`spearman`;
+scipy.stats.spearmanr's definition, without depending on scipy).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+PREDICTORS = (
+    ("Kurt", "kurtosis", +1),
+    ("Kurt w/o token 0", "kurtosis_no_first", +1),
+    ("max|x| / median", "max_median_ratio", +1),
+    ("OSP per-token kurtosis", "token_excess_kurtosis", +1),
+    ("activation SQNR (worst linear)", "act_sqnr_db", -1),
+    ("weight SQNR (worst linear)", "weight_sqnr_db", -1),
+    ("output error when only this block is quantised", "output_error", +1),
+)
+"""(label, key, the sign ρ has when the measurement predicts damage)."""
+
+
+def ranks(values: Sequence[float]) -> list[float]:
+    """1-based ranks of ``values``, ties sharing the average of the ranks they span."""
+    order = sorted(range(len(values)), key=lambda i: values[i])
+    out = [0.0] * len(values)
+    i = 0
+    while i < len(order):
+        j = i
+        while j + 1 < len(order) and values[order[j + 1]] == values[order[i]]:
+            j += 1
+        for k in range(i, j + 1):
+            out[order[k]] = (i + j) / 2 + 1
+        i = j + 1
+    return out
+
+
+def spearman(a: Sequence[float | None], b: Sequence[float | None]) -> float | None:
+    """Spearman's ρ of the pairs where both values are finite (None with fewer than 3 such
+    pairs, or if either side is constant on them)."""
+    if len(a) != len(b):
+        raise ValueError(f"spearman needs equal lengths; got {len(a)} and {len(b)}")
+    def ok(v: float | None) -> bool:
+        return v is not None and math.isfinite(v)
+
+    pairs = [(float(x), float(y)) for x, y in zip(a, b) if ok(x) and ok(y)]
+    if len(pairs) < 3:
+        return None
+    ra, rb = ranks([p[0] for p in pairs]), ranks([p[1] for p in pairs])
+    ma, mb = sum(ra) / len(ra), sum(rb) / len(rb)
+    cov = sum((x - ma) * (y - mb) for x, y in zip(ra, rb))
+    va = sum((x - ma) ** 2 for x in ra)
+    vb = sum((y - mb) ** 2 for y in rb)
+    return None if va == 0 or vb == 0 else cov / math.sqrt(va * vb)
+
+
+def block_predictors(sens: dict[str, Any], profile: dict[str, Any]) -> list[dict[str, Any]]:
+    """Per block of ``sens`` (a :func:`~outlierlab.quant.sensitivity.layer_sensitivity` result):
+    its sensitivity and every predictor's value (None where not measured), in block order."""
+    points = {p["name"]: p for p in profile.get("points", [])}
+    stats = {r["name"]: r for r in sens.get("layer_stats", [])}
+    out = []
+    for row in sens["blocks"]:
+        if not row["name"].startswith("blocks."):
+            continue
+        p = points.get(f"{row['name']}.resid_post", {})
+        lin = [stats[n] for n in sens["groups"].get(row["name"], []) if n in stats]
+
+        def worst(key: str, lin=lin) -> float | None:
+            vals = [r[key] for r in lin if r.get(key) is not None]
+            return min(vals) if vals else None
+
+        out.append({
+            "block": row["name"], "alone_kl": row["alone_kl"], "without_kl": row["without_kl"],
+            **{k: p.get(k) for k in ("kurtosis", "kurtosis_no_first", "max_median_ratio",
+                                     "token_excess_kurtosis")},
+            "act_sqnr_db": worst("act_sqnr_db"), "weight_sqnr_db": worst("weight_sqnr_db"),
+            "output_error": row.get("output_error"),
+        })  # fmt: skip
+    out.sort(key=lambda r: int(r["block"].split(".")[1]))
+    return out
+
+
+def predictor_table(sens: dict[str, Any], profile: dict[str, Any]) -> dict[str, Any]:
+    """``{"blocks": per-block values, "rows": [{"predictor", "key", "sign", "rho_alone",
+    "rho_without", "n"}]}``: Spearman's ρ of each predictor against both sensitivities."""
+    blocks = block_predictors(sens, profile)
+    rows = []
+    for label, key, sign in PREDICTORS:
+        vals = [b[key] for b in blocks]
+        n = sum(v is not None and math.isfinite(v) for v in vals)
+        rows.append({
+            "predictor": label, "key": key, "sign": sign, "n": n,
+            "rho_alone": spearman(vals, [b["alone_kl"] for b in blocks]),
+            "rho_without": spearman(vals, [b["without_kl"] for b in blocks]),
+        })  # fmt: skip
+    return {"blocks": blocks, "rows": rows}
