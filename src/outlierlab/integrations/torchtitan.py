@@ -72,6 +72,7 @@ class TitanMonitor(MeasuringCallback):
         self.history: list[tuple[int, dict[str, float]]] = []
         """``(step, flat metrics)`` of every measured step."""
         self._open(parts[0])
+        self._own = {n: vars(trainer)[n] for n in ("train_step", "close") if n in vars(trainer)}
         self._train_step = trainer.train_step
         self._close = getattr(trainer, "close", None)
         trainer.train_step = self._wrapped_step
@@ -109,5 +110,7 @@ class TitanMonitor(MeasuringCallback):
         """Remove the hooks and give the trainer back its own ``train_step`` and ``close``."""
         self.close()
         for name in ("train_step", "close"):
-            if name in vars(self.trainer):
+            if name in self._own:
+                setattr(self.trainer, name, self._own[name])  # what the instance had
+            elif name in vars(self.trainer):
                 delattr(self.trainer, name)  # the class's own method again
