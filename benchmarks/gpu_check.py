@@ -441,37 +441,44 @@ def monitor_overhead(rep: GpuReport, sec: dict, dev, dry: bool, st: dict) -> Non
 
 
 # ================================================================ 6. DDP over two processes
+def _one_vs_two_ranks(sec: dict, common: list[str], tmp: Path, name: str) -> tuple[dict, dict]:
+    """Train ``common`` as one process accumulating 2 micro-batches (``TMP/NAME1``) and as
+    ``torchrun --nproc_per_node=2`` on the one device over gloo (``TMP/NAME2``); times and exit
+    codes into ``sec``; the last loss row of each."""
+    import subprocess
+
+    env = {**os.environ, "OUTLIERLAB_DIST_BACKEND": "gloo", "OMP_NUM_THREADS": "1"}
+    one = [sys.executable, "-m", "outlierlab", "train", *common, "train.grad_accum=2",
+           f"out={tmp / f'{name}1'}"]  # fmt: skip
+    two = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           "-m", "outlierlab", "train", *common, f"out={tmp / f'{name}2'}"]  # fmt: skip
+    for label, cmd in (("one_process", one), ("two_ranks", two)):
+        t = time.perf_counter()
+        r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+        sec[f"{label}_s"] = round(time.perf_counter() - t, 1)
+        sec[f"{label}_rc"] = r.returncode
+        if r.returncode:
+            print(r.stdout[-2000:], r.stderr[-3000:], flush=True)
+    rows = []
+    for run in (f"{name}1", f"{name}2"):
+        lines = (tmp / run / "metrics.jsonl").read_text().splitlines()
+        rows.append([json.loads(x) for x in lines if '"loss"' in x][-1])
+    sec["loss_one_process"], sec["loss_two_ranks"] = rows[0]["loss"], rows[1]["loss"]
+    return rows[0], rows[1]
+
+
 def ddp(rep: GpuReport, sec: dict, dev, dry: bool, tmp: Path) -> None:
     """``torchrun --nproc_per_node=2 -m outlierlab train`` on one device (two ranks on one GPU
     over gloo, which NCCL refuses), against one process with the same global batch through
     gradient accumulation: the same final loss (the trainer's DDP contract)."""
-    import subprocess
-
     steps = 6 if dry else 20
     common = ["--preset", "tiny", f"train.steps={steps}", "train.eval_every=0",
               "train.ckpt_every=0", "train.batch_size=8", "log.kurtosis_every=2",
               f"train.device={'cpu' if dev.type == 'cpu' else 'cuda:0'}",
               "train.precision=fp32", "optim.warmup=0"]  # fmt: skip
-    env = {**os.environ, "OUTLIERLAB_DIST_BACKEND": "gloo", "OMP_NUM_THREADS": "1"}
-    one = [sys.executable, "-m", "outlierlab", "train", *common, "train.grad_accum=2",
-           f"out={tmp / 'ddp1'}"]  # fmt: skip
-    two = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           "-m", "outlierlab", "train", *common, f"out={tmp / 'ddp2'}"]  # fmt: skip
-    for name, cmd in (("one_process", one), ("two_ranks", two)):
-        t = time.perf_counter()
-        r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
-        sec[f"{name}_s"] = round(time.perf_counter() - t, 1)
-        sec[f"{name}_rc"] = r.returncode
-        if r.returncode:
-            print(r.stdout[-2000:], r.stderr[-2000:], flush=True)
-    rows = {}
-    for name in ("ddp1", "ddp2"):
-        lines = (tmp / name / "metrics.jsonl").read_text().splitlines()
-        rows[name] = [json.loads(x) for x in lines if '"loss"' in x][-1]
-    sec["loss_one_process"] = rows["ddp1"]["loss"]
-    sec["loss_two_ranks"] = rows["ddp2"]["loss"]
+    one, two = _one_vs_two_ranks(sec, common, tmp, "ddp")
     rep.check("DDP 2 ranks vs 1 process (accumulation): final loss (rel)",
-              rel(rows["ddp2"]["loss"], rows["ddp1"]["loss"]), 1e-4, f"{steps} steps")
+              rel(two["loss"], one["loss"]), 1e-4, f"{steps} steps")
 
 
 # ================================================================ 7. FSDP over two processes
@@ -479,8 +486,6 @@ def fsdp(rep: GpuReport, sec: dict, dev, dry: bool, tmp: Path) -> None:
     """``train.parallel=fsdp`` on two ranks on the one device (gloo; on CUDA with bf16, the
     FSDP2 mixed precision policy) against one process (not sharded) accumulating the same
     global batch: the same final loss (bf16: to 2 %), final weights exported at the root."""
-    import subprocess
-
     steps = 6 if dry else 20
     prec = "fp32" if dry else "bf16"
     common = ["--preset", "tiny", f"train.steps={steps}", "train.eval_every=0",
@@ -488,27 +493,10 @@ def fsdp(rep: GpuReport, sec: dict, dev, dry: bool, tmp: Path) -> None:
               "log.kurtosis_every=2", "train.parallel=fsdp",
               f"train.device={'cpu' if dev.type == 'cpu' else 'cuda:0'}",
               f"train.precision={prec}", "optim.warmup=0"]  # fmt: skip
-    env = {**os.environ, "OUTLIERLAB_DIST_BACKEND": "gloo", "OMP_NUM_THREADS": "1"}
-    one = [sys.executable, "-m", "outlierlab", "train", *common, "train.grad_accum=2",
-           f"out={tmp / 'fsdp1'}"]  # fmt: skip
-    two = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           "-m", "outlierlab", "train", *common, f"out={tmp / 'fsdp2'}"]  # fmt: skip
-    for name, cmd in (("one_process", one), ("two_ranks", two)):
-        t = time.perf_counter()
-        r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
-        sec[f"{name}_s"] = round(time.perf_counter() - t, 1)
-        sec[f"{name}_rc"] = r.returncode
-        if r.returncode:
-            print(r.stdout[-2000:], r.stderr[-3000:], flush=True)
-    rows = {}
-    for name in ("fsdp1", "fsdp2"):
-        lines = (tmp / name / "metrics.jsonl").read_text().splitlines()
-        rows[name] = [json.loads(x) for x in lines if '"loss"' in x][-1]
-    sec["loss_one_process"] = rows["fsdp1"]["loss"]
-    sec["loss_two_ranks"] = rows["fsdp2"]["loss"]
+    one, two = _one_vs_two_ranks(sec, common, tmp, "fsdp")
     sec["dcp_files"] = len(list((tmp / "fsdp2" / "checkpoints").glob("step-*/dcp/*.distcp")))
     rep.check(f"FSDP 2 ranks vs 1 process (accumulation, {prec}): final loss (rel)",
-              rel(rows["fsdp2"]["loss"], rows["fsdp1"]["loss"]), 1e-4 if dry else 2e-2,
+              rel(two["loss"], one["loss"]), 1e-4 if dry else 2e-2,
               f"{steps} steps")  # fmt: skip
     exported = (tmp / "fsdp2" / "model.safetensors").is_file()
     rep.check("FSDP final weights exported (0 = yes)", 0.0 if exported else 1.0, 0.0)
@@ -518,9 +506,12 @@ def fsdp(rep: GpuReport, sec: dict, dev, dry: bool, tmp: Path) -> None:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--dry-run", action="store_true", help="CPU, tiny sizes: check the script")
-    p.add_argument("--budget", type=float, default=420.0,
-                   help="seconds for all sections (gpu_check.sh: ≤ 8 minutes in all)")
+    p.add_argument("--budget", type=float, default=None,
+                   help="seconds for all sections (default 420: gpu_check.sh ≤ 8 minutes in "
+                        "all; 1100 with --dry-run, CPU)")
     args = p.parse_args(argv)
+    if args.budget is None:
+        args.budget = 1100.0 if args.dry_run else 420.0
     t_start = time.perf_counter()
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
     dry = args.dry_run

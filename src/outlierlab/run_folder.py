@@ -332,9 +332,10 @@ class RunFolder:
         return int(m.group(1)) if m else None
 
     def checkpoint_tmp(self, step: int) -> Path:
-        """Where checkpoint ``step`` is written before it is renamed into place (the pid keeps
-        two writers apart; the run's lock keeps out a second trainer anyway)."""
-        return self.checkpoints / f"{_TMP}{step}-{os.getpid()}"
+        """Where checkpoint ``step`` is written before it is renamed into place: the same name
+        on every rank (a sharded writer's ranks all write into it); the run's lock keeps out a
+        second trainer, and a leftover of a killed write is removed before it is reused."""
+        return self.checkpoints / f"{_TMP}{step}"
 
     def retire_checkpoint(self, folder: Path) -> None:
         """Rename ``folder`` out of the checkpoint namespace, then delete it: a kill half-way

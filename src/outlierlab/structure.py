@@ -21,7 +21,8 @@ How the blocks are found, in order (``Structure.source`` says which):
    ``nn.ModuleList`` whose length is ``config.num_hidden_layers`` (the text config's, for
    multimodal models), preferring the one whose elements are the class transformers records
    ``hidden_states`` from (``_can_record_outputs``); encoders (BERT, RoBERTa, ModernBERT) too;
-4. anything else: the longest ``nn.ModuleList`` of blocks (said so: ``"guessed"``).
+4. anything else: the longest ``nn.ModuleList`` of blocks, or ``nn.ModuleDict`` of blocks keyed
+   ``"0"``, ``"1"``, … in order (torchtitan's decoders: ``layers``) (said so: ``"guessed"``).
 
 Attention probabilities come the way transformers exposes them: the module class it records
 ``attentions`` from (``_can_record_outputs``; else the block's first module whose class name
@@ -131,7 +132,7 @@ def discover(model: nn.Module) -> Structure:
             f"{type(inner).__name__} has no block list (nn.ModuleList of blocks) to find its "
             f"residual stream in; pass module-name globs as points (e.g. '{example}')"
         )
-    return _finish(inner, list(inner.get_submodule(name)), name, "guessed", names)
+    return _finish(inner, _blocks(inner.get_submodule(name)), name, "guessed", names)
 
 
 def _from_protocol(model: nn.Module, rp: dict[str, nn.Module]) -> Structure:
@@ -267,10 +268,24 @@ def _is_block_list(m: nn.Module) -> bool:
     return isinstance(m, nn.ModuleList) and len(m) > 0 and any(True for _ in m[0].children())
 
 
+def _is_block_dict(m: nn.Module) -> bool:
+    """A non-empty ``nn.ModuleDict`` keyed ``"0"``, ``"1"``, … in order whose first element has
+    submodules (torchtitan keeps its blocks so, so that pipeline stages can drop some)."""
+    return (isinstance(m, nn.ModuleDict) and len(m) > 0
+            and list(m.keys()) == [str(i) for i in range(len(m))]
+            and any(True for _ in m["0"].children()))
+
+
+def _blocks(m: nn.Module) -> list[nn.Module]:
+    """The blocks of a block list or numbered block dict, in order."""
+    return list(m.values()) if isinstance(m, nn.ModuleDict) else list(m)
+
+
 def block_list_name(model: nn.Module) -> str | None:
-    """The name of the longest ``nn.ModuleList`` of modules with children (most likely the
-    blocks), None when there is none."""
-    lists = [(len(m), n) for n, m in model.named_modules() if n and _is_block_list(m)]
+    """The name of the longest ``nn.ModuleList`` (or numbered ``nn.ModuleDict``) of modules with
+    children (most likely the blocks), None when there is none."""
+    lists = [(len(m), n) for n, m in model.named_modules()
+             if n and (_is_block_list(m) or _is_block_dict(m))]
     return max(lists, key=lambda t: (t[0], -len(t[1])))[1] if lists else None
 
 

@@ -38,6 +38,8 @@ model = "pre-ln"
 schemes = ["w8a8-tensor"]
 args = ["--calib-batches", "2", "--batch-size", "4", "--eval-windows", "4",
         "--stats-windows", "2", "--quiet"]
+[measure]
+args = ["--max-tokens", "128"]
 """
 
 
@@ -73,6 +75,9 @@ def test_sweep_trains_quantises_and_records_divergence(sweep, capsys):
         assert q["fp_ppl"] > 1 and q["quant_ppl"] > 1
         assert "--resume" not in (out / name / "sweep.log").read_text()
     assert not (out / "pre-ln-lr1e6" / "quant").exists()
+    for name in ("pre-ln", "op"):  # the [measure] table: measure --save after quantisation
+        assert json.loads((out / name / "measure.json").read_text())
+    assert not (out / "pre-ln-lr1e6" / "measure.json").exists()
     manifest = json.loads((out / "sweep.json").read_text())
     assert manifest["threads"] == 1 and manifest["workers"] == 2
     assert {o["name"]: o["status"] for o in manifest["outcomes"]} == {
@@ -88,12 +93,14 @@ def test_second_sweep_trains_nothing_then_resumes_an_interrupted_run(sweep, caps
     runs = ["pre-ln", "op", "pre-ln-lr1e6"]
     before = {r: (out / r / "status.json").stat().st_mtime_ns for r in runs}
     quant_before = (out / "op" / "quant" / "w8a8-tensor.json").stat().st_mtime_ns
+    measure_before = (out / "op" / "measure.json").stat().st_mtime_ns
     time.sleep(0.05)
     assert main(sweep["args"]) == 0
     printed = capsys.readouterr().out
     assert "0 trained, 3 already there" in printed
     assert {r: (out / r / "status.json").stat().st_mtime_ns for r in runs} == before
     assert (out / "op" / "quant" / "w8a8-tensor.json").stat().st_mtime_ns == quant_before
+    assert (out / "op" / "measure.json").stat().st_mtime_ns == measure_before
     manifest = json.loads((out / "sweep.json").read_text())
     assert not any(o["trained"] or o["quantized"] for o in manifest["outcomes"])
 
@@ -111,6 +118,7 @@ def test_second_sweep_trains_nothing_then_resumes_an_interrupted_run(sweep, caps
     assert steps == sorted(set(steps)), "a resumed run must not repeat logged steps"
     # its quantisation is redone: the old result predates the new weights
     assert (out / "op" / "quant" / "w8a8-tensor.json").stat().st_mtime_ns > quant_before
+    assert (out / "op" / "measure.json").stat().st_mtime_ns > measure_before
 
 
 class _Text(HTMLParser):

@@ -6,7 +6,13 @@ import sys
 import pytest
 
 from outlierlab.errors import ConfigError
-from outlierlab.experiments.grid import load_grid, parse_grid, short_number, sweep_presets
+from outlierlab.experiments.grid import (
+    check_grid,
+    load_grid,
+    parse_grid,
+    short_number,
+    sweep_presets,
+)
 from outlierlab.experiments.sweep import dry_run_lines
 
 if sys.version_info >= (3, 11):
@@ -100,6 +106,8 @@ def test_short_number(v, s):
     'workers = 0',
     'threads = "2"',
     'seeds = "all"',
+    '[measure]\nmax_tokens = 8',
+    '[measure]\nargs = "--max-tokens 8"',
     '[grid]\nmodel = ["op"]\n[[exclude]]\nmodel = "op"',
 ])
 def test_bad_grids_raise_one_line(text):
@@ -176,3 +184,20 @@ def test_dry_run_prints_exact_commands(tmp_path):
                      *g.points[0].args(), f"out={tmp_path / 'out' / g.points[0].name}"]
     quant = shlex.split(lines[0].split(" && ")[1])
     assert quant[3:6] == ["quantize", str(tmp_path / "out" / g.points[0].name), "--scheme"]
+
+
+def test_measure_table_adds_a_measure_command_after_quantisation(tmp_path):
+    g = grid('[grid]\nmodel = ["op"]\n[measure]\nargs = ["--max-tokens", "64"]')
+    assert g.measure_args == ("--max-tokens", "64")
+    cmds = dry_run_lines(g, tmp_path / "out", "python")[0].split(" && ")
+    run = str(tmp_path / "out" / g.points[0].name)
+    assert shlex.split(cmds[-1]) == ["python", "-m", "outlierlab", "measure", run, "--save",
+                                     "--max-tokens", "64"]
+    assert grid('[grid]\nmodel = ["op"]').measure_args is None  # no table: no measure step
+
+
+def test_measure_args_are_checked_as_measure_options(tmp_path):
+    g = tmp_path / "g.toml"
+    g.write_text('preset = "tiny"\n[grid]\nmodel = ["op"]\n[measure]\nargs = ["--max-tokenz", "8"]')
+    with pytest.raises(ConfigError, match=r"measure\.args"):
+        check_grid(load_grid(g))

@@ -22,7 +22,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from outlierlab.commands.report import print_claims, readable_runs
-    from outlierlab.commands.sweep import report_summary
+    from outlierlab.commands.sweep import launcher_kwargs, report_summary
     from outlierlab.experiments.grid import load_grid
     from outlierlab.experiments.report import write_report
     from outlierlab.experiments.sweep import run_sweep
@@ -35,7 +35,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"reproduce {grid.name}: {len(grid.points)} runs into {out}, "
           f"{workers} worker(s)")
     summary = run_sweep(grid, out, workers=workers, threads=threads,
-                        quantize=not args.no_quantize)
+                        quantize=not args.no_quantize, **launcher_kwargs(args))
     rc = report_summary(summary)
     done = [out / p.name for p in grid.points if RunFolder(out / p.name).is_run]
     runs = readable_runs(done, "reproduce") if done else []

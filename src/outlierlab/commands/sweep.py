@@ -1,4 +1,5 @@
-"""``outlierlab sweep GRID.toml|PRESET [--workers N] [--dry-run] [--out DIR]``: train every
+"""``outlierlab sweep GRID.toml|PRESET [--workers N] [--dry-run] [--out DIR]
+[--launcher local|submitit [--launcher-param KEY=VALUE ...]]``: train every
 point of a grid (each an ordinary ``outlierlab train`` run), then quantise the finished ones."""
 
 from __future__ import annotations
@@ -31,6 +32,19 @@ def add_sweep_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=arg_type(lo=1, integer=True), metavar="T",
                    help="torch threads per run, ≥ 1 (default: the grid's, else cores / workers)")
     p.add_argument("--no-quantize", action="store_true", help="train only")
+    p.add_argument("--launcher", choices=("local", "submitit"), default="local",
+                   help="where points run: local (worker processes here, the default) or "
+                   "submitit (one cluster job per pending point: SLURM, or cluster=local)")
+    p.add_argument("--launcher-param", action="append", default=[], metavar="KEY=VALUE",
+                   help="a submitit executor parameter, repeatable: e.g. slurm_partition=gpu, "
+                   "timeout_min=240, gpus_per_node=1, cpus_per_task=8, cluster=local")
+
+
+def launcher_kwargs(args: argparse.Namespace) -> dict:
+    """``run_sweep``'s launcher arguments from ``--launcher``/``--launcher-param``."""
+    from outlierlab.experiments.launch import parse_params
+
+    return {"launcher": args.launcher, "launcher_params": parse_params(args.launcher_param)}
 
 
 def run(args: argparse.Namespace) -> int:
@@ -45,9 +59,11 @@ def run(args: argparse.Namespace) -> int:
         for line in dry_run_lines(grid, out, "python", quantize=not args.no_quantize):
             print(line)
         return 0
-    print(f"sweep {grid.name}: {len(grid.points)} runs into {out}, {workers} worker(s)")
+    where = (f"{workers} worker(s)" if args.launcher == "local"
+             else f"launcher {args.launcher}")
+    print(f"sweep {grid.name}: {len(grid.points)} runs into {out}, {where}")
     summary = run_sweep(grid, out, workers=workers, threads=threads,
-                        quantize=not args.no_quantize)
+                        quantize=not args.no_quantize, **launcher_kwargs(args))
     return report_summary(summary)
 
 

@@ -20,6 +20,8 @@ model = "op"
 [quant]
 schemes = ["w8a8-tensor", "w8a8-dynamic"]
 args = ["--calib-batches", "8"]  # optional: more `outlierlab quantize` options for every run
+[measure]                        # optional: `outlierlab measure RUN --save` after quantising
+args = ["--max-tokens", "8192"]  # (RUN/measure.json: max|x|/median, attention sinks)
 ```
 
 Keys are the dotted override names of ``outlierlab train``; quote them (``"optim.lr"``) or
@@ -63,7 +65,7 @@ else:  # pragma: no cover
 
 DEFAULT_SCHEMES: tuple[str, ...] = ("w8a8-tensor", "w8a8-dynamic")
 TOP_KEYS = {"name", "description", "preset", "workers", "threads", "seeds", "base", "grid",
-            "include", "exclude", "quant"}
+            "include", "exclude", "quant", "measure"}
 TEST_SEEDS = (0, 1, 2)
 """The seeds verdicts are computed on (``seeds = "test"``); no setting is chosen on them."""
 TUNING_MIN = 100
@@ -111,11 +113,15 @@ class Grid:
     source: str = ""
     seeds: str | None = None
     """``"test"`` or ``"tuning"`` (pre-registration, module docstring); None: not declared."""
+    measure_args: tuple[str, ...] | None = None
+    """``outlierlab measure RUN --save`` options run after quantisation (``[measure] args``);
+    None: the grid has no ``[measure]`` table and no run is measured."""
 
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "description": self.description, "preset": self.preset,
                 "schemes": list(self.schemes), "quant_args": list(self.quant_args),
                 "base": self.base, "source": self.source, "seeds": self.seeds,
+                "measure_args": None if self.measure_args is None else list(self.measure_args),
                 "points": [{"name": p.name, "overrides": p.overrides} for p in self.points]}
 
 
@@ -260,6 +266,7 @@ def parse_grid(data: dict[str, Any], *, default_name: str = "sweep", source: str
         raise ConfigError("grid: quant.schemes must be a list of scheme names (may be empty)")
     if not isinstance(qargs, list):
         raise ConfigError("grid: quant.args must be a list of `outlierlab quantize` options")
+    measure_args = _measure_args(data.get("measure"))
     preset = data.get("preset")
     if preset is not None and not isinstance(preset, str):
         raise ConfigError("grid: preset must be a training preset name (a string)")
@@ -276,7 +283,21 @@ def parse_grid(data: dict[str, Any], *, default_name: str = "sweep", source: str
                 schemes=tuple(schemes), quant_args=tuple(str(a) for a in qargs),
                 workers=data.get("workers"), threads=data.get("threads"),
                 description=str(data.get("description", "")),
-                base=base, source=source, seeds=seeds)
+                base=base, source=source, seeds=seeds, measure_args=measure_args)
+
+
+def _measure_args(table: Any) -> tuple[str, ...] | None:
+    """The ``[measure]`` table's ``args`` (options of ``outlierlab measure RUN --save``), or None
+    when the grid has no such table."""
+    if table is None:
+        return None
+    if not isinstance(table, dict) or set(table) - {"args"}:
+        extra = sorted(set(table) - {"args"}) if isinstance(table, dict) else ["(not a table)"]
+        raise ConfigError(f"grid: unknown key measure.{extra[0]}; allowed: measure.args")
+    args = table.get("args", [])
+    if not isinstance(args, list):
+        raise ConfigError("grid: measure.args must be a list of `outlierlab measure` options")
+    return tuple(str(a) for a in args)
 
 
 def sweep_presets() -> list[str]:
@@ -298,6 +319,11 @@ def check_grid(grid: Grid) -> None:
             raise ConfigError(f"grid point {p.name}: {exc}") from None
         check_seed_role(grid, p.name, cfg.train.seed)
     check_quant_args(grid)
+    if grid.measure_args is not None:
+        from outlierlab.cli import parse_args_of
+
+        parse_args_of("measure", ["RUN", "--save", *grid.measure_args],
+                      f"{grid.source or 'grid'}: measure.args")
 
 
 def check_seed_role(grid: Grid, point: str, seed: int) -> None:

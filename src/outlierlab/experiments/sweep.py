@@ -7,7 +7,8 @@ time: finished runs are skipped, interrupted or crashed ones resumed (``--resume
 ones kept as results; quantisation results newer than the final weights are kept. Nothing is
 shared between runs but the output folder, so ``--dry-run``'s commands can go to any scheduler.
 ``workers`` runs that many points at once, each with ``OMP_NUM_THREADS = cores // workers``
-(or ``threads``).
+(or ``threads``); ``launcher="submitit"`` makes each pending point a cluster job instead
+(:mod:`outlierlab.experiments.launch`).
 """
 
 from __future__ import annotations
@@ -17,14 +18,13 @@ import os
 import shlex
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from outlierlab.errors import ConfigError, RunFolderError
+from outlierlab.experiments import launch
 from outlierlab.experiments.grid import Grid, GridPoint, check_grid
 from outlierlab.jsonable import write_json
 from outlierlab.run_folder import RunFolder, utc_now
@@ -74,6 +74,18 @@ def quant_done(run_dir: Path, scheme: str) -> bool:
     return q.is_file() and (not w.is_file() or q.stat().st_mtime >= w.stat().st_mtime)
 
 
+def measure_command(run_dir: Path, python: str, extra: tuple[str, ...] = ()) -> list[str]:
+    """The exact ``outlierlab measure`` command writing ``RUN_DIR/measure.json``."""
+    return [python, "-m", "outlierlab", "measure", str(run_dir), "--save", *extra]
+
+
+def measure_done(run_dir: Path) -> bool:
+    """A ``measure.json`` newer than the final weights exists."""
+    r = RunFolder(run_dir)
+    m, w = r.measure_file, r.model_file
+    return m.is_file() and (not w.is_file() or m.stat().st_mtime >= w.stat().st_mtime)
+
+
 @dataclass
 class Outcome:
     """What the sweep did with one point."""
@@ -89,6 +101,8 @@ class Outcome:
     quantized: list[str] = field(default_factory=list)
     quant_failed: list[str] = field(default_factory=list)
     quant_s: float = 0.0
+    measured: bool | None = None
+    """``measure --save`` succeeded (True), failed (False), or was not run (None)."""
     message: str = ""
 
 
@@ -115,8 +129,15 @@ class SweepSummary:
 def threads_env(workers: int, threads: int | None = None) -> dict[str, str]:
     """Thread settings for one of ``workers`` concurrent runs: ``threads``, or the cores split
     evenly."""
-    n = str(threads or max(1, (os.cpu_count() or 1) // max(1, workers)))
+    n = str(threads or max(1, available_cores() // max(1, workers)))
     return {"OMP_NUM_THREADS": n, "MKL_NUM_THREADS": n}
+
+
+def available_cores() -> int:
+    """Cores this process may run on (a cluster job's allocation, not the whole node)."""
+    with contextlib.suppress(AttributeError, OSError):
+        return len(os.sched_getaffinity(0)) or 1
+    return os.cpu_count() or 1
 
 
 def _status(run_dir: Path) -> str:
@@ -158,6 +179,8 @@ def dry_run_lines(grid: Grid, out: Path, python: str, quantize: bool = True) -> 
         if quantize and state != "diverged":
             cmds += [quant_command(d, s, python, grid.quant_args) for s in grid.schemes
                      if not quant_done(d, s)]
+            if grid.measure_args is not None and not measure_done(d):
+                cmds.append(measure_command(d, python, grid.measure_args))
         if cmds:
             lines.append(" && ".join(shlex.join(c) for c in cmds))
         else:
@@ -165,80 +188,133 @@ def dry_run_lines(grid: Grid, out: Path, python: str, quantize: bool = True) -> 
     return lines
 
 
+def pending(grid: Grid, point: GridPoint, out: Path, quantize: bool = True) -> bool:
+    """Whether ``point`` has anything left to do: training (new or resumable), or a
+    quantisation scheme (or the ``[measure]`` result) not yet saved for a finished run."""
+    d = out / point.name
+    state = run_state(d)
+    if state in ("new", "resume"):
+        return True
+    return quantize and state == "finished" and (
+        not all(quant_done(d, s) for s in grid.schemes)
+        or (grid.measure_args is not None and not measure_done(d)))
+
+
+def run_point(grid: Grid, point: GridPoint, out: Path, *, tag: str = "", workers: int = 1,
+              threads: int | None = None, quantize: bool = True, python: str | None = None,
+              stop: Callable[[], bool] = lambda: False,
+              echo: Callable[[str], None] = print) -> Outcome:
+    """Everything the sweep does for one point, wherever it runs (a local worker thread or a
+    cluster job): skip it if its folder is locked, train or resume it if unfinished, then
+    quantise it (and measure it, when the grid has a ``[measure]`` table) if finished.
+    Python and thread settings are resolved where it runs."""
+    d = out / point.name
+    state = run_state(d)
+    o = Outcome(point.name, str(d), state)
+    tag = tag or point.name
+    python = python or sys.executable
+    env = {**os.environ, **threads_env(workers, threads)}
+    if stop():
+        o.status, o.message = _status(d), "not started: sweep interrupted"
+        return o
+    if busy := _in_use(d):
+        o.status, o.message = "in use", busy
+        echo(f"{tag}: {busy}")
+        return o
+    if state in ("new", "resume"):
+        echo(f"{tag}: {'resuming' if state == 'resume' else 'training'} "
+             f"(log: {RunFolder(d).sweep_log})")
+        d.mkdir(parents=True, exist_ok=True)
+        t = time.perf_counter()
+        rc = _run(train_command(grid, point, d, python, resume=state == "resume"),
+                  RunFolder(d), env)
+        o.trained, o.train_s = True, time.perf_counter() - t
+        o.status = _status(d)
+        if rc not in (0, 3) and o.status in ("finished", "diverged"):
+            o.status = "crashed"
+        if o.status not in ("finished", "diverged"):
+            o.message = _failure(rc, RunFolder(d).sweep_log)
+        echo(f"{tag}: {o.status} in {o.train_s:.0f} s")
+    else:
+        o.status = _status(d)
+        echo(f"{tag}: {state}, not retrained")
+    if quantize and o.status == "finished" and not stop():
+        _quantize_point(grid, d, o, python, env)
+        if o.quantized or o.quant_failed:
+            bad = f", failed: {', '.join(o.quant_failed)}" if o.quant_failed else ""
+            echo(f"{tag}: quantised {', '.join(o.quantized) or 'nothing'}{bad} "
+                 f"in {o.quant_s:.0f} s")
+        if grid.measure_args is not None and not measure_done(d) and not stop():
+            rc = _run(measure_command(d, python, grid.measure_args), RunFolder(d), env)
+            o.measured = rc == 0 and measure_done(d)
+            echo(f"{tag}: measured" if o.measured else f"{tag}: measure failed "
+                 f"(see {RunFolder(d).sweep_log})")
+    return o
+
+
 def run_sweep(grid: Grid, out: str | Path, *, workers: int = 1, threads: int | None = None,
-              quantize: bool = True, python: str | None = None,
+              quantize: bool = True, python: str | None = None, launcher: str = "local",
+              launcher_params: dict[str, str] | None = None,
               echo: Callable[[str], None] = print) -> SweepSummary:
     """Train (or resume) every pending point, then quantise every finished one; writes
     ``OUT/sweep.json`` and each run's output to ``RUN_DIR/sweep.log``. Every point is checked
-    first (:func:`~outlierlab.experiments.grid.check_grid`): nothing runs if one is bad."""
+    first (:func:`~outlierlab.experiments.grid.check_grid`): nothing runs if one is bad.
+
+    ``launcher`` ``local`` runs ``workers`` points at once on this machine; ``submitit`` submits
+    each pending point as a job through submitit (SLURM, or its local executor), with
+    ``launcher_params`` for the executor (:mod:`outlierlab.experiments.launch`). Both run
+    :func:`run_point` for every point."""
     if workers < 1:
         raise ConfigError(f"--workers {workers} is not allowed; allowed: an integer ≥ 1")
     if threads is not None and threads < 1:
         raise ConfigError(f"--threads {threads} is not allowed; allowed: an integer ≥ 1")
+    if launcher not in launch.LAUNCHERS:
+        raise ConfigError(f"--launcher {launcher} is not allowed; allowed: "
+                          f"{', '.join(launch.LAUNCHERS)}")
+    params = dict(launcher_params or {})
+    if launcher == "local" and params:
+        raise ConfigError(f"--launcher-param {next(iter(params))} is not allowed with "
+                          "--launcher local; allowed: only with --launcher submitit")
     check_grid(grid)
     out = Path(out)
+    executor = (launch.submitit_executor(out, params, name=f"outlierlab-{grid.name}")
+                if launcher == "submitit" else None)
     out.mkdir(parents=True, exist_ok=True)
-    python = python or sys.executable
-    env = {**os.environ, **threads_env(workers, threads)}
-    n = len(grid.points)
-    lock = threading.Lock()
-    stop = threading.Event()  # set on Ctrl-C: start nothing new
     t0 = time.perf_counter()
+    n = len(grid.points)
 
-    def say(msg: str) -> None:
-        with lock:
-            echo(msg)
+    def tag(i: int) -> str:
+        return f"[{i + 1}/{n}] {grid.points[i].name}"
 
-    def job(i: int, p: GridPoint) -> Outcome:
-        d = out / p.name
-        state = run_state(d)
-        o = Outcome(p.name, str(d), state)
-        tag = f"[{i + 1}/{n}] {p.name}"
-        if stop.is_set():
-            o.status, o.message = _status(d), "not started: sweep interrupted"
-            return o
-        if busy := _in_use(d):
-            o.status, o.message = "in use", busy
-            say(f"{tag}: {busy}")
-            return o
-        if state in ("new", "resume"):
-            say(f"{tag}: {'resuming' if state == 'resume' else 'training'} "
-                f"(log: {RunFolder(d).sweep_log})")
-            d.mkdir(parents=True, exist_ok=True)
-            t = time.perf_counter()
-            rc = _run(train_command(grid, p, d, python, resume=state == "resume"),
-                      RunFolder(d), env)
-            o.trained, o.train_s = True, time.perf_counter() - t
-            o.status = _status(d)
-            if rc not in (0, 3) and o.status in ("finished", "diverged"):
-                o.status = "crashed"
-            if o.status not in ("finished", "diverged"):
-                o.message = _failure(rc, RunFolder(d).sweep_log)
-            say(f"{tag}: {o.status} in {o.train_s:.0f} s")
-        else:
-            o.status = _status(d)
-            say(f"{tag}: {state}, not retrained")
-        if quantize and o.status == "finished" and not stop.is_set():
-            _quantize_point(grid, d, o, python, env)
-            if o.quantized or o.quant_failed:
-                bad = f", failed: {', '.join(o.quant_failed)}" if o.quant_failed else ""
-                say(f"{tag}: quantised {', '.join(o.quantized) or 'nothing'}{bad} "
-                    f"in {o.quant_s:.0f} s")
-        return o
-
-    pool = ThreadPoolExecutor(max_workers=workers)
-    try:
-        outcomes = list(pool.map(lambda ip: job(*ip), enumerate(grid.points)))
-    except KeyboardInterrupt:
-        stop.set()
-        say("interrupted: waiting for running runs to checkpoint; resume with the same command")
-        raise
-    finally:
-        pool.shutdown(wait=True, cancel_futures=True)
+    kw = {"threads": threads, "quantize": quantize, "python": python}
+    if executor is None:
+        outcomes = launch.run_local(
+            n, lambda i, stop, say: run_point(grid, grid.points[i], out, tag=tag(i),
+                                              workers=workers, stop=stop, echo=say, **kw),
+            workers=workers, echo=echo)
+        where: dict[str, object] = {
+            "workers": workers, "threads": int(threads_env(workers, threads)["OMP_NUM_THREADS"])}
+    else:
+        # points with nothing left to do are looked at here, as the local launcher does
+        todo = [i for i, p in enumerate(grid.points) if pending(grid, p, out, quantize)]
+        before = {i: run_state(out / grid.points[i].name) for i in todo}
+        found = {i: run_point(grid, p, out, tag=tag(i), echo=echo, **kw)
+                 for i, p in enumerate(grid.points) if i not in todo}
+        results = launch.run_submitit(
+            executor, [(tag(i), run_point, (grid, grid.points[i], out), {"tag": tag(i), **kw})
+                       for i in todo], echo=echo)
+        for i, r in zip(todo, results):
+            d = out / grid.points[i].name
+            found[i] = r.value if not r.error else Outcome(
+                grid.points[i].name, str(d), before[i], status="job failed",
+                message=f"job {r.job_id} failed ({r.error}); run folder {_status(d)}; "
+                f"see {r.log}")
+        outcomes = [found[i] for i in range(n)]
+        where = {"workers": len(todo), "threads": threads, "launcher_params": params,
+                 "jobs": {grid.points[i].name: r.job_id for i, r in zip(todo, results)}}
     summary = SweepSummary(out, outcomes, time.perf_counter() - t0)
-    manifest = {"grid": grid.to_dict(), "workers": workers,
-                "threads": int(env["OMP_NUM_THREADS"]), "wall_s": summary.wall_s,
-                "finished_at": utc_now(),
+    manifest = {"grid": grid.to_dict(), "launcher": launcher, **where,
+                "wall_s": summary.wall_s, "finished_at": utc_now(),
                 "outcomes": [asdict(o) for o in outcomes]}
     write_json(out / MANIFEST, manifest)
     return summary

@@ -4,6 +4,8 @@
   (extra ``outlierlab[hf]``).
 - `outlierlab.integrations.lightning.OutlierCallback`: a Lightning ``Callback``
   (extra ``outlierlab[lightning]``).
+- `outlierlab.integrations.torchtitan.attach`: the monitor on a torchtitan ``Trainer`` (no
+  torchtitan import).
 - `OutlierAlert`: warn once when any layer's Kurt exceeds a threshold (pure, no framework).
 
 Importing this package imports neither transformers nor lightning; only the submodule you

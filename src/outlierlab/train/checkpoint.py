@@ -131,7 +131,9 @@ class RunProgress:
 
 class CheckpointFormat(Protocol):
     """How a checkpoint's states are written into (and read from) one folder. ``save`` is
-    called on every rank (a state may be collective, e.g. :class:`RNGState`); ``load`` too."""
+    called on every rank with the same folder (a state may be collective, e.g.
+    :class:`RNGState`); rank 0 has created it just before, so a format whose other ranks write
+    files too (a sharded, DCP one) synchronises before writing. ``load`` runs on every rank."""
 
     def save(self, folder: Path, states: Mapping[str, Stateful], dist: distributed.Dist) -> None:
         ...
