@@ -108,6 +108,17 @@ def rank_sum_p(low: Sequence[float], high: Sequence[float], max_splits: int = 50
     return float(np.mean(sums <= obs + 1e-9)), float(np.mean(sums >= obs - 1e-9))
 
 
+def _verdict(seeds: int, held: bool, p_other: float) -> str:
+    """The rules of the module docstring shared by :class:`SeedTest` and :class:`EffectTest`:
+    fewer than :data:`MIN_SEEDS` seeds → indicative only; else ``held`` (the test's own
+    condition) → held; significant the other way → did not hold; else inconclusive."""
+    if seeds < MIN_SEEDS:
+        return INDICATIVE
+    if held:
+        return HELD
+    return NOT_HELD if p_other <= ALPHA else INCONCLUSIVE
+
+
 @dataclass(frozen=True)
 class SeedTest:
     """One pair's test over seeds: is ``low`` below ``high``? (rules: module docstring)."""
@@ -129,14 +140,7 @@ class SeedTest:
         up = sum(low[s] < high[s] for s in common)
         down = sum(low[s] > high[s] for s in common)
         p, p_other = rank_sum_p(list(low.values()), list(high.values()))
-        if len(common) < MIN_SEEDS:
-            verdict = INDICATIVE
-        elif up == len(common) and p <= ALPHA:
-            verdict = HELD
-        elif p_other <= ALPHA:
-            verdict = NOT_HELD
-        else:
-            verdict = INCONCLUSIVE
+        verdict = _verdict(len(common), up == len(common) and p <= ALPHA, p_other)
         return cls(len(common), up, down, p, p_other, verdict)
 
     def describe(self, word: str = "lower") -> str:
@@ -197,16 +201,7 @@ class EffectTest:
         flat = [v for c in diffs for v in c]
         seeds = len({s for c in cells for s in c})
         p, p_other = sign_flip_p(diffs)
-        if not flat:
-            verdict = NOT_TESTED
-        elif seeds < MIN_SEEDS:
-            verdict = INDICATIVE
-        elif p <= ALPHA:
-            verdict = HELD
-        elif p_other <= ALPHA:
-            verdict = NOT_HELD
-        else:
-            verdict = INCONCLUSIVE
+        verdict = _verdict(seeds, p <= ALPHA, p_other) if flat else NOT_TESTED
         return cls(cells, seeds, len(flat), sum(v > 0 for v in flat), sum(v < 0 for v in flat),
                    p, p_other, verdict)
 
