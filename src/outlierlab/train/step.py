@@ -163,9 +163,7 @@ class TrainStep:
             flags[-1, 3] = 1.0
         if dist.enabled:
             distributed.all_reduce_(flags, dist)
-            flags[:, 0] /= dist.world_size
-            flags[:, 1] /= dist.world_size
-            flags[:, 2] /= dist.world_size
+            flags[:, :3] /= dist.world_size  # loss, grad norm, penalty; not the stop column
         values = flags.tolist()
         back, row = 0, values[-1]
         for i, r in enumerate(values):
