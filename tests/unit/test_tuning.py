@@ -38,6 +38,8 @@ def test_own_and_shared_lr_by_the_rule(tmp_path):
     # with a 6 % tolerance 3e-3 is the largest lr within it for all three
     t6 = T.choose_lrs(_sweep(tmp_path / "b"), tolerance=0.06)
     assert t6.shared_lr == 3e-3
+    assert "op adamw: own lr 0.01 is the largest lr tried; its best may lie beyond the grid" \
+        in t.notes and "pre-ln soap: own lr 0.001 is the smallest lr tried" in " ".join(t.notes)
     pre = next(c for c in t.configurations if c.label == "pre-ln adamw").at(3e-3)
     assert pre.loss == pytest.approx(2.405) and pre.seeds == [100, 101]
     assert pre.kurt == pytest.approx(2.03, abs=0.02) and pre.growth > 0

@@ -357,6 +357,8 @@ def frontier(runs: Sequence[RunRecord], path: Path, factor: str = "block") -> Pa
                     label=f"{cf.name} frontier")
         ax.axvline(p.matched_loss, color="0.4", ls=":", lw=1)
         ax.set_xlim(lo - 0.02, xmax)
+        if kmax > 5:  # a high-lr run's Kurt would flatten every frontier
+            ax.set_yscale("log")
         ax.set_ylim(0.95, kmax * 1.08)
         ax.set_xlabel("validation loss (nats)", fontsize=8)
         ax.set_ylabel("held-out mean Kurt", fontsize=8)

@@ -131,9 +131,12 @@ def _mean(values: Sequence[float]) -> float:
 
 
 def _labels(keys: Sequence[dict[str, Any]], runs: Sequence[RunRecord]) -> list[str]:
-    """``pre-ln adamw`` plus every other field that varies between the configurations."""
-    varying = sorted(k for k in set().union(*keys) if len({json.dumps(d.get(k), sort_keys=True)
-                                                           for d in keys}) > 1
+    """``pre-ln adamw`` plus every other field with two values or more among the configurations
+    that have it (an optimiser's own hyperparameter, absent in the others, is not named)."""
+    def values(k: str) -> set[str]:
+        return {json.dumps(d[k], sort_keys=True) for d in keys if d.get(k) is not None}
+
+    varying = sorted(k for k in set().union(*keys) if len(values(k)) > 1
                      and not k.startswith("model.") and k not in ("optim.name",
                                                                    "data_fingerprint"))
     return [" ".join([r.arch, r.optimizer, *(f"{k.rsplit('.', 1)[-1]}={d.get(k)}"
@@ -189,6 +192,10 @@ def choose_lrs(runs: Sequence[RunRecord], tolerance: float = TOLERANCE) -> Tunin
         best = min(finite, key=lambda p: p.loss) if finite else None
         confs.append(Configuration(label, key, points, best.lr if best else None,
                                    best.loss if best else math.inf))
+        if best and len(points) >= 2 and best.lr in (points[0].lr, points[-1].lr):
+            edge = "largest" if best.lr == points[-1].lr else "smallest"
+            notes.append(f"{label}: own lr {best.lr:g} is the {edge} lr tried; its best may "
+                         "lie beyond the grid")
     confs.sort(key=lambda c: c.label)
     shared, why = _shared(confs, tolerance)
     return Tuning(tolerance, confs, shared, why, all_seeds, notes)
