@@ -64,9 +64,21 @@ from outlierlab.optim import hyperparameters
 
 SIZE_KEYS = ("model.vocab_size", "model.n_layer", "model.d_model", "model.n_head",
              "model.d_mlp", "model.seq_len")
-PRIMARY_SCHEMES = ("w8a8-tensor", "w8a8-dynamic")
+PRIMARY_SCHEMES = ("w8a8-paper", "w8a8-tensor", "w8a8-dynamic")
+"""The W8A8 schemes in the order :func:`claim_quant` takes the first measurable one:
+Bondarenko et al.'s sites first (they quantise the residual stream, where Kurt is measured)."""
 FALLBACK_SCHEME = "w8a6-tensor"
 """Where W8A8 damages no run (CPU scale), :func:`claim_quant` ranks runs by this scheme."""
+SCHEME_SITES = {
+    "w8a8-paper": "Bondarenko et al.'s sites, the residual stream included",
+    "w8a8-outputs": "linear inputs and outputs, the residual stream and norm outputs",
+    "w8a8-tensor": "linear inputs only (for Pre-LN the LN outputs, not the residual stream "
+                   "where Kurt is measured)",
+    "w8a8-dynamic": "linear inputs only, one range per token",
+    "w8a6-tensor": "a 6-bit PROXY of W8A8 on linear inputs only (for Pre-LN the LN outputs, not "
+                   "the residual stream where Kurt is measured)",
+}
+"""What each scheme quantises, as the quantisation claim's text says it."""
 OPTIMISER_FIELDS = ("optim.name", *(f"optim.{k}" for k in hyperparameters()
                                        if k not in ("lr", "eps")))
 """The optimiser's name and every hyperparameter some optimiser declares
@@ -573,49 +585,72 @@ def _entropies(values: dict[Any, float], logged: bool) -> str:
     return ", ".join("diverged" if v == -math.inf else f"{v:.3f}" for v in values.values())
 
 
+def _cell_means(runs: Sequence[RunRecord], scheme: str) -> list[dict[str, Any]]:
+    """One point per configuration (seeds pooled, :func:`group_runs`) quantised with ``scheme``:
+    the mean over its seeds of the final mean Kurt and of the relative increase quant/FP − 1."""
+    def keep(r: RunRecord) -> bool:
+        return (r.finished and math.isfinite(r.final_kurt_mean) and scheme in r.quant
+                and math.isfinite(r.quant[scheme].rel_increase))
+
+    cells = []
+    for g in group_runs(runs, keep=keep):
+        cells.append({"runs": [r.name for r in g.runs],
+                      "kurt": float(np.mean([r.final_kurt_mean for r in g.runs])),
+                      "rel_increase": float(np.mean([r.quant[scheme].rel_increase
+                                                     for r in g.runs]))})
+    return cells
+
+
 def claim_quant(runs: Sequence[RunRecord], min_runs: int = 3,
                 min_effect: float = 1e-3) -> Claim:
-    """Higher Kurt ↔ larger W8A8 perplexity increase (science §4, §5): Spearman ρ between each
-    run's final mean Kurt and its relative increase quant/FP − 1, with its exact one-sided
-    permutation p: held when ρ > 0 with p ≤ ALPHA, did not hold when ρ < 0 with the other
-    side's p ≤ ALPHA, else inconclusive. The verdict uses the first W8A8 scheme (w8a8-tensor,
-    the paper's, before w8a8-dynamic) under which some run's perplexity moved by at least
-    ``min_effect`` (relative). Where no W8A8 scheme moved any run (CPU scale), it ranks by the
-    damage at 6-bit activations (``w8a6-tensor``, :data:`FALLBACK_SCHEME`) and says so; with no
-    damage there either the claim is not tested. Every scheme is reported."""
+    """Higher Kurt ↔ larger W8A8 perplexity increase (science §4, §5): Spearman ρ between the
+    configurations' mean final Kurt and mean relative increase quant/FP − 1 (one point per
+    configuration, the mean over its seeds: seeds of one configuration are replicates, not
+    independent configurations), with its exact one-sided permutation p over configurations:
+    held when ρ > 0 with p ≤ ALPHA, did not hold when ρ < 0 with the other side's p ≤ ALPHA,
+    else inconclusive. ``min_runs`` is the fewest configurations. The verdict uses the first
+    of :data:`PRIMARY_SCHEMES` (``w8a8-paper``, then ``w8a8-tensor``, ``w8a8-dynamic``), then any
+    other W8A8 scheme, under which some configuration's perplexity moved by at least
+    ``min_effect`` (relative). Where no W8A8 scheme moved any (CPU scale), it ranks by the damage
+    at 6-bit activations (``w8a6-tensor``, :data:`FALLBACK_SCHEME`) and labels it a proxy; with
+    no damage there either the claim is not tested. Every scheme is reported, each with what it
+    quantises (:data:`SCHEME_SITES`)."""
     statement = "Higher kurtosis goes with a larger W8A8 perplexity increase."
     schemes = sorted({s for r in runs for s in r.quant},
                      key=lambda s: (PRIMARY_SCHEMES.index(s) if s in PRIMARY_SCHEMES
                                     else len(PRIMARY_SCHEMES), s))
     details, evidence = [], []
     for s in schemes:
-        pts = [r for r in runs if s in r.quant and r.finished and math.isfinite(r.final_kurt_mean)
-               and math.isfinite(r.quant[s].rel_increase)]
-        if len(pts) < min_runs:
-            details.append(f"{s}: only {len(pts)} run(s), needs {min_runs}")
+        cells = _cell_means(runs, s)
+        n_runs = sum(len(c["runs"]) for c in cells)
+        sites = f" [{SCHEME_SITES[s]}]" if s in SCHEME_SITES else ""
+        if len(cells) < min_runs:
+            details.append(f"{s}: only {len(cells)} configuration(s), needs {min_runs}")
             continue
-        k = [r.final_kurt_mean for r in pts]
-        inc = [r.quant[s].rel_increase for r in pts]
+        k = [c["kurt"] for c in cells]
+        inc = [c["rel_increase"] for c in cells]
         rho = spearman(k, inc)
         p, p_other = permutation_p(k, inc), permutation_p(k, inc, greater=False)
         measurable = max(abs(x) for x in inc) >= min_effect
-        details.append(f"{s}: ρ(Kurt, ppl increase) = {rho:+.2f} over {len(pts)} runs "
-                       f"(one-sided permutation p = {p:.3f}); increase "
-                       f"{min(inc):+.2%} to {max(inc):+.2%}"
+        details.append(f"{s}{sites}: ρ(Kurt, ppl increase) = {rho:+.2f} over {len(cells)} "
+                       f"configurations (seed means of {n_runs} runs; one-sided permutation "
+                       f"p = {p:.3f}); increase {min(inc):+.2%} to {max(inc):+.2%}"
                        + ("" if measurable else
-                          f" — below {min_effect:.1%} in every run: no damage to rank"))
-        evidence.append({"scheme": s, "rho": rho, "p": p, "p_other": p_other, "n": len(pts),
-                         "measurable": measurable, "runs": [r.name for r in pts], "kurt": k,
-                         "rel_increase": inc})
+                          f" — below {min_effect:.1%} in every configuration: no damage to rank"))
+        evidence.append({"scheme": s, "rho": rho, "p": p, "p_other": p_other, "n": len(cells),
+                         "n_runs": n_runs, "measurable": measurable, "proxy": s == FALLBACK_SCHEME,
+                         "cells": [c["runs"] for c in cells], "kurt": k, "rel_increase": inc})
     decisive = [e for e in evidence if e["measurable"] and e["scheme"].startswith("w8a8")]
     proxy = ""
     if not decisive:  # int8 moved nothing: rank by the damage at 6-bit activations
         decisive = [e for e in evidence if e["measurable"] and e["scheme"] == FALLBACK_SCHEME]
-        proxy = (f" — W8A8 moved no run by {min_effect:.1%}, so runs are ranked at 6-bit "
-                 f"activations ({FALLBACK_SCHEME})")
+        proxy = (f" — PROXY: W8A8 moved no configuration by {min_effect:.1%}, so configurations "
+                 f"are ranked at 6-bit activations ({FALLBACK_SCHEME}), "
+                 f"{SCHEME_SITES[FALLBACK_SCHEME]}")
     if not decisive:
-        why = (f"needs {min_runs} or more finished runs with W8A8 results" if not evidence else
-               f"W8A8 moved no run's perplexity by {min_effect:.1%} or more: nothing to rank")
+        why = (f"needs {min_runs} or more configurations with W8A8 results" if not evidence else
+               f"W8A8 moved no configuration's perplexity by {min_effect:.1%} or more: "
+               "nothing to rank")
         return Claim("kurt_vs_quant", statement, NOT_TESTED, why,
                      details + _diverged_note(runs), evidence)
     main = decisive[0]
@@ -626,8 +661,11 @@ def claim_quant(runs: Sequence[RunRecord], min_runs: int = 3,
         verdict = NOT_HELD
     else:
         verdict = INCONCLUSIVE
-    summary = (f"{main['scheme']}: Spearman ρ = {rho:+.2f} over {main['n']} runs "
-               f"(one-sided p = {main['p']:.3f}; held needs ρ > 0 and p ≤ {ALPHA}){proxy}")
+    what = "" if proxy or main["scheme"] not in SCHEME_SITES else \
+        f" ({SCHEME_SITES[main['scheme']]})"
+    summary = (f"{main['scheme']}{what}: Spearman ρ = {rho:+.2f} over {main['n']} "
+               f"configurations (seed means of {main['n_runs']} runs; one-sided p = "
+               f"{main['p']:.3f}; held needs ρ > 0 and p ≤ {ALPHA}){proxy}")
     return Claim("kurt_vs_quant", statement, verdict, summary,
                  details + _diverged_note(runs), evidence)
 
