@@ -72,5 +72,6 @@ def test_tuning_files_round_trip_and_match_test_runs(tmp_path):
     other = load_run(write_run(tmp_path / "test-wd", arch="op", seed=0,
                                extra={"optim.weight_decay": 0.0}))
     assert back.own_lr(other) is None
+    assert back.differences(other) == ["optim.weight_decay"] and back.differences(test_run) == []
     with pytest.raises(T.TuningError, match=r"not a tuning\.json"):
         T.Tuning.load(md)

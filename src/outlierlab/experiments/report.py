@@ -174,9 +174,12 @@ def lr_claim_sets(runs: Sequence[RunRecord], tuning: Tuning,
     sets, notes = {}, []
     untuned = sorted({r.name for r in runs if tuning.own_lr(r) is None})
     if untuned:
+        first = next(r for r in runs if r.name == untuned[0])
         notes.append(f"{len(untuned)} run(s) of configurations the tuning did not cover, "
                      f"left out of the own-lr claims: {', '.join(untuned[:6])}"
-                     + (", ..." if len(untuned) > 6 else ""))
+                     + (", ..." if len(untuned) > 6 else "")
+                     + f" ({untuned[0]} differs from the nearest tuned configuration in "
+                     + ", ".join(tuning.differences(first)[:5]) + ")")
     if tuning.shared_lr is None:
         notes.append(f"no shared lr: {tuning.shared_why}")
     else:

@@ -90,6 +90,14 @@ class Tuning:
         key = _key(run)
         return next((c.own_lr for c in self.configurations if c.key == key), None)
 
+    def differences(self, run: RunRecord) -> list[str]:
+        """The fields in which ``run`` differs from the nearest tuned configuration (lr and seed
+        left out); [] when one matches."""
+        key = _key(run)
+        diffs = [sorted(k for k in key.keys() | c.key.keys() if key.get(k) != c.key.get(k))
+                 for c in self.configurations]
+        return min(diffs, key=len) if diffs else []
+
     def to_dict(self) -> dict[str, Any]:
         return {"rule": RULE.format(tol=self.tolerance), **asdict(self)}
 
