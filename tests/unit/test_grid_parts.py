@@ -39,7 +39,7 @@ def test_mitigations_parts_keep_the_51_run_presets_names_and_settings():
     old = _parse(FIXTURES / "mitigations-51.toml")
     whole = load_grid("mitigations")  # checks every point of both parts
     attn, optim = (_parse(PRESETS / f"mitigations-{p}.toml") for p in ("attn", "optim"))
-    assert len(old.points) == 51 and len(attn.points) == 21 and len(optim.points) == 33
+    assert len(old.points) == 51 and len(attn.points) == 24 and len(optim.points) == 30
     assert _ids(whole) == _ids(old)
     assert _ids(attn).items() <= _ids(old).items() and _ids(optim).items() <= _ids(old).items()
     shared = set(_ids(attn)) & set(_ids(optim))  # the baseline's 3 seeds, in both parts
