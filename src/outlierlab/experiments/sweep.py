@@ -69,9 +69,12 @@ def quant_command(run_dir: Path, scheme: str, python: str,
 
 
 def quant_done(run_dir: Path, scheme: str) -> bool:
-    """A result newer than the final weights exists."""
-    q, w = quant_path(run_dir, scheme), RunFolder(run_dir).model_file
-    return q.is_file() and (not w.is_file() or q.stat().st_mtime >= w.stat().st_mtime)
+    """A result newer than the final weights exists (and is not of the scheme's old meaning,
+    :func:`outlierlab.run_folder.legacy_scheme`)."""
+    run = RunFolder(run_dir)
+    q, w = quant_path(run_dir, scheme), run.model_file
+    return q.is_file() and (not w.is_file() or q.stat().st_mtime >= w.stat().st_mtime) \
+        and not run.is_legacy_quant(scheme)
 
 
 def measure_command(run_dir: Path, python: str, extra: tuple[str, ...] = ()) -> list[str]:
@@ -326,6 +329,7 @@ def _quantize_point(grid: Grid, d: Path, o: Outcome, python: str, env: dict[str,
     for s in grid.schemes:
         if quant_done(d, s):
             continue
+        RunFolder(d).file_legacy_quant(s)  # an old w8a8-paper result keeps its new name
         rc = _run(quant_command(d, s, python, grid.quant_args), RunFolder(d), env)
         (o.quantized if rc == 0 and quant_path(d, s).is_file() else o.quant_failed).append(s)
     o.quant_s = time.perf_counter() - t
