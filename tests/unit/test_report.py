@@ -156,6 +156,7 @@ def test_tuning_sweep_chooses_lrs_and_the_claims_run_at_them(tmp_path, capsys):
     assert level["lr"] == {"op": 1e-3, "pre-ln": 1e-3}
 
     test = _lr_sweep(tmp_path / "test", (0, 1, 2, 3), loss, kurt)
+    write_run(test / "op-wd0-0", arch="op", lr=5e-3, seed=0, extra={"optim.weight_decay": 0.0})
     rt = str(tmp_path / "rt" / "tuning.json")
     assert main(["report", str(test), "--out", str(tmp_path / "rr"), "--tuning", rt]) == 0
     sets = json.loads((tmp_path / "rr" / "results.json").read_text())["claim_sets"]
@@ -174,5 +175,8 @@ def test_tuning_sweep_chooses_lrs_and_the_claims_run_at_them(tmp_path, capsys):
     with_tuning = (tmp_path / "rr" / "report.md").read_text()
     assert "## Claims at each configuration's own lr (op adamw 0.001; pre-ln adamw 0.01)" \
         in with_tuning
+    assert ("1 run(s) of configurations the tuning did not cover, left out of the own-lr "
+            "claims: op-wd0-0 (op-wd0-0 differs from the nearest tuned configuration in "
+            "optim.weight_decay)") in with_tuning
     # a test sweep never chooses: no tuning.md
     assert not (tmp_path / "rr" / "tuning.md").exists()

@@ -58,6 +58,9 @@ def test_test_seeds_never_choose(tmp_path):
         T.choose_lrs(runs)
     assert not T.is_tuning_sweep(runs)
     assert T.is_tuning_sweep([r for r in runs if r.seed == 100])
+    assert T.mixed_seeds_note(runs).startswith("no lr chosen: the runs mix tuning seeds (100) "
+                                               "with seed(s) 2; settings are chosen on tuning")
+    assert T.mixed_seeds_note([r for r in runs if r.seed == 100]) == ""
 
 
 def test_tuning_files_round_trip_and_match_test_runs(tmp_path):
@@ -72,5 +75,6 @@ def test_tuning_files_round_trip_and_match_test_runs(tmp_path):
     other = load_run(write_run(tmp_path / "test-wd", arch="op", seed=0,
                                extra={"optim.weight_decay": 0.0}))
     assert back.own_lr(other) is None
+    assert back.differences(other) == ["optim.weight_decay"] and back.differences(test_run) == []
     with pytest.raises(T.TuningError, match=r"not a tuning\.json"):
         T.Tuning.load(md)

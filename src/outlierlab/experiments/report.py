@@ -41,7 +41,13 @@ from outlierlab.experiments.leaderboard import has_mitigations, write_leaderboar
 from outlierlab.experiments.leaderboard import markdown as leaderboard_md
 from outlierlab.experiments.leaderboard import table as leaderboard_table
 from outlierlab.experiments.results import RunRecord
-from outlierlab.experiments.tuning import Tuning, choose_lrs, is_tuning_sweep, write_tuning
+from outlierlab.experiments.tuning import (
+    Tuning,
+    choose_lrs,
+    is_tuning_sweep,
+    mixed_seeds_note,
+    write_tuning,
+)
 from outlierlab.experiments.tuning import markdown as tuning_md
 
 VERDICT_MARK = {HELD: "✅ held", NOT_HELD: "❌ did not hold", INCONCLUSIVE: "❔ inconclusive",
@@ -174,9 +180,12 @@ def lr_claim_sets(runs: Sequence[RunRecord], tuning: Tuning,
     sets, notes = {}, []
     untuned = sorted({r.name for r in runs if tuning.own_lr(r) is None})
     if untuned:
+        first = next(r for r in runs if r.name == untuned[0])
         notes.append(f"{len(untuned)} run(s) of configurations the tuning did not cover, "
                      f"left out of the own-lr claims: {', '.join(untuned[:6])}"
-                     + (", ..." if len(untuned) > 6 else ""))
+                     + (", ..." if len(untuned) > 6 else "")
+                     + f" ({untuned[0]} differs from the nearest tuned configuration in "
+                     + ", ".join(tuning.differences(first)[:5]) + ")")
     if tuning.shared_lr is None:
         notes.append(f"no shared lr: {tuning.shared_why}")
     else:
@@ -212,6 +221,8 @@ def write_report(runs: Sequence[RunRecord], out_dir: str | Path, *, title: str =
         chosen = choose_lrs(runs)
         write_tuning(chosen, out)
     sets, set_notes = lr_claim_sets(runs, tuning, loss_tol) if tuning else ({}, [])
+    if mixed := mixed_seeds_note(runs):
+        set_notes.insert(0, mixed)
     front = [p for f in FACTORS for p in panels(runs, f)]
     if front:
         safe_io.write_text(out / "frontier.json", json.dumps(frontier_json(front), indent=1))
