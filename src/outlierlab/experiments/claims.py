@@ -21,10 +21,13 @@ permutation test over all pairs of all cells (:func:`sign_flip_p`, exact) gives 
 p. ``held``: p ≤ :data:`ALPHA` = 0.1 in the claimed direction; ``did not hold``: p ≤ 0.1 the
 other way; ``inconclusive`` otherwise; ``indicative only`` when the pairs come from fewer than
 :data:`MIN_SEEDS` seeds. Each cell's direction (pairs in direction of pairs) is shown. No pair
-is left out because of its outcome: a cell whose validation losses are not matched (OP more
-than ``loss_tol`` worse) is counted and flagged with its losses. The W8A8 claim uses the
-Spearman ρ over runs and its exact permutation p. The QK-norm ablation, whose diverged runs are
-−∞, uses the rank-sum test per pair (:class:`SeedTest`).
+is left out because of its outcome. OP vs Pre-Norm and the optimiser pairs compare each
+same-seed pair at matched validation loss (:mod:`.matched`: Kurt interpolated along each run's
+trajectory at the worse of the two final losses, never extrapolated), the test at the runs' ends
+shown beside it; runs without a held-out trajectory are compared at their ends, and an OP cell
+more than ``loss_tol`` worse in loss is then counted and flagged with its losses. The W8A8
+claim uses the Spearman ρ over runs and its exact permutation p. The QK-norm ablation, whose
+diverged runs are −∞, uses the rank-sum test per pair (:class:`SeedTest`).
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ from typing import Any
 
 import numpy as np
 
+from outlierlab.experiments.matched import has_trajectory, matched_cell
 from outlierlab.experiments.results import RunRecord
 from outlierlab.experiments.significance import (  # noqa: F401  (the claims' vocabulary)
     ALPHA,
@@ -291,42 +295,73 @@ OUTCOME_NAMES = {"kurt_growth": "Kurt growth log(Kurt−1) − log(Kurt₀−1)"
 
 def _pair_claim(key: str, statement: str, pairs: list[Pair], misses: list[str],
                 runs: Sequence[RunRecord], need: str, word: str = "lower",
-                note: Callable[[Pair], str] | None = None) -> Claim:
+                note: Callable[[Pair], str] | None = None, matched: bool = False) -> Claim:
     """The common form: every pair is a cell of one stratified sign-flip test of the main
     effect on :func:`outcome_metric` (``note`` may flag a cell, e.g. unmatched loss; it is
-    still counted)."""
+    still counted). ``matched``: the test is on the outcome at matched validation loss
+    (:mod:`.matched`: Kurt interpolated along each run's trajectory at the worse of the two
+    final losses) when every run has a held-out trajectory, and the test at the runs' ends
+    is shown beside it; otherwise, and for ``matched=False``, the test is at the ends."""
     if not pairs:
         return _not_tested(key, statement, need, misses, runs)
     metric = outcome_metric(pairs)
     cells = [p.diffs(metric) for p in pairs]
-    test = EffectTest.of(cells)
+    end_test = EffectTest.of(cells)
+    all_runs = [r for p in pairs for g in (p.low, p.high) for r in g.runs]
+    use_matched = matched and all(has_trajectory(r) for r in all_runs)
+    mcells = ([matched_cell(p.low.runs, p.high.runs, metric == "kurt_growth") for p in pairs]
+              if use_matched else [])
+    test = EffectTest.of([m.diffs for m in mcells]) if use_matched else end_test
     details, evidence = [], []
-    for pair, cell in zip(pairs, cells):
+    for i, (pair, end_cell) in enumerate(zip(pairs, cells)):
+        cell = mcells[i].diffs if use_matched else end_cell
         flag = note(pair) if note else ""
         up = sum(v > 0 for v in cell.values())
         cell_p = sign_flip_p([list(cell.values())])[0] if cell else math.nan
         direction = ("in direction" if cell and up == len(cell) else
-                     "against" if cell and up == 0 else "mixed")
+                     "against" if cell and up == 0 else "mixed" if cell else "no pair")
+        at = ""
+        extra: dict[str, Any] = {}
+        if use_matched:
+            m = mcells[i]
+            at = (f"; at matched loss ({_span([q['loss'] for q in m.points.values()], '.3f')})"
+                  f" Kurt {m.mean('kurt_high'):.2f} vs {m.mean('kurt_low'):.2f}"
+                  + "".join(f"; {x}" for x in m.missing))
+            extra = {"kurt_matched_low": m.mean("kurt_low"),
+                     "kurt_matched_high": m.mean("kurt_high"), "matched": m.points,
+                     "matched_missing": m.missing, "cell_end": end_cell}
         details.append(
             f"{pair.field}: {pair.high.label()} vs {pair.low.label()}: Kurt "
             f"{pair.high.describe()} vs {pair.low.describe()}; growth "
             f"{pair.high.describe('kurt_growth')} vs {pair.low.describe('kurt_growth')}; loss "
-            f"{pair.high.loss():.3f} vs {pair.low.loss():.3f}; {word} in {up} of {len(cell)} "
-            f"seed pair(s) ({direction}, cell p = {cell_p:.3f})" + (f" — {flag}" if flag else ""))
+            f"{pair.high.loss():.3f} vs {pair.low.loss():.3f}{at}; {word} in {up} of "
+            f"{len(cell)} seed pair(s){' at matched loss' if use_matched else ''} ({direction}"
+            f", cell p = {cell_p:.3f})" + (f" — {flag}" if flag else ""))
         evidence.append(pair.evidence(test, cell=cell, cell_p=cell_p, direction=direction,
-                                      note=flag, counted=True, left_out=""))
+                                      note=flag, counted=True, left_out="", **extra))
         evidence[-1].update(seeds=len(cell), in_direction=up, verdict=direction)
     details += [f"not tested: {m}" for m in misses] + _diverged_note(runs)
     ratios = [e["kurt_high"] / e["kurt_low"] for e in evidence if e["kurt_low"]]
-    summary = (f"{OUTCOME_NAMES[metric]}: {test.describe(word)}; final Kurt ratio "
+    name = OUTCOME_NAMES[metric]
+    if use_matched:
+        name += " at matched validation loss"
+        if not test.pairs:
+            name += " (no same-seed pair has a value there)"
+    elif matched:
+        name += " at the runs' ends (not every run logged a held-out Kurt trajectory)"
+    summary = (f"{name}: {test.describe(word)}; final Kurt ratio "
                f"{_span(ratios, '.2f')}; {sum(e['direction'] == 'in direction' for e in evidence)}"
                f" of {len(pairs)} cell(s) in direction, "
                f"{sum(e['direction'] == 'against' for e in evidence)} against"
+               + (f"; at the runs' ends: {end_test.describe(word)}" if use_matched else "")
                + _seed_note(pairs))
     claim = Claim(key, statement, test.verdict, summary, details, evidence)
-    claim.test = {"outcome": metric, "pairs": test.pairs, "cells": len(cells),
-                  "seeds": test.seeds, "in_direction": test.in_direction,
-                  "against": test.against, "p": test.p, "p_other": test.p_other}
+    claim.test = {"outcome": metric, "matched_loss": use_matched, "pairs": test.pairs,
+                  "cells": len(cells), "seeds": test.seeds, "in_direction": test.in_direction,
+                  "against": test.against, "p": test.p, "p_other": test.p_other,
+                  "end": {"pairs": end_test.pairs, "in_direction": end_test.in_direction,
+                          "p": end_test.p, "p_other": end_test.p_other,
+                          "verdict": end_test.verdict}}
     return claim
 
 
@@ -334,9 +369,11 @@ def _pair_claim(key: str, statement: str, pairs: list[Pair], misses: list[str],
 
 def claim_op_vs_prenorm(runs: Sequence[RunRecord], loss_tol: float = 0.05) -> Claim:
     """OP has lower Kurt than Pre-Norm at matched loss (science §5). The field under test is the
-    block (the preset's fields, :data:`ARCH_KEYS`); every pair counts, and a cell where OP's
-    seed-mean loss is more than ``loss_tol`` (relative) above Pre-Norm's is flagged "not at
-    matched loss" with both losses (lower Kurt bought with a worse model)."""
+    block (the preset's fields, :data:`ARCH_KEYS`); every pair counts, compared at matched
+    validation loss along the runs' trajectories (:mod:`.matched`). Runs without a held-out
+    trajectory are compared at their ends, and a cell where OP's seed-mean loss is more than
+    ``loss_tol`` (relative) above Pre-Norm's is flagged "not at matched loss" with both losses
+    (lower Kurt bought with a worse model)."""
     statement = "The OP block has lower kurtosis than Pre-Norm blocks at matched loss."
     pre = {"pre-ln", "pre-rms", "pre-srms"}
     pairs, misses = find_pairs(
@@ -350,9 +387,10 @@ def claim_op_vs_prenorm(runs: Sequence[RunRecord], loss_tol: float = 0.05) -> Cl
             return f"not at matched loss: OP's loss {lo / lp - 1:+.1%} against Pre-Norm's"
         return ""
 
+    traj = all(has_trajectory(r) for p in pairs for g in (p.low, p.high) for r in g.runs)
     claim = _pair_claim("op_vs_prenorm", statement, pairs, misses, runs,
                         "needs an OP run and a Pre-Norm run that differ only in the block",
-                        note=note)
+                        note=None if traj else note, matched=True)
     unmatched = sum(bool(e.get("note")) for e in claim.evidence)
     if unmatched:
         claim.summary += f"; {unmatched} cell(s) not at matched loss (flagged, counted)"
@@ -450,7 +488,7 @@ def _claim_rotated(runs: Sequence[RunRecord], key: str, rotated: str, diagonal: 
         lambda a, b: _shown(b.first, a.first, ("optim.name",)))
     return _pair_claim(key, statement, pairs, misses, runs,
                        f"needs a {rotated} run and a {diagonal} run that differ only in the "
-                       "optimiser")
+                       "optimiser", matched=True)
 
 
 def claim_soap(runs: Sequence[RunRecord]) -> Claim:
