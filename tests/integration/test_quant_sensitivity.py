@@ -90,25 +90,28 @@ def test_recommendation_finds_the_planted_layer_and_is_verified(planted):
 
 
 def test_damage_in_two_known_blocks_is_found(planted):
-    """A second massive activation planted in block 2 (the MLP's unit 1 reads the same channel,
-    so block 2's down projection pays too): the two planted down projections lead the ranking
-    and the verified set reaches the target."""
+    """A second massive activation planted in block 2: its MLP unit 1 reads the direction block
+    1 writes into token 0's residual stream, so block 2's down projection gets a massive input on
+    token 0 too. The two planted blocks lead the blocks, their down projections the ranking, and
+    the verified set reaches the target."""
     import copy
-
-    from tiny_llama import PLANT_CHANNEL
 
     two = copy.deepcopy(planted)
     with torch.no_grad():
-        mlp = two.model.layers[2].mlp
+        v = two.model.layers[PLANT_LAYER].mlp.down_proj.weight[:, 0]  # the planted unit's write
+        mlp = two.model.layers[PLANT_LAYER + 1].mlp
         for lin in (mlp.gate_proj, mlp.up_proj):
-            lin.weight[1] = 0.0
-            lin.weight[1, PLANT_CHANNEL] = 6.0
+            lin.weight[1] = 6.0 * v / v.norm()
     x, y = windows(4)
     calib = [windows(4, seed=s)[0] for s in (1, 2)]
-    res = layer_sensitivity(two, scheme("w8a8-tensor"), calib, x, y, batch_size=2)
-    planted_downs = {f"model.layers.{i}.mlp.down_proj" for i in (PLANT_LAYER, 2)}
-    assert set(res["searched_blocks"][:2]) == {f"blocks.{PLANT_LAYER}", "blocks.2"}
+    # share 0.99: block 1 alone holds 92 % of the blocks' damage, so 90 % would search only it
+    res = layer_sensitivity(two, scheme("w8a8-tensor"), calib, x, y, batch_size=2, share=0.99)
+    assert res["searched_blocks"][:2] == [f"blocks.{PLANT_LAYER}", f"blocks.{PLANT_LAYER + 1}"]
+    blocks = sorted(res["blocks"], key=lambda r: -r["alone_kl"])
+    both = {f"blocks.{i}" for i in (PLANT_LAYER, PLANT_LAYER + 1)}
+    assert {r["name"] for r in blocks[:2]} == both
+    planted_downs = {f"model.layers.{i}.mlp.down_proj" for i in (PLANT_LAYER, PLANT_LAYER + 1)}
     assert {r["name"] for r in res["ranking"][:2]} == planted_downs
     rec = res["recommendation"]
-    assert rec["reached"] and rec["verified_recovery"] >= 0.9
-    assert planted_downs & set(rec["keep_16bit"])
+    assert rec["reached"] and rec["verified_recovery"] >= 0.99
+    assert set(rec["keep_16bit"][:2]) == planted_downs
