@@ -29,10 +29,13 @@ def write_run(path: str | Path, *, arch: str = "pre-ln", optimizer: str = "adamw
               status: str = "finished", steps: int = 100, every: int = 20, n_layer: int = 4,
               cos_sim: float | None = None, extra: dict[str, Any] | None = None,
               held_out: float | None = None, entropy: float | None = None,
+              trajectory: bool = False,
               init: float | None = None, tokens_per_s: float = 8000.0,
               measured: dict[str, Any] | None = None) -> Path:
     """Write a run folder; ``quant`` maps scheme → (fp_ppl, quant_ppl); ``measured`` is
-    written as ``measure.json`` (what ``outlierlab measure RUN --save`` writes)."""
+    written as ``measure.json`` (what ``outlierlab measure RUN --save`` writes); ``trajectory``
+    logs the held-out Kurt (rising from 1 towards ``held_out``) at every evaluation, not only
+    the last."""
     run = RunFolder(path)
     model = GPTConfig.preset(
         arch, n_layer=n_layer, d_model=64, n_head=4, vocab_size=260, seq_len=64
@@ -73,8 +76,9 @@ def write_run(path: str | Path, *, arch: str = "pre-ln", optimizer: str = "adamw
         if step % (2 * every) == 0 or step == last:
             rec["val_loss"] = val_loss + 2.0 * (1 - t) ** 2 + 0.02
             rec["val_ppl"] = float(np.exp(rec["val_loss"]))
-        if held_out is not None and step == last:
-            vk = {p: float(1 + (held_out - 1) * s) for p, s in zip(points, layer_scale)}
+        if held_out is not None and (step == last or (trajectory and "val_loss" in rec)):
+            f = 1.0 if step == last else t
+            vk = {p: float(1 + (held_out - 1) * s * f) for p, s in zip(points, layer_scale)}
             rec.update({"val_kurtosis": vk, "val_kurtosis_mean": float(np.mean(list(vk.values()))),
                         "val_kurtosis_max": max(vk.values())})
         rows.append(rec)

@@ -46,7 +46,7 @@ from torch import nn
 from outlierlab.errors import ConfigError
 from outlierlab.jsonable import json_safe
 from outlierlab.metrics import OUTLIER_K, attention_entropy_sum
-from outlierlab.stats import StatsAccumulator, offdiag_cosine_fast
+from outlierlab.stats import _CHUNK, StatsAccumulator, offdiag_cosine_fast
 from outlierlab.structure import (  # noqa: F401 — auto_points, glob_regex: public here too
     AttentionPoint,
     StructureError,
@@ -106,6 +106,7 @@ class OutlierMonitor:
         self._entropy: dict[str, torch.Tensor] = {}  # name → float64 [Σ entropy, query rows]
         self.enabled = True
         self._acc: dict[str, StatsAccumulator] = {}
+        self._spare: dict[str, StatsAccumulator] = {}  # zeroed by reset, reused by _record
         self._handles: list[Any] = []
         self._calls = 0  # forward calls of the root
         self._measured = 0  # number of the next measured forward (seeds the subsamples)
@@ -236,7 +237,9 @@ class OutlierMonitor:
                 rows = rows[mask.reshape(-1).to(device=rows.device, dtype=torch.bool)]
             acc = self._acc.get(name)
             if acc is None:
-                acc = StatsAccumulator(d, device=x.device, extras=self.extras, authors=True)
+                acc = self._spare.pop(name, None)  # reset's: its buffers are warm
+                if acc is None or acc.d != d or acc.state.device != x.device:
+                    acc = StatsAccumulator(d, device=x.device, extras=self.extras, authors=True)
                 self._acc[name] = acc
             n = rows.shape[0]
             mmr_n, cos_n = self.mmr_max_tokens, self.cos_max_tokens
@@ -247,9 +250,24 @@ class OutlierMonitor:
                 g = torch.Generator().manual_seed(self.seed + self._measured)
                 perm = torch.randperm(n, generator=g).to(rows.device)
                 self._perms[(n, rows.device)] = perm
-            acc.update(rows, mmr_index=perm[:mmr_n] if sub_mmr else None)
+            acc.add_rows(rows)
+            if not n:
+                return
+            # One gather serves both subsamples (Eq. 2 takes the first mmr_n of the permutation,
+            # cos-sim the first cos_n) unless it would be a large temporary.
+            k = max(mmr_n if sub_mmr else 0, cos_n if sub_cos else 0)
+            sel = rows.index_select(0, perm[:k]) if k > 0 and k * d <= _CHUNK else None
+            if sub_mmr:
+                acc.add_mmr(sel[:mmr_n] if sel is not None else rows.index_select(0, perm[:mmr_n]))
+            else:
+                acc.add_mmr(rows)
             if n >= 2:
-                cos = offdiag_cosine_fast(rows, perm[:cos_n] if sub_cos else None)
+                if not sub_cos:
+                    cos = offdiag_cosine_fast(rows)
+                elif sel is not None:
+                    cos = offdiag_cosine_fast(sel[:cos_n])
+                else:
+                    cos = offdiag_cosine_fast(rows, perm[:cos_n])
                 acc.add_cos(cos, valid=True)
 
     # -- control ------------------------------------------------------------------------------
@@ -269,7 +287,11 @@ class OutlierMonitor:
         self._measured, self._stride = start, stride
 
     def reset(self) -> None:
-        """Forget all statistics (hooks stay)."""
+        """Forget all statistics (hooks stay). The accumulators are zeroed and kept aside for
+        the same points' next forwards (no fresh buffers per measured step)."""
+        for name, acc in self._acc.items():
+            acc.reset()
+            self._spare[name] = acc
         self._acc.clear()
         self._entropy.clear()
 

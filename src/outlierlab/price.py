@@ -8,18 +8,18 @@ Pipeline (all on the same windows; calibration batches from the train split, sci
    validation windows: per-layer Kurt (Eq. 1), max |x| and where it sits, attention sinks;
 2. FP perplexity on the ``eval_windows`` validation windows, once;
 3. per scheme, :func:`outlierlab.quant.quantize_and_evaluate` (quantised perplexity and the
-   per-layer activation SQNR): ``w8a8-tensor``, ``w8a8-dynamic``, ``w8a8-paper``, SmoothQuant
+   per-layer activation SQNR): ``w8a8-tensor``, ``w8a8-dynamic``, ``w8a8-outputs``, SmoothQuant
    α = 0.5 and 0.8 on ``w8a8-tensor``, and the rotation baseline
    (:func:`outlierlab.quant.rotate.rotate`, Llama family) quantised with ``w8a8-tensor``;
    then ``fp8-tensor``, ``fp8-dynamic``, ``w4a16-rtn``, ``w4a16-gptq``, ``w4a4-quarot`` and
    ``smoothquant-search`` (:data:`outlierlab.quant.SCHEMES`).
 
 Work is shared (:class:`outlierlab.quant.CalibCache`, one per model; results unchanged):
-``w8a8-paper`` runs first so that its calibration pass also gives ``w8a8-tensor``'s ranges and
+``w8a8-outputs`` runs first so that its calibration pass also gives ``w8a8-tensor``'s ranges and
 weights; one SmoothQuant statistics pass serves every α (``smoothquant-search`` included, and
 the fixed-α rows' ranges its chosen α when that is 0.5 or 0.8); ``w4a4-quarot``'s rotated copy has
 a cache of its own. Calibration passes per scheme (counted on a tiny model,
-``tests/integration/test_quant_serving.py``): w8a8-paper 1, w8a8-tensor 0, w8a8-dynamic 0,
+``tests/integration/test_quant_serving.py``): w8a8-outputs 1, w8a8-tensor 0, w8a8-dynamic 0,
 SmoothQuant α = 0.5 2 (statistics, ranges), α = 0.8 1, rotation 1, fp8-tensor 1, fp8-dynamic 0,
 w4a16-rtn 0, w4a16-gptq 1 (XᵀX), w4a4-quarot 1 (XᵀX of the rotated copy), smoothquant-search 6
 (one calibration cross-entropy pass per α) + 1 (ranges of the chosen α unless 0.5 or 0.8); plus
@@ -57,7 +57,7 @@ def schemes() -> list[tuple[str, Any]]:
     return [
         ("w8a8-tensor", scheme("w8a8-tensor")),
         ("w8a8-dynamic", scheme("w8a8-dynamic")),
-        ("w8a8-paper", scheme("w8a8-paper")),
+        ("w8a8-outputs", scheme("w8a8-outputs")),
         ("smoothquant α=0.5", scheme("w8a8-tensor", smooth_alpha=0.5)),
         ("smoothquant α=0.8", scheme("w8a8-tensor", smooth_alpha=0.8)),
         (ROTATION, scheme("w8a8-tensor")),
@@ -93,10 +93,10 @@ def row_labels(asked: Sequence[str] | None) -> list[str]:
 
 
 def _compute_order(label: str) -> int:
-    """``w8a8-paper`` first (its ranges serve ``w8a8-tensor``), ``smoothquant-search`` last (the
+    """``w8a8-outputs`` first (its ranges serve ``w8a8-tensor``), ``smoothquant-search`` last (the
     fixed-α rows' statistics pass serves it, and their ranges serve the chosen α if it is 0.5 or
     0.8), the rest in page order."""
-    return {"w8a8-paper": 0, "smoothquant-search": 2}.get(label, 1)
+    return {"w8a8-outputs": 0, "smoothquant-search": 2}.get(label, 1)
 
 
 def run_price(

@@ -35,6 +35,20 @@ from outlierlab.errors import (
 from outlierlab.fields import SECTIONS
 from outlierlab.jsonable import json_safe, write_json
 
+RENAMED_SCHEMES = {"w8a8-paper": "w8a8-outputs"}
+"""Schemes whose name changed meaning (issue 23: the old ``w8a8-paper`` is ``w8a8-outputs``,
+and ``w8a8-paper`` now means Bondarenko et al.'s sites); a result of the old meaning has a
+``config`` (every ``outlierlab quantize`` result has) without ``paper_sites``."""
+
+
+def legacy_scheme(scheme: str, result: dict[str, Any]) -> str | None:
+    """The new name of a result saved under ``scheme``'s old meaning, else None."""
+    config = result.get("config")
+    if scheme in RENAMED_SCHEMES and isinstance(config, dict) and "paper_sites" not in config:
+        return RENAMED_SCHEMES[scheme]
+    return None
+
+
 RUN_CONFIG_FILE = "config.json"
 """The resolved run config (``RunConfig.to_dict()``); a Hugging Face folder's ``config.json``
 has ``model_type`` instead."""
@@ -115,14 +129,34 @@ class RunFolder:
 
     def quant_results(self) -> dict[str, dict[str, Any]]:
         """Every saved quantisation result, ``{scheme: result}`` (``quant/<scheme>.json``; an
-        older ``quant/results.json`` is filed under the scheme it names)."""
+        older ``quant/results.json`` is filed under the scheme it names; a ``w8a8-paper.json``
+        written before issue 23 under the scheme's new name, ``w8a8-outputs``, unless that has
+        a file of its own)."""
         found: dict[str, dict[str, Any]] = {}
+        legacy: dict[str, dict[str, Any]] = {}
         if self.quant_dir.is_dir():
             for q in sorted(self.quant_dir.glob("*.json")):
                 d = read_json_object(q)
                 scheme = str(d.get("scheme", q.stem)) if q.stem == "results" else q.stem
-                found[scheme] = d
-        return found
+                if renamed := legacy_scheme(scheme, d):
+                    legacy[renamed] = {**d, "scheme": renamed}
+                else:
+                    found[scheme] = d
+        return {**legacy, **found}
+
+    def is_legacy_quant(self, scheme: str) -> bool:
+        """Whether ``quant/<scheme>.json`` holds a result of the scheme's old meaning."""
+        q = self.quant_file(scheme)
+        return scheme in RENAMED_SCHEMES and q.is_file() and bool(
+            legacy_scheme(scheme, read_json_object(q)))
+
+    def file_legacy_quant(self, scheme: str) -> None:
+        """Move a legacy ``quant/<scheme>.json`` to its new name before the scheme is run again
+        (kept when that name has a file already: nothing is overwritten)."""
+        if self.is_legacy_quant(scheme):
+            new = self.quant_file(RENAMED_SCHEMES[scheme])
+            if not new.exists():
+                os.replace(self.quant_file(scheme), new)
 
     @classmethod
     def of_checkpoint(cls, folder: str | os.PathLike) -> RunFolder | None:

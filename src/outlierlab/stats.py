@@ -18,20 +18,18 @@ import math
 from collections.abc import Iterator
 from dataclasses import dataclass, fields
 
+import numpy as np
 import torch
 
 from outlierlab.metrics import (
+    AUTHORS_RMS_EPS,
     LLM_INT8_THRESHOLD,
     OUTLIER_K,
-    corr_authors_from_sums,
-    kurtosis_authors_from_sums,
-    kurtosis_from_sq,
-    outliers_from_sq,
     subsample_tokens,
     token_mmr,
 )
 
-_SCRATCH = 1 << 17  # float64 elements of a CPU scratch chunk (1 MiB)
+_SCRATCH = 1 << 18  # float64 elements of a CPU scratch chunk (2 MiB: one chunk for 2048 × 128)
 _CHUNK = 1 << 22  # elements per chunk of a hook's temporaries (bounds their memory, 16 MiB fp32)
 _TINY = torch.finfo(torch.float64).tiny
 
@@ -55,10 +53,10 @@ def _row_chunks(r: torch.Tensor, index: torch.Tensor | None = None) -> Iterator[
 def _chunks64(r: torch.Tensor, buf: torch.Tensor | None) -> Iterator[torch.Tensor]:
     """Float64 copies of consecutive row chunks of ``r`` (n, d), written into ``buf`` (reused
     and overwritten) when given and on CPU; else one full float64 copy."""
-    if buf is None or r.device.type != "cpu" or r.shape[0] <= buf.shape[0]:
+    if buf is None or r.device.type != "cpu":
         yield r.to(torch.float64, copy=True)
         return
-    for chunk in r.split(buf.shape[0]):
+    for chunk in r.split(buf.shape[0]):  # one chunk when it fits: no fresh allocation
         b = buf[: chunk.shape[0]]
         b.copy_(chunk)
         yield b
@@ -67,9 +65,34 @@ def _chunks64(r: torch.Tensor, buf: torch.Tensor | None) -> Iterator[torch.Tenso
 def mmr_sum(r: torch.Tensor, index: torch.Tensor | None = None) -> torch.Tensor:
     """Σ over the rows of ``r`` (n, d) — or its rows ``index`` — of the Eq. 2 summand
     (:func:`outlierlab.metrics.token_mmr`), a float64 0-d tensor, chunk by chunk."""
+    if _numpy_ok(r):
+        rows = r if index is None else r.index_select(0, index)
+        return torch.tensor(mmr_sum_host(rows), dtype=torch.float64)
     total = torch.zeros((), dtype=torch.float64, device=r.device)
     for c in _row_chunks(r, index):
         total += token_mmr(c).sum()
+    return total
+
+
+def _numpy_ok(r: torch.Tensor) -> bool:
+    """Whether ``r`` can be read as a numpy array without a copy of another dtype."""
+    return r.device.type == "cpu" and r.dtype in (torch.float32, torch.float64)
+
+
+def mmr_sum_host(r: torch.Tensor) -> float:
+    """:func:`mmr_sum` of a CPU float32/float64 ``r`` (n, d) as a Python float, in numpy: one
+    (SIMD) sort of |x| per row gives the max (last column) and the median (the middle one or
+    two, averaged in float64 as :func:`outlierlab.metrics.median_abs`), so no torch op is
+    dispatched. Equals :func:`mmr_sum` up to the summation order."""
+    d = r.shape[-1]
+    lo, hi = (d - 1) // 2, d // 2
+    total = 0.0
+    for c in _row_chunks(r):
+        p = np.abs(c.detach().numpy())
+        p.sort(axis=-1)
+        med = (p[:, lo].astype(np.float64) + p[:, hi].astype(np.float64)) / 2
+        with np.errstate(divide="ignore", invalid="ignore"):  # inf / NaN as token_mmr's
+            total += float((p[:, -1].astype(np.float64) / med).sum())
     return total
 
 
@@ -82,14 +105,17 @@ def offdiag_cosine_fast(r: torch.Tensor, index: torch.Tensor | None = None) -> t
     if n < 2:
         return torch.tensor(math.nan, dtype=torch.float64, device=r.device)
     dt = torch.float64 if r.dtype == torch.float64 else torch.float32
-    total = torch.zeros(r.shape[1], dtype=dt, device=r.device)
-    nonzero = torch.zeros((), dtype=torch.int64, device=r.device)
+    total: torch.Tensor | None = None
+    nonzero: torch.Tensor | int = 0
     for c in _row_chunks(r, index):
         c = c.to(dt)
-        n2 = c.square().sum(1)
-        total += torch.where(n2 > 0, n2.rsqrt(), 0.0) @ c
-        nonzero += (n2 > 0).sum()
-    return (total.double().square().sum() - nonzero) / (n * (n - 1))
+        w = torch.linalg.vector_norm(c, dim=1).reciprocal_()
+        w.nan_to_num_(posinf=0.0)  # zero rows: weight 0 (cosine 0 with every row)
+        nonzero = nonzero + torch.count_nonzero(w)
+        total = w @ c if total is None else total.addmv_(c.T, w)
+    assert total is not None
+    t64 = total.double()
+    return (t64.dot(t64) - nonzero) / (n * (n - 1))
 
 
 # -- the accumulator --------------------------------------------------------------------------
@@ -98,11 +124,16 @@ def offdiag_cosine_fast(r: torch.Tensor, index: torch.Tensor | None = None) -> t
 @dataclass(slots=True)
 class LayerSums:
     """The sufficient statistics of one layer: named float64 views into one flat buffer (so
-    merge, copy and all-reduce move everything in one op). Built by :meth:`over`."""
+    merge, copy and all-reduce move everything in one op). Built by :meth:`over`.
 
+    Only raw sums are kept (``col_sum`` and ``cross`` adjacent, so one matrix product updates
+    both); the token-centred sums of the authors' metrics follow when read
+    (:meth:`sum_centred`, :meth:`sq_centred`), with μ_α the mean of token α over the width:
+    Σ_α μ_α = Σ_j col_sum_j / d and Σ_α μ_α² = Σ_j cross_j / d."""
+
+    col_sum: torch.Tensor  # (d,) Σ_α x_αj
+    cross: torch.Tensor  # (d,) Σ_α x_αj μ_α
     sq: torch.Tensor  # (d,) Σ_α x_αj² — s_j² up to 1/n: Eq. 1, outlier neurons
-    sq_centred: torch.Tensor  # (d,) Σ_α (x_αj − μ_α)², μ_α the token's mean: centred Kurt
-    sum_centred: torch.Tensor  # (d,) Σ_α (x_αj − μ_α): the authors' batch_corr_mean
     tokens: torch.Tensor  # () n, non-padding tokens seen
     mmr_sum: torch.Tensor  # () Σ of the Eq. 2 summand over the MMR tokens
     mmr_tokens: torch.Tensor  # () tokens in mmr_sum (a subsample when bounded)
@@ -123,19 +154,29 @@ class LayerSums:
         scalars = [flat[_N_VECTORS * d + i] for i in range(_N_SCALARS)]
         return cls(*vectors, *scalars)
 
+    def sum_centred(self) -> torch.Tensor:
+        """(d,) Σ_α (x_αj − μ_α): the authors' ``batch_corr_mean``."""
+        return self.col_sum - self.col_sum.sum() / self.col_sum.numel()
+
+    def sq_centred(self) -> torch.Tensor:
+        """(d,) Σ_α (x_αj − μ_α)² = Σ x² − 2 Σ x μ + Σ μ²: centred Kurt, the authors' metrics."""
+        return self.sq - 2 * self.cross + self.cross.sum() / self.cross.numel()
+
 
 _N_VECTORS = 3  # the (d,) fields come first
 _N_SCALARS = len(fields(LayerSums)) - _N_VECTORS  # then the 0-d ones
+_SLOT = {f.name: i - _N_VECTORS for i, f in enumerate(fields(LayerSums)) if i >= _N_VECTORS}
 
 
 @dataclass(slots=True)
 class _HostCounts:
-    """Counts kept as Python ints until :meth:`StatsAccumulator._flush`, so ``update`` adds no
-    tiny tensor ops for them."""
+    """Counts (and, on CPU, the Eq. 2 sum) kept as Python numbers until
+    :meth:`StatsAccumulator._flush`, so ``update`` adds no tiny tensor ops for them."""
 
     tokens: int = 0
     mmr_tokens: int = 0
     cos_count: int = 0
+    mmr_sum: float = 0.0
 
 
 class StatsAccumulator:
@@ -165,7 +206,10 @@ class StatsAccumulator:
         self.state = torch.zeros(LayerSums.size(d), dtype=torch.float64, device=device)
         self.sums = LayerSums.over(self.state, d)
         self._pending = _HostCounts()
-        self._buf: torch.Tensor | None = None  # scratch for _sum_sq64 (not state)
+        self._pair = self.state[: 2 * d].view(2, d)  # col_sum and cross, one matrix
+        self._buf: torch.Tensor | None = None  # scratch for the chunked sums (not state)
+        self._ones: torch.Tensor | None = None  # _lhs (not state)
+        self._w: torch.Tensor | None = None  # _mean_w (not state)
 
     @property
     def tokens(self) -> int:
@@ -174,12 +218,23 @@ class StatsAccumulator:
     def _flush(self) -> None:
         """Move the host-side counts into the state."""
         p, s = self._pending, self.sums
+        if self.state.device.type == "cpu":  # one in-place numpy write, no torch ops
+            at = _N_VECTORS * self.d
+            st = self.state.detach().numpy()
+            st[at + _SLOT["tokens"]] += p.tokens
+            st[at + _SLOT["mmr_tokens"]] += p.mmr_tokens
+            st[at + _SLOT["cos_count"]] += p.cos_count
+            st[at + _SLOT["mmr_sum"]] += p.mmr_sum
+            self._pending = _HostCounts()
+            return
         if p.tokens:
             s.tokens += p.tokens
         if p.mmr_tokens:
             s.mmr_tokens += p.mmr_tokens
         if p.cos_count:
             s.cos_count += p.cos_count
+        if p.mmr_sum:
+            s.mmr_sum += p.mmr_sum
         self._pending = _HostCounts()
 
     def update(
@@ -198,52 +253,86 @@ class StatsAccumulator:
         r = x.detach().reshape(-1, self.d)
         if mask is not None:
             r = r[mask.detach().reshape(-1).to(device=r.device, dtype=torch.bool)]
+        if not r.shape[0]:
+            return self
+        if mmr_index is None:
+            self.add_mmr(subsample_tokens(r, mmr_max_tokens, seed))
+        else:
+            self.add_mmr(r.index_select(0, mmr_index))
+        return self.add_rows(r)
+
+    def add_rows(self, r: torch.Tensor) -> StatsAccumulator:
+        """Add the token rows ``r`` (n, d) to every per-neuron sum (all but Eq. 2 and cos-sim,
+        see :meth:`add_mmr`, :meth:`add_cos`)."""
         n = r.shape[0]
         self._pending.tokens += n
         if not n:
             return self
-        s = self.sums
-        if mmr_index is None:
-            mmr_rows = subsample_tokens(r, mmr_max_tokens, seed)
-            s.mmr_sum += mmr_sum(mmr_rows)
-            self._pending.mmr_tokens += mmr_rows.shape[0]
-        else:
-            s.mmr_sum += mmr_sum(r, mmr_index)
-            self._pending.mmr_tokens += mmr_index.shape[0]
         if self.extras:
             self._add_extras(r)
         elif self.authors:
             self._add_centred(r)
         else:
-            s.sq.add_(self._sum_sq64(r))
+            self._add_sq(r)
         return self
 
+    def add_mmr(self, rows: torch.Tensor) -> StatsAccumulator:
+        """Add the Eq. 2 summands of the token rows ``rows`` (n, d): on CPU in numpy
+        (:func:`mmr_sum_host`, a host float until read), elsewhere on the device."""
+        if not rows.shape[0]:
+            return self
+        self._pending.mmr_tokens += rows.shape[0]
+        if _numpy_ok(rows) and self.state.device.type == "cpu":
+            self._pending.mmr_sum += mmr_sum_host(rows)
+        else:
+            self.sums.mmr_sum.add_(mmr_sum(rows))
+        return self
+
+    def _lhs(self, m: int, device: torch.device) -> torch.Tensor:
+        """A reused float64 (2, m) matrix: row 0 ones, row 1 free (the token means)."""
+        buf = self._ones
+        if buf is None or buf.shape[1] < m or buf.device != device:
+            buf = torch.ones(2, max(m, 1), dtype=torch.float64, device=device)
+            self._ones = buf
+        return buf[:, :m]
+
+    def _mean_w(self, device: torch.device) -> torch.Tensor:
+        """The reused float64 (d,) vector 1/d: ``X @ w`` is the token means."""
+        w = self._w
+        if w is None or w.device != device:
+            w = self._w = torch.full((self.d,), 1.0 / self.d, dtype=torch.float64, device=device)
+        return w
+
     def _add_centred(self, r: torch.Tensor) -> None:
-        """Σx², Σc² and Σc (c the token-centred rows, see :meth:`_add_extras`) chunk by chunk
-        through :meth:`scratch`: a row mean, a column sum and one float64 matrix-vector product
-        per chunk beyond Σx² (few ops: each costs a dispatch)."""
+        """Σx, Σxμ and Σx² (the authors' centred sums follow when read:
+        :meth:`LayerSums.sq_centred`), chunk by chunk through :meth:`scratch` in five ops per
+        chunk: a float64 copy, the token means μ, one matrix product ``[1; μ] · X`` into
+        ``col_sum`` and ``cross``, a square and one matrix-vector product into ``sq``."""
+        s, pair = self.sums, self._pair
+        for b in _chunks64(r, self.scratch()):
+            lhs = self._lhs(b.shape[0], b.device)
+            torch.mv(b, self._mean_w(b.device), out=lhs[1])  # μ_α (a gemv beats mean(1))
+            pair.addmm_(lhs, b)
+            s.sq.addmv_(b.square_().T, lhs[0])
+
+    def _add_sq(self, r: torch.Tensor) -> None:
+        """Σx² alone, chunk by chunk (as :meth:`_add_centred`)."""
         s = self.sums
         for b in _chunks64(r, self.scratch()):
-            mu = b.mean(1)
-            s.sum_centred.add_(b.sum(0).sub_(mu.sum()))
-            cross = mu @ b  # Σ_α x_αj μ_α
-            col_sq = b.square_().sum(0)
-            s.sq.add_(col_sq)
-            s.sq_centred.add_(col_sq.sub_(cross.mul_(2)).add_(mu.square().sum()))
+            s.sq.addmv_(b.square_().T, self._lhs(b.shape[0], b.device)[0])
 
     def _add_extras(self, r: torch.Tensor) -> None:
-        """Σx² plus the centred sums of science §1's variants, from raw moments in one float64 pass
-        of matrix-vector products: Σ_α (x_αj − μ_α)² = Σ_α x_αj² − 2 Σ_α x_αj μ_α + Σ_α μ_α², and
-        the per-token central 4th moment c4 = m4 − 4μ m3 + 6μ² m2 − 3μ⁴ (excess kurtosis)."""
+        """Σx², Σx, Σxμ plus the variants of science §1, from raw moments in one float64 pass
+        of matrix-vector products: the per-token central 4th moment
+        c4 = m4 − 4μ m3 + 6μ² m2 − 3μ⁴ (excess kurtosis)."""
         s, d = self.sums, self.d
         r64 = r.to(torch.float64)
         sq = r64.square()
-        col_sq = sq.sum(0)
-        s.sq.add_(col_sq)
+        s.sq.add_(sq.sum(0))
         w = torch.full((d,), 1.0 / d, dtype=torch.float64, device=r.device)
         mu, m2 = r64 @ w, sq @ w
-        s.sq_centred.add_(col_sq - 2 * (r64.T @ mu) + mu.square().sum())
-        s.sum_centred.add_(r64.sum(0) - mu.sum())
+        s.cross.add_(r64.T @ mu)
+        s.col_sum.add_(r64.sum(0))
         m3, m4 = (sq * r64) @ w, sq.square() @ w
         var = m2 - mu.square()
         c4 = m4 - 4 * mu * m3 + 6 * mu.square() * m2 - 3 * mu.square().square()
@@ -251,20 +340,12 @@ class StatsAccumulator:
         s.above += (r.abs() > self.threshold).sum()
 
     def scratch(self) -> torch.Tensor | None:
-        """A reused float64 (rows, d) buffer of about 1 MiB for chunked CPU sums."""
+        """A reused float64 (rows, d) buffer of about 2 MiB for chunked CPU sums."""
         if self.state.device.type != "cpu":
             return None
         if self._buf is None:
             self._buf = torch.empty(max(1, _SCRATCH // self.d), self.d, dtype=torch.float64)
         return self._buf
-
-    def _sum_sq64(self, r: torch.Tensor) -> torch.Tensor:
-        """Σ_α x_αj² in float64, chunk by chunk through :meth:`scratch` on CPU (a full float64
-        copy of a large batch costs more than the sum itself)."""
-        out = torch.zeros(self.d, dtype=torch.float64, device=r.device)
-        for b in _chunks64(r, self.scratch()):
-            out += b.square_().sum(0)
-        return out
 
     def add_cos(self, value: float | torch.Tensor, valid: bool | None = None) -> None:
         """Record one cosine-similarity value (e.g. one per measured forward); NaN is ignored.
@@ -314,23 +395,59 @@ class StatsAccumulator:
         """``kurtosis`` (Eq. 1), ``mmr`` (Eq. 2), ``cos_sim``, ``outlier_neurons`` (indices,
         largest RMS first), ``tokens``; with ``authors`` (or ``extras``) also
         ``kurtosis_authors`` and ``corr_authors``; with ``extras`` also ``kurtosis_centred``,
-        ``token_excess_kurtosis`` and ``share_above_6``. NaN where no data."""
+        ``token_excess_kurtosis`` and ``share_above_6``. NaN where no data. The formulas of
+        :mod:`outlierlab.metrics` (``*_from_sq``, ``*_from_sums``), in numpy on one host copy
+        of the state (a few µs each instead of a torch dispatch per op)."""
         self._flush()
-        s = LayerSums.over(self.state.cpu(), self.d)
-        n, n_mmr, n_cos = int(s.tokens), float(s.mmr_tokens), float(s.cos_count)
-        nan = math.nan
+        st = self.state.detach().cpu().numpy()
+        d = self.d
+        col_sum, cross, sq = st[:d], st[d : 2 * d], st[2 * d : 3 * d]
+        tokens, mmr, n_mmr, excess, above, cos, n_cos = st[3 * d :].tolist()
+        n, nan = int(tokens), math.nan
         out = {
-            "kurtosis": kurtosis_from_sq(s.sq) if n else nan,
-            "mmr": float(s.mmr_sum) / n_mmr if n_mmr else nan,
-            "cos_sim": float(s.cos_sum) / n_cos if n_cos else nan,
-            "outlier_neurons": outliers_from_sq(s.sq, k) if n else [],
+            "kurtosis": _kurtosis_np(sq) if n else nan,
+            "mmr": mmr / n_mmr if n_mmr else nan,
+            "cos_sim": cos / n_cos if n_cos else nan,
+            "outlier_neurons": _outliers_np(sq, k) if n else [],
             "tokens": n,
         }
+        if self.authors or self.extras:
+            sq_centred = sq - 2 * cross + cross.sum() / d  # LayerSums.sq_centred
         if self.authors:
-            out["kurtosis_authors"] = kurtosis_authors_from_sums(s.sq_centred, n)
-            out["corr_authors"] = corr_authors_from_sums(s.sum_centred, s.sq_centred, n)
+            sum_centred = col_sum - col_sum.sum() / d  # LayerSums.sum_centred
+            ms = _authors_ms_np(sq_centred, n)
+            out["kurtosis_authors"] = (  # metrics.kurtosis_authors_from_sums
+                float((sq_centred / (n * ms)).var(ddof=1)) if n > 0 and d >= 2 else nan
+            )
+            out["corr_authors"] = (  # metrics.corr_authors_from_sums
+                float(sum_centred @ sum_centred - sq_centred.sum()) / (n * (n - 1) * d * ms)
+                if n >= 2 else nan
+            )  # fmt: skip
         if self.extras:
-            out["kurtosis_centred"] = (kurtosis_from_sq(s.sq_centred) - 1.0) if n else nan
-            out["token_excess_kurtosis"] = float(s.excess_kurtosis_sum) / n if n else nan
-            out[f"share_above_{self.threshold:g}"] = float(s.above) / (n * self.d) if n else nan
+            out["kurtosis_centred"] = (_kurtosis_np(sq_centred) - 1.0) if n else nan
+            out["token_excess_kurtosis"] = excess / n if n else nan
+            out[f"share_above_{self.threshold:g}"] = above / (n * d) if n else nan
         return out
+
+
+def _kurtosis_np(sq: np.ndarray) -> float:
+    """:func:`outlierlab.metrics.kurtosis_from_sq` of a float64 array."""
+    m2 = sq.mean()
+    return float((sq * sq).mean() / (m2 * m2)) if m2 > 0 else math.nan
+
+
+def _outliers_np(sq: np.ndarray, k: float) -> list[int]:
+    """:func:`outlierlab.metrics.outliers_from_sq` of a float64 array (same order: largest
+    first, ties by index)."""
+    s = np.sort(sq)
+    med = (s[(sq.size - 1) // 2] + s[sq.size // 2]) / 2
+    flagged = np.flatnonzero(sq > (k * k) * med)
+    return flagged[np.argsort(-sq[flagged], kind="stable")].tolist()
+
+
+def _authors_ms_np(sq_centred: np.ndarray, n: int) -> float:
+    """``metrics._authors_ms``: the authors' ``x_rms²``, (sqrt(mean of c²) + 1e-8)²."""
+    if n <= 0:
+        return math.nan
+    mean = max(float(sq_centred.sum()) / (n * sq_centred.size), 0.0)
+    return (math.sqrt(mean) + AUTHORS_RMS_EPS) ** 2

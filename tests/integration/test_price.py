@@ -1,4 +1,4 @@
-"""`w8a8-paper`, the rotation baseline and `outlierlab price` on a tiny HF Llama with a planted
+"""`w8a8-outputs`, the rotation baseline and `outlierlab price` on a tiny HF Llama with a planted
 Sun et al.-style massive activation on the first token (nothing downloaded)."""
 
 from __future__ import annotations
@@ -44,14 +44,15 @@ def test_planted_massive_activation_damage_tensor_far_above_dynamic():
     prof = {p["name"]: p for p in profile(model, x, attention=False)["points"]}
     block = prof[f"blocks.{PLANT_LAYER}.resid_post"]
     assert block["top"][0]["token"] == 0 and block["max_median_ratio"] > 300
-    kl = {s: _kl(model, scheme(s), calib, x) for s in ("w8a8-tensor", "w8a8-dynamic", "w8a8-paper")}
+    kl = {s: _kl(model, scheme(s), calib, x)
+          for s in ("w8a8-tensor", "w8a8-dynamic", "w8a8-outputs")}
     assert kl["w8a8-tensor"] > 100 * kl["w8a8-dynamic"]
-    assert kl["w8a8-paper"] > 3 * kl["w8a8-tensor"]  # the residual stream is quantised too
+    assert kl["w8a8-outputs"] > 3 * kl["w8a8-tensor"]  # the residual stream is quantised too
 
 
-def test_w8a8_paper_quantises_outputs_norms_and_residual():
+def test_w8a8_outputs_quantises_outputs_norms_and_residual():
     model = tiny_llama()
-    cfg = scheme("w8a8-paper")
+    cfg = scheme("w8a8-outputs")
     assert cfg.a_granularity == "tensor" and not cfg.quantize_head
     q = wrap(model, cfg)
     calibrate(q, cfg, [_windows(2, 0)], logits_of)
@@ -62,7 +63,7 @@ def test_w8a8_paper_quantises_outputs_norms_and_residual():
     assert sum(aq.kind == "residual" for aq in outs.values()) == LAYERS + 1  # embed + blocks
     assert sum(aq.kind == "norm" for aq in outs.values()) == 2 * LAYERS + 1  # + final norm
     assert type(q.lm_head).__name__ == "Linear"  # the head stays in full precision
-    q16 = wrap(model, scheme("w8a8-paper", w_bits=16, a_bits=16))
+    q16 = wrap(model, scheme("w8a8-outputs", w_bits=16, a_bits=16))
     x = _windows(2, 5)  # calibrated on the same windows: no value outside its static range
     calibrate(q16, q16.model.layers[0].self_attn.q_proj.cfg, [x], logits_of)
     torch.testing.assert_close(logits_of(q16, x), logits_of(model, x), atol=2e-3, rtol=0)
@@ -102,7 +103,7 @@ def test_price_cli_writes_the_page(tmp_path, capsys):
         assert (out / f).stat().st_size > 0
     res = json.loads((out / "price.json").read_text())
     labels = [r["label"] for r in res["schemes"]]
-    assert labels == ["w8a8-tensor", "w8a8-dynamic", "w8a8-paper", "smoothquant α=0.5",
+    assert labels == ["w8a8-tensor", "w8a8-dynamic", "w8a8-outputs", "smoothquant α=0.5",
                       "smoothquant α=0.8", "rotation + w8a8-tensor", "fp8-tensor", "fp8-dynamic",
                       "w4a16-rtn", "w4a16-gptq", "w4a4-quarot", "smoothquant-search"]  # fmt: skip
     assert all(r["quant_ppl"] > 1 for r in res["schemes"])
@@ -111,7 +112,7 @@ def test_price_cli_writes_the_page(tmp_path, capsys):
     search = res["schemes"][-1]
     assert search["smooth_alpha"] in (0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
     assert "smoothquant-search (α=" in md
-    assert "w8a8-paper" in md and "Attention sinks" in md and "price_kurt.png" in md
+    assert "w8a8-outputs" in md and "Attention sinks" in md and "price_kurt.png" in md
     assert "page:" in capsys.readouterr().out
     with pytest.raises(SystemExit) as bad:  # argparse's one-line usage error
         main(["price", str(g), "--eval-windows", "0"])

@@ -140,7 +140,7 @@ def test_calibration_passes_per_price_scheme():
         passes[label] = calls / len(calib)
         chosen = info["smooth_alpha"] if cfg.smooth_search else chosen
     assert passes == {
-        "w8a8-paper": 1, "w8a8-tensor": 0, "w8a8-dynamic": 0, "smoothquant α=0.5": 2,
+        "w8a8-outputs": 1, "w8a8-tensor": 0, "w8a8-dynamic": 0, "smoothquant α=0.5": 2,
         "smoothquant α=0.8": 1, ROTATION: 1, "fp8-tensor": 1, "fp8-dynamic": 0, "w4a16-rtn": 0,
         "w4a16-gptq": 1, "w4a4-quarot": 1,
         "smoothquant-search": 6 + (chosen not in (0.5, 0.8)),  # one CE pass per α, then ranges

@@ -119,8 +119,9 @@ def test_everything_held_with_four_seeds(tmp_path):
     _seeded(specs, "op", arch="op", kurt=2.0, val_loss=1.72, quant={"w8a8-tensor": (5.0, 5.6)})
     _seeded(specs, "op-soap", arch="op", optimizer="soap", kurt=1.2,
             quant={"w8a8-tensor": (5.0, 5.1)})
-    _seeded(specs, "pre-lr", arch="pre-ln", lr=1e-3, kurt=1.5)
-    _seeded(specs, "pre-eps", arch="pre-ln", eps=1e-4, kurt=1.8)
+    _seeded(specs, "pre-lr", arch="pre-ln", lr=1e-3, kurt=1.5, quant={"w8a8-tensor": (5.0, 5.2)})
+    _seeded(specs, "pre-eps", arch="pre-ln", eps=1e-4, kurt=1.8,
+            quant={"w8a8-tensor": (5.0, 5.4)})
     runs = _runs(tmp_path, specs)
     res = {c.key: c for c in C.evaluate_claims(runs)}
     assert {k: c.verdict for k, c in res.items()} == {
@@ -138,8 +139,12 @@ def test_everything_held_with_four_seeds(tmp_path):
     assert res["lower_lr"].evidence[0]["field"] == "optim.lr: 0.01 → 0.001"
     assert res["larger_eps"].evidence[0]["field"] == "optim.eps: 1e-12 → 0.0001"
     assert "4 seeds" in res["op_vs_prenorm"].details[0]
-    q = res["kurt_vs_quant"].evidence[0]
-    assert q["n"] == 12 and q["rho"] > 0.8 and q["p"] <= C.ALPHA
+    q = res["kurt_vs_quant"].evidence[0]  # one point per configuration: 5 seed means
+    assert (q["n"], q["n_runs"]) == (5, 20) and q["rho"] == pytest.approx(1.0)
+    assert q["p"] == pytest.approx(1 / 120)
+    pre_inc = np.mean([r.quant["w8a8-tensor"].rel_increase for r in pre])
+    assert max(q["rel_increase"]) == pytest.approx(pre_inc)
+    assert "over 5 configurations (seed means of 20 runs" in res["kurt_vs_quant"].summary
 
 
 def test_everything_did_not_hold_with_four_seeds(tmp_path):
@@ -148,8 +153,9 @@ def test_everything_did_not_hold_with_four_seeds(tmp_path):
     _seeded(specs, "op", arch="op", kurt=3.0, quant={"w8a8-tensor": (5.0, 5.2)})
     _seeded(specs, "op-soap", arch="op", optimizer="soap", kurt=3.5,
             quant={"w8a8-tensor": (5.0, 5.0)})
-    _seeded(specs, "pre-lr", arch="pre-ln", lr=1e-3, kurt=2.5)
-    _seeded(specs, "pre-eps", arch="pre-ln", eps=1e-4, kurt=2.5)
+    _seeded(specs, "pre-lr", arch="pre-ln", lr=1e-3, kurt=2.5, quant={"w8a8-tensor": (5.0, 5.3)})
+    _seeded(specs, "pre-eps", arch="pre-ln", eps=1e-4, kurt=2.5,
+            quant={"w8a8-tensor": (5.0, 5.3)})
     res = {c.key: c for c in C.evaluate_claims(_runs(tmp_path, specs))}
     assert {k: c.verdict for k, c in res.items()} == {
         "op_vs_prenorm": C.NOT_HELD, "lower_lr": C.NOT_HELD, "larger_eps": C.NOT_HELD,
@@ -178,6 +184,21 @@ def test_quant_claim_uses_its_p_value(tmp_path):
     assert C.claim_quant(_runs(tmp_path / "4", specs(4))).verdict == C.HELD
 
 
+def test_quant_claim_counts_configurations_not_seeds(tmp_path):
+    """Seeds of one configuration are replicates: 3 configurations × 4 seeds all in order are 3
+    points (ρ = +1, p = 1/6: inconclusive), where pooling 12 runs would have said held;
+    w8a8-paper (Bondarenko et al.'s sites) decides before w8a8-tensor."""
+    specs = {}
+    for i, arch in enumerate(("pre-ln", "op", "post-ln")):
+        _seeded(specs, arch, arch=arch, kurt=2.0 + i, quant={"w8a8-tensor": (5.0, 5.1 + i),
+                                                              "w8a8-paper": (5.0, 5.5 + i)})
+    c = C.claim_quant(_runs(tmp_path, specs))
+    assert c.verdict == C.INCONCLUSIVE and c.evidence[0]["scheme"] == "w8a8-paper"
+    assert (c.evidence[0]["n"], c.evidence[0]["n_runs"]) == (3, 12)
+    assert c.evidence[0]["p"] == pytest.approx(1 / 6)
+    assert c.summary.startswith("w8a8-paper (Bondarenko et al.'s sites, the residual stream")
+
+
 def test_quant_claim_needs_measurable_damage(tmp_path):
     specs = {f"r{i}": dict(arch="pre-ln", kurt=1.0 + i, lr=10.0**-i,
                            quant={"w8a8-tensor": (10.0, 10.0 + 0.001 * (-1) ** i),
@@ -195,7 +216,9 @@ def test_quant_claim_ranks_at_6_bit_activations_where_int8_moves_nothing(tmp_pat
     c = C.claim_quant(_runs(tmp_path, specs))
     assert c.verdict == C.HELD, c.summary
     assert c.summary.startswith("w8a6-tensor: Spearman ρ = +1.00")
-    assert "ranked at 6-bit activations (w8a6-tensor)" in c.summary
+    assert "PROXY" in c.summary and "ranked at 6-bit activations (w8a6-tensor)" in c.summary
+    assert "a 6-bit PROXY of W8A8 on linear inputs only" in c.summary
+    assert c.evidence[-1]["proxy"] and not c.evidence[0]["proxy"]
     # a measurable W8A8 result still decides, whatever the 6-bit ranking says
     for i in range(4):
         specs[f"r{i}"]["quant"]["w8a8-tensor"] = (10.0, 10.1 + 0.2 * (3 - i))

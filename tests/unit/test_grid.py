@@ -164,7 +164,9 @@ def test_every_shipped_sweep_says_which_seeds_it_uses():
             p.overrides["optim.lr"])
     assert set(lrs) == {(m, o) for m in ("pre-ln", "op")
                         for o in ("adamw", "soap", "adafactor", "shampoo")}
-    assert all(len(v) == 5 and max(v) == 1e-2 for v in lrs.values())
+    assert all(v == {1e-3, 3e-3, 1e-2} for v in lrs.values())
+    assert {p.overrides["train.steps"] for p in g.points} == {1000}  # science §6's longer regime
+    assert [p.overrides["train.seed"] for p in g.points[:24]] == [100] * 24  # seed 100 first
 
 
 def test_quick_preset_compares_the_paper_configurations():

@@ -154,5 +154,6 @@ def test_named_sums_are_views_of_one_flat_state():
     acc.all_reduce()  # flushes the host-side counts (no process group: no-op otherwise)
     s = acc.sums
     assert s.tokens.item() == 3 and s.sq.tolist() == [3.0] * 4 and s.cos_count.item() == 1
-    assert s.sq.data_ptr() == acc.state.data_ptr()
+    assert s.col_sum.data_ptr() == acc.state.data_ptr()  # col_sum, cross, sq, then scalars
+    assert s.sq.data_ptr() == acc.state.data_ptr() + 2 * 4 * acc.state.element_size()
     assert acc.state.numel() == 3 * 4 + 7  # three (d,) sums, seven scalars

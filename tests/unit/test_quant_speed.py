@@ -96,15 +96,15 @@ def test_calib_cache_shares_work_without_changing_the_result():
     batches = [torch.randint(0, 64, (2, 16)) for _ in range(2)]
     cache, calls = CalibCache(), []
     model.blocks[0].register_forward_hook(lambda m, a, o: calls.append(1))
-    for name in ("w8a8-paper", "w8a8-tensor"):  # the paper's pass serves w8a8-tensor too
+    for name in ("w8a8-outputs", "w8a8-tensor"):  # the paper's pass serves w8a8-tensor too
         fresh, shared = wrap(model, scheme(name)), wrap(model, scheme(name))
         calibrate(fresh, scheme(name), batches, logits_of)
         n = len(calls)
         calibrate(shared, scheme(name), batches, logits_of, cache)
         passes = (len(calls) - n) // len(batches)
-        assert passes == (1 if name == "w8a8-paper" else 0)
+        assert passes == (1 if name == "w8a8-outputs" else 0)
         assert _same(_state(fresh), _state(shared))
-        outputs = residual_quantizers(shared).values()  # w8a8-paper's residual and norm outputs
+        outputs = residual_quantizers(shared).values()  # w8a8-outputs's residual and norm outputs
         assert all(aq.calib_lo is not None for aq in outputs)
     for alpha in (0.5, 0.8):  # SmoothQuant's statistics pass once for both α
         cfg = scheme("w8a8-tensor", smooth_alpha=alpha)

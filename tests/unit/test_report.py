@@ -5,6 +5,8 @@ import base64
 import json
 from html.parser import HTMLParser
 
+import pytest
+
 from outlierlab.cli import main
 from run_fixtures import write_run
 
@@ -40,7 +42,8 @@ def _sweep(tmp_path, seeds=(0, 1, 2, 3)):  # one cell of 4 same-seed pairs: p = 
                   quant={"w8a8-tensor": (5.1, 5.5), "w8a8-dynamic": (5.1, 5.15)})
         write_run(d / f"op-soap-seed{s}", arch="op", optimizer="soap", kurt=1.2, seed=s,
                   quant={"w8a8-tensor": (5.1, 5.2), "w8a8-dynamic": (5.1, 5.1)})
-        write_run(d / f"pre-ln-lr1e-3-seed{s}", lr=1e-3, kurt=1.5, seed=s)
+        write_run(d / f"pre-ln-lr1e-3-seed{s}", lr=1e-3, kurt=1.5, seed=s,
+                  quant={"w8a8-tensor": (5.0, 5.2)})  # 4 configurations: ρ = 1 is p = 1/24
     write_run(d / "post-ln-adamw-seed0", arch="post-ln", status="diverged")
     return d
 
@@ -116,3 +119,64 @@ def test_report_of_nothing_is_a_one_line_error(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     assert main(["report", str(tmp_path / "empty"), "--out", str(tmp_path / "r")]) == 2
     assert "no run folders" in capsys.readouterr().err
+
+
+def _lr_sweep(d, seeds, loss, kurt):
+    """Pre-LN and OP (AdamW) at lr 1e-3 and 1e-2, held-out Kurt at every evaluation."""
+    for arch in ("pre-ln", "op"):
+        for lr in (1e-3, 1e-2):
+            for s in seeds:
+                write_run(d / f"{arch}-{lr:g}-{s}", arch=arch, lr=lr, seed=s, init=1.3,
+                          val_loss=loss[arch, lr] + 0.001 * (s % 100), kurt=kurt[arch, lr],
+                          held_out=kurt[arch, lr] + 0.01 * (s % 100), trajectory=True)
+    return d
+
+
+def test_tuning_sweep_chooses_lrs_and_the_claims_run_at_them(tmp_path, capsys):
+    """A tuning sweep's report writes tuning.md/.json and the frontier; a test sweep's report
+    with --tuning tests the claims at the shared lr and at each configuration's own lr."""
+    loss = {("pre-ln", 1e-3): 2.03, ("pre-ln", 1e-2): 2.0, ("op", 1e-3): 2.1, ("op", 1e-2): 2.3}
+    kurt = {("pre-ln", 1e-3): 3.0, ("pre-ln", 1e-2): 6.0, ("op", 1e-3): 2.0, ("op", 1e-2): 4.0}
+    tune = _lr_sweep(tmp_path / "tune", (100, 101), loss, kurt)
+    assert main(["report", str(tune), "--out", str(tmp_path / "rt")]) == 0
+    assert "lr tuning: shared lr 0.001; own lr: op adamw 0.001; pre-ln adamw 0.01" in \
+        capsys.readouterr().out
+    t = json.loads((tmp_path / "rt" / "tuning.json").read_text())
+    assert t["shared_lr"] == 1e-3 and [c["own_lr"] for c in t["configurations"]] == [1e-3, 1e-2]
+    md = (tmp_path / "rt" / "report.md").read_text()
+    assert "## lr tuning" in md and "## Kurt–validation-loss frontier" in md
+    assert (tmp_path / "rt" / "figures" / "frontier_block.png").read_bytes()[:8] == PNG
+    front = json.loads((tmp_path / "rt" / "frontier.json").read_text())[0]
+    # L* is OP's best loss (the worse of the two bests), where OP ends (Kurt 2.005); Pre-LN's
+    # lowest Kurt there is on its lr 1e-3 trajectory, between the evaluations at steps 80
+    # (loss 2.1305, Kurt 2.604) and 100 (2.0505, 3.005): 2.604 + 0.125 · 0.401
+    assert front["matched_loss"] == pytest.approx(2.1 + 0.02 + 0.0005)
+    level = front["summary"][0]
+    assert level["kurt"] == {"op": pytest.approx(2.005), "pre-ln": pytest.approx(2.654125)}
+    assert level["lr"] == {"op": 1e-3, "pre-ln": 1e-3}
+
+    test = _lr_sweep(tmp_path / "test", (0, 1, 2, 3), loss, kurt)
+    write_run(test / "op-wd0-0", arch="op", lr=5e-3, seed=0, extra={"optim.weight_decay": 0.0})
+    rt = str(tmp_path / "rt" / "tuning.json")
+    assert main(["report", str(test), "--out", str(tmp_path / "rr"), "--tuning", rt]) == 0
+    sets = json.loads((tmp_path / "rr" / "results.json").read_text())["claim_sets"]
+    shared, own = (sets[k] for k in sets)
+    assert next(iter(sets)) == "Claims at the shared lr 0.001"
+    op_shared = next(c for c in shared if c["key"] == "op_vs_prenorm")
+    op_own = next(c for c in own if c["key"] == "op_vs_prenorm")
+    assert {r.split("-")[1] for r in op_shared["evidence"][0]["high_runs"]} == {"ln"}
+    assert all("-0.001-" in r for e in op_shared["evidence"] for r in e["low_runs"]
+               + e["high_runs"])
+    # own lr: Pre-LN at 1e-2 against OP at 1e-3, paired across lrs
+    ev = op_own["evidence"][0]
+    assert all("-0.01-" in r for r in ev["high_runs"]) and all("-0.001-" in r
+                                                               for r in ev["low_runs"])
+    assert op_own["test"]["matched_loss"] and op_own["test"]["pairs"] == 4
+    with_tuning = (tmp_path / "rr" / "report.md").read_text()
+    assert "## Claims at each configuration's own lr (op adamw 0.001; pre-ln adamw 0.01)" \
+        in with_tuning
+    assert ("1 run(s) of configurations the tuning did not cover, left out of the own-lr "
+            "claims: op-wd0-0 (op-wd0-0 differs from the nearest tuned configuration in "
+            "optim.weight_decay)") in with_tuning
+    # a test sweep never chooses: no tuning.md
+    assert not (tmp_path / "rr" / "tuning.md").exists()

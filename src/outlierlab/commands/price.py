@@ -1,6 +1,6 @@
 """``outlierlab price MODEL``: one page with what the model's outlier features cost: by default
 under ``w8a8-tensor``, ``w8a8-dynamic``, ``fp8-dynamic`` and ``w4a16-rtn``
-(:data:`outlierlab.price.DEFAULT_SCHEMES`); with ``--schemes all`` also ``w8a8-paper``,
+(:data:`outlierlab.price.DEFAULT_SCHEMES`); with ``--schemes all`` also ``w8a8-outputs``,
 SmoothQuant α 0.5 / 0.8 / searched, a rotation baseline, ``fp8-tensor``, ``w4a16-gptq`` and
 ``w4a4-quarot``; plus the per-layer Kurt and max |x|, where the massive activations sit, the
 attention sinks and the per-layer SQNR. ``--sensitivity [SCHEME]`` adds which blocks and linears
@@ -39,7 +39,7 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--schemes", nargs="+", metavar="LABEL",
                    help="the page's rows (default: w8a8-tensor w8a8-dynamic fp8-dynamic "
-                   "w4a16-rtn; 'all': every row, adding w8a8-paper, SmoothQuant α 0.5 / 0.8 / "
+                   "w4a16-rtn; 'all': every row, adding w8a8-outputs, SmoothQuant α 0.5 / 0.8 / "
                    "searched, the rotation baseline, fp8-tensor, w4a16-gptq, w4a4-quarot)")
     p.add_argument("--sensitivity", nargs="?", const="w8a8-tensor", metavar="SCHEME",
                    help="layer sensitivity under SCHEME (default w8a8-tensor): which blocks and "

@@ -58,9 +58,10 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument(
         "--scheme",
         default=DEFAULT_SCHEME,
-        help="w8a8-tensor (default), w8a8-dynamic, w8a8-paper, w4a8, w8a4, w8a6-tensor, "
-        "w6a6-tensor, fp8-tensor, fp8-dynamic (FP8 E4M3), w4a16-rtn, w4a16-gptq (weight-only, "
-        "groups of 128), w4a4-quarot (rotated, GPTQ weights; Llama family and outlierlab's GPT), "
+        help="w8a8-tensor (default), w8a8-dynamic, w8a8-outputs, w8a8-paper (Bondarenko et al.'s "
+        "sites, outlierlab GPTs), w4a8, w8a4, w8a6-tensor, w6a6-tensor, fp8-tensor, fp8-dynamic "
+        "(FP8 E4M3), w4a16-rtn, w4a16-gptq (weight-only, groups of 128), w4a4-quarot (rotated, "
+        "GPTQ weights; Llama family and outlierlab's GPT), "
         "w4a4-online (the same rotation, RTN weights), smoothquant-search (α picked on "
         "calibration data); the options below override it (docs/quant.md)",
     )

@@ -20,19 +20,26 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                    help="where the report goes")
     p.add_argument("--title", default="", help="page title")
     p.add_argument("--loss-tol", type=arg_type(lo=0), default=0.05,
-                   help="relative val-loss gap still counted as 'matched loss' (default 0.05)")
+                   help="for runs without a held-out Kurt trajectory: relative val-loss gap "
+                   "still counted as 'matched loss' (default 0.05)")
+    p.add_argument("--tuning", metavar="TUNING_JSON", default=None,
+                   help="a tuning sweep's REPORT/tuning.json: also test the claims at its "
+                   "shared lr and at each configuration's own lr")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from outlierlab.errors import DataError
     from outlierlab.experiments.report import write_report
+    from outlierlab.experiments.tuning import Tuning
 
+    tuning = Tuning.load(args.tuning) if args.tuning else None
     runs = readable_runs(args.runs, "report")
     if not runs:
         raise DataError("no readable run folders among " + ", ".join(args.runs))
     rep = write_report(runs, args.out, title=args.title, loss_tol=args.loss_tol,
-                       command="outlierlab report " + " ".join(args.runs))
+                       command="outlierlab report " + " ".join(args.runs)
+                       + (f" --tuning {args.tuning}" if args.tuning else ""), tuning=tuning)
     print_claims(rep)
     return 0
 
@@ -42,6 +49,16 @@ def print_claims(rep) -> None:
         print(rep.seeds_note)
     for c in rep.claims:
         print(f"{c.verdict:>12}  {c.statement}  {c.summary}")
+    for heading, claims in (rep.claim_sets or {}).items():
+        print(heading)
+        for c in claims:
+            print(f"{c.verdict:>12}  {c.statement}  {c.summary}")
+    if rep.tuning is not None:
+        t = rep.tuning
+        print("lr tuning: shared lr " + ("none" if t.shared_lr is None else f"{t.shared_lr:g}")
+              + "; own lr: " + "; ".join(f"{c.label} {c.own_lr:g}" for c in t.configurations
+                                          if c.own_lr is not None)
+              + f" ({rep.html.parent / 'tuning.md'})")
     print(f"report: {rep.html}\n        {rep.markdown}")
 
 

@@ -21,10 +21,13 @@ permutation test over all pairs of all cells (:func:`sign_flip_p`, exact) gives 
 p. ``held``: p ≤ :data:`ALPHA` = 0.1 in the claimed direction; ``did not hold``: p ≤ 0.1 the
 other way; ``inconclusive`` otherwise; ``indicative only`` when the pairs come from fewer than
 :data:`MIN_SEEDS` seeds. Each cell's direction (pairs in direction of pairs) is shown. No pair
-is left out because of its outcome: a cell whose validation losses are not matched (OP more
-than ``loss_tol`` worse) is counted and flagged with its losses. The W8A8 claim uses the
-Spearman ρ over runs and its exact permutation p. The QK-norm ablation, whose diverged runs are
-−∞, uses the rank-sum test per pair (:class:`SeedTest`).
+is left out because of its outcome. OP vs Pre-Norm and the optimiser pairs compare each
+same-seed pair at matched validation loss (:mod:`.matched`: Kurt interpolated along each run's
+trajectory at the worse of the two final losses, never extrapolated), the test at the runs' ends
+shown beside it; runs without a held-out trajectory are compared at their ends, and an OP cell
+more than ``loss_tol`` worse in loss is then counted and flagged with its losses. The W8A8
+claim uses the Spearman ρ over runs and its exact permutation p. The QK-norm ablation, whose
+diverged runs are −∞, uses the rank-sum test per pair (:class:`SeedTest`).
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ from typing import Any
 
 import numpy as np
 
+from outlierlab.experiments.matched import has_trajectory, matched_cell
 from outlierlab.experiments.results import RunRecord
 from outlierlab.experiments.significance import (  # noqa: F401  (the claims' vocabulary)
     ALPHA,
@@ -60,9 +64,21 @@ from outlierlab.optim import hyperparameters
 
 SIZE_KEYS = ("model.vocab_size", "model.n_layer", "model.d_model", "model.n_head",
              "model.d_mlp", "model.seq_len")
-PRIMARY_SCHEMES = ("w8a8-tensor", "w8a8-dynamic")
+PRIMARY_SCHEMES = ("w8a8-paper", "w8a8-tensor", "w8a8-dynamic")
+"""The W8A8 schemes in the order :func:`claim_quant` takes the first measurable one:
+Bondarenko et al.'s sites first (they quantise the residual stream, where Kurt is measured)."""
 FALLBACK_SCHEME = "w8a6-tensor"
 """Where W8A8 damages no run (CPU scale), :func:`claim_quant` ranks runs by this scheme."""
+SCHEME_SITES = {
+    "w8a8-paper": "Bondarenko et al.'s sites, the residual stream included",
+    "w8a8-outputs": "linear inputs and outputs, the residual stream and norm outputs",
+    "w8a8-tensor": "linear inputs only (for Pre-LN the LN outputs, not the residual stream "
+                   "where Kurt is measured)",
+    "w8a8-dynamic": "linear inputs only, one range per token",
+    "w8a6-tensor": "a 6-bit PROXY of W8A8 on linear inputs only (for Pre-LN the LN outputs, not "
+                   "the residual stream where Kurt is measured)",
+}
+"""What each scheme quantises, as the quantisation claim's text says it."""
 OPTIMISER_FIELDS = ("optim.name", *(f"optim.{k}" for k in hyperparameters()
                                        if k not in ("lr", "eps")))
 """The optimiser's name and every hyperparameter some optimiser declares
@@ -279,42 +295,73 @@ OUTCOME_NAMES = {"kurt_growth": "Kurt growth log(Kurt−1) − log(Kurt₀−1)"
 
 def _pair_claim(key: str, statement: str, pairs: list[Pair], misses: list[str],
                 runs: Sequence[RunRecord], need: str, word: str = "lower",
-                note: Callable[[Pair], str] | None = None) -> Claim:
+                note: Callable[[Pair], str] | None = None, matched: bool = False) -> Claim:
     """The common form: every pair is a cell of one stratified sign-flip test of the main
     effect on :func:`outcome_metric` (``note`` may flag a cell, e.g. unmatched loss; it is
-    still counted)."""
+    still counted). ``matched``: the test is on the outcome at matched validation loss
+    (:mod:`.matched`: Kurt interpolated along each run's trajectory at the worse of the two
+    final losses) when every run has a held-out trajectory, and the test at the runs' ends
+    is shown beside it; otherwise, and for ``matched=False``, the test is at the ends."""
     if not pairs:
         return _not_tested(key, statement, need, misses, runs)
     metric = outcome_metric(pairs)
     cells = [p.diffs(metric) for p in pairs]
-    test = EffectTest.of(cells)
+    end_test = EffectTest.of(cells)
+    all_runs = [r for p in pairs for g in (p.low, p.high) for r in g.runs]
+    use_matched = matched and all(has_trajectory(r) for r in all_runs)
+    mcells = ([matched_cell(p.low.runs, p.high.runs, metric == "kurt_growth") for p in pairs]
+              if use_matched else [])
+    test = EffectTest.of([m.diffs for m in mcells]) if use_matched else end_test
     details, evidence = [], []
-    for pair, cell in zip(pairs, cells):
+    for i, (pair, end_cell) in enumerate(zip(pairs, cells)):
+        cell = mcells[i].diffs if use_matched else end_cell
         flag = note(pair) if note else ""
         up = sum(v > 0 for v in cell.values())
         cell_p = sign_flip_p([list(cell.values())])[0] if cell else math.nan
         direction = ("in direction" if cell and up == len(cell) else
-                     "against" if cell and up == 0 else "mixed")
+                     "against" if cell and up == 0 else "mixed" if cell else "no pair")
+        at = ""
+        extra: dict[str, Any] = {}
+        if use_matched:
+            m = mcells[i]
+            at = (f"; at matched loss ({_span([q['loss'] for q in m.points.values()], '.3f')})"
+                  f" Kurt {m.mean('kurt_high'):.2f} vs {m.mean('kurt_low'):.2f}"
+                  + "".join(f"; {x}" for x in m.missing))
+            extra = {"kurt_matched_low": m.mean("kurt_low"),
+                     "kurt_matched_high": m.mean("kurt_high"), "matched": m.points,
+                     "matched_missing": m.missing, "cell_end": end_cell}
         details.append(
             f"{pair.field}: {pair.high.label()} vs {pair.low.label()}: Kurt "
             f"{pair.high.describe()} vs {pair.low.describe()}; growth "
             f"{pair.high.describe('kurt_growth')} vs {pair.low.describe('kurt_growth')}; loss "
-            f"{pair.high.loss():.3f} vs {pair.low.loss():.3f}; {word} in {up} of {len(cell)} "
-            f"seed pair(s) ({direction}, cell p = {cell_p:.3f})" + (f" — {flag}" if flag else ""))
+            f"{pair.high.loss():.3f} vs {pair.low.loss():.3f}{at}; {word} in {up} of "
+            f"{len(cell)} seed pair(s){' at matched loss' if use_matched else ''} ({direction}"
+            f", cell p = {cell_p:.3f})" + (f" — {flag}" if flag else ""))
         evidence.append(pair.evidence(test, cell=cell, cell_p=cell_p, direction=direction,
-                                      note=flag, counted=True, left_out=""))
+                                      note=flag, counted=True, left_out="", **extra))
         evidence[-1].update(seeds=len(cell), in_direction=up, verdict=direction)
     details += [f"not tested: {m}" for m in misses] + _diverged_note(runs)
     ratios = [e["kurt_high"] / e["kurt_low"] for e in evidence if e["kurt_low"]]
-    summary = (f"{OUTCOME_NAMES[metric]}: {test.describe(word)}; final Kurt ratio "
+    name = OUTCOME_NAMES[metric]
+    if use_matched:
+        name += " at matched validation loss"
+        if not test.pairs:
+            name += " (no same-seed pair has a value there)"
+    elif matched:
+        name += " at the runs' ends (not every run logged a held-out Kurt trajectory)"
+    summary = (f"{name}: {test.describe(word)}; final Kurt ratio "
                f"{_span(ratios, '.2f')}; {sum(e['direction'] == 'in direction' for e in evidence)}"
                f" of {len(pairs)} cell(s) in direction, "
                f"{sum(e['direction'] == 'against' for e in evidence)} against"
+               + (f"; at the runs' ends: {end_test.describe(word)}" if use_matched else "")
                + _seed_note(pairs))
     claim = Claim(key, statement, test.verdict, summary, details, evidence)
-    claim.test = {"outcome": metric, "pairs": test.pairs, "cells": len(cells),
-                  "seeds": test.seeds, "in_direction": test.in_direction,
-                  "against": test.against, "p": test.p, "p_other": test.p_other}
+    claim.test = {"outcome": metric, "matched_loss": use_matched, "pairs": test.pairs,
+                  "cells": len(cells), "seeds": test.seeds, "in_direction": test.in_direction,
+                  "against": test.against, "p": test.p, "p_other": test.p_other,
+                  "end": {"pairs": end_test.pairs, "in_direction": end_test.in_direction,
+                          "p": end_test.p, "p_other": end_test.p_other,
+                          "verdict": end_test.verdict}}
     return claim
 
 
@@ -322,9 +369,11 @@ def _pair_claim(key: str, statement: str, pairs: list[Pair], misses: list[str],
 
 def claim_op_vs_prenorm(runs: Sequence[RunRecord], loss_tol: float = 0.05) -> Claim:
     """OP has lower Kurt than Pre-Norm at matched loss (science §5). The field under test is the
-    block (the preset's fields, :data:`ARCH_KEYS`); every pair counts, and a cell where OP's
-    seed-mean loss is more than ``loss_tol`` (relative) above Pre-Norm's is flagged "not at
-    matched loss" with both losses (lower Kurt bought with a worse model)."""
+    block (the preset's fields, :data:`ARCH_KEYS`); every pair counts, compared at matched
+    validation loss along the runs' trajectories (:mod:`.matched`). Runs without a held-out
+    trajectory are compared at their ends, and a cell where OP's seed-mean loss is more than
+    ``loss_tol`` (relative) above Pre-Norm's is flagged "not at matched loss" with both losses
+    (lower Kurt bought with a worse model)."""
     statement = "The OP block has lower kurtosis than Pre-Norm blocks at matched loss."
     pre = {"pre-ln", "pre-rms", "pre-srms"}
     pairs, misses = find_pairs(
@@ -338,9 +387,10 @@ def claim_op_vs_prenorm(runs: Sequence[RunRecord], loss_tol: float = 0.05) -> Cl
             return f"not at matched loss: OP's loss {lo / lp - 1:+.1%} against Pre-Norm's"
         return ""
 
+    traj = all(has_trajectory(r) for p in pairs for g in (p.low, p.high) for r in g.runs)
     claim = _pair_claim("op_vs_prenorm", statement, pairs, misses, runs,
                         "needs an OP run and a Pre-Norm run that differ only in the block",
-                        note=note)
+                        note=None if traj else note, matched=True)
     unmatched = sum(bool(e.get("note")) for e in claim.evidence)
     if unmatched:
         claim.summary += f"; {unmatched} cell(s) not at matched loss (flagged, counted)"
@@ -438,7 +488,7 @@ def _claim_rotated(runs: Sequence[RunRecord], key: str, rotated: str, diagonal: 
         lambda a, b: _shown(b.first, a.first, ("optim.name",)))
     return _pair_claim(key, statement, pairs, misses, runs,
                        f"needs a {rotated} run and a {diagonal} run that differ only in the "
-                       "optimiser")
+                       "optimiser", matched=True)
 
 
 def claim_soap(runs: Sequence[RunRecord]) -> Claim:
@@ -535,49 +585,72 @@ def _entropies(values: dict[Any, float], logged: bool) -> str:
     return ", ".join("diverged" if v == -math.inf else f"{v:.3f}" for v in values.values())
 
 
+def _cell_means(runs: Sequence[RunRecord], scheme: str) -> list[dict[str, Any]]:
+    """One point per configuration (seeds pooled, :func:`group_runs`) quantised with ``scheme``:
+    the mean over its seeds of the final mean Kurt and of the relative increase quant/FP − 1."""
+    def keep(r: RunRecord) -> bool:
+        return (r.finished and math.isfinite(r.final_kurt_mean) and scheme in r.quant
+                and math.isfinite(r.quant[scheme].rel_increase))
+
+    cells = []
+    for g in group_runs(runs, keep=keep):
+        cells.append({"runs": [r.name for r in g.runs],
+                      "kurt": float(np.mean([r.final_kurt_mean for r in g.runs])),
+                      "rel_increase": float(np.mean([r.quant[scheme].rel_increase
+                                                     for r in g.runs]))})
+    return cells
+
+
 def claim_quant(runs: Sequence[RunRecord], min_runs: int = 3,
                 min_effect: float = 1e-3) -> Claim:
-    """Higher Kurt ↔ larger W8A8 perplexity increase (science §4, §5): Spearman ρ between each
-    run's final mean Kurt and its relative increase quant/FP − 1, with its exact one-sided
-    permutation p: held when ρ > 0 with p ≤ ALPHA, did not hold when ρ < 0 with the other
-    side's p ≤ ALPHA, else inconclusive. The verdict uses the first W8A8 scheme (w8a8-tensor,
-    the paper's, before w8a8-dynamic) under which some run's perplexity moved by at least
-    ``min_effect`` (relative). Where no W8A8 scheme moved any run (CPU scale), it ranks by the
-    damage at 6-bit activations (``w8a6-tensor``, :data:`FALLBACK_SCHEME`) and says so; with no
-    damage there either the claim is not tested. Every scheme is reported."""
+    """Higher Kurt ↔ larger W8A8 perplexity increase (science §4, §5): Spearman ρ between the
+    configurations' mean final Kurt and mean relative increase quant/FP − 1 (one point per
+    configuration, the mean over its seeds: seeds of one configuration are replicates, not
+    independent configurations), with its exact one-sided permutation p over configurations:
+    held when ρ > 0 with p ≤ ALPHA, did not hold when ρ < 0 with the other side's p ≤ ALPHA,
+    else inconclusive. ``min_runs`` is the fewest configurations. The verdict uses the first
+    of :data:`PRIMARY_SCHEMES` (``w8a8-paper``, then ``w8a8-tensor``, ``w8a8-dynamic``), then any
+    other W8A8 scheme, under which some configuration's perplexity moved by at least
+    ``min_effect`` (relative). Where no W8A8 scheme moved any (CPU scale), it ranks by the damage
+    at 6-bit activations (``w8a6-tensor``, :data:`FALLBACK_SCHEME`) and labels it a proxy; with
+    no damage there either the claim is not tested. Every scheme is reported, each with what it
+    quantises (:data:`SCHEME_SITES`)."""
     statement = "Higher kurtosis goes with a larger W8A8 perplexity increase."
     schemes = sorted({s for r in runs for s in r.quant},
                      key=lambda s: (PRIMARY_SCHEMES.index(s) if s in PRIMARY_SCHEMES
                                     else len(PRIMARY_SCHEMES), s))
     details, evidence = [], []
     for s in schemes:
-        pts = [r for r in runs if s in r.quant and r.finished and math.isfinite(r.final_kurt_mean)
-               and math.isfinite(r.quant[s].rel_increase)]
-        if len(pts) < min_runs:
-            details.append(f"{s}: only {len(pts)} run(s), needs {min_runs}")
+        cells = _cell_means(runs, s)
+        n_runs = sum(len(c["runs"]) for c in cells)
+        sites = f" [{SCHEME_SITES[s]}]" if s in SCHEME_SITES else ""
+        if len(cells) < min_runs:
+            details.append(f"{s}: only {len(cells)} configuration(s), needs {min_runs}")
             continue
-        k = [r.final_kurt_mean for r in pts]
-        inc = [r.quant[s].rel_increase for r in pts]
+        k = [c["kurt"] for c in cells]
+        inc = [c["rel_increase"] for c in cells]
         rho = spearman(k, inc)
         p, p_other = permutation_p(k, inc), permutation_p(k, inc, greater=False)
         measurable = max(abs(x) for x in inc) >= min_effect
-        details.append(f"{s}: ρ(Kurt, ppl increase) = {rho:+.2f} over {len(pts)} runs "
-                       f"(one-sided permutation p = {p:.3f}); increase "
-                       f"{min(inc):+.2%} to {max(inc):+.2%}"
+        details.append(f"{s}{sites}: ρ(Kurt, ppl increase) = {rho:+.2f} over {len(cells)} "
+                       f"configurations (seed means of {n_runs} runs; one-sided permutation "
+                       f"p = {p:.3f}); increase {min(inc):+.2%} to {max(inc):+.2%}"
                        + ("" if measurable else
-                          f" — below {min_effect:.1%} in every run: no damage to rank"))
-        evidence.append({"scheme": s, "rho": rho, "p": p, "p_other": p_other, "n": len(pts),
-                         "measurable": measurable, "runs": [r.name for r in pts], "kurt": k,
-                         "rel_increase": inc})
+                          f" — below {min_effect:.1%} in every configuration: no damage to rank"))
+        evidence.append({"scheme": s, "rho": rho, "p": p, "p_other": p_other, "n": len(cells),
+                         "n_runs": n_runs, "measurable": measurable, "proxy": s == FALLBACK_SCHEME,
+                         "cells": [c["runs"] for c in cells], "kurt": k, "rel_increase": inc})
     decisive = [e for e in evidence if e["measurable"] and e["scheme"].startswith("w8a8")]
     proxy = ""
     if not decisive:  # int8 moved nothing: rank by the damage at 6-bit activations
         decisive = [e for e in evidence if e["measurable"] and e["scheme"] == FALLBACK_SCHEME]
-        proxy = (f" — W8A8 moved no run by {min_effect:.1%}, so runs are ranked at 6-bit "
-                 f"activations ({FALLBACK_SCHEME})")
+        proxy = (f" — PROXY: W8A8 moved no configuration by {min_effect:.1%}, so configurations "
+                 f"are ranked at 6-bit activations ({FALLBACK_SCHEME}), "
+                 f"{SCHEME_SITES[FALLBACK_SCHEME]}")
     if not decisive:
-        why = (f"needs {min_runs} or more finished runs with W8A8 results" if not evidence else
-               f"W8A8 moved no run's perplexity by {min_effect:.1%} or more: nothing to rank")
+        why = (f"needs {min_runs} or more configurations with W8A8 results" if not evidence else
+               f"W8A8 moved no configuration's perplexity by {min_effect:.1%} or more: "
+               "nothing to rank")
         return Claim("kurt_vs_quant", statement, NOT_TESTED, why,
                      details + _diverged_note(runs), evidence)
     main = decisive[0]
@@ -588,8 +661,11 @@ def claim_quant(runs: Sequence[RunRecord], min_runs: int = 3,
         verdict = NOT_HELD
     else:
         verdict = INCONCLUSIVE
-    summary = (f"{main['scheme']}: Spearman ρ = {rho:+.2f} over {main['n']} runs "
-               f"(one-sided p = {main['p']:.3f}; held needs ρ > 0 and p ≤ {ALPHA}){proxy}")
+    what = "" if proxy or main["scheme"] not in SCHEME_SITES else \
+        f" ({SCHEME_SITES[main['scheme']]})"
+    summary = (f"{main['scheme']}{what}: Spearman ρ = {rho:+.2f} over {main['n']} "
+               f"configurations (seed means of {main['n_runs']} runs; one-sided p = "
+               f"{main['p']:.3f}; held needs ρ > 0 and p ≤ {ALPHA}){proxy}")
     return Claim("kurt_vs_quant", statement, verdict, summary,
                  details + _diverged_note(runs), evidence)
 

@@ -315,6 +315,61 @@ def quant_vs_kurtosis(runs: Sequence[RunRecord], path: Path) -> Path | None:
     return _save(fig, path)
 
 
+OPT_COLOURS = {"adamw": "tab:red", "soap": "tab:blue", "adafactor": "tab:orange",
+               "shampoo": "tab:green"}
+
+
+def frontier(runs: Sequence[RunRecord], path: Path, factor: str = "block") -> Path | None:
+    """The Kurt–validation-loss frontier (:mod:`.frontier`), one panel per set of
+    configurations equal but for ``factor``: each lr's seed-mean trajectory (thin; its final
+    point a dot labelled with the lr) and each configuration's frontier (thick: the lowest
+    Kurt over its lrs at each loss); the dotted line is the panel's matched loss L*. None
+    without two configurations with held-out trajectories in one panel."""
+    from outlierlab.experiments.frontier import panels
+
+    ps = panels(runs, factor)
+    if not ps:
+        return None
+    cols = min(len(ps), 2)
+    rows = math.ceil(len(ps) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(5.2 * cols, 3.8 * rows), squeeze=False)
+    for ax in axes.flat[len(ps):]:
+        ax.axis("off")
+    for ax, p in zip(axes.flat, ps):
+        finals = [c.final[0] for cf in p.configs for c in cf.curves]
+        lo, hi = min(cf.best_loss for cf in p.configs), max(finals)
+        xmax = hi + 0.25 * (hi - lo) + 0.05
+        kmax = 1.0
+        for cf in p.configs:
+            colour = (_colour(cf.name) if factor == "block"
+                      else OPT_COLOURS.get(cf.name, "tab:gray"))
+            for c in cf.curves:
+                keep = c.loss <= xmax
+                ax.plot(c.loss, c.kurt, "-", color=colour, lw=0.7, alpha=0.45)
+                x, y = c.final
+                ax.plot([x], [y], "o", color=colour, ms=4)
+                ax.annotate(f"{c.lr:g}", (x, y), fontsize=6, xytext=(2, 2),
+                            textcoords="offset points", color=colour)
+                if keep.any():
+                    kmax = max(kmax, float(np.nanmax(c.kurt[keep])))
+            grid = np.linspace(cf.best_loss, xmax, 120)
+            ax.plot(grid, [cf.at(v) for v in grid], "-", color=colour, lw=2.2,
+                    label=f"{cf.name} frontier")
+        ax.axvline(p.matched_loss, color="0.4", ls=":", lw=1)
+        ax.set_xlim(lo - 0.02, xmax)
+        if kmax > 5:  # a high-lr run's Kurt would flatten every frontier
+            ax.set_yscale("log")
+        ax.set_ylim(0.95, kmax * 1.08)
+        ax.set_xlabel("validation loss (nats)", fontsize=8)
+        ax.set_ylabel("held-out mean Kurt", fontsize=8)
+        ax.set_title(p.title, fontsize=8)
+        ax.tick_params(labelsize=7)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
 signal_propagation_vs_step = partial(
     layers_vs_step, metrics=(("cos_sim", "token cos-sim (ours)"),
                              ("corr_authors", "batch_corr_mean (authors)")))  # fmt: skip
@@ -322,6 +377,16 @@ mmr_vs_step = partial(layers_vs_step, metrics=(("mmr", "MMR"),))
 attn_entropy_vs_step = partial(layers_vs_step, metrics=(("attn_entropy", "attention entropy"),))
 
 FIGURES = (
+    ("frontier_block", "Kurt–validation-loss frontier: OP vs Pre-Norm", partial(
+        frontier, factor="block"),
+     "Per optimiser, held-out mean Kurt against validation loss: thin lines are each lr's "
+     "seed-mean trajectory over the evaluations (final point labelled with the lr), thick "
+     "lines each block's frontier (the lowest Kurt over its lrs at each loss); a block is "
+     "better where its frontier lies below. Dotted: the matched loss L* (the lowest loss every "
+     "configuration reaches); the numbers are in the frontier table."),
+    ("frontier_optimiser", "Kurt–validation-loss frontier: optimisers", partial(
+        frontier, factor="optimiser"),
+     "As above, per block, one frontier per optimiser."),
     ("kurtosis_vs_step", "Per-layer kurtosis during training", kurtosis_vs_step,
      "One panel per configuration, one line per measured layer (embedding output and each "
      "block's output), same axes everywhere; the training (grey) and validation loss beside."),

@@ -11,6 +11,7 @@ hold mitigation runs beside the Pre-LN + AdamW baseline, the mitigations leaderb
 from __future__ import annotations
 
 import base64
+import dataclasses
 import datetime as dt
 import html
 import json
@@ -33,10 +34,21 @@ from outlierlab.experiments.claims import (
     group_runs,
 )
 from outlierlab.experiments.figures import make_figures
+from outlierlab.experiments.frontier import FACTORS, panels
+from outlierlab.experiments.frontier import summary_rows as frontier_rows
+from outlierlab.experiments.frontier import to_json as frontier_json
 from outlierlab.experiments.leaderboard import has_mitigations, write_leaderboard
 from outlierlab.experiments.leaderboard import markdown as leaderboard_md
 from outlierlab.experiments.leaderboard import table as leaderboard_table
 from outlierlab.experiments.results import RunRecord
+from outlierlab.experiments.tuning import (
+    Tuning,
+    choose_lrs,
+    is_tuning_sweep,
+    mixed_seeds_note,
+    write_tuning,
+)
+from outlierlab.experiments.tuning import markdown as tuning_md
 
 VERDICT_MARK = {HELD: "✅ held", NOT_HELD: "❌ did not hold", INCONCLUSIVE: "❔ inconclusive",
                 INDICATIVE: "❔ indicative only", "not tested": "– not tested"}
@@ -63,6 +75,11 @@ class Report:
     runs: list[RunRecord]
     seeds_note: str = ""
     """The report's seed note as plain text ("" with 3 seeds or more)."""
+    claim_sets: dict[str, list[Claim]] | None = None
+    """With a tuning (``--tuning``): the claims at the shared lr and at each configuration's
+    own lr, by section heading."""
+    tuning: Tuning | None = None
+    """The lrs this report's runs chose, when they are a tuning sweep (``tuning.md``)."""
 
 
 def _fmt(x: Any, digits: int = 2) -> str:
@@ -121,7 +138,7 @@ def pairs_table(claims: Sequence[Claim]) -> tuple[list[str], list[list[str]]]:
     claimed direction, the cell's own sign-flip p (or the pair's rank-sum p) and its
     direction; the claim's verdict pools every cell (the claims table)."""
     header = ["claim", "field that differs", "reference", "compared", "Kurt (ref → compared)",
-              "seed pairs in direction", "p", "direction"]
+              "Kurt at matched loss", "seed pairs in direction", "p", "direction"]
     rows = []
     for c in claims:
         for e in c.evidence:
@@ -130,6 +147,8 @@ def pairs_table(claims: Sequence[Claim]) -> tuple[list[str], list[list[str]]]:
             verdict = e["verdict"] + (f" ({e['note']})" if e.get("note") else "")
             rows.append([c.key, e["field"], e["high"], e["low"],
                          f"{_fmt(e['kurt_high'])} → {_fmt(e['kurt_low'])}",
+                         f"{_fmt(e['kurt_matched_high'])} → {_fmt(e['kurt_matched_low'])}"
+                         if "kurt_matched_low" in e else "–",
                          f"{e['in_direction']} of {e['seeds']}",
                          _fmt(e.get("cell_p", e["p"]), 3), verdict])
     return header, rows
@@ -153,14 +172,60 @@ def seeds_note(runs: Sequence[RunRecord]) -> str:
             "verdicts.")
 
 
+def lr_claim_sets(runs: Sequence[RunRecord], tuning: Tuning,
+                  loss_tol: float = 0.05) -> tuple[dict[str, list[Claim]], list[str]]:
+    """The claims at the tuning's shared lr (pairs within that lr) and at each configuration's
+    own lr (a configuration's runs at its own lr, paired across lrs: the lr is taken out of
+    the pairing), by section heading, and notes on what was left out."""
+    sets, notes = {}, []
+    untuned = sorted({r.name for r in runs if tuning.own_lr(r) is None})
+    if untuned:
+        first = next(r for r in runs if r.name == untuned[0])
+        notes.append(f"{len(untuned)} run(s) of configurations the tuning did not cover, "
+                     f"left out of the own-lr claims: {', '.join(untuned[:6])}"
+                     + (", ..." if len(untuned) > 6 else "")
+                     + f" ({untuned[0]} differs from the nearest tuned configuration in "
+                     + ", ".join(tuning.differences(first)[:5]) + ")")
+    if tuning.shared_lr is None:
+        notes.append(f"no shared lr: {tuning.shared_why}")
+    else:
+        at = [r for r in runs if math.isclose(r.lr, tuning.shared_lr, rel_tol=1e-9)]
+        sets[f"Claims at the shared lr {tuning.shared_lr:g}"] = evaluate_claims(at, loss_tol)
+    own = []
+    for r in runs:
+        lr = tuning.own_lr(r)
+        if lr is not None and math.isclose(r.lr, lr, rel_tol=1e-9):
+            cfg = {**r.config, "optim": {**r.config.get("optim", {}), "lr": "own"}}
+            own.append(dataclasses.replace(r, config=cfg))
+    lrs = "; ".join(f"{c.label} {c.own_lr:g}" for c in tuning.configurations
+                    if c.own_lr is not None)
+    sets[f"Claims at each configuration's own lr ({lrs})"] = evaluate_claims(own, loss_tol)
+    return sets, notes
+
+
 def write_report(runs: Sequence[RunRecord], out_dir: str | Path, *, title: str = "",
-                 command: str = "", loss_tol: float = 0.05) -> Report:
+                 command: str = "", loss_tol: float = 0.05,
+                 tuning: Tuning | None = None) -> Report:
     """Evaluate the claims, draw the figures and write ``report.html``, ``report.md``,
-    ``results.json`` and ``figures/*.png`` into ``out_dir``."""
+    ``results.json`` and ``figures/*.png`` into ``out_dir``; the frontier table also as
+    ``frontier.json``. When the runs are a tuning sweep (tuning seeds, lr series:
+    :func:`~.tuning.is_tuning_sweep`), the chosen lrs go to ``tuning.md``/``.json``; with
+    ``tuning`` (a tuning sweep's choice) the claims are also tested at its shared lr and at
+    each configuration's own lr (:func:`lr_claim_sets`)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     runs = list(runs)
     claims = evaluate_claims(runs, loss_tol=loss_tol)
+    chosen = None
+    if is_tuning_sweep(runs):
+        chosen = choose_lrs(runs)
+        write_tuning(chosen, out)
+    sets, set_notes = lr_claim_sets(runs, tuning, loss_tol) if tuning else ({}, [])
+    if mixed := mixed_seeds_note(runs):
+        set_notes.insert(0, mixed)
+    front = [p for f in FACTORS for p in panels(runs, f)]
+    if front:
+        safe_io.write_text(out / "frontier.json", json.dumps(frontier_json(front), indent=1))
     figures = make_figures(runs, out / "figures")
     title = title or "outlierlab report: outlier features in these runs"
     n_fin = sum(r.finished for r in runs)
@@ -184,12 +249,18 @@ def write_report(runs: Sequence[RunRecord], out_dir: str | Path, *, title: str =
              "over all cells gives the one-sided p: the claim *held* when p ≤ "
              f"{ALPHA}, *did not hold* only when p ≤ {ALPHA} the other way, else it is "
              f"*inconclusive*; *indicative only* with fewer than {MIN_SEEDS} seeds. No pair "
-             "is left out because of its outcome: an OP cell whose validation loss is more "
-             f"than {loss_tol:.0%} above Pre-Norm's is counted and flagged *not at matched "
-             "loss*.")
+             "is left out because of its outcome. OP vs Pre-Norm and the optimiser pairs are "
+             "compared at *matched validation loss*: per same-seed pair, each run's Kurt "
+             "interpolated along its trajectory of evaluations at the worse of the two final "
+             "losses (never extrapolated; runs without a held-out trajectory are compared at "
+             f"their ends, an OP cell more than {loss_tol:.0%} worse in loss flagged).")
     note = seeds_note(runs)
     parts = (title, intro, note, about, claims, runs, figures)
     md, page = _markdown(*parts), _html(*parts)
+    extra = _extra_sections(chosen, sets, set_notes, front)
+    md = md.replace("\n## Results\n", "\n" + "\n".join(m for m, _ in extra) + "\n## Results\n", 1)
+    page = page.replace("<h2>Results</h2>", "".join(h for _, h in extra) + "<h2>Results</h2>",
+                        1)
     if has_mitigations(runs):  # issue 25: leaderboard.md/.json/.png beside the report
         entries, paths = write_leaderboard(runs, out, command, when)
         md += ("\n## Mitigations leaderboard\n\n" + leaderboard_md(entries, command, when)
@@ -205,10 +276,71 @@ def write_report(runs: Sequence[RunRecord], out_dir: str | Path, *, title: str =
     safe_io.write_text(out / "report.md", md)
     safe_io.write_text(out / "report.html", page)
     summary = {"title": title, "written": when, "command": command, "seeds_note": note,
-               "claims": [c.to_dict() for c in claims], "runs": [_run_summary(r) for r in runs]}
+               "claims": [c.to_dict() for c in claims], "runs": [_run_summary(r) for r in runs],
+               "claim_sets": {k: [c.to_dict() for c in v] for k, v in sets.items()},
+               "tuning": chosen.to_dict() if chosen else None,
+               "frontier": frontier_json(front)}
     safe_io.write_text(out / "results.json", json.dumps(summary, indent=1, default=_json_default))
     return Report(out / "report.html", out / "report.md", out / "results.json", claims, runs,
-                  note.replace("**", "").replace("`", ""))
+                  note.replace("**", "").replace("`", ""), sets or None, chosen)
+
+
+def _claims_md(claims: Sequence[Claim]) -> list[str]:
+    md = [md_table(["claim", "verdict", "numbers"],
+                   [[c.statement, VERDICT_MARK.get(c.verdict, c.verdict), c.summary]
+                    for c in claims]), ""]
+    for c in claims:
+        md += [f"**{c.statement}** — {c.verdict}. {c.summary}", ""]
+        md += [f"- {d}" for d in c.details] + [""]
+    return md
+
+
+def _claims_html(claims: Sequence[Claim]) -> list[str]:
+    h = [html_table(["claim", "verdict", "numbers"],
+                    [[html.escape(c.statement), _verdict_html(c.verdict), html.escape(c.summary)]
+                     for c in claims], raw=True)]
+    for c in claims:
+        items = "".join(f"<li>{html.escape(d)}</li>" for d in c.details)
+        h.append(f"<details><summary>{html.escape(c.statement)} — {_verdict_html(c.verdict)}"
+                 f"</summary><ul>{items}</ul></details>")
+    return h
+
+
+def _extra_sections(chosen: Tuning | None, sets: dict[str, list[Claim]], notes: list[str],
+                    front: list) -> list[tuple[str, str]]:
+    """(Markdown, HTML) of the lr tuning, the claims at the shared/own lr and the frontier
+    table, placed before the results table."""
+    out = []
+    if chosen is not None:
+        body = tuning_md(chosen).replace("# lr tuning\n", "", 1).replace("## ", "### ")
+        out.append(("## lr tuning (tuning.md, tuning.json)\n" + body,
+                    "<h2>lr tuning</h2><p>See <code>tuning.md</code>: shared lr "
+                    + html.escape("none" if chosen.shared_lr is None else
+                                  f"{chosen.shared_lr:g}")
+                    + "; own lr: " + html.escape("; ".join(
+                        f"{c.label} {'–' if c.own_lr is None else format(c.own_lr, 'g')}"
+                        for c in chosen.configurations)) + "</p>"))
+    for n in notes:
+        out.append((f"*{n}*\n", f"<p class='note'>{html.escape(n)}</p>"))
+    for heading, claims in sets.items():
+        pair_header, pair_rows = pairs_table(claims)
+        md = [f"## {heading}", "", *_claims_md(claims)]
+        md += [md_table(pair_header, pair_rows), ""] if pair_rows else []
+        h = [f"<h2>{html.escape(heading)}</h2>", *_claims_html(claims)]
+        h += [html_table(pair_header, pair_rows)] if pair_rows else []
+        out.append(("\n".join(md), "".join(h)))
+    if front:
+        header, rows = frontier_rows(front)
+        intro = ("Per panel (configurations equal but for the block, or the optimiser), each "
+                 "configuration's frontier: the lowest held-out mean Kurt any of its lrs' "
+                 "seed-mean trajectories has at that validation loss (lr in brackets; – where "
+                 "none reaches it). L* is the worst of the panel's best losses, the lowest loss "
+                 "every configuration reaches. Lower is better. Also in frontier.json.")
+        out.append(("## Kurt–validation-loss frontier\n\n" + intro + "\n\n"
+                    + md_table(header, rows) + "\n",
+                    f"<h2>Kurt–validation-loss frontier</h2><p>{html.escape(intro)}</p>"
+                    + html_table(header, rows)))
+    return out
 
 
 def _markdown(title: str, intro: str, note: str, about: str, claims: Sequence[Claim],

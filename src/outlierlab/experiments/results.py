@@ -103,6 +103,9 @@ class RunRecord:
     loss: np.ndarray = field(default_factory=lambda: np.zeros(0))
     val_steps: np.ndarray = field(default_factory=lambda: np.zeros(0))
     val_loss: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    val_kurt: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    """The held-out mean Kurt over layers (``val_kurtosis_mean``) logged with each
+    ``val_loss`` (nan where an evaluation did not log it): the run's (loss, Kurt) trajectory."""
     kurt_steps: np.ndarray = field(default_factory=lambda: np.zeros(0))
     kurtosis: dict[str, np.ndarray] = field(default_factory=dict)
     """Per measured point (model order), Kurt at each of ``kurt_steps``."""
@@ -281,6 +284,13 @@ class RunRecord:
     def final_val_loss(self) -> float:
         return float(self.val_loss[-1]) if self.val_loss.size else math.nan
 
+    def trajectory(self) -> tuple[np.ndarray, np.ndarray]:
+        """``(val_loss, Kurt)`` at the evaluations that logged both (the held-out mean Kurt over
+        layers, :attr:`val_kurt`), in step order: the run's path in the Kurt–loss plane."""
+        ok = np.isfinite(self.val_loss) & np.isfinite(self.val_kurt) if self.val_kurt.size \
+            else np.zeros(0, dtype=bool)
+        return self.val_loss[ok], self.val_kurt[ok]
+
     @property
     def final_loss(self) -> float:
         return float(self.loss[-1]) if self.loss.size else math.nan
@@ -299,7 +309,7 @@ LAYER_METRICS = MONITOR_POINT_FIELDS
 
 def _series(rows: list[dict[str, Any]]) -> dict[str, Any]:
     """The arrays of a :class:`RunRecord` from ``metrics.jsonl`` rows."""
-    loss_s, loss, val_s, val, k_steps, tps = [], [], [], [], [], []
+    loss_s, loss, val_s, val, val_k, k_steps, tps = [], [], [], [], [], [], []
     layers: dict[str, dict[str, list[float]]] = {m: {} for m in LAYER_METRICS}
     finals: dict[str, tuple[int, float]] = {}
     for rec in rows:
@@ -312,6 +322,7 @@ def _series(rows: list[dict[str, Any]]) -> dict[str, Any]:
         if "val_loss" in rec:
             val_s.append(step)
             val.append(_num(rec["val_loss"]))
+            val_k.append(_num(rec.get("val_kurtosis_mean")))
         if "tokens_per_s" in rec:
             tps.append(_num(rec["tokens_per_s"]))
         if isinstance(rec.get("kurtosis"), dict):
@@ -329,6 +340,7 @@ def _series(rows: list[dict[str, Any]]) -> dict[str, Any]:
     return dict(
         loss_steps=np.array(loss_s, dtype=np.int64), loss=np.array(loss, dtype=float),
         val_steps=np.array(val_s, dtype=np.int64), val_loss=np.array(val, dtype=float),
+        val_kurt=np.array(val_k, dtype=float),
         kurt_steps=np.array(k_steps, dtype=np.int64),
         kurtosis=arrays["kurtosis"], cos_sim=arrays["cos_sim"], layer_series=arrays,
         tokens_per_s=float(np.median(finite_tps)) if finite_tps else math.nan,

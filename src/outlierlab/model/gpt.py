@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from outlierlab import safe_io
 from outlierlab.errors import ConfigError, ModelLoadError
-from outlierlab.model.attn import attention, attention_weights
+from outlierlab.model.attn import attention, attention_probs, attention_weights, causal_mask
 from outlierlab.model.config import GPTConfig
 from outlierlab.run_folder import MODEL_CONFIG_FILE, MODEL_FILE
 
@@ -147,10 +147,16 @@ class CausalSelfAttention(nn.Module):
         else:
             self.k_bias = self.v_bias = None
         self.probs_sink: Any = None
+        self.sites: Any = None  # quantisation sites of the internals (quant.paper), else None
 
     def _qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        B, T, C = x.shape
-        q, k, v = self.qkv(x).split(C, dim=2)
+        return self._heads(*self.qkv(x).split(x.shape[-1], dim=2))
+
+    def _heads(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(B, T, C) q, k, v → (B, nh, T, hs) each, QK-Norm and RoPE applied to q and k."""
+        B, T, _ = q.shape
         q = q.view(B, T, self.n_head, self.d_head).transpose(1, 2)  # (B, nh, T, hs)
         k = k.view(B, T, self.n_head, self.d_head).transpose(1, 2)  # (B, nh, T, hs)
         v = v.view(B, T, self.n_head, self.d_head).transpose(1, 2)  # (B, nh, T, hs)
@@ -179,6 +185,8 @@ class CausalSelfAttention(nn.Module):
         return self._logits(q, k)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.sites is not None:
+            return self._forward_sites(x, self.sites)
         B, T, C = x.shape
         q, k, v = self._qkv(x)
         if self.probs_sink is not None:
@@ -194,6 +202,31 @@ class CausalSelfAttention(nn.Module):
             y = y * g.to(y.dtype)
         y = y.contiguous().view(B, T, C)
         return self.resid_drop(self.proj(y))
+
+    def _forward_sites(self, x: torch.Tensor, s: Any) -> torch.Tensor:
+        """The forward with every attention internal written out and passed through ``s``
+        (quantisation sites, :mod:`outlierlab.quant.paper`): ``s.q``, ``s.k``, ``s.v`` on the
+        projections (B, T, C), ``s.scores`` on q·kᵀ/√d_head (before soft-cap and mask),
+        ``s.probs`` on the weights, ``s.context`` on P·V (B, T, C, before the gate). Dropout
+        and the probability sink are left out (evaluation only)."""
+        B, T, C = x.shape
+        q, k, v = self.qkv(x).split(C, dim=2)
+        q, k, v = self._heads(s.q(q), s.k(k), s.v(v))
+        kb = self._k_bias()
+        n = 0 if kb is None else kb.shape[-2]
+        kk = k if kb is None else torch.cat([kb.expand(B, -1, -1, -1).to(k.dtype), k], -2)
+        att = s.scores((q @ kk.transpose(-2, -1)) / math.sqrt(self.d_head))
+        if self.softcap is not None:
+            att = self.softcap * torch.tanh(att / self.softcap)
+        mask = causal_mask(T, T, n, device=x.device)
+        p = s.probs(attention_probs(att, self.kind, mask, **self.clip)).to(v.dtype)
+        y = p[..., n:] @ v
+        if n:
+            y = y + p[..., :n] @ self.v_bias.to(v.dtype)
+        y = s.context(y.transpose(1, 2).reshape(B, T, C)).view(B, T, self.n_head, self.d_head)
+        if self.gate is not None:
+            y = y * torch.sigmoid(self.gate(x)).view(B, T, self.n_head, -1).to(y.dtype)
+        return self.proj(y.reshape(B, T, C))
 
     def _report_probs(self, sink: Any, q: torch.Tensor, k: torch.Tensor) -> None:
         """Hand ``sink`` the causal attention probabilities (float32, no grad, no autocast,
@@ -255,13 +288,19 @@ class Block(nn.Module):
             self.beta_mlp = nn.Parameter(torch.tensor(cfg.beta_value))
         else:
             self.beta_attn = self.beta_mlp = cfg.beta_value
+        self.sites: Any = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, T, d) -> (B, T, d)
+        s = self.sites  # quantisation of the two residual sums (quant.paper), else None
         if self.kind == "post":
-            h = self.attn_norm(x + _gain(self.beta_attn, self.attn(x)))
-            return self.mlp_norm(h + _gain(self.beta_mlp, self.mlp(h)))
+            h = x + _gain(self.beta_attn, self.attn(x))
+            h = self.attn_norm(h if s is None else s.attn_sum(h))
+            out = h + _gain(self.beta_mlp, self.mlp(h))
+            return self.mlp_norm(out if s is None else s.mlp_sum(out))
         h = x + _gain(self.beta_attn, self.attn(self.attn_norm(x)))
-        return h + _gain(self.beta_mlp, self.mlp(self.mlp_norm(h)))
+        h = h if s is None else s.attn_sum(h)
+        out = h + _gain(self.beta_mlp, self.mlp(self.mlp_norm(h)))
+        return out if s is None else s.mlp_sum(out)
 
     def extra_repr(self) -> str:
         beta = self.beta_attn

@@ -81,7 +81,8 @@ class CalibCache:
     - ``xtx``: GPTQ's Σ x xᵀ per linear, observed on the full-precision model;
     - ``ranges``: static activation ranges by quantiser name, per (weight config, activation
       config): the observing pass runs with every activation quantiser the identity, so a
-      quantiser's range depends on nothing else (``w8a8-paper``'s pass gives ``w8a8-tensor``'s);
+      quantiser's range depends on nothing else (``w8a8-outputs``'s pass gives ``w8a8-tensor``'s;
+      a ``running`` range, which quantises while it calibrates, is keyed by its own scheme);
     - ``derived``: rotated copies of the model (``rotation``) with a cache of their own.
     """
 

@@ -11,14 +11,16 @@ from outlierlab.errors import ConfigError
 MIN_BITS, MAX_BITS = 2, 16
 W_GRANULARITIES = ("tensor", "channel")
 A_GRANULARITIES = ("tensor", "token")
-W_RANGES = ("minmax", "mse")
-A_RANGES = ("minmax", "percentile")
+W_RANGES = ("minmax", "mse", "grid")
+A_RANGES = ("minmax", "percentile", "running", "running-percentile")
 W_FORMATS = ("int", "fp8")
 A_FORMATS = ("int", "fp8", "none")
 W_METHODS = ("rtn", "gptq")
 ROTATIONS = ("quarot",)
-SERVED = ("w_format", "a_format", "w_group_size", "w_method", "rotation", "smooth_search")
-"""Fields only the serving schemes set: with other bits their name keeps the scheme's own."""
+SERVED = ("w_format", "a_format", "w_group_size", "w_method", "rotation", "smooth_search",
+          "paper_sites")
+"""Fields only the serving schemes (and w8a8-paper) set: with other bits their name keeps the
+scheme's own."""
 SMOOTH_GRID = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
 """α tried by ``smooth_search`` (SmoothQuant's paper finds 0.4–0.6 for most models, 0.75–0.85
 for GLM-130B-like outliers; this grid spans both at SmoothQuant's own step of 0.1)."""
@@ -37,13 +39,19 @@ class QuantConfig:
     w_granularity: str = "tensor"
     """``tensor``: one scale per weight matrix; ``channel``: one per output channel."""
     w_range: str = "mse"
-    """``minmax`` or ``mse`` (search over clipping ratios minimising the weight's squared error)."""
+    """``minmax``, ``mse`` (search over clipping ratios minimising the weight's squared error) or
+    ``grid`` (Bondarenko et al.'s MSE grid: 100 absolute ranges up to max|w| + 0.5, their signed
+    [-128, 127] or, for w ≥ 0, unsigned grid; :func:`.quantizers.grid_weight_range`)."""
     a_symmetric: bool = False
     """Symmetric activation grid; False: asymmetric with a zero point."""
     a_granularity: str = "tensor"
     """``tensor``: one static range per layer from calibration; ``token``: dynamic per token."""
     a_range: str = "minmax"
-    """Static ranges: ``minmax`` (min and max over all calibration batches) or ``percentile``."""
+    """Static ranges: ``minmax`` (min and max over all calibration batches), ``percentile``,
+    ``running`` (Bondarenko et al.'s running min-max: an exponential average, momentum 0.9, of
+    each batch's min and max, each quantiser quantising with its range so far during calibration)
+    or ``running-percentile`` (the same average of each batch's [P(100-p), P(p)], their OPT
+    command's ``--ranges_acts running_minmax --percentile 99.999``)."""
     a_percentile: float = 99.999
     """Percentile for ``a_range=percentile``: range = [P(100-p), P(p)]."""
     quantize_head: bool = False
@@ -54,6 +62,13 @@ class QuantConfig:
     """Also quantise every quantised linear's output (Bondarenko et al.'s setting)."""
     quantize_norms: bool = False
     """Also quantise every normalisation layer's output (LayerNorm / RMSNorm modules)."""
+    quantize_inputs: bool = True
+    """Quantise every quantised linear's input (False: inputs arrive already quantised by the
+    previous site, as in Bondarenko et al.'s setting)."""
+    paper_sites: bool = False
+    """Bondarenko et al.'s sites inside outlierlab's GPT (:mod:`outlierlab.quant.paper`): weights
+    of embeddings and norms, the embedding sum, q, k, v, QKᵀ, softmax, P·V, the MLP activation
+    output, both residual sums; with ``quantize_norms`` every norm output."""
     smooth_alpha: float | None = None
     """SmoothQuant migration strength α in [0, 1]; None: no smoothing."""
     smooth_search: bool = False
@@ -104,6 +119,10 @@ class QuantConfig:
                               "no w_group_size")  # fmt: skip
         if self.w_method == "gptq" and self.w_range != "minmax":
             raise ConfigError("w_method gptq takes min-max ranges (w_range minmax)")
+        if self.w_range == "grid" and (self.w_granularity != "tensor" or not self.w_symmetric
+                                       or self.w_method != "rtn" or self.w_format != "int"):
+            raise ConfigError("w_range grid is Bondarenko et al.'s per-tensor symmetric integer "
+                              "weight range: w_granularity tensor, w_symmetric, w_method rtn")
         if self.smooth_search and self.smooth_alpha is not None:
             raise ConfigError("give smooth_alpha or smooth_search, not both")
 
@@ -155,11 +174,20 @@ SCHEMES: dict[str, dict[str, Any]] = {
     # w8a8-tensor at 6 bits on both sides: the middle column of the mitigations leaderboard
     # (docs/mitigations.md) between W8A8 and W4A4.
     "w6a6-tensor": dict(w_bits=6, a_bits=6),
-    # The paper's setting as Bondarenko et al. (2023) define it (issue 14 item 7): static per-tensor
-    # min-max ranges on every linear's input and output, the residual stream (embedding output and
-    # block outputs) and every norm output; weights as w8a8-tensor; the head in full precision.
-    "w8a8-paper": dict(
+    # Before issue 23 this was "w8a8-paper": static per-tensor min-max ranges on every linear's
+    # input and output, the residual stream (embedding output and block outputs) and every norm
+    # output; weights as w8a8-tensor; the head in full precision. Works on any model.
+    "w8a8-outputs": dict(
         w_bits=8, a_bits=8, quantize_residual=True, quantize_outputs=True, quantize_norms=True
+    ),
+    # Bondarenko et al. (2023) as their code runs it (outlier-free-transformers, validate_clm.py
+    # with the README's OPT INT8 command; docs/quant.md "w8a8-paper"): per-tensor symmetric
+    # weights with their MSE grid, asymmetric static activations with a running (momentum 0.9)
+    # 99.999-percentile range, quantised at their sites (quant/paper.py); head in full precision.
+    # outlierlab GPTs only (the sites are inside its attention).
+    "w8a8-paper": dict(
+        w_bits=8, a_bits=8, w_range="grid", a_range="running-percentile", a_percentile=99.999,
+        quantize_inputs=False, quantize_norms=True, paper_sites=True,
     ),
     # FP8 E4M3 (vLLM / TensorRT-LLM / SGLang "fp8"): per-output-channel weights, s = max|w|/448;
     # activations static per tensor (s = calibration max|x| / 448) or dynamic per token.
@@ -188,7 +216,8 @@ SCHEMES: dict[str, dict[str, Any]] = {
 
 
 def scheme(name: str, **overrides: Any) -> QuantConfig:
-    """The named scheme (one of ``SCHEMES``: ``w8a8-tensor``, ``w8a8-dynamic``, ``w8a8-paper``,
+    """The named scheme (one of ``SCHEMES``: ``w8a8-tensor``, ``w8a8-dynamic``, ``w8a8-outputs``,
+    ``w8a8-paper``,
     ``w4a8``, ``w8a4``, ``w8a6-tensor``, ``w6a6-tensor``, ``fp8-tensor``, ``fp8-dynamic``,
     ``w4a16-rtn``, ``w4a16-gptq``, ``w4a4-quarot``, ``w4a4-online``, ``smoothquant-search``)
     with overrides; other widths by overriding bits

@@ -127,27 +127,41 @@ def layer_stats(
     for m in experts.values():
         m.act.stats = ActStats()
     for m in layers.values():
+        if m.act is None:  # inputs arrive quantised (w8a8-paper): the output is the site
+            m.out_act.stats, m.out_act.measure = ActStats(), kurtosis
+            continue
         m.act.stats = ActStats()
         if kurtosis:  # Kurt of the layer input (science §1 Eq. 1); Kurt and MMR only: half the work
             m.kurt_acc = StatsAccumulator(m.in_features, extras=False)
     for aq in resid.values():
-        aq.stats = ActStats()
+        aq.stats, aq.measure = ActStats(), kurtosis
     try:
         yield lambda: _report_rows(layers, resid, kurtosis) + _experts_rows(experts)
     finally:
         for m in experts.values():
             m.act.stats = None
         for m in layers.values():
-            m.act.stats = None
+            for aq in (m.act, m.out_act):
+                if aq is not None:
+                    aq.stats, aq.measure, aq.kurt_acc = None, False, None
             m.kurt_acc = None
         for aq in resid.values():
-            aq.stats = None
+            aq.stats, aq.measure, aq.kurt_acc = None, False, None
+
+
+def _measured(acc: Any) -> dict[str, float | None]:
+    """Kurt and max/median (science §1 Eq. 1, 2) of what a StatsAccumulator saw (None: none)."""
+    if acc is None:
+        return {"kurtosis": None, "mmr": None}
+    res = acc.result()
+    return {"kurtosis": float(res["kurtosis"]), "mmr": float(res["mmr"])}
 
 
 def _row(name: str, kind: str, act: Any, weight: Any = None, shape: list[int] | None = None,
-         kurtosis: float | None = None) -> dict[str, Any]:  # fmt: skip
+         kurtosis: float | None = None, mmr: float | None = None) -> dict[str, Any]:  # fmt: skip
     """One layer-report row: ``act`` the activation quantiser (its ``stats`` and calibrated
-    range), ``weight`` what holds ``weight_signal``/``weight_noise`` (None: no weight)."""
+    range), ``weight`` what holds ``weight_signal``/``weight_noise`` (None: no weight);
+    ``kurtosis`` and ``mmr`` (max/median) of the tensor ``act`` quantises."""
     w_sqnr = None if weight is None else sqnr_db(weight.weight_signal, weight.weight_noise)
     return {
         "name": name,
@@ -160,6 +174,7 @@ def _row(name: str, kind: str, act: Any, weight: Any = None, shape: list[int] | 
         "calib_min": act.calib_lo,
         "calib_max": act.calib_hi,
         "kurtosis": kurtosis,
+        "mmr": mmr,
     }
 
 
@@ -170,12 +185,18 @@ def _experts_rows(experts: dict[str, Any]) -> list[dict[str, Any]]:
 def _report_rows(
     layers: dict[str, Any], resid: dict[str, Any], kurtosis: bool
 ) -> list[dict[str, Any]]:
-    rows = [
-        _row(name, "linear", m.act, m, shape=[m.out_features, m.in_features],
-             kurtosis=float(m.kurt_acc.result()["kurtosis"]) if kurtosis else None)
-        for name, m in layers.items()
+    rows = []
+    for name, m in layers.items():
+        shape = [m.out_features, m.in_features]
+        if m.act is None:  # w8a8-paper: the quantised tensor is the output
+            rows.append(_row(f"{name}.output", "linear-output", m.out_act, m, shape=shape,
+                             **_measured(m.out_act.kurt_acc)))
+        else:
+            rows.append(_row(name, "linear", m.act, m, shape=shape, **_measured(m.kurt_acc)))
+    return rows + [
+        _row(name, aq.kind, aq, aq if aq.has_weight else None, **_measured(aq.kurt_acc))
+        for name, aq in resid.items()
     ]
-    return rows + [_row(name, aq.kind, aq) for name, aq in resid.items()]
 
 
 @torch.no_grad()
@@ -215,6 +236,7 @@ def residual_kurtosis(model: nn.Module, x: torch.Tensor, batch_size: int = 8,
         summary = mon.summary()
     return {
         "points": {k: float(v["kurtosis"]) for k, v in results.items()},
+        "mmr_points": {k: float(v["mmr"]) for k, v in results.items()},
         "kurtosis_mean": float(summary["kurtosis_mean"]),
         "kurtosis_max": float(summary["kurtosis_max"]),
     }
@@ -284,9 +306,10 @@ def quantize_and_evaluate(
     q_s = time.perf_counter() - t0
     sx = val_x[: max(1, min(stats_windows, val_x.shape[0]))]
     resid = resid or residual_kurtosis(model, sx, batch_size, points)
-    for row in layers:
-        if row["kind"] == "residual":
-            row["kurtosis"] = resid["points"].get(row["name"])
+    for row in layers:  # the residual stream's Kurt as the FP model has it, where measured
+        if row["kind"] == "residual" and row["name"] in resid["points"]:
+            row["kurtosis"] = resid["points"][row["name"]]
+            row["mmr"] = resid.get("mmr_points", {}).get(row["name"], row.get("mmr"))
     return {
         "scheme": cfg.name,
         "config": cfg.to_dict(),

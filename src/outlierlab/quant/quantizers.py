@@ -255,3 +255,64 @@ def quantize_weight_groups(
         for i in range(0, w.shape[1], group_size)
     ]
     return torch.cat(parts, 1)
+
+
+# --- Bondarenko et al. (2023)'s quantisers (outlier-free-transformers, ``quantization/``) -------
+
+GRID_CANDIDATES = 100  # their MSE_Estimator's num_candidates
+GRID_MARGIN = 0.5  # their range_margin: the search spans (0, max|w| + 0.5], an absolute margin
+RUNNING_MOMENTUM = 0.9  # their RunningMinMaxEstimator's momentum
+
+
+def grid_fake_quant(
+    w: torch.Tensor, t: torch.Tensor | float, bits: int, signed: bool
+) -> torch.Tensor:
+    """Their ``SymmetricUniformQuantizer`` with range [-t, t] (``signed``: grid -2^(b-1)..2^(b-1)-1,
+    scale t / (2^(b-1) - 1); int8: [-128, 127], scale t / 127) or [0, t] (unsigned: 0..2^b-1,
+    scale t / (2^b - 1))."""
+    if signed:
+        qmin, qmax = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+    else:
+        qmin, qmax = 0, 2**bits - 1
+    scale = torch.as_tensor(t, dtype=w.dtype, device=w.device) / qmax
+    scale = scale.clamp_min(1e-8)  # their eps on the range and the scale
+    return (w / scale).round().clamp(qmin, qmax) * scale
+
+
+def grid_weight_range(w: torch.Tensor, bits: int = 8) -> tuple[float, bool]:
+    """(t, signed): their per-tensor MSE weight range (``RangeEstimators.MSE``, ``OptMethod.grid``,
+    what ``validate_clm.py``/``validate_mlm.py`` use for weights): t = k · s for the k in 1..100
+    minimising Σ (w - q_t(w))² over every element (first k on ties), s = (max|w| + 0.5) / 100
+    (``range_margin`` 0.5, absolute); one-sided (unsigned [0, t]) when min w ≥ 0."""
+    signed = bool(w.min() < 0)
+    step = (max(abs(float(w.min())), float(w.max())) + GRID_MARGIN) / GRID_CANDIDATES
+    flat = w.reshape(-1)
+    best_k, best = 1, float("inf")
+    for k in range(1, GRID_CANDIDATES + 1):
+        err = float((flat - grid_fake_quant(flat, step * k, bits, signed)).square().sum())
+        if err < best:
+            best_k, best = k, err
+    return step * best_k, signed
+
+
+def grid_quantize_weight(w: torch.Tensor, bits: int = 8) -> torch.Tensor:
+    """Fake-quantise a weight (any shape, per tensor) as Bondarenko et al. do:
+    :func:`grid_weight_range` then :func:`grid_fake_quant`."""
+    t, signed = grid_weight_range(w, bits)
+    return grid_fake_quant(w, t, bits, signed)
+
+
+def exact_percentile_range(x: torch.Tensor, percentile: float) -> tuple[float, float]:
+    """(P(100 - p), P(p)) of every element of x, numpy's default (linear) interpolation, as their
+    ``RunningMinMaxEstimator`` computes with ``np.percentile`` (no subsampling, any size)."""
+    flat = x.detach().reshape(-1)
+    n = flat.numel()
+    out = []
+    for q in (1.0 - percentile / 100.0, percentile / 100.0):
+        pos = (n - 1) * q
+        lo_i = int(pos)
+        hi_i = min(lo_i + 1, n - 1)
+        a = float(flat.kthvalue(lo_i + 1).values)
+        b = a if hi_i == lo_i else float(flat.kthvalue(hi_i + 1).values)
+        out.append(a + (b - a) * (pos - lo_i))
+    return out[0], out[1]

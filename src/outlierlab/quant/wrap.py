@@ -24,9 +24,12 @@ from outlierlab.errors import ConfigError, ModelLoadError
 from outlierlab.quant.config import QuantConfig
 from outlierlab.quant.gptq import gptq_quantize
 from outlierlab.quant.quantizers import (
+    RUNNING_MOMENTUM,
+    exact_percentile_range,
     fake_quant,
     fake_quant_fp8,
     fp8_scale,
+    grid_quantize_weight,
     percentile_range,
     quantize_dynamic,
     quantize_fp8,
@@ -38,6 +41,7 @@ from outlierlab.structure import Point, text_config
 
 HEAD_NAMES = ("lm_head", "head", "unembed")
 RESERVOIR_PER_BATCH = 1 << 16  # values kept per calibration batch for percentile ranges
+RUNNING = ("running", "running-percentile")  # Bondarenko et al.'s running ranges
 
 
 def is_conv1d(module: nn.Module) -> bool:
@@ -78,8 +82,13 @@ class ActStats:
 
 class ActQuant(nn.Module):
     """Activation fake-quantiser. ``mode``: ``off`` (identity), ``observe`` (identity, records
-    the calibration range) or ``quant``. Per-tensor static ranges come from :meth:`finalize`;
-    per-token ranges are computed from each input (dynamic)."""
+    the calibration range; with a ``running`` range it quantises with its range so far, as
+    Bondarenko et al.'s range estimation does) or ``quant``. Per-tensor static ranges come from
+    :meth:`finalize`; per-token ranges are computed from each input (dynamic).
+
+    ``measure`` (set by the layer report): Kurt and max/median (science §1 Eq. 1, 2) of the
+    tensors it quantises, over their last dim (``features``: False for attention scores and
+    probabilities, whose last dim is the keys)."""
 
     def __init__(self, cfg: QuantConfig) -> None:
         super().__init__()
@@ -99,6 +108,11 @@ class ActQuant(nn.Module):
         self._batches = 0
         self.stats: ActStats | None = None
         self.uncalibrated = False  # saw no calibration batch (see finalize)
+        self.features = True  # its last dim is a feature dim (Kurt is meaningful)
+        self.measure = False
+        self.kurt_acc: Any = None  # a stats.StatsAccumulator while ``measure``
+        self.weight_signal = self.weight_noise = 0.0  # weights quantised with this site (paper)
+        self.has_weight = False
 
     def reset(self) -> None:
         """Forget the calibration (ranges, samples): ready for another observing pass."""
@@ -108,9 +122,22 @@ class ActQuant(nn.Module):
         self.uncalibrated = False
 
     def observe(self, x: torch.Tensor) -> None:
-        """Widen the running [min, max] (``minmax``) or keep a subsample (``percentile``)."""
+        """Widen the running [min, max] (``minmax``), keep a subsample (``percentile``) or move
+        the exponential average (``running``: lo ← 0.1 · batch min + 0.9 · lo, the first batch
+        as it is; ``running-percentile``: the batch's [P(100-p), P(p)] instead)."""
         xd = x.detach()
-        if self.range_method == "percentile":
+        if self.range_method in RUNNING:
+            if self.range_method == "running":
+                lo, hi = (float(v) for v in torch.aminmax(xd))
+            else:
+                lo, hi = exact_percentile_range(xd, self.percentile)
+            if self.calib_lo is None or self.calib_hi is None:
+                self.calib_lo, self.calib_hi = lo, hi
+            else:
+                m = RUNNING_MOMENTUM
+                self.calib_lo = (1 - m) * lo + m * self.calib_lo
+                self.calib_hi = (1 - m) * hi + m * self.calib_hi
+        elif self.range_method == "percentile":
             flat = xd.reshape(-1).float()
             if flat.numel() > RESERVOIR_PER_BATCH:
                 g = torch.Generator().manual_seed(self._batches)
@@ -135,8 +162,10 @@ class ActQuant(nn.Module):
             # comes from its own input (dynamic per tensor), and the report says so
             self.uncalibrated = True
             return
-        lo = torch.tensor(self.calib_lo, dtype=torch.float32)
-        hi = torch.tensor(self.calib_hi, dtype=torch.float32)
+        # float64 for running ranges (theirs are float64 after np.percentile), else float32
+        dtype = torch.float64 if self.range_method in RUNNING else torch.float32
+        lo = torch.tensor(self.calib_lo, dtype=dtype)
+        hi = torch.tensor(self.calib_hi, dtype=dtype)
         if self.format == "fp8":  # s = calibration max|x| / 448
             self.scale, self.zero = fp8_scale(torch.maximum(lo.abs(), hi.abs())), lo.new_zeros(())
             self._static = (float(self.scale), 0.0)
@@ -144,12 +173,27 @@ class ActQuant(nn.Module):
         self.scale, self.zero = scale_zero_point(lo, hi, self.bits, self.symmetric)
         self._static = (float(self.scale), float(self.zero))  # python scalars: cheapest ops
 
+    def _current(self) -> tuple[float, float]:
+        """(scale, zero) of the running range so far (calibration of a ``running`` range)."""
+        lo = torch.tensor(self.calib_lo, dtype=torch.float64)
+        hi = torch.tensor(self.calib_hi, dtype=torch.float64)
+        scale, zero = scale_zero_point(lo, hi, self.bits, self.symmetric)
+        return float(scale), float(zero)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.mode == "off":
             return x
         if self.mode == "observe":
             self.observe(x)
+            if self.range_method in RUNNING and self.format == "int":
+                return fake_quant(x, *self._current(), self.bits, self.symmetric)
             return x
+        if self.measure and self.features:
+            if self.kurt_acc is None:
+                from outlierlab.stats import StatsAccumulator
+
+                self.kurt_acc = StatsAccumulator(x.shape[-1], device=x.device, extras=False)
+            self.kurt_acc.update(x.detach(), mmr_max_tokens=256)
         if self.format == "fp8":
             q = self._fp8(x)
         elif self.granularity == "token":
@@ -191,7 +235,7 @@ class QuantLinear(nn.Module):
         )
         self.register_buffer("weight_q", None)
         self.register_buffer("inv_smooth", None)  # 1 / s, shape (in,)
-        self.act = ActQuant(cfg)
+        self.act = ActQuant(cfg) if cfg.quantize_inputs else None
         self.out_act = ActQuant(cfg) if cfg.quantize_outputs else None
         self.weight_signal = 0.0
         self.weight_noise = 0.0
@@ -269,6 +313,8 @@ class QuantLinear(nn.Module):
             wq = quantize_weight_groups(
                 w.float(), c.w_bits, c.w_symmetric, c.w_group_size, c.w_range
             )
+        elif c.w_range == "grid":
+            wq = grid_quantize_weight(w.float(), c.w_bits)
         else:
             wq = quantize_weight(w.float(), c.w_bits, c.w_symmetric, c.w_granularity, c.w_range)
         self.set_weight_q(wq)
@@ -294,17 +340,18 @@ class QuantLinear(nn.Module):
             x = x * self.inv_smooth
         if not self.enabled:  # x / s with W · s: the layer's full-precision function
             return F.linear(x, self.weight, self.bias)
-        x = self.act(x)
+        if self.act is not None:
+            x = self.act(x)
         w = self.weight if self.weight_q is None else self.weight_q
         y = F.linear(x, w, self.bias)
         return y if self.out_act is None else self.out_act(y)
 
     def extra_repr(self) -> str:
         c = self.cfg
-        return (
-            f"in={self.in_features}, out={self.out_features}, source={self.source}, "
-            f"w{c.w_bits}-{c.w_granularity}, a{c.a_bits}-{c.a_granularity}"
-        )
+        a = f"a{c.a_bits}-{c.a_granularity}" if self.act is not None else "input as it comes"
+        return (f"in={self.in_features}, out={self.out_features}, source={self.source}, "
+                f"w{c.w_bits}-{c.w_granularity}, {a}"
+                + (", output quantised" if self.out_act is not None else ""))
 
 
 def is_experts(module: nn.Module) -> bool:
@@ -325,6 +372,8 @@ def _rtn(w: torch.Tensor, c: QuantConfig) -> torch.Tensor:
         return quantize_fp8(w, c.w_granularity)
     if c.w_group_size is not None:
         return quantize_weight_groups(w, c.w_bits, c.w_symmetric, c.w_group_size, c.w_range)
+    if c.w_range == "grid":
+        return grid_quantize_weight(w, c.w_bits)
     return quantize_weight(w, c.w_bits, c.w_symmetric, c.w_granularity, c.w_range)
 
 
@@ -433,6 +482,11 @@ def wrap(model: nn.Module, cfg: QuantConfig) -> nn.Module:
     """A deep copy of ``model`` in eval mode with every selected linear replaced by a
     :class:`QuantLinear` (quantisers off until calibrated). The original is untouched."""
     names = linear_names(model, cfg.quantize_head)
+    if cfg.paper_sites:
+        from outlierlab.quant.paper import check_model, paper_linears
+
+        check_model(model)
+        names = paper_linears(model, names)
     experts = experts_names(model)
     if not names and not experts:
         raise ModelLoadError(
@@ -455,6 +509,10 @@ def wrap(model: nn.Module, cfg: QuantConfig) -> nn.Module:
     if cfg.quantize_norms:
         norms = [Point(n, m) for n, m in norm_modules(qmodel).items()]
         _attach_output_quant(norms, cfg, "norm")
+    if cfg.paper_sites:
+        from outlierlab.quant.paper import attach
+
+        attach(qmodel, cfg)
     return qmodel
 
 
