@@ -100,7 +100,9 @@ def main(argv: list[str] | None = None) -> float:
         rec = sens.get("recommendation") or {}
         print(f"sensitivity: {sens.get('evaluations')} evaluations "
               f"({sens.get('block_passes', 0):.1f} whole passes), keep {rec.get('keep_16bit')}, "
-              f"verified recovery {rec.get('verified_recovery')}; "
+              f"verified recovery {rec.get('verified_recovery')} (KL, "
+              f"{rec.get('verifications')} verifications), {rec.get('check_recovery')} "
+              "(perplexity, every window); "
               f"crosscheck {(res.get('crosscheck') or {}).get('relative_difference')}")
     print(f"ratio={ratio:.3f}")
     return ratio

@@ -212,7 +212,7 @@ def add_sensitivity(res: dict[str, Any], model: nn.Module, name: str, calib: lis
                     val_x: torch.Tensor, val_y: torch.Tensor, batch_size: int, share: float,
                     cache: Any = None, windows: int = 2) -> None:  # fmt: skip
     """``res["sensitivity"]`` (:func:`outlierlab.quant.sensitivity.layer_sensitivity` of scheme
-    ``name`` on the first ``windows`` evaluation windows: about 130 evaluations, so fewer
+    ``name`` on the first ``windows`` evaluation windows: about 80 evaluations, so fewer
     windows than the profile's; its recommendation checked on every evaluation window) and
     ``res["predictors"]`` (:func:`outlierlab.quant.predictors.predictor_table`)."""
     from outlierlab.quant import scheme
@@ -396,7 +396,8 @@ def predictor_rows(res: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     pred = res.get("predictors")
     if not pred:
         return [], []
-    header = ["predictor (per block)", "ρ with damage alone", "ρ with damage recovered",
+    header = ["predictor (per block)", "ρ with damage alone",
+              "ρ with damage recovered (searched blocks)",
               "blocks", "predicts when ρ is"]  # fmt: skip
     rows = [[r["predictor"], _f(r["rho_alone"], "+.2f"), _f(r["rho_without"], "+.2f"), str(r["n"]),
              "> 0" if r["sign"] > 0 else "< 0"] for r in pred["rows"]]  # fmt: skip
@@ -464,8 +465,9 @@ def _figures(res: dict[str, Any], out: Path) -> list[tuple[str, str]]:
         floor = 1e-6
         ax.bar([x - 0.2 for x in xs], [max(b["alone_kl"], floor) for b in blocks], 0.4,
                label="only this block quantised")
-        ax.bar([x + 0.2 for x in xs], [max(b["without_kl"], floor) for b in blocks], 0.4,
-               label="damage recovered by keeping it in 16-bit")
+        some = [(x, b["without_kl"]) for x, b in zip(xs, blocks) if b["without_kl"] is not None]
+        ax.bar([x + 0.2 for x, _ in some], [max(v, floor) for _, v in some], 0.4,
+               label="damage recovered by keeping it in 16-bit (searched blocks)")
         ax.axhline(sens["full"]["kl"], color="k", lw=0.8, ls="--", label="all quantised")
         ax.set(yscale="log", xlabel="block", ylabel="KL to FP (nats / token)",
                title=f"layer sensitivity under {sens['scheme']}")  # fmt: skip

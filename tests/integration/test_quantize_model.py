@@ -234,6 +234,23 @@ def test_cli_on_run_folder_saves_result_and_never_touches_the_model(trained, tmp
     assert _hashes(run) == before
 
 
+def test_cli_w8a8_paper_on_a_run_prints_every_site(trained, tmp_path, capsys):
+    """Bondarenko et al.'s sites (issue 23) end to end: qkv and mlp.fc are weight-only rows
+    (their outputs are quantised by the q/k/v and activation sites), the rest carry SQNR."""
+    from outlierlab.cli import main
+
+    out = tmp_path / "paper.json"
+    assert main(["quantize", str(trained["run"]), "--scheme", "w8a8-paper", *SMALL,
+                 "--no-save", "--json", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "blocks.0.attn.scores" in printed and "blocks.1.attn_sum" in printed
+    result = json.loads(out.read_text())
+    kinds = {r["name"]: r["kind"] for r in result["layers"]}
+    assert kinds["blocks.0.attn.qkv"] == "linear-weight"
+    assert kinds["blocks.0.attn.proj.output"] == "linear-output"
+    assert result["config"]["paper_sites"] and result["quant_ppl"] > 0
+
+
 def test_cli_calibration_larger_than_data_is_one_line_exit_2(trained, capsys):
     from outlierlab.cli import main
 

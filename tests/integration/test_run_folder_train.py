@@ -1,4 +1,5 @@
-"""A run folder is owned by one process (real `outlierlab train` processes), an extended run's
+"""A run folder is owned by one process (a real `outlierlab train` process holds it; a second
+train, a resume and a quantise in this process are refused), an extended run's
 old final model is not used, a changed corpus is not resumed silently, a sweep names a locked
 run."""
 
@@ -6,8 +7,6 @@ from __future__ import annotations
 
 import json
 import signal
-import subprocess
-import sys
 
 import pytest
 from test_train import TINY, make_corpus
@@ -21,14 +20,9 @@ from outlierlab.train import train
 from run_fixtures import hold_lock
 
 
-def outlierlab(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "outlierlab", *args], capture_output=True,
-                          text=True, timeout=300)
-
-
 @pytest.mark.slow
 def test_second_train_on_a_running_folder_is_refused_and_a_killed_holder_blocks_nothing(
-        tmp_path, cache_dir):
+        tmp_path, cache_dir, capsys):
     corpus = make_corpus(tmp_path / "corpus", files=20)
     out = tmp_path / "D"
     common = ["--preset", "tiny", *TINY, f"data.source={corpus}", "--quiet"]
@@ -40,14 +34,13 @@ def test_second_train_on_a_running_folder_is_refused_and_a_killed_holder_blocks_
         config_before = run.config_file.read_bytes()
         for args in ([*common, "train.steps=40", "model.n_layer=3", f"out={out}"],
                      ["--resume", str(out), "--quiet"]):
-            b = outlierlab("train", *args)
-            err = b.stderr.strip().splitlines()
-            assert b.returncode == 2, b.stderr
-            assert len(err) == 1
+            assert main(["train", *args]) == 2  # in this process: the lock is per process
+            err = capsys.readouterr().err.strip().splitlines()
+            assert len(err) == 1, err
             assert err[0].startswith(f"outlierlab train: error: {out} is in use by pid {a.pid} "
                                      "(outlierlab train, started ")
-        q = outlierlab("quantize", str(out), "--quiet")
-        assert q.returncode == 2 and f"in use by pid {a.pid}" in q.stderr
+        assert main(["quantize", str(out), "--quiet"]) == 2
+        assert f"in use by pid {a.pid}" in capsys.readouterr().err
         assert run.config_file.read_bytes() == config_before  # B touched nothing
         assert a.poll() is None  # A still training
     finally:

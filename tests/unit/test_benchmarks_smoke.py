@@ -12,7 +12,7 @@ import pytest
 
 BENCH = Path(__file__).resolve().parents[2] / "benchmarks"
 SCRIPTS = ["train_step", "compile", "monitor_train", "quant_eval", "optim", "gpu_check",
-           "real_model", "host_syncs", "mitigations_step"]
+           "real_model", "host_syncs", "mitigations_step", "mitigations_cost"]
 
 
 def load(name: str):
@@ -35,7 +35,7 @@ def test_help(name, capsys):
     assert exc.value.code == 0
     out = capsys.readouterr().out
     assert "usage:" in out
-    if name not in ("gpu_check", "real_model"):  # no interleaved rounds: one run each
+    if name not in ("gpu_check", "real_model", "mitigations_cost"):  # no rounds: one run each
         assert "--quick" in out
 
 

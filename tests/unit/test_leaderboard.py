@@ -135,3 +135,23 @@ def test_the_report_adds_the_leaderboard_only_for_mitigation_runs(sweep, tmp_pat
     base_only = [r for r in sweep if method_label(r) == BASELINE]
     write_report(base_only, tmp_path / "plain")
     assert not (tmp_path / "plain" / "leaderboard.md").exists()
+
+
+def test_a_run_found_twice_counts_once(tmp_path):
+    """The baseline of two sweep folders (each part of a split grid run into its own folder,
+    then `outlierlab report A B`): one run per method and seed in the means and the pairs, the
+    repeats named in the seeds column."""
+    for part, (method, k) in {"a": ("softpick", 2.0), "b": ("clipped", 4.0)}.items():
+        for seed in range(3):
+            write_run(tmp_path / part / f"base-seed{seed}", seed=seed, held_out=BASE_K[seed])
+            write_run(tmp_path / part / f"{method}-seed{seed}", seed=seed, held_out=k,
+                      extra={"model.attn": method})
+    runs, _ = load_runs([tmp_path / "a", tmp_path / "b"])
+    entries = leaderboard(runs)
+    base = next(e for e in entries if e.method == BASELINE)
+    assert (len(base.runs), base.repeats, sorted(base.seeds)) == (3, 3, [0, 1, 2])
+    assert base.mean("kurt_final") == pytest.approx(6.1)
+    clipped = next(e for e in entries if e.method == "pre-ln+clipped adamw")
+    assert clipped.tests["kurt_final"].pairs == 3 and clipped.repeats == 0
+    _, rows = table(entries)
+    assert rows[-1][1:3] == [BASELINE, "3 (3 repeated seed(s) left out)"]

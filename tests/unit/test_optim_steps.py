@@ -14,6 +14,7 @@ from outlierlab.optim import OptimConfig
 SHAPES = [(3, 5), (4, 4), (6, 3), (4,)]  # max_precond_dim=4: rotate rows / both / cols / none
 LR, BETAS, EPS, WD, STEPS = 0.01, (0.9, 0.99), 1e-8, 0.1, 5
 HP = dict(lr=LR, betas=BETAS, eps=EPS, weight_decay=WD, max_precond_dim=4)
+ADAM_HP = {k: v for k, v in HP.items() if k != "max_precond_dim"}  # AdamW, AdaFactor
 
 
 class Params(nn.Module):
@@ -40,6 +41,17 @@ def run(name: str, **hp) -> list[torch.Tensor]:
     return [p.detach() for p in model.ps]
 
 
+def histories() -> list[tuple[torch.Tensor, list[torch.Tensor]]]:
+    """Each parameter's initial value and its gradient history, in float64."""
+    hist = gradients()
+    return [(p.detach().clone(), [h[i] for h in hist]) for i, p in enumerate(Params().ps)]
+
+
+def decayed(p, u, lr=LR):
+    """One step ``-lr·u`` after decoupled weight decay (matrices only)."""
+    return p * (1 - lr * (WD if p.ndim == 2 else 0)) - lr * u
+
+
 def ema(xs, beta):
     """Σ_s (1-β) β^(t-s) x_s: an EMA started at zero, as a sum over the history."""
     t = len(xs)
@@ -59,6 +71,13 @@ def rotate(x, ql, qr, back=False):
     return x
 
 
+def adam(gs, b1, b2):
+    """Adam's update after the gradients ``gs``: m̂ / (√v̂ + ε), both moments EMAs from zero."""
+    s = len(gs)
+    return ema(gs, b1) / (1 - b1**s) / ((ema([x.square() for x in gs], b2) / (1 - b2**s)).sqrt()
+                                        + EPS)  # fmt: skip
+
+
 def factored(m, gs_rot, b1, b2, s):
     """AdaFactor's update from momentum m and the gradient history (each gradient in the basis
     of its own step): m̂ / (√v̂ + ε), v̂ = r cᵀ / mean(r) with r, c the EMAs of the row / column
@@ -73,19 +92,14 @@ def factored(m, gs_rot, b1, b2, s):
 def reference(kind: str, k: int = 10) -> list[torch.Tensor]:
     """``adam`` or ``adafactor``; decoupled wd on matrices only."""
     b1, b2 = BETAS
-    hist = gradients()
     out = []
-    for i, p in enumerate(Params().ps):
-        p = p.detach().clone()
-        gs = [h[i] for h in hist]
+    for p, gs in histories():
         for t in range(1, STEPS + 1):
-            m = ema(gs[:t], b1)
             if kind == "adam" or p.ndim == 1:
-                u = m / (1 - b1**t) / ((ema([x.square() for x in gs[:t]], b2) / (1 - b2**t)).sqrt()
-                                       + EPS)  # fmt: skip
+                u = adam(gs[:t], b1, b2)
             else:
-                u = factored(m, gs[:t], b1, b2, t)
-            p = p * (1 - LR * (WD if p.ndim == 2 else 0)) - LR * u
+                u = factored(ema(gs[:t], b1), gs[:t], b1, b2, t)
+            p = decayed(p, u)
         out.append(p)
     return out
 
@@ -98,18 +112,14 @@ def shampoo_reference(k: int) -> list[torch.Tensor]:
     moment in the basis of its own step (SOAP does not re-rotate its statistics); vectors: Adam
     on g₂…g_t."""
     b1, b2 = BETAS
-    hist = gradients()
     out = []
-    for i, p in enumerate(Params().ps):
-        p = p.detach().clone()
-        gs = [h[i] for h in hist]
+    for p, gs in histories():
         basis_upto, rotated = 1, []  # the basis was computed from g₁…g_basis_upto
         for t in range(2, STEPS + 1):
             s, seen = t - 1, gs[1:t]
             m = ema(seen, b1)
             if p.ndim == 1:
-                u = m / (1 - b1**s) / ((ema([x.square() for x in seen], b2) / (1 - b2**s)).sqrt()
-                                       + EPS)  # fmt: skip
+                u = adam(seen, b1, b2)
             else:
                 lr_, lc = gs[0].shape
                 L = ema([x @ x.T for x in gs[:basis_upto]], b2)
@@ -122,7 +132,7 @@ def shampoo_reference(k: int) -> list[torch.Tensor]:
                 u = u * graft.norm() / u.norm()
                 if s % k == 0:
                     basis_upto = t
-            p = p * (1 - LR * (WD if p.ndim == 2 else 0)) - LR * u
+            p = decayed(p, u)
         out.append(p)
     return out
 
@@ -133,12 +143,12 @@ def close(got, want):
 
 
 def test_adamw_is_adam_with_decoupled_decay():
-    close(run("adamw", **{k: v for k, v in HP.items() if k != "max_precond_dim"}),
+    close(run("adamw", **ADAM_HP),
           reference("adam"))
 
 
 def test_adafactor_factors_the_second_moment_with_momentum():
-    close(run("adafactor", **{k: v for k, v in HP.items() if k != "max_precond_dim"}),
+    close(run("adafactor", **ADAM_HP),
           reference("adafactor"))
 
 
@@ -183,10 +193,7 @@ def test_soap_is_adam_in_the_eigenbasis_with_a_first_step_that_only_sets_the_bas
     √v before the correction, weight decay after the update. k > steps: no basis refresh."""
     b1, b2 = BETAS
     got = run("soap", precondition_frequency=100, **HP)
-    hist = gradients()
-    for i, p in enumerate(Params().ps):
-        p = p.detach().clone()
-        gs = [h[i] for h in hist]
+    for i, (p, gs) in enumerate(histories()):
         g1 = gs[0]
         ql = eigvecs(g1 @ g1.T) if g1.ndim == 2 and g1.shape[0] <= 4 else None
         qr = eigvecs(g1.T @ g1) if g1.ndim == 2 and g1.shape[1] <= 4 else None
@@ -203,13 +210,10 @@ def test_soap_is_adam_in_the_eigenbasis_with_a_first_step_that_only_sets_the_bas
 def test_muon_orthogonalises_in_fp32_on_the_cpu():
     """Hidden matrices: Nesterov momentum, Newton–Schulz (reference in float64; torch's bf16
     would be off by ~1e-2), lr × √max(1, rows/cols), decoupled wd; the vector: AdamW."""
-    mu, lr, wd = 0.95, 0.02, 0.1
+    mu, lr = 0.95, 0.02
     got = run("muon", lr=lr, momentum=mu, weight_decay=WD, aux_lr=LR, betas=BETAS, eps=EPS)
-    hist = gradients()
     a, b, c = 3.4445, -4.7750, 2.0315
-    for i, p in enumerate(Params().ps[:3]):
-        p = p.detach().clone()
-        gs = [h[i] for h in hist]
+    for i, (p, gs) in enumerate(histories()[:3]):
         for t in range(1, STEPS + 1):
             buf = ema(gs[:t], mu)
             x = gs[t - 1] * (1 - mu) + buf * mu  # Nesterov: lerp(g, buf, μ)
@@ -219,9 +223,9 @@ def test_muon_orthogonalises_in_fp32_on_the_cpu():
                 gram = x @ x.T
                 x = a * x + (b * gram + c * gram @ gram) @ x
             x = x.T if p.shape[0] > p.shape[1] else x
-            p = p * (1 - lr * wd) - lr * max(1, p.shape[0] / p.shape[1]) ** 0.5 * x
+            p = decayed(p, max(1, p.shape[0] / p.shape[1]) ** 0.5 * x, lr)
         torch.testing.assert_close(got[i], p, rtol=0, atol=2e-5)
-    close(got[3:], run("adamw", **{k: v for k, v in HP.items() if k != "max_precond_dim"})[3:])
+    close(got[3:], run("adamw", **ADAM_HP)[3:])
 
 
 def test_adam_family_shares_its_hyperparameters():

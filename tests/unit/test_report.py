@@ -8,6 +8,8 @@ from html.parser import HTMLParser
 import pytest
 
 from outlierlab.cli import main
+from outlierlab.jsonable import write_json
+from outlierlab.run_folder import RunFolder
 from run_fixtures import write_run
 
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -45,6 +47,12 @@ def _sweep(tmp_path, seeds=(0, 1, 2, 3)):  # one cell of 4 same-seed pairs: p = 
         write_run(d / f"pre-ln-lr1e-3-seed{s}", lr=1e-3, kurt=1.5, seed=s,
                   quant={"w8a8-tensor": (5.0, 5.2)})  # 4 configurations: ρ = 1 is p = 1/24
     write_run(d / "post-ln-adamw-seed0", arch="post-ln", status="diverged")
+    for s in seeds:  # per-tensor Kurt and SQNR (the layer report) for the mechanism section
+        run = RunFolder(d / f"pre-ln-adamw-seed{s}")
+        layers = [{"name": f"blocks.{i}.mlp.fc", "kind": "linear", "kurtosis": 1.0 + i + s,
+                   "mmr": 3.0 + i, "act_sqnr_db": 40.0 - 3 * i} for i in range(4)]
+        write_json(run.quant_file("w8a8-tensor"), {"scheme": "w8a8-tensor", "fp_ppl": 5.0,
+                                                   "quant_ppl": 8.0 + s, "layers": layers})
     return d
 
 
@@ -81,6 +89,13 @@ def test_report_command_writes_html_markdown_json(tmp_path, capsys):
         assert c["summary"] in md
     for name in names:
         assert f"| {name} |" in md
+    # the per-tensor test of the quantisation claim: ρ(Kurt, SQNR) = −1 in every pre-ln run
+    assert "## Per tensor: Kurt against SQNR" in md
+    assert "| pre-ln-adamw-seed0 | w8a8-tensor | 4 | -1.00 | -1.00 |" in md
+    assert "w8a8-tensor: ρ(Kurt, SQNR) < 0 in 4 of 4 runs and 1 of 1 configurations" in md
+    assert (out / "figures" / "kurt_vs_sqnr.png").read_bytes()[:8] == PNG
+    assert "Per tensor: Kurt against SQNR" in text
+    assert data["mechanism"]["summary"][0]["configurations_negative"] == 1
     assert "diverged" in md
     # every pair compared, with the one field in which its configurations differ
     pairs = md.split("## Pairs compared")[1].split("## Results")[0]
@@ -95,7 +110,8 @@ def test_report_command_writes_html_markdown_json(tmp_path, capsys):
         assert f"figures/{fig.name}" in md
     assert {f.stem for f in (out / "figures").glob("*.png")} == {
         "kurtosis_vs_step", "kurtosis_vs_lr", "kurtosis_by_optimizer", "cos_sim_vs_kurtosis",
-        "quant_vs_kurtosis", "signal_propagation_vs_step", "mmr_vs_step"}  # no attn_entropy
+        "quant_vs_kurtosis", "signal_propagation_vs_step", "mmr_vs_step",
+        "kurt_vs_sqnr"}  # no attn_entropy
     # the table row of a run holds its numbers
     row = next(line for line in md.splitlines() if line.startswith("| op-soap-seed0 |"))
     assert "+1.96%" in row and "soap" in row

@@ -58,6 +58,9 @@ def test_test_seeds_never_choose(tmp_path):
         T.choose_lrs(runs)
     assert not T.is_tuning_sweep(runs)
     assert T.is_tuning_sweep([r for r in runs if r.seed == 100])
+    assert T.mixed_seeds_note(runs).startswith("no lr chosen: the runs mix tuning seeds (100) "
+                                               "with seed(s) 2; settings are chosen on tuning")
+    assert T.mixed_seeds_note([r for r in runs if r.seed == 100]) == ""
 
 
 def test_tuning_files_round_trip_and_match_test_runs(tmp_path):

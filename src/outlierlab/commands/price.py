@@ -47,7 +47,7 @@ def add_parser(subparsers: Any) -> None:
                    "it, and which measurement predicts the damage (Spearman ρ)")
     p.add_argument("--sensitivity-windows", type=POSITIVE, default=2, metavar="N",
                    help="of the evaluation windows, how many the sensitivity search uses "
-                   "(default 2: it runs about 130 evaluations; the recommendation is then "
+                   "(default 2: it runs about 80 evaluations; the recommendation is then "
                    "checked on every window)")
     p.add_argument("--crosscheck", action="store_true",
                    help="our w8a8-dynamic perplexity against torchao's real int8 path (needs "

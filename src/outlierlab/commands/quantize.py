@@ -201,7 +201,7 @@ def _print(result: dict[str, Any], quiet: bool = False) -> None:
             table.add_row(
                 row["name"],
                 _fmt(row["kurtosis"], ".2f"),
-                f"[{row['act_min']:.3g}, {row['act_max']:.3g}]",
+                "—" if row["act_min"] is None else f"[{row['act_min']:.3g}, {row['act_max']:.3g}]",
                 _fmt(row["act_sqnr_db"]),
                 _fmt(row["weight_sqnr_db"]),
             )

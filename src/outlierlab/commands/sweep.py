@@ -18,7 +18,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "quantise the finished ones.")
     add_sweep_args(p)
     p.add_argument("grid", metavar="GRID", help="a grid .toml file, or a preset: quick, cpu, "
-                   "gpu-130m, mitigations (outlierlab/presets/sweeps)")
+                   "gpu-130m, mitigations (or its parts mitigations-attn, mitigations-optim) "
+                   "(outlierlab/presets/sweeps)")
     p.add_argument("--dry-run", action="store_true",
                    help="print the exact commands (one line per run) and run nothing")
     p.set_defaults(func=run)
@@ -26,7 +27,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 def add_sweep_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", metavar="DIR", type=output_dir,
-                   help="sweep folder (default: runs/<grid name>)")
+                   help="sweep folder (default: runs/<grid name>; a part's: its whole's)")
     p.add_argument("--workers", type=arg_type(lo=1, integer=True), metavar="N",
                    help="runs at once on this machine, ≥ 1 (default: the grid's, else 1)")
     p.add_argument("--threads", type=arg_type(lo=1, integer=True), metavar="T",
@@ -52,7 +53,7 @@ def run(args: argparse.Namespace) -> int:
     from outlierlab.experiments.sweep import dry_run_lines, run_sweep
 
     grid = load_grid(args.grid)
-    out = Path(args.out or Path("runs") / grid.name)
+    out = Path(args.out or Path("runs") / grid.folder)
     workers = args.workers or grid.workers or 1
     threads = args.threads or grid.threads
     if args.dry_run:
@@ -71,7 +72,7 @@ def report_summary(summary) -> int:
     """Print the sweep's outcome; exit 1 if a run crashed or a quantisation failed."""
     print(f"sweep done in {summary.wall_s:.0f} s: {len(summary.trained)} trained, "
           f"{len(summary.outcomes) - len(summary.trained)} already there; "
-          f"manifest {summary.out / 'sweep.json'}")
+          f"manifest {summary.out / summary.manifest}")
     for o in summary.failed:
         what = o.message or f"quantize failed: {', '.join(o.quant_failed)}"
         print(f"  {o.name}: {o.status}: {what}")

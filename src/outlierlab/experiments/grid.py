@@ -33,6 +33,14 @@ from the values of the *declared* keys (those in ``[grid]`` and ``[[include]]``)
 they first appear (seeds last), e.g. ``op-soap-lr1e-2-seed0``; the name does not depend on
 which other points exist, so adding values to an axis never renames finished runs.
 
+**Parts** (issue 25): a grid too long for one sitting is split into grids that each say
+``part_of = "<whole>"``, and a whole grid is ``parts = ["part-a", "part-b"]`` (presets, or
+``.toml`` files beside it) with nothing else but ``name``, ``description``, ``workers`` and
+``threads``: :func:`union` runs the parts' points in order, a point two parts share (each
+part's own copy of the baseline) once. A point keeps the name its part gives it, so running the
+parts one by one, or the whole, trains and reuses the same run folders; a part's default
+folder is its whole's (:attr:`Grid.folder`).
+
 **Pre-registration** (issue 23, docs/reproduce.md "How settings are chosen"): ``seeds`` says
 what a sweep is for. ``"tuning"`` sweeps choose settings and may use only seeds ≥
 :data:`TUNING_MIN` (100, 101, ...); ``"test"`` sweeps give the verdicts and may use only the test
@@ -65,7 +73,9 @@ else:  # pragma: no cover
 
 DEFAULT_SCHEMES: tuple[str, ...] = ("w8a8-tensor", "w8a8-dynamic")
 TOP_KEYS = {"name", "description", "preset", "workers", "threads", "seeds", "base", "grid",
-            "include", "exclude", "quant", "measure"}
+            "include", "exclude", "quant", "measure", "part_of"}
+PARTS_KEYS = {"name", "description", "workers", "threads", "parts"}
+"""The keys of a grid made of parts (``parts = [...]``): the rest comes from the parts."""
 TEST_SEEDS = (0, 1, 2)
 """The seeds verdicts are computed on (``seeds = "test"``); no setting is chosen on them."""
 TUNING_MIN = 100
@@ -116,12 +126,29 @@ class Grid:
     measure_args: tuple[str, ...] | None = None
     """``outlierlab measure RUN --save`` options run after quantisation (``[measure] args``);
     None: the grid has no ``[measure]`` table and no run is measured."""
+    parts: tuple[str, ...] = ()
+    """The grids this one is the union of (``parts = [...]``), in the order they run."""
+    part_of: str | None = None
+    """The grid this one is a part of (``part_of = "..."``): it shares that grid's folder."""
+
+    @property
+    def folder(self) -> str:
+        """Default sweep folder name (``runs/<folder>``): a part's is its whole's, so the parts
+        share their runs (the baseline both hold is trained once) and one report covers all."""
+        return self.part_of or self.name
+
+    @property
+    def manifest(self) -> str:
+        """File name of the sweep manifest in the folder: ``sweep.json``, or
+        ``sweep-<part>.json`` for a part (the parts share a folder)."""
+        return f"sweep-{self.name}.json" if self.part_of else "sweep.json"
 
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "description": self.description, "preset": self.preset,
                 "schemes": list(self.schemes), "quant_args": list(self.quant_args),
                 "base": self.base, "source": self.source, "seeds": self.seeds,
                 "measure_args": None if self.measure_args is None else list(self.measure_args),
+                "parts": list(self.parts), "part_of": self.part_of,
                 "points": [{"name": p.name, "overrides": p.overrides} for p in self.points]}
 
 
@@ -274,6 +301,10 @@ def parse_grid(data: dict[str, Any], *, default_name: str = "sweep", source: str
         v = data.get(key)
         if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
             raise ConfigError(f"grid: {key} = {v!r}; allowed: an integer ≥ 1")
+    part_of = data.get("part_of")
+    if part_of is not None and (not isinstance(part_of, str) or not part_of):
+        raise ConfigError(f"{source or 'grid'}: part_of = {part_of!r}; allowed: the name of the "
+                          "grid this one is a part of")
     seeds = data.get("seeds")
     if seeds is not None and seeds not in SEED_ROLES:
         raise ConfigError(f"{source or 'grid'}: seeds = {seeds!r}; allowed: \"test\" (seeds "
@@ -283,7 +314,8 @@ def parse_grid(data: dict[str, Any], *, default_name: str = "sweep", source: str
                 schemes=tuple(schemes), quant_args=tuple(str(a) for a in qargs),
                 workers=data.get("workers"), threads=data.get("threads"),
                 description=str(data.get("description", "")),
-                base=base, source=source, seeds=seeds, measure_args=measure_args)
+                base=base, source=source, seeds=seeds, measure_args=measure_args,
+                part_of=part_of)
 
 
 def _measure_args(table: Any) -> tuple[str, ...] | None:
@@ -357,20 +389,89 @@ def check_quant_args(grid: Grid) -> None:
 
 def load_grid(spec: str | Path) -> Grid:
     """Load a grid from a ``.toml`` path or a preset name (``quick``, ``cpu``, ``gpu-130m``) and
-    check every point (:func:`check_grid`)."""
+    check every point (:func:`check_grid`). A grid made of parts (``parts = [...]``) is their
+    union (:func:`union`)."""
     path = Path(spec)
+    here: Path | None = None
     if path.suffix == ".toml" or path.exists():
         if not path.exists():
             raise ConfigError(f"grid file {str(path)!r} not found; allowed: a .toml file or a "
                               f"preset ({', '.join(sweep_presets())})")
         data, default_name = config.read_toml(path, "grid file"), path.stem
-        source = str(path)
+        source, here = str(path), path.parent
     else:
         res = resources.files("outlierlab").joinpath(f"presets/sweeps/{spec}.toml")
         if not res.is_file():
             raise ConfigError(f"unknown sweep preset {str(spec)!r}; allowed: a .toml file or "
                               f"{', '.join(sweep_presets())}")
         data, default_name, source = tomllib.loads(res.read_text()), str(spec), f"preset:{spec}"
+    if "parts" in data:
+        return union(data, default_name=default_name, source=source, here=here)
     grid = parse_grid(data, default_name=default_name, source=source)
     check_grid(grid)
     return grid
+
+
+def union(data: dict[str, Any], *, default_name: str, source: str,
+          here: Path | None = None) -> Grid:
+    """A grid made of parts: ``parts = ["a", "b.toml"]`` (presets, or files beside this one),
+    each a grid that says ``part_of = "<this grid's name>"``. The points are the parts' in
+    order, a point in several parts (the baseline each part holds) once; every point keeps the
+    name its part gives it, so running the parts one by one or the whole reuses the same run
+    folders. The parts must agree on everything but their points (training preset, [base],
+    [quant], [measure], seeds): their runs are compared with each other."""
+    where = source or "grid"
+    extra = sorted(set(data) - PARTS_KEYS)
+    if extra:
+        raise ConfigError(f"{where}: {extra[0]} is not allowed beside parts; allowed: "
+                          f"{', '.join(sorted(PARTS_KEYS))} (the rest is each part's)")
+    refs = data["parts"]
+    if not isinstance(refs, list) or not refs or not all(
+            isinstance(r, str) and r for r in refs):
+        raise ConfigError(f"{where}: parts = {refs!r}; allowed: a list of sweep presets or "
+                          ".toml files")
+    name = _safe(str(data.get("name", default_name)))
+    parts = []
+    for ref in refs:
+        part = load_grid(here / ref if here is not None and ref.endswith(".toml") else ref)
+        if part.parts:
+            raise ConfigError(f"{where}: part {ref!r} is made of parts itself; allowed: a grid "
+                              "of points")
+        if part.part_of != name:
+            raise ConfigError(f"{part.source}: part_of = {part.part_of!r}; allowed: {name!r} "
+                              f"(it is a part of {where})")
+        parts.append(part)
+    first = parts[0]
+    for part in parts[1:]:
+        for attr, label in (("preset", "preset"), ("base", "[base]"),
+                            ("schemes", "quant.schemes"), ("quant_args", "quant.args"),
+                            ("measure_args", "[measure]"), ("seeds", "seeds")):
+            if getattr(part, attr) != getattr(first, attr):
+                raise ConfigError(f"{where}: parts {first.source} and {part.source} differ in "
+                                  f"{label}; allowed: the same in every part")
+    points: list[GridPoint] = []
+    names: dict[str, str] = {}
+    idents: dict[str, str] = {}
+    for part in parts:
+        for pt in part.points:
+            ident = json.dumps(pt.overrides, sort_keys=True, default=str)
+            if pt.name in names:
+                if names[pt.name] != ident:
+                    raise ConfigError(f"{where}: run {pt.name} has different settings in two "
+                                      "parts; allowed: one run per name")
+                continue
+            if ident in idents:
+                raise ConfigError(f"{where}: one run is named {idents[ident]} in one part and "
+                                  f"{pt.name} in {part.source}; allowed: the same name (declare "
+                                  "the keys in the same order)")
+            names[pt.name], idents[ident] = ident, pt.name
+            points.append(pt)
+    for key in ("workers", "threads"):
+        v = data.get(key)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+            raise ConfigError(f"grid: {key} = {v!r}; allowed: an integer ≥ 1")
+    return Grid(name=name, points=points, preset=first.preset, schemes=first.schemes,
+                quant_args=first.quant_args, workers=data.get("workers", first.workers),
+                threads=data.get("threads", first.threads),
+                description=str(data.get("description", "")), base=first.base, source=source,
+                seeds=first.seeds, measure_args=first.measure_args, parts=tuple(refs))

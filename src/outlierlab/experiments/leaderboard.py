@@ -151,6 +151,9 @@ class Entry:
     headline: Headline | None = None
     diverged: int = 0
     """Runs of this method that diverged (not in ``runs``: they have no final values)."""
+    repeats: int = 0
+    """Runs left out because a run of this method with the same seed came first (the same
+    point in two sweep folders, e.g. the baseline of each part of a split grid)."""
 
     @property
     def seeds(self) -> list[Any]:
@@ -167,7 +170,7 @@ class Entry:
     def to_dict(self) -> dict[str, Any]:
         return {
             "rank": self.rank, "method": self.method, "seeds": self.seeds,
-            "diverged": self.diverged,
+            "diverged": self.diverged, "repeats_left_out": self.repeats,
             "runs": [r.name for r in self.runs],
             "mean": {m: self.mean(m) for m, _ in METRICS},
             "by_seed": {m: {str(s): v for s, v in vals.items()} for m, vals in self.values.items()},
@@ -181,18 +184,29 @@ class Entry:
 
 def leaderboard(runs: Sequence[RunRecord]) -> list[Entry]:
     """The entries, ranked by seed-mean final Kurt (lowest first; methods without it last),
-    each paired with the baseline where the baseline has finished runs."""
+    each paired with the baseline where the baseline has finished runs. One run per method and
+    seed: a repeat (the same point found in two folders) is counted in :attr:`Entry.repeats`,
+    not twice in the means or the pairs."""
     groups: dict[str, list[RunRecord]] = {}
     diverged: dict[str, int] = {}
+    repeats: dict[str, int] = {}
+    seen: set[tuple[str, Any]] = set()
     for r in runs:
-        if r.finished or r.diverged:
-            groups.setdefault(method_label(r), [])
+        m = method_label(r)
+        if not (r.finished or r.diverged):
+            continue
+        groups.setdefault(m, [])
+        if (m, r.seed) in seen:  # the same method and seed again (e.g. each part's baseline
+            repeats[m] = repeats.get(m, 0) + 1  # in its own folder): the first one counts
+            continue
+        seen.add((m, r.seed))
         if r.finished:
-            groups[method_label(r)].append(r)
-        elif r.diverged:
-            diverged[method_label(r)] = diverged.get(method_label(r), 0) + 1
+            groups[m].append(r)
+        else:
+            diverged[m] = diverged.get(m, 0) + 1
     entries = [Entry(m, rs, {k: {r.seed: float(get(r)) for r in rs} for k, get in METRICS},
-                     headline=HEADLINES.get(m), diverged=diverged.get(m, 0))
+                     headline=HEADLINES.get(m), diverged=diverged.get(m, 0),
+                     repeats=repeats.get(m, 0))
                for m, rs in groups.items()]
     base = next((e for e in entries if e.method == BASELINE), None)
     for e in entries:
@@ -248,7 +262,8 @@ def table(entries: Sequence[Entry]) -> tuple[list[str], list[list[str]]]:
     for e in entries:
         rows.append([
             str(e.rank), e.method,
-            str(len(e.runs)) + (f" (+{e.diverged} diverged)" if e.diverged else ""),
+            str(len(e.runs)) + (f" (+{e.diverged} diverged)" if e.diverged else "")
+            + (f" ({e.repeats} repeated seed(s) left out)" if e.repeats else ""),
             _cell(e, "kurt_final"),
             _cell(e, "kurt_growth", "+.2f"), _cell(e, "max_median", ".1f"),
             _cell(e, "first_token_mass", ".1%"), _cell(e, "val_loss", ".3f"),

@@ -40,8 +40,18 @@ from outlierlab.experiments.frontier import to_json as frontier_json
 from outlierlab.experiments.leaderboard import has_mitigations, write_leaderboard
 from outlierlab.experiments.leaderboard import markdown as leaderboard_md
 from outlierlab.experiments.leaderboard import table as leaderboard_table
+from outlierlab.experiments.mechanism import figure as mechanism_figure
+from outlierlab.experiments.mechanism import site_tests, summary_lines
+from outlierlab.experiments.mechanism import summary as mechanism_summary
+from outlierlab.experiments.mechanism import table as mechanism_table
 from outlierlab.experiments.results import RunRecord
-from outlierlab.experiments.tuning import Tuning, choose_lrs, is_tuning_sweep, write_tuning
+from outlierlab.experiments.tuning import (
+    Tuning,
+    choose_lrs,
+    is_tuning_sweep,
+    mixed_seeds_note,
+    write_tuning,
+)
 from outlierlab.experiments.tuning import markdown as tuning_md
 
 VERDICT_MARK = {HELD: "✅ held", NOT_HELD: "❌ did not hold", INCONCLUSIVE: "❔ inconclusive",
@@ -215,6 +225,8 @@ def write_report(runs: Sequence[RunRecord], out_dir: str | Path, *, title: str =
         chosen = choose_lrs(runs)
         write_tuning(chosen, out)
     sets, set_notes = lr_claim_sets(runs, tuning, loss_tol) if tuning else ({}, [])
+    if mixed := mixed_seeds_note(runs):
+        set_notes.insert(0, mixed)
     front = [p for f in FACTORS for p in panels(runs, f)]
     if front:
         safe_io.write_text(out / "frontier.json", json.dumps(frontier_json(front), indent=1))
@@ -253,6 +265,13 @@ def write_report(runs: Sequence[RunRecord], out_dir: str | Path, *, title: str =
     md = md.replace("\n## Results\n", "\n" + "\n".join(m for m, _ in extra) + "\n## Results\n", 1)
     page = page.replace("<h2>Results</h2>", "".join(h for _, h in extra) + "<h2>Results</h2>",
                         1)
+    tests = site_tests(runs)  # the per-tensor test of the quantisation claim
+    mech = mechanism_summary(tests)
+    if tests:
+        fig = mechanism_figure(tests, out / "figures" / "kurt_vs_sqnr.png")
+        md_part, html_part = _mechanism(tests, mech, fig)
+        md += md_part
+        page = page.replace("</body></html>", html_part + "</body></html>")
     if has_mitigations(runs):  # issue 25: leaderboard.md/.json/.png beside the report
         entries, paths = write_leaderboard(runs, out, command, when)
         md += ("\n## Mitigations leaderboard\n\n" + leaderboard_md(entries, command, when)
@@ -271,7 +290,11 @@ def write_report(runs: Sequence[RunRecord], out_dir: str | Path, *, title: str =
                "claims": [c.to_dict() for c in claims], "runs": [_run_summary(r) for r in runs],
                "claim_sets": {k: [c.to_dict() for c in v] for k, v in sets.items()},
                "tuning": chosen.to_dict() if chosen else None,
-               "frontier": frontier_json(front)}
+               "frontier": frontier_json(front),
+               "mechanism": {"summary": mech,
+                             "runs": [{"run": t.run, "scheme": t.scheme, "tensors": t.n,
+                                       "rho_kurt": t.rho_kurt, "rho_mmr": t.rho_mmr}
+                                      for t in tests]}}
     safe_io.write_text(out / "results.json", json.dumps(summary, indent=1, default=_json_default))
     return Report(out / "report.html", out / "report.md", out / "results.json", claims, runs,
                   note.replace("**", "").replace("`", ""), sets or None, chosen)
@@ -333,6 +356,34 @@ def _extra_sections(chosen: Tuning | None, sets: dict[str, list[Claim]], notes: 
                     f"<h2>Kurt–validation-loss frontier</h2><p>{html.escape(intro)}</p>"
                     + html_table(header, rows)))
     return out
+
+
+MECHANISM_ABOUT = (
+    "Within each run, every quantised tensor's Kurt (science §1 Eq. 1) and max/median (Eq. 2) "
+    "against its activation SQNR (dB): if outlier features are what int8 loses, the tensors "
+    "with the larger Kurt have the lower SQNR, ρ < 0. `w8a8-tensor` quantises linear inputs "
+    "(for Pre-LN the LN outputs); `w8a8-paper` every site of Bondarenko et al. with a feature "
+    "dimension, the residual stream included (its Kurt as the FP model has it). Across runs one "
+    "point per configuration (the mean of its seeds' ρ) and the exact one-sided sign test of "
+    "ρ < 0 over configurations.")
+
+
+def _mechanism(tests: Sequence[Any], mech: Sequence[dict[str, Any]],
+               fig: Path | None) -> tuple[str, str]:
+    """The per-tensor section, as Markdown and as HTML."""
+    header, rows = mechanism_table(tests)
+    lines = summary_lines(mech)
+    md = ["", "## Per tensor: Kurt against SQNR (the quantisation claim's mechanism)", "",
+          MECHANISM_ABOUT, ""] + [f"- {x}" for x in lines] + ["", md_table(header, rows), ""]
+    h = ["<h2>Per tensor: Kurt against SQNR (the quantisation claim's mechanism)</h2>",
+         f"<p>{html.escape(MECHANISM_ABOUT.replace('`', ''))}</p><ul>"
+         + "".join(f"<li>{html.escape(x)}</li>" for x in lines) + "</ul>",
+         html_table(header, rows)]
+    if fig is not None:
+        md += [f"![Kurt against SQNR](figures/{fig.name})", ""]
+        data = base64.b64encode(fig.read_bytes()).decode()
+        h.append(f"<img alt='Kurt against SQNR' src='data:image/png;base64,{data}'>")
+    return "\n".join(md), "\n".join(h)
 
 
 def _markdown(title: str, intro: str, note: str, about: str, claims: Sequence[Claim],

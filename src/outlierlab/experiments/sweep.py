@@ -30,6 +30,7 @@ from outlierlab.jsonable import write_json
 from outlierlab.run_folder import RunFolder, utc_now
 
 MANIFEST = "sweep.json"
+"""The manifest of a whole grid; a part's is ``sweep-<part>.json`` (:attr:`Grid.manifest`)."""
 
 
 def run_state(run_dir: Path) -> str:
@@ -114,6 +115,8 @@ class SweepSummary:
     out: Path
     outcomes: list[Outcome]
     wall_s: float
+    manifest: str = MANIFEST
+    """The manifest's file name in ``out``."""
 
     @property
     def trained(self) -> list[str]:
@@ -266,7 +269,8 @@ def run_sweep(grid: Grid, out: str | Path, *, workers: int = 1, threads: int | N
     ``launcher`` ``local`` runs ``workers`` points at once on this machine; ``submitit`` submits
     each pending point as a job through submitit (SLURM, or its local executor), with
     ``launcher_params`` for the executor (:mod:`outlierlab.experiments.launch`). Both run
-    :func:`run_point` for every point."""
+    :func:`run_point` for every point. A part of a grid (``part_of``) writes
+    ``OUT/sweep-<part>.json`` instead, so its sibling's manifest is kept."""
     if workers < 1:
         raise ConfigError(f"--workers {workers} is not allowed; allowed: an integer ≥ 1")
     if threads is not None and threads < 1:
@@ -315,11 +319,11 @@ def run_sweep(grid: Grid, out: str | Path, *, workers: int = 1, threads: int | N
         outcomes = [found[i] for i in range(n)]
         where = {"workers": len(todo), "threads": threads, "launcher_params": params,
                  "jobs": {grid.points[i].name: r.job_id for i, r in zip(todo, results)}}
-    summary = SweepSummary(out, outcomes, time.perf_counter() - t0)
+    summary = SweepSummary(out, outcomes, time.perf_counter() - t0, grid.manifest)
     manifest = {"grid": grid.to_dict(), "launcher": launcher, **where,
                 "wall_s": summary.wall_s, "finished_at": utc_now(),
                 "outcomes": [asdict(o) for o in outcomes]}
-    write_json(out / MANIFEST, manifest)
+    write_json(out / grid.manifest, manifest)
     return summary
 
 

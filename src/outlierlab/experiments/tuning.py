@@ -287,3 +287,16 @@ def is_tuning_sweep(runs: Sequence[RunRecord]) -> bool:
     for r in runs:
         lrs.setdefault(r.identity((LR,)), set()).add(r.lr)
     return max(len(v) for v in lrs.values()) >= 2
+
+
+def mixed_seeds_note(runs: Sequence[RunRecord]) -> str:
+    """Why a report of tuning and test seeds together chooses no lr ("" when the runs are not
+    mixed): the test seeds never feed a choice."""
+    seeds = {r.seed for r in runs}
+    tuning = {s for s in seeds if isinstance(s, int) and s >= TUNING_MIN}
+    if not tuning or tuning == seeds:
+        return ""
+    other = sorted(seeds - tuning, key=str)
+    return (f"no lr chosen: the runs mix tuning seeds ({', '.join(map(str, sorted(tuning)))}) "
+            f"with seed(s) {', '.join(map(str, other))}; settings are chosen on tuning seeds ≥ "
+            f"{TUNING_MIN} only (report the tuning runs alone to choose)")

@@ -127,8 +127,9 @@ def layer_stats(
     for m in experts.values():
         m.act.stats = ActStats()
     for m in layers.values():
-        if m.act is None:  # inputs arrive quantised (w8a8-paper): the output is the site
-            m.out_act.stats, m.out_act.measure = ActStats(), kurtosis
+        if m.act is None:  # inputs arrive quantised (w8a8-paper): the output is the site,
+            if m.out_act is not None:  # or (qkv, mlp.fc) a site after it
+                m.out_act.stats, m.out_act.measure = ActStats(), kurtosis
             continue
         m.act.stats = ActStats()
         if kurtosis:  # Kurt of the layer input (science §1 Eq. 1); Kurt and MMR only: half the work
@@ -188,7 +189,13 @@ def _report_rows(
     rows = []
     for name, m in layers.items():
         shape = [m.out_features, m.in_features]
-        if m.act is None:  # w8a8-paper: the quantised tensor is the output
+        if m.act is None and m.out_act is None:  # w8a8-paper's qkv and mlp.fc: weight only
+            rows.append({"name": name, "kind": "linear-weight", "shape": shape,
+                         "act_sqnr_db": None,
+                         "weight_sqnr_db": _finite(sqnr_db(m.weight_signal, m.weight_noise)),
+                         "act_min": None, "act_max": None, "calib_min": None, "calib_max": None,
+                         "kurtosis": None, "mmr": None})
+        elif m.act is None:  # w8a8-paper: the quantised tensor is the output
             rows.append(_row(f"{name}.output", "linear-output", m.out_act, m, shape=shape,
                              **_measured(m.out_act.kurt_acc)))
         else:

@@ -2,8 +2,9 @@
 §4; "Beyond Outliers", ICLR 2026, finds kurtosis and the max-median ratio can fail to).
 
 Over the blocks of a model, Spearman's ρ between the block's sensitivity (the damage when only
-its linears are quantised, ``alone``, and the damage keeping them in 16-bit recovers,
-``without``; :mod:`outlierlab.quant.sensitivity`) and each candidate predictor:
+its linears are quantised, ``alone``, over every block, and the damage keeping them in 16-bit
+recovers, ``without``, over the searched blocks that have it; :mod:`outlierlab.quant.sensitivity`)
+and each candidate predictor:
 
 - Kurt (science §1.2 Eq. 1), Kurt without token 0, max|x|/median (§1.3 Eq. 2) and OSP's per-token
   excess kurtosis of the residual stream at the block's output (the profile's

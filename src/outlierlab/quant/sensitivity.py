@@ -17,27 +17,29 @@ and per linear (or block) L:
   the error its quantisation leaves at the model's output ("Beyond Outliers"' error-propagation
   measure; :mod:`outlierlab.quant.predictors`).
 
-To stay fast the search is hierarchical: every block first (all its linears together), then the
-linears of the blocks that hold ``share`` of the blocks' recoverable damage (at most
-``MAX_TOP_BLOCKS``). Passes are shared: the block outputs of two reference runs (nothing
-quantised, everything quantised) are kept, and an evaluation of S starts at the first block
-where S differs from the nearer reference (blocks before it return their kept output), so
-quantising only block i's linears costs the blocks from i on, and so does all-but-block-i.
+To stay fast the search is hierarchical and mostly ``alone``: every block alone (all its
+linears together), then every linear alone in the blocks that hold ``share`` of the blocks'
+summed ``alone`` damage (at most ``MAX_TOP_BLOCKS``), and ``without`` for those blocks only.
+Passes are shared: the block outputs of two reference runs (nothing quantised, everything
+quantised) are kept, and an evaluation of S starts at the first block where S differs from the
+nearer reference (blocks before it return their kept output), so quantising only block i's
+linears costs the blocks from i on, and so does all-but-block-i.
 
-The **recommendation** ranks the searched linears by max(``without``, ``alone``) (``without``
-alone under-ranks a layer whose damage hides behind the others', ``alone`` one whose damage
-only shows with the rest), takes the shortest prefix whose predicted recovery (sum of
-``without``) reaches ``share`` of D(all), and **verifies** it by a real evaluation with exactly
-that set in 16-bit; while the verified recovery falls short it adds the next-ranked linear
-(searching the next block's linears when the ranked ones run out) and evaluates again, at most
-``MAX_VERIFY`` times. Experts stored as 3-D parameters and residual/norm quantisers stay as the
-scheme has them.
+The **recommendation** is found by real evaluations, not by adding up predictions (damage is
+not additive: two linears' damages overlap, or only show together). Every linear gets a score,
+an estimate of its ``alone`` damage (:func:`_ranking`); the prefixes of that ranking of sizes
+1, 2, 4, … are each **verified** by an evaluation with exactly that set in 16-bit until one
+recovers ``share`` of D(all), then a bisection between the last prefix that fell short and the
+first that reached it finds the shortest (at most ``MAX_VERIFY`` evaluations). Keeping every
+linear recovers everything, so the search ends with a verified set that reaches the target,
+or says it ran out of evaluations. Experts stored as 3-D parameters and residual/norm
+quantisers stay as the scheme has them.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -50,7 +52,7 @@ from outlierlab.quant.config import QuantConfig
 from outlierlab.quant.evaluate import layer_stats, logits_of, model_device
 from outlierlab.quant.wrap import quant_linears, wrap
 
-MAX_TOP_BLOCKS = 4  # blocks whose linears are searched one by one before the recommendation
+MAX_TOP_BLOCKS = 6  # blocks whose linears are evaluated one by one
 MAX_VERIFY = 16  # real evaluations of the recommendation at most
 
 
@@ -65,8 +67,11 @@ class _Damage:
         self.layers = quant_linears(qmodel)
         self.dev = model_device(qmodel)
         self.fp_logits = [logits_of(model, xb.to(self.dev)).float() for xb in x.split(batch_size)]
-        self.fp = [torch.log_softmax(z, -1) for z in self.fp_logits]
-        self.fp_sq = sum(float(z.double().square().sum()) for z in self.fp_logits)
+        # KL(p ‖ q) = Σ p log p − Σ p log q: the first sum once, the second one product a call
+        self.fp_p = [torch.softmax(z, -1) for z in self.fp_logits]
+        self.fp_plogp = [_dot(p, torch.log_softmax(z, -1))
+                         for p, z in zip(self.fp_p, self.fp_logits)]  # fmt: skip
+        self.fp_sq = sum(float(torch.linalg.vector_norm(z)) ** 2 for z in self.fp_logits)
         self.blocks = _blocks(qmodel)
         self.block_of = {}  # linear → index of its block (absent: outside every block)
         for name in self.layers:
@@ -109,21 +114,22 @@ class _Damage:
         report = None
         try:
             with layer_stats(self.qmodel, kurtosis=False) if stats else _nothing() as rows:
-                for b, (lp, zp, xb, yb) in enumerate(zip(self.fp, self.fp_logits,
-                                                         self.x.split(self.bs),
-                                                         self.y.split(self.bs))):  # fmt: skip
+                for b, (p, plogp, zp, xb, yb) in enumerate(zip(self.fp_p, self.fp_plogp,
+                                                               self.fp_logits,
+                                                               self.x.split(self.bs),
+                                                               self.y.split(self.bs))):  # fmt: skip
                     cached = None if ref is None else self.kept[ref][b]
                     with _skip_blocks(self.blocks, start, cached), \
                             _keep_outputs(self.blocks, keep is not None) as outs:  # fmt: skip
                         z = logits_of(self.qmodel, xb.to(self.dev)).float()
                     if keep is not None:
                         kept_now.append(outs)
+                    err += float(torch.linalg.vector_norm(z - zp)) ** 2
                     lq = torch.log_softmax(z, -1)
-                    kl += float(F.kl_div(lq, lp, log_target=True, reduction="sum"))
-                    ce += float(F.cross_entropy(lq.reshape(-1, lq.shape[-1]),
-                                                yb.to(self.dev).reshape(-1),
-                                                reduction="sum"))  # fmt: skip
-                    err += float((z - zp).double().square().sum())
+                    del z
+                    kl += plogp - _dot(p, lq)
+                    ce += float(F.nll_loss(lq.reshape(-1, lq.shape[-1]),
+                                           yb.to(self.dev).reshape(-1), reduction="sum"))
                     n += yb.numel()
                 if stats:
                     report = rows()
@@ -139,6 +145,12 @@ class _Damage:
         if report is not None:
             out["layer_stats"] = report
         return out
+
+
+def _dot(p: torch.Tensor, logq: torch.Tensor) -> float:
+    """Σ p · log q over every token and word: per token in float32 (torch's cascade sum), over
+    tokens in float64."""
+    return float((p * logq).sum(-1).double().sum())
 
 
 @contextmanager
@@ -215,8 +227,8 @@ def layer_sensitivity(
     check: tuple[torch.Tensor, torch.Tensor] | None = None,
     check_full: bool = False,
 ) -> dict[str, Any]:
-    """Blocks' and linears' ``alone`` / ``without`` damage of scheme ``cfg`` on windows x, y
-    and the verified recommendation of what to keep in 16-bit (module docstring).
+    """Blocks' and linears' damage of scheme ``cfg`` on windows x, y and the verified
+    recommendation of what to keep in 16-bit (module docstring).
     ``cache`` shares calibration with other schemes on ``model``; ``check`` (windows, targets):
     also the perplexity on those windows with the recommended set kept (``check_ppl``), e.g.
     the page's evaluation windows; ``check_full``: also with every linear quantised
@@ -238,44 +250,27 @@ def layer_sensitivity(
     stats = full.pop("layer_stats")
     groups = _groups(damage)
 
-    def rows(units: dict[str, list[str]]) -> list[dict[str, Any]]:
-        out = []
-        for name, members in units.items():
-            alone = damage(set(members))
-            rest = damage(every - set(members))
-            out.append({"name": name, "linears": len(members), "alone_kl": alone["kl"],
-                        "alone_ppl": alone["ppl"], "output_error": alone["output_error"],
-                        "without_kl": full["kl"] - rest["kl"],
-                        "without_ppl": rest["ppl"]})  # fmt: skip
-        return out
+    def row(name: str, members: list[str]) -> dict[str, Any]:
+        alone = damage(set(members))
+        return {"name": name, "linears": len(members), "alone_kl": alone["kl"],
+                "alone_ppl": alone["ppl"], "output_error": alone["output_error"],
+                "without_kl": None, "without_ppl": None}  # fmt: skip
 
-    block_rows = rows(groups)
-    ranked = sorted(block_rows, key=lambda r: -r["without_kl"])
-    total = sum(max(r["without_kl"], 0.0) for r in ranked)
-    top, acc = [], 0.0
-    for r in ranked[:MAX_TOP_BLOCKS]:
-        if total > 0 and acc >= share * total:
-            break
-        top.append(r["name"])
-        acc += max(r["without_kl"], 0.0)
-    layer_rows = rows({n: [n] for b in top for n in groups[b]})
-    for r in layer_rows:
-        r["block"] = next(b for b in top if r["name"] in groups[b])
+    def add_without(r: dict[str, Any], members: list[str]) -> None:
+        rest = damage(every - set(members))
+        r["without_kl"], r["without_ppl"] = full["kl"] - rest["kl"], rest["ppl"]
 
-    def search_next() -> list[dict[str, Any]]:
-        """The linears of the next-ranked unsearched block with positive damage ([] if none)."""
-        nxt = next((r["name"] for r in ranked if r["name"] not in top and
-                    max(r["without_kl"], r["alone_kl"]) > 0), None)  # fmt: skip
-        if nxt is None:
-            return []
-        top.append(nxt)
-        new = rows({n: [n] for n in groups[nxt]})
-        for r in new:
-            r["block"] = nxt
-        layer_rows.extend(new)
-        return new
-
-    rec = _recommend(damage, every, full, layer_rows, share, search_next)
+    block_rows = [row(name, members) for name, members in groups.items()]
+    top = _top_blocks(block_rows, share)
+    for r in block_rows:
+        if r["name"] in top:
+            add_without(r, groups[r["name"]])
+    layer_rows = []
+    for b in top:
+        for n in groups[b]:
+            layer_rows.append({**row(n, [n]), "block": b})
+    ranking = _ranking(block_rows, layer_rows, groups, stats)
+    rec = _recommend(lambda keep: damage(every - set(keep)), full["kl"], ranking, share)
     if check is not None:
         from outlierlab.quant.evaluate import perplexity
 
@@ -298,57 +293,112 @@ def layer_sensitivity(
         "blocks": block_rows,
         "groups": groups,
         "searched_blocks": top,
-        "layers": sorted(layer_rows, key=lambda r: -r["without_kl"]),
+        "layers": sorted(layer_rows, key=lambda r: -r["alone_kl"]),
         "layer_stats": stats,
+        "ranking": [{"name": n, "score": s} for n, s in ranking],
         "recommendation": rec,
         "evaluations": damage.evaluations,
         "block_passes": damage.block_passes,
     }
 
 
-def _score(r: dict[str, Any]) -> float:
-    return max(r["without_kl"], r["alone_kl"])
-
-
-def _recommend(damage: _Damage, every: set[str], full: dict[str, float],
-               layer_rows: list[dict[str, Any]], share: float,
-               search_next: Any) -> dict[str, Any]:  # fmt: skip
-    """The shortest prefix of the linears ranked by :func:`_score` whose predicted recovery
-    reaches ``share``, then verified, adding the next-ranked linear while the real recovery
-    falls short (``search_next()`` searches another block when the ranked ones run out; at most
-    MAX_VERIFY evaluations)."""
-    ranked = [r for r in sorted(layer_rows, key=lambda r: -_score(r)) if _score(r) > 0]
-    target = share * full["kl"]
-    keep: list[str] = []
-    predicted = 0.0
-    for r in ranked:
-        if predicted >= target:
+def _top_blocks(block_rows: list[dict[str, Any]], share: float) -> list[str]:
+    """The blocks (largest ``alone`` first, positive only) holding ``share`` of the blocks'
+    summed ``alone`` damage, at most :data:`MAX_TOP_BLOCKS`."""
+    ranked = sorted((r for r in block_rows if r["alone_kl"] > 0), key=lambda r: -r["alone_kl"])
+    total = sum(r["alone_kl"] for r in ranked)
+    top, acc = [], 0.0
+    for r in ranked[:MAX_TOP_BLOCKS]:
+        if acc >= share * total:
             break
-        keep.append(r["name"])
-        predicted += max(r["without_kl"], 0.0)
-    verified = damage(every - set(keep))
-    tries = 1
-    history = [{"keep": len(keep), "kl": verified["kl"]}]
-    rest = ranked[len(keep):]
-    while full["kl"] - verified["kl"] < target and tries < MAX_VERIFY:
-        if not rest:
-            rest = sorted((r for r in search_next() if _score(r) > 0), key=lambda r: -_score(r))
-            if not rest:
-                break
-        r = rest.pop(0)
-        keep.append(r["name"])
-        predicted += max(r["without_kl"], 0.0)
-        verified = damage(every - set(keep))
-        tries += 1
-        history.append({"keep": len(keep), "kl": verified["kl"]})
-    recovered = full["kl"] - verified["kl"]
+        top.append(r["name"])
+        acc += r["alone_kl"]
+    return top
+
+
+def _noise(stat: dict[str, Any] | None) -> float:
+    """A linear's quantisation noise relative to its signal, 10^(−SQNR/10) of its input plus
+    its weight (0 where not measured): how the unexplained damage of a block is shared."""
+    if stat is None:
+        return 0.0
+    return sum(10 ** (-v / 10) for v in (stat.get("act_sqnr_db"), stat.get("weight_sqnr_db"))
+               if v is not None and math.isfinite(v))  # fmt: skip
+
+
+def _ranking(block_rows: list[dict[str, Any]], layer_rows: list[dict[str, Any]],
+             groups: dict[str, list[str]],
+             stats: list[dict[str, Any]]) -> list[tuple[str, float]]:  # fmt: skip
+    """Every linear with its score (an estimate of its damage alone, KL), largest first:
+    a searched linear's own ``alone`` plus the share of its block's ``alone`` that its linears'
+    ``alone`` do not explain (damage that only shows when they are quantised together); a linear
+    of an unsearched block its share of the block's ``alone``. Shares follow each linear's
+    relative quantisation noise (:func:`_noise`, from the fully quantised pass's SQNR), evenly
+    where none is measured. Ties keep model order."""
+    by_stat = {r["name"]: r for r in stats}
+    own = {r["name"]: max(r["alone_kl"], 0.0) for r in layer_rows}
+    scores: dict[str, float] = {}
+    for b in block_rows:
+        members = groups[b["name"]]
+        rest = max(b["alone_kl"], 0.0) - sum(own.get(n, 0.0) for n in members)
+        noise = [_noise(by_stat.get(n)) for n in members]
+        total = sum(noise)
+        for n, v in zip(members, noise):
+            part = v / total if total > 0 else 1 / len(members)
+            scores[n] = own.get(n, 0.0) + max(rest, 0.0) * part
+    order = {n: i for i, n in enumerate(n for b in block_rows for n in groups[b["name"]])}
+    return sorted(scores.items(), key=lambda kv: (-kv[1], order[kv[0]]))
+
+
+def _recommend(verify: Callable[[list[str]], dict[str, Any]], full_kl: float,
+               ranking: list[tuple[str, float]], share: float,
+               max_verify: int = MAX_VERIFY) -> dict[str, Any]:  # fmt: skip
+    """The shortest prefix of ``ranking`` whose *verified* recovery reaches ``share`` of
+    ``full_kl``: ``verify(keep)`` is a real evaluation with the linears in ``keep`` in 16-bit
+    (its ``kl``). Prefix sizes 1, 2, 4, … until one reaches the target, then bisection between
+    the last that fell short and the first that reached it; at most ``max_verify`` evaluations
+    (damage is not additive, so the prediction, the summed scores, only reports). Keeping every
+    linear recovers everything, so the target is reached unless the evaluations run out."""
+    names = [n for n, _ in ranking]
+    target = share * full_kl
+    tried: dict[int, dict[str, Any]] = {}
+    history: list[dict[str, Any]] = []
+
+    def reaches(k: int) -> bool:
+        if k not in tried:
+            tried[k] = verify(names[:k])
+            history.append({"keep": k, "kl": tried[k]["kl"]})
+        return full_kl - tried[k]["kl"] >= target
+
+    lo, hi = 0, None  # the longest prefix known to fall short, the shortest known to reach
+    if full_kl <= 0 or not names:
+        hi = 0
+        tried[0] = {"kl": max(full_kl, 0.0), "ppl": None}
+    k = 1
+    while hi is None and len(history) < max_verify:
+        if reaches(k):
+            hi = k
+        elif k >= len(names):
+            break
+        else:
+            lo, k = k, min(2 * k, len(names))
+    while hi is not None and hi - lo > 1 and len(history) < max_verify:
+        mid = (lo + hi) // 2
+        if reaches(mid):
+            hi = mid
+        else:
+            lo = mid
+    best = hi if hi is not None else max(tried, key=lambda k: full_kl - tried[k]["kl"])
+    keep = names[:best]
+    verified = tried[best]
+    score = dict(ranking)
+    predicted = sum(score[n] for n in keep)
     return {
         "keep_16bit": keep,
-        "predicted_recovery": predicted / full["kl"] if full["kl"] > 0 else None,
-        "verified_recovery": recovered / full["kl"] if full["kl"] > 0 else None,
+        "predicted_recovery": predicted / full_kl if full_kl > 0 else None,
+        "verified_recovery": (full_kl - verified["kl"]) / full_kl if full_kl > 0 else None,
         "verified_kl": verified["kl"],
         "verified_ppl": verified["ppl"],
-        "verifications": tries,
+        "verifications": len(history),
         "history": history,
-        "reached": recovered >= target,
+        "reached": hi is not None,
     }
