@@ -2,7 +2,8 @@
 tokenizer the test writes) through the CLI as a user runs it: ``measure --profile``,
 ``quantize`` with ``w8a8-dynamic``, and ``price`` (whose rows include ``w8a8-tensor``); the
 residual stream is found by structure discovery, not a table of families. The HF Trainer
-callback runs on a few families of different shapes. Skipped families and why: ``hf_families.SKIPS``."""
+callback runs on a few families of different shapes. Skipped families and why:
+``hf_families.SKIPS``."""
 
 from __future__ import annotations
 
