@@ -483,7 +483,7 @@ def write_page(res: dict[str, Any], out: str | Path, title: str,
                figures: bool = True) -> dict[str, Path]:  # fmt: skip
     """Write ``price.md``, ``price.html``, ``price.json`` and (``figures``) the PNG figures into
     ``out``."""
-    from outlierlab.experiments.report import html_table, md_table
+    from outlierlab.experiments.tables import html_table, md_table
     from outlierlab.jsonable import write_json
     from outlierlab.safe_io import write_text
 
@@ -596,7 +596,7 @@ def write_compare(results: Sequence[dict[str, Any]], names: Sequence[str],
                   out: str | Path) -> dict[str, Path]:  # fmt: skip
     """``compare.md``, ``compare.html`` and ``compare.json`` in ``out``: each model's headline,
     then :func:`compare_table` (each model's own page is in ``out/<name>/``)."""
-    from outlierlab.experiments.report import html_table, md_table
+    from outlierlab.experiments.tables import html_table, md_table
     from outlierlab.jsonable import write_json
     from outlierlab.safe_io import write_text
 

@@ -28,6 +28,7 @@ import numpy as np
 from outlierlab import safe_io
 from outlierlab.experiments.results import RunRecord
 from outlierlab.experiments.significance import EffectTest
+from outlierlab.experiments.tables import md_table
 from outlierlab.jsonable import json_safe
 
 BASELINE = "pre-ln adamw"
@@ -293,12 +294,6 @@ def headline_table(entries: Sequence[Entry]) -> tuple[list[str], list[list[str]]
     return header, rows
 
 
-def _md(header: list[str], rows: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    return "\n".join(lines + ["| " + " | ".join(c.replace("|", "\\|") for c in r) + " |"
-                              for r in rows])
-
-
 def markdown(entries: Sequence[Entry], command: str = "", when: str = "") -> str:
     """The leaderboard page: how it was made, the table, the published headlines, a key."""
     n = {len(e.runs) for e in entries if e.runs}
@@ -323,9 +318,9 @@ def markdown(entries: Sequence[Entry], command: str = "", when: str = "") -> str
            "baseline, and the exact one-sided sign-flip p of the "
            "mean difference (the project's test of an effect; 3 pairs all one way: p = 1/8, "
            "so 3 seeds cannot reach p ≤ 0.1).")
-    return "\n".join([*head, _md(*table(entries)), "", key, "",
+    return "\n".join([*head, md_table(*table(entries)), "", key, "",
                       "### Published headline beside ours", "",
-                      _md(*headline_table(entries)), ""])
+                      md_table(*headline_table(entries)), ""])
 
 
 def figure(entries: Sequence[Entry], path: Path) -> Path | None:

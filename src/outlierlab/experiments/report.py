@@ -45,6 +45,7 @@ from outlierlab.experiments.mechanism import site_tests, summary_lines
 from outlierlab.experiments.mechanism import summary as mechanism_summary
 from outlierlab.experiments.mechanism import table as mechanism_table
 from outlierlab.experiments.results import RunRecord
+from outlierlab.experiments.tables import html_table, md_table
 from outlierlab.experiments.tuning import (
     Tuning,
     choose_lrs,
@@ -115,20 +116,6 @@ def results_table(runs: Sequence[RunRecord]) -> tuple[list[str], list[list[str]]
                 r.final_kurt.source or "–", _fmt(r.peak_kurt_max), _fmt(r.tokens_per_s, 0)]
         rows.append(row)
     return header, rows
-
-
-def md_table(header: list[str], rows: list[list[str]]) -> str:
-    esc = [[c.replace("|", "\\|") for c in row] for row in [header, *rows]]
-    lines = ["| " + " | ".join(esc[0]) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(row) + " |" for row in esc[1:]]
-    return "\n".join(lines)
-
-
-def html_table(header: list[str], rows: list[list[str]], raw: bool = False) -> str:
-    e = (lambda s: s) if raw else html.escape
-    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
-    body = "".join("<tr>" + "".join(f"<td>{e(c)}</td>" for c in row) + "</tr>" for row in rows)
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
 def _verdict_html(v: str) -> str:

@@ -31,6 +31,7 @@ from outlierlab import safe_io
 from outlierlab.errors import DataError
 from outlierlab.experiments.grid import TUNING_MIN
 from outlierlab.experiments.results import RunRecord
+from outlierlab.experiments.tables import md_table
 
 TOLERANCE = 0.02
 """Relative loss gap above a configuration's own best still counted "within" at the shared lr."""
@@ -245,7 +246,6 @@ def markdown(t: Tuning) -> str:
         own = "–" if c.own_lr is None else f"{c.own_lr:g}"
         loss_rows.append([c.label, *lcells, own])
         kurt_rows.append([c.label, *kcells, own])
-    from outlierlab.experiments.report import md_table
 
     shared = "none" if t.shared_lr is None else f"{t.shared_lr:g}"
     lines = ["# lr tuning", "", f"Rule (fixed before the sweep ran): {RULE.format(tol=t.tolerance)}"

@@ -8,6 +8,7 @@ of a model; :func:`calibrate` fixes its ranges on training batches;
 
 from __future__ import annotations
 
+from outlierlab.quant import paper as _paper  # noqa: F401  (registers PaperSites)
 from outlierlab.quant.calibrate import CalibCache, calibrate
 from outlierlab.quant.config import SCHEMES, QuantConfig, scheme
 from outlierlab.quant.evaluate import (

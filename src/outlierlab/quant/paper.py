@@ -23,7 +23,7 @@ from torch import nn
 from outlierlab.errors import ConfigError
 from outlierlab.quant.config import QuantConfig
 from outlierlab.quant.quantizers import grid_quantize_weight
-from outlierlab.quant.wrap import ActQuant, QuantLinear, norm_modules
+from outlierlab.quant.wrap import ActQuant, PaperSites, QuantLinear, norm_modules
 
 ATTENTION_SITES = ("q", "k", "v", "scores", "probs", "context")
 OUTPUT_LINEARS = ("attn.proj", "mlp.proj", "embed_proj", "unembed_proj")
@@ -121,3 +121,5 @@ def attach(qmodel: nn.Module, cfg: QuantConfig) -> None:
         block.sites = BlockSites(cfg, f"blocks.{i}", post)
         _hook_output(block.mlp.act, _site(cfg, f"blocks.{i}.mlp.act", "mlp-act"))
 
+
+PaperSites.check_model, PaperSites.linears, PaperSites.attach = check_model, paper_linears, attach

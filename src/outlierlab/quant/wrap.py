@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import copy
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -478,15 +478,24 @@ def experts_names(model: nn.Module) -> list[str]:
             if n and n not in keep and (is_experts(m) or is_custom_linear(m))]  # fmt: skip
 
 
+class PaperSites:
+    """Bondarenko et al.'s extra sites (``cfg.paper_sites``): quant/paper.py builds them from this
+    module's :class:`ActQuant` and :class:`QuantLinear` and registers itself here when imported
+    (``outlierlab.quant`` imports it), so this module never imports it back."""
+
+    check_model: Callable[[nn.Module], None] | None = None
+    linears: Callable[[nn.Module, list[str]], list[str]] | None = None
+    attach: Callable[[nn.Module, QuantConfig], None] | None = None
+
+
 def wrap(model: nn.Module, cfg: QuantConfig) -> nn.Module:
     """A deep copy of ``model`` in eval mode with every selected linear replaced by a
     :class:`QuantLinear` (quantisers off until calibrated). The original is untouched."""
     names = linear_names(model, cfg.quantize_head)
     if cfg.paper_sites:
-        from outlierlab.quant.paper import check_model, paper_linears
-
-        check_model(model)
-        names = paper_linears(model, names)
+        assert PaperSites.check_model and PaperSites.linears, "outlierlab.quant.paper not imported"
+        PaperSites.check_model(model)
+        names = PaperSites.linears(model, names)
     experts = experts_names(model)
     if not names and not experts:
         raise ModelLoadError(
@@ -509,10 +518,8 @@ def wrap(model: nn.Module, cfg: QuantConfig) -> nn.Module:
     if cfg.quantize_norms:
         norms = [Point(n, m) for n, m in norm_modules(qmodel).items()]
         _attach_output_quant(norms, cfg, "norm")
-    if cfg.paper_sites:
-        from outlierlab.quant.paper import attach
-
-        attach(qmodel, cfg)
+    if cfg.paper_sites and PaperSites.attach:
+        PaperSites.attach(qmodel, cfg)
     return qmodel
 
 
