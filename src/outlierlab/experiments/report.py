@@ -404,13 +404,7 @@ def _html(title: str, intro: str, note: str, about: str, claims: Sequence[Claim]
          + (f"<p class='note'>{html.escape(note.replace('**', '').replace('`', ''))}</p>"
             if note else "")
          + f"<p>{html.escape(about.replace('*', ''))}</p>", "<h2>Claims (§5, ablations)</h2>",
-         html_table(["claim", "verdict", "numbers"],
-                     [[html.escape(c.statement), _verdict_html(c.verdict), html.escape(c.summary)]
-                      for c in claims], raw=True)]
-    for c in claims:
-        items = "".join(f"<li>{html.escape(d)}</li>" for d in c.details)
-        h.append(f"<details><summary>{html.escape(c.statement)} — {_verdict_html(c.verdict)}"
-                 f"</summary><ul>{items}</ul></details>")
+         *_claims_html(claims)]
     h += ["<h2>Pairs compared</h2>", html_table(pair_header, pair_rows) if pair_rows
           else "<p>No pair of configurations differs in one field only.</p>"]
     h += ["<h2>Results</h2>", html_table(header, rows), "<h2>Figures</h2>"]
