@@ -22,9 +22,12 @@ import numpy as np
 import torch
 
 from outlierlab.metrics import (
-    AUTHORS_RMS_EPS,
     LLM_INT8_THRESHOLD,
     OUTLIER_K,
+    corr_authors_from_sums,
+    kurtosis_authors_from_sums,
+    kurtosis_from_sq,
+    outliers_from_sq,
     subsample_tokens,
     token_mmr,
 )
@@ -325,11 +328,11 @@ class StatsAccumulator:
         """Σx², Σx, Σxμ plus the variants of science §1, from raw moments in one float64 pass
         of matrix-vector products: the per-token central 4th moment
         c4 = m4 − 4μ m3 + 6μ² m2 − 3μ⁴ (excess kurtosis)."""
-        s, d = self.sums, self.d
+        s = self.sums
         r64 = r.to(torch.float64)
         sq = r64.square()
         s.sq.add_(sq.sum(0))
-        w = torch.full((d,), 1.0 / d, dtype=torch.float64, device=r.device)
+        w = self._mean_w(r.device)
         mu, m2 = r64 @ w, sq @ w
         s.cross.add_(r64.T @ mu)
         s.col_sum.add_(r64.sum(0))
@@ -397,7 +400,7 @@ class StatsAccumulator:
         ``kurtosis_authors`` and ``corr_authors``; with ``extras`` also ``kurtosis_centred``,
         ``token_excess_kurtosis`` and ``share_above_6``. NaN where no data. The formulas of
         :mod:`outlierlab.metrics` (``*_from_sq``, ``*_from_sums``), in numpy on one host copy
-        of the state (a few µs each instead of a torch dispatch per op)."""
+        of the state (the metrics' formulas read numpy arrays: a few µs each, no torch dispatch)."""
         self._flush()
         st = self.state.detach().cpu().numpy()
         d = self.d
@@ -405,49 +408,21 @@ class StatsAccumulator:
         tokens, mmr, n_mmr, excess, above, cos, n_cos = st[3 * d :].tolist()
         n, nan = int(tokens), math.nan
         out = {
-            "kurtosis": _kurtosis_np(sq) if n else nan,
+            "kurtosis": kurtosis_from_sq(sq) if n else nan,
             "mmr": mmr / n_mmr if n_mmr else nan,
             "cos_sim": cos / n_cos if n_cos else nan,
-            "outlier_neurons": _outliers_np(sq, k) if n else [],
+            "outlier_neurons": outliers_from_sq(sq, k) if n else [],
             "tokens": n,
         }
         if self.authors or self.extras:
             sq_centred = sq - 2 * cross + cross.sum() / d  # LayerSums.sq_centred
         if self.authors:
             sum_centred = col_sum - col_sum.sum() / d  # LayerSums.sum_centred
-            ms = _authors_ms_np(sq_centred, n)
-            out["kurtosis_authors"] = (  # metrics.kurtosis_authors_from_sums
-                float((sq_centred / (n * ms)).var(ddof=1)) if n > 0 and d >= 2 else nan
-            )
-            out["corr_authors"] = (  # metrics.corr_authors_from_sums
-                float(sum_centred @ sum_centred - sq_centred.sum()) / (n * (n - 1) * d * ms)
-                if n >= 2 else nan
-            )  # fmt: skip
+            out["kurtosis_authors"] = kurtosis_authors_from_sums(sq_centred, n)
+            out["corr_authors"] = corr_authors_from_sums(sum_centred, sq_centred, n)
         if self.extras:
-            out["kurtosis_centred"] = (_kurtosis_np(sq_centred) - 1.0) if n else nan
+            out["kurtosis_centred"] = (kurtosis_from_sq(sq_centred) - 1.0) if n else nan
             out["token_excess_kurtosis"] = excess / n if n else nan
             out[f"share_above_{self.threshold:g}"] = above / (n * d) if n else nan
         return out
 
-
-def _kurtosis_np(sq: np.ndarray) -> float:
-    """:func:`outlierlab.metrics.kurtosis_from_sq` of a float64 array."""
-    m2 = sq.mean()
-    return float((sq * sq).mean() / (m2 * m2)) if m2 > 0 else math.nan
-
-
-def _outliers_np(sq: np.ndarray, k: float) -> list[int]:
-    """:func:`outlierlab.metrics.outliers_from_sq` of a float64 array (same order: largest
-    first, ties by index)."""
-    s = np.sort(sq)
-    med = (s[(sq.size - 1) // 2] + s[sq.size // 2]) / 2
-    flagged = np.flatnonzero(sq > (k * k) * med)
-    return flagged[np.argsort(-sq[flagged], kind="stable")].tolist()
-
-
-def _authors_ms_np(sq_centred: np.ndarray, n: int) -> float:
-    """``metrics._authors_ms``: the authors' ``x_rms²``, (sqrt(mean of c²) + 1e-8)²."""
-    if n <= 0:
-        return math.nan
-    mean = max(float(sq_centred.sum()) / (n * sq_centred.size), 0.0)
-    return (math.sqrt(mean) + AUTHORS_RMS_EPS) ** 2
