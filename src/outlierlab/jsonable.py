@@ -25,6 +25,15 @@ def json_safe(obj: Any) -> Any:
     return obj
 
 
+def to_number_or_str(x: Any) -> Any:
+    """``json.dumps(default=...)`` for what JSON lacks: numpy and torch scalars become floats,
+    anything else its ``str``."""
+    try:
+        return float(x)
+    except (TypeError, ValueError):
+        return str(x)
+
+
 def write_json(path: str | os.PathLike, obj: Any) -> Path:
     """Write ``obj`` as JSON atomically (:mod:`~outlierlab.safe_io`: an ``O_EXCL|O_NOFOLLOW``
     temporary file, then ``os.replace``; removed on any error), creating the parent folder;

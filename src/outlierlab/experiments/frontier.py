@@ -25,6 +25,7 @@ import numpy as np
 from outlierlab.experiments.claims import ARCH_KEYS, OPTIMISER_FIELDS
 from outlierlab.experiments.matched import has_trajectory, kurt_at_loss
 from outlierlab.experiments.results import RunRecord
+from outlierlab.jsonable import json_safe
 
 LR = "optim.lr"
 OFFSETS = (0.0, 0.05, 0.1)
@@ -62,18 +63,16 @@ class ConfigFrontier:
     def best_loss(self) -> float:
         return min(float(c.loss.min()) for c in self.curves)
 
-    def at(self, loss: float) -> float:
-        """Lowest Kurt over the lrs' trajectories at validation loss ``loss`` (nan: none
-        reaches it)."""
-        vals = [kurt_at_loss(c.loss, c.kurt, loss) for c in self.curves]
-        vals = [v for v in vals if math.isfinite(v)]
-        return min(vals) if vals else math.nan
-
-    def lr_at(self, loss: float) -> float:
-        """The lr whose trajectory gives :meth:`at`."""
+    def best_at(self, loss: float) -> tuple[float, float]:
+        """(lowest Kurt over the lrs' trajectories at validation loss ``loss``, the lr giving
+        it); (nan, nan) when none reaches it."""
         vals = [(kurt_at_loss(c.loss, c.kurt, loss), c.lr) for c in self.curves]
         vals = [v for v in vals if math.isfinite(v[0])]
-        return min(vals)[1] if vals else math.nan
+        return min(vals) if vals else (math.nan, math.nan)
+
+    def at(self, loss: float) -> float:
+        """Lowest Kurt over the lrs' trajectories at validation loss ``loss`` (nan: none)."""
+        return self.best_at(loss)[0]
 
 
 @dataclass
@@ -94,8 +93,9 @@ class Panel:
         out = []
         for off in OFFSETS:
             level = self.matched_loss + off
-            out.append({"loss": level, "kurt": {c.name: c.at(level) for c in self.configs},
-                        "lr": {c.name: c.lr_at(level) for c in self.configs}})
+            best = {c.name: c.best_at(level) for c in self.configs}
+            out.append({"loss": level, "kurt": {n: b[0] for n, b in best.items()},
+                        "lr": {n: b[1] for n, b in best.items()}})
         return out
 
 
@@ -163,10 +163,10 @@ def summary_rows(all_panels: Sequence[Panel]) -> tuple[list[str], list[list[str]
 
 def to_json(all_panels: Sequence[Panel]) -> list[dict[str, Any]]:
     """The panels as plain data (``frontier.json``): curves and the summary."""
-    return json.loads(json.dumps([
+    return json_safe(json.loads(json.dumps([
         {"factor": p.factor, "title": p.title, "matched_loss": p.matched_loss,
          "summary": p.summary(),
          "configurations": [{"name": c.name, "best_loss": c.best_loss, "curves": [
              {"lr": k.lr, "seeds": k.seeds, "loss": k.loss.tolist(), "kurt": k.kurt.tolist()}
              for k in c.curves]} for c in p.configs]} for p in all_panels],
-        default=float).replace("NaN", "null"))
+        default=float)))

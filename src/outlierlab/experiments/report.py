@@ -54,6 +54,7 @@ from outlierlab.experiments.tuning import (
     write_tuning,
 )
 from outlierlab.experiments.tuning import markdown as tuning_md
+from outlierlab.jsonable import to_number_or_str
 
 VERDICT_MARK = {HELD: "✅ held", NOT_HELD: "❌ did not hold", INCONCLUSIVE: "❔ inconclusive",
                 INDICATIVE: "❔ indicative only", "not tested": "– not tested"}
@@ -282,7 +283,8 @@ def write_report(runs: Sequence[RunRecord], out_dir: str | Path, *, title: str =
                              "runs": [{"run": t.run, "scheme": t.scheme, "tensors": t.n,
                                        "rho_kurt": t.rho_kurt, "rho_mmr": t.rho_mmr}
                                       for t in tests]}}
-    safe_io.write_text(out / "results.json", json.dumps(summary, indent=1, default=_json_default))
+    safe_io.write_text(out / "results.json",
+                       json.dumps(summary, indent=1, default=to_number_or_str))
     return Report(out / "report.html", out / "report.md", out / "results.json", claims, runs,
                   note.replace("**", "").replace("`", ""), sets or None, chosen)
 
@@ -427,10 +429,3 @@ def _run_summary(r: RunRecord) -> dict[str, Any]:
             "final_cos_sim": r.final_cos_sim, "tokens_per_s": r.tokens_per_s,
             "quant": {s: {"fp_ppl": q.fp_ppl, "quant_ppl": q.quant_ppl}
                       for s, q in r.quant.items()}}
-
-
-def _json_default(x: Any) -> Any:
-    try:
-        return float(x)
-    except (TypeError, ValueError):
-        return str(x)

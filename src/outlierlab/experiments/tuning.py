@@ -32,6 +32,7 @@ from outlierlab.errors import DataError
 from outlierlab.experiments.grid import TUNING_MIN
 from outlierlab.experiments.results import RunRecord
 from outlierlab.experiments.tables import md_table
+from outlierlab.jsonable import to_number_or_str
 
 TOLERANCE = 0.02
 """Relative loss gap above a configuration's own best still counted "within" at the shared lr."""
@@ -268,15 +269,8 @@ def write_tuning(t: Tuning, out_dir: str | Path) -> tuple[Path, Path]:
     out.mkdir(parents=True, exist_ok=True)
     md = safe_io.write_text(out / "tuning.md", markdown(t))
     js = safe_io.write_text(out / "tuning.json",
-                            json.dumps(t.to_dict(), indent=1, default=_json_default))
+                            json.dumps(t.to_dict(), indent=1, default=to_number_or_str))
     return md, js
-
-
-def _json_default(x: Any) -> Any:
-    try:
-        return float(x)
-    except (TypeError, ValueError):
-        return str(x)
 
 
 def is_tuning_sweep(runs: Sequence[RunRecord]) -> bool:
