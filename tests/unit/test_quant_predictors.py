@@ -8,13 +8,14 @@ import math
 import numpy as np
 import pytest
 
-from outlierlab.quant.predictors import PREDICTORS, predictor_table, ranks, spearman
+from outlierlab.experiments.significance import rankdata
+from outlierlab.quant.predictors import PREDICTORS, predictor_table, spearman
 
 
 def test_ranks_average_ties():
-    assert ranks([10.0, 30.0, 20.0, 20.0, 5.0]) == [2.0, 5.0, 3.5, 3.5, 1.0]
-    assert ranks([1.0, 1.0, 1.0]) == [2.0, 2.0, 2.0]
-    assert ranks([]) == []
+    assert rankdata([10.0, 30.0, 20.0, 20.0, 5.0]).tolist() == [2.0, 5.0, 3.5, 3.5, 1.0]
+    assert rankdata([1.0, 1.0, 1.0]).tolist() == [2.0, 2.0, 2.0]
+    assert rankdata([]).tolist() == []
 
 
 def test_spearman_by_hand():

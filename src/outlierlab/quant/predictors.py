@@ -24,6 +24,8 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
+from outlierlab.experiments import significance
+
 PREDICTORS = (
     ("Kurt", "kurtosis", +1),
     ("Kurt w/o token 0", "kurtosis_no_first", +1),
@@ -36,24 +38,10 @@ PREDICTORS = (
 """(label, key, the sign ρ has when the measurement predicts damage)."""
 
 
-def ranks(values: Sequence[float]) -> list[float]:
-    """1-based ranks of ``values``, ties sharing the average of the ranks they span."""
-    order = sorted(range(len(values)), key=lambda i: values[i])
-    out = [0.0] * len(values)
-    i = 0
-    while i < len(order):
-        j = i
-        while j + 1 < len(order) and values[order[j + 1]] == values[order[i]]:
-            j += 1
-        for k in range(i, j + 1):
-            out[order[k]] = (i + j) / 2 + 1
-        i = j + 1
-    return out
-
-
 def spearman(a: Sequence[float | None], b: Sequence[float | None]) -> float | None:
-    """Spearman's ρ of the pairs where both values are finite (None with fewer than 3 such
-    pairs, or if either side is constant on them)."""
+    """Spearman's ρ (:func:`outlierlab.experiments.significance.spearman`) of the pairs where
+    both values are finite (None with fewer than 3 such pairs, or if either side is constant on
+    them)."""
     if len(a) != len(b):
         raise ValueError(f"spearman needs equal lengths; got {len(a)} and {len(b)}")
     def ok(v: float | None) -> bool:
@@ -62,12 +50,8 @@ def spearman(a: Sequence[float | None], b: Sequence[float | None]) -> float | No
     pairs = [(float(x), float(y)) for x, y in zip(a, b) if ok(x) and ok(y)]
     if len(pairs) < 3:
         return None
-    ra, rb = ranks([p[0] for p in pairs]), ranks([p[1] for p in pairs])
-    ma, mb = sum(ra) / len(ra), sum(rb) / len(rb)
-    cov = sum((x - ma) * (y - mb) for x, y in zip(ra, rb))
-    va = sum((x - ma) ** 2 for x in ra)
-    vb = sum((y - mb) ** 2 for y in rb)
-    return None if va == 0 or vb == 0 else cov / math.sqrt(va * vb)
+    rho = significance.spearman([p[0] for p in pairs], [p[1] for p in pairs])
+    return rho if math.isfinite(rho) else None
 
 
 def block_predictors(sens: dict[str, Any], profile: dict[str, Any]) -> list[dict[str, Any]]:
