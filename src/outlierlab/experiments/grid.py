@@ -203,9 +203,13 @@ def point_name(overrides: dict[str, Any], keys: list[str]) -> str:
     return _safe("-".join(parts)) if parts else "base"
 
 
+def _ident(overrides: dict[str, Any]) -> str:
+    """The canonical text of a point's overrides: equal for the same run, whatever the order."""
+    return json.dumps(overrides, sort_keys=True, default=str)
+
+
 def _digest(overrides: dict[str, Any]) -> str:
-    blob = json.dumps(overrides, sort_keys=True, default=str).encode()
-    return hashlib.sha1(blob).hexdigest()[:6]
+    return hashlib.sha1(_ident(overrides).encode()).hexdigest()[:6]
 
 
 def _alternatives(table: dict[str, Any], where: str) -> dict[str, list[Any]]:
@@ -271,7 +275,7 @@ def parse_grid(data: dict[str, Any], *, default_name: str = "sweep", source: str
         if any(all(any(_same(eff.get(k, object()), v) for v in vals) for k, vals in ex.items())
                for ex in excludes):
             continue
-        ident = json.dumps(eff, sort_keys=True, default=str)
+        ident = _ident(eff)
         if ident in seen:
             continue
         name = point_name(eff, keys)
@@ -454,7 +458,7 @@ def union(data: dict[str, Any], *, default_name: str, source: str,
     idents: dict[str, str] = {}
     for part in parts:
         for pt in part.points:
-            ident = json.dumps(pt.overrides, sort_keys=True, default=str)
+            ident = _ident(pt.overrides)
             if pt.name in names:
                 if names[pt.name] != ident:
                     raise ConfigError(f"{where}: run {pt.name} has different settings in two "

@@ -73,9 +73,14 @@ def quant_done(run_dir: Path, scheme: str) -> bool:
     """A result newer than the final weights exists (and is not of the scheme's old meaning,
     :func:`outlierlab.run_folder.legacy_scheme`)."""
     run = RunFolder(run_dir)
-    q, w = quant_path(run_dir, scheme), run.model_file
-    return q.is_file() and (not w.is_file() or q.stat().st_mtime >= w.stat().st_mtime) \
+    return _newer_than_weights(quant_path(run_dir, scheme), run) \
         and not run.is_legacy_quant(scheme)
+
+
+def _newer_than_weights(result: Path, run: RunFolder) -> bool:
+    """``result`` exists and is not older than the run's final weights (none: any result)."""
+    w = run.model_file
+    return result.is_file() and (not w.is_file() or result.stat().st_mtime >= w.stat().st_mtime)
 
 
 def measure_command(run_dir: Path, python: str, extra: tuple[str, ...] = ()) -> list[str]:
@@ -85,9 +90,8 @@ def measure_command(run_dir: Path, python: str, extra: tuple[str, ...] = ()) -> 
 
 def measure_done(run_dir: Path) -> bool:
     """A ``measure.json`` newer than the final weights exists."""
-    r = RunFolder(run_dir)
-    m, w = r.measure_file, r.model_file
-    return m.is_file() and (not w.is_file() or m.stat().st_mtime >= w.stat().st_mtime)
+    run = RunFolder(run_dir)
+    return _newer_than_weights(run.measure_file, run)
 
 
 @dataclass
