@@ -302,3 +302,25 @@ def test_model_without_linear_layers_is_refused():
     with pytest.raises(ModelLoadError):
         wrap(head_only, scheme("w8a8-tensor"))
     assert wrap(head_only, scheme("w8a8-tensor", quantize_head=True)) is not head_only
+
+
+def test_cli_predictors_on_a_run(trained, tmp_path, capsys):
+    """``--predictors``: the predictor table rides with the result (2 blocks: every ρ
+    undefined, the per-block values and the recommendation there); a rotated scheme refused."""
+    from outlierlab.cli import main
+
+    out = tmp_path / "p.json"
+    assert main(["quantize", str(trained["run"]), *SMALL, "--no-save", "--quiet",
+                 "--predictors", "--json", str(out)]) == 0  # fmt: skip
+    printed = capsys.readouterr().out
+    assert "which measurement predicts" in printed and "16-bit set" in printed
+    pred = json.loads(out.read_text())["predictors"]
+    assert [b["block"] for b in pred["blocks"]] == ["blocks.0", "blocks.1"]
+    assert all(b["alone_kl"] >= 0 and b["kurtosis"] >= 1 for b in pred["blocks"])
+    assert all(r["rho_alone"] is None and r["n"] == 2 for r in pred["rows"])
+    assert pred["scheme"] == "w8a8-tensor" and pred["keep_16bit"]
+    rc = main(["quantize", str(trained["run"]), "--scheme", "w4a4-quarot", "--predictors",
+               "--no-save"])  # fmt: skip
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1
+    assert "--predictors" in err and "w4a4-quarot" in err and "w8a8-tensor" in err

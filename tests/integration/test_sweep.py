@@ -18,7 +18,7 @@ name = "micro"
 preset = "tiny"
 [base]
 "data.source" = "{corpus}"
-"model.n_layer" = 2
+"model.n_layer" = 3
 "model.d_model" = 16
 "model.n_head" = 2
 "model.seq_len" = 32
@@ -145,6 +145,10 @@ def test_report_of_the_sweep_names_every_run(sweep, tmp_path, capsys):
     assert "| op | op | adamw |" in md
     assert "w8a8-tensor ppl" in md
     assert (rep / "figures" / "kurtosis_vs_step.png").is_file()
+    # issue 22: each finished run's predictor table (quantize --predictors), gathered
+    assert "Which measurement predicts a block's quantisation damage, across runs" in md
+    assert "| w8a8-tensor | output error when only this block is quantised | 2 |" in md
+    assert (rep / "figures" / "predictors.png").is_file()
 
 
 def test_dry_run_prints_commands_and_runs_nothing(tmp_path, capsys):
@@ -155,6 +159,6 @@ def test_dry_run_prints_commands_and_runs_nothing(tmp_path, capsys):
     lines = capsys.readouterr().out.strip().splitlines()
     assert len(lines) == 2
     assert lines[1].startswith(f"python -m outlierlab train --preset tiny model=op out={out}/op")
-    assert "quantize" in lines[1] and "--scheme w8a8-dynamic" in lines[1]
+    assert "quantize" in lines[1] and "--scheme w8a8-dynamic --predictors" in lines[1]
     assert not out.exists()
     assert main(["sweep", str(tmp_path / "nope.toml")]) == 2

@@ -67,3 +67,36 @@ def test_predictor_table_from_sensitivity_and_profile():
     assert rho["kurtosis_no_first"]["rho_alone"] is None
     osp = rho["token_excess_kurtosis"]
     assert osp["n"] == 0 and osp["rho_alone"] is None
+
+
+def test_measure_predictors_on_a_gpt_matches_its_own_blocks():
+    """On a 4-block GPT: one row per block with its damage alone, every ρ the float64 Spearman
+    of the table's own columns, and a verified recommendation."""
+    import torch
+
+    from outlierlab.model import GPT, GPTConfig
+    from outlierlab.quant import scheme
+    from outlierlab.quant.predictors import measure_predictors
+
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=64, n_layer=4, d_model=32, n_head=2, seq_len=16))
+    with torch.no_grad():  # a planted outlier neuron in block 2's MLP input (via its LN gain)
+        model.blocks[2].mlp_norm.weight[5] = 40.0
+    g = torch.Generator().manual_seed(1)
+    x = torch.randint(0, 64, (4, 16), generator=g)
+    y = torch.roll(x, -1, 1)
+    calib = [torch.randint(0, 64, (4, 16), generator=g) for _ in range(2)]
+    res = measure_predictors(model, scheme("w8a8-tensor"), calib, x, y, batch_size=2)
+    assert res["scheme"] == "w8a8-tensor" and res["windows"] == 2 and res["linears"] == 16
+    assert [b["block"] for b in res["blocks"]] == [f"blocks.{i}" for i in range(4)]
+    assert all(b["alone_kl"] >= 0 for b in res["blocks"])
+    alone = np.array([b["alone_kl"] for b in res["blocks"]], dtype=np.float64)
+    for row in res["rows"]:
+        vals = [b[row["key"]] for b in res["blocks"]]
+        if row["rho_alone"] is None:
+            continue
+        ra = rankdata(np.array(vals, dtype=np.float64))
+        want = float(np.corrcoef(ra, rankdata(alone))[0, 1])
+        assert row["rho_alone"] == pytest.approx(want, abs=1e-12), row["key"]
+    assert sum(r["rho_alone"] is not None for r in res["rows"]) >= 5
+    assert 0 < len(res["keep_16bit"]) <= 16 and res["verified_recovery"] >= 0.9

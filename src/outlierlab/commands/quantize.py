@@ -95,6 +95,10 @@ def add_parser(subparsers: Any) -> None:
         help="result JSON (default for run folders: RUN_DIR/quant/<scheme>.json)",
     )
     p.add_argument("--no-save", action="store_true", help="do not write RUN_DIR/quant/")
+    p.add_argument("--predictors", action="store_true",
+                   help="also which measurement predicts each block's damage: the layer "
+                   "sensitivity on 2 windows and Spearman ρ of Kurt, max/median, SQNR, ... "
+                   "against it (docs/real-models.md; schemes without a rotation)")
     p.add_argument("--quiet", action="store_true", help="no per-layer table")
     p.set_defaults(func=run)
 
@@ -127,6 +131,12 @@ def run(args: argparse.Namespace) -> int:
     if args.save and args.no_save:
         raise ConfigError("--save and --no-save contradict each other; allowed: one of them")
     cfg = build_config(args)  # user mistakes in options fail before anything loads
+    if args.predictors and cfg.rotation is not None:
+        from outlierlab.quant import SCHEMES, scheme
+
+        allowed = ", ".join(n for n in SCHEMES if scheme(n).rotation is None)
+        raise ConfigError(f"--predictors with scheme {cfg.name!r} is not allowed (it rotates "
+                          f"the model); allowed: {allowed}")  # fmt: skip
     path = Path(args.path)
     if not path.is_dir() and path.suffix.lower() != ".gguf":
         raise ModelLoadError(
@@ -166,14 +176,21 @@ def quantize_run(args: argparse.Namespace, cfg: Any, path: Path) -> dict:
     import torch
 
     from outlierlab.model_data import eval_set
+    from outlierlab.quant import CalibCache
     from outlierlab.quant.evaluate import quantize_and_evaluate
+    from outlierlab.quant.predictors import measure_predictors
 
     ev = eval_set(path, args.device, args.points, args.data, args.seq_len, args.eval_windows,
                   args.calib_batches, args.batch_size, args.seed)  # fmt: skip
+    cache = CalibCache()
     with torch.no_grad():
         result = quantize_and_evaluate(ev.loaded.model, cfg, ev.calib, ev.val_x, ev.val_y,
-                                       args.batch_size, args.stats_windows,
+                                       args.batch_size, args.stats_windows, cache=cache,
                                        points=ev.points)  # fmt: skip
+    if args.predictors:
+        result["predictors"] = measure_predictors(
+            ev.loaded.model, cfg, ev.calib, ev.val_x, ev.val_y, args.batch_size,
+            args.stats_windows, points=ev.points, cache=cache)
     step = {"step": ev.loaded.step} if ev.loaded.step is not None else {}
     result = {"model": str(path), "kind": ev.loaded.kind, **step, "data": ev.data.source,
               **result}  # fmt: skip
@@ -224,3 +241,23 @@ def _print(result: dict[str, Any], quiet: bool = False) -> None:
         f"eval time         FP {result['fp_eval_s']:.2f}s  quant {result['quant_eval_s']:.2f}s"
         + ("" if ratio is None else f"  (×{ratio:.2f})")
     )
+    pred = result.get("predictors")
+    if pred is not None:
+        _print_predictors(pred, console)
+
+
+def _print_predictors(pred: dict[str, Any], console: Any) -> None:
+    """The predictor table (``--predictors``) and the verified recommendation."""
+    from rich.table import Table
+
+    table = Table(title=f"which measurement predicts a block's damage ({pred['windows']} "
+                  f"windows, {len(pred['blocks'])} blocks)")  # fmt: skip
+    for col in ("predictor", "ρ with damage alone", "ρ with damage recovered", "predicts when"):
+        table.add_column(col, justify="left" if col == "predictor" else "right")
+    for r in pred["rows"]:
+        table.add_row(r["predictor"], _fmt(r["rho_alone"], "+.2f"),
+                      _fmt(r["rho_without"], "+.2f"), "ρ > 0" if r["sign"] > 0 else "ρ < 0")
+    console.print(table)
+    rec = pred["verified_recovery"]
+    console.print(f"16-bit set        {len(pred['keep_16bit'])} of {pred['linears']} linears "
+                  f"recover {_fmt(None if rec is None else 100 * rec)} % of the KL")

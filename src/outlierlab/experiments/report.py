@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from outlierlab import safe_io
+from outlierlab.experiments import predictors as block_predictors
 from outlierlab.experiments.claims import (
     ALPHA,
     HELD,
@@ -260,6 +261,13 @@ def write_report(runs: Sequence[RunRecord], out_dir: str | Path, *, title: str =
         md_part, html_part = _mechanism(tests, mech, fig)
         md += md_part
         page = page.replace("</body></html>", html_part + "</body></html>")
+    found = block_predictors.gather(runs)  # issue 22: which measurement predicts the damage
+    pred_rows = block_predictors.summary(found)
+    if pred_rows:
+        fig = block_predictors.figure(found, out / "figures" / "predictors.png")
+        md_part, html_part = _predictors(pred_rows, fig)
+        md += md_part
+        page = page.replace("</body></html>", html_part + "</body></html>")
     if has_mitigations(runs):  # issue 25: leaderboard.md/.json/.png beside the report
         entries, paths = write_leaderboard(runs, out, command, when)
         md += ("\n## Mitigations leaderboard\n\n" + leaderboard_md(entries, command, when)
@@ -282,7 +290,8 @@ def write_report(runs: Sequence[RunRecord], out_dir: str | Path, *, title: str =
                "mechanism": {"summary": mech,
                              "runs": [{"run": t.run, "scheme": t.scheme, "tensors": t.n,
                                        "rho_kurt": t.rho_kurt, "rho_mmr": t.rho_mmr}
-                                      for t in tests]}}
+                                      for t in tests]},
+               "predictors": pred_rows}
     safe_io.write_text(out / "results.json",
                        json.dumps(summary, indent=1, default=to_number_or_str))
     return Report(out / "report.html", out / "report.md", out / "results.json", claims, runs,
@@ -372,6 +381,21 @@ def _mechanism(tests: Sequence[Any], mech: Sequence[dict[str, Any]],
         md += [f"![Kurt against SQNR](figures/{fig.name})", ""]
         data = base64.b64encode(fig.read_bytes()).decode()
         h.append(f"<img alt='Kurt against SQNR' src='data:image/png;base64,{data}'>")
+    return "\n".join(md), "\n".join(h)
+
+
+def _predictors(rows: Sequence[dict[str, Any]], fig: Path | None) -> tuple[str, str]:
+    """The across-runs predictor section, as Markdown and as HTML."""
+    header, body = block_predictors.table(rows)
+    title = "Which measurement predicts a block's quantisation damage, across runs"
+    md = ["", f"## {title}", "", block_predictors.ABOUT, "", md_table(header, body), ""]
+    h = [f"<h2>{title}</h2>",
+         f"<p>{html.escape(block_predictors.ABOUT.replace('`', ''))}</p>",
+         html_table(header, body)]
+    if fig is not None:
+        md += [f"![predictors](figures/{fig.name})", ""]
+        data = base64.b64encode(fig.read_bytes()).decode()
+        h.append(f"<img alt='predictors' src='data:image/png;base64,{data}'>")
     return "\n".join(md), "\n".join(h)
 
 

@@ -64,9 +64,14 @@ def quant_path(run_dir: Path, scheme: str) -> Path:
 
 def quant_command(run_dir: Path, scheme: str, python: str,
                   extra: tuple[str, ...] = ()) -> list[str]:
-    """The exact ``outlierlab quantize`` command writing ``RUN_DIR/quant/<scheme>.json``."""
+    """The exact ``outlierlab quantize`` command writing ``RUN_DIR/quant/<scheme>.json``; a
+    scheme without a rotation also gets ``--predictors`` (the per-block predictor table the
+    report gathers across runs, :mod:`outlierlab.experiments.predictors`; about a second)."""
+    from outlierlab.quant import scheme as scheme_config
+
+    pred = ["--predictors"] if scheme_config(scheme).rotation is None else []
     return [python, "-m", "outlierlab", "quantize", str(run_dir), "--scheme", scheme,
-            *extra, "--json", str(quant_path(run_dir, scheme))]
+            *extra, *pred, "--json", str(quant_path(run_dir, scheme))]
 
 
 def quant_done(run_dir: Path, scheme: str) -> bool:

@@ -24,7 +24,14 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
+import torch
+from torch import nn
+
 from outlierlab.experiments import significance
+
+SENSITIVITY_WINDOWS = 2
+"""Evaluation windows the sensitivity search uses by default (``price --sensitivity-windows``,
+``quantize --predictors``): it runs about 40–80 evaluations."""
 
 PREDICTORS = (
     ("Kurt", "kurtosis", +1),
@@ -95,3 +102,26 @@ def predictor_table(sens: dict[str, Any], profile: dict[str, Any]) -> dict[str, 
             "rho_without": spearman(vals, [b["without_kl"] for b in blocks]),
         })  # fmt: skip
     return {"blocks": blocks, "rows": rows}
+
+
+def measure_predictors(model: nn.Module, cfg: Any, calib: Sequence[torch.Tensor],
+                       x: torch.Tensor, y: torch.Tensor, batch_size: int = 4,
+                       stats_windows: int = 4, windows: int = SENSITIVITY_WINDOWS,
+                       points: str | Sequence[str] = "auto", cache: Any = None,
+                       ) -> dict[str, Any]:  # fmt: skip
+    """The predictor table of one model under scheme ``cfg`` (rotation-free), on its own: the
+    profile on the first ``stats_windows`` windows of x, the layer sensitivity on the first
+    ``windows`` (:func:`~outlierlab.quant.sensitivity.layer_sensitivity`; ``cache`` shares
+    calibration with an evaluation of the same scheme), and :func:`predictor_table`, with the
+    verified 16-bit recommendation's size and recovery (``outlierlab quantize --predictors``,
+    one per run of a sweep)."""
+    from outlierlab.profile import profile
+    from outlierlab.quant.sensitivity import layer_sensitivity
+
+    prof = profile(model, x[: max(1, min(stats_windows, x.shape[0]))], batch_size, points)
+    n = max(1, min(windows, x.shape[0]))
+    sens = layer_sensitivity(model, cfg, calib, x[:n], y[:n], batch_size, cache=cache)
+    rec = sens["recommendation"]
+    return {**predictor_table(sens, prof), "scheme": cfg.name, "windows": n,
+            "full_kl": sens["full"]["kl"], "linears": len(sens["ranking"]),
+            "keep_16bit": rec["keep_16bit"], "verified_recovery": rec["verified_recovery"]}
