@@ -151,11 +151,15 @@ def test_seed_roles_are_checked_on_every_point(tmp_path):
 
 
 def test_every_shipped_sweep_says_which_seeds_it_uses():
-    """quick, cpu, mitigations, gpu-130m give verdicts on the test seeds; healthy-lr chooses the
-    lr on seeds 100 and 101: one short sweep per (block, optimiser), no quantisation."""
+    """quick, cpu, mitigations, gpu-130m give verdicts on the test seeds; healthy-lr and
+    quick-tuning choose the lr on seeds 100 and 101: one short sweep per (block, optimiser), no
+    quantisation."""
+    tuning = {"healthy-lr", "quick-tuning"}
     roles = {name: load_grid(name).seeds for name in sweep_presets()}
-    assert roles == {**dict.fromkeys(set(roles) - {"healthy-lr"}, "test"),
-                     "healthy-lr": "tuning"}
+    assert roles == {**dict.fromkeys(set(roles) - tuning, "test"),
+                     **dict.fromkeys(tuning, "tuning")}
+    q = load_grid("quick-tuning")
+    assert q.schemes == () and {p.overrides["train.seed"] for p in q.points} == {100, 101}
     g = load_grid("healthy-lr")
     assert g.schemes == () and {p.overrides["train.seed"] for p in g.points} == {100, 101}
     lrs: dict[tuple, set] = {}
@@ -164,9 +168,9 @@ def test_every_shipped_sweep_says_which_seeds_it_uses():
             p.overrides["optim.lr"])
     assert set(lrs) == {(m, o) for m in ("pre-ln", "op")
                         for o in ("adamw", "soap", "adafactor", "shampoo")}
-    assert all(v == {1e-3, 3e-3, 1e-2} for v in lrs.values())
+    assert all(v == {1e-3, 3e-3, 1e-2, 2e-2} for v in lrs.values())
     assert {p.overrides["train.steps"] for p in g.points} == {1000}  # science §6's longer regime
-    assert [p.overrides["train.seed"] for p in g.points[:24]] == [100] * 24  # seed 100 first
+    assert [p.overrides["train.seed"] for p in g.points[:32]] == [100] * 32  # seed 100 first
 
 
 def test_quick_preset_compares_the_paper_configurations():

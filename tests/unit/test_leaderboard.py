@@ -5,7 +5,6 @@ and a scheme a run was not quantised with shown as missing (never as 0)."""
 from __future__ import annotations
 
 import json
-import math
 
 import pytest
 
@@ -94,13 +93,13 @@ def test_pairs_against_the_baseline_match_a_hand_count_of_the_sign_flips(sweep):
     assert by[BASELINE].tests == {}
 
 
-def test_kurt_growth_is_the_log_excess_over_the_first_measured_value(sweep):
+def test_kurt_growth_is_the_increase_over_the_first_measured_value(sweep):
     run = next(r for r in sweep if r.name == "softpick-seed1")
     rows = RunFolder(run.path).metrics
     first = next(r["kurtosis_mean"] for r in rows if "kurtosis_mean" in r)
     final = rows[-1]["val_kurtosis_mean"]
     assert final == pytest.approx(2.1)
-    assert run.kurt_growth == pytest.approx(math.log(final - 1) - math.log(first - 1))
+    assert run.kurt_growth == pytest.approx(final - first)
 
 
 def test_a_missing_scheme_is_missing_not_zero_and_partial_seeds_are_counted(sweep, tmp_path):
@@ -111,7 +110,10 @@ def test_a_missing_scheme_is_missing_not_zero_and_partial_seeds_are_counted(swee
     assert row["W4A4 rot. damage"] == "+20.00% (2 of 3)"
     assert row["W8A8 damage"] == "+0.50%"
     assert row["first-token attn."] == "20.0%"  # mean over layers of the token-0 mass
-    assert row["max\\|x\\|/median"] == "20.0"  # the largest over the points
+    assert row["max|x|/median"] == "20.0"  # the largest over the points
+    from outlierlab.experiments.tables import md_table
+
+    assert "| max\\|x\\|/median |" in md_table(header, rows)  # escaped once, one column
     gate = dict(zip(header, next(r for r in rows if r[1] == "pre-ln+gate-elem adamw")))
     assert gate["first-token attn."] == "missing" and gate["W8A8 damage"] == "missing"
     op = next(e for e in entries if e.method == "op adamw")

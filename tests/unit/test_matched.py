@@ -33,8 +33,8 @@ def _rec(name, seed, loss, kurt, k0=1.5):
 
 
 def test_matched_cell_reads_both_runs_at_the_worse_final_loss():
-    low = [_rec("op-0", 0, [5.0, 3.0, 2.0], [1.1, 2.0, 3.0]),
-           _rec("op-1", 1, [5.0, 3.0, 2.6], [1.1, 2.0, 3.0])]
+    low = [_rec("op-0", 0, [5.0, 3.0, 2.0], [1.1, 2.0, 3.0], k0=1.1),
+           _rec("op-1", 1, [5.0, 3.0, 2.6], [1.1, 2.0, 3.0], k0=1.1)]
     high = [_rec("pre-0", 0, [5.0, 3.0, 2.5], [1.5, 4.0, 6.0]),
             _rec("pre-1", 1, [5.0, 3.0, 2.0], [1.5, 4.0, 6.0])]
     m = matched_cell(low, high, growth=False)
@@ -44,8 +44,9 @@ def test_matched_cell_reads_both_runs_at_the_worse_final_loss():
     # seed 1: L = 2.6 (OP's end); Pre-LN at 2.6: 4 + 0.4·2 = 4.8
     assert m.diffs[1] == pytest.approx(4.8 - 3.0)
     g = matched_cell(low, high, growth=True)
-    assert g.diffs[0] == pytest.approx(math.log(5.0) - math.log(0.5) - math.log(1.5)
-                                       + math.log(0.5))
+    # growth Kurt(L) − Kurt₀: Pre-LN 6.0 − 1.5, OP 2.5 − 1.1 (not the log excess ratio, which
+    # near OP's Kurt₀ = 1.1 would read OP's growth as the larger: log(1.5/0.1) > log(5/0.5))
+    assert g.diffs[0] == pytest.approx((6.0 - 1.5) - (2.5 - 1.1))
     # a run whose trajectory never reaches L: named, no value
     out = matched_cell([_rec("op-0", 0, [2.4, 2.3], [1.1, 1.2])], high[:1], growth=False)
     assert not out.diffs and "loss 2.500 outside op-0's trajectory (2.300–2.400)" in out.missing[0]

@@ -7,9 +7,11 @@ left out: :data:`outlierlab.config.NOT_IDENTITY`, :meth:`RunRecord.identity`).
 Where the nearest candidate differs in more, the claim says ``not tested: runs differ in X``
 naming the fields. Each pair records the one field that differs (``optim.name: adamw → soap``).
 
-**Outcome.** Each run's Kurt growth log(Kurt − 1) − log(Kurt₀ − 1) from step 0 to the end
+**Outcome.** Each run's Kurt growth Kurt − Kurt₀ from step 0 to the end
 (:attr:`RunRecord.kurt_growth`): free of the starting offset (Pre-LN starts near Kurt 1.4, OP
-near 1.1, so final Kurt alone can favour OP before any training). Where some run of a claim
+near 1.1, so final Kurt alone can favour OP before any training). Not the log excess ratio
+log(Kurt − 1) − log(Kurt₀ − 1), which favours the block that starts further from 1: near
+Kurt₀ = 1 it is ill-conditioned (docs/reproduce.md "Verdicts"). Where some run of a claim
 lacks a step-0 measurement, final Kurt decides and the summary says so. Final Kurt — each run's
 final mean over layers of Kurt = mean_j s_j⁴ / (mean_j s_j²)² (science §1, Eq. 1) on the
 held-out validation windows — is always shown beside it.
@@ -289,7 +291,7 @@ def outcome_metric(pairs: Sequence[Pair]) -> str:
     return "kurt_growth" if growth else "final_kurt_mean"
 
 
-OUTCOME_NAMES = {"kurt_growth": "Kurt growth log(Kurt−1) − log(Kurt₀−1)",
+OUTCOME_NAMES = {"kurt_growth": "Kurt growth Kurt − Kurt₀",
                  "final_kurt_mean": "final Kurt (no step-0 Kurt logged for every run)"}
 
 

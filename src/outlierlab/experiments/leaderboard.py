@@ -3,7 +3,7 @@ without outlier features, ranked on the same runs with the same statistics.
 
 Per method (:func:`method_label`: the run label of :mod:`.results` plus ``+tweo`` and the
 optimiser), over its finished seeds: final Kurt (held-out, science §1 Eq. 1) and its growth
-log(Kurt − 1) − log(Kurt₀ − 1) (:attr:`RunRecord.kurt_growth`), max |x| / median and the
+Kurt − Kurt₀ (:attr:`RunRecord.kurt_growth`), max |x| / median and the
 first-token attention mass of the final model (``measure.json``), validation loss, the relative
 perplexity increase under W8A8 / W6A6 / W4A4 with rotation (:data:`SCHEMES`; a scheme a run was
 not quantised with is *missing*, never 0), and the step time relative to the baseline (from
@@ -256,7 +256,7 @@ def _test_cell(e: Entry, metric: str) -> str:
 
 def table(entries: Sequence[Entry]) -> tuple[list[str], list[list[str]]]:
     """Header and rows of the leaderboard (one row per method, in rank order)."""
-    header = ["rank", "method", "seeds", "Kurt final", "Kurt growth", "max\\|x\\|/median",
+    header = ["rank", "method", "seeds", "Kurt final", "Kurt growth", "max|x|/median",
               "first-token attn.", "val loss", *(f"{c} damage" for c, _ in SCHEMES),
               "Kurt < base (pairs, p)", "growth < base (pairs, p)"]
     rows = []
@@ -303,7 +303,7 @@ def markdown(entries: Sequence[Entry], command: str = "", when: str = "") -> str
             "runs that diverged, which have no final values); our "
             f"scale: {OUR_SCALE}.", ""]
     key = ("Ranked by seed-mean final Kurt (science §1 Eq. 1, layer mean on the held-out "
-           "windows; 1 = no outlier features). *Kurt growth* = log(Kurt − 1) − log(Kurt₀ − 1), "
+           "windows; 1 = no outlier features). *Kurt growth* = Kurt − Kurt₀, "
            "Kurt₀ the first measured value (step 0). *max|x|/median* (largest over the residual "
            "points) and *first-token attn.* (mean attention probability on token 0 over "
            "layers, heads and queries ≥ 1) are measured post hoc on the final model "

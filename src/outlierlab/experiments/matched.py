@@ -7,8 +7,8 @@ Each run's trajectory is its (validation loss, held-out mean Kurt) at every eval
 L is the worse (larger) of the two final losses; each run's Kurt at L is interpolated linearly
 in loss between the two evaluations that bracket L (the latest such segment, so the worse run
 is read at its end). When L lies outside a trajectory's loss range the pair has no value (it is
-named, never extrapolated). The outcome at L is Kurt growth log(Kurt(L) − 1) − log(Kurt₀ − 1)
-when the runs have a step-0 Kurt, else Kurt(L) itself (as :func:`.claims.outcome_metric`).
+named, never extrapolated). The outcome at L is Kurt growth Kurt(L) − Kurt₀ when the runs
+have a step-0 Kurt, else Kurt(L) itself (as :func:`.claims.outcome_metric`).
 """
 
 from __future__ import annotations
@@ -53,8 +53,7 @@ def outcome_at(r: RunRecord, kurt: float, growth: bool) -> float:
     if not growth:
         return kurt
     s = r.kurt_mean_series
-    k0 = float(s[0]) if s.size else math.nan
-    return math.log(kurt - 1) - math.log(k0 - 1) if kurt > 1 and k0 > 1 else math.nan
+    return kurt - (float(s[0]) if s.size else math.nan)
 
 
 @dataclass
@@ -99,5 +98,5 @@ def matched_cell(low: Sequence[RunRecord], high: Sequence[RunRecord],
         if math.isfinite(d):
             diffs[s] = d
         else:
-            missing.append(f"seed {s}: Kurt at loss {target:.3f} is ≤ 1 or Kurt₀ ≤ 1: no growth")
+            missing.append(f"seed {s}: no Kurt₀ (step 0) to take the growth from")
     return MatchedCell(diffs, points, missing)

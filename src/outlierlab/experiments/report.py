@@ -237,7 +237,7 @@ def write_report(runs: Sequence[RunRecord], out_dir: str | Path, *, title: str =
              "the seed and the field under test (the pairs table names it); otherwise it says "
              "*not tested: runs differ in X*. A claim is a main effect over every *cell* (pair of "
              "configurations) where its field varies; its outcome is each run's Kurt growth "
-             "log(Kurt−1) − log(Kurt₀−1) from step 0 (free of the starting offset; final Kurt "
+             "Kurt − Kurt₀ from step 0 (free of the starting offset; final Kurt "
              "where a run lacks step 0). The stratified same-seed sign-flip permutation test "
              "over all cells gives the one-sided p: the claim *held* when p ≤ "
              f"{ALPHA}, *did not hold* only when p ≤ {ALPHA} the other way, else it is "
@@ -278,7 +278,7 @@ def write_report(runs: Sequence[RunRecord], out_dir: str | Path, *, title: str =
             data = base64.b64encode(paths["png"].read_bytes()).decode()
             img = f"<img alt='leaderboard' src='data:image/png;base64,{data}'>"
         page = page.replace("</body></html>", "<h2>Mitigations leaderboard</h2>"
-                            + html_table([h.replace("\\", "") for h in header], rows)
+                            + html_table(header, rows)
                             + img + "</body></html>")
     safe_io.write_text(out / "report.md", md)
     safe_io.write_text(out / "report.html", page)

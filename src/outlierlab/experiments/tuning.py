@@ -55,7 +55,7 @@ class LrPoint:
     kurt: float
     """Seed-mean final mean Kurt over layers (held-out), diverged runs left out."""
     growth: float
-    """Seed-mean Kurt growth log(Kurt−1) − log(Kurt₀−1), diverged runs left out."""
+    """Seed-mean Kurt growth Kurt − Kurt₀, diverged runs left out."""
     diverged: int = 0
 
 
