@@ -196,3 +196,31 @@ def test_tuning_sweep_chooses_lrs_and_the_claims_run_at_them(tmp_path, capsys):
             "optim.weight_decay)") in with_tuning
     # a test sweep never chooses: no tuning.md
     assert not (tmp_path / "rr" / "tuning.md").exists()
+
+
+def test_own_lr_runs_pair_configurations_across_lrs(tmp_path, capsys):
+    """A sweep whose configurations each run at their own lr (a grid's ``own_lr_from``;
+    ``report --own-lr-from``): Pre-LN at 1e-2 and OP at 1e-3 are a cell of the OP claim; without
+    the option they differ in optim.lr and the claim is not tested."""
+    runs = tmp_path / "runs"
+    for s in (0, 1, 2):
+        write_run(runs / f"pre-{s}", arch="pre-ln", lr=1e-2, seed=s, init=1.3, kurt=6.0,
+                  held_out=6.0 + 0.01 * s, val_loss=2.0, trajectory=True)
+        write_run(runs / f"op-{s}", arch="op", lr=1e-3, seed=s, init=1.1, kurt=2.0,
+                  held_out=2.0 + 0.01 * s, val_loss=2.1, trajectory=True)
+    assert main(["report", str(runs), "--out", str(tmp_path / "plain")]) == 0
+    claims = json.loads((tmp_path / "plain" / "results.json").read_text())["claims"]
+    op = next(c for c in claims if c["key"] == "op_vs_prenorm")
+    assert op["verdict"] == "not tested" and "optim.lr" in op["summary"]
+    assert main(["report", str(runs), "--out", str(tmp_path / "own"), "--own-lr-from",
+                 "quick-tuning"]) == 0  # fmt: skip
+    out = capsys.readouterr().out
+    assert "--own-lr-from quick-tuning" in (tmp_path / "own" / "report.md").read_text()
+    claims = json.loads((tmp_path / "own" / "results.json").read_text())["claims"]
+    op = next(c for c in claims if c["key"] == "op_vs_prenorm")
+    # one cell of 3 seeds, all lower: p = 1/8, inconclusive (a verdict needs two cells)
+    assert op["test"]["pairs"] == 3 and op["test"]["matched_loss"]
+    assert op["test"]["in_direction"] == 3 and op["test"]["p"] == pytest.approx(1 / 8)
+    assert op["verdict"] == "inconclusive" and "inconclusive  The OP block" in out
+    assert "own lr, chosen by the `quick-tuning` tuning sweep" in \
+        (tmp_path / "own" / "report.md").read_text()

@@ -25,6 +25,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--tuning", metavar="TUNING_JSON", default=None,
                    help="a tuning sweep's REPORT/tuning.json: also test the claims at its "
                    "shared lr and at each configuration's own lr")
+    p.add_argument("--own-lr-from", metavar="TUNING_SWEEP", default=None,
+                   help="the runs are at the lrs this tuning sweep chose, one per "
+                   "configuration (a grid's own_lr_from, e.g. quick-tuning): pair "
+                   "configurations across lrs")
     p.set_defaults(func=run)
 
 
@@ -39,7 +43,9 @@ def run(args: argparse.Namespace) -> int:
         raise DataError("no readable run folders among " + ", ".join(args.runs))
     rep = write_report(runs, args.out, title=args.title, loss_tol=args.loss_tol,
                        command="outlierlab report " + " ".join(args.runs)
-                       + (f" --tuning {args.tuning}" if args.tuning else ""), tuning=tuning)
+                       + (f" --tuning {args.tuning}" if args.tuning else "")
+                       + (f" --own-lr-from {args.own_lr_from}" if args.own_lr_from else ""),
+                       tuning=tuning, own_lr_from=args.own_lr_from)
     print_claims(rep)
     return 0
 

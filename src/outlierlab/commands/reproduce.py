@@ -17,8 +17,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         description="The paper's comparison end to end: sweep a preset grid (train and quantise), "
         "then write the report and print where it is.")
     p.add_argument("--preset", default="quick", metavar="NAME",
-                   help="sweep preset or grid .toml: quick (≤ 10 min on 2 cores), cpu, gpu-130m, "
-                   "mitigations (or one of its parts: mitigations-attn, mitigations-optim)")
+                   help="sweep preset or grid .toml: quick (≤ 6 min on 2 idle cores), cpu, "
+                   "gpu-130m, mitigations (or one of its parts: mitigations-attn, "
+                   "mitigations-optim), the tuning sweeps quick-tuning and healthy-lr")
     add_sweep_args(p)
     p.set_defaults(func=run)
 
@@ -52,6 +53,6 @@ def run(args: argparse.Namespace) -> int:
         return 1
     cmd = f"outlierlab reproduce --preset {args.preset} --out {out}"
     rep = write_report(runs, out / "report", title=f"outlierlab reproduce: {grid.name}",
-                       command=cmd)
+                       command=cmd, own_lr_from=grid.own_lr_from)
     print_claims(rep)
     return rc

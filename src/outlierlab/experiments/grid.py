@@ -7,6 +7,8 @@ workers = 2                      # optional defaults of --workers and --threads
 threads = 1
 seeds = "test"                   # optional pre-registration: "test" (seeds 0-2 only) or
                                  # "tuning" (seeds >= 100 only), checked on every point
+own_lr_from = "quick-tuning"     # optional: each configuration runs at its own lr, chosen by
+                                 # that tuning sweep; the claims pair across lrs
 [base]                           # overrides every run gets
 "train.steps" = 400
 [grid]                           # cartesian product; a list holds the alternatives
@@ -73,7 +75,7 @@ else:  # pragma: no cover
 
 DEFAULT_SCHEMES: tuple[str, ...] = ("w8a8-tensor", "w8a8-dynamic")
 TOP_KEYS = {"name", "description", "preset", "workers", "threads", "seeds", "base", "grid",
-            "include", "exclude", "quant", "measure", "part_of"}
+            "include", "exclude", "quant", "measure", "part_of", "own_lr_from"}
 PARTS_KEYS = {"name", "description", "workers", "threads", "parts"}
 """The keys of a grid made of parts (``parts = [...]``): the rest comes from the parts."""
 TEST_SEEDS = (0, 1, 2)
@@ -130,6 +132,10 @@ class Grid:
     """The grids this one is the union of (``parts = [...]``), in the order they run."""
     part_of: str | None = None
     """The grid this one is a part of (``part_of = "..."``): it shares that grid's folder."""
+    own_lr_from: str | None = None
+    """The tuning sweep that chose each configuration's own lr (``own_lr_from = "..."``): the
+    points run at those lrs, and the report's claims pair configurations across lrs (the lr
+    taken out of the pairing, as for a tuning's own-lr claims); None: claims pair equal lrs."""
 
     @property
     def folder(self) -> str:
@@ -149,6 +155,7 @@ class Grid:
                 "base": self.base, "source": self.source, "seeds": self.seeds,
                 "measure_args": None if self.measure_args is None else list(self.measure_args),
                 "parts": list(self.parts), "part_of": self.part_of,
+                "own_lr_from": self.own_lr_from,
                 "points": [{"name": p.name, "overrides": p.overrides} for p in self.points]}
 
 
@@ -309,6 +316,10 @@ def parse_grid(data: dict[str, Any], *, default_name: str = "sweep", source: str
     if part_of is not None and (not isinstance(part_of, str) or not part_of):
         raise ConfigError(f"{source or 'grid'}: part_of = {part_of!r}; allowed: the name of the "
                           "grid this one is a part of")
+    own_lr_from = data.get("own_lr_from")
+    if own_lr_from is not None and (not isinstance(own_lr_from, str) or not own_lr_from):
+        raise ConfigError(f"{source or 'grid'}: own_lr_from = {own_lr_from!r}; allowed: the name "
+                          "of the tuning sweep that chose the lrs")
     seeds = data.get("seeds")
     if seeds is not None and seeds not in SEED_ROLES:
         raise ConfigError(f"{source or 'grid'}: seeds = {seeds!r}; allowed: \"test\" (seeds "
@@ -319,7 +330,7 @@ def parse_grid(data: dict[str, Any], *, default_name: str = "sweep", source: str
                 workers=data.get("workers"), threads=data.get("threads"),
                 description=str(data.get("description", "")),
                 base=base, source=source, seeds=seeds, measure_args=measure_args,
-                part_of=part_of)
+                part_of=part_of, own_lr_from=own_lr_from)
 
 
 def _measure_args(table: Any) -> tuple[str, ...] | None:

@@ -165,6 +165,14 @@ def seeds_note(runs: Sequence[RunRecord]) -> str:
             "verdicts.")
 
 
+def own_lr_runs(runs: Sequence[RunRecord]) -> list[RunRecord]:
+    """The runs with their lr replaced by ``"own"`` in the config, so that claims pair
+    configurations across lrs (each run being at its configuration's own lr)."""
+    return [dataclasses.replace(r, config={**r.config, "optim": {**r.config.get("optim", {}),
+                                                                 "lr": "own"}})
+            for r in runs]
+
+
 def lr_claim_sets(runs: Sequence[RunRecord], tuning: Tuning,
                   loss_tol: float = 0.05) -> tuple[dict[str, list[Claim]], list[str]]:
     """The claims at the tuning's shared lr (pairs within that lr) and at each configuration's
@@ -184,12 +192,8 @@ def lr_claim_sets(runs: Sequence[RunRecord], tuning: Tuning,
     else:
         at = [r for r in runs if math.isclose(r.lr, tuning.shared_lr, rel_tol=1e-9)]
         sets[f"Claims at the shared lr {tuning.shared_lr:g}"] = evaluate_claims(at, loss_tol)
-    own = []
-    for r in runs:
-        lr = tuning.own_lr(r)
-        if lr is not None and math.isclose(r.lr, lr, rel_tol=1e-9):
-            cfg = {**r.config, "optim": {**r.config.get("optim", {}), "lr": "own"}}
-            own.append(dataclasses.replace(r, config=cfg))
+    own = own_lr_runs([r for r in runs if (lr := tuning.own_lr(r)) is not None
+                       and math.isclose(r.lr, lr, rel_tol=1e-9)])
     lrs = "; ".join(f"{c.label} {c.own_lr:g}" for c in tuning.configurations
                     if c.own_lr is not None)
     sets[f"Claims at each configuration's own lr ({lrs})"] = evaluate_claims(own, loss_tol)
@@ -198,17 +202,19 @@ def lr_claim_sets(runs: Sequence[RunRecord], tuning: Tuning,
 
 def write_report(runs: Sequence[RunRecord], out_dir: str | Path, *, title: str = "",
                  command: str = "", loss_tol: float = 0.05,
-                 tuning: Tuning | None = None) -> Report:
+                 tuning: Tuning | None = None, own_lr_from: str | None = None) -> Report:
     """Evaluate the claims, draw the figures and write ``report.html``, ``report.md``,
     ``results.json`` and ``figures/*.png`` into ``out_dir``; the frontier table also as
     ``frontier.json``. When the runs are a tuning sweep (tuning seeds, lr series:
     :func:`~.tuning.is_tuning_sweep`), the chosen lrs go to ``tuning.md``/``.json``; with
     ``tuning`` (a tuning sweep's choice) the claims are also tested at its shared lr and at
-    each configuration's own lr (:func:`lr_claim_sets`)."""
+    each configuration's own lr (:func:`lr_claim_sets`); with ``own_lr_from`` (the runs are at
+    lrs that tuning sweep chose, one per configuration: a grid's ``own_lr_from``) the claims
+    pair configurations across lrs (:func:`own_lr_runs`)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     runs = list(runs)
-    claims = evaluate_claims(runs, loss_tol=loss_tol)
+    claims = evaluate_claims(own_lr_runs(runs) if own_lr_from else runs, loss_tol=loss_tol)
     chosen = None
     if is_tuning_sweep(runs):
         chosen = choose_lrs(runs)
@@ -226,7 +232,10 @@ def write_report(runs: Sequence[RunRecord], out_dir: str | Path, *, title: str =
     when = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     intro = (f"{len(runs)} runs ({n_fin} finished, {n_div} diverged, "
              f"{len(runs) - n_fin - n_div} other), written {when}."
-             + (f" Made by `{command}`." if command else ""))
+             + (f" Made by `{command}`." if command else "")
+             + (f" Each configuration runs at its own lr, chosen by the `{own_lr_from}` tuning "
+                "sweep on seeds ≥ 100 (lowest validation loss); the claims pair configurations "
+                "across lrs (the lr is not a field under test)." if own_lr_from else ""))
     about = ("Kurtosis is Kurt = mean_j(s_j⁴)/mean_j(s_j²)² of the neuron RMS s_j over tokens "
              "(He et al. 2024, Eq. 1): 1 when every neuron has the same scale, up to the width "
              "when one neuron carries everything. *Mean*/*max* are over the measured layers "
