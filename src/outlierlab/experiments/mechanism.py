@@ -21,10 +21,8 @@ from typing import Any
 
 import numpy as np
 
-from outlierlab.errors import RunFolderError
-from outlierlab.experiments.results import RunRecord
+from outlierlab.experiments.results import RunRecord, finished_quant_results
 from outlierlab.experiments.significance import spearman
-from outlierlab.run_folder import RunFolder
 
 MIN_TENSORS = 4
 """Fewest tensors with a Kurt and a finite SQNR for a run's ρ."""
@@ -67,23 +65,16 @@ def site_points(result: dict[str, Any]) -> list[dict[str, Any]]:
 def site_tests(runs: Sequence[RunRecord]) -> list[SiteTest]:
     """Every (finished run, scheme) whose layer report has ``MIN_TENSORS`` tensors or more."""
     tests = []
-    for r in runs:
-        if not r.finished:
+    for r, scheme, result in finished_quant_results(runs):
+        pts = site_points(result)
+        if len(pts) < MIN_TENSORS:
             continue
-        try:
-            results = RunFolder(r.path).quant_results()
-        except RunFolderError:
-            continue
-        for scheme in sorted(results):
-            pts = site_points(results[scheme])
-            if len(pts) < MIN_TENSORS:
-                continue
-            sqnr = [p["sqnr"] for p in pts]
-            mmr = [(p["mmr"], p["sqnr"]) for p in pts if math.isfinite(p["mmr"])]
-            tests.append(SiteTest(
-                r.name, r.identity(), r.arch, scheme, pts,
-                spearman([p["kurtosis"] for p in pts], sqnr),
-                spearman(*zip(*mmr, strict=True)) if len(mmr) >= MIN_TENSORS else math.nan))
+        sqnr = [p["sqnr"] for p in pts]
+        mmr = [(p["mmr"], p["sqnr"]) for p in pts if math.isfinite(p["mmr"])]
+        tests.append(SiteTest(
+            r.name, r.identity(), r.arch, scheme, pts,
+            spearman([p["kurtosis"] for p in pts], sqnr),
+            spearman(*zip(*mmr, strict=True)) if len(mmr) >= MIN_TENSORS else math.nan))
     return tests
 
 

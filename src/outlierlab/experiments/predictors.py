@@ -24,11 +24,9 @@ from typing import Any
 
 import numpy as np
 
-from outlierlab.errors import RunFolderError
 from outlierlab.experiments.mechanism import sign_test_p
-from outlierlab.experiments.results import RunRecord
+from outlierlab.experiments.results import RunRecord, finished_quant_results
 from outlierlab.quant.predictors import PREDICTORS
-from outlierlab.run_folder import RunFolder
 
 ABOUT = (
     "Per run, the damage (KL from the FP model) of quantising each block alone, and Spearman ρ "
@@ -60,21 +58,14 @@ def _rho(v: Any) -> float:
 def gather(runs: Sequence[RunRecord]) -> list[RunPredictors]:
     """Every (finished run, scheme) whose quantisation result carries a predictor table."""
     out = []
-    for r in runs:
-        if not r.finished:
+    for r, scheme, result in finished_quant_results(runs):
+        pred = result.get("predictors")
+        if not isinstance(pred, dict) or not isinstance(pred.get("rows"), list):
             continue
-        try:
-            results = RunFolder(r.path).quant_results()
-        except RunFolderError:
-            continue
-        for scheme in sorted(results):
-            pred = results[scheme].get("predictors")
-            if not isinstance(pred, dict) or not isinstance(pred.get("rows"), list):
-                continue
-            rho = {row.get("key"): _rho(row.get("rho_alone")) for row in pred["rows"]
-                   if isinstance(row, dict)}  # fmt: skip
-            out.append(RunPredictors(r.name, r.identity(), r.arch, scheme,
-                                     len(pred.get("blocks") or []), rho))
+        rho = {row.get("key"): _rho(row.get("rho_alone")) for row in pred["rows"]
+               if isinstance(row, dict)}  # fmt: skip
+        out.append(RunPredictors(r.name, r.identity(), r.arch, scheme,
+                                 len(pred.get("blocks") or []), rho))
     return out
 
 

@@ -386,11 +386,16 @@ def _mechanism(tests: Sequence[Any], mech: Sequence[dict[str, Any]],
          f"<p>{html.escape(MECHANISM_ABOUT.replace('`', ''))}</p><ul>"
          + "".join(f"<li>{html.escape(x)}</li>" for x in lines) + "</ul>",
          html_table(header, rows)]
-    if fig is not None:
-        md += [f"![Kurt against SQNR](figures/{fig.name})", ""]
-        data = base64.b64encode(fig.read_bytes()).decode()
-        h.append(f"<img alt='Kurt against SQNR' src='data:image/png;base64,{data}'>")
+    _add_figure(md, h, fig, "Kurt against SQNR")
     return "\n".join(md), "\n".join(h)
+
+
+def _add_figure(md: list[str], h: list[str], fig: Path | None, alt: str) -> None:
+    """Append ``fig`` (a PNG under ``figures/``) to a section's Markdown and, inlined, its HTML."""
+    if fig is not None:
+        md += [f"![{alt}](figures/{fig.name})", ""]
+        data = base64.b64encode(fig.read_bytes()).decode()
+        h.append(f"<img alt='{html.escape(alt)}' src='data:image/png;base64,{data}'>")
 
 
 def _predictors(rows: Sequence[dict[str, Any]], fig: Path | None) -> tuple[str, str]:
@@ -401,10 +406,7 @@ def _predictors(rows: Sequence[dict[str, Any]], fig: Path | None) -> tuple[str, 
     h = [f"<h2>{title}</h2>",
          f"<p>{html.escape(block_predictors.ABOUT.replace('`', ''))}</p>",
          html_table(header, body)]
-    if fig is not None:
-        md += [f"![predictors](figures/{fig.name})", ""]
-        data = base64.b64encode(fig.read_bytes()).decode()
-        h.append(f"<img alt='predictors' src='data:image/png;base64,{data}'>")
+    _add_figure(md, h, fig, "predictors")
     return "\n".join(md), "\n".join(h)
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -391,3 +392,19 @@ def load_runs(paths: list[str | Path]) -> tuple[list[RunRecord], list[tuple[Path
         raise DataError(f"no run folders among {', '.join(map(str, paths))}; allowed: folders "
                         f"with {RUN_CONFIG_FILE} and {STATUS_FILE}")
     return records, unreadable
+
+
+def finished_quant_results(runs: Sequence[RunRecord]) -> Iterator[tuple[RunRecord, str,
+                                                                        dict[str, Any]]]:
+    """(run, scheme, its ``quant/<scheme>.json`` as written) for every finished run, schemes in
+    name order; a run whose results cannot be read is skipped (what the per-run analyses of the
+    report, :mod:`.mechanism` and :mod:`.predictors`, read)."""
+    for r in runs:
+        if not r.finished:
+            continue
+        try:
+            results = RunFolder(r.path).quant_results()
+        except RunFolderError:
+            continue
+        for scheme in sorted(results):
+            yield r, scheme, results[scheme]
