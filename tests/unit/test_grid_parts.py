@@ -80,6 +80,8 @@ def _part(tmp_path, name, model="op", keys="", extra="", whole="whole"):
 
 @pytest.mark.parametrize("b, whole_extra, match", [
     ({"extra": 'seeds = "test"'}, "", r"parts .*a\.toml and .*b\.toml differ in seeds"),
+    ({"extra": 'own_lr_from = "t"'}, "",
+     r"parts .*a\.toml and .*b\.toml differ in own_lr_from"),
     ({"whole": "other"}, "", r"part_of = 'other'; allowed: 'whole'"),
     ({}, '[base]\n"train.steps" = 3\n', r"base is not allowed beside parts"),
     ({}, 'parts2 = 1\n', r"parts2 is not allowed beside parts; allowed: description, name"),
@@ -110,3 +112,11 @@ def test_one_run_under_two_names_in_two_parts_is_refused(tmp_path):
     with pytest.raises(ConfigError, match=f"one run is named {names[0]} in one part and "
                                           f"{names[1]} in"):
         load_grid(tmp_path / "whole.toml")
+
+
+def test_a_whole_keeps_its_parts_own_lr_from(tmp_path):
+    _part(tmp_path, "a", model="pre-ln", keys='"model.attn" = "softpick"',
+          extra='own_lr_from = "t"')
+    _part(tmp_path, "b", extra='own_lr_from = "t"')
+    (tmp_path / "whole.toml").write_text('parts = ["a.toml", "b.toml"]\n')
+    assert load_grid(tmp_path / "whole.toml").own_lr_from == "t"

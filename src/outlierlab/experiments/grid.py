@@ -460,7 +460,8 @@ def union(data: dict[str, Any], *, default_name: str, source: str,
     for part in parts[1:]:
         for attr, label in (("preset", "preset"), ("base", "[base]"),
                             ("schemes", "quant.schemes"), ("quant_args", "quant.args"),
-                            ("measure_args", "[measure]"), ("seeds", "seeds")):
+                            ("measure_args", "[measure]"), ("seeds", "seeds"),
+                            ("own_lr_from", "own_lr_from")):
             if getattr(part, attr) != getattr(first, attr):
                 raise ConfigError(f"{where}: parts {first.source} and {part.source} differ in "
                                   f"{label}; allowed: the same in every part")
@@ -489,4 +490,5 @@ def union(data: dict[str, Any], *, default_name: str, source: str,
                 quant_args=first.quant_args, workers=data.get("workers", first.workers),
                 threads=data.get("threads", first.threads),
                 description=str(data.get("description", "")), base=first.base, source=source,
-                seeds=first.seeds, measure_args=first.measure_args, parts=tuple(refs))
+                seeds=first.seeds, measure_args=first.measure_args, parts=tuple(refs),
+                own_lr_from=first.own_lr_from)
