@@ -6,6 +6,7 @@ embedding projection, the TWEO penalty and OrthoAdam."""
 from __future__ import annotations
 
 import copy
+import math
 
 import numpy as np
 import pytest
@@ -338,3 +339,25 @@ def test_each_method_trains_with_finite_loss(method):
     assert all(r.finite for r in losses), losses
     assert losses[-1].loss < losses[0].loss
     assert (losses[-1].penalty is not None) == (method == "tweo")
+
+
+@pytest.mark.parametrize("kind", ["softmax", "softmax1", "softpick", "clipped"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_cached_additive_causal_mask_gives_the_same_weights(kind, dtype):
+    """The weights computed with the cached −∞ mask added (attention_weights, the monitor's
+    entropy) equal, bit for bit, those filled with an explicit bool mask; the mask is built once."""
+    from outlierlab.model.attn import attention_probs, attention_weights, causal_mask
+
+    g = torch.Generator().manual_seed(3)
+    q, k = (torch.randn(2, 3, 7, 8, generator=g, dtype=dtype) for _ in range(2))
+    kb = torch.randn(1, 3, 2, 8, generator=g, dtype=dtype)
+    for bias in (None, kb):
+        fast = attention_weights(q, k, kind, k_bias=bias)
+        kk = k if bias is None else torch.cat([bias.expand(2, 3, 2, 8), k], -2)
+        logits = q @ kk.transpose(-2, -1) / math.sqrt(8)
+        n = 0 if bias is None else 2
+        explicit = causal_mask(7, 7, n).clone()  # a fresh tensor: the masked_fill path
+        assert torch.equal(fast, attention_probs(logits, kind, explicit))
+        assert fast.dtype == dtype
+    assert causal_mask(7, 7) is causal_mask(7, 7)  # cached, shared
+    assert causal_mask(7, 7).tolist() == torch.ones(7, 7, dtype=torch.bool).tril().tolist()

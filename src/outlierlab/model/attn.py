@@ -21,6 +21,7 @@ are n extra keys and values prepended to every sequence, visible to every query,
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -31,11 +32,22 @@ KINDS = ("softmax", "softmax1", "softpick", "clipped")
 
 def causal_mask(t_q: int, t_k: int, n_bias: int = 0, device: torch.device | None = None):
     """Bool (t_q, n_bias + t_k), True where query i may see the key: the ``n_bias`` prepended
-    bias slots always, token j when j ≤ i + (t_k − t_q) (SDPA's ``is_causal`` for t_q = t_k)."""
+    bias slots always, token j when j ≤ i + (t_k − t_q) (SDPA's ``is_causal`` for t_q = t_k).
+    Built once per shape and device and shared: read it, never write into it."""
+    return _causal(t_q, t_k, n_bias, torch.device(device or "cpu"), torch.float32)[0]
+
+
+@functools.lru_cache(maxsize=64)
+def _causal(t_q: int, t_k: int, n_bias: int, device: torch.device,
+            dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """The causal mask and its additive form (0 where visible, −∞ where not, ``dtype``): the
+    weights of every evaluation, and the monitor's attention entropy on every measured step,
+    add it instead of building a mask and filling with it each call."""
     seen = torch.ones(t_q, t_k, dtype=torch.bool, device=device).tril(t_k - t_q)
     if n_bias:
         seen = torch.cat([torch.ones(t_q, n_bias, dtype=torch.bool, device=device), seen], -1)
-    return seen
+    blocked = torch.zeros(seen.shape, dtype=dtype, device=device).masked_fill(~seen, -math.inf)
+    return seen, blocked
 
 
 def attention_probs(
@@ -49,11 +61,21 @@ def attention_probs(
     """Attention weights (…, T_q, T_k) of ``kind`` (module docstring) from ``logits`` (already
     scaled and soft-capped); ``mask`` (bool, True = visible; default causal) entries are exactly 0.
     bf16/fp16 logits are computed in float32; float32 and float64 stay as they are."""
-    if mask is None:
-        mask = causal_mask(logits.shape[-2], logits.shape[-1], device=logits.device)
+    return _probs(logits, kind, mask, 0, zeta, gamma)
+
+
+def _probs(logits: torch.Tensor, kind: str, mask: torch.Tensor | None, n_bias: int,
+           zeta: float, gamma: float) -> torch.Tensor:  # fmt: skip
+    """:func:`attention_probs`; with ``mask`` None the causal mask with ``n_bias`` bias slots,
+    added in its cached −∞ form (z = logits + 0 or −∞: the same z as filling with the mask)."""
     if logits.dtype in (torch.float16, torch.bfloat16):
         logits = logits.float()
-    z = logits.masked_fill(~mask, float("-inf"))
+    if mask is None:
+        t_q, t_k = logits.shape[-2], logits.shape[-1] - n_bias
+        mask, blocked = _causal(t_q, t_k, n_bias, logits.device, logits.dtype)
+        z = logits + blocked
+    else:
+        z = logits.masked_fill(~mask, float("-inf"))
     if kind == "softmax":
         return z.softmax(dim=-1)
     if kind == "clipped":
@@ -93,8 +115,7 @@ def attention_weights(
     att = att / math.sqrt(q.shape[-1]) if scale is None else att * scale
     if softcap is not None:
         att = softcap * torch.tanh(att / softcap)
-    mask = causal_mask(q.shape[-2], k.shape[-2] - n_bias, n_bias, device=q.device)
-    return attention_probs(att, kind, mask, zeta=zeta, gamma=gamma)
+    return _probs(att, kind, None, n_bias, zeta, gamma)
 
 
 def attention(
