@@ -46,6 +46,7 @@ import torch
 from torch import nn
 
 from outlierlab.errors import ConfigError
+from outlierlab.quant.predictors import SENSITIVITY_WINDOWS
 
 ROTATION = "rotation + w8a8-tensor"
 
@@ -112,7 +113,7 @@ def run_price(
     sensitivity: str | None = None,
     crosscheck: bool = False,
     share: float = 0.9,
-    sensitivity_windows: int = 2,
+    sensitivity_windows: int = SENSITIVITY_WINDOWS,
 ) -> dict[str, Any]:
     """The whole comparison (module docstring); ``progress(label)`` is called as each stage
     ends (the CLI's progress bar); ``points``: where the profile measures (monitor globs;
@@ -198,19 +199,20 @@ def run_price(
     return res
 
 
-def check_sensitivity_scheme(name: str) -> None:
-    """A :class:`ConfigError` unless ``name`` is a scheme that quantises the model's own linears
-    (any of :data:`outlierlab.quant.SCHEMES` without a rotation)."""
+def check_sensitivity_scheme(name: str, option: str = "--sensitivity") -> None:
+    """A :class:`ConfigError` (naming ``option``) unless ``name`` is a scheme that quantises the
+    model's own linears (any of :data:`outlierlab.quant.SCHEMES` without a rotation): what the
+    layer sensitivity needs (``price --sensitivity``, ``quantize --predictors``)."""
     from outlierlab.quant import SCHEMES, scheme
 
     allowed = [n for n in SCHEMES if scheme(n).rotation is None]
     if name not in allowed:
-        raise ConfigError(f"--sensitivity {name!r} is not allowed; allowed: {', '.join(allowed)}")
+        raise ConfigError(f"{option} {name!r} is not allowed; allowed: {', '.join(allowed)}")
 
 
 def add_sensitivity(res: dict[str, Any], model: nn.Module, name: str, calib: list[torch.Tensor],
                     val_x: torch.Tensor, val_y: torch.Tensor, batch_size: int, share: float,
-                    cache: Any = None, windows: int = 2) -> None:  # fmt: skip
+                    cache: Any = None, windows: int = SENSITIVITY_WINDOWS) -> None:  # fmt: skip
     """``res["sensitivity"]`` (:func:`outlierlab.quant.sensitivity.layer_sensitivity` of scheme
     ``name`` on the first ``windows`` evaluation windows: about 80 evaluations, so fewer
     windows than the profile's; its recommendation checked on every evaluation window) and

@@ -131,12 +131,10 @@ def run(args: argparse.Namespace) -> int:
     if args.save and args.no_save:
         raise ConfigError("--save and --no-save contradict each other; allowed: one of them")
     cfg = build_config(args)  # user mistakes in options fail before anything loads
-    if args.predictors and cfg.rotation is not None:
-        from outlierlab.quant import SCHEMES, scheme
+    if args.predictors:
+        from outlierlab.price import check_sensitivity_scheme
 
-        allowed = ", ".join(n for n in SCHEMES if scheme(n).rotation is None)
-        raise ConfigError(f"--predictors with scheme {cfg.name!r} is not allowed (it rotates "
-                          f"the model); allowed: {allowed}")  # fmt: skip
+        check_sensitivity_scheme(args.scheme, "--predictors")
     path = Path(args.path)
     if not path.is_dir() and path.suffix.lower() != ".gguf":
         raise ModelLoadError(
@@ -250,13 +248,15 @@ def _print_predictors(pred: dict[str, Any], console: Any) -> None:
     """The predictor table (``--predictors``) and the verified recommendation."""
     from rich.table import Table
 
+    from outlierlab.price import predictor_rows
+
+    header, rows = predictor_rows({"predictors": pred})  # the rows of price's page
     table = Table(title=f"which measurement predicts a block's damage ({pred['windows']} "
                   f"windows, {len(pred['blocks'])} blocks)")  # fmt: skip
-    for col in ("predictor", "ρ with damage alone", "ρ with damage recovered", "predicts when"):
-        table.add_column(col, justify="left" if col == "predictor" else "right")
-    for r in pred["rows"]:
-        table.add_row(r["predictor"], _fmt(r["rho_alone"], "+.2f"),
-                      _fmt(r["rho_without"], "+.2f"), "ρ > 0" if r["sign"] > 0 else "ρ < 0")
+    for i, col in enumerate(header):
+        table.add_column(col, justify="left" if i == 0 else "right")
+    for row in rows:
+        table.add_row(*row)
     console.print(table)
     rec = pred["verified_recovery"]
     console.print(f"16-bit set        {len(pred['keep_16bit'])} of {pred['linears']} linears "

@@ -14,7 +14,7 @@ replicates), and the exact one-sided sign test of "ρ < 0" over configurations.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -78,6 +78,15 @@ def site_tests(runs: Sequence[RunRecord]) -> list[SiteTest]:
     return tests
 
 
+def config_means(values: Iterable[tuple[Any, float]]) -> list[float]:
+    """One value per configuration from ``(configuration, value)`` pairs: the mean of its
+    seeds' values (seeds are replicates, not independent configurations)."""
+    cells: dict[Any, list[float]] = {}
+    for config, v in values:
+        cells.setdefault(config, []).append(v)
+    return [float(np.mean(v)) for v in cells.values()]
+
+
 def sign_test_p(k: int, n: int) -> float:
     """P(X ≥ k) for X ~ Binomial(n, 1/2): the exact one-sided sign test (1.0 for n = 0)."""
     return float(sum(math.comb(n, i) for i in range(k, n + 1)) / 2**n) if n else 1.0
@@ -91,10 +100,7 @@ def summary(tests: Sequence[SiteTest]) -> list[dict[str, Any]]:
         ts = [t for t in tests if t.scheme == scheme and math.isfinite(t.rho_kurt)]
         if not ts:
             continue
-        cells: dict[Any, list[float]] = {}
-        for t in ts:
-            cells.setdefault(t.config, []).append(t.rho_kurt)
-        means = [float(np.mean(v)) for v in cells.values()]
+        means = config_means((t.config, t.rho_kurt) for t in ts)
         k = sum(m < 0 for m in means)
         mmr = [t.rho_mmr for t in ts if math.isfinite(t.rho_mmr)]
         out.append({"scheme": scheme, "runs": len(ts), "runs_negative": sum(t.rho_kurt < 0

@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from outlierlab.experiments.mechanism import sign_test_p
+from outlierlab.experiments.mechanism import config_means, sign_test_p
 from outlierlab.experiments.results import RunRecord, finished_quant_results
 from outlierlab.quant.predictors import PREDICTORS
 
@@ -79,17 +79,13 @@ def summary(found: Sequence[RunPredictors]) -> list[dict[str, Any]]:
         for label, key, sign in PREDICTORS:
             rhos = [(f.config, f.rho.get(key, math.nan)) for f in of]
             rhos = [(c, v) for c, v in rhos if math.isfinite(v)]
-            cells: dict[Any, list[float]] = {}
-            for c, v in rhos:
-                cells.setdefault(c, []).append(v)
-            means = [float(np.mean(v)) for v in cells.values()]
-            right = sum(sign * m > 0 for m in means)
             if not rhos:  # e.g. runs with fewer than 3 blocks
                 continue
+            means = config_means(rhos)
+            right = sum(sign * m > 0 for m in means)
             out.append({
                 "scheme": scheme, "predictor": label, "key": key, "sign": sign,
-                "runs": len(rhos),
-                "median_rho": float(np.median([v for _, v in rhos])) if rhos else math.nan,
+                "runs": len(rhos), "median_rho": float(np.median([v for _, v in rhos])),
                 "configurations": len(means), "configurations_right": right,
                 "p": sign_test_p(right, len(means)),
                 "blocks": int(np.median([f.blocks for f in of])) if of else 0,

@@ -31,7 +31,8 @@ from outlierlab.experiments import significance
 
 SENSITIVITY_WINDOWS = 2
 """Evaluation windows the sensitivity search uses by default (``price --sensitivity-windows``,
-``quantize --predictors``): it runs about 40–80 evaluations."""
+whose parser spells the 2 itself so that the CLI starts without torch; ``quantize
+--predictors``): it runs about 40–80 evaluations."""
 
 PREDICTORS = (
     ("Kurt", "kurtosis", +1),
