@@ -5,7 +5,6 @@ differing (no "not tested: runs differ in X")."""
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from pathlib import Path
 
@@ -14,6 +13,7 @@ import pytest
 from outlierlab import config
 from outlierlab.experiments import claims as C
 from outlierlab.experiments.grid import load_grid
+from outlierlab.experiments.report import own_lr_runs
 from outlierlab.experiments.results import RunRecord
 
 
@@ -53,8 +53,6 @@ def _fields(claim: C.Claim) -> set[str]:
 def test_quick_pairs_differ_in_one_field_at_own_lrs():
     """quick runs each configuration at its own lr (quick-tuning's choice): its claims pair
     across lrs (own_lr_runs), two cells of 3 test seeds each, so they can hold."""
-    from outlierlab.experiments.report import own_lr_runs
-
     grid = load_grid("quick")
     assert grid.own_lr_from == "quick-tuning" and grid.seeds == "test"
     runs = records("quick")
@@ -104,8 +102,7 @@ def test_adamw_and_soap_share_their_hyperparameters(preset):
             continue
         adam = runs[(arch, "adamw", lr, eps)]
         if own:
-            adam, soap = (dataclasses.replace(r, config={**r.config, "optim": {
-                **r.config["optim"], "lr": "own"}}) for r in (adam, soap))
+            adam, soap = own_lr_runs([adam, soap])
         assert C.optimiser_keys(adam, soap) == [
             "optim.name", "optim.max_precond_dim", "optim.precondition_frequency"]
         assert C.config_diff(adam, soap, C.optimiser_keys(adam, soap)) == []
