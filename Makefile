@@ -6,7 +6,7 @@ STAMP := $(VENV)/.outlierlab-setup
 .PHONY: setup run test lint
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml scripts/setup.sh
+$(STAMP): pyproject.toml scripts/setup.sh scripts/constraints.txt
 	./scripts/setup.sh
 
 run: $(STAMP)

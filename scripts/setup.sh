@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Creates .venv with PyTorch and outlierlab (editable, with the hf, lightning, tensorboard, cluster and dev extras).
+# Creates .venv with PyTorch and outlierlab (editable, with the hf, lightning, tensorboard, cluster and dev extras;
+# scripts/constraints.txt pins transformers, whose releases add families the tests build).
 # CPU machines get the CPU build of torch 2.13.0; on a machine with an NVIDIA GPU pip's default
 # (CUDA) build is installed instead. Set TORCH_SPEC to choose another, e.g. TORCH_SPEC="torch==2.9.1".
 set -euo pipefail
@@ -15,6 +16,7 @@ if ! .venv/bin/python -c "import torch" 2>/dev/null; then
     echo "setup: installing $spec"
     .venv/bin/pip install --quiet --disable-pip-version-check "$spec"
 fi
-.venv/bin/pip install --quiet --disable-pip-version-check -e ".[hf,lightning,tensorboard,cluster,dev]"
+.venv/bin/pip install --quiet --disable-pip-version-check -c scripts/constraints.txt \
+    -e ".[hf,lightning,tensorboard,cluster,dev]"
 touch .venv/.outlierlab-setup
 echo "setup: ready (.venv/bin/outlierlab)"

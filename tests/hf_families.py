@@ -175,6 +175,24 @@ OVERRIDES: dict[str, dict] = {
     "lfm2": {"layer_types": ["conv", "full_attention"]},
     "lfm2_moe": {"layer_types": ["conv", "full_attention"], "num_dense_layers": 1},
     "lfm3": {"layer_types": ["conv", "full_attention"]},
+    # a sliding-window layer, then an indexed (sparse) one that selects its own key pool: by
+    # default every 5th layer is indexed, so 2 derived layers would both slide; its indexer scores
+    # with at most the query heads of key head 0 (4 / 2), and its pool and window sizes are scaled
+    # to short sequences; the first layer keeps its dense MLP, the second is MoE
+    "kolibri1_1": {
+        "layer_types": ["sliding_attention", "indexed_attention"],
+        "index_layers": [1],
+        "kv_source_layers": [0, 1],
+        "mlp_only_layers": [0],
+        "mlp_only_intermediate_size": MLP,
+        "sliding_window": 8,
+        "index_num_heads": HEADS // KV_HEADS,
+        "index_topk": 4,
+        "index_pool_size": 16,
+        "index_compression": 4,
+        "index_num_local_tokens": 4,
+        "index_num_sink_tokens": 2,
+    },
     # MLA, and the rotary embedding is head_dim wide: the rope part of the head; the router also
     # scores zero_expert_num identity ("zero-compute") experts, 256 by default
     "longcat_flash": {**MLA, "head_dim": 8, "zero_expert_num": 2},

@@ -96,3 +96,43 @@ def test_router_linears_stay_in_full_precision():
     assert router_names(m) == {"layers.0.gate"}
     assert linear_names(m) == ["layers.0.up_proj", "layers.0.gate_proj"]
     assert not any(isinstance(x, QuantExperts) for x in wrap(m, scheme("w8a8-tensor")).modules())
+
+
+class Fp32Linear(nn.Linear):
+    """A linear with a forward of its own (as Ergo's router and head: fp32 logits)."""
+
+    def forward(self, x):
+        return nn.functional.linear(x.float(), self.weight.float())
+
+
+def test_custom_linear_router_and_head_stay_in_full_precision():
+    """A router held as ``gate.linear`` and a head, both custom-forward linears: neither is
+    wrapped; another custom linear is, and model code still reads its ``in_features``."""
+
+    class Router(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.linear = Fp32Linear(8, 4, bias=False)  # 4 experts
+
+        def forward(self, x):
+            return self.linear(x.reshape(-1, self.linear.in_features))
+
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.config = transformers.PretrainedConfig(num_experts=4)
+            self.gate = Router()
+            self.proj = Fp32Linear(8, 8, bias=False)
+            self.lm_head = Fp32Linear(8, 16, bias=False)
+
+        def forward(self, x):
+            h = self.proj(x)
+            return self.gate(h).sum() + self.lm_head(h).sum() + self.proj.in_features
+
+    m = Model()
+    assert router_names(m) == {"gate.linear"}
+    q = wrap(m, scheme("w8a8-tensor"))
+    assert list(quant_experts(q)) == ["proj"]
+    assert isinstance(q.gate.linear, Fp32Linear) and isinstance(q.lm_head, Fp32Linear)
+    assert q.proj.in_features == 8
+    assert torch.isfinite(q(torch.randn(3, 8)))

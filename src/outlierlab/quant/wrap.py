@@ -424,29 +424,47 @@ class QuantExperts(nn.Module):
             p.data.copy_(wq.reshape(p.shape).to(p.dtype))
         self.weight_signal, self.weight_noise, self.quantized = signal, noise, True
 
+    def __getattr__(self, name: str) -> Any:
+        """The wrapped layer's attributes (``in_features``, ``num_experts``, ...), which model
+        code reads through the wrapper, as Ergo's router reads ``self.linear.in_features``."""
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            inner = self.__dict__.get("_modules", {}).get("experts")
+            if inner is None:
+                raise
+            return getattr(inner, name)
+
     def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
         return self.experts(self.act(hidden_states), *args, **kwargs)
 
 
+def _any_linear(module: nn.Module) -> bool:
+    """A linear of either kind: :func:`is_linear` or :func:`is_custom_linear`."""
+    return is_linear(module) or is_custom_linear(module)
+
+
 def router_names(model: nn.Module) -> set[str]:
     """Linears that route tokens to experts (out features = the number of experts, named
-    ``gate``/``router``): serving engines keep them in 16-bit, and so do we."""
+    ``gate``/``router``, or held by a module so named, as Ergo's ``gate.linear``): serving
+    engines keep them in 16-bit, and so do we."""
     cfg = text_config(getattr(model, "config", None))
     counts = {getattr(cfg, k, None) for k in ("num_experts", "num_local_experts",
                                               "n_routed_experts", "moe_num_experts")}  # fmt: skip
     counts = {c for c in counts if isinstance(c, int) and c > 1}
     out = set()
     for name, m in model.named_modules():
-        last = name.rsplit(".", 1)[-1]
-        if is_linear(m) and ("gate" in last or "router" in last) and (
+        last = ".".join(name.split(".")[-2:]) if name.endswith(".linear") else name.split(".")[-1]
+        if _any_linear(m) and ("gate" in last or "router" in last) and (
                 m.weight.shape[0] in counts or "router" in last):  # fmt: skip
             out.add(name)
     return out
 
 
 def head_names(model: nn.Module) -> set[str]:
-    """Names of the module(s) producing logits: HF ``get_output_embeddings()``, a linear whose
-    weight is tied to an embedding, or a linear named ``lm_head``/``head``/``unembed``."""
+    """Names of the module(s) producing logits: HF ``get_output_embeddings()``, a linear (of
+    either kind) whose weight is tied to an embedding, or one named ``lm_head``, ``head`` or
+    ``unembed``."""
     out_emb = None
     getter = getattr(model, "get_output_embeddings", None)
     if callable(getter):
@@ -457,7 +475,7 @@ def head_names(model: nn.Module) -> set[str]:
     emb_ptrs = {m.weight.data_ptr() for m in model.modules() if isinstance(m, nn.Embedding)}
     heads = set()
     for name, m in model.named_modules():
-        if not is_linear(m):
+        if not _any_linear(m):
             continue
         if m is out_emb or name.rsplit(".", 1)[-1] in HEAD_NAMES or m.weight.data_ptr() in emb_ptrs:
             heads.add(name)
