@@ -196,6 +196,17 @@ def test_tuning_sweep_chooses_lrs_and_the_claims_run_at_them(tmp_path, capsys):
             "optim.weight_decay)") in with_tuning
     # a test sweep never chooses: no tuning.md
     assert not (tmp_path / "rr" / "tuning.md").exists()
+    # no lr within the tolerance: the claims at a shared lr run at the nearest one, said so
+    t.update(shared_lr=None, shared_why="none: (made up)", nearest_lr=1e-3, nearest_gap=0.05,
+             nearest_worst="op adamw")
+    (tmp_path / "strict.json").write_text(json.dumps(t))
+    assert main(["report", str(test), "--out", str(tmp_path / "rn"), "--tuning",
+                 str(tmp_path / "strict.json")]) == 0
+    sets_n = json.loads((tmp_path / "rn" / "results.json").read_text())["claim_sets"]
+    assert next(iter(sets_n)) == ("Claims at the nearest shared lr 0.001 (no lr has every "
+                                  "configuration within 2% of its best; worst gap here +5.0%, "
+                                  "op adamw)")
+    assert next(iter(sets_n.values())) == shared
 
 
 def test_own_lr_runs_pair_configurations_across_lrs(tmp_path, capsys):

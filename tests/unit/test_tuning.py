@@ -35,9 +35,12 @@ def test_own_and_shared_lr_by_the_rule(tmp_path):
     # at 1e-2 Pre-LN AdamW is 8 % above its best; at 3e-3 OP is +5.2 %; at 1e-3 OP +7.8 %:
     assert t.shared_lr is None and "none" in t.shared_why and "lr 0.003: +5.2% (op adamw)" \
         in t.shared_why
-    # with a 6 % tolerance 3e-3 is the largest lr within it for all three
+    # the nearest shared lr: worst gaps 1e-3 +7.8 %, 3e-3 +5.2 % (op adamw), 1e-2 +8.3 %
+    assert t.nearest_lr == 3e-3 and t.nearest_worst == "op adamw"
+    assert t.nearest_gap == pytest.approx(2.425 / 2.305 - 1)  # seed means: +0.005
+    # with a 6 % tolerance 3e-3 is the largest lr within it for all three, and the nearest
     t6 = T.choose_lrs(_sweep(tmp_path / "b"), tolerance=0.06)
-    assert t6.shared_lr == 3e-3
+    assert t6.shared_lr == t6.nearest_lr == 3e-3
     assert "op adamw: own lr 0.01 is the largest lr tried; its best may lie beyond the grid" \
         in t.notes and "pre-ln soap: own lr 0.001 is the smallest lr tried" in " ".join(t.notes)
     pre = next(c for c in t.configurations if c.label == "pre-ln adamw").at(3e-3)
@@ -70,6 +73,12 @@ def test_tuning_files_round_trip_and_match_test_runs(tmp_path):
     assert "**Shared lr: 0.003**" in text and "| pre-ln adamw |" in text and "(+8.3%)" in text
     back = T.Tuning.load(js)
     assert back.shared_lr == 3e-3 and json.loads(js.read_text())["rule"].startswith("own lr")
+    assert back.nearest_lr == 3e-3 and back.nearest_gap == pytest.approx(t.nearest_gap)
+    assert "Nearest shared lr" not in text  # only said when there is no shared lr
+    strict = T.choose_lrs(_sweep(tmp_path / "c"))
+    assert "**Shared lr: none**" in T.markdown(strict) and \
+        "**Nearest shared lr: 0.003** — the common lr of smallest worst gap to a configuration's "\
+        "best loss (+5.2%, op adamw)" in T.markdown(strict)
     test_run = load_run(write_run(tmp_path / "test-op", arch="op", lr=5e-3, seed=0))
     assert back.own_lr(test_run) == 1e-2
     other = load_run(write_run(tmp_path / "test-wd", arch="op", seed=0,

@@ -6,7 +6,11 @@ chosen"), by the rule fixed before the sweep ran:
   an infinite loss, so an lr where some seed diverged is never chosen);
 - the **shared lr** is the largest lr, among those every configuration ran, at which every
   configuration's seed-mean loss is within :data:`TOLERANCE` (2 %) of its own best; there may
-  be none, and the result says so.
+  be none, and the result says so;
+- the **nearest shared lr** (added 2026-12-04, when healthy-lr's tuning seeds had none within
+  2 %; still tuning seeds only) is the common lr whose worst configuration gap is smallest
+  (ties: the larger lr). It equals the shared lr when there is one; the claims "at a shared lr"
+  use it when there is none, and say so with its worst gap.
 
 Only tuning seeds (≥ :data:`~outlierlab.experiments.grid.TUNING_MIN`) may choose:
 :func:`choose_lrs` refuses runs of the test seeds (:class:`TuningError`), so the seeds that give
@@ -85,6 +89,12 @@ class Tuning:
     seeds: list[Any]
     notes: list[str] = field(default_factory=list)
     """What makes the choice provisional (unfinished runs, missing seeds), empty when none."""
+    nearest_lr: float | None = None
+    """The common lr of smallest worst-case gap to each configuration's best (module docstring)."""
+    nearest_gap: float = math.nan
+    """That worst-case relative loss gap at :attr:`nearest_lr`."""
+    nearest_worst: str = ""
+    """The configuration with that gap."""
 
     def own_lr(self, run: RunRecord) -> float | None:
         """The own lr of ``run``'s configuration (everything but lr and seed equal), or None
@@ -108,7 +118,9 @@ class Tuning:
         confs = [Configuration(c["label"], c["key"], [LrPoint(**p) for p in c["points"]],
                                c["own_lr"], c["best_loss"]) for c in d["configurations"]]
         return cls(d["tolerance"], confs, d["shared_lr"], d["shared_why"], d["seeds"],
-                   d.get("notes", []))
+                   d.get("notes", []), d.get("nearest_lr"),
+                   math.nan if d.get("nearest_gap") is None else float(d["nearest_gap"]),
+                   d.get("nearest_worst", ""))
 
     @classmethod
     def load(cls, path: str | Path) -> Tuning:
@@ -208,7 +220,8 @@ def choose_lrs(runs: Sequence[RunRecord], tolerance: float = TOLERANCE) -> Tunin
                          "lie beyond the grid")
     confs.sort(key=lambda c: c.label)
     shared, why = _shared(confs, tolerance)
-    return Tuning(tolerance, confs, shared, why, all_seeds, notes)
+    nearest = _nearest(confs)
+    return Tuning(tolerance, confs, shared, why, all_seeds, notes, *nearest)
 
 
 def _shared(confs: Sequence[Configuration], tol: float) -> tuple[float | None, str]:
@@ -224,6 +237,18 @@ def _shared(confs: Sequence[Configuration], tol: float) -> tuple[float | None, s
     return None, (f"none: at no common lr is every configuration within {tol:.0%} of its own "
                   f"best loss (worst gap per lr: {gaps})" if common else
                   "none: the configurations share no lr")
+
+
+def _nearest(confs: Sequence[Configuration]) -> tuple[float | None, float, str]:
+    """The common lr whose largest gap to a configuration's best loss is smallest (ties: the
+    larger lr), that gap and the configuration with it; (None, nan, "") without a common lr or
+    a finite best."""
+    common = set.intersection(*({p.lr for p in c.points} for c in confs)) if confs else set()
+    if not common or not all(math.isfinite(c.best_loss) for c in confs):
+        return None, math.nan, ""
+    worst = {lr: max((c.at(lr).loss / c.best_loss - 1, c.label) for c in confs) for lr in common}
+    lr = min(worst, key=lambda x: (worst[x][0], -x))
+    return lr, float(worst[lr][0]), worst[lr][1]
 
 
 def markdown(t: Tuning) -> str:
@@ -252,6 +277,10 @@ def markdown(t: Tuning) -> str:
     lines = ["# lr tuning", "", f"Rule (fixed before the sweep ran): {RULE.format(tol=t.tolerance)}"
              f". Seeds {', '.join(map(str, t.seeds))} (tuning seeds ≥ {TUNING_MIN} only).", "",
              f"**Shared lr: {shared}** — {t.shared_why}.", "",
+             *([f"**Nearest shared lr: {t.nearest_lr:g}** — the common lr of smallest worst "
+                f"gap to a configuration's best loss ({t.nearest_gap:+.1%}, {t.nearest_worst}); "
+                "the claims at a shared lr use it.", ""]
+               if t.shared_lr is None and t.nearest_lr is not None else []),
              "**Own lr per configuration:** " + "; ".join(
                  f"{c.label}: {'–' if c.own_lr is None else format(c.own_lr, 'g')}"
                  for c in t.configurations) + ".", ""]
