@@ -76,8 +76,14 @@ def init(device: str = "auto") -> Dist:
     return Dist(rank, world, local, dev)
 
 
-def close(dist: Dist) -> None:
+def close(dist: Dist, orderly: bool = True) -> None:
+    """Leave the process group. ``orderly`` (a run that ended well on every rank): wait for
+    every rank first, so no rank tears its connections down while a peer still holds them (a
+    gloo peer seeing its connection close can abort, SIGABRT); after an error the ranks may not
+    all get here, so no barrier."""
     if dist.enabled and tdist.is_initialized():
+        if orderly:
+            tdist.barrier()
         tdist.destroy_process_group()
 
 

@@ -595,7 +595,7 @@ class Trainer:
             finally:
                 if self._lock is not None:
                     self._lock.release()
-                distributed.close(self.dist)
+                distributed.close(self.dist, orderly=exc is None)
                 torch.set_num_threads(self._threads)
         if self.show and self.status == "finished" and exc is None and not self.done:
             print(f"{self.status}: {self.message}", flush=True)
