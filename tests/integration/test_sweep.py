@@ -121,6 +121,23 @@ def test_second_sweep_trains_nothing_then_resumes_an_interrupted_run(sweep, caps
     assert (out / "op" / "measure.json").stat().st_mtime_ns > measure_before
 
 
+@pytest.mark.slow
+def test_a_folder_holding_runs_of_other_settings_is_refused(sweep, tmp_path, capsys):
+    """The grid changed (6 → 8 steps) but the run folders are named alike: the sweep refuses to
+    take the old runs for the new points, exit 2, one line, nothing touched."""
+    out = sweep["out"]
+    changed = tmp_path / "micro.toml"
+    changed.write_text(sweep["grid"].read_text().replace('"train.steps" = 6',
+                                                         '"train.steps" = 8'))
+    before = (out / "op" / "status.json").stat().st_mtime_ns
+    assert main(["sweep", str(changed), "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1
+    assert f"{out / 'pre-ln'} holds a run of other settings than the grid's point pre-ln: " \
+        "train.steps: 6 ≠ 8 (and 2 more run(s)); allowed: an output folder" in err
+    assert (out / "op" / "status.json").stat().st_mtime_ns == before
+
+
 class _Text(HTMLParser):
     def __init__(self):
         super().__init__()

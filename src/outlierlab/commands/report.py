@@ -23,8 +23,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                    help="for runs without a held-out Kurt trajectory: relative val-loss gap "
                    "still counted as 'matched loss' (default 0.05)")
     p.add_argument("--tuning", metavar="TUNING_JSON", default=None,
-                   help="a tuning sweep's REPORT/tuning.json: also test the claims at its "
-                   "shared lr and at each configuration's own lr")
+                   help="a tuning sweep's REPORT/tuning.json, or a shipped lr choice "
+                   "(healthy-lr): also test the claims at its shared lr and at each "
+                   "configuration's own lr")
     p.add_argument("--own-lr-from", metavar="TUNING_SWEEP", default=None,
                    help="the runs are at the lrs this tuning sweep chose, one per "
                    "configuration (a grid's own_lr_from, e.g. quick-tuning): pair "

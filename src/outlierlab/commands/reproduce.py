@@ -30,6 +30,7 @@ def run(args: argparse.Namespace) -> int:
     from outlierlab.experiments.grid import load_grid
     from outlierlab.experiments.report import write_report
     from outlierlab.experiments.sweep import run_sweep
+    from outlierlab.experiments.tuning import Tuning
     from outlierlab.run_folder import RunFolder
 
     grid = load_grid(args.preset)
@@ -52,7 +53,8 @@ def run(args: argparse.Namespace) -> int:
         print("no run produced results; nothing to report")
         return 1
     cmd = f"outlierlab reproduce --preset {args.preset} --out {out}"
+    tuning = Tuning.load(grid.tuning) if grid.tuning else None  # a shipped lr choice
     rep = write_report(runs, out / "report", title=f"outlierlab reproduce: {grid.name}",
-                       command=cmd, own_lr_from=grid.own_lr_from)
+                       command=cmd, own_lr_from=grid.own_lr_from, tuning=tuning)
     print_claims(rep)
     return rc

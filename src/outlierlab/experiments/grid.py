@@ -9,6 +9,9 @@ seeds = "test"                   # optional pre-registration: "test" (seeds 0-2 
                                  # "tuning" (seeds >= 100 only), checked on every point
 own_lr_from = "quick-tuning"     # optional: each configuration runs at its own lr, chosen by
                                  # that tuning sweep; the claims pair across lrs
+tuning = "healthy-lr"            # optional (not beside own_lr_from): the shipped lr choice
+                                 # (presets/tuning/<name>.json) the report also tests the claims
+                                 # at: at its shared lr and at each configuration's own lr
 [base]                           # overrides every run gets
 "train.steps" = 400
 [grid]                           # cartesian product; a list holds the alternatives
@@ -75,7 +78,7 @@ else:  # pragma: no cover
 
 DEFAULT_SCHEMES: tuple[str, ...] = ("w8a8-tensor", "w8a8-dynamic")
 TOP_KEYS = {"name", "description", "preset", "workers", "threads", "seeds", "base", "grid",
-            "include", "exclude", "quant", "measure", "part_of", "own_lr_from"}
+            "include", "exclude", "quant", "measure", "part_of", "own_lr_from", "tuning"}
 PARTS_KEYS = {"name", "description", "workers", "threads", "parts"}
 """The keys of a grid made of parts (``parts = [...]``): the rest comes from the parts."""
 TEST_SEEDS = (0, 1, 2)
@@ -136,6 +139,10 @@ class Grid:
     """The tuning sweep that chose each configuration's own lr (``own_lr_from = "..."``): the
     points run at those lrs, and the report's claims pair configurations across lrs (the lr
     taken out of the pairing, as for a tuning's own-lr claims); None: claims pair equal lrs."""
+    tuning: str | None = None
+    """A shipped lr choice (``tuning = "..."``, ``presets/tuning/<name>.json``, a tuning sweep's
+    frozen ``tuning.json``): the report also tests the claims at its shared lr and at each
+    configuration's own lr (:func:`~outlierlab.experiments.report.lr_claim_sets`)."""
 
     @property
     def folder(self) -> str:
@@ -155,7 +162,7 @@ class Grid:
                 "base": self.base, "source": self.source, "seeds": self.seeds,
                 "measure_args": None if self.measure_args is None else list(self.measure_args),
                 "parts": list(self.parts), "part_of": self.part_of,
-                "own_lr_from": self.own_lr_from,
+                "own_lr_from": self.own_lr_from, "tuning": self.tuning,
                 "points": [{"name": p.name, "overrides": p.overrides} for p in self.points]}
 
 
@@ -320,6 +327,15 @@ def parse_grid(data: dict[str, Any], *, default_name: str = "sweep", source: str
     if own_lr_from is not None and (not isinstance(own_lr_from, str) or not own_lr_from):
         raise ConfigError(f"{source or 'grid'}: own_lr_from = {own_lr_from!r}; allowed: the name "
                           "of the tuning sweep that chose the lrs")
+    tuning = data.get("tuning")
+    if tuning is not None:
+        if not isinstance(tuning, str) or tuning not in shipped_tunings():
+            raise ConfigError(f"{source or 'grid'}: tuning = {tuning!r}; allowed: a shipped lr "
+                              f"choice ({', '.join(shipped_tunings()) or 'none shipped'})")
+        if own_lr_from is not None:
+            raise ConfigError(f"{source or 'grid'}: tuning and own_lr_from together; allowed: "
+                              "one (own_lr_from pairs every claim across lrs; tuning tests them "
+                              "at its shared lr and at each configuration's own lr)")
     seeds = data.get("seeds")
     if seeds is not None and seeds not in SEED_ROLES:
         raise ConfigError(f"{source or 'grid'}: seeds = {seeds!r}; allowed: \"test\" (seeds "
@@ -330,7 +346,7 @@ def parse_grid(data: dict[str, Any], *, default_name: str = "sweep", source: str
                 workers=data.get("workers"), threads=data.get("threads"),
                 description=str(data.get("description", "")),
                 base=base, source=source, seeds=seeds, measure_args=measure_args,
-                part_of=part_of, own_lr_from=own_lr_from)
+                part_of=part_of, own_lr_from=own_lr_from, tuning=tuning)
 
 
 def _measure_args(table: Any) -> tuple[str, ...] | None:
@@ -402,6 +418,23 @@ def check_quant_args(grid: Grid) -> None:
             raise ConfigError(f"{where} with scheme {s}: {exc}") from None
 
 
+def shipped_tunings() -> list[str]:
+    """Names of the shipped lr choices (``presets/tuning/<name>.json``)."""
+    folder = resources.files("outlierlab").joinpath("presets/tuning")
+    if not folder.is_dir():
+        return []
+    return sorted(f.name.removesuffix(".json") for f in folder.iterdir()
+                  if f.name.endswith(".json"))
+
+
+def tuning_text(name: str) -> str:
+    """The text of the shipped lr choice ``name`` (``presets/tuning/<name>.json``)."""
+    if name not in shipped_tunings():
+        raise ConfigError(f"unknown lr choice {name!r}; allowed: "
+                          f"{', '.join(shipped_tunings()) or 'none shipped'}")
+    return resources.files("outlierlab").joinpath(f"presets/tuning/{name}.json").read_text()
+
+
 def load_grid(spec: str | Path) -> Grid:
     """Load a grid from a ``.toml`` path or a preset name (``quick``, ``cpu``, ``gpu-130m``) and
     check every point (:func:`check_grid`). A grid made of parts (``parts = [...]``) is their
@@ -461,7 +494,7 @@ def union(data: dict[str, Any], *, default_name: str, source: str,
         for attr, label in (("preset", "preset"), ("base", "[base]"),
                             ("schemes", "quant.schemes"), ("quant_args", "quant.args"),
                             ("measure_args", "[measure]"), ("seeds", "seeds"),
-                            ("own_lr_from", "own_lr_from")):
+                            ("own_lr_from", "own_lr_from"), ("tuning", "tuning")):
             if getattr(part, attr) != getattr(first, attr):
                 raise ConfigError(f"{where}: parts {first.source} and {part.source} differ in "
                                   f"{label}; allowed: the same in every part")
@@ -491,4 +524,4 @@ def union(data: dict[str, Any], *, default_name: str, source: str,
                 threads=data.get("threads", first.threads),
                 description=str(data.get("description", "")), base=first.base, source=source,
                 seeds=first.seeds, measure_args=first.measure_args, parts=tuple(refs),
-                own_lr_from=first.own_lr_from)
+                own_lr_from=first.own_lr_from, tuning=first.tuning)

@@ -46,6 +46,47 @@ def run_state(run_dir: Path) -> str:
     return "resume"
 
 
+RESOLVED_AT_RUN = frozenset({"out", "model.vocab_size"})
+"""Config fields a run fills in itself (its folder; the tokenizer's vocabulary size): not part
+of a point's identity (:func:`settings_mismatch`)."""
+
+
+def settings_mismatch(grid: Grid, point: GridPoint, run_dir: Path) -> list[str]:
+    """How the run already in ``run_dir`` differs from ``point`` (``field: stored ≠ wanted``),
+    [] when it is the same run or the folder holds none. The point is resolved as ``outlierlab
+    train`` would; a field the stored config lacks (written before the field existed) is not
+    counted."""
+    import json
+
+    from outlierlab import config
+    from outlierlab.fields import flatten
+
+    run = RunFolder(run_dir)
+    if not run.is_run or not run.config_file.is_file():
+        return []
+    try:
+        have = flatten(json.loads(run.config_file.read_text()))
+    except (OSError, ValueError) as exc:
+        return [f"config.json unreadable ({exc})"]
+    want = flatten(config.load(grid.preset, None, point.args()).to_dict())
+    return [f"{k}: {have[k]!r} ≠ {want[k]!r}" for k in sorted(want)
+            if k in have and k not in RESOLVED_AT_RUN and have[k] != want[k]]
+
+
+def check_folders(grid: Grid, out: Path) -> None:
+    """:class:`ConfigError` when a run folder a point would reuse holds a run of other settings
+    (an older version of the grid, another grid's run of the same name): the sweep would skip
+    or resume it as if it were that point."""
+    bad = [(p.name, diff) for p in grid.points
+           if (diff := settings_mismatch(grid, p, out / p.name))]
+    if bad:
+        name, diff = bad[0]
+        more = f" (and {len(bad) - 1} more run(s))" if len(bad) > 1 else ""
+        raise ConfigError(f"{out / name} holds a run of other settings than the grid's point "
+                          f"{name}: {'; '.join(diff[:3])}{more}; allowed: an output folder "
+                          "without such runs (choose another --out, or move them away)")
+
+
 def train_command(grid: Grid, point: GridPoint, run_dir: Path, python: str,
                   resume: bool = False) -> list[str]:
     """The exact ``outlierlab train`` command of one point; a resumed run takes its config
@@ -293,6 +334,7 @@ def run_sweep(grid: Grid, out: str | Path, *, workers: int = 1, threads: int | N
                           "--launcher local; allowed: only with --launcher submitit")
     check_grid(grid)
     out = Path(out)
+    check_folders(grid, out)
     executor = (launch.submitit_executor(out, params, name=f"outlierlab-{grid.name}")
                 if launcher == "submitit" else None)
     out.mkdir(parents=True, exist_ok=True)

@@ -33,7 +33,7 @@ import numpy as np
 
 from outlierlab import safe_io
 from outlierlab.errors import DataError
-from outlierlab.experiments.grid import TUNING_MIN
+from outlierlab.experiments.grid import TUNING_MIN, shipped_tunings, tuning_text
 from outlierlab.experiments.results import RunRecord
 from outlierlab.experiments.tables import md_table
 from outlierlab.jsonable import to_number_or_str
@@ -124,12 +124,19 @@ class Tuning:
 
     @classmethod
     def load(cls, path: str | Path) -> Tuning:
-        """Read ``tuning.json`` (→ :class:`TuningError` when it is not one)."""
+        """Read a ``tuning.json``, or a shipped lr choice by name (``healthy-lr``:
+        ``presets/tuning/<name>.json``) (→ :class:`TuningError` when it is neither)."""
+        shipped = shipped_tunings()
         try:
-            return cls.from_dict(json.loads(Path(path).read_text()))
+            if not Path(path).exists() and str(path) in shipped:
+                text = tuning_text(str(path))
+            else:
+                text = Path(path).read_text()
+            return cls.from_dict(json.loads(text))
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise TuningError(f"{path}: not a tuning.json written by outlierlab report "
-                              f"({exc}); allowed: REPORT/tuning.json of a tuning sweep") from exc
+                              f"({exc}); allowed: REPORT/tuning.json of a tuning sweep, or "
+                              f"{', '.join(shipped) or 'a shipped lr choice'}") from exc
 
 
 RULE = ("own lr: lowest seed-mean final validation loss; shared lr: the largest lr at which "
