@@ -10,6 +10,7 @@ from outlierlab.experiments.grid import (
     check_grid,
     load_grid,
     parse_grid,
+    shipped_tunings,
     short_number,
     sweep_presets,
 )
@@ -108,6 +109,9 @@ def test_short_number(v, s):
     'seeds = "all"',
     'own_lr_from = 3',
     'own_lr_from = ""',
+    'tuning = "no-such-choice"',
+    'tuning = 3',
+    'tuning = "healthy-lr"\nown_lr_from = "healthy-lr"',
     '[measure]\nmax_tokens = 8',
     '[measure]\nargs = "--max-tokens 8"',
     '[grid]\nmodel = ["op"]\n[[exclude]]\nmodel = "op"',
@@ -216,3 +220,14 @@ def test_measure_args_are_checked_as_measure_options(tmp_path):
     g.write_text('preset = "tiny"\n[grid]\nmodel = ["op"]\n[measure]\nargs = ["--max-tokenz", "8"]')
     with pytest.raises(ConfigError, match=r"measure\.args"):
         check_grid(load_grid(g))
+
+
+def test_a_grid_names_a_shipped_lr_choice():
+    """``tuning = "healthy-lr"`` names presets/tuning/healthy-lr.json (the lr choice, frozen);
+    an unknown name lists the shipped ones."""
+    assert "healthy-lr" in shipped_tunings()
+    g = grid('tuning = "healthy-lr"\n[grid]\nmodel = ["op"]')
+    assert g.tuning == "healthy-lr" and g.to_dict()["tuning"] == "healthy-lr"
+    with pytest.raises(ConfigError, match=r"tuning = 'nope'; allowed: a shipped lr choice "
+                                          r"\(.*healthy-lr"):
+        grid('tuning = "nope"\n[grid]\nmodel = ["op"]')
