@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Creates .venv with PyTorch and outlierlab (editable, with the hf, lightning, tensorboard, cluster and dev extras;
-# scripts/constraints.txt pins transformers, whose releases add families the tests build).
+# scripts/constraints.txt pins the packages whose releases change what the tests build, check or lint).
 # CPU machines get the CPU build of torch 2.13.0; on a machine with an NVIDIA GPU pip's default
 # (CUDA) build is installed instead. Set TORCH_SPEC to choose another, e.g. TORCH_SPEC="torch==2.9.1".
 set -euo pipefail
