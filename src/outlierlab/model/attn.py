@@ -57,11 +57,13 @@ def attention_probs(
     *,
     zeta: float = 1.0,
     gamma: float = -0.03,
+    n_bias: int = 0,
 ) -> torch.Tensor:
     """Attention weights (…, T_q, T_k) of ``kind`` (module docstring) from ``logits`` (already
-    scaled and soft-capped); ``mask`` (bool, True = visible; default causal) entries are exactly 0.
-    bf16/fp16 logits are computed in float32; float32 and float64 stay as they are."""
-    return _probs(logits, kind, mask, 0, zeta, gamma)
+    scaled and soft-capped); ``mask`` (bool, True = visible; default causal, after ``n_bias``
+    always-visible bias slots) entries are exactly 0. bf16/fp16 logits are computed in float32;
+    float32 and float64 stay as they are."""
+    return _probs(logits, kind, mask, n_bias, zeta, gamma)
 
 
 def _probs(logits: torch.Tensor, kind: str, mask: torch.Tensor | None, n_bias: int,

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from outlierlab import safe_io
 from outlierlab.errors import ConfigError, ModelLoadError
-from outlierlab.model.attn import attention, attention_probs, attention_weights, causal_mask
+from outlierlab.model.attn import attention, attention_probs, attention_weights
 from outlierlab.model.config import GPTConfig
 from outlierlab.run_folder import MODEL_CONFIG_FILE, MODEL_FILE
 
@@ -218,8 +218,7 @@ class CausalSelfAttention(nn.Module):
         att = s.scores((q @ kk.transpose(-2, -1)) / math.sqrt(self.d_head))
         if self.softcap is not None:
             att = self.softcap * torch.tanh(att / self.softcap)
-        mask = causal_mask(T, T, n, device=x.device)
-        p = s.probs(attention_probs(att, self.kind, mask, **self.clip)).to(v.dtype)
+        p = s.probs(attention_probs(att, self.kind, n_bias=n, **self.clip)).to(v.dtype)
         y = p[..., n:] @ v
         if n:
             y = y + p[..., :n] @ self.v_bias.to(v.dtype)
