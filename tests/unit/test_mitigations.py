@@ -61,6 +61,10 @@ def test_probabilities_match_each_papers_equation(kind):
     assert p.dtype == torch.float64
     np.testing.assert_allclose(p.numpy(), ref_probs(z, kind), rtol=1e-7, atol=1e-12)
     assert (p.triu(1) == 0).all()  # nothing leaks to future keys
+    # with bias slots (Sun et al.'s prepended key): the first columns visible to every query
+    zb = _rng(4).normal(size=(2, 3, 5, 7)) * 2.0
+    pb = attention_probs(torch.from_numpy(zb), kind, zeta=ZETA, gamma=GAMMA, n_bias=2)
+    np.testing.assert_allclose(pb.numpy(), ref_probs(zb, kind, n_bias=2), rtol=1e-7, atol=1e-12)
     # stable where the naive formula overflows (float32, logits in the thousands)
     big = attention_probs(torch.from_numpy(z).float() * 1000, kind, zeta=ZETA, gamma=GAMMA)
     assert torch.isfinite(big).all() and (big >= 0).all() and (big.sum(-1) <= 1 + 1e-5).all()
