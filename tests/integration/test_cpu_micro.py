@@ -26,14 +26,14 @@ def test_cpu_preset_one_seed_micro(tmp_path, cache_dir):
     corpus = make_corpus(tmp_path / "corpus", files=10)
     grid = load_grid("cpu")
     points = [p for p in grid.points if p.overrides.get("train.seed") == 0]
-    assert len(points) == 26
+    assert len(points) == 25
     for p in points:
         cfg = C.load(grid.preset, None, [*p.args(), *SMALL, f"data.source={corpus}",
                                          f"out={tmp_path / 'runs' / p.name}"])
         res = train(cfg, progress=False)
         assert res.status in ("finished", "diverged"), (p.name, res.message)
     runs, unreadable = load_runs([tmp_path / "runs"])
-    assert unreadable == [] and len(runs) == 26
+    assert unreadable == [] and len(runs) == 25
     for r in runs:
         if r.finished:
             assert r.held_out and 1.0 <= r.init_kurt_mean < 2.0 and r.kurt_steps[0] == 0

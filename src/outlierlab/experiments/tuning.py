@@ -7,7 +7,7 @@ chosen"), by the rule fixed before the sweep ran:
 - the **shared lr** is the largest lr, among those every configuration ran, at which every
   configuration's seed-mean loss is within :data:`TOLERANCE` (2 %) of its own best; there may
   be none, and the result says so;
-- the **nearest shared lr** (added 2026-12-04, when healthy-lr's tuning seeds had none within
+- the **nearest shared lr** (added 2026-12-03, when healthy-lr's tuning seeds had none within
   2 %; still tuning seeds only) is the common lr whose worst configuration gap is smallest
   (ties: the larger lr). It equals the shared lr when there is one; the claims "at a shared lr"
   use it when there is none, and say so with its worst gap.
