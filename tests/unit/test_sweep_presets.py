@@ -74,11 +74,12 @@ def test_quick_pairs_differ_in_one_field_at_own_lrs():
 
 
 def test_cpu_pairs_differ_in_one_field_and_can_hold():
-    """The whole cpu (its three parts): at equal lrs every claim finds cells differing in its
+    """The whole cpu (its four parts): at equal lrs every claim finds cells differing in its
     field alone, and with 3 seeds a claim of two cells or more can hold."""
     grid = load_grid("cpu")
-    assert grid.parts == ("cpu-own", "cpu-shared", "cpu-ablations") and grid.tuning == "healthy-lr"
-    assert [len(load_grid(p).points) for p in grid.parts] == [24, 21, 30]
+    assert grid.parts == ("cpu-own", "cpu-shared", "cpu-trends", "cpu-ablations")
+    assert grid.tuning == "healthy-lr"
+    assert [len(load_grid(p).points) for p in grid.parts] == [24, 18, 21, 12]
     runs = records("cpu")
     assert len(runs) == 75 and {r.seed for r in runs} == {0, 1, 2}
     assert {r.config["train"]["steps"] for r in runs} == {1000}
