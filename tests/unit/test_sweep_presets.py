@@ -79,7 +79,7 @@ def test_cpu_pairs_differ_in_one_field_and_can_hold():
     grid = load_grid("cpu")
     assert grid.parts == ("cpu-own", "cpu-shared", "cpu-trends", "cpu-ablations")
     assert grid.tuning == "healthy-lr"
-    assert [len(load_grid(p).points) for p in grid.parts] == [24, 18, 21, 12]
+    assert [len(load_grid(p).points) for p in grid.parts] == [18, 15, 21, 21]
     runs = records("cpu")
     assert len(runs) == 75 and {r.seed for r in runs} == {0, 1, 2}
     assert {r.config["train"]["steps"] for r in runs} == {1000}
