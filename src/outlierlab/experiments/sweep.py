@@ -14,6 +14,7 @@ shared between runs but the output folder, so ``--dry-run``'s commands can go to
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shlex
 import subprocess
@@ -23,9 +24,11 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from outlierlab import config
 from outlierlab.errors import ConfigError, RunFolderError
 from outlierlab.experiments import launch
 from outlierlab.experiments.grid import Grid, GridPoint, check_grid
+from outlierlab.fields import flatten
 from outlierlab.jsonable import write_json
 from outlierlab.run_folder import RunFolder, utc_now
 
@@ -56,11 +59,6 @@ def settings_mismatch(grid: Grid, point: GridPoint, run_dir: Path) -> list[str]:
     [] when it is the same run or the folder holds none. The point is resolved as ``outlierlab
     train`` would; a field the stored config lacks (written before the field existed) is not
     counted."""
-    import json
-
-    from outlierlab import config
-    from outlierlab.fields import flatten
-
     run = RunFolder(run_dir)
     if not run.is_run or not run.config_file.is_file():
         return []
