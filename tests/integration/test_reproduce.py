@@ -10,11 +10,17 @@ from pathlib import Path
 from outlierlab.cli import main
 from run_fixtures import write_run
 
+# [base] of the grids below: the settings write_run's synthetic runs record, so that they are
+# the grid's points (a sweep refuses a folder holding runs of other settings)
+FIXTURE_BASE = ('[base]\n"model.n_layer" = 4\n"model.d_model" = 64\n"model.n_head" = 4\n'
+                '"optim.lr" = 1e-2\n"optim.eps" = 1e-12\n"train.batch_size" = 16\n'
+                '"train.steps" = 100\n')
+
 
 def test_reproduce_reports_the_grid_without_retraining(tmp_path, capsys):
     grid = tmp_path / "g.toml"
-    grid.write_text('name = "mini"\npreset = "tiny"\n[grid]\nmodel = ["pre-ln", "op"]\n'
-                    '[quant]\nschemes = []\n')
+    grid.write_text('name = "mini"\npreset = "tiny"\n' + FIXTURE_BASE
+                    + '[grid]\nmodel = ["pre-ln", "op"]\n[quant]\nschemes = []\n')
     out = tmp_path / "out"
     write_run(out / "pre-ln", kurt=4.0, val_loss=1.70)
     write_run(out / "op", arch="op", kurt=1.6, val_loss=1.69)
@@ -46,7 +52,7 @@ def test_reproduce_unknown_preset_is_a_one_line_error(capsys):
 
 def _part(tmp_path, name, method):
     (tmp_path / f"{name}.toml").write_text(
-        f'name = "{name}"\npreset = "tiny"\npart_of = "whole"\n[base]\n"train.steps" = 2\n'
+        f'name = "{name}"\npreset = "tiny"\npart_of = "whole"\n{FIXTURE_BASE}'
         '[[include]]\nmodel = "pre-ln"\n"train.seed" = [0, 1]\n'
         f'[[include]]\n{method}\n"train.seed" = [0, 1]\n[quant]\nschemes = []\n')
 
