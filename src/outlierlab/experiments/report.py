@@ -187,17 +187,18 @@ def lr_claim_sets(runs: Sequence[RunRecord], tuning: Tuning,
                      + (", ..." if len(untuned) > 6 else "")
                      + f" ({untuned[0]} differs from the nearest tuned configuration in "
                      + ", ".join(tuning.differences(first)[:5]) + ")")
-    if tuning.shared_lr is not None:
-        at = [r for r in runs if math.isclose(r.lr, tuning.shared_lr, rel_tol=1e-9)]
-        sets[f"Claims at the shared lr {tuning.shared_lr:g}"] = evaluate_claims(at, loss_tol)
-    elif tuning.nearest_lr is not None:
+    shared = tuning.shared_lr
+    heading = f"Claims at the shared lr {shared:g}" if shared is not None else ""
+    if shared is None:
         notes.append(f"no shared lr: {tuning.shared_why}")
-        at = [r for r in runs if math.isclose(r.lr, tuning.nearest_lr, rel_tol=1e-9)]
-        sets[f"Claims at the nearest shared lr {tuning.nearest_lr:g} (no lr has every "
-             f"configuration within {tuning.tolerance:.0%} of its best; worst gap here "
-             f"{tuning.nearest_gap:+.1%}, {tuning.nearest_worst})"] = evaluate_claims(at, loss_tol)
-    else:
-        notes.append(f"no shared lr: {tuning.shared_why}")
+        shared = tuning.nearest_lr
+        if shared is not None:
+            heading = (f"Claims at the nearest shared lr {shared:g} (no lr has every "
+                       f"configuration within {tuning.tolerance:.0%} of its best; worst gap "
+                       f"here {tuning.nearest_gap:+.1%}, {tuning.nearest_worst})")
+    if shared is not None:
+        at = [r for r in runs if math.isclose(r.lr, shared, rel_tol=1e-9)]
+        sets[heading] = evaluate_claims(at, loss_tol)
     own = own_lr_runs([r for r in runs if (lr := tuning.own_lr(r)) is not None
                        and math.isclose(r.lr, lr, rel_tol=1e-9)])
     lrs = "; ".join(f"{c.label} {c.own_lr:g}" for c in tuning.configurations

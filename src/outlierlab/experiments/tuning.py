@@ -9,8 +9,9 @@ chosen"), by the rule fixed before the sweep ran:
   be none, and the result says so;
 - the **nearest shared lr** (added 2026-12-03, when healthy-lr's tuning seeds had none within
   2 %; still tuning seeds only) is the common lr whose worst configuration gap is smallest
-  (ties: the larger lr). It equals the shared lr when there is one; the claims "at a shared lr"
-  use it when there is none, and say so with its worst gap.
+  (ties: the larger lr). It may differ from the shared lr (a smaller lr can have the smaller
+  worst gap); the claims "at a shared lr" use it only when there is no shared lr, and say so
+  with its worst gap.
 
 Only tuning seeds (≥ :data:`~outlierlab.experiments.grid.TUNING_MIN`) may choose:
 :func:`choose_lrs` refuses runs of the test seeds (:class:`TuningError`), so the seeds that give
@@ -226,34 +227,40 @@ def choose_lrs(runs: Sequence[RunRecord], tolerance: float = TOLERANCE) -> Tunin
             notes.append(f"{label}: own lr {best.lr:g} is the {edge} lr tried; its best may "
                          "lie beyond the grid")
     confs.sort(key=lambda c: c.label)
-    shared, why = _shared(confs, tolerance)
-    nearest = _nearest(confs)
-    return Tuning(tolerance, confs, shared, why, all_seeds, notes, *nearest)
+    worst = _worst_gaps(confs)
+    shared, why = _shared(confs, tolerance, worst)
+    return Tuning(tolerance, confs, shared, why, all_seeds, notes, *_nearest(confs, worst))
 
 
-def _shared(confs: Sequence[Configuration], tol: float) -> tuple[float | None, str]:
-    common = sorted(set.intersection(*({p.lr for p in c.points} for c in confs)), reverse=True)
-    for lr in common:
+def _worst_gaps(confs: Sequence[Configuration]) -> dict[float, tuple[float, str]]:
+    """Per lr every configuration ran (largest first): the largest relative gap of a
+    configuration's seed-mean loss to its own best there, and that configuration's label."""
+    common = sorted(set.intersection(*({p.lr for p in c.points} for c in confs)),
+                    reverse=True) if confs else []
+    return {lr: max((c.at(lr).loss / c.best_loss - 1, c.label) for c in confs) for lr in common}
+
+
+def _shared(confs: Sequence[Configuration], tol: float,
+            worst: dict[float, tuple[float, str]]) -> tuple[float | None, str]:
+    """The shared lr (module docstring) and why; ``worst``: :func:`_worst_gaps`."""
+    for lr in worst:
         if all(math.isfinite(c.best_loss) and c.at(lr).loss <= c.best_loss * (1 + tol)
                for c in confs):
-            return lr, (f"the largest of {len(common)} common lr(s) at which every "
+            return lr, (f"the largest of {len(worst)} common lr(s) at which every "
                         f"configuration is within {tol:.0%} of its own best loss")
-    worst = {lr: max((c.at(lr).loss / c.best_loss - 1, c.label) for c in confs)
-             for lr in common}
     gaps = "; ".join(f"lr {lr:g}: {g:+.1%} ({lab})" for lr, (g, lab) in worst.items())
     return None, (f"none: at no common lr is every configuration within {tol:.0%} of its own "
-                  f"best loss (worst gap per lr: {gaps})" if common else
+                  f"best loss (worst gap per lr: {gaps})" if worst else
                   "none: the configurations share no lr")
 
 
-def _nearest(confs: Sequence[Configuration]) -> tuple[float | None, float, str]:
+def _nearest(confs: Sequence[Configuration],
+             worst: dict[float, tuple[float, str]]) -> tuple[float | None, float, str]:
     """The common lr whose largest gap to a configuration's best loss is smallest (ties: the
     larger lr), that gap and the configuration with it; (None, nan, "") without a common lr or
-    a finite best."""
-    common = set.intersection(*({p.lr for p in c.points} for c in confs)) if confs else set()
-    if not common or not all(math.isfinite(c.best_loss) for c in confs):
+    a finite best. ``worst``: :func:`_worst_gaps`."""
+    if not worst or not all(math.isfinite(c.best_loss) for c in confs):
         return None, math.nan, ""
-    worst = {lr: max((c.at(lr).loss / c.best_loss - 1, c.label) for c in confs) for lr in common}
     lr = min(worst, key=lambda x: (worst[x][0], -x))
     return lr, float(worst[lr][0]), worst[lr][1]
 
