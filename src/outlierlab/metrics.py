@@ -157,6 +157,18 @@ def attention_entropy_sum(probs: torch.Tensor) -> torch.Tensor:
     return torch.special.entr(probs.detach().float()).sum(-1).sum(dtype=torch.float64)
 
 
+def softmax_entropy_sum(probs: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    """:func:`attention_entropy_sum` of ``probs = softmax(logits)`` over the last axis, where
+    ``logits`` are −∞ at masked keys, without a logarithm per entry: with m a row's largest
+    logit and p* its largest probability, log p_k = z_k − m + log p*, so
+    H = −Σ_k p_k log p_k = Σ_k p_k (m − z_k) − log p*, every term ≥ 0 (no cancellation; masked
+    keys add 0). About 3× cheaper than ``entr`` on causal rows, whose zeros take its slow path."""
+    probs, logits = probs.detach().float(), logits.detach().float()
+    gap = (logits.amax(-1, keepdim=True) - logits).nan_to_num_(posinf=0.0)  # masked: p = 0
+    spread = torch.linalg.vecdot(probs, gap)
+    return (spread - probs.amax(-1).log()).sum(dtype=torch.float64)
+
+
 def attention_entropy(probs: torch.Tensor) -> float:
     """Mean entropy (nats) of the attention distributions ``probs`` (B, heads, T_q, T_k) over
     batch, heads and query positions: the authors' ``attn.{i}.entropy`` (``train_utils.py``).

@@ -45,8 +45,14 @@ from torch import nn
 
 from outlierlab.errors import ConfigError
 from outlierlab.jsonable import json_safe
-from outlierlab.metrics import OUTLIER_K, attention_entropy_sum
-from outlierlab.stats import _CHUNK, StatsAccumulator, offdiag_cosine_fast
+from outlierlab.metrics import OUTLIER_K, attention_entropy_sum, softmax_entropy_sum
+from outlierlab.stats import (
+    _CHUNK,
+    StatsAccumulator,
+    _numpy_ok,
+    offdiag_cosine_fast,
+    offdiag_cosine_host,
+)
 from outlierlab.structure import (  # noqa: F401 — auto_points, glob_regex: public here too
     AttentionPoint,
     StructureError,
@@ -262,13 +268,13 @@ class OutlierMonitor:
             else:
                 acc.add_mmr(rows)
             if n >= 2:
-                if not sub_cos:
-                    cos = offdiag_cosine_fast(rows)
-                elif sel is not None:
-                    cos = offdiag_cosine_fast(sel[:cos_n])
+                pick = rows if not sub_cos else sel[:cos_n] if sel is not None else None
+                if pick is not None and _numpy_ok(pick) and pick.numel() <= _CHUNK:
+                    acc.add_cos(offdiag_cosine_host(pick), valid=True)  # CPU: a host float
+                elif pick is not None:
+                    acc.add_cos(offdiag_cosine_fast(pick), valid=True)
                 else:
-                    cos = offdiag_cosine_fast(rows, perm[:cos_n])
-                acc.add_cos(cos, valid=True)
+                    acc.add_cos(offdiag_cosine_fast(rows, perm[:cos_n]), valid=True)
 
     # -- control ------------------------------------------------------------------------------
 
@@ -376,6 +382,7 @@ class _EntropySink:
     ``rows`` picks the sequences, calling it adds their attention entropy to the layer's sums."""
 
     __slots__ = ("mon", "name")
+    takes_logits = True  # a GPT's plain-softmax layer also hands over its logits (cheaper)
 
     def __init__(self, mon: OutlierMonitor, name: str):
         self.mon, self.name = mon, name
@@ -383,12 +390,15 @@ class _EntropySink:
     def rows(self, batch: int, seq_len: int, device: torch.device) -> torch.Tensor | None:
         return self.mon._sequences(batch, seq_len, device)
 
-    def __call__(self, probs: torch.Tensor) -> None:
+    def __call__(self, probs: torch.Tensor, logits: torch.Tensor | None = None) -> None:
+        """Add the entropy of ``probs`` (with ``logits``, the logits they are the softmax of,
+        −∞ at masked keys: :func:`~outlierlab.metrics.softmax_entropy_sum`, cheaper)."""
         acc = self.mon._entropy.get(self.name)
         if acc is None:
             acc = torch.zeros(2, dtype=torch.float64, device=probs.device)
             self.mon._entropy[self.name] = acc
-        acc[0] += attention_entropy_sum(probs)
+        acc[0] += (attention_entropy_sum(probs) if logits is None
+                   else softmax_entropy_sum(probs, logits))  # fmt: skip
         acc[1] += probs[..., 0].numel()
 
 

@@ -9,7 +9,10 @@ turns them into the formulas of :mod:`outlierlab.metrics` and equals the one-sho
 the union of the batches (up to float64 rounding of the summation order).
 
 On CPU the kernels work in row chunks (``_CHUNK`` elements) so a huge batch never makes a
-float64 copy of itself; elsewhere they take all rows at once.
+float64 copy of itself; elsewhere they take all rows at once. The per-neuron sums of a CPU
+batch that is not float64 are summed in float32 over chunks of at most ``_SCRATCH32`` elements
+(a few thousand tokens; error bound ``F32_SUM_RTOL``) and added to the float64
+state, about 2.5× cheaper than a float64 copy; float64 input and other devices sum in float64.
 """
 
 from __future__ import annotations
@@ -33,6 +36,12 @@ from outlierlab.metrics import (
 )
 
 _SCRATCH = 1 << 18  # float64 elements of a CPU scratch chunk (2 MiB: one chunk for 2048 × 128)
+_SCRATCH32 = 1 << 19  # float32 elements of a CPU chunk summed in float32 (2 MiB: 2048 × 256)
+F32_SUM_RTOL = 1e-5
+"""Error the float32 partial sums of a CPU batch may add to a per-neuron sum, relative to the
+sum of its terms' magnitudes (Σ_α |x_αj μ_α| for Σxμ; plain relative error for Σx²): float32
+rounding (6e-8 per add, μ itself rounded) over at most ``_SCRATCH32`` elements per chunk; seen:
+2e-6 on hard data, ~1e-8 on Kurt and the authors' metrics (tests/unit/test_metrics_stream.py)."""
 _CHUNK = 1 << 22  # elements per chunk of a hook's temporaries (bounds their memory, 16 MiB fp32)
 _TINY = torch.finfo(torch.float64).tiny
 
@@ -77,6 +86,11 @@ def mmr_sum(r: torch.Tensor, index: torch.Tensor | None = None) -> torch.Tensor:
     return total
 
 
+def _sums_in_f32(r: torch.Tensor) -> bool:
+    """Whether the per-neuron sums of ``r`` are taken in float32 chunks (module docstring)."""
+    return r.device.type == "cpu" and r.dtype != torch.float64
+
+
 def _numpy_ok(r: torch.Tensor) -> bool:
     """Whether ``r`` can be read as a numpy array without a copy of another dtype."""
     return r.device.type == "cpu" and r.dtype in (torch.float32, torch.float64)
@@ -108,6 +122,8 @@ def offdiag_cosine_fast(r: torch.Tensor, index: torch.Tensor | None = None) -> t
     if n < 2:
         return torch.tensor(math.nan, dtype=torch.float64, device=r.device)
     dt = torch.float64 if r.dtype == torch.float64 else torch.float32
+    if _numpy_ok(r) and index is None and r.numel() <= _CHUNK:
+        return torch.tensor(offdiag_cosine_host(r), dtype=torch.float64)
     total: torch.Tensor | None = None
     nonzero: torch.Tensor | int = 0
     for c in _row_chunks(r, index):
@@ -119,6 +135,16 @@ def offdiag_cosine_fast(r: torch.Tensor, index: torch.Tensor | None = None) -> t
     assert total is not None
     t64 = total.double()
     return (t64.dot(t64) - nonzero) / (n * (n - 1))
+
+
+def offdiag_cosine_host(r: torch.Tensor) -> float:
+    """:func:`offdiag_cosine_fast` of a CPU float32/float64 ``r`` (n ≥ 2, d) in one chunk, as a
+    Python float: the two passes over the rows in torch, the scalar tail in numpy (no 0-d
+    torch ops)."""
+    w = torch.linalg.vector_norm(r, dim=1).reciprocal_().nan_to_num_(posinf=0.0)
+    t = (w @ r).numpy().astype(np.float64)
+    n = r.shape[0]
+    return float((t @ t - np.count_nonzero(w.numpy())) / (n * (n - 1)))
 
 
 # -- the accumulator --------------------------------------------------------------------------
@@ -180,6 +206,7 @@ class _HostCounts:
     mmr_tokens: int = 0
     cos_count: int = 0
     mmr_sum: float = 0.0
+    cos_sum: float = 0.0
 
 
 class StatsAccumulator:
@@ -213,6 +240,11 @@ class StatsAccumulator:
         self._buf: torch.Tensor | None = None  # scratch for the chunked sums (not state)
         self._ones: torch.Tensor | None = None  # _lhs (not state)
         self._w: torch.Tensor | None = None  # _mean_w (not state)
+        self._buf32: torch.Tensor | None = None  # _add_f32's squares (not state)
+        self._part32: torch.Tensor | None = None  # _add_f32's (3, d) partial sums
+        self._ones32: torch.Tensor | None = None  # _lhs32
+        self._w32: torch.Tensor | None = None  # float32 (d,) 1/d: X·w is the token means
+        self._sums3 = self.state[: 3 * d]  # col_sum, cross, sq: one add of (3, d) partial sums
 
     @property
     def tokens(self) -> int:
@@ -228,6 +260,7 @@ class StatsAccumulator:
             st[at + _SLOT["mmr_tokens"]] += p.mmr_tokens
             st[at + _SLOT["cos_count"]] += p.cos_count
             st[at + _SLOT["mmr_sum"]] += p.mmr_sum
+            st[at + _SLOT["cos_sum"]] += p.cos_sum
             self._pending = _HostCounts()
             return
         if p.tokens:
@@ -238,6 +271,8 @@ class StatsAccumulator:
             s.cos_count += p.cos_count
         if p.mmr_sum:
             s.mmr_sum += p.mmr_sum
+        if p.cos_sum:
+            s.cos_sum += p.cos_sum
         self._pending = _HostCounts()
 
     def update(
@@ -310,7 +345,11 @@ class StatsAccumulator:
         """Σx, Σxμ and Σx² (the authors' centred sums follow when read:
         :meth:`LayerSums.sq_centred`), chunk by chunk through :meth:`scratch` in five ops per
         chunk: a float64 copy, the token means μ, one matrix product ``[1; μ] · X`` into
-        ``col_sum`` and ``cross``, a square and one matrix-vector product into ``sq``."""
+        ``col_sum`` and ``cross``, a square and one matrix-vector product into ``sq``. A CPU
+        batch that is not float64: the same sums in float32 per chunk (:meth:`_add_f32`)."""
+        if _sums_in_f32(r):
+            self._add_f32(r, centred=True)
+            return
         s, pair = self.sums, self._pair
         for b in _chunks64(r, self.scratch()):
             lhs = self._lhs(b.shape[0], b.device)
@@ -318,8 +357,48 @@ class StatsAccumulator:
             pair.addmm_(lhs, b)
             s.sq.addmv_(b.square_().T, lhs[0])
 
+    def _add_f32(self, r: torch.Tensor, centred: bool) -> None:
+        """:meth:`_add_centred` (``centred``) or :meth:`_add_sq` of a CPU float32/bf16/fp16
+        batch: per chunk of at most ``_SCRATCH32`` elements, μ = X·(1/d) and ``[1; μ] · X`` in
+        one float32 (2, d) product, Σx² as the column sums of X² squared into a reused float32
+        buffer, then one float64 add of the (3, d) partial sums into ``col_sum, cross, sq``
+        (adjacent in the state)."""
+        d = self.d
+        rows = max(1, _SCRATCH32 // d)
+        if self._buf32 is None:
+            self._buf32 = torch.empty(min(rows, max(r.shape[0], 1)), d)
+            self._part32 = torch.zeros(3, d)
+            self._w32 = torch.full((d,), 1.0 / d)
+        part = self._part32
+        # (one chunk: no split; every op writes a reused buffer: no allocation per forward)
+        for c in (r,) if r.shape[0] <= rows else r.split(rows):
+            m = c.shape[0]
+            if c.dtype != torch.float32:
+                c = c.float()
+            if self._buf32.shape[0] < m:
+                self._buf32 = torch.empty(m, d)
+            if centred:
+                lhs = self._lhs32(m)
+                torch.mv(c, self._w32, out=lhs[1])  # μ_α
+                torch.mm(lhs, c, out=part[:2])
+            torch.sum(torch.mul(c, c, out=self._buf32[:m]), 0, out=part[2])
+            if centred:
+                self._sums3.add_(part.view(-1))
+            else:
+                self.sums.sq.add_(part[2])
+
+    def _lhs32(self, m: int) -> torch.Tensor:
+        """A reused float32 (2, m) matrix: row 0 ones, row 1 free (the token means)."""
+        buf = self._ones32
+        if buf is None or buf.shape[1] < m:
+            buf = self._ones32 = torch.ones(2, m)
+        return buf[:, :m]
+
     def _add_sq(self, r: torch.Tensor) -> None:
         """Σx² alone, chunk by chunk (as :meth:`_add_centred`)."""
+        if _sums_in_f32(r):
+            self._add_f32(r, centred=False)
+            return
         s = self.sums
         for b in _chunks64(r, self.scratch()):
             s.sq.addmv_(b.square_().T, self._lhs(b.shape[0], b.device)[0])
@@ -352,8 +431,13 @@ class StatsAccumulator:
 
     def add_cos(self, value: float | torch.Tensor, valid: bool | None = None) -> None:
         """Record one cosine-similarity value (e.g. one per measured forward); NaN is ignored.
-        ``valid=True`` promises a non-NaN value (no check, no extra tensor ops)."""
+        ``valid=True`` promises a non-NaN value (no check, no extra tensor ops); a Python float
+        is kept on the host until read (as the Eq. 2 sum)."""
         s = self.sums
+        if valid and isinstance(value, float):
+            self._pending.cos_sum += value
+            self._pending.cos_count += 1
+            return
         if valid:
             s.cos_sum += value
             self._pending.cos_count += 1

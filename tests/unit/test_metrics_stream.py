@@ -157,3 +157,32 @@ def test_named_sums_are_views_of_one_flat_state():
     assert s.col_sum.data_ptr() == acc.state.data_ptr()  # col_sum, cross, sq, then scalars
     assert s.sq.data_ptr() == acc.state.data_ptr() + 2 * 4 * acc.state.element_size()
     assert acc.state.numel() == 3 * 4 + 7  # three (d,) sums, seven scalars
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("centred", [False, True])
+def test_float32_chunk_sums_stay_within_their_documented_error(dtype, centred):
+    """CPU float32/bf16 batches are summed in float32 chunks (stats docstring): over several
+    chunks of hard data (a 300× neuron, a per-token offset, massive tokens) each per-neuron sum
+    stays within F32_SUM_RTOL of float64 sums of the same values, and a float64 batch is
+    summed in float64 (to rounding order)."""
+    g = torch.Generator().manual_seed(7)
+    n, d = 3 * (S._SCRATCH32 // 96) + 17, 96  # three full float32 chunks and a part
+    x = torch.randn(n, d, generator=g) + 2.0 * torch.randn(n, 1, generator=g)
+    x[:, 5] *= 300
+    x[::97] *= 50
+    x = x.to(dtype)
+    acc = StatsAccumulator(d, extras=False, authors=centred)
+    acc.update(x)
+    x64 = x.double()
+    mu = x64.mean(1, keepdim=True)
+    want = {"sq": (x64 ** 2).sum(0)}
+    if centred:
+        want |= {"col_sum": x64.sum(0), "cross": (x64 * mu).sum(0)}
+    terms = {"sq": x64**2, "col_sum": x64.abs(), "cross": (x64 * mu).abs()}
+    for name, ref in want.items():  # error relative to the sum of the terms' magnitudes
+        err = (getattr(acc.sums, name) - ref).abs() / terms[name].sum(0)
+        assert err.max().item() <= S.F32_SUM_RTOL, name
+    acc64 = StatsAccumulator(d, extras=False, authors=centred).update(x64)
+    assert torch.allclose(acc64.sums.sq, want["sq"], rtol=1e-13)
+    assert acc.result()["kurtosis"] == pytest.approx(M.kurtosis(x64), rel=S.F32_SUM_RTOL)

@@ -147,14 +147,17 @@ def test_gated_attention_matches_qiu_et_al(gate):
 def test_model_attention_and_probs_sink_use_the_configured_function(kind):
     model = model64(attn=kind, clip_zeta=ZETA, clip_gamma=GAMMA)
     attn = model.blocks[0].attn
-    got = []
+    got, got_logits = [], []
 
     class Sink:
+        takes_logits = True  # as the monitor's: plain softmax hands over the logits too
+
         def rows(self, batch, seq_len, device):
             return None
 
-        def __call__(self, probs):
+        def __call__(self, probs, logits=None):
             got.append(probs)
+            got_logits.append(logits)
 
     attn.probs_sink = Sink()
     idx = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(5))
@@ -164,8 +167,15 @@ def test_model_attention_and_probs_sink_use_the_configured_function(kind):
     B, T, _ = x.shape
     qkv = x @ attn.qkv.weight.detach().numpy().T
     q, k, _ = (a.reshape(B, T, 2, 8).transpose(0, 2, 1, 3) for a in np.split(qkv, 3, -1))
-    want = ref_probs(q @ k.swapaxes(-1, -2) / np.sqrt(8), kind)
+    z = q @ k.swapaxes(-1, -2) / np.sqrt(8)
+    want = ref_probs(z, kind)
     np.testing.assert_allclose(got[0].numpy(), want, rtol=1e-3, atol=1e-5)  # float32 sink
+    if kind == "softmax":  # plain softmax: the masked logits come along (the cheap entropy)
+        causal = np.tril(np.ones((T, T), dtype=bool))
+        np.testing.assert_allclose(got_logits[0].numpy(), np.where(causal, z, -np.inf),
+                                   rtol=1e-5, atol=1e-5)
+    else:
+        assert got_logits == [None]
 
 
 def test_attention_bias_sink_gets_the_token_part():

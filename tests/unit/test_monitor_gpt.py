@@ -8,6 +8,7 @@ import torch
 from outlierlab import OutlierMonitor
 from outlierlab import metrics as M
 from outlierlab.model import GPT, GPTConfig
+from tolerances import F32_SUMS
 
 
 @pytest.mark.parametrize("preset", ["pre-ln", "op"])
@@ -33,7 +34,7 @@ def test_gpt_points_equal_direct_metrics(preset):
         x = seen[name]
         assert x.shape == (3, 16, 32)
         assert r["tokens"] == 48
-        assert r["kurtosis"] == pytest.approx(M.kurtosis(x), rel=1e-10)
+        assert r["kurtosis"] == pytest.approx(M.kurtosis(x), rel=F32_SUMS)
         assert r["mmr"] == pytest.approx(M.max_median_ratio(x), rel=1e-10)
         assert r["cos_sim"] == pytest.approx(M.token_cosine_similarity(x, None), rel=1e-5, abs=1e-7)
     assert 1 <= mon.summary()["kurtosis_max"] < 3  # random init: no outlier features

@@ -50,6 +50,14 @@ def _causal(t_q: int, t_k: int, n_bias: int, device: torch.device,
     return seen, blocked
 
 
+def causal_bias(t_q: int, t_k: int, device: torch.device | str | None = None,
+                dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The causal mask in additive form (t_q, t_k): 0 where query i may see key j, −∞ where
+    not; ``softmax(z + causal_bias)`` is :func:`attention_probs` of z. Cached and shared: read
+    it, never write into it."""
+    return _causal(t_q, t_k, 0, torch.device(device or "cpu"), dtype)[1]
+
+
 def attention_probs(
     logits: torch.Tensor,
     kind: str = "softmax",

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from outlierlab import safe_io
 from outlierlab.errors import ConfigError, ModelLoadError
-from outlierlab.model.attn import attention, attention_probs, attention_weights
+from outlierlab.model.attn import attention, attention_probs, attention_weights, causal_bias
 from outlierlab.model.config import GPTConfig
 from outlierlab.run_folder import MODEL_CONFIG_FILE, MODEL_FILE
 
@@ -115,7 +115,9 @@ class CausalSelfAttention(nn.Module):
 
     ``probs_sink``: None except while a monitor measures a forward (``OutlierMonitor`` with
     ``attn_entropy``); then ``probs_sink.rows(batch, seq_len, device)`` says which sequences
-    it wants (a LongTensor, or None for all) and ``probs_sink(probs)`` is called with their
+    it wants (a LongTensor, or None for all) and ``probs_sink(probs)`` (plain softmax, to a
+    sink whose ``takes_logits`` is true: ``probs_sink(probs, logits=z)``, the logits they are
+    the softmax of, −∞ at masked keys) is called with their
     causal attention probabilities (B, heads, T, T), recomputed in float32 from the same q and k
     without grad, a few sequences at a time, with the ``model.attn`` function actually used;
     with ``attn_bias_kv`` the weight on the bias slot is left out (rows then sum to < 1, as
@@ -167,7 +169,7 @@ class CausalSelfAttention(nn.Module):
         return q, k, v
 
     def _logits(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-        att = (q @ k.transpose(-2, -1)) / math.sqrt(self.d_head)  # (B, nh, T, T)
+        att = (q * (1 / math.sqrt(self.d_head))) @ k.transpose(-2, -1)  # (B, nh, T, T)
         if self.softcap is not None:
             att = self.softcap * torch.tanh(att / self.softcap)
         return att
@@ -239,7 +241,13 @@ class CausalSelfAttention(nn.Module):
             kb = self._k_bias()
             kb = kb.float() if kb is not None else None
             n = 0 if kb is None else kb.shape[-2]
+            plain = self.kind == "softmax" and kb is None and getattr(sink, "takes_logits", False)
             for qc, kc in zip(q.split(step), k.split(step)):
+                if plain:  # the sink's entropy from the logits needs no log per entry
+                    z = self._logits(qc.float(), kc.float())
+                    z += causal_bias(z.shape[-2], z.shape[-1], z.device)
+                    sink(z.softmax(-1), logits=z)
+                    continue
                 probs = attention_weights(
                     qc.float(), kc.float(), self.kind, k_bias=kb, softcap=self.softcap, **self.clip
                 )
