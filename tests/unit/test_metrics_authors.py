@@ -207,12 +207,13 @@ def test_gpt_attention_entropy_per_layer(kw):
     assert mon.to_dict()["attn_entropy"] == pytest.approx(got)
 
 
-def test_entropy_subsample_is_whole_sequences_and_seeded():
+@pytest.mark.parametrize("keep", [2, 1])  # one sequence: the GPT takes a view, not a copy
+def test_entropy_subsample_is_whole_sequences_and_seeded(keep):
     model = tiny_gpt()
     idx = torch.randint(0, 64, (6, 16), generator=torch.Generator().manual_seed(4))
-    with OutlierMonitor(model, attn_max_tokens=32, seed=7) as mon, torch.no_grad():
-        model(idx)  # 32 // 16 = 2 sequences
-    rows = torch.randperm(6, generator=torch.Generator().manual_seed(7))[:2].sort().values
+    with OutlierMonitor(model, attn_max_tokens=16 * keep, seed=7) as mon, torch.no_grad():
+        model(idx)  # 16 · keep // 16 = keep sequences
+    rows = torch.randperm(6, generator=torch.Generator().manual_seed(7))[:keep].sort().values
     ref = direct_entropy(model, idx[rows])
     assert mon.attention_entropy() == pytest.approx(ref, rel=1e-6)
 

@@ -235,14 +235,18 @@ class CausalSelfAttention(nn.Module):
         ``PROBS_CHUNK`` elements at a time."""
         with torch.no_grad(), torch.autocast(q.device.type, enabled=False):
             idx = sink.rows(q.shape[0], q.shape[2], q.device)
-            if idx is not None:
+            if idx is not None and idx.device.type == "cpu" and idx.numel() == 1:
+                i = int(idx)  # one sequence (CPU: no sync): a view, no copy
+                q, k = q[i : i + 1], k[i : i + 1]
+            elif idx is not None:
                 q, k = q.index_select(0, idx), k.index_select(0, idx)
             step = max(1, PROBS_CHUNK // (q.shape[1] * q.shape[2] * k.shape[2]))
             kb = self._k_bias()
             kb = kb.float() if kb is not None else None
             n = 0 if kb is None else kb.shape[-2]
             plain = self.kind == "softmax" and kb is None and getattr(sink, "takes_logits", False)
-            for qc, kc in zip(q.split(step), k.split(step)):
+            one = q.shape[0] <= step
+            for qc, kc in zip((q,) if one else q.split(step), (k,) if one else k.split(step)):
                 if plain:  # the sink's entropy from the logits needs no log per entry
                     z = self._logits(qc.float(), kc.float())
                     z += causal_bias(z.shape[-2], z.shape[-1], z.device)
