@@ -46,13 +46,7 @@ from torch import nn
 from outlierlab.errors import ConfigError
 from outlierlab.jsonable import json_safe
 from outlierlab.metrics import OUTLIER_K, attention_entropy_sum, softmax_entropy_sum
-from outlierlab.stats import (
-    _CHUNK,
-    StatsAccumulator,
-    _numpy_ok,
-    offdiag_cosine_fast,
-    offdiag_cosine_host,
-)
+from outlierlab.stats import _CHUNK, StatsAccumulator
 from outlierlab.structure import (  # noqa: F401 — auto_points, glob_regex: public here too
     AttentionPoint,
     StructureError,
@@ -268,13 +262,12 @@ class OutlierMonitor:
             else:
                 acc.add_mmr(rows)
             if n >= 2:
-                pick = rows if not sub_cos else sel[:cos_n] if sel is not None else None
-                if pick is not None and _numpy_ok(pick) and pick.numel() <= _CHUNK:
-                    acc.add_cos(offdiag_cosine_host(pick), valid=True)  # CPU: a host float
-                elif pick is not None:
-                    acc.add_cos(offdiag_cosine_fast(pick), valid=True)
+                if not sub_cos:
+                    acc.add_cos_rows(rows)
+                elif sel is not None:
+                    acc.add_cos_rows(sel[:cos_n])
                 else:
-                    acc.add_cos(offdiag_cosine_fast(rows, perm[:cos_n]), valid=True)
+                    acc.add_cos_rows(rows, perm[:cos_n])
 
     # -- control ------------------------------------------------------------------------------
 

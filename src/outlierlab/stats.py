@@ -122,14 +122,11 @@ def offdiag_cosine_fast(r: torch.Tensor, index: torch.Tensor | None = None) -> t
     if n < 2:
         return torch.tensor(math.nan, dtype=torch.float64, device=r.device)
     dt = torch.float64 if r.dtype == torch.float64 else torch.float32
-    if _numpy_ok(r) and index is None and r.numel() <= _CHUNK:
-        return torch.tensor(offdiag_cosine_host(r), dtype=torch.float64)
     total: torch.Tensor | None = None
     nonzero: torch.Tensor | int = 0
     for c in _row_chunks(r, index):
         c = c.to(dt)
-        w = torch.linalg.vector_norm(c, dim=1).reciprocal_()
-        w.nan_to_num_(posinf=0.0)  # zero rows: weight 0 (cosine 0 with every row)
+        w = _inverse_norms(c)
         nonzero = nonzero + torch.count_nonzero(w)
         total = w @ c if total is None else total.addmv_(c.T, w)
     assert total is not None
@@ -137,11 +134,16 @@ def offdiag_cosine_fast(r: torch.Tensor, index: torch.Tensor | None = None) -> t
     return (t64.dot(t64) - nonzero) / (n * (n - 1))
 
 
+def _inverse_norms(c: torch.Tensor) -> torch.Tensor:
+    """1/|x_α| per row of ``c``; zero rows weigh 0 (cosine 0 with every row)."""
+    return torch.linalg.vector_norm(c, dim=1).reciprocal_().nan_to_num_(posinf=0.0)
+
+
 def offdiag_cosine_host(r: torch.Tensor) -> float:
     """:func:`offdiag_cosine_fast` of a CPU float32/float64 ``r`` (n ≥ 2, d) in one chunk, as a
     Python float: the two passes over the rows in torch, the scalar tail in numpy (no 0-d
     torch ops)."""
-    w = torch.linalg.vector_norm(r, dim=1).reciprocal_().nan_to_num_(posinf=0.0)
+    w = _inverse_norms(r)
     t = (w @ r).numpy().astype(np.float64)
     n = r.shape[0]
     return float((t @ t - np.count_nonzero(w.numpy())) / (n * (n - 1)))
@@ -240,10 +242,7 @@ class StatsAccumulator:
         self._buf: torch.Tensor | None = None  # scratch for the chunked sums (not state)
         self._ones: torch.Tensor | None = None  # _lhs (not state)
         self._w: torch.Tensor | None = None  # _mean_w (not state)
-        self._buf32: torch.Tensor | None = None  # _add_f32's squares (not state)
         self._part32: torch.Tensor | None = None  # _add_f32's (3, d) partial sums
-        self._ones32: torch.Tensor | None = None  # _lhs32
-        self._w32: torch.Tensor | None = None  # float32 (d,) 1/d: X·w is the token means
         self._sums3 = self.state[: 3 * d]  # col_sum, cross, sq: one add of (3, d) partial sums
 
     @property
@@ -308,6 +307,8 @@ class StatsAccumulator:
             return self
         if self.extras:
             self._add_extras(r)
+        elif _sums_in_f32(r):
+            self._add_f32(r, centred=self.authors)
         elif self.authors:
             self._add_centred(r)
         else:
@@ -326,30 +327,39 @@ class StatsAccumulator:
             self.sums.mmr_sum.add_(mmr_sum(rows))
         return self
 
-    def _lhs(self, m: int, device: torch.device) -> torch.Tensor:
-        """A reused float64 (2, m) matrix: row 0 ones, row 1 free (the token means)."""
+    def add_cos_rows(self, rows: torch.Tensor, index: torch.Tensor | None = None) -> None:
+        """Record the mean off-diagonal cosine similarity of the token rows ``rows`` (or its
+        rows ``index``; at least 2) as one value (:func:`offdiag_cosine_fast`): a CPU
+        float32/float64 batch in one chunk as a host float until read (as the Eq. 2 sum),
+        elsewhere on the device."""
+        if (index is None and _numpy_ok(rows) and rows.numel() <= _CHUNK
+                and self.state.device.type == "cpu"):  # fmt: skip
+            self._pending.cos_sum += offdiag_cosine_host(rows)
+        else:
+            self.sums.cos_sum += offdiag_cosine_fast(rows, index)
+        self._pending.cos_count += 1
+
+    def _lhs(self, m: int, device: torch.device,
+             dtype: torch.dtype = torch.float64) -> torch.Tensor:  # fmt: skip
+        """A reused (2, m) matrix: row 0 ones, row 1 free (the token means)."""
         buf = self._ones
-        if buf is None or buf.shape[1] < m or buf.device != device:
-            buf = torch.ones(2, max(m, 1), dtype=torch.float64, device=device)
+        if buf is None or buf.shape[1] < m or buf.device != device or buf.dtype != dtype:
+            buf = torch.ones(2, max(m, 1), dtype=dtype, device=device)
             self._ones = buf
         return buf[:, :m]
 
-    def _mean_w(self, device: torch.device) -> torch.Tensor:
-        """The reused float64 (d,) vector 1/d: ``X @ w`` is the token means."""
+    def _mean_w(self, device: torch.device, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+        """The reused (d,) vector 1/d: ``X @ w`` is the token means."""
         w = self._w
-        if w is None or w.device != device:
-            w = self._w = torch.full((self.d,), 1.0 / self.d, dtype=torch.float64, device=device)
+        if w is None or w.device != device or w.dtype != dtype:
+            w = self._w = torch.full((self.d,), 1.0 / self.d, dtype=dtype, device=device)
         return w
 
     def _add_centred(self, r: torch.Tensor) -> None:
         """Σx, Σxμ and Σx² (the authors' centred sums follow when read:
         :meth:`LayerSums.sq_centred`), chunk by chunk through :meth:`scratch` in five ops per
         chunk: a float64 copy, the token means μ, one matrix product ``[1; μ] · X`` into
-        ``col_sum`` and ``cross``, a square and one matrix-vector product into ``sq``. A CPU
-        batch that is not float64: the same sums in float32 per chunk (:meth:`_add_f32`)."""
-        if _sums_in_f32(r):
-            self._add_f32(r, centred=True)
-            return
+        ``col_sum`` and ``cross``, a square and one matrix-vector product into ``sq``."""
         s, pair = self.sums, self._pair
         for b in _chunks64(r, self.scratch()):
             lhs = self._lhs(b.shape[0], b.device)
@@ -358,47 +368,32 @@ class StatsAccumulator:
             s.sq.addmv_(b.square_().T, lhs[0])
 
     def _add_f32(self, r: torch.Tensor, centred: bool) -> None:
-        """:meth:`_add_centred` (``centred``) or :meth:`_add_sq` of a CPU float32/bf16/fp16
-        batch: per chunk of at most ``_SCRATCH32`` elements, μ = X·(1/d) and ``[1; μ] · X`` in
-        one float32 (2, d) product, Σx² as the column sums of X² squared into a reused float32
-        buffer, then one float64 add of the (3, d) partial sums into ``col_sum, cross, sq``
-        (adjacent in the state)."""
-        d = self.d
-        rows = max(1, _SCRATCH32 // d)
-        if self._buf32 is None:
-            self._buf32 = torch.empty(min(rows, max(r.shape[0], 1)), d)
-            self._part32 = torch.zeros(3, d)
-            self._w32 = torch.full((d,), 1.0 / d)
-        part = self._part32
+        """:meth:`_add_centred` (``centred``) or :meth:`_add_sq` of a CPU batch that is not
+        float64 (module docstring): per chunk of at most ``_SCRATCH32`` elements, μ = X·(1/d)
+        and ``[1; μ] · X`` in one float32 (2, d) product, Σx² as the column sums of X² squared
+        into the float32 :meth:`scratch`, then one float64 add of the (3, d) partial sums into
+        ``col_sum, cross, sq`` (adjacent in the state)."""
+        buf, f32 = self.scratch(torch.float32), torch.float32
+        if self._part32 is None:
+            self._part32 = torch.zeros(3, self.d)
+        part, rows = self._part32, buf.shape[0]
         # (one chunk: no split; every op writes a reused buffer: no allocation per forward)
         for c in (r,) if r.shape[0] <= rows else r.split(rows):
             m = c.shape[0]
-            if c.dtype != torch.float32:
+            if c.dtype != f32:
                 c = c.float()
-            if self._buf32.shape[0] < m:
-                self._buf32 = torch.empty(m, d)
             if centred:
-                lhs = self._lhs32(m)
-                torch.mv(c, self._w32, out=lhs[1])  # μ_α
+                lhs = self._lhs(m, c.device, f32)
+                torch.mv(c, self._mean_w(c.device, f32), out=lhs[1])  # μ_α
                 torch.mm(lhs, c, out=part[:2])
-            torch.sum(torch.mul(c, c, out=self._buf32[:m]), 0, out=part[2])
+            torch.sum(torch.mul(c, c, out=buf[:m]), 0, out=part[2])
             if centred:
                 self._sums3.add_(part.view(-1))
             else:
                 self.sums.sq.add_(part[2])
 
-    def _lhs32(self, m: int) -> torch.Tensor:
-        """A reused float32 (2, m) matrix: row 0 ones, row 1 free (the token means)."""
-        buf = self._ones32
-        if buf is None or buf.shape[1] < m:
-            buf = self._ones32 = torch.ones(2, m)
-        return buf[:, :m]
-
     def _add_sq(self, r: torch.Tensor) -> None:
         """Σx² alone, chunk by chunk (as :meth:`_add_centred`)."""
-        if _sums_in_f32(r):
-            self._add_f32(r, centred=False)
-            return
         s = self.sums
         for b in _chunks64(r, self.scratch()):
             s.sq.addmv_(b.square_().T, self._lhs(b.shape[0], b.device)[0])
@@ -421,23 +416,20 @@ class StatsAccumulator:
         s.excess_kurtosis_sum += (c4 / var.square().clamp_min(_TINY) - 3.0).clamp_min(0.0).sum()
         s.above += (r.abs() > self.threshold).sum()
 
-    def scratch(self) -> torch.Tensor | None:
-        """A reused float64 (rows, d) buffer of about 2 MiB for chunked CPU sums."""
+    def scratch(self, dtype: torch.dtype = torch.float64) -> torch.Tensor | None:
+        """A reused (rows, d) buffer of about 2 MiB (``_SCRATCH`` float64 or ``_SCRATCH32``
+        float32 elements) for chunked CPU sums."""
         if self.state.device.type != "cpu":
             return None
-        if self._buf is None:
-            self._buf = torch.empty(max(1, _SCRATCH // self.d), self.d, dtype=torch.float64)
+        if self._buf is None or self._buf.dtype != dtype:
+            elems = _SCRATCH if dtype == torch.float64 else _SCRATCH32
+            self._buf = torch.empty(max(1, elems // self.d), self.d, dtype=dtype)
         return self._buf
 
     def add_cos(self, value: float | torch.Tensor, valid: bool | None = None) -> None:
         """Record one cosine-similarity value (e.g. one per measured forward); NaN is ignored.
-        ``valid=True`` promises a non-NaN value (no check, no extra tensor ops); a Python float
-        is kept on the host until read (as the Eq. 2 sum)."""
+        ``valid=True`` promises a non-NaN value (no check, no extra tensor ops)."""
         s = self.sums
-        if valid and isinstance(value, float):
-            self._pending.cos_sum += value
-            self._pending.cos_count += 1
-            return
         if valid:
             s.cos_sum += value
             self._pending.cos_count += 1

@@ -158,7 +158,7 @@ def test_entropy_matches_the_authors_nansum_on_random_logits():
 @settings(max_examples=25, deadline=None)
 @given(st.integers(0, 10_000), st.floats(0.0, 60.0), st.integers(1, 40))
 def test_softmax_entropy_from_logits_equals_the_authors_nansum(seed, scale, t):
-    """The log-free form Σ p (z* − z) − log p* on causal softmax rows, from flat to one-hot
+    """The log-free form Σ p (m − z) − log p* on causal softmax rows, from flat to one-hot
     (scale 60: near-zero entropy, the regime of entropy collapse), against float64 numpy."""
     g = torch.Generator().manual_seed(seed)
     z = scale * torch.randn(2, 3, t, t, generator=g)
