@@ -236,6 +236,7 @@ class LoopInterleaver:
         self.timings = Timings(names, {n: [] for n in names})
         self.results: dict[str, object] = {}
         self.warmup_seconds: dict[str, list[float]] = {n: [] for n in names}
+        self.current: str | None = None  # the loop of the timed block running now, else None
 
     def run(self) -> Timings:
         steps = (self.warmup + self.rounds) * self.block + 1
@@ -243,13 +244,15 @@ class LoopInterleaver:
             done = {n: 0 for n in loops}
             for name in self.schedule:
                 gc.collect()
+                timed = done[name] >= self.warmup
+                self.current = name if timed else None
                 t0 = time.perf_counter()
                 for _ in range(self.block):
                     loops[name].run_step()
                 dt = time.perf_counter() - t0
+                self.current = None
                 done[name] += 1
-                kept = self.timings.seconds if done[name] > self.warmup else self.warmup_seconds
-                kept[name].append(dt)
+                (self.timings.seconds if timed else self.warmup_seconds)[name].append(dt)
             for name, t in loops.items():  # the last step (eval, checkpoint, save), untimed
                 self.results[name] = r = t.fit()
                 if r.status != "finished":

@@ -33,7 +33,6 @@ from __future__ import annotations
 import argparse
 import collections
 import contextlib
-import gc
 import statistics
 import subprocess
 import sys
@@ -84,8 +83,9 @@ def _parts():
 
 
 @contextlib.contextmanager
-def _timed(parts, spent: dict, current: list):
-    """Wrap each part's method with a wall-clock timer adding to ``spent[(loop, label)]``."""
+def _timed(parts, spent: dict, loop: _common.LoopInterleaver):
+    """Wrap each part's method with a wall-clock timer adding to ``spent[(loop, label)]`` while
+    ``loop`` runs a timed block."""
     saved = []
     for owner, name, label in parts:
         f = getattr(owner, name)
@@ -96,8 +96,8 @@ def _timed(parts, spent: dict, current: list):
             try:
                 return _f(*a, **k)
             finally:
-                if current[0] is not None:
-                    spent[(current[0], _label)] += time.perf_counter() - t0
+                if loop.current is not None:
+                    spent[(loop.current, _label)] += time.perf_counter() - t0
 
         setattr(owner, name, g)
     try:
@@ -108,23 +108,13 @@ def _timed(parts, spent: dict, current: list):
 
 
 def attribute(size: str, rounds: int, tmp: Path, warmup: int = 10) -> None:
-    """Every-step and off loops, alternating step by step (order flipped every 10 steps), with
-    the monitor's parts timed; prints ms per step and the share of the off step."""
+    """Every-step and off loops handing over after every step (``_common.LoopInterleaver``),
+    with the monitor's parts timed; prints ms per step and the share of the off step."""
     cfgs = {"on": run_config(size, 1, tmp / "on"), "off": run_config(size, 0, tmp / "off")}
-    parts, spent, current = _parts(), collections.defaultdict(float), [None]
-    wall: dict[str, list[float]] = {"on": [], "off": []}
-    steps = warmup + 10 * rounds
-    with _timed(parts, spent, current), _common.trainers(cfgs, steps + 1) as loops:
-        for i in range(steps):
-            timed = i >= warmup
-            for name in ("on", "off") if (i // 10) % 2 == 0 else ("off", "on"):
-                gc.collect()
-                current[0] = name if timed else None
-                t0 = time.perf_counter()
-                loops[name].run_step()
-                if timed:
-                    wall[name].append(time.perf_counter() - t0)
-                current[0] = None
+    parts, spent = _parts(), collections.defaultdict(float)
+    loop = _common.LoopInterleaver(cfgs, block=1, rounds=10 * rounds, warmup_blocks=warmup)
+    with _timed(parts, spent, loop):
+        wall = loop.run().seconds
     n = len(wall["on"])
     off, on = sum(wall["off"]) / n, sum(wall["on"]) / n
     rows = [[label, f"{spent[('on', label)] / n * 1e3:.2f}",
