@@ -157,15 +157,21 @@ def attention_entropy_sum(probs: torch.Tensor) -> torch.Tensor:
     return torch.special.entr(probs.detach().float()).sum(-1).sum(dtype=torch.float64)
 
 
-def softmax_entropy_sum(probs: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+def softmax_entropy_sum(probs: torch.Tensor, logits: torch.Tensor, *,
+                        overwrite: bool = False) -> torch.Tensor:  # fmt: skip
     """:func:`attention_entropy_sum` of ``probs = softmax(logits)`` over the last axis, where
-    ``logits`` are −∞ at masked keys, without a logarithm per entry: with m a row's largest
-    logit and p* its largest probability, log p_k = z_k − m + log p*, so
-    H = −Σ_k p_k log p_k = Σ_k p_k (m − z_k) − log p*, every term ≥ 0 (no cancellation; masked
-    keys add 0). About 3× cheaper than ``entr`` on causal rows, whose zeros take its slow path."""
-    probs, logits = probs.detach().float(), logits.detach().float()
-    gap = (logits.amax(-1, keepdim=True) - logits).nan_to_num_(posinf=0.0)  # masked: p = 0
-    spread = torch.linalg.vecdot(probs, gap)
+    ``logits`` are −∞ (or the dtype's most negative number) at masked keys, without a logarithm
+    per entry: with m a row's largest logit and p* its largest probability,
+    log p_k = z_k − m + log p*, so H = −Σ_k p_k log p_k = Σ_k p_k (m − z_k) − log p*, every
+    term ≥ 0 (no cancellation; masked keys add 0). About 3× cheaper than ``entr`` on causal
+    rows, whose zeros take its slow path. ``overwrite``: float32 ``logits`` are used as scratch
+    (one copy and one pass fewer); they must then be finite at masked keys (0 · ∞ is NaN)."""
+    probs, z = probs.detach().float(), logits.detach().float()
+    if overwrite:
+        gap = z.sub_(z.amax(-1, keepdim=True))  # z − m ≤ 0
+    else:
+        gap = (z - z.amax(-1, keepdim=True)).nan_to_num_(neginf=0.0)  # masked: p = 0
+    spread = torch.linalg.vecdot(probs, gap).neg_()
     return (spread - probs.amax(-1).log()).sum(dtype=torch.float64)
 
 

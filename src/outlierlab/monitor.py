@@ -385,13 +385,14 @@ class _EntropySink:
 
     def __call__(self, probs: torch.Tensor, logits: torch.Tensor | None = None) -> None:
         """Add the entropy of ``probs`` (with ``logits``, the logits they are the softmax of,
-        −∞ at masked keys: :func:`~outlierlab.metrics.softmax_entropy_sum`, cheaper)."""
+        handed over to be used as scratch, finite at masked keys:
+        :func:`~outlierlab.metrics.softmax_entropy_sum`, cheaper)."""
         acc = self.mon._entropy.get(self.name)
         if acc is None:
             acc = torch.zeros(2, dtype=torch.float64, device=probs.device)
             self.mon._entropy[self.name] = acc
         acc[0] += (attention_entropy_sum(probs) if logits is None
-                   else softmax_entropy_sum(probs, logits))  # fmt: skip
+                   else softmax_entropy_sum(probs, logits, overwrite=True))  # fmt: skip
         acc[1] += probs[..., 0].numel()
 
 

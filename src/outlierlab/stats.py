@@ -10,9 +10,9 @@ the union of the batches (up to float64 rounding of the summation order).
 
 On CPU the kernels work in row chunks (``_CHUNK`` elements) so a huge batch never makes a
 float64 copy of itself; elsewhere they take all rows at once. The per-neuron sums of a CPU
-batch that is not float64 are summed in float32 over chunks of at most ``_SCRATCH32`` elements
-(a few thousand tokens; error bound ``F32_SUM_RTOL``) and added to the float64
-state, about 2.5× cheaper than a float64 copy; float64 input and other devices sum in float64.
+batch that is not float64 are summed in float32 over chunks of at most ``_F32_ROWS`` tokens
+(error bound ``F32_SUM_RTOL``) and added to the float64 state, about 2.5× cheaper than a
+float64 copy; float64 input and other devices sum in float64.
 """
 
 from __future__ import annotations
@@ -36,11 +36,11 @@ from outlierlab.metrics import (
 )
 
 _SCRATCH = 1 << 18  # float64 elements of a CPU scratch chunk (2 MiB: one chunk for 2048 × 128)
-_SCRATCH32 = 1 << 19  # float32 elements of a CPU chunk summed in float32 (2 MiB: 2048 × 256)
+_F32_ROWS = 2048  # tokens per chunk of a CPU batch's float32 partial sums (bounds their error)
 F32_SUM_RTOL = 1e-5
 """Error the float32 partial sums of a CPU batch may add to a per-neuron sum, relative to the
 sum of its terms' magnitudes (Σ_α |x_αj μ_α| for Σxμ; plain relative error for Σx²): float32
-rounding (6e-8 per add, μ itself rounded) over at most ``_SCRATCH32`` elements per chunk; seen:
+rounding (6e-8 per add, μ itself rounded) over at most ``_F32_ROWS`` tokens per chunk; seen:
 2e-6 on hard data, ~1e-8 on Kurt and the authors' metrics (tests/unit/test_metrics_stream.py)."""
 _CHUNK = 1 << 22  # elements per chunk of a hook's temporaries (bounds their memory, 16 MiB fp32)
 _TINY = torch.finfo(torch.float64).tiny
@@ -369,24 +369,24 @@ class StatsAccumulator:
 
     def _add_f32(self, r: torch.Tensor, centred: bool) -> None:
         """:meth:`_add_centred` (``centred``) or :meth:`_add_sq` of a CPU batch that is not
-        float64 (module docstring): per chunk of at most ``_SCRATCH32`` elements, μ = X·(1/d)
-        and ``[1; μ] · X`` in one float32 (2, d) product, Σx² as the column sums of X² squared
-        into the float32 :meth:`scratch`, then one float64 add of the (3, d) partial sums into
-        ``col_sum, cross, sq`` (adjacent in the state)."""
-        buf, f32 = self.scratch(torch.float32), torch.float32
+        float64 (module docstring): per chunk of at most ``_F32_ROWS`` tokens, μ = X·(1/d) and
+        ``[1; μ] · X`` in one float32 (2, d) product, Σx² as numpy's one-pass ``einsum`` of X
+        with itself (no squared copy), then one float64 add of the (3, d) partial sums into
+        ``col_sum, cross, sq`` (adjacent in the state). Every op writes a reused buffer: no
+        allocation per forward."""
+        f32 = torch.float32
         if self._part32 is None:
             self._part32 = torch.zeros(3, self.d)
-        part, rows = self._part32, buf.shape[0]
-        # (one chunk: no split; every op writes a reused buffer: no allocation per forward)
-        for c in (r,) if r.shape[0] <= rows else r.split(rows):
-            m = c.shape[0]
+        part = self._part32
+        for c in (r,) if r.shape[0] <= _F32_ROWS else r.split(_F32_ROWS):
             if c.dtype != f32:
                 c = c.float()
             if centred:
-                lhs = self._lhs(m, c.device, f32)
+                lhs = self._lhs(c.shape[0], c.device, f32)
                 torch.mv(c, self._mean_w(c.device, f32), out=lhs[1])  # μ_α
                 torch.mm(lhs, c, out=part[:2])
-            torch.sum(torch.mul(c, c, out=buf[:m]), 0, out=part[2])
+            a = c.detach().numpy()
+            np.einsum("ij,ij->j", a, a, out=part[2].numpy())  # Σ_α x_αj² in one pass
             if centred:
                 self._sums3.add_(part.view(-1))
             else:
@@ -416,14 +416,13 @@ class StatsAccumulator:
         s.excess_kurtosis_sum += (c4 / var.square().clamp_min(_TINY) - 3.0).clamp_min(0.0).sum()
         s.above += (r.abs() > self.threshold).sum()
 
-    def scratch(self, dtype: torch.dtype = torch.float64) -> torch.Tensor | None:
-        """A reused (rows, d) buffer of about 2 MiB (``_SCRATCH`` float64 or ``_SCRATCH32``
-        float32 elements) for chunked CPU sums."""
+    def scratch(self) -> torch.Tensor | None:
+        """A reused (rows, d) float64 buffer of about 2 MiB (``_SCRATCH`` elements) for
+        chunked CPU sums."""
         if self.state.device.type != "cpu":
             return None
-        if self._buf is None or self._buf.dtype != dtype:
-            elems = _SCRATCH if dtype == torch.float64 else _SCRATCH32
-            self._buf = torch.empty(max(1, elems // self.d), self.d, dtype=dtype)
+        if self._buf is None:
+            self._buf = torch.empty(max(1, _SCRATCH // self.d), self.d, dtype=torch.float64)
         return self._buf
 
     def add_cos(self, value: float | torch.Tensor, valid: bool | None = None) -> None:

@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 from outlierlab import metrics as M
 from outlierlab import stats as S
 from outlierlab.model import GPT, GPTConfig
+from outlierlab.model import attn as M_attn
 from outlierlab.monitor import OutlierMonitor
 from outlierlab.stats import StatsAccumulator
 from tolerances import F32_SUMS, F32_SUMS_ABS
@@ -112,7 +113,7 @@ def test_permutations_and_per_token_offsets(seed, offset):
 @pytest.mark.parametrize("extras", [False, True])
 def test_streaming_equals_one_shot(monkeypatch, extras):
     monkeypatch.setattr(S, "_SCRATCH", 24 * 7)  # 7-row float64 chunks: the chunked path
-    monkeypatch.setattr(S, "_SCRATCH32", 24 * 7)  # and 7-row float32 chunks
+    monkeypatch.setattr(S, "_F32_ROWS", 7)  # and 7-row float32 chunks
     x = planted()
     mask = torch.rand(x.shape[:-1], generator=torch.Generator().manual_seed(1)) > 0.3
     acc = StatsAccumulator(24, extras=extras, authors=True)
@@ -170,6 +171,11 @@ def test_softmax_entropy_from_logits_equals_the_authors_nansum(seed, scale, t):
     assert got == pytest.approx(want, rel=1e-5, abs=2e-6)
     assert got >= -1e-6
     assert got <= np.mean([math.log(i + 1) for i in range(t)]) + 1e-5  # log(t + 1) per row
+    # the monitor's form: finite masked logits (the most negative float32), used as scratch
+    zf = z + M_attn.causal_bias(t, t, finite=True)
+    assert torch.equal(zf.softmax(-1), probs)
+    scratch = float(M.softmax_entropy_sum(probs, zf, overwrite=True)) / rows
+    assert scratch == pytest.approx(got, rel=1e-6, abs=1e-7)
 
 
 def tiny_gpt(**kw):

@@ -167,7 +167,7 @@ def test_float32_chunk_sums_stay_within_their_documented_error(dtype, centred):
     stays within F32_SUM_RTOL of float64 sums of the same values, and a float64 batch is
     summed in float64 (to rounding order)."""
     g = torch.Generator().manual_seed(7)
-    n, d = 3 * (S._SCRATCH32 // 96) + 17, 96  # three full float32 chunks and a part
+    n, d = 3 * S._F32_ROWS + 17, 96  # three full float32 chunks and a part
     x = torch.randn(n, d, generator=g) + 2.0 * torch.randn(n, 1, generator=g)
     x[:, 5] *= 300
     x[::97] *= 50

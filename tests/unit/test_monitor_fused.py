@@ -79,7 +79,7 @@ def test_fused_hook_equals_unfused_float64_reference(limits, chunked, monkeypatc
     mmr_n, cos_n = limits
     if chunked:  # several scratch chunks per forward, and no pre-gathered subsample
         monkeypatch.setattr(S, "_SCRATCH", D * 37)
-        monkeypatch.setattr(S, "_SCRATCH32", D * 37)
+        monkeypatch.setattr(S, "_F32_ROWS", 37)
         monkeypatch.setattr(S, "_CHUNK", D * 50)
         monkeypatch.setattr("outlierlab.monitor._CHUNK", D * 50)
     model, seed = Feed(), 5

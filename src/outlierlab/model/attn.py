@@ -38,24 +38,26 @@ def causal_mask(t_q: int, t_k: int, n_bias: int = 0, device: torch.device | None
 
 
 @functools.lru_cache(maxsize=64)
-def _causal(t_q: int, t_k: int, n_bias: int, device: torch.device,
-            dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
-    """The causal mask and its additive form (0 where visible, −∞ where not, ``dtype``): the
-    weights of every evaluation, and the monitor's attention entropy on every measured step,
-    add it instead of building a mask and filling with it each call."""
+def _causal(t_q: int, t_k: int, n_bias: int, device: torch.device, dtype: torch.dtype,
+            fill: float = -math.inf) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """The causal mask and its additive form (0 where visible, ``fill`` where not, ``dtype``):
+    the weights of every evaluation, and the monitor's attention entropy on every measured
+    step, add it instead of building a mask and filling with it each call."""
     seen = torch.ones(t_q, t_k, dtype=torch.bool, device=device).tril(t_k - t_q)
     if n_bias:
         seen = torch.cat([torch.ones(t_q, n_bias, dtype=torch.bool, device=device), seen], -1)
-    blocked = torch.zeros(seen.shape, dtype=dtype, device=device).masked_fill(~seen, -math.inf)
+    blocked = torch.zeros(seen.shape, dtype=dtype, device=device).masked_fill(~seen, fill)
     return seen, blocked
 
 
 def causal_bias(t_q: int, t_k: int, device: torch.device | str | None = None,
-                dtype: torch.dtype = torch.float32) -> torch.Tensor:
+                dtype: torch.dtype = torch.float32, finite: bool = False) -> torch.Tensor:
     """The causal mask in additive form (t_q, t_k): 0 where query i may see key j, −∞ where
-    not; ``softmax(z + causal_bias)`` is :func:`attention_probs` of z. Cached and shared: read
-    it, never write into it."""
-    return _causal(t_q, t_k, 0, torch.device(device or "cpu"), dtype)[1]
+    not (``finite``: the dtype's most negative number, whose softmax weight is exactly 0 as
+    well, so that p·z stays 0 there); ``softmax(z + causal_bias)`` is :func:`attention_probs`
+    of z. Cached and shared: read it, never write into it."""
+    fill = torch.finfo(dtype).min if finite else -math.inf
+    return _causal(t_q, t_k, 0, torch.device(device or "cpu"), dtype, fill)[1]
 
 
 def attention_probs(

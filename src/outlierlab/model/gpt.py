@@ -117,7 +117,8 @@ class CausalSelfAttention(nn.Module):
     ``attn_entropy``); then ``probs_sink.rows(batch, seq_len, device)`` says which sequences
     it wants (a LongTensor, or None for all) and ``probs_sink(probs)`` (plain softmax, to a
     sink whose ``takes_logits`` is true: ``probs_sink(probs, logits=z)``, the logits they are
-    the softmax of, −∞ at masked keys) is called with their
+    the softmax of, float32 with the most negative float32 at masked keys, the sink's to
+    overwrite) is called with their
     causal attention probabilities (B, heads, T, T), recomputed in float32 from the same q and k
     without grad, a few sequences at a time, with the ``model.attn`` function actually used;
     with ``attn_bias_kv`` the weight on the bias slot is left out (rows then sum to < 1, as
@@ -173,6 +174,17 @@ class CausalSelfAttention(nn.Module):
         if self.softcap is not None:
             att = self.softcap * torch.tanh(att / self.softcap)
         return att
+
+    def _masked_logits(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        """:meth:`_logits` plus the finite causal bias (:func:`causal_bias`, ``finite``); with
+        no soft-cap one ``baddbmm``: bias + (q kᵀ) / √d_head."""
+        b, h, t, hs = q.shape
+        bias = causal_bias(t, k.shape[2], q.device, finite=True)
+        if self.softcap is not None:
+            return self._logits(q, k).add_(bias)
+        kt = k.reshape(b * h, -1, hs).transpose(1, 2)
+        z = torch.baddbmm(bias, q.reshape(b * h, t, hs), kt, alpha=1 / math.sqrt(self.d_head))
+        return z.view(b, h, t, -1)
 
     def _k_bias(self) -> torch.Tensor | None:
         """The bias key through the same QK-Norm as token keys (so OP's logit bound holds)."""
@@ -248,8 +260,7 @@ class CausalSelfAttention(nn.Module):
             one = q.shape[0] <= step
             for qc, kc in zip((q,) if one else q.split(step), (k,) if one else k.split(step)):
                 if plain:  # the sink's entropy from the logits needs no log per entry
-                    z = self._logits(qc.float(), kc.float())
-                    z += causal_bias(z.shape[-2], z.shape[-1], z.device)
+                    z = self._masked_logits(qc.float(), kc.float())
                     sink(z.softmax(-1), logits=z)
                     continue
                 probs = attention_weights(
