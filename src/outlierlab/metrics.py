@@ -167,10 +167,8 @@ def softmax_entropy_sum(probs: torch.Tensor, logits: torch.Tensor, *,
     rows, whose zeros take its slow path. ``overwrite``: float32 ``logits`` are used as scratch
     (one copy and one pass fewer); they must then be finite at masked keys (0 · ∞ is NaN)."""
     probs, z = probs.detach().float(), logits.detach().float()
-    if overwrite:
-        gap = z.sub_(z.amax(-1, keepdim=True))  # z − m ≤ 0
-    else:
-        gap = (z - z.amax(-1, keepdim=True)).nan_to_num_(neginf=0.0)  # masked: p = 0
+    m = z.amax(-1, keepdim=True)
+    gap = z.sub_(m) if overwrite else (z - m).nan_to_num_(neginf=0.0)  # z − m ≤ 0; masked: p = 0
     spread = torch.linalg.vecdot(probs, gap).neg_()
     return (spread - probs.amax(-1).log()).sum(dtype=torch.float64)
 

@@ -169,22 +169,19 @@ class CausalSelfAttention(nn.Module):
             q, k = self.rotary(q), self.rotary(k)
         return q, k, v
 
-    def _logits(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-        att = (q * (1 / math.sqrt(self.d_head))) @ k.transpose(-2, -1)  # (B, nh, T, T)
+    def _logits(self, q: torch.Tensor, k: torch.Tensor,
+                bias: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+        """q kᵀ / √d_head (B, nh, T, T_k), soft-capped, plus ``bias`` (T, T_k) if given; with a
+        bias and no soft-cap one ``baddbmm``."""
+        scale = 1 / math.sqrt(self.d_head)
+        if bias is not None and self.softcap is None:
+            b, h, t, hs = q.shape
+            kt = k.reshape(b * h, -1, hs).transpose(1, 2)
+            return torch.baddbmm(bias, q.reshape(b * h, t, hs), kt, alpha=scale).view(b, h, t, -1)
+        att = (q * scale) @ k.transpose(-2, -1)
         if self.softcap is not None:
             att = self.softcap * torch.tanh(att / self.softcap)
-        return att
-
-    def _masked_logits(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-        """:meth:`_logits` plus the finite causal bias (:func:`causal_bias`, ``finite``); with
-        no soft-cap one ``baddbmm``: bias + (q kᵀ) / √d_head."""
-        b, h, t, hs = q.shape
-        bias = causal_bias(t, k.shape[2], q.device, finite=True)
-        if self.softcap is not None:
-            return self._logits(q, k).add_(bias)
-        kt = k.reshape(b * h, -1, hs).transpose(1, 2)
-        z = torch.baddbmm(bias, q.reshape(b * h, t, hs), kt, alpha=1 / math.sqrt(self.d_head))
-        return z.view(b, h, t, -1)
+        return att if bias is None else att.add_(bias)
 
     def _k_bias(self) -> torch.Tensor | None:
         """The bias key through the same QK-Norm as token keys (so OP's logit bound holds)."""
@@ -257,10 +254,11 @@ class CausalSelfAttention(nn.Module):
             kb = kb.float() if kb is not None else None
             n = 0 if kb is None else kb.shape[-2]
             plain = self.kind == "softmax" and kb is None and getattr(sink, "takes_logits", False)
+            bias = causal_bias(q.shape[2], k.shape[2], q.device, finite=True) if plain else None
             one = q.shape[0] <= step
             for qc, kc in zip((q,) if one else q.split(step), (k,) if one else k.split(step)):
                 if plain:  # the sink's entropy from the logits needs no log per entry
-                    z = self._masked_logits(qc.float(), kc.float())
+                    z = self._logits(qc.float(), kc.float(), bias)
                     sink(z.softmax(-1), logits=z)
                     continue
                 probs = attention_weights(
