@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Creates .venv with PyTorch and outlierlab (editable, with the hf, lightning, tensorboard, cluster and dev extras;
+# Creates .venv with PyTorch and outlierlab (editable, with the hf, lightning, tensorboard, cluster, fast and dev extras;
 # scripts/constraints.txt pins the packages whose releases change what the tests build, check or lint).
 # CPU machines get the CPU build of torch 2.13.0; on a machine with an NVIDIA GPU pip's default
 # (CUDA) build is installed instead. Set TORCH_SPEC to choose another, e.g. TORCH_SPEC="torch==2.9.1".
@@ -17,6 +17,6 @@ if ! .venv/bin/python -c "import torch" 2>/dev/null; then
     .venv/bin/pip install --quiet --disable-pip-version-check "$spec"
 fi
 .venv/bin/pip install --quiet --disable-pip-version-check -c scripts/constraints.txt \
-    -e ".[hf,lightning,tensorboard,cluster,dev]"
+    -e ".[hf,lightning,tensorboard,cluster,fast,dev]"
 touch .venv/.outlierlab-setup
 echo "setup: ready (.venv/bin/outlierlab)"

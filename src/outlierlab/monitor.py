@@ -46,7 +46,7 @@ from torch import nn
 from outlierlab.errors import ConfigError
 from outlierlab.jsonable import json_safe
 from outlierlab.metrics import OUTLIER_K, attention_entropy_sum, softmax_entropy_sum
-from outlierlab.stats import _CHUNK, StatsAccumulator
+from outlierlab.stats import StatsAccumulator
 from outlierlab.structure import (  # noqa: F401 — auto_points, glob_regex: public here too
     AttentionPoint,
     StructureError,
@@ -250,24 +250,7 @@ class OutlierMonitor:
                 g = torch.Generator().manual_seed(self.seed + self._measured)
                 perm = torch.randperm(n, generator=g).to(rows.device)
                 self._perms[(n, rows.device)] = perm
-            acc.add_rows(rows)
-            if not n:
-                return
-            # One gather serves both subsamples (Eq. 2 takes the first mmr_n of the permutation,
-            # cos-sim the first cos_n) unless it would be a large temporary.
-            k = max(mmr_n if sub_mmr else 0, cos_n if sub_cos else 0)
-            sel = rows.index_select(0, perm[:k]) if k > 0 and k * d <= _CHUNK else None
-            if sub_mmr:
-                acc.add_mmr(sel[:mmr_n] if sel is not None else rows.index_select(0, perm[:mmr_n]))
-            else:
-                acc.add_mmr(rows)
-            if n >= 2:
-                if not sub_cos:
-                    acc.add_cos_rows(rows)
-                elif sel is not None:
-                    acc.add_cos_rows(sel[:cos_n])
-                else:
-                    acc.add_cos_rows(rows, perm[:cos_n])
+            acc.add_point(rows, perm, mmr_n, cos_n)
 
     # -- control ------------------------------------------------------------------------------
 

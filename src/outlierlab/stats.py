@@ -24,6 +24,7 @@ from dataclasses import dataclass, fields
 import numpy as np
 import torch
 
+from outlierlab import fused
 from outlierlab.metrics import (
     LLM_INT8_THRESHOLD,
     OUTLIER_K,
@@ -101,16 +102,28 @@ def mmr_sum_host(r: torch.Tensor) -> float:
     (SIMD) sort of |x| per row gives the max (last column) and the median (the middle one or
     two, averaged in float64 as :func:`outlierlab.metrics.median_abs`), so no torch op is
     dispatched. Equals :func:`mmr_sum` up to the summation order."""
-    d = r.shape[-1]
-    lo, hi = (d - 1) // 2, d // 2
     total = 0.0
     for c in _row_chunks(r):
         p = np.abs(c.detach().numpy())
-        p.sort(axis=-1)
-        med = (p[:, lo].astype(np.float64) + p[:, hi].astype(np.float64)) / 2
-        with np.errstate(divide="ignore", invalid="ignore"):  # inf / NaN as token_mmr's
-            total += float((p[:, -1].astype(np.float64) / med).sum())
+        total += _mmr_sum_abs(p)
     return total
+
+
+def _mmr_sum_abs(p: np.ndarray) -> float:
+    """Σ over the rows of ``p`` = |x| (n, d), sorted in place here, of max / median (Eq. 2)."""
+    d = p.shape[-1]
+    lo, hi = (d - 1) // 2, d // 2
+    p.sort(axis=-1)
+    med = (p[:, lo].astype(np.float64) + p[:, hi].astype(np.float64)) / 2
+    with np.errstate(divide="ignore", invalid="ignore"):  # inf / NaN as token_mmr's
+        return float((p[:, -1].astype(np.float64) / med).sum())
+
+
+def _cosine_from_unit_sum(t: np.ndarray, nonzero: int, n: int) -> float:
+    """Mean off-diagonal cosine of n rows from t = Σ_α x_α/|x_α| and the number of non-zero
+    rows: (|t|² − nonzero) / (n(n−1)) (science §1)."""
+    t = t.astype(np.float64)
+    return float((t @ t - nonzero) / (n * (n - 1)))
 
 
 def offdiag_cosine_fast(r: torch.Tensor, index: torch.Tensor | None = None) -> torch.Tensor:
@@ -144,9 +157,7 @@ def offdiag_cosine_host(r: torch.Tensor) -> float:
     Python float: the two passes over the rows in torch, the scalar tail in numpy (no 0-d
     torch ops)."""
     w = _inverse_norms(r)
-    t = (w @ r).numpy().astype(np.float64)
-    n = r.shape[0]
-    return float((t @ t - np.count_nonzero(w.numpy())) / (n * (n - 1)))
+    return _cosine_from_unit_sum((w @ r).numpy(), np.count_nonzero(w.numpy()), r.shape[0])
 
 
 # -- the accumulator --------------------------------------------------------------------------
@@ -244,6 +255,7 @@ class StatsAccumulator:
         self._w: torch.Tensor | None = None  # _mean_w (not state)
         self._part32: torch.Tensor | None = None  # _add_f32's (3, d) partial sums
         self._sums3 = self.state[: 3 * d]  # col_sum, cross, sq: one add of (3, d) partial sums
+        self._abs: np.ndarray | None = None  # _add_point_fused's |x| of the Eq. 2 rows
 
     @property
     def tokens(self) -> int:
@@ -314,6 +326,80 @@ class StatsAccumulator:
         else:
             self._add_sq(r)
         return self
+
+    def add_point(
+        self,
+        r: torch.Tensor,
+        order: torch.Tensor | None = None,
+        mmr_n: int | None = None,
+        cos_n: int | None = None,
+    ) -> StatsAccumulator:
+        """One forward's token rows ``r`` (n, d) at a measured point: every per-neuron sum
+        (:meth:`add_rows`), Eq. 2 (:meth:`add_mmr`) and, with n ≥ 2, one cos-sim value
+        (:meth:`add_cos_rows`). When n exceeds ``mmr_n`` (``cos_n``), Eq. 2 (cos-sim) takes the
+        rows ``order[:mmr_n]`` (``order[:cos_n]``) of the permutation ``order``, else all rows;
+        one gather serves both. A CPU float32/float64 batch of at most ``_CHUNK`` elements goes
+        through :mod:`outlierlab.fused` (one pass over the rows) when numba is there."""
+        n = r.shape[0]
+        sub_mmr = mmr_n is not None and n > mmr_n
+        sub_cos = cos_n is not None and n > cos_n
+        if (sub_mmr or sub_cos) and order is None:
+            raise ValueError("add_point: a subsample (n > mmr_n or cos_n) needs the order")
+        if n and self._fusable(r):
+            self._add_point_fused(r, order, mmr_n if sub_mmr else None, cos_n if sub_cos else None)
+            return self
+        self.add_rows(r)
+        if not n:
+            return self
+        k = max(mmr_n if sub_mmr else 0, cos_n if sub_cos else 0)
+        sel = r.index_select(0, order[:k]) if k and k * r.shape[1] <= _CHUNK else None
+        if sub_mmr:
+            self.add_mmr(sel[:mmr_n] if sel is not None else r.index_select(0, order[:mmr_n]))
+        else:
+            self.add_mmr(r)
+        if n >= 2:
+            if not sub_cos:
+                self.add_cos_rows(r)
+            elif sel is not None:
+                self.add_cos_rows(sel[:cos_n])
+            else:
+                self.add_cos_rows(r, order[:cos_n])
+        return self
+
+    def _fusable(self, r: torch.Tensor) -> bool:
+        """Whether :meth:`add_point` can take the fused one-pass kernels for ``r``."""
+        return (
+            self.authors and not self.extras and self.state.device.type == "cpu"
+            and _numpy_ok(r) and r.numel() <= _CHUNK and r.is_contiguous() and fused.available()
+        )  # fmt: skip
+
+    def _add_point_fused(
+        self, r: torch.Tensor, order: torch.Tensor | None, mmr_n: int | None, cos_n: int | None
+    ) -> None:
+        """:meth:`add_point` through :func:`outlierlab.fused.point_sums` (the per-neuron sums
+        straight into the float64 state, the cos-sim rows' Σ x/|x|) and
+        :func:`outlierlab.fused.gather_abs` (|x| of the Eq. 2 rows, sorted in numpy)."""
+        n, d = r.shape
+        x = r.detach().numpy()
+        p = self._pending
+        p.tokens += n
+        if n < 2:
+            cos_index = np.empty(0, dtype=np.int64)
+        else:
+            cos_index = None if cos_n is None else order[:cos_n].numpy()
+        t, nonzero = fused.point_sums(x, self._sums3.numpy().reshape(3, d), cos_index)
+        if n >= 2:
+            p.cos_sum += _cosine_from_unit_sum(t, nonzero, n if cos_n is None else cos_n)
+            p.cos_count += 1
+        if mmr_n is None:
+            p.mmr_sum += _mmr_sum_abs(np.abs(x))
+            p.mmr_tokens += n
+            return
+        buf = self._abs
+        if buf is None or buf.shape[0] < mmr_n or buf.dtype != x.dtype:
+            buf = self._abs = np.empty((mmr_n, d), dtype=x.dtype)
+        p.mmr_sum += _mmr_sum_abs(fused.gather_abs(x, order[:mmr_n].numpy(), buf[:mmr_n]))
+        p.mmr_tokens += mmr_n
 
     def add_mmr(self, rows: torch.Tensor) -> StatsAccumulator:
         """Add the Eq. 2 summands of the token rows ``rows`` (n, d): on CPU in numpy

@@ -1,6 +1,7 @@
-"""The monitor's fast hook path (raw sums centred when read, one gather for both subsamples,
-Eq. 2 in numpy, reused buffers; issue 24 item 4) equals the unfused float64 formulas of
-:mod:`outlierlab.metrics` on the same tokens and the same seeded subsamples."""
+"""The monitor's fast hook paths (raw sums centred when read, one gather for both subsamples,
+Eq. 2 in numpy, reused buffers; with numba the one-pass kernels of :mod:`outlierlab.fused`;
+issue 24 item 4) equal the unfused float64 formulas of :mod:`outlierlab.metrics` on the same
+tokens and the same seeded subsamples."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from outlierlab import OutlierMonitor
+from outlierlab import OutlierMonitor, fused
 from outlierlab import metrics as M
 from outlierlab import stats as S
 from tolerances import F32_SUMS, F32_SUMS_ABS
@@ -41,6 +42,19 @@ def activations(forwards: int, n: int, seed: int = 0) -> list[tuple[torch.Tensor
         xb[..., 0, :] *= 40  # massive first-token activations
         out.append((xa, xb))
     return out
+
+
+@pytest.fixture(params=["ops", "fused"])
+def hook_path(request, monkeypatch) -> str:
+    """The hook's torch/numpy ops (numba off) or the fused numba kernels (skipped without numba)."""
+    if request.param == "fused":
+        pytest.importorskip("numba")
+        monkeypatch.delenv(fused.ENV, raising=False)
+        monkeypatch.setattr(fused, "_kernels", None)
+        assert fused.available()
+    else:
+        monkeypatch.setattr(fused, "_kernels", False)
+    return request.param
 
 
 def reference(xs: list[torch.Tensor], seed: int, mmr_n: int | None, cos_n: int | None) -> dict:
@@ -75,24 +89,28 @@ def assert_matches(res: dict, ref: dict, f32: bool) -> None:
 
 @pytest.mark.parametrize("limits", [(100, 300), (300, 100), (None, None), (100, None)])
 @pytest.mark.parametrize("chunked", [False, True])
-def test_fused_hook_equals_unfused_float64_reference(limits, chunked, monkeypatch):
+def test_fused_hook_equals_unfused_float64_reference(limits, chunked, hook_path, monkeypatch):
     mmr_n, cos_n = limits
-    if chunked:  # several scratch chunks per forward, and no pre-gathered subsample
-        monkeypatch.setattr(S, "_SCRATCH", D * 37)
+    if chunked:  # several scratch chunks per forward, and no pre-gathered subsample (the
+        monkeypatch.setattr(S, "_SCRATCH", D * 37)  # fused path declines batches this large)
         monkeypatch.setattr(S, "_F32_ROWS", 37)
         monkeypatch.setattr(S, "_CHUNK", D * 50)
-        monkeypatch.setattr("outlierlab.monitor._CHUNK", D * 50)
+    calls = []
+    if hook_path == "fused":
+        kernel = fused.point_sums
+        monkeypatch.setattr(fused, "point_sums", lambda *a: calls.append(1) or kernel(*a))
     model, seed = Feed(), 5
     data = activations(3, 640)
     with OutlierMonitor(model, mmr_max_tokens=mmr_n, cos_max_tokens=cos_n, seed=seed) as mon:
         for xa, xb in data:
             model(xa, xb)
+    assert len(calls) == (6 if hook_path == "fused" and not chunked else 0)
     res = mon.results()
     assert_matches(res["p.a"], reference([a for a, _ in data], seed, mmr_n, cos_n), f32=True)
     assert_matches(res["p.b"], reference([b for _, b in data], seed, mmr_n, cos_n), f32=False)
 
 
-def test_reset_reuses_buffers_without_stale_sums():
+def test_reset_reuses_buffers_without_stale_sums(hook_path):
     """After reset the reused accumulators start from zero: equal to a fresh monitor's."""
     model, data = Feed(), activations(4, 320, seed=1)
     with OutlierMonitor(model, seed=2) as mon:
