@@ -78,6 +78,7 @@ def _parts():
     return [(monitor.OutlierMonitor, "_record", "residual hooks (Kurt, MMR, cos-sim sums)"),
             (gpt.CausalSelfAttention, "_report_probs", "attention probabilities + entropy"),
             (monitor._EntropySink, "__call__", "  of which: entropy"),
+            (monitor._EntropySink, "causal_logits", "  of which: entropy"),
             (measuring.MeasureEvery, "end_step", "end of step (results, summary)"),
             (trainer.Trainer, "log", "row written (metrics.jsonl)")]  # fmt: skip
 
@@ -117,9 +118,10 @@ def attribute(size: str, rounds: int, tmp: Path, warmup: int = 10) -> None:
         wall = loop.run().seconds
     n = len(wall["on"])
     off, on = sum(wall["off"]) / n, sum(wall["on"]) / n
+    labels = list(dict.fromkeys(label for _, _, label in parts))  # a label may time two methods
     rows = [[label, f"{spent[('on', label)] / n * 1e3:.2f}",
-             f"{spent[('on', label)] / n / off:+.2%}"] for _, _, label in parts]
-    named = sum(spent[("on", label)] for _, _, label in parts if not label.startswith(" ")) / n
+             f"{spent[('on', label)] / n / off:+.2%}"] for label in labels]
+    named = sum(spent[("on", label)] for label in labels if not label.startswith(" ")) / n
     rows += [["sum of the parts", f"{named * 1e3:.2f}", f"{named / off:+.2%}"],
              ["measured: on − off (mean step)", f"{(on - off) * 1e3:.2f}", f"{on / off - 1:+.2%}"]]
     print(f"size {size}: {n} steps each; off {off * 1e3:.1f} ms/step, on {on * 1e3:.1f} ms/step")

@@ -42,3 +42,19 @@ def gguf_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("OUTLIERLAB_CACHE", str(tmp_path / "cache"))
     monkeypatch.setenv("OUTLIERLAB_GGUF_CACHE", "on")
     return tmp_path / "cache" / "gguf"
+
+
+@pytest.fixture(params=["ops", "fused"])
+def hook_path(request, monkeypatch) -> str:
+    """The monitor's torch/numpy ops (numba off) or the fused numba kernels of
+    :mod:`outlierlab.fused` (skipped without numba): tests taking it run both."""
+    from outlierlab import fused
+
+    if request.param == "fused":
+        pytest.importorskip("numba")
+        monkeypatch.delenv(fused.ENV, raising=False)
+        monkeypatch.setattr(fused, "_kernels", None)
+        assert fused.available()
+    else:
+        monkeypatch.setattr(fused, "_kernels", False)
+    return request.param

@@ -84,3 +84,54 @@ def gather_abs(x, index, out):
         row, o = x[index[k]], out[k]
         for j in range(d):
             o[j] = abs(row[j])
+
+
+# exp for float32 without a libm call, so that LLVM vectorises the loop: 2^n · p(r) with
+# n = round(x / ln 2), r = x − n ln 2 (ln 2 in two parts), p Cephes' expf polynomial (~1 ulp);
+# x ≥ _EXP_LO keeps 2^n a normal number.
+_LOG2E = np.float32(1.4426950408889634)
+_LN2_HI = np.float32(0.693359375)
+_LN2_LO = np.float32(-2.12194440e-4)
+_EXP_LO = np.float32(-87.0)
+_EXP_P = tuple(np.float32(c) for c in (
+    1.9875691500e-4, 1.3981999507e-3, 8.3334519073e-3, 4.1665795894e-2, 1.6666665459e-1,
+    5.0000001201e-1,
+))  # fmt: skip
+
+
+@_jit
+def causal_entropy_sum(z, gap, e, n_pow):
+    """Σ over the causal rows of ``z`` (R, T_q, T_k) float32 logits (query i sees keys
+    j ≤ i + T_k − T_q) of the entropy of softmax(row), H = log S − Σ e_j g_j / S with
+    g_j = z_j − max, e_j = exp(g_j), S = Σ e_j. NaN when a row holds NaN or ±inf. ``gap``,
+    ``e`` (float32) and ``n_pow`` (int32) are scratch of length T_k."""
+    r_len, t_q, t_k = z.shape
+    bits = e.view(np.int32)
+    p0, p1, p2, p3, p4, p5 = _EXP_P
+    total = 0.0
+    for a in range(r_len):
+        for i in range(t_q):
+            n = i + 1 + t_k - t_q
+            row = z[a, i]
+            m = row[0]
+            bad = np.float32(0.0)
+            for j in range(n):
+                m = max(m, row[j])
+                bad += row[j] * np.float32(0.0)  # NaN for NaN or ±inf, else 0
+            for j in range(n):
+                x = max(row[j] - m, _EXP_LO)
+                gap[j] = x
+                k = np.floor(x * _LOG2E + np.float32(0.5))
+                r = x - k * _LN2_HI - k * _LN2_LO
+                p = ((((p0 * r + p1) * r + p2) * r + p3) * r + p4) * r + p5
+                e[j] = p * r * r + r + np.float32(1.0)
+                n_pow[j] = np.int32(k)
+            for j in range(n):
+                bits[j] += n_pow[j] << 23  # × 2^k: add k to the exponent field
+            s = np.float32(0.0)
+            w = np.float32(0.0)
+            for j in range(n):
+                s += e[j]
+                w += e[j] * gap[j]
+            total += np.log(np.float64(s)) - np.float64(w) / np.float64(s) + np.float64(bad)
+    return total

@@ -81,3 +81,25 @@ def gather_abs(x: np.ndarray, index: np.ndarray, out: np.ndarray | None = None) 
         out = np.empty((index.shape[0], x.shape[1]), dtype=x.dtype)
     _kernels.gather_abs(x, index, out)
     return out
+
+
+def causal_entropy_sum(z: np.ndarray) -> tuple[float, int]:
+    """``(Σ H, rows)``: the entropies, in nats, of the causal softmax rows of the C-contiguous
+    float32 logits ``z`` (…, T_q, T_k) (query i sees keys j ≤ i + T_k − T_q; the rest of ``z``
+    is not read) and how many rows that is. One pass per row, exp vectorised: H = log S −
+    Σ_j e_j (z_j − m) / S with m the row's max, e_j = exp(z_j − m), S = Σ e_j (science §1,
+    attention entropy); :func:`outlierlab.metrics.softmax_entropy_sum` of the masked softmax,
+    to float32 rounding. NaN when a seen logit is NaN or ±inf."""
+    if not available():
+        raise RuntimeError(f"the fused kernels need numba (the 'fast' extra) and {ENV} != 0")
+    if z.dtype != np.float32 or z.ndim < 2 or not z.flags.c_contiguous:
+        raise ValueError(f"z must be C-contiguous float32 (..., T_q, T_k), got {z.dtype} {z.shape}")
+    t_q, t_k = z.shape[-2:]
+    if t_k < t_q:
+        raise ValueError(f"causal rows need T_k >= T_q, got T_q={t_q}, T_k={t_k}")
+    rows = z.size // t_k if t_k else 0
+    if not rows:
+        return 0.0, 0
+    gap, e = np.empty(t_k, dtype=np.float32), np.empty(t_k, dtype=np.float32)
+    total = _kernels.causal_entropy_sum(z.reshape(-1, t_q, t_k), gap, e, np.empty(t_k, np.int32))
+    return float(total), rows

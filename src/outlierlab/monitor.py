@@ -43,9 +43,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from outlierlab import fused
 from outlierlab.errors import ConfigError
 from outlierlab.jsonable import json_safe
 from outlierlab.metrics import OUTLIER_K, attention_entropy_sum, softmax_entropy_sum
+from outlierlab.model.attn import causal_bias
 from outlierlab.stats import StatsAccumulator
 from outlierlab.structure import (  # noqa: F401 — auto_points, glob_regex: public here too
     AttentionPoint,
@@ -358,7 +360,6 @@ class _EntropySink:
     ``rows`` picks the sequences, calling it adds their attention entropy to the layer's sums."""
 
     __slots__ = ("mon", "name")
-    takes_logits = True  # a GPT's plain-softmax layer also hands over its logits (cheaper)
 
     def __init__(self, mon: OutlierMonitor, name: str):
         self.mon, self.name = mon, name
@@ -366,17 +367,31 @@ class _EntropySink:
     def rows(self, batch: int, seq_len: int, device: torch.device) -> torch.Tensor | None:
         return self.mon._sequences(batch, seq_len, device)
 
-    def __call__(self, probs: torch.Tensor, logits: torch.Tensor | None = None) -> None:
-        """Add the entropy of ``probs`` (with ``logits``, the logits they are the softmax of,
-        handed over to be used as scratch, finite at masked keys:
-        :func:`~outlierlab.metrics.softmax_entropy_sum`, cheaper)."""
+    def __call__(self, probs: torch.Tensor) -> None:
+        """Add the entropy of ``probs`` (…, T_q, T_k)."""
+        self._add(attention_entropy_sum(probs), probs[..., 0].numel(), probs.device)
+
+    def causal_logits(self, z: torch.Tensor) -> None:
+        """Add the entropy of softmax(z + causal mask) for a plain-softmax layer's float32
+        logits ``z`` (…, T_q, T_k), handed over as scratch: on CPU one pass per row through
+        :func:`outlierlab.fused.causal_entropy_sum` when numba is there, else the masked
+        softmax and :func:`~outlierlab.metrics.softmax_entropy_sum` (no log per entry)."""
+        if z.device.type == "cpu" and z.dtype == torch.float32 and z.is_contiguous() \
+                and fused.available():  # fmt: skip
+            total, rows = fused.causal_entropy_sum(z.numpy())
+            self._add(total, rows, z.device)
+            return
+        z = z.add_(causal_bias(z.shape[-2], z.shape[-1], z.device, finite=True))
+        self._add(softmax_entropy_sum(z.softmax(-1), z, overwrite=True), z[..., 0].numel(),
+                  z.device)  # fmt: skip
+
+    def _add(self, total: torch.Tensor | float, rows: int, device: torch.device) -> None:
         acc = self.mon._entropy.get(self.name)
         if acc is None:
-            acc = torch.zeros(2, dtype=torch.float64, device=probs.device)
+            acc = torch.zeros(2, dtype=torch.float64, device=device)
             self.mon._entropy[self.name] = acc
-        acc[0] += (attention_entropy_sum(probs) if logits is None
-                   else softmax_entropy_sum(probs, logits, overwrite=True))  # fmt: skip
-        acc[1] += probs[..., 0].numel()
+        acc[0] += total
+        acc[1] += rows
 
 
 def due(count: int, every: int) -> bool:

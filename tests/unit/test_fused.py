@@ -139,3 +139,55 @@ def test_bad_arguments_are_refused_not_read_past():
         fused.point_sums(x, np.zeros((3, 4)), None)
     with pytest.raises(ValueError, match="contiguous"):
         fused.point_sums(np.asfortranarray(rows(5, 3, seed=4)), np.zeros((3, 3)), None)
+
+
+def causal_entropy_numpy(z: np.ndarray) -> float:
+    """Σ over causal rows (query i sees keys j ≤ i + T_k − T_q) of −Σ p log p, in float64."""
+    t_q, t_k = z.shape[-2:]
+    seen = np.tril(np.ones((t_q, t_k), dtype=bool), t_k - t_q)
+    z = np.where(seen, z.astype(np.float64), -np.inf)
+    p = np.exp(z - z.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return float(np.nansum(-p * np.log(p)))
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    t_q=st.integers(1, 40),
+    extra=st.integers(0, 5),
+    heads=st.integers(1, 3),
+    scale=st.floats(0.0, 60.0),  # flat to one-hot rows (entropy collapse)
+    seed=st.integers(0, 2**16),
+)
+def test_causal_entropy_sum_equals_float64_numpy(t_q, extra, heads, scale, seed):
+    z = (scale * np.random.default_rng(seed).standard_normal((2, heads, t_q, t_q + extra)))
+    z = z.astype(np.float32)
+    total, n = fused.causal_entropy_sum(z)
+    assert n == 2 * heads * t_q
+    assert total == pytest.approx(causal_entropy_numpy(z), rel=1e-5, abs=1e-5 * n)
+    assert 0 <= total <= sum(np.log(np.arange(1, t_q + 1) + extra)) * 2 * heads * (1 + 1e-6)
+
+
+def test_causal_entropy_reads_only_the_seen_keys():
+    z = np.random.default_rng(5).standard_normal((3, 6, 9)).astype(np.float32)
+    want = causal_entropy_numpy(z)
+    z[0, 1, 5] = np.nan  # key 5 of query 1 is in the future: never read
+    z[2, 0, 8] = np.inf
+    assert fused.causal_entropy_sum(z)[0] == pytest.approx(want, rel=1e-6)
+    z[1, 0, 3] = -1e30  # a seen key of negligible weight, far below the exp's range
+    assert fused.causal_entropy_sum(z)[0] == pytest.approx(causal_entropy_numpy(z), rel=1e-6)
+    for bad in (np.nan, np.inf, -np.inf):
+        y = z.copy()
+        y[1, 4, 2] = bad  # seen: the sum is NaN, as the softmax's
+        assert np.isnan(fused.causal_entropy_sum(y)[0])
+
+
+def test_causal_entropy_refuses_what_it_cannot_read():
+    assert fused.causal_entropy_sum(np.zeros((0, 4, 4), dtype=np.float32)) == (0.0, 0)
+    with pytest.raises(ValueError, match="float32"):
+        fused.causal_entropy_sum(np.zeros((2, 4, 4)))
+    with pytest.raises(ValueError, match="contiguous"):
+        fused.causal_entropy_sum(np.zeros((2, 4, 8), dtype=np.float32)[..., ::2])
+    with pytest.raises(ValueError, match="T_k >= T_q"):
+        fused.causal_entropy_sum(np.zeros((2, 5, 4), dtype=np.float32))

@@ -14,6 +14,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from outlierlab import fused
 from outlierlab import metrics as M
 from outlierlab import stats as S
 from outlierlab.model import GPT, GPTConfig
@@ -200,11 +201,14 @@ def direct_entropy(model, idx):
 
 
 @pytest.mark.parametrize("kw", [{}, {"logit_softcap": 5.0}, {"qk_norm": True}])
-def test_gpt_attention_entropy_per_layer(kw):
+def test_gpt_attention_entropy_per_layer(kw, hook_path, monkeypatch):
     model = tiny_gpt(**kw)
     idx = torch.randint(0, 64, (4, 16), generator=torch.Generator().manual_seed(3))
+    calls, kernel = [], fused.causal_entropy_sum
+    monkeypatch.setattr(fused, "causal_entropy_sum", lambda z: calls.append(z.shape) or kernel(z))
     with OutlierMonitor(model, attn_max_tokens=None) as mon, torch.no_grad():
         model(idx)
+    assert calls == ([(4, 2, 16, 16)] * 2 if hook_path == "fused" else [])
     got = mon.attention_entropy()
     ref = direct_entropy(model, idx)
     assert list(got) == ["blocks.0.attn", "blocks.1.attn"]
@@ -214,7 +218,7 @@ def test_gpt_attention_entropy_per_layer(kw):
 
 
 @pytest.mark.parametrize("keep", [2, 1])  # one sequence: the GPT takes a view, not a copy
-def test_entropy_subsample_is_whole_sequences_and_seeded(keep):
+def test_entropy_subsample_is_whole_sequences_and_seeded(keep, hook_path):
     model = tiny_gpt()
     idx = torch.randint(0, 64, (6, 16), generator=torch.Generator().manual_seed(4))
     with OutlierMonitor(model, attn_max_tokens=16 * keep, seed=7) as mon, torch.no_grad():

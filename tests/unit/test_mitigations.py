@@ -147,17 +147,14 @@ def test_gated_attention_matches_qiu_et_al(gate):
 def test_model_attention_and_probs_sink_use_the_configured_function(kind):
     model = model64(attn=kind, clip_zeta=ZETA, clip_gamma=GAMMA)
     attn = model.blocks[0].attn
-    got, got_logits = [], []
+    got = []
 
     class Sink:
-        takes_logits = True  # as the monitor's: plain softmax hands over the logits too
-
         def rows(self, batch, seq_len, device):
             return None
 
-        def __call__(self, probs, logits=None):
+        def __call__(self, probs):
             got.append(probs)
-            got_logits.append(logits)
 
     attn.probs_sink = Sink()
     idx = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(5))
@@ -168,15 +165,21 @@ def test_model_attention_and_probs_sink_use_the_configured_function(kind):
     qkv = x @ attn.qkv.weight.detach().numpy().T
     q, k, _ = (a.reshape(B, T, 2, 8).transpose(0, 2, 1, 3) for a in np.split(qkv, 3, -1))
     z = q @ k.swapaxes(-1, -2) / np.sqrt(8)
-    want = ref_probs(z, kind)
-    np.testing.assert_allclose(got[0].numpy(), want, rtol=1e-3, atol=1e-5)  # float32 sink
-    if kind == "softmax":  # plain softmax: the masked logits come along (the cheap entropy)
-        causal = np.tril(np.ones((T, T), dtype=bool))
-        masked = np.finfo(np.float32).min  # finite: p · z stays 0 where p = 0
-        np.testing.assert_allclose(got_logits[0].numpy(), np.where(causal, z, masked),
-                                   rtol=1e-5, atol=1e-5)
-    else:
-        assert got_logits == [None]
+    np.testing.assert_allclose(got[0].numpy(), ref_probs(z, kind), rtol=1e-3, atol=1e-5)
+
+    class LogitSink(Sink):  # as the monitor's: plain softmax hands over the logits instead
+        def causal_logits(self, logits):
+            got.append(("logits", logits))
+
+    got.clear()
+    attn.probs_sink = LogitSink()
+    _attn_io(model, idx)
+    if kind == "softmax":  # unmasked, scaled; the sink applies the causal mask itself
+        assert len(got) == 1 and got[0][0] == "logits"
+        np.testing.assert_allclose(got[0][1].numpy(), z, rtol=1e-5, atol=1e-5)
+    else:  # the other functions' probabilities are written out
+        assert len(got) == 1 and isinstance(got[0], torch.Tensor)
+        np.testing.assert_allclose(got[0].numpy(), ref_probs(z, kind), rtol=1e-3, atol=1e-5)
 
 
 def test_attention_bias_sink_gets_the_token_part():

@@ -44,19 +44,6 @@ def activations(forwards: int, n: int, seed: int = 0) -> list[tuple[torch.Tensor
     return out
 
 
-@pytest.fixture(params=["ops", "fused"])
-def hook_path(request, monkeypatch) -> str:
-    """The hook's torch/numpy ops (numba off) or the fused numba kernels (skipped without numba)."""
-    if request.param == "fused":
-        pytest.importorskip("numba")
-        monkeypatch.delenv(fused.ENV, raising=False)
-        monkeypatch.setattr(fused, "_kernels", None)
-        assert fused.available()
-    else:
-        monkeypatch.setattr(fused, "_kernels", False)
-    return request.param
-
-
 def reference(xs: list[torch.Tensor], seed: int, mmr_n: int | None, cos_n: int | None) -> dict:
     """Unfused float64: metrics.py's one-shot formulas over all tokens (Eq. 1, the authors'),
     Eq. 2 and cos-sim on forward m's subsample ``randperm(n, seed + m)`` as the monitor

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from outlierlab import safe_io
 from outlierlab.errors import ConfigError, ModelLoadError
-from outlierlab.model.attn import attention, attention_probs, attention_weights, causal_bias
+from outlierlab.model.attn import attention, attention_probs, attention_weights
 from outlierlab.model.config import GPTConfig
 from outlierlab.run_folder import MODEL_CONFIG_FILE, MODEL_FILE
 
@@ -115,12 +115,12 @@ class CausalSelfAttention(nn.Module):
 
     ``probs_sink``: None except while a monitor measures a forward (``OutlierMonitor`` with
     ``attn_entropy``); then ``probs_sink.rows(batch, seq_len, device)`` says which sequences
-    it wants (a LongTensor, or None for all) and ``probs_sink(probs)`` (plain softmax, to a
-    sink whose ``takes_logits`` is true: ``probs_sink(probs, logits=z)``, the logits they are
-    the softmax of, float32 with the most negative float32 at masked keys, the sink's to
-    overwrite) is called with their
+    it wants (a LongTensor, or None for all) and ``probs_sink(probs)`` is called with their
     causal attention probabilities (B, heads, T, T), recomputed in float32 from the same q and k
-    without grad, a few sequences at a time, with the ``model.attn`` function actually used;
+    without grad, a few sequences at a time, with the ``model.attn`` function actually used
+    (plain softmax, to a sink with a ``causal_logits`` method: ``probs_sink.causal_logits(z)``
+    instead, z the float32 logits after scale and soft-cap, before the causal mask, the sink's
+    to overwrite: softmax over each row's first i + 1 keys gives the probabilities);
     with ``attn_bias_kv`` the weight on the bias slot is left out (rows then sum to < 1, as
     with ``softmax1``, ``softpick`` and ``clipped``). SDPA never returns them, so this is the
     only cost, and only on measured forwards.
@@ -169,19 +169,12 @@ class CausalSelfAttention(nn.Module):
             q, k = self.rotary(q), self.rotary(k)
         return q, k, v
 
-    def _logits(self, q: torch.Tensor, k: torch.Tensor,
-                bias: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
-        """q kᵀ / √d_head (B, nh, T, T_k), soft-capped, plus ``bias`` (T, T_k) if given; with a
-        bias and no soft-cap one ``baddbmm``."""
-        scale = 1 / math.sqrt(self.d_head)
-        if bias is not None and self.softcap is None:
-            b, h, t, hs = q.shape
-            kt = k.reshape(b * h, -1, hs).transpose(1, 2)
-            return torch.baddbmm(bias, q.reshape(b * h, t, hs), kt, alpha=scale).view(b, h, t, -1)
-        att = (q * scale) @ k.transpose(-2, -1)
+    def _logits(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        """q kᵀ / √d_head (B, nh, T, T_k), soft-capped."""
+        att = (q * (1 / math.sqrt(self.d_head))) @ k.transpose(-2, -1)
         if self.softcap is not None:
             att = self.softcap * torch.tanh(att / self.softcap)
-        return att if bias is None else att.add_(bias)
+        return att
 
     def _k_bias(self) -> torch.Tensor | None:
         """The bias key through the same QK-Norm as token keys (so OP's logit bound holds)."""
@@ -253,13 +246,11 @@ class CausalSelfAttention(nn.Module):
             kb = self._k_bias()
             kb = kb.float() if kb is not None else None
             n = 0 if kb is None else kb.shape[-2]
-            plain = self.kind == "softmax" and kb is None and getattr(sink, "takes_logits", False)
-            bias = causal_bias(q.shape[2], k.shape[2], q.device, finite=True) if plain else None
+            plain = self.kind == "softmax" and kb is None and hasattr(sink, "causal_logits")
             one = q.shape[0] <= step
             for qc, kc in zip((q,) if one else q.split(step), (k,) if one else k.split(step)):
-                if plain:  # the sink's entropy from the logits needs no log per entry
-                    z = self._logits(qc.float(), kc.float(), bias)
-                    sink(z.softmax(-1), logits=z)
+                if plain:  # the sink takes the logits: no probabilities written out here
+                    sink.causal_logits(self._logits(qc.float(), kc.float()))
                     continue
                 probs = attention_weights(
                     qc.float(), kc.float(), self.kind, k_bias=kb, softcap=self.softcap, **self.clip
