@@ -1,4 +1,4 @@
-"""One-pass CPU kernels for the monitor's hook (science §1 "Streaming"), compiled by numba.
+"""One-pass CPU kernels for the monitor (science §1 "Streaming", §1.7), compiled by numba.
 
 A measured point's token rows X (n, d) feed Kurt, the authors' metrics, cos-sim and Eq. 2. With
 torch and numpy ops that is about five passes over X: μ = X·(1/d), ``[1; μ]·X``, Σx², a gather of
@@ -7,7 +7,9 @@ the cos-sim rows with their norms and ``Xᵀ(1/|x_α|)``, and a gather of the Eq
 is in L1, then Σ_α x_αj, Σ_α x_αj μ_α, Σ_α x_αj² into the float64 sums and, on the cos-sim rows,
 Σ_α x_α/|x_α| in float32 (as :func:`outlierlab.stats.offdiag_cosine_fast`);
 :func:`gather_abs` writes |x| of the Eq. 2 rows for numpy's sort. About 3× cheaper than the ops
-at 2048 × 192 (benchmarks/RESULTS.md).
+at 2048 × 192 (benchmarks/RESULTS.md). :func:`causal_entropy_sum` gives a plain-softmax layer's
+attention entropy (science §1.7) from its unmasked logits in one pass per causal row, about
+2× cheaper than mask + softmax + entropy ops at 6 heads × 128 × 128.
 
 Optional: numba comes with the ``fast`` extra. Without it, or with ``OUTLIERLAB_NUMBA=0``,
 :mod:`outlierlab.stats` takes its torch/numpy path; both agree to float rounding (the kernel's
