@@ -380,6 +380,13 @@ def first_tensor(out: Any) -> torch.Tensor | None:
     return None
 
 
+def _eager(hook: Callable) -> Callable:
+    """``hook`` run eagerly even where its module is compiled: ``module.compile(fullgraph=True)``
+    (torchtitan's per-block compile) compiles ``_call_impl`` with the module's hooks, and dynamo
+    cannot trace a hook's numpy and host-side work."""
+    return torch.compiler.disable(hook)
+
+
 def hook_points(points: list[Point], record: Callable[[str, torch.Tensor], None]) -> list[Any]:
     """Forward hooks calling ``record(name, hidden states)`` at every point; returns handles."""
     handles = []
@@ -392,7 +399,7 @@ def hook_points(points: list[Point], record: Callable[[str, torch.Tensor], None]
                     if x is not None:
                         record(name, x)
 
-                handles.append(p.module.register_forward_pre_hook(pre, with_kwargs=True))
+                handles.append(p.module.register_forward_pre_hook(_eager(pre), with_kwargs=True))
             else:
 
                 def post(module: nn.Module, args: tuple, out: Any, name: str = p.name) -> None:
@@ -400,7 +407,7 @@ def hook_points(points: list[Point], record: Callable[[str, torch.Tensor], None]
                     if x is not None:
                         record(name, x)
 
-                handles.append(p.module.register_forward_hook(post))
+                handles.append(p.module.register_forward_hook(_eager(post)))
     except BaseException:
         for h in handles:
             h.remove()
@@ -423,7 +430,7 @@ class AttentionPoint:
     def open(self) -> None:
         if self.index < 0 or self._handle is not None:
             return
-        self._handle = self.module.register_forward_hook(self._hook)
+        self._handle = self.module.register_forward_hook(_eager(self._hook))
 
     def set_sink(self, sink: Any) -> None:
         self.sink = sink

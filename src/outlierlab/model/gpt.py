@@ -231,6 +231,7 @@ class CausalSelfAttention(nn.Module):
             y = y * torch.sigmoid(self.gate(x)).view(B, T, self.n_head, -1).to(y.dtype)
         return self.proj(y.reshape(B, T, C))
 
+    @torch.compiler.disable  # host-side work, also inside a compiled block (structure._eager)
     def _report_probs(self, sink: Any, q: torch.Tensor, k: torch.Tensor) -> None:
         """Hand ``sink`` the causal attention probabilities (float32, no grad, no autocast,
         before dropout, as the authors' ``attentions``) of the sequences it asks for, at most
