@@ -1,15 +1,15 @@
 """`outlierlab.integrations.torchtitan.attach` on a torchtitan-shaped trainer, on CPU.
 
-torchtitan itself is not installed in CI: its models import triton, and its Trainer selects a
-CUDA device when no accelerator is present (docs/integrations.md, "The real torchtitan on
-this CPU machine": the exact errors). The stand-in below has the shape attach
-relies on, read from torchtitan 0.3.0's source (``torchtitan/trainer.py``,
-``models/common/decoder.py``, ``components/metrics.py``): a ``Decoder`` with
-``tok_embeddings``, blocks in an ``nn.ModuleDict`` keyed "0", "1", …, ``norm`` and ``lm_head``,
-blocks called as ``layer(h, attention_masks, positions)``; a trainer whose ``train()`` advances
-``self.step`` and then calls ``self.train_step(data_iterator)`` (gradient accumulation inside),
-with ``model_parts``, ``parallel_dims`` and ``metrics_processor.logger.log(metrics, step)``.
-No test runs the real trainer yet.
+torchtitan itself is not installed in CI: its models import triton (~1 GB installed), and its
+Trainer needs three patches on a CPU-only torch (tests/integration/titan_cpu.py). The stand-in
+below has the shape attach relies on, read from torchtitan 0.3.0's source
+(``torchtitan/trainer.py``, ``models/common/decoder.py``, ``components/metrics.py``): a
+``Decoder`` with ``tok_embeddings``, blocks in an ``nn.ModuleDict`` keyed "0", "1", …, ``norm``
+and ``lm_head``, blocks called as ``layer(h, attention_masks, positions)``; a trainer whose
+``train()`` advances ``self.step`` and then calls ``self.train_step(data_iterator)`` (gradient
+accumulation inside), with ``model_parts``, ``parallel_dims`` and
+``metrics_processor.logger.log(metrics, step)``. The real trainer is tested by
+test_torchtitan_real.py where torchtitan is installed.
 """
 
 from __future__ import annotations
