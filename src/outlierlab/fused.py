@@ -38,6 +38,13 @@ def available() -> bool:
     return _kernels is not False
 
 
+def _require() -> Any:
+    """The compiled kernels; RuntimeError when :func:`available` is false."""
+    if not available():
+        raise RuntimeError(f"the fused kernels need numba (the 'fast' extra) and {ENV} != 0")
+    return _kernels
+
+
 def _load() -> Any:
     try:
         return importlib.import_module("outlierlab._fused_kernels")  # imports numba
@@ -53,15 +60,14 @@ def point_sums(
     ``(Σ_α x_α/|x_α|, nonzero)`` over the rows ``cos_index`` (all rows when None): a (d,) vector
     in x's float type (float32 for float32 rows) and the number of those rows that are not zero,
     for :func:`outlierlab.metrics.offdiag_cosine`'s ``(|Σu|² − nonzero) / (m(m−1))``."""
-    if not available():
-        raise RuntimeError(f"the fused kernels need numba (the 'fast' extra) and {ENV} != 0")
+    kernels = _require()
     _check(x, cos_index)
     if sums.shape != (3, x.shape[1]) or sums.dtype != np.float64:
         raise ValueError(f"sums must be float64 (3, {x.shape[1]}), got {sums.dtype} {sums.shape}")
     every = cos_index is None
     index = _NO_ROWS if every else cos_index
     acc = np.zeros(x.shape[1], dtype=x.dtype)
-    nonzero = _kernels.point_sums(x, sums, index, every, acc)
+    nonzero = kernels.point_sums(x, sums, index, every, acc)
     return acc, int(nonzero)
 
 
@@ -76,12 +82,11 @@ def _check(x: np.ndarray, index: np.ndarray | None) -> None:
 def gather_abs(x: np.ndarray, index: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
     """|x| of the rows ``index`` of the C-contiguous ``x`` (n, d), written into ``out``
     (len(index), d) (a fresh array when None) without a signed copy first."""
-    if not available():
-        raise RuntimeError(f"the fused kernels need numba (the 'fast' extra) and {ENV} != 0")
+    kernels = _require()
     _check(x, index)
     if out is None:
         out = np.empty((index.shape[0], x.shape[1]), dtype=x.dtype)
-    _kernels.gather_abs(x, index, out)
+    kernels.gather_abs(x, index, out)
     return out
 
 
@@ -92,8 +97,7 @@ def causal_entropy_sum(z: np.ndarray) -> tuple[float, int]:
     Σ_j e_j (z_j − m) / S with m the row's max, e_j = exp(z_j − m), S = Σ e_j (science §1,
     attention entropy); :func:`outlierlab.metrics.softmax_entropy_sum` of the masked softmax,
     to float32 rounding. NaN when a seen logit is NaN or ±inf."""
-    if not available():
-        raise RuntimeError(f"the fused kernels need numba (the 'fast' extra) and {ENV} != 0")
+    kernels = _require()
     if z.dtype != np.float32 or z.ndim < 2 or not z.flags.c_contiguous:
         raise ValueError(f"z must be C-contiguous float32 (..., T_q, T_k), got {z.dtype} {z.shape}")
     t_q, t_k = z.shape[-2:]
@@ -103,5 +107,5 @@ def causal_entropy_sum(z: np.ndarray) -> tuple[float, int]:
     if not rows:
         return 0.0, 0
     gap, e = np.empty(t_k, dtype=np.float32), np.empty(t_k, dtype=np.float32)
-    total = _kernels.causal_entropy_sum(z.reshape(-1, t_q, t_k), gap, e, np.empty(t_k, np.int32))
+    total = kernels.causal_entropy_sum(z.reshape(-1, t_q, t_k), gap, e, np.empty(t_k, np.int32))
     return float(total), rows
